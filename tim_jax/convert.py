@@ -1,0 +1,224 @@
+"""Official PyTorch TiM checkpoints <-> tim_jax models.
+
+The official state_dict names (spec §3.7) map one to one onto the NNX
+parameter tree, because the modules here keep the official attribute names:
+
+* ``Linear.weight (out, in)`` <-> ``kernel (in, out)``;
+* ``Conv2d.weight (D, C, p, p)`` <-> ``kernel (p, p, C, D)`` (NHWC);
+* ``LayerNorm.weight`` <-> ``scale``; ``Embedding.weight`` <-> ``embedding``;
+* ``t_embedder.mlp.0`` <-> ``t_embedder.mlp_0`` and ``projector.0`` <->
+  ``projector.linear_0`` (digits are not attribute names).
+
+The released checkpoints were saved without the REPA projector
+(``strict=False`` in the official loader), so missing ``projector.*`` keys are
+tolerated: the projector keeps its initialisation and the report says so. Any
+other missing key is an error unless ``strict=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tim_jax import models
+
+TOLERATED_MISSING = ("projector.",)
+_WRAPPER_KEYS = ("ema", "model", "state_dict", "module", "params")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a conversion did with the keys of a state_dict."""
+
+  loaded: List[str]
+  missing: List[str]
+  unexpected: List[str]
+
+  def __str__(self):
+    lines = [f"loaded {len(self.loaded)} tensors"]
+    if self.missing:
+      lines.append(f"missing (kept at initialisation): {self.missing}")
+    if self.unexpected:
+      lines.append(f"unexpected (ignored): {self.unexpected}")
+    return "; ".join(lines)
+
+
+def _segment(parent: Optional[str], name: Any) -> str:
+  name = str(name)
+  if re.fullmatch(r"mlp_\d", name) and parent in ("t_embedder",
+                                                  "delta_embedder"):
+    return "mlp." + name[-1]
+  if re.fullmatch(r"linear_\d", name) and parent == "projector":
+    return name[-1]
+  return name
+
+
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight",
+         "bias": "bias"}
+
+
+def official_name(path: Tuple) -> str:
+  """The official state_dict key of an NNX parameter path."""
+  *mods, leaf = [str(p) for p in path]
+  parts, parent = [], None
+  for m in mods:
+    parts.append(_segment(parent, m))
+    parent = m
+  return ".".join(parts + [_LEAF[leaf]])
+
+
+def _to_ours(leaf: str, array: np.ndarray) -> np.ndarray:
+  if leaf == "kernel" and array.ndim == 2:
+    return array.T
+  if leaf == "kernel" and array.ndim == 4:
+    return array.transpose(2, 3, 1, 0)
+  return array
+
+
+def _to_official(leaf: str, array: np.ndarray) -> np.ndarray:
+  if leaf == "kernel" and array.ndim == 2:
+    return array.T
+  if leaf == "kernel" and array.ndim == 4:
+    return array.transpose(3, 2, 0, 1)
+  return array
+
+
+def _param_leaves(model: nnx.Module):
+  """[(path tuple, array)] of the model's parameters."""
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  return [(tuple(path), var.get_value()) for path, var in flat]
+
+
+def to_official(model: nnx.Module) -> Dict[str, np.ndarray]:
+  """The model's parameters as an official state_dict of numpy arrays."""
+  out = {}
+  for path, value in _param_leaves(model):
+    out[official_name(path)] = np.ascontiguousarray(
+        _to_official(str(path[-1]), np.asarray(value)))
+  return out
+
+
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
+                    strict: bool = True) -> LoadReport:
+  """Copies an official state_dict into ``model`` in place.
+
+  Raises ValueError naming the key and both shapes on a shape mismatch, and
+  on missing keys (other than ``projector.*``) when ``strict``.
+  """
+  sd = dict(state_dict)
+  new_values, loaded, missing = {}, [], []
+  for path, value in _param_leaves(model):
+    name = official_name(path)
+    if name not in sd:
+      missing.append(name)
+      continue
+    leaf = str(path[-1])
+    array = _to_ours(leaf, np.asarray(sd.pop(name)))
+    if array.shape != tuple(value.shape):
+      raise ValueError(
+          f"shape mismatch for {name!r}: the checkpoint has "
+          f"{np.asarray(state_dict[name]).shape} (official layout), the model "
+          f"expects {_to_official(leaf, np.zeros(value.shape)).shape}"
+          " — does the network config match the checkpoint?")
+    new_values[path] = jnp.asarray(array, dtype=value.dtype)
+    loaded.append(name)
+  hard_missing = [m for m in missing if not m.startswith(TOLERATED_MISSING)]
+  if strict and hard_missing:
+    raise ValueError(f"the checkpoint lacks {len(hard_missing)} parameters of "
+                     f"the model, e.g. {hard_missing[:5]}; pass strict=False "
+                     "to keep them at initialisation")
+  state = nnx.state(model, nnx.Param)
+  for path, var in nnx.to_flat_state(state):
+    if tuple(path) in new_values:
+      var.set_value(new_values[tuple(path)])
+  nnx.update(model, state)
+  return LoadReport(loaded=loaded, missing=missing, unexpected=sorted(sd))
+
+
+def _unwrap(obj):
+  """Takes the state_dict out of common training-checkpoint wrappers."""
+  while isinstance(obj, Mapping) and not any(
+      hasattr(v, "shape") for v in obj.values()):
+    for key in _WRAPPER_KEYS:
+      if key in obj:
+        obj = obj[key]
+        break
+    else:
+      raise ValueError(f"no state_dict found in the checkpoint; top-level "
+                       f"keys: {sorted(obj)[:10]}")
+  out = {}
+  for k, v in obj.items():
+    for prefix in _PREFIXES:
+      if k.startswith(prefix):
+        k = k[len(prefix):]
+    out[k] = v
+  return out
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """Reads ``.safetensors`` or a torch-pickled state_dict (``.bin``,
+  ``.pt``, ``.pth``) into float32 numpy arrays."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no checkpoint at {path!r}")
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open
+    out = {}
+    with safe_open(path, framework="flax") as f:
+      for key in f.keys():
+        out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+    return _unwrap(out)
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError(
+        f"reading {path!r} (a torch-pickled checkpoint) needs PyTorch, which "
+        "is not installed: `pip install torch` (CPU build is enough), or "
+        "convert the file to .safetensors elsewhere") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  obj = _unwrap(obj)
+  return {k: v.detach().float().numpy() for k, v in obj.items()
+          if hasattr(v, "detach")}
+
+
+def load_official(path: str, kind: str, network: Mapping[str, Any], *,
+                  dtype=jnp.float32, param_dtype=jnp.float32,
+                  strict: bool = True, return_report: bool = False,
+                  **overrides):
+  """Builds a TiM from official ``network.params`` and loads an official
+  checkpoint into it.
+
+  Args:
+    path: ``.safetensors``, ``.bin``, ``.pt`` or ``.pth``.
+    kind: ``"c2i"`` or ``"t2i"``.
+    network: the official YAML ``network.params`` (input_size, patch_size,
+      in_channels, hidden_size, depth, num_heads, encoder_depth, qk_norm,
+      z_dim, projector_dim, new_condition, use_new_embed, distance_aware,
+      lora_hidden_size, num_classes | cap_feat_dim, ...).
+    dtype, param_dtype: compute and parameter dtypes.
+    strict: raise on missing keys other than ``projector.*``.
+    return_report: also return the ``LoadReport``.
+    **overrides: non-official ``TiMConfig`` options (attention_impl, remat,
+      ...).
+  """
+  state_dict = read_state_dict(path)
+  model = models.build(kind, network, dtype=dtype, param_dtype=param_dtype,
+                       **overrides)
+  report = load_state_dict(model, state_dict, strict=strict)
+  if report.missing or report.unexpected:
+    logging.warning("loading %s: %s", path, report)
+  return (model, report) if return_report else model
+
+
+def save_official(model: nnx.Module, path: str):
+  """Writes the model as an official ``.safetensors`` state_dict."""
+  from safetensors.numpy import save_file
+  save_file(to_official(model), path)

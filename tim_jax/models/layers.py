@@ -1,0 +1,401 @@
+"""Building blocks of the TiM backbone (spec §3.1–§3.5), Flax NNX, NHWC.
+
+Every parameter carries logical axis names (see ``tim_jax.sharding``); the
+attribute names follow the official PyTorch modules so that the converter is a
+table, not a puzzle.
+
+Numerics: parameters are ``param_dtype`` (float32), matmuls run in ``dtype``
+(the compute dtype); LayerNorm statistics, RoPE and the time-frequency
+features are computed in float32 (or wider) as the official code does under
+autocast.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def normal(std):
+  return nnx.initializers.normal(std)
+
+
+def logical(init, *names):
+  """An initializer annotated with logical axis names.
+
+  ``eager_sharding=False``: the names are metadata only; placement happens
+  where the trainer builds the model under its mesh and rules.
+  """
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def wide(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+class Linear(nnx.Linear):
+  """``nnx.Linear`` with logical names and the official (Xavier, 0) init."""
+
+  def __init__(self, din, dout, names, *, kernel_init=xavier,
+               use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    super().__init__(
+        din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=logical(kernel_init, *names),
+        bias_init=logical(zeros, names[1]), rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32, returned in the input dtype.
+
+  ``affine=False`` is the parameter-free norm of the blocks (eps 1e-6);
+  ``affine=True`` the q/k and caption norms (eps 1e-5, spec §8.14).
+  """
+
+  def __init__(self, dim, *, affine: bool, eps: float, name: str = "norm",
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.affine = affine
+    if affine:
+      self.scale = nnx.Param(logical(ones, name)(rngs.params(), (dim,),
+                                                  param_dtype))
+      self.bias = nnx.Param(logical(zeros, name)(rngs.params(), (dim,),
+                                                  param_dtype))
+
+  def __call__(self, x):
+    h = x.astype(wide(x.dtype))
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.affine:
+      h = h * self.scale[...].astype(h.dtype) + self.bias[...].astype(h.dtype)
+    return h.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """timm's SwiGLU: ``fc2(silu(fc1_g(u)) * fc1_x(u))``, all with bias."""
+
+  def __init__(self, din, hidden, dout, names=("embed", "mlp", "embed"), *,
+               init=xavier, out_init=None, dtype, param_dtype, rngs):
+    n_in, n_hidden, n_out = names
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1_g = Linear(din, hidden, (n_in, n_hidden), kernel_init=init, **kw)
+    self.fc1_x = Linear(din, hidden, (n_in, n_hidden), kernel_init=init, **kw)
+    self.fc2 = Linear(hidden, dout, (n_hidden, n_out),
+                      kernel_init=out_init or init, **kw)
+
+  def __call__(self, u):
+    return self.fc2(jax.nn.silu(self.fc1_g(u)) * self.fc1_x(u))
+
+
+def modulate(u, shift, scale):
+  return u * (1 + scale) + shift
+
+
+class TimestepEmbedder(nnx.Module):
+  """Sinusoidal features of the raw c_noise value (cos first, base 10000,
+  no x1000 scaling), then Linear -> SiLU -> Linear."""
+
+  freq_dim = 256
+
+  def __init__(self, dim, *, init=xavier, dtype, param_dtype, rngs):
+    kw = dict(kernel_init=init, dtype=dtype, param_dtype=param_dtype,
+              rngs=rngs)
+    self.mlp_0 = Linear(self.freq_dim, dim, ("freq", "mlp"), **kw)
+    self.mlp_2 = Linear(dim, dim, ("mlp", "embed"), **kw)
+    self.dtype = dtype
+
+  @classmethod
+  def features(cls, t):
+    # The official code forms these in float32 even under float64.
+    half = cls.freq_dim // 2
+    freqs = jnp.exp(-math.log(10000.0)
+                    * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+  def __call__(self, t):
+    h = self.features(t).astype(jnp.promote_types(t.dtype, self.dtype))
+    return self.mlp_2(jax.nn.silu(self.mlp_0(h)))
+
+
+class PatchEmbed(nnx.Module):
+  """Conv(kernel = stride = p) to (B, N, D), tokens row-major over (h, w)."""
+
+  def __init__(self, patch_size, in_channels, dim, *, dtype, param_dtype,
+               rngs):
+    # Xavier on the kernel viewed as (D, C p p), as the official init.
+    init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
+    self.proj = nnx.Conv(
+        in_channels, dim, kernel_size=(patch_size, patch_size),
+        strides=(patch_size, patch_size), padding="VALID", dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical(init, "patch", "patch", "channels", "embed"),
+        bias_init=logical(zeros, "embed"), rngs=rngs)
+
+  def __call__(self, x):
+    h = self.proj(x)
+    return h.reshape(h.shape[0], -1, h.shape[-1])
+
+
+@functools.lru_cache(maxsize=64)
+def rope_tables(h: int, w: int, head_dim: int, positions: str = "official"):
+  """cos and sin of the 2D RoPE angles, (h*w, head_dim), numpy float64.
+
+  Each axis gets head_dim/2 dims with frequencies 10000^(-2k/d_a), each angle
+  repeated twice interleaved; the token's vector is [axis A, axis B]. Tokens
+  are row-major, n = y*w + x. ``positions="official"`` reproduces the
+  official index rule (A = n mod h, B = n div h; spec §3.4), needed for
+  official weights on non-square grids; ``"xy"`` uses the true (x, y) for new
+  models. Angles are formed in float32 as the official cache is.
+  """
+  if head_dim % 4:
+    raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+  if max(h, w) > 1024 and positions == "official":
+    raise ValueError(f"the official RoPE cache covers 1024 positions per "
+                     f"axis; got a {h}x{w} token grid")
+  d_a = head_dim // 2
+  freqs = (1.0 / (np.float32(10000.0) ** (
+      np.arange(0, d_a, 2, dtype=np.float32) / np.float32(d_a)))).astype(
+          np.float32)
+  n = np.arange(h * w)
+  if positions == "official":
+    a, b = n % h, n // h
+  elif positions == "xy":
+    a, b = n % w, n // w
+  else:
+    raise ValueError(f"rope positions must be 'official' or 'xy', got "
+                     f"{positions!r}")
+  ang_a = (a[:, None].astype(np.float32) * freqs[None]).astype(np.float32)
+  ang_b = (b[:, None].astype(np.float32) * freqs[None]).astype(np.float32)
+  ang = np.concatenate([np.repeat(ang_a, 2, axis=1),
+                        np.repeat(ang_b, 2, axis=1)], axis=1)
+  ang = ang.astype(np.float64)
+  return np.cos(ang), np.sin(ang)
+
+
+def apply_rope(u, cos, sin):
+  """Interleaved (GPT-J) rotation: pairs (2k, 2k+1). u: (B, N, heads, hd);
+  cos, sin: (N, hd)."""
+  pairs = u.reshape(u.shape[:-1] + (-1, 2))
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1)
+  rotated = rotated.reshape(u.shape)
+  return u * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention(q, k, v, implementation=None):
+  """Softmax attention, (B, T, heads, hd) layout, scale hd^-1/2, no mask."""
+  if q.dtype == jnp.float64:
+    # jax.nn.dot_product_attention's fused paths do not take float64; the
+    # parity tests do.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+class SelfAttention(nnx.Module):
+  """Interval-aware self-attention: ``qkv(u) + qkv_d(e_delta)``, q/k
+  LayerNorm over head_dim, 2D RoPE, softmax attention, ``proj``."""
+
+  def __init__(self, dim, num_heads, *, qk_norm=True, distance_aware=True,
+               attention_impl=None, dtype, param_dtype, rngs):
+    if dim % num_heads:
+      raise ValueError(f"hidden_size {dim} is not divisible by num_heads "
+                       f"{num_heads}")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.attention_impl = attention_impl
+    self.qkv = Linear(dim, 3 * dim, ("embed", "qkv"), **kw)
+    self.qkv_d = (Linear(dim, 3 * dim, ("embed", "qkv"), use_bias=False, **kw)
+                  if distance_aware else None)
+    norm = functools.partial(LayerNorm, self.head_dim, affine=True, eps=1e-5,
+                             name="head_dim", param_dtype=param_dtype,
+                             rngs=rngs)
+    self.q_norm = norm() if qk_norm else None
+    self.k_norm = norm() if qk_norm else None
+    self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
+
+  def __call__(self, u, cos, sin, e_delta=None):
+    b, n, d = u.shape
+    qkv = self.qkv(u)
+    if self.qkv_d is not None:
+      qkv = qkv + self.qkv_d(e_delta)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    rd = wide(u.dtype)
+    cos, sin = cos.astype(rd), sin.astype(rd)
+    q = apply_rope(q.astype(rd), cos, sin).astype(v.dtype)
+    k = apply_rope(k.astype(rd), cos, sin).astype(v.dtype)
+    out = attention(q, k, v, self.attention_impl)
+    return self.proj(out.reshape(b, n, d))
+
+
+class CrossAttention(nnx.Module):
+  """Image tokens attend to caption tokens; RoPE on queries only, no padding
+  mask (spec §3.5, §8.13)."""
+
+  def __init__(self, dim, num_heads, *, qk_norm=True, attention_impl=None,
+               dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.attention_impl = attention_impl
+    self.q = Linear(dim, dim, ("embed", "heads"), **kw)
+    self.kv = Linear(dim, 2 * dim, ("embed", "kv"), **kw)
+    norm = functools.partial(LayerNorm, self.head_dim, affine=True, eps=1e-5,
+                             name="head_dim", param_dtype=param_dtype,
+                             rngs=rngs)
+    self.q_norm = norm() if qk_norm else None
+    self.k_norm = norm() if qk_norm else None
+    self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
+
+  def __call__(self, u, y, cos, sin):
+    b, n, d = u.shape
+    m = y.shape[1]
+    q = self.q(u).reshape(b, n, self.num_heads, self.head_dim)
+    kv = self.kv(y).reshape(b, m, 2, self.num_heads, self.head_dim)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    rd = wide(u.dtype)
+    q = apply_rope(q.astype(rd), cos.astype(rd), sin.astype(rd)).astype(
+        v.dtype)
+    out = attention(q, k.astype(v.dtype), v, self.attention_impl)
+    return self.proj(out.reshape(b, n, d))
+
+
+def mlp_hidden(dim, mlp_ratio=4.0):
+  """The official SwiGLU width: int(D * ratio) * 2 // 3."""
+  return (int(dim * mlp_ratio) * 2) // 3
+
+
+class TiMBlock(nnx.Module):
+  """adaLN block; ``cross=True`` adds the caption cross-attention (T2I).
+
+  The modulation is ``SwiGLU(D -> K -> 6D or 9D)`` applied to c directly (no
+  SiLU before it), its output layer zero-initialised.
+  """
+
+  def __init__(self, dim, num_heads, *, cross: bool, mlp_ratio=4.0,
+               lora_hidden_size=None, qk_norm=True, distance_aware=True,
+               attention_impl=None, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    norm = functools.partial(LayerNorm, dim, affine=False, eps=1e-6,
+                             rngs=rngs)
+    self.cross = cross
+    self.norm1 = norm()
+    self.attn = SelfAttention(dim, num_heads, qk_norm=qk_norm,
+                              distance_aware=distance_aware,
+                              attention_impl=attention_impl, **kw)
+    if cross:
+      self.norm2_i = norm()
+      self.norm2_t = norm()
+      self.cross_attn = CrossAttention(dim, num_heads, qk_norm=qk_norm,
+                                       attention_impl=attention_impl, **kw)
+      self.norm3 = norm()
+    else:
+      self.norm2 = norm()
+    self.mlp = SwiGLU(dim, mlp_hidden(dim, mlp_ratio), dim, **kw)
+    k = lora_hidden_size if lora_hidden_size is not None else (dim // 4) * 3
+    self.adaLN_modulation = SwiGLU(
+        dim, k, (9 if cross else 6) * dim, ("embed", "adaln", "modulation"),
+        out_init=zeros, **kw)
+
+  def __call__(self, u, c, cos, sin, e_delta, y=None):
+    mod = self.adaLN_modulation(c)
+    if self.cross:
+      (sh_msa, sc_msa, g_msa, sh_msc, sc_msc, g_msc, sh_mlp, sc_mlp,
+       g_mlp) = jnp.split(mod, 9, axis=-1)
+    else:
+      sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 6, axis=-1)
+    u = u + g_msa * self.attn(modulate(self.norm1(u), sh_msa, sc_msa), cos,
+                              sin, e_delta)
+    if self.cross:
+      u = u + g_msc * self.cross_attn(
+          modulate(self.norm2_i(u), sh_msc, sc_msc), self.norm2_t(y), cos, sin)
+      h = self.norm3(u)
+    else:
+      h = self.norm2(u)
+    return u + g_mlp * self.mlp(modulate(h, sh_mlp, sc_mlp))
+
+
+class FinalLayer(nnx.Module):
+  """Non-affine LN, ``SwiGLU(D -> D/2 -> 2D)`` modulation, Linear to p*p*C.
+
+  The output projection runs in float32 (or wider) whatever the compute
+  dtype, so the network's output — and the finite-difference derivative
+  formed from it — keeps float32 resolution (spec §8.4).
+  """
+
+  def __init__(self, dim, patch_size, out_channels, *, dtype, param_dtype,
+               rngs):
+    self.norm_final = LayerNorm(dim, affine=False, eps=1e-6, rngs=rngs)
+    self.linear = Linear(dim, patch_size * patch_size * out_channels,
+                         ("embed", "out"), kernel_init=zeros,
+                         dtype=wide(dtype), param_dtype=param_dtype,
+                         rngs=rngs)
+    self.adaLN_modulation = SwiGLU(
+        dim, dim // 2, 2 * dim, ("embed", "adaln", "modulation"),
+        out_init=zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, u, c):
+    shift, scale = jnp.split(self.adaLN_modulation(c), 2, axis=-1)
+    return self.linear(modulate(self.norm_final(u), shift, scale))
+
+
+class Projector(nnx.Module):
+  """The REPA projector: Linear -> SiLU -> Linear -> SiLU -> Linear."""
+
+  def __init__(self, dim, hidden, z_dim, *, dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_0 = Linear(dim, hidden, ("embed", "mlp"), **kw)
+    self.linear_2 = Linear(hidden, hidden, ("proj_hidden", "mlp"), **kw)
+    self.linear_4 = Linear(hidden, z_dim, ("mlp", "proj_out"), **kw)
+
+  def __call__(self, u):
+    u = jax.nn.silu(self.linear_0(u))
+    u = jax.nn.silu(self.linear_2(u))
+    return self.linear_4(u)
+
+
+class LabelEmbedder(nnx.Module):
+  """A table of num_classes (+1 null row when CFG dropout is used) rows."""
+
+  def __init__(self, num_rows, dim, *, dtype, param_dtype, rngs):
+    self.embedding_table = nnx.Embed(
+        num_rows, dim, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=logical(normal(0.02), "vocab", "embed"), rngs=rngs)
+
+  def __call__(self, labels):
+    return self.embedding_table(labels)
+
+
+class CaptionEmbedder(nnx.Module):
+  """LayerNorm(cap_dim, affine, eps 1e-5) -> SwiGLU(cap_dim -> 4D -> D)."""
+
+  def __init__(self, cap_dim, dim, *, dtype, param_dtype, rngs):
+    self.norm = LayerNorm(cap_dim, affine=True, eps=1e-5, name="cap",
+                          param_dtype=param_dtype, rngs=rngs)
+    self.mlp = SwiGLU(cap_dim, 4 * dim, dim, ("cap", "mlp", "embed"),
+                      init=normal(0.02), dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, feats):
+    return self.mlp(self.norm(feats.astype(
+        jnp.promote_types(feats.dtype, self.dtype))))

@@ -1,0 +1,204 @@
+"""The TiM backbone: class-conditional (c2i) and text-to-image (t2i).
+
+``TiM(kind="c2i" | "t2i", ...)`` takes the official YAML ``network.params``
+names, so an official config or checkpoint maps onto it one to one.
+
+Call: ``model(x, t, r, y)`` with x (B, H, W, C) (NHWC), t and r (B,) the
+network inputs (already ``c_noise``-transformed), and y integer labels (B,)
+(null class = ``num_classes``) or caption features (B, M, cap_feat_dim). Any
+H, W divisible by the patch size works. With ``return_projection=True`` the
+REPA projection (B, N, z_dim) after block ``encoder_depth`` comes back too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from tim_jax.models import layers
+
+NEW_CONDITIONS = ("t-r", "r", "t,r", "t,t-r", "r,t-r", "t,r,t-r")
+KINDS = ("c2i", "t2i")
+
+
+@dataclasses.dataclass(frozen=True)
+class TiMConfig:
+  """The architecture. Field names are the official ``network.params``."""
+
+  kind: str = "c2i"
+  input_size: int = 32  # Informational: any divisible size is accepted.
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  encoder_depth: int = 8
+  qk_norm: bool = True
+  z_dim: int = 768
+  projector_dim: int = 2048
+  new_condition: str = "t-r"
+  use_new_embed: bool = True
+  distance_aware: bool = True
+  lora_hidden_size: Optional[int] = None
+  # c2i
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1  # > 0 adds the null-class row.
+  # t2i
+  cap_feat_dim: int = 1152
+  # Not official: options of this port.
+  use_projector: bool = True
+  rope_positions: str = "official"  # or "xy" (true 2D positions)
+  attention_impl: Optional[str] = None  # jax.nn.dot_product_attention's
+  remat: bool = False  # Rematerialise each block in the backward pass.
+
+  @classmethod
+  def from_official(cls, kind: str, network: dict, **overrides):
+    """From the official YAML ``network.params`` (unknown keys rejected)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    ignored = {"use_checkpoint"}
+    params = {}
+    for key, value in dict(network).items():
+      if key in ignored:
+        continue
+      if key not in fields:
+        raise ValueError(f"unknown network parameter {key!r}; known: "
+                         f"{sorted(fields - {'kind'})}")
+      params[key] = value
+    params.update(overrides)
+    return cls(kind=kind, **params)
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+    if self.new_condition not in NEW_CONDITIONS:
+      raise ValueError(f"new_condition must be one of {NEW_CONDITIONS}, got "
+                       f"{self.new_condition!r}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                       f"num_heads {self.num_heads}")
+    if (self.hidden_size // self.num_heads) % 4:
+      raise ValueError("2D RoPE needs head_dim = hidden_size / num_heads "
+                       f"divisible by 4, got {self.hidden_size // self.num_heads}")
+    if self.use_projector and not 1 <= self.encoder_depth <= self.depth:
+      raise ValueError(f"encoder_depth must lie in [1, depth={self.depth}], "
+                       f"got {self.encoder_depth}")
+
+  @property
+  def num_label_rows(self):
+    return self.num_classes + (1 if self.class_dropout_prob > 0 else 0)
+
+  @property
+  def null_label(self):
+    return self.num_classes
+
+
+class TiM(nnx.Module):
+  """The TiM transformer (spec §3)."""
+
+  def __init__(self, config: TiMConfig, *, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.config = config
+    self.dtype = dtype
+    c = config
+    d = c.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.x_embedder = layers.PatchEmbed(c.patch_size, c.in_channels, d, **kw)
+    self.t_embedder = layers.TimestepEmbedder(d, init=layers.normal(0.02),
+                                              **kw)
+    # The official init leaves the delta embedder at Xavier (spec §3.6).
+    self.delta_embedder = (layers.TimestepEmbedder(d, **kw)
+                           if c.use_new_embed else None)
+    if c.kind == "c2i":
+      self.y_embedder = layers.LabelEmbedder(c.num_label_rows, d, **kw)
+    else:
+      self.y_embedder = layers.CaptionEmbedder(c.cap_feat_dim, d, **kw)
+    self.blocks = nnx.List([
+        layers.TiMBlock(d, c.num_heads, cross=c.kind == "t2i",
+                        mlp_ratio=c.mlp_ratio,
+                        lora_hidden_size=c.lora_hidden_size,
+                        qk_norm=c.qk_norm, distance_aware=c.distance_aware,
+                        attention_impl=c.attention_impl, **kw)
+        for _ in range(c.depth)])
+    self.projector = (layers.Projector(d, c.projector_dim, c.z_dim, **kw)
+                      if c.use_projector else None)
+    self.final_layer = layers.FinalLayer(d, c.patch_size, c.in_channels, **kw)
+
+  def _delta_embed(self, t, r):
+    c = self.config.new_condition
+    delta = self.delta_embedder or self.t_embedder
+    if c == "t-r":
+      return delta(t - r)
+    if c == "r":
+      return delta(r)
+    if c == "t,r":
+      return self.t_embedder(t) + delta(r)
+    if c == "t,t-r":
+      return self.t_embedder(t) + delta(t - r)
+    if c == "r,t-r":
+      return self.t_embedder(r) + delta(t - r)
+    return self.t_embedder(t) + self.t_embedder(r) + delta(t - r)
+
+  def _check_inputs(self, x, t, r, y):
+    c = self.config
+    if x.ndim != 4 or x.shape[-1] != c.in_channels:
+      raise ValueError(f"x must be (B, H, W, {c.in_channels}) (NHWC), got "
+                       f"{x.shape}")
+    h, w = x.shape[1:3]
+    if h % c.patch_size or w % c.patch_size:
+      raise ValueError(f"image size {h}x{w} is not divisible by the patch "
+                       f"size {c.patch_size}")
+    b = x.shape[0]
+    for name, v in (("t", t), ("r", r)):
+      if jnp.shape(v) != (b,):
+        raise ValueError(f"{name} must have shape ({b},), got {jnp.shape(v)}")
+    if c.kind == "c2i":
+      if jnp.shape(y) != (b,):
+        raise ValueError(f"class labels must have shape ({b},), got "
+                         f"{jnp.shape(y)}")
+    elif jnp.ndim(y) != 3 or jnp.shape(y)[0] != b or (
+        jnp.shape(y)[-1] != c.cap_feat_dim):
+      raise ValueError(f"caption features must be ({b}, M, {c.cap_feat_dim}),"
+                       f" got {jnp.shape(y)}")
+
+  def __call__(self, x, t, r, y, *, return_projection: bool = False):
+    self._check_inputs(x, t, r, y)
+    c = self.config
+    _, height, width, _ = x.shape
+    gh, gw = height // c.patch_size, width // c.patch_size
+    u = self.x_embedder(x.astype(self.dtype))
+
+    e_t = self.t_embedder(t)[:, None]
+    e_delta = self._delta_embed(t, r)[:, None]
+    cond = e_t + e_delta
+    caption = None
+    if c.kind == "c2i":
+      cond = cond + self.y_embedder(y)[:, None]
+    else:
+      caption = self.y_embedder(y)
+    cond = cond.astype(self.dtype)
+    e_delta = e_delta.astype(self.dtype)
+    cos, sin = layers.rope_tables(gh, gw, c.hidden_size // c.num_heads,
+                                  c.rope_positions)
+
+    run = lambda blk, u_, cond_, e_, cap_: blk(u_, cond_, cos, sin, e_, cap_)
+    if c.remat:
+      run = nnx.remat(run)
+    proj = None
+    for i, block in enumerate(self.blocks):
+      u = run(block, u, cond, e_delta, caption)
+      if return_projection and self.projector is not None and (
+          i + 1 == c.encoder_depth):
+        proj = self.projector(u)
+
+    out = self.final_layer(u, cond)
+    out = rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, w=gw,
+                    p=c.patch_size, q=c.patch_size)
+    if return_projection:
+      return out, proj
+    return out

@@ -142,7 +142,7 @@ class PatchEmbed(nnx.Module):
         in_channels, dim, kernel_size=(patch_size, patch_size),
         strides=(patch_size, patch_size), padding="VALID", dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=logical(init, "patch", "patch", "channels", "embed"),
+        kernel_init=logical(init, "patch_h", "patch_w", "channels", "embed"),
         bias_init=logical(zeros, "embed"), rngs=rngs)
 
   def __call__(self, x):

@@ -1,0 +1,216 @@
+"""The TiM backbone: structure, sizes, options and invariances."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tim_jax import models
+from tim_jax.models import layers
+
+TINY = dict(patch_size=2, in_channels=4, hidden_size=32, depth=2,
+            num_heads=2, encoder_depth=1, z_dim=16, projector_dim=32,
+            lora_hidden_size=8, num_classes=10)
+TINY_T2I = dict(TINY, cap_feat_dim=24)
+TINY_T2I.pop("num_classes")
+
+# Spec §3.8: (kind, network, total, total without the REPA projector).
+PAPER = {
+    "B/4": ("c2i", dict(patch_size=4, in_channels=4, hidden_size=768,
+                        depth=12, num_heads=12, encoder_depth=4,
+                        lora_hidden_size=256), 136_173_120, 128_828_224),
+    "XL/2-256": ("c2i", dict(patch_size=2, in_channels=4, hidden_size=1152,
+                             depth=28, num_heads=16, encoder_depth=8,
+                             lora_hidden_size=384), 672_259_344,
+                 664_128_016),
+    "XL/1-512": ("c2i", dict(patch_size=1, in_channels=32, hidden_size=1152,
+                             depth=28, num_heads=16, encoder_depth=8,
+                             lora_hidden_size=384), 672_296_224,
+                 664_164_896),
+    "T2I-865M": ("t2i", dict(patch_size=1, in_channels=32, hidden_size=1152,
+                             depth=28, num_heads=16, encoder_depth=8,
+                             lora_hidden_size=384, cap_feat_dim=1152),
+                 873_109_408, 864_978_080),
+}
+
+
+def count(tree):
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_parameter_counts(name):
+  kind, net, total, without_projector = PAPER[name]
+  model = nnx.eval_shape(lambda: models.build(kind, net))  # No memory.
+  n = count(nnx.state(model, nnx.Param))
+  n_proj = count(nnx.state(model.projector, nnx.Param))
+  assert (n, n - n_proj) == (total, without_projector)
+
+
+def _perturb(model, scale=0.05, seed=1):
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [v + scale * jax.random.normal(k, v.shape, v.dtype)
+            for v, k in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  return model
+
+
+def _inputs(kind, b=2, h=8, w=8, c=4, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(k[0], (b, h, w, c))
+  t = jax.random.uniform(k[1], (b,))
+  r = t * jax.random.uniform(k[2], (b,))
+  if kind == "c2i":
+    y = jnp.arange(b) % 10
+  else:
+    y = jax.random.normal(k[3], (b, 5, 24))
+  return x, t, r, y
+
+
+@pytest.mark.parametrize("kind,net", [("c2i", TINY), ("t2i", TINY_T2I)])
+def test_official_init(kind, net):
+  model = models.build(kind, net)
+  out = model(*_inputs(kind))
+  # Zeroed adaLN outputs and final layer: the network outputs exactly 0.
+  assert np.all(np.asarray(out) == 0)
+  for block in model.blocks:
+    assert np.all(np.asarray(block.adaLN_modulation.fc2.kernel[...]) == 0)
+    assert np.any(np.asarray(block.attn.qkv_d.kernel[...]) != 0)
+  std = float(jnp.std(model.t_embedder.mlp_0.kernel[...]))
+  assert 0.015 < std < 0.025  # N(0, 0.02^2)
+  # The delta embedder keeps Xavier: U(+-sqrt(6 / (256 + 32))).
+  bound = np.sqrt(6 / (256 + 32))
+  delta = np.asarray(model.delta_embedder.mlp_0.kernel[...])
+  assert np.abs(delta).max() <= bound and np.abs(delta).max() > 0.9 * bound
+
+
+def test_every_parameter_has_logical_axes():
+  for kind, net in (("c2i", TINY), ("t2i", TINY_T2I)):
+    model = models.build(kind, net)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for path, var in flat:
+      names = var.get_metadata().get("out_sharding")
+      assert names is not None and len(names) == var.get_value().ndim, path
+      dims = [n for n in names if n is not None]
+      assert len(set(dims)) == len(dims), (path, names)
+
+
+@pytest.mark.parametrize("kind,net", [("c2i", TINY), ("t2i", TINY_T2I)])
+@pytest.mark.parametrize("hw", [(8, 8), (4, 12), (10, 6)])
+def test_any_divisible_size(kind, net, hw):
+  model = _perturb(models.build(kind, net))
+  x, t, r, y = _inputs(kind, h=hw[0], w=hw[1])
+  out, proj = model(x, t, r, y, return_projection=True)
+  assert out.shape == x.shape
+  assert proj.shape == (2, hw[0] * hw[1] // 4, net["z_dim"])
+  assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_bad_inputs_are_named():
+  model = models.build("c2i", TINY)
+  x, t, r, y = _inputs("c2i")
+  with pytest.raises(ValueError, match="not divisible by the patch size"):
+    model(x[:, :7], t, r, y)
+  with pytest.raises(ValueError, match="NHWC"):
+    model(jnp.moveaxis(x, -1, 1), t, r, y)
+  with pytest.raises(ValueError, match="class labels"):
+    model(x, t, r, jnp.zeros((2, 5, 24)))
+  with pytest.raises(ValueError, match="new_condition"):
+    models.build("c2i", dict(TINY, new_condition="t+r"))
+  with pytest.raises(ValueError, match="divisible by num_heads"):
+    models.build("c2i", dict(TINY, num_heads=3))
+
+
+def test_rope_official_index_rule():
+  # Spec §3.4: h=2 rows, w=3 columns -> axis A = n mod h, axis B = n div h.
+  cos, _ = layers.rope_tables(2, 3, 8, "official")
+  cos_xy, _ = layers.rope_tables(2, 3, 8, "xy")
+  # With head_dim 8 the first frequency is 1: angle = position.
+  np.testing.assert_allclose(np.arccos(cos[:, 0]), [0, 1, 0, 1, 0, 1],
+                             atol=1e-6)
+  np.testing.assert_allclose(np.arccos(cos[:, 4]), [0, 0, 1, 1, 2, 2],
+                             atol=1e-6)
+  np.testing.assert_allclose(np.arccos(cos_xy[:, 0]), [0, 1, 2, 0, 1, 2],
+                             atol=1e-6)
+  np.testing.assert_allclose(np.arccos(cos_xy[:, 4]), [0, 0, 0, 1, 1, 1],
+                             atol=1e-6)
+  # Square grids: both rules agree.
+  np.testing.assert_array_equal(layers.rope_tables(4, 4, 8, "official")[0],
+                                layers.rope_tables(4, 4, 8, "xy")[0])
+
+
+def test_rope_rotation_is_interleaved_and_relative():
+  # Interleaved pairs: (u0, u1) -> (u0 cos - u1 sin, u1 cos + u0 sin).
+  u = jnp.asarray([[[[1.0, 2.0, 3.0, 4.0]]]])
+  cos = jnp.cos(jnp.asarray([[0.3, 0.3, 0.7, 0.7]]))
+  sin = jnp.sin(jnp.asarray([[0.3, 0.3, 0.7, 0.7]]))
+  out = np.asarray(layers.apply_rope(u, cos, sin))[0, 0, 0]
+  c, s = np.cos(0.3), np.sin(0.3)
+  np.testing.assert_allclose(out[:2], [1 * c - 2 * s, 2 * c + 1 * s],
+                             rtol=1e-6)
+  # Attention logits depend only on relative positions.
+  cos_t, sin_t = layers.rope_tables(4, 4, 8, "xy")
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+  def logit(i, j):
+    qi = layers.apply_rope(q, cos_t[i:i + 1], sin_t[i:i + 1])
+    kj = layers.apply_rope(k, cos_t[j:j + 1], sin_t[j:j + 1])
+    return float(jnp.sum(qi * kj))
+  # Token 5 = (x1, y1), 0 = (0, 0); 10 = (2, 2), 5 = (1, 1): same offset.
+  assert logit(5, 0) == pytest.approx(logit(10, 5), rel=1e-5)
+  assert logit(5, 0) != pytest.approx(logit(6, 0), rel=1e-3)
+
+
+@pytest.mark.parametrize("condition", ["t-r", "r", "t,r", "t,t-r", "r,t-r",
+                                       "t,r,t-r"])
+def test_new_condition_options(condition):
+  model = _perturb(models.build("c2i", dict(TINY, new_condition=condition)))
+  x, t, r, y = _inputs("c2i")
+  out = model(x, t, r, y)
+  assert np.all(np.isfinite(np.asarray(out)))
+  # Every option makes the output depend on r.
+  other = model(x, t, r * 0.5, y)
+  assert not np.allclose(np.asarray(out), np.asarray(other))
+
+
+def test_variants_without_optional_parts():
+  net = dict(TINY, qk_norm=False, distance_aware=False, use_new_embed=False,
+             class_dropout_prob=0.0)
+  model = _perturb(models.build("c2i", net))
+  assert model.blocks[0].attn.qkv_d is None
+  assert model.blocks[0].attn.q_norm is None
+  assert model.delta_embedder is None
+  assert model.y_embedder.embedding_table.embedding.shape[0] == 10
+  x, t, r, y = _inputs("c2i")
+  assert model(x, t, r, y).shape == x.shape
+
+
+def test_remat_and_jit_compute_the_same_function():
+  model = _perturb(models.build("c2i", TINY))
+  remat = _perturb(models.build("c2i", dict(TINY, remat=True)))
+  x, t, r, y = _inputs("c2i")
+
+  def loss(m):
+    return jnp.sum(m(x, t, r, y) ** 2)
+
+  g1 = nnx.grad(loss)(model)
+  g2 = nnx.jit(nnx.grad(loss))(remat)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                               atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  ref = _perturb(models.build("t2i", TINY_T2I))
+  low = _perturb(models.build("t2i", TINY_T2I, dtype=jnp.bfloat16))
+  x, t, r, y = _inputs("t2i")
+  out = low(x, t, r, y)
+  assert out.dtype == jnp.float32  # The output layer runs in float32.
+  assert all(v.dtype == jnp.float32
+             for v in jax.tree.leaves(nnx.state(low, nnx.Param)))
+  want = np.asarray(ref(x, t, r, y))
+  err = np.linalg.norm(np.asarray(out) - want) / np.linalg.norm(want)
+  assert 1e-5 < err < 5e-2  # bf16-level error, not float32-exact.

@@ -1,0 +1,89 @@
+"""Text-to-image TiM.
+
+Variants (`--config=configs/t2i.py:VARIANT`):
+
+  tiny (default)  a small pixel-space model on the built-in captioned-shapes
+                  data; trains on a 2-core CPU in minutes:
+      python -m tim_jax.main --config=configs/t2i.py --workdir=/tmp/tim_t2i
+  xl              the paper's 865M model (spec §6): DC-AE f32c32 latents
+                  (32 channels), patch 1, D 1152, depth 28, batch 2048,
+                  lr 1e-4 per 512, 500k steps, bf16; needs a latent dataset:
+      python -m tim_jax.main --config=configs/t2i.py:xl --workdir=DIR \
+          --config.data.data_dir=LATENTS \
+          --config.data.null_caption_features=NULL.npy
+
+Any field can be overridden on the command line, e.g.
+`--config.batch_size=32 --config.mesh.fsdp=4 --config.model.dtype=bfloat16`.
+"""
+
+from tim_jax import config_base
+
+PAPER_NETWORK = dict(
+    input_size=16, patch_size=1, in_channels=32, depth=28, hidden_size=1152,
+    cap_feat_dim=1152, num_heads=16, encoder_depth=8, qk_norm=True, z_dim=768,
+    projector_dim=2048, new_condition="t-r", use_new_embed=True,
+    distance_aware=True, lora_hidden_size=384)
+
+TINY_PROMPTS = (
+    "a red circle at the top left",
+    "a blue square in the center",
+    "a green triangle at the bottom right",
+    "a yellow circle at the top right",
+    "a large purple square at the bottom left",
+    "a small cyan triangle at the top",
+    "a red square at the left and a blue circle at the right",
+    "a green circle at the top and a yellow triangle at the bottom",
+)
+
+
+def get_config(arg=None):
+  variant = arg or "tiny"
+  c = config_base.base_config()
+  c.model.kind = "t2i"
+  c.transport.params = dict(P_mean=0.0, P_std=1.6)
+  if variant == "tiny":
+    c.model.network = dict(
+        input_size=32, patch_size=4, in_channels=3, depth=4, hidden_size=128,
+        cap_feat_dim=64, num_heads=4, encoder_depth=2, qk_norm=True,
+        z_dim=32, projector_dim=128, new_condition="t-r", use_new_embed=True,
+        distance_aware=True, lora_hidden_size=32)
+    c.model.use_projector = False  # No REPA encoder for the shapes world.
+    c.model.rope_positions = "xy"
+    c.data.name = "shapes"
+    c.data.image_size = 32
+    c.data.max_caption_len = 16
+    c.batch_size = 64
+    c.num_steps = 3000
+    c.optimizer.base_lr = 1e-3
+    c.optimizer.base_batch = 64
+    c.optimizer.warmup_steps = 100
+    c.ema_decay = 0.998
+    c.log_every = 100
+    c.checkpoint_every = 1000
+    c.sample.every = 1500
+    c.sample.image_size = 32
+    c.sample.cfg_scale = 2.0
+    c.sample.prompts = TINY_PROMPTS
+    c.sample.cols = 8
+    c.eval_every = 1000
+  elif variant == "xl":
+    c.model.network = dict(PAPER_NETWORK)
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.data.name = "latents"
+    c.data.image_size = 32  # Latent grid of a 1024px image (f32).
+    c.autoencoder.name = "dc_ae_f32c32_sana_1.1"
+    c.batch_size = 2048
+    c.num_steps = 500_000
+    c.optimizer.base_lr = 1e-4
+    c.optimizer.base_batch = 512
+    c.ema_decay = 0.9999
+    c.loss_extras.repa_feature_key = "repa_features"
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    c.sample.every = 0  # Needs the DC-AE decoder.
+    c.sample.image_size = 32
+    c.sample.cfg_scale = 2.5
+  else:
+    raise ValueError(f"unknown t2i variant {variant!r}; use tiny or xl")
+  return config_base.lock(c)

@@ -1,0 +1,78 @@
+"""Run as a subprocess with 8 fake CPU devices (see test_sharding.py).
+
+One train step on several meshes; prints a JSON report.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tim_jax import config_base, sharding, train  # noqa: E402
+
+
+def tiny_config():
+  c = config_base.base_config()
+  c.model.kind = "c2i"
+  c.model.network = dict(patch_size=2, in_channels=4, depth=2, hidden_size=48,
+                         num_heads=2, encoder_depth=1, z_dim=16,
+                         projector_dim=32, lora_hidden_size=8, num_classes=10)
+  c.batch_size = 16
+  c.num_steps = 10
+  c.loss.groups = 8  # The same row partition on every mesh.
+  c.optimizer.base_lr = 1e-3
+  c.optimizer.base_batch = 16
+  c.ema_decay = 0.9
+  return c
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  config = tiny_config()
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((16, 8, 8, 4)).astype(np.float32),
+           "label": rng.integers(0, 10, (16,)).astype(np.int32)}
+  meshes = {"1": dict(data=1), "data8": dict(data=8),
+            "data4_fsdp2": dict(data=4, fsdp=2),
+            "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
+  report = {}
+  ref = None
+  for name, shape in meshes.items():
+    devices = jax.devices()[:int(np.prod(list(shape.values())))]
+    mesh = sharding.make_mesh(shape, devices)
+    trainer = train.Trainer(config, mesh)
+    state = trainer.init_state()
+    state, metrics = trainer.train_step(state, sharding.global_batch(batch,
+                                                                     mesh))
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
+    flat = jax.tree.leaves(params)
+    entry = {"loss": float(metrics["loss"]),
+             "grad_norm": float(metrics["grad_norm"])}
+    if ref is None:
+      ref = (entry["loss"], flat, entry["grad_norm"])
+    entry["loss_diff"] = abs(entry["loss"] - ref[0])
+    entry["grad_norm_diff"] = abs(entry["grad_norm"] - ref[2])
+    entry["param_max_diff"] = max(float(np.max(np.abs(a - b)))
+                                  for a, b in zip(flat, ref[1]))
+    k = state.params["blocks"][0]["mlp"]["fc1_g"]["kernel"]
+    q = state.params["blocks"][0]["attn"]["qkv"]["kernel"]
+    o = state.opt_state[1][0].mu["blocks"][0]["mlp"]["fc1_g"]["kernel"]
+    entry["mlp_kernel_spec"] = str(k.sharding.spec)
+    entry["qkv_kernel_spec"] = str(q.sharding.spec)
+    entry["adam_mu_spec"] = str(o.sharding.spec)
+    entry["mlp_kernel_shard_shape"] = list(
+        k.addressable_shards[0].data.shape)
+    report[name] = entry
+  print("REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()

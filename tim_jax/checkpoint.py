@@ -1,0 +1,130 @@
+"""Checkpoints with orbax: train state, data-iterator state and config.
+
+Each checkpoint is one step directory holding three items: ``state`` (the
+train state: parameters, EMA, optimizer state, step, RNG, guard counters),
+``data`` (the grain iterator's position) and ``config`` (the run's config as
+JSON). Saves are asynchronous and atomic (orbax writes to a temporary
+directory and renames it when complete), so a run killed during a save leaves
+the previous checkpoint intact; the last ``keep`` are kept.
+
+Restoring onto another mesh is a matter of the target shardings: the state
+is restored straight into the new layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+# The config sections that fix the parameter tree: a checkpoint whose values
+# here differ cannot be restored into this run.
+ARCHITECTURE_KEYS = ("model.kind", "model.network")
+
+
+def _get(tree, dotted):
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def _diff(a, b, prefix=""):
+  """Human-readable differences between two JSON-like dicts."""
+  out = []
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+  elif a != b:
+    out.append(f"{prefix}: checkpoint {a!r} vs config {b!r}")
+  return out
+
+
+def all_finite(tree) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  if not leaves:
+    return True
+  return bool(jax.jit(lambda ls: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in ls])))(leaves))
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator, config) under ``directory``."""
+
+  def __init__(self, directory: str, *, every: int, keep: int = 3,
+               asynchronous: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every = every
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True,
+        enable_async_checkpointing=asynchronous)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_names=("state", "data", "config"))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def saved_config(self, step: Optional[int] = None) -> Optional[dict]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    path = os.path.join(self.directory, str(step), "config", "metadata")
+    if not os.path.exists(path):
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      return dict(restored["config"])
+    with open(path) as f:
+      return json.load(f)
+
+  def check_compatible(self, config_dict: dict):
+    """Refuses (ValueError) to resume from a checkpoint of another
+    architecture; nothing on disk is touched."""
+    saved = self.saved_config()
+    if saved is None:
+      return
+    problems = []
+    for key in ARCHITECTURE_KEYS:
+      problems += _diff(_get(saved, key), _get(config_dict, key), key)
+    if problems:
+      raise ValueError(
+          f"the checkpoint in {self.directory} (step {self.latest_step()}) is "
+          f"of another architecture than this config: {'; '.join(problems)}."
+          " Use a new --workdir, or the config the checkpoint was made with."
+          " Nothing was changed on disk.")
+
+  def save(self, step: int, state: Any, data_iterator, config_dict: dict, *,
+           force: bool = False) -> bool:
+    """Saves unless the state is non-finite (then refuses and says so)."""
+    if not all_finite((state.params, state.ema)):
+      logging.error("not saving step %d: the parameters are not finite", step)
+      return False
+    import grain
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config_dict))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator):
+    """Restores into ``abstract_state``'s shapes and shardings (which may
+    describe another mesh than the one the checkpoint was saved from)."""
+    import grain
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

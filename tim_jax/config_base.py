@@ -1,0 +1,83 @@
+"""Every knob of a run, with defaults; ``configs/*.py`` start from this.
+
+The returned ConfigDict is locked: an override of a key that does not exist
+(``--config.modle.depth=2``) stops with an error naming it.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 64  # Global batch, over all processes.
+  c.num_steps = 1000
+
+  # The backbone; `network` holds the official YAML network.params names.
+  c.model = ml_collections.ConfigDict(dict(
+      kind="t2i",
+      network=ml_collections.ConfigDict(),
+      dtype="float32",  # Compute dtype: float32 | bfloat16 | float16.
+      rope_positions="official",  # "official" index rule or "xy".
+      attention_impl="",  # jax.nn.dot_product_attention: "", xla, cudnn.
+      remat=False,
+      use_projector=True,
+  ))
+  c.transport = ml_collections.ConfigDict(dict(
+      name="ot_fm", params=ml_collections.ConfigDict(
+          dict(P_mean=0.0, P_std=1.6))))
+  # transition.LossConfig; groups 0 = one per data shard.
+  c.loss = ml_collections.ConfigDict(dict(
+      diffusion_ratio=0.5, consistency_ratio=0.1, derivative="dde",
+      epsilon=0.005, weight_time_type="sqrt", weight_time_tangent=True,
+      weight_time_sigmoid=False, weight_t_and_r=True, adaptive_eps=1e-5,
+      directional_loss=True, proj_coeff=1.0, enhance_target=False, w_gt=1.0,
+      w_cond=0.0, w_start=0.0, w_end=1.0, groups=0))
+  # REPA: the batch key holding the frozen encoder's token features
+  # (B, N, z_dim); "" = no REPA loss.
+  c.loss_extras = ml_collections.ConfigDict(dict(repa_feature_key=""))
+  c.conditioning = ml_collections.ConfigDict(dict(drop_prob=0.1))
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="shapes",  # "shapes" (built in) | "latents" (array_record).
+      image_size=32,
+      max_caption_len=16,
+      caption_seed=0,
+      seed=0,
+      data_dir="",
+      null_caption_features="",  # .npy of the empty caption, latent t2i.
+      worker_count=0,
+  ))
+  c.autoencoder = ml_collections.ConfigDict(dict(name="identity"))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", base_lr=1e-4, base_batch=256, scale_lr=True,
+      schedule="constant", warmup_steps=0, b1=0.9, b2=0.95, eps=1e-6,
+      weight_decay=0.01, grad_clip=1.0))
+  c.ema_decay = 0.9999
+
+  # Mesh axis sizes (-1 fills with the remaining devices) and the logical
+  # axis rules (see tim_jax.sharding).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = (
+      ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+      ("qkv", "tensor"), ("kv", "tensor"), ("modulation", "tensor"))
+
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+  c.max_nonfinite_steps = 20
+
+  c.sample = ml_collections.ConfigDict(dict(
+      every=1000, nfe=(1, 2, 4, 8), cfg_scale=1.0,
+      guidance_interval=(0.0, 1.0), image_size=32, seed=0, num=8, cols=0,
+      prompts=(), labels=()))
+  c.eval_every = 0
+  c.evaluators = ("holdout_loss",)
+  return c
+
+
+def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c

@@ -1,0 +1,324 @@
+"""Latent datasets: precomputed autoencoder latents in array_record files.
+
+Training at scale reads latents (e.g. SD-VAE 32x32x4 for ImageNet 256)
+rather than images. They are written once, as a TensorFlow Datasets dataset
+in the array_record format (random access, so grain can shuffle globally and
+checkpoint its position), and read back with ``LatentSource``.
+
+Input: a directory of ``.npz`` shards, each holding
+
+* ``latent``: (N, H, W, C) float, NHWC;
+* ``label``: (N,) integer class ids (``cond="label"``), or
+* ``caption``: (N, M, D) float caption features (``cond="caption"``).
+
+Write (nothing is downloaded; shards are read in file-name order and their
+rows keep that order in the dataset)::
+
+    python -m tim_jax.data.latents --input_dir=SHARDS --data_dir=LATENTS \
+        --latent_shape=32,32,4 --cond=label
+
+Read::
+
+    source = LatentSource("LATENTS")   # example: {"image", "label"}
+    it = pipeline.make_iterator(source, global_batch_size=256, seed=0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+CONDS = ("label", "caption")
+NAME = "tim_latents"
+
+
+def config_name(latent_shape, cond: str = "label", cap_shape=None) -> str:
+  """e.g. ``label_32x32x4`` or ``caption_32x32x4_77x768``."""
+  name = f"{cond}_" + "x".join(str(int(n)) for n in latent_shape)
+  if cap_shape is not None:
+    name += "_" + "x".join(str(int(n)) for n in cap_shape)
+  return name
+
+
+@dataclasses.dataclass
+class TimLatentsConfig(tfds.core.BuilderConfig):
+  """What one latent dataset holds; the name is ``config_name(...)``."""
+  latent_shape: tuple[int, int, int] = (32, 32, 4)
+  cond: str = "label"
+  cap_shape: tuple[int, int] | None = None
+
+
+def make_config(latent_shape: Sequence[int], cond: str = "label",
+                cap_shape: Sequence[int] | None = None) -> TimLatentsConfig:
+  latent_shape = tuple(int(n) for n in latent_shape)
+  if len(latent_shape) != 3 or min(latent_shape) < 1:
+    raise ValueError(f"latent_shape must be (H, W, C) positive, got "
+                     f"{latent_shape}")
+  if cond not in CONDS:
+    raise ValueError(f"cond must be one of {CONDS}, got {cond!r}")
+  if cond == "caption":
+    if cap_shape is None:
+      raise ValueError("cond='caption' needs cap_shape=(M, D)")
+    cap_shape = tuple(int(n) for n in cap_shape)
+    if len(cap_shape) != 2 or min(cap_shape) < 1:
+      raise ValueError(f"cap_shape must be (M, D) positive, got {cap_shape}")
+  elif cap_shape is not None:
+    raise ValueError(f"cap_shape={cap_shape} is only for cond='caption'")
+  return TimLatentsConfig(
+      name=config_name(latent_shape, cond, cap_shape), version="1.0.0",
+      latent_shape=latent_shape, cond=cond, cap_shape=cap_shape,
+      description=f"latents {latent_shape}, conditioned on {cond}")
+
+
+class TimLatents(tfds.core.GeneratorBasedBuilder):
+  """Autoencoder latents with class labels or caption features."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+  # The common cases; any other shape is a config made by make_config.
+  BUILDER_CONFIGS = [
+      make_config((32, 32, 4), "label"),   # ImageNet 256, SD-VAE.
+      make_config((16, 16, 32), "label"),  # ImageNet 512, DC-AE f32c32.
+  ]
+  # Nothing is downloaded, so there are no URL checksums to look up. Saying
+  # so also skips tfds 4.9.10's checksum-file lookup, which imports the
+  # `importlib_resources` backport (not installed on Python >= 3.9).
+  url_infos = None
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Put .npz shards in the manual directory, each with 'latent' "
+      "(N, H, W, C) and 'label' (N,) or 'caption' (N, M, D).")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    c = self.builder_config
+    # Encoding.BYTES stores raw array bytes: reading is a frombuffer, where
+    # the default (a float list in a tf.train.Example) parses every number.
+    features = {"latent": tfds.features.Tensor(
+        shape=c.latent_shape, dtype=np.float32,
+        encoding=tfds.features.Encoding.BYTES)}
+    if c.cond == "label":
+      features["label"] = tfds.features.Tensor(shape=(), dtype=np.int64)
+    else:
+      features["caption"] = tfds.features.Tensor(
+          shape=c.cap_shape, dtype=np.float32,
+          encoding=tfds.features.Encoding.BYTES)
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__.split("\n\n")[0],
+        features=tfds.features.FeaturesDict(features),
+        # Keep the shards' order: grain shuffles at read time, and an
+        # ordered dataset lets anyone map row i back to its input file.
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    files = _shard_files(dl_manager.manual_dir)
+    return {"train": self._generate_examples(files)}
+
+  def _generate_examples(self, files):
+    c = self.builder_config
+    for path in files:
+      latent, cond = _read_shard(path, c)
+      stem = os.path.splitext(os.path.basename(path))[0]
+      for i in range(latent.shape[0]):
+        yield f"{stem}/{i:09d}", {"latent": latent[i], c.cond: cond[i]}
+
+
+def _shard_files(input_dir) -> list[str]:
+  input_dir = os.fspath(input_dir)
+  if not os.path.isdir(input_dir):
+    raise FileNotFoundError(f"input_dir {input_dir!r} is not a directory")
+  files = sorted(os.path.join(input_dir, f) for f in os.listdir(input_dir)
+                 if f.endswith(".npz"))
+  if not files:
+    raise FileNotFoundError(f"no .npz shards in input_dir {input_dir!r}")
+  return files
+
+
+def _read_shard(path: str, c: TimLatentsConfig):
+  """(latent float32 (N, H, W, C), cond (N,) int64 or (N, M, D) float32)."""
+  with np.load(path) as z:
+    for key in ("latent", c.cond):
+      if key not in z:
+        raise KeyError(f"{path}: no array {key!r} (has {sorted(z.files)})")
+    latent, cond = z["latent"], z[c.cond]
+  if latent.ndim != 4 or latent.shape[1:] != c.latent_shape:
+    raise ValueError(f"{path}: 'latent' must be (N, *{c.latent_shape}), got "
+                     f"{latent.shape}")
+  if not np.issubdtype(latent.dtype, np.floating):
+    raise ValueError(f"{path}: 'latent' must be floating, got {latent.dtype}")
+  n = latent.shape[0]
+  if c.cond == "label":
+    if cond.shape != (n,) or not np.issubdtype(cond.dtype, np.integer):
+      raise ValueError(f"{path}: 'label' must be integers of shape ({n},), "
+                       f"got {cond.dtype} {cond.shape}")
+    if n and cond.min() < 0:
+      raise ValueError(f"{path}: 'label' has negative values "
+                       f"(min {cond.min()})")
+    cond = cond.astype(np.int64)
+  else:
+    if cond.shape != (n,) + c.cap_shape or not np.issubdtype(
+        cond.dtype, np.floating):
+      raise ValueError(f"{path}: 'caption' must be floating of shape "
+                       f"({n}, *{c.cap_shape}), got {cond.dtype} "
+                       f"{cond.shape}")
+    cond = cond.astype(np.float32)
+  if not np.isfinite(latent).all():
+    raise ValueError(f"{path}: 'latent' has non-finite values")
+  return latent.astype(np.float32), cond
+
+
+def write_latents(input_dir, data_dir, *, latent_shape: Sequence[int],
+                  cond: str = "label",
+                  cap_shape: Sequence[int] | None = None) -> str:
+  """Builds the dataset from ``input_dir``'s shards into ``data_dir``.
+
+  Returns the dataset's directory
+  (``data_dir/tim_latents/<config>/<version>``). An existing dataset there
+  is never overwritten or silently reused: that raises FileExistsError.
+  """
+  config = make_config(latent_shape, cond, cap_shape)
+  files = _shard_files(input_dir)  # Fail before tfds makes any directory.
+  for path in files:  # Check every shard before writing anything.
+    _read_shard(path, config)
+  builder = TimLatents(config=config, data_dir=os.fspath(data_dir),
+                       file_format="array_record")
+  if os.path.exists(builder.data_dir):
+    raise FileExistsError(
+        f"a {NAME}/{config.name} dataset already exists at "
+        f"{builder.data_dir}; delete it or choose another data_dir")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(input_dir), try_download_gcs=False))
+  return os.fspath(builder.data_dir)
+
+
+def find_dataset(data_dir, config: str | None = None) -> str:
+  """The versioned directory of a tim_latents dataset under ``data_dir``.
+
+  ``data_dir`` may be the tfds data_dir given to ``write_latents`` (then
+  ``config`` picks among several datasets), or a dataset directory itself.
+  """
+  data_dir = os.fspath(data_dir)
+  if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+    return data_dir
+  root = os.path.join(data_dir, NAME)
+  found = []
+  if os.path.isdir(root):
+    for name in sorted(os.listdir(root)):
+      if config is not None and name != config:
+        continue
+      cdir = os.path.join(root, name)
+      versions = [v for v in os.listdir(cdir) if os.path.exists(
+          os.path.join(cdir, v, "dataset_info.json"))] if os.path.isdir(
+              cdir) else []
+      if versions:
+        newest = max(versions, key=lambda v: tuple(
+            int(p) if p.isdigit() else -1 for p in v.split(".")))
+        found.append(os.path.join(cdir, newest))
+  if not found:
+    what = f"config {config!r}" if config else "any config"
+    raise FileNotFoundError(f"no {NAME} dataset ({what}) under {data_dir!r}; "
+                            "write one with python -m tim_jax.data.latents")
+  if len(found) > 1:
+    raise ValueError(f"several {NAME} datasets under {data_dir!r}: "
+                     f"{[os.path.basename(os.path.dirname(f)) for f in found]}"
+                     "; pass config=NAME")
+  return found[0]
+
+
+class LatentSource:
+  """Random-access source over a written latent dataset.
+
+  Example ``i``: ``image`` float32 (H, W, C) (the latent, NHWC) and either
+  ``label`` int32 or ``caption_features`` float32 (M, D). Picklable (the
+  files are opened lazily in each process), so it works with grain workers.
+  """
+
+  def __init__(self, data_dir, split: str = "train",
+               config: str | None = None):
+    self.path = find_dataset(data_dir, config)
+    self.split = split
+    builder = tfds.builder_from_directory(self.path)
+    if split not in builder.info.splits:
+      raise ValueError(f"split {split!r} not in {self.path} (has "
+                       f"{sorted(builder.info.splits)})")
+    self._num_examples = builder.info.splits[split].num_examples
+    features = builder.info.features
+    self.latent_shape = tuple(features["latent"].shape)
+    self.cond = "label" if "label" in features else "caption"
+    self.cap_shape = (None if self.cond == "label"
+                      else tuple(features["caption"].shape))
+    self._source = None
+
+  def _data_source(self):
+    if self._source is None:
+      builder = tfds.builder_from_directory(self.path)
+      self._source = builder.as_data_source(split=self.split)
+    return self._source
+
+  def __len__(self) -> int:
+    return self._num_examples
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < self._num_examples:
+      raise IndexError(f"index {index} out of range for {self.path} "
+                       f"split {self.split!r} of {self._num_examples}")
+    ex = self._data_source()[index]
+    out = {"image": np.asarray(ex["latent"], np.float32)}
+    if self.cond == "label":
+      out["label"] = np.int32(ex["label"])
+    else:
+      out["caption_features"] = np.asarray(ex["caption"], np.float32)
+    return out
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_source"] = None  # Open files do not travel to workers.
+    return state
+
+  def __repr__(self):
+    return (f"LatentSource({self.path!r}, split={self.split!r}, "
+            f"n={self._num_examples})")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(n) for n in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated integers like 32,32,4, got {text!r}"
+    ) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  # argparse, not absl flags: absl flags are process-global, and defining
+  # --data_dir here on import would clash with the trainer's own flags.
+  p = argparse.ArgumentParser(
+      prog="python -m tim_jax.data.latents",
+      description="Write .npz latent shards as an array_record TFDS dataset.")
+  p.add_argument("--input_dir", required=True,
+                 help=".npz shards with 'latent' and 'label' or 'caption'")
+  p.add_argument("--data_dir", required=True, help="TFDS data_dir to write")
+  p.add_argument("--latent_shape", required=True, type=_shape, help="H,W,C")
+  p.add_argument("--cond", default="label", choices=CONDS)
+  p.add_argument("--cap_shape", default=None, type=_shape,
+                 help="M,D (for --cond=caption)")
+  args = p.parse_args(argv)
+  path = write_latents(args.input_dir, args.data_dir,
+                       latent_shape=args.latent_shape, cond=args.cond,
+                       cap_shape=args.cap_shape)
+  source = LatentSource(path)
+  print(f"wrote {len(source)} examples (train) to {path}")
+  print(f"  latent {source.latent_shape} float32, "
+        + ("label int64" if source.cond == "label"
+           else f"caption {source.cap_shape} float32"))
+  print(f"  read with tim_jax.data.latents.LatentSource({path!r})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,126 @@
+"""Text for the built-in shapes data: a word tokenizer and a frozen encoder.
+
+The shapes captions come from a closed grammar (``shapes.VOCABULARY``), so a
+word-level tokenizer covers them exactly. ``CaptionEncoder`` stands in for a
+real text encoder (T5, Gemma, ...): it has no trained parameters, only a
+fixed random word table and sinusoidal positions, which is enough for a
+tiny text-to-image model to learn the binding of words to objects, and it
+costs nothing to train or ship.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tim_jax.data import shapes
+
+PAD_ID = 0
+UNK_ID = 1
+_SPECIAL = ("<pad>", "<unk>")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def split_words(text: str) -> list[str]:
+  """Lower-cased words; punctuation separates words and is dropped."""
+  return _WORD.findall(text.lower())
+
+
+class Tokenizer:
+  """Word ids: 0 pad, 1 unknown word, then ``words`` in order.
+
+  ``words`` defaults to the shapes grammar's vocabulary.
+  """
+
+  def __init__(self, words: Sequence[str] | None = None):
+    words = tuple(shapes.VOCABULARY if words is None else words)
+    for w in words:
+      # A word that split_words would change could never be matched.
+      if split_words(w) != [w]:
+        raise ValueError(f"vocabulary word {w!r} must be one lower-case "
+                         "alphanumeric word")
+    if len(set(words)) != len(words):
+      dup = sorted({w for w in words if words.count(w) > 1})
+      raise ValueError(f"vocabulary has duplicate words: {dup}")
+    self.words = _SPECIAL + words
+    self._ids = {w: i for i, w in enumerate(self.words)}
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.words)
+
+  def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """int32 (len(texts), max_len): ids, truncated, padded with PAD_ID."""
+    if isinstance(texts, str):
+      # A bare string would be read as a list of one-letter texts.
+      raise TypeError("encode takes a list of texts, got a single str "
+                      f"{texts!r}; wrap it in a list")
+    if max_len < 1:
+      raise ValueError(f"max_len must be >= 1, got {max_len}")
+    out = np.full((len(texts), max_len), PAD_ID, np.int32)
+    for row, text in enumerate(texts):
+      ids = [self._ids.get(w, UNK_ID) for w in split_words(text)][:max_len]
+      out[row, :len(ids)] = ids
+    return out
+
+  def decode(self, tokens) -> list[str]:
+    """Texts from ids (B, L); pads are dropped, unknown ids read "<unk>"."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be (B, L), got shape {tokens.shape}")
+    return [" ".join(self.words[i] if 0 <= i < len(self.words) else "<unk>"
+                     for i in row if i != PAD_ID) for row in tokens.tolist()]
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+  """float32 (length, dim): sin and cos of position x geometric frequencies."""
+  half = (dim + 1) // 2
+  freqs = np.exp(-np.log(10000.0) * np.arange(half) / max(half, 1))
+  angles = np.arange(length)[:, None] * freqs[None, :]
+  table = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+  return table[:, :dim].astype(np.float32)
+
+
+class CaptionEncoder:
+  """Frozen caption features: word embedding + position, (B, max_len, dim).
+
+  The word table is N(0, 1/dim) from ``seed`` (rows of norm about 1); the
+  sinusoidal positions are scaled by 1/sqrt(dim) to a comparable norm so
+  neither term drowns the other. Pads are encoded like any word (as a real
+  text encoder's pad features reach the model too): a pad's feature depends
+  only on its position, never on the rest of the caption.
+
+  Calling it is a pure jnp function of the tokens (jit-able; the tables are
+  constants). Ids outside [0, vocab_size) give NaN features, so a bad id
+  shows up in the loss instead of reading a wrong row.
+  """
+
+  def __init__(self, vocab_size: int, max_len: int, dim: int, seed: int = 0):
+    if vocab_size < 2 or max_len < 1 or dim < 1:
+      raise ValueError("CaptionEncoder needs vocab_size >= 2, max_len >= 1, "
+                       f"dim >= 1; got vocab_size={vocab_size}, "
+                       f"max_len={max_len}, dim={dim}")
+    self.vocab_size, self.max_len, self.dim = vocab_size, max_len, dim
+    scale = 1.0 / np.sqrt(dim)
+    self.word_table = scale * jax.random.normal(
+        jax.random.key(seed), (vocab_size, dim), jnp.float32)
+    self.positions = scale * jnp.asarray(sinusoidal_positions(max_len, dim))
+
+  def __call__(self, tokens) -> jax.Array:
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] != self.max_len:
+      raise ValueError(f"tokens must be (B, {self.max_len}), got shape "
+                       f"{tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
+    words = jnp.take(self.word_table, tokens, axis=0, mode="fill",
+                     fill_value=jnp.nan)
+    return words + self.positions[None]
+
+  def null_features(self) -> jax.Array:
+    """The empty caption's features (1, max_len, dim): all pads."""
+    return self(jnp.full((1, self.max_len), PAD_ID, jnp.int32))

@@ -64,6 +64,7 @@ def get_config(arg=None):
     c.optimizer.base_batch = 64
     c.optimizer.warmup_steps = 100
     c.ema_decay = 0.998
+    c.ema_warmup = True
     c.log_every = 100
     c.checkpoint_every = 1000
     c.sample.every = 1500

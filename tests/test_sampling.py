@@ -19,7 +19,6 @@ from tim_jax import transports
 
 MU, S = 0.7, 0.3
 NOISE_SHAPE = (4096, 2, 2, 1)
-N_ELEMS = int(np.prod(NOISE_SHAPE))
 
 
 def _x64_context():
@@ -340,52 +339,61 @@ def test_stochastic_schedule_interior_only(num_steps, expected):
 def test_stochastic_sampling_rng_semantics():
   tr = transports.get("ot_fm")
   noise = _noise(7, (64, 2, 2, 1))
-  kw = dict(num_steps=4, stochasticity=0.5)
-  a = _sample(ot_oracle, noise, tr, rng=jax.random.key(1), **kw)
-  b = _sample(ot_oracle, noise, tr, rng=jax.random.key(2), **kw)
-  a2 = _sample(ot_oracle, noise, tr, rng=jax.random.key(1), **kw)
-  det = _sample(ot_oracle, noise, tr, 4)
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(a2))
-  assert np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-2
-  assert np.max(np.abs(np.asarray(a) - np.asarray(det))) > 1e-2
+  # One compilation per setting; the key is a traced argument.
+  run4 = jax.jit(lambda k: _sample(ot_oracle, noise, tr, 4, stochasticity=0.5,
+                                   rng=k))
+  a, b, a2 = (np.asarray(run4(jax.random.key(i))) for i in (1, 2, 1))
+  det = np.asarray(_sample(ot_oracle, noise, tr, 4))
+  np.testing.assert_array_equal(a, a2)
+  assert np.max(np.abs(a - b)) > 1e-2
+  assert np.max(np.abs(a - det)) > 1e-2
   # With 2 steps there is no interior step: the rng does not matter.
-  c = _sample(ot_oracle, noise, tr, 2, stochasticity=0.5,
-              rng=jax.random.key(1))
-  d = _sample(ot_oracle, noise, tr, 2, stochasticity=0.5,
-              rng=jax.random.key(2))
-  e = _sample(ot_oracle, noise, tr, 2)
-  np.testing.assert_allclose(np.asarray(c), np.asarray(e), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(d), np.asarray(e), atol=1e-6)
+  run2 = jax.jit(lambda k: _sample(ot_oracle, noise, tr, 2, stochasticity=0.5,
+                                   rng=k))
+  e = np.asarray(_sample(ot_oracle, noise, tr, 2))
+  for i in (1, 2):
+    np.testing.assert_allclose(np.asarray(run2(jax.random.key(i))), e,
+                               atol=1e-6)
 
 
-def test_stochastic_step_follows_spec():
-  """3 steps: first and last deterministic, the middle one the EM step."""
+def test_stochastic_steps_follow_spec():
+  """4 steps: first and last deterministic, the two interior ones EM steps
+  (spec §1.2) with fresh, independent noise each."""
   tr = transports.get("ot_fm")
   s_r = 0.5
   noise = _noise(8)
-  _, traj = _sample(ot_oracle, noise, tr, 3, stochasticity=s_r,
+  _, traj = _sample(ot_oracle, noise, tr, 4, stochasticity=s_r,
                     rng=jax.random.key(4), return_trajectory=True)
-  _, det = _sample(ot_oracle, noise, tr, 3, return_trajectory=True)
+  _, det = _sample(ot_oracle, noise, tr, 4, return_trajectory=True)
   traj = np.asarray(traj, np.float64)
-  grid = np.linspace(1.0, 0.0, 4)
+  grid = np.linspace(1.0, 0.0, 5)
+  bt = lambda v: jnp.full((noise.shape[0],), v, jnp.float32)
+
+  def oracle(x, t, n):
+    return np.asarray(ot_oracle(jnp.asarray(x, jnp.float32), bt(t), bt(n),
+                                None), np.float64)
+
   # First step: deterministic.
   np.testing.assert_allclose(traj[1], np.asarray(det[1]), atol=1e-6)
-  # Middle step: x - h F - s eps_hat h + sqrt(2 s t h) xi.
-  t, n = grid[1], grid[2]
-  h = t - n
-  x1 = traj[1]
-  bt = lambda v: jnp.full((x1.shape[0],), v, jnp.float32)
-  f = np.asarray(ot_oracle(jnp.asarray(x1, jnp.float32), bt(t), bt(n), None),
-                 np.float64)
-  eps_hat = x1 + (1 - t) * f
-  xi = (traj[2] - (x1 - h * f - s_r * eps_hat * h)) / math.sqrt(2 * s_r * t * h)
-  _assert_gaussian(xi, 0.0, 1.0, "stochastic step noise")
-  assert abs(np.corrcoef(xi.ravel(), x1.ravel())[0, 1]) < 0.05
-  # Last step: deterministic from wherever the middle step went.
-  t, n = grid[2], grid[3]
-  f = np.asarray(ot_oracle(jnp.asarray(traj[2], jnp.float32), bt(t), bt(n),
-                           None), np.float64)
-  np.testing.assert_allclose(traj[3], traj[2] - (t - n) * f, atol=2e-5)
+  # Interior steps: x - h F - s eps_hat h + sqrt(2 s t h) xi.
+  xis = []
+  for i in (1, 2):
+    t, n = grid[i], grid[i + 1]
+    h = t - n
+    x = traj[i]
+    f = oracle(x, t, n)
+    eps_hat = x + (1 - t) * f
+    xi = (traj[i + 1] - (x - h * f - s_r * eps_hat * h)) / math.sqrt(
+        2 * s_r * t * h)
+    _assert_gaussian(xi, 0.0, 1.0, f"noise of step {i}")
+    assert abs(np.corrcoef(xi.ravel(), x.ravel())[0, 1]) < 0.05
+    xis.append(xi.ravel())
+  # Each step draws its own noise.
+  assert abs(np.corrcoef(xis[0], xis[1])[0, 1]) < 0.05
+  # Last step: deterministic from wherever the interior steps went.
+  t, n = grid[3], grid[4]
+  np.testing.assert_allclose(traj[4], traj[3] - (t - n) * oracle(traj[3], t, n),
+                             atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["trigflow", "edm", "vp", "ve"])

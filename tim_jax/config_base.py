@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="shapes",  # "shapes" (built in) | "latents" (array_record).
       image_size=32,
-      max_caption_len=16,
+      max_caption_len=20,
       caption_seed=0,
       seed=0,
       data_dir="",
@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="constant", warmup_steps=0, b1=0.9, b2=0.95, eps=1e-6,
       weight_decay=0.01, grad_clip=1.0))
   c.ema_decay = 0.9999
+  c.ema_warmup = False  # decay_t = min(decay, (1 + t) / (10 + t)).
 
   # Mesh axis sizes (-1 fills with the remaining devices) and the logical
   # axis rules (see tim_jax.sharding).

@@ -20,9 +20,19 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Keeps orbax's and grain's per-save INFO chatter out of the console."""
+
+  def filter(self, record):
+    noisy = ("orbax" in record.pathname or "/grain/" in record.pathname)
+    return not (noisy and record.levelno < 30)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import logging as std_logging
+  std_logging.getLogger("absl").addFilter(_QuietLibraries())
   import jax
   if flags.FLAGS.distributed:
     jax.distributed.initialize()

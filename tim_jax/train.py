@@ -230,7 +230,12 @@ class Trainer:
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = config.ema_decay
+    decay = jnp.asarray(config.ema_decay, jnp.float32)
+    if config.ema_warmup:
+      # Short runs: an EMA that starts at the initial (zero-output) network
+      # would stay near it for ~1/(1-decay) steps.
+      step = state.step.astype(jnp.float32)
+      decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema,
                        params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

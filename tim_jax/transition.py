@@ -252,11 +252,20 @@ def _nan_to_num(a):
   return jnp.nan_to_num(a, nan=0.0, posinf=1e5, neginf=-1e5)
 
 
+def _safe_norm(a, axis):
+  """L2 norm whose gradient at 0 is 0 rather than NaN."""
+  sq = jnp.sum(a * a, axis=axis, keepdims=True)
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
 def _cosine(a, b, axis, eps=1e-8):
-  """torch.nn.functional.cosine_similarity."""
-  dot = jnp.sum(a * b, axis=axis)
-  norms = jnp.linalg.norm(a, axis=axis) * jnp.linalg.norm(b, axis=axis)
-  return dot / jnp.maximum(norms, eps)
+  """torch.nn.functional.cosine_similarity: each input divided by its norm
+  clamped at eps. (At a zero prediction — the network at initialisation —
+  the gradient is large but finite, as in PyTorch; clipping tames it.)"""
+  a = a / jnp.maximum(_safe_norm(a, axis), eps)
+  b = b / jnp.maximum(_safe_norm(b, axis), eps)
+  return jnp.sum(a * b, axis=axis)
 
 
 def _mean_rows(a):

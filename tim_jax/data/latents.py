@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -190,8 +191,12 @@ def write_latents(input_dir, data_dir, *, latent_shape: Sequence[int],
     raise FileExistsError(
         f"a {NAME}/{config.name} dataset already exists at "
         f"{builder.data_dir}; delete it or choose another data_dir")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(input_dir), try_download_gcs=False))
+  # tfds makes (empty) download folders; keep them out of data_dir.
+  with tempfile.TemporaryDirectory() as scratch:
+    builder.download_and_prepare(
+        download_dir=scratch,
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(input_dir), try_download_gcs=False))
   return os.fspath(builder.data_dir)
 
 
@@ -308,9 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--cap_shape", default=None, type=_shape,
                  help="M,D (for --cond=caption)")
   args = p.parse_args(argv)
-  path = write_latents(args.input_dir, args.data_dir,
-                       latent_shape=args.latent_shape, cond=args.cond,
-                       cap_shape=args.cap_shape)
+  try:
+    path = write_latents(args.input_dir, args.data_dir,
+                         latent_shape=args.latent_shape, cond=args.cond,
+                         cap_shape=args.cap_shape)
+  except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+    return 1
   source = LatentSource(path)
   print(f"wrote {len(source)} examples (train) to {path}")
   print(f"  latent {source.latent_shape} float32, "

@@ -32,7 +32,9 @@ grain version (0.2.18) ships as ``grain.checkpoint.CheckpointSave`` /
 
 The handler writes one ``process_{i}-of-{n}.json`` per process, named by
 ``jax.process_index()/process_count()``, so a run must restore with the same
-process count it saved with.
+process count it saved with. The state's layout also depends on
+``worker_count`` (with workers it holds one position per worker), so restore
+with the same ``worker_count`` too.
 """
 
 from __future__ import annotations

@@ -356,6 +356,15 @@ def test_target_is_stop_gradient(derivative):
   # ... but no gradient flows through it, exactly.
   assert float(jax.grad(total)(1.5)) == 0.0
 
+  # Not through a diffusion_target override either (enhanced target).
+  def with_override(p):
+    fn = lambda x_t, t_in, r_in: x_t * t_in[:, None, None, None]
+    return jnp.sum(transition.target(fn, x, z, t, r, OT, derivative,
+                                     num_diffusion=2,
+                                     diffusion_target=p * x) ** 2)
+  assert float(jax.grad(with_override)(1.5)) == 0.0
+  assert float(with_override(1.5)) != float(with_override(2.0))
+
 
 # --- 5. float32 derivative from a bfloat16 network ----------------------------
 
@@ -564,14 +573,18 @@ def _jit_run(body, *args):
   return jax.tree.map(lambda a: np.asarray(a, np.float64), out)
 
 
+def _torch_cos(a, b, eps=1e-8):
+  """torch.nn.functional.cosine_similarity over the last axis: each norm is
+  clamped at eps separately."""
+  return (a * b).sum(-1) / (np.maximum(np.linalg.norm(a, axis=-1), eps)
+                            * np.maximum(np.linalg.norm(b, axis=-1), eps))
+
+
 def _hand_rows(f, tgt):
   """Per-row MSE and directional loss (cosine over channels, eps 1e-8)."""
   b = f.shape[0]
   mse = ((f - tgt) ** 2).reshape(b, -1).mean(1)
-  dot = (f * tgt).sum(-1)
-  norms = np.linalg.norm(f, axis=-1) * np.linalg.norm(tgt, axis=-1)
-  cos = dot / np.maximum(norms, 1e-8)
-  return mse, (1.0 - cos).reshape(b, -1).mean(1)
+  return mse, (1.0 - _torch_cos(f, tgt)).reshape(b, -1).mean(1)
 
 
 P0, S0 = 0.8, 0.5
@@ -687,6 +700,9 @@ def test_directional_loss_is_cosine_over_channels():
       "orthogonal": lambda v, *_: _rotate_channels(v),
       "pixel_scale": lambda v, *_: v * jnp.asarray(pix, jnp.float32),
       "channel_scale": lambda v, *_: v * jnp.asarray(CHAN, jnp.float32),
+      # |F| < eps at every pixel: F / eps, as torch (not dot / max(|F||T|,
+      # eps)).
+      "tiny": lambda v, *_: 1e-9 * v,
   }
 
   def body(x):
@@ -727,10 +743,30 @@ def test_directional_loss_is_cosine_over_channels():
   np.testing.assert_allclose(out["channel_scale"]["directional_loss"],
                              np.mean(1 - cos), rtol=1e-4)
   assert np.mean(1 - cos) > 0.05
+  tiny = out["tiny"]["directional_loss"]
+  np.testing.assert_allclose(tiny, np.mean(1 - _torch_cos(1e-9 * v, v)),
+                             rtol=1e-4)
+  assert 0.2 < tiny < 0.95
   # Switched off: mse only.
   assert out["off"]["directional_loss"] == 0.0
   np.testing.assert_allclose(out["off"]["denoising_loss"],
                              2 * np.mean(v ** 2), rtol=1e-4)
+
+
+def test_zero_prediction_has_finite_gradient():
+  # A network at initialisation outputs exactly 0 (zero-init output layer):
+  # the directional term must not turn the gradient into NaN.
+  b = 4
+  x = jnp.asarray(_normal(36, (b,) + SHAPE), jnp.float32)
+
+  def objective(p):
+    fn = _velocity_student(x, lambda v, *_: p * v)
+    return transition.loss(fn, x, jnp.zeros((b,)), jax.random.key(3),
+                           transport=OT, config=_all_diffusion())[0]
+
+  value, grad = _jit_run(jax.value_and_grad(objective), 0.0)
+  assert np.isfinite(value) and np.isfinite(grad)
+  np.testing.assert_allclose(value, 1.0, rtol=1e-4)  # 1 - cos = 1.
 
 
 def test_nonfinite_rows_are_zeroed(x64):

@@ -391,8 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                  keep=config.keep_checkpoints,
                                  asynchronous=config.async_checkpoints)
   ckpt.check_compatible(config_dict)  # Before anything is written.
+  source = make_source(config)  # Missing data stops here, early.
   trainer = Trainer(config)
-  source = make_source(config)
   data_iter = make_data_iterator(config, source)
 
   start = ckpt.latest_step()

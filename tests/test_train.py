@@ -1,0 +1,224 @@
+"""The train loop: resume, guard, checkpoints, sample grids, entry point."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tim_jax import checkpoint, sharding, train
+from train_utils import tiny_c2i
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(state):
+  return [np.asarray(x) for x in jax.tree.leaves(
+      (state.params, state.ema, state.opt_state))]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  straight = train.train_and_evaluate(tiny_c2i(num_steps=6, every=3),
+                                      str(tmp_path / "a"))
+  first = train.train_and_evaluate(tiny_c2i(num_steps=3, every=3),
+                                   str(tmp_path / "b"))
+  assert int(first.step) == 3
+  resumed = train.train_and_evaluate(tiny_c2i(num_steps=6, every=3),
+                                     str(tmp_path / "b"))
+  assert int(resumed.step) == int(straight.step) == 6
+  for a, b in zip(_params(straight), _params(resumed)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  # The resumed run really restored rather than re-initialising.
+  assert not all(np.array_equal(a, b) for a, b in
+                 zip(_params(first), _params(resumed)))
+
+
+def test_other_architecture_is_refused_and_files_untouched(tmp_path):
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
+  before = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      p = os.path.join(root, f)
+      before[p] = (os.path.getsize(p), os.path.getmtime(p))
+  other = tiny_c2i(num_steps=4, every=2)
+  other.model.network.depth = 3
+  with pytest.raises(ValueError, match="model.network.depth"):
+    train.train_and_evaluate(other, workdir)
+  after = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      p = os.path.join(root, f)
+      after[p] = (os.path.getsize(p), os.path.getmtime(p))
+  assert before == after
+
+
+class _Indexed:
+  """A source whose examples carry their index."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return dict(self.source[i], index=np.int64(i))
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+  config = tiny_c2i(num_steps=50, every=2)
+  config.max_nonfinite_steps = 3
+  real = train.make_source
+
+  # The indices of the first two shuffled batches stay finite; every other
+  # example is NaN.
+  from tim_jax.data import pipeline
+  probe = pipeline.make_iterator(_Indexed(real(config)), global_batch_size=8,
+                                 seed=config.data.seed)
+  finite = set(next(probe)["index"].tolist()) | set(
+      next(probe)["index"].tolist())
+
+  class Poisoned(_Indexed):
+
+    def __getitem__(self, i):
+      ex = super().__getitem__(i)
+      if int(i) not in finite:
+        ex["image"] = np.full_like(ex["image"], np.nan)
+      return ex
+
+  monkeypatch.setattr(train, "make_source",
+                      lambda c, split="train": Poisoned(real(c, split)))
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.NonFiniteError, match="non-finite steps in a row"):
+    train.train_and_evaluate(config, workdir)
+  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=2)
+  steps = ck.manager.all_steps()
+  assert steps, "the finite steps before the NaNs were checkpointed"
+  trainer = train.Trainer(config)
+  from tim_jax.data import pipeline
+  it = pipeline.make_iterator(real(config), global_batch_size=8, seed=0)
+  state = ck.restore(max(steps), trainer.abstract_with_shardings(), it)
+  assert checkpoint.all_finite((state.params, state.ema))
+  ck.close()
+
+
+def test_guarded_step_keeps_parameters(tmp_path):
+  config = tiny_c2i()
+  trainer = train.Trainer(config)
+  state = trainer.init_state()
+  before = _params(state)
+  batch = {"image": np.full((8, 16, 16, 3), np.nan, np.float32),
+           "label": np.zeros((8,), np.int32)}
+  state, metrics = trainer.train_step(state, sharding.global_batch(
+      batch, trainer.mesh))
+  assert int(metrics["nonfinite_streak"]) == 1
+  assert int(state.step) == 1
+  for a, b in zip(before, _params(state)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_refuses_nonfinite_state(tmp_path):
+  config = tiny_c2i()
+  trainer = train.Trainer(config)
+  state = trainer.init_state()
+  bad = state.replace(params=jax.tree.map(lambda x: x * jnp.nan,
+                                          state.params))
+  ck = checkpoint.Checkpointer(str(tmp_path / "c"), every=1)
+  from tim_jax.data import pipeline
+  it = pipeline.make_iterator(train.make_source(config), global_batch_size=8,
+                              seed=0)
+  assert ck.save(1, bad, it, {"model": {}}) is False
+  assert ck.save(2, state, it, {"model": {}}) is True
+  ck.close()
+  assert ck.manager.all_steps() == [2]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from tim_jax import checkpoint, train
+    from tim_jax.data import pipeline
+    from train_utils import tiny_c2i
+    config = tiny_c2i()
+    config.model.network.hidden_size = 256  # A state that takes a while.
+    config.model.network.depth = 6
+    trainer = train.Trainer(config)
+    state = trainer.init_state()
+    it = pipeline.make_iterator(train.make_source(config),
+                                global_batch_size=8, seed=0)
+    ck = checkpoint.Checkpointer({ckdir!r}, every=1)
+    ck.save(1, state, it, {{"model": {{}}}})
+    ck.wait()
+    state = state.replace(step=state.step + 1)
+    ck.save(2, state, it, {{"model": {{}}}})  # Asynchronous: still writing.
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
+  ckdir = str(tmp_path / "ck")
+  script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), root=ROOT,
+                              ckdir=ckdir)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  ck = checkpoint.Checkpointer(ckdir, every=1)
+  assert ck.latest_step() in (1, 2)
+  config = tiny_c2i()
+  config.model.network.hidden_size = 256
+  config.model.network.depth = 6
+  trainer = train.Trainer(config)
+  from tim_jax.data import pipeline
+  it = pipeline.make_iterator(train.make_source(config), global_batch_size=8,
+                              seed=0)
+  state = ck.restore(ck.latest_step(), trainer.abstract_with_shardings(), it)
+  assert int(state.step) == ck.latest_step() - 1
+  fresh = trainer.init_state()
+  for a, b in zip(_params(state), _params(fresh)):
+    np.testing.assert_array_equal(a, b)
+  ck.close()
+
+
+def test_sample_grids_and_tensorboard(tmp_path):
+  config = tiny_c2i(num_steps=2, every=2)
+  config.sample.every = 2
+  config.sample.nfe = (1, 2)
+  config.sample.num = 4
+  config.eval_every = 2
+  workdir = str(tmp_path / "s")
+  train.train_and_evaluate(config, workdir)
+  from PIL import Image
+  for nfe in (1, 2):
+    image = Image.open(os.path.join(workdir, "samples",
+                                    f"step_0000002_nfe_{nfe}.png"))
+    assert image.size == (4 * 17 + 1, 18)
+  events = [f for f in os.listdir(workdir) if f.startswith("events.out")]
+  assert events
+
+
+def _main(args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "tim_jax.main", *args],
+                        capture_output=True, text=True, cwd=ROOT,
+                        timeout=timeout)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  out = _main(["--config=configs/t2i.py", f"--workdir={tmp_path}",
+               "--config.modle.depth=2"])
+  assert out.returncode != 0
+  assert "modle" in out.stderr
+
+
+def test_paper_config_without_data_stops_early(tmp_path):
+  out = _main(["--config=configs/c2i.py:xl2_256", f"--workdir={tmp_path}"])
+  assert out.returncode != 0
+  assert "data.data_dir" in out.stderr and "does not exist" in out.stderr

@@ -185,8 +185,7 @@ class Trainer:
                       nonfinite_streak=zero, nonfinite_total=zero)
 
   def init_state(self) -> TrainState:
-    with self.mesh:
-      return jax.jit(self._init, out_shardings=self.state_shardings)()
+    return jax.jit(self._init, out_shardings=self.state_shardings)()
 
   def abstract_with_shardings(self):
     return jax.tree.map(
@@ -227,7 +226,7 @@ class Trainer:
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = jnp.asarray(config.ema_decay, jnp.float32)
@@ -264,8 +263,7 @@ class Trainer:
           self._train_step, donate_argnums=0,
           in_shardings=(self.state_shardings, self.batch_shardings(batch)),
           out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
-    with self.mesh:
-      return self._step(state, batch)
+    return self._step(state, batch)
 
   def sample(self, params, noise, cond, null, *, num_steps, cfg_scale=1.0,
              guidance_interval=(0.0, 1.0), stochasticity=0.0, rng=None):
@@ -279,8 +277,7 @@ class Trainer:
             cfg_scale=cfg_scale, guidance_interval=guidance_interval,
             stochasticity=stochasticity, rng=rng)
       self._samplers[key] = jax.jit(run)
-    with self.mesh:
-      return self._samplers[key](params, noise, cond, null, rng)
+    return self._samplers[key](params, noise, cond, null, rng)
 
 
 # --- sample grids ------------------------------------------------------------

@@ -71,6 +71,37 @@ def main():
     entry["mlp_kernel_shard_shape"] = list(
         k.addressable_shards[0].data.shape)
     report[name] = entry
+    last = (trainer, state, params)
+
+  # Save on the last mesh (data 2 x fsdp 2 x tensor 2), restore onto others.
+  import tempfile
+  from tim_jax import checkpoint
+  from tim_jax.data import pipeline, shapes
+  trainer, state, params = last
+  it = pipeline.make_iterator(shapes.ShapesSource(size=8, mode="c2i"),
+                              global_batch_size=16, seed=0)
+  directory = tempfile.mkdtemp()
+  ck = checkpoint.Checkpointer(directory, every=1)
+  ck.save(1, state, it, {"model": {}})
+  ck.close()
+  restored = {}
+  for name in ("data8", "1"):
+    shape = meshes[name]
+    devices = jax.devices()[:int(np.prod(list(shape.values())))]
+    other = train.Trainer(config, sharding.make_mesh(shape, devices))
+    ck = checkpoint.Checkpointer(directory, every=1)
+    back = ck.restore(1, other.abstract_with_shardings(), it)
+    ck.close()
+    got = jax.tree.leaves(jax.tree.map(np.asarray,
+                                       nnx.to_pure_dict(back.params)))
+    k = back.params["blocks"][0]["mlp"]["fc1_g"]["kernel"]
+    restored[name] = {
+        "max_diff": max(float(np.max(np.abs(a - b)))
+                        for a, b in zip(got, jax.tree.leaves(params))),
+        "num_devices": len(k.sharding.device_set),
+        "mesh": dict(k.sharding.mesh.shape),
+        "step": int(back.step)}
+  report["restore"] = restored
   print("REPORT " + json.dumps(report))
 
 

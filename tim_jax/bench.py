@@ -1,0 +1,201 @@
+"""Times the forward pass, the train steps and the sampler.
+
+    python -m tim_jax.bench --config=configs/c2i.py --batch=64 [--out=bench.json]
+
+Every function is compiled and warmed up first, then timed as the median of
+``--repeats`` runs, each ending in ``block_until_ready``. Reported per row:
+seconds, images/s, tokens/s, model FLOPs (``tim_jax.flops``), achieved FLOP/s
+and, where the device's peak is known and the compute dtype is bfloat16, the
+model FLOPs utilisation (MFU).
+
+Rows: ``forward``, ``forward_2x`` (doubled batch, what a CFG step costs),
+``tim_dde_step`` and ``tim_jvp_step`` (the full train step: loss, gradient,
+AdamW, EMA), ``fm_step`` (the same step as flow matching: every row a
+diffusion row, no derivative), ``sample_nfe{N}`` and ``sample_nfe{N}_cfg``
+(guidance on every step).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "A config file with an "
+                                "optional ':variant'.", lock_config=True)
+flags.DEFINE_integer("batch", 64, "Global batch size.")
+flags.DEFINE_integer("repeats", 10, "Timed runs per row (median reported).")
+flags.DEFINE_list("nfe", ["1", "4", "16"], "Sampler step counts.")
+flags.DEFINE_list("rows", [], "Only these rows (default: all).")
+flags.DEFINE_string("out", "", "Also write the results as JSON here.")
+flags.mark_flags_as_required(["config"])
+
+# Dense bf16 peak FLOP/s per chip, by substring of device_kind.
+PEAK_BF16 = (
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+    ("A100", 312e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+)
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for key, value in PEAK_BF16:
+    if key in kind:
+      return value
+  return None
+
+
+def time_fn(fn, *args, repeats=10):
+  """Median seconds of ``fn(*args)`` after one compile + warm-up call."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def synthetic_batch(config, batch, size, channels):
+  rng = np.random.default_rng(0)
+  out = {"image": rng.standard_normal((batch, size, size, channels),
+                                      np.float32)}
+  if config.model.kind == "c2i":
+    out["label"] = rng.integers(0, config.model.network.num_classes,
+                                (batch,)).astype(np.int32)
+  elif config.data.name == "shapes":
+    out["tokens"] = rng.integers(2, 10, (batch, config.data.max_caption_len)
+                                 ).astype(np.int32)
+  else:
+    m = 32
+    out["caption_features"] = rng.standard_normal(
+        (batch, m, config.model.network.cap_feat_dim)).astype(np.float32)
+  return out
+
+
+def run(config, batch, repeats, nfes, rows=()):
+  from tim_jax import flops as flops_lib
+  from tim_jax import sharding, train
+  want = lambda name: not rows or name in rows
+
+  def variant(**loss):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.batch_size = batch
+    c.loss_extras.repa_feature_key = ""
+    for k, v in loss.items():
+      c.loss[k] = v
+    return c
+
+  trainer = train.Trainer(variant())
+  mc = trainer.model_config
+  size = config.data.image_size
+  tokens = (size // mc.patch_size) ** 2
+  cap_len = 0 if mc.kind == "c2i" else (
+      config.data.max_caption_len if config.data.name == "shapes" else 32)
+  host = synthetic_batch(config, batch, size, mc.in_channels)
+  data = sharding.global_batch(host, trainer.mesh)
+  state = trainer.init_state()
+  y = trainer.conditioner(data)
+  x = data["image"]
+  t = jnp.full((batch,), 0.7)
+  r = jnp.full((batch,), 0.3)
+  share = trainer.loss_config.counts(batch)[0] / (
+      batch // trainer.loss_config.groups)
+  results = []
+
+  def record(name, seconds, images, model_flops):
+    row = {"name": name, "seconds": seconds, "images_per_s": images / seconds,
+           "tokens_per_s": images * tokens / seconds,
+           "model_flops": model_flops,
+           "flops_per_s": model_flops / seconds if model_flops else None}
+    peak = peak_flops(jax.devices()[0])
+    if peak and row["flops_per_s"] and config.model.dtype == "bfloat16":
+      row["mfu"] = row["flops_per_s"] / (peak * jax.device_count())
+    results.append(row)
+    print(f"{name:22s} {seconds * 1e3:10.2f} ms  {row['images_per_s']:9.1f} "
+          f"img/s  {(row['flops_per_s'] or 0) / 1e12:8.3f} TFLOP/s"
+          + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
+
+  count = lambda kind, **kw: flops_lib.step_flops(
+      mc, batch, size, size, cap_len, kind=kind, diffusion_share=share, **kw)
+
+  fwd = jax.jit(lambda p, x, t, r, y: trainer.network(p)(x, t, r, y))
+  if want("forward"):
+    record("forward", time_fn(fwd, state.params, x, t, r, y,
+                              repeats=repeats), batch, count("forward"))
+  if want("forward_2x"):
+    x2, t2, r2 = (jnp.concatenate([a, a]) for a in (x, t, r))
+    y2 = jnp.concatenate([y, y])
+    record("forward_2x", time_fn(fwd, state.params, x2, t2, r2, y2,
+                                 repeats=repeats), 2 * batch,
+           2 * count("forward"))
+
+  steps = {"tim_dde_step": dict(derivative="dde"),
+           "tim_jvp_step": dict(derivative="jvp"),
+           "fm_step": dict(diffusion_ratio=1.0, consistency_ratio=0.0)}
+  for name, loss in steps.items():
+    if not want(name):
+      continue
+    tr = train.Trainer(variant(**loss), trainer.mesh)
+    st = tr.init_state()
+    step = jax.jit(tr._train_step)  # Not donated: the same state is reused.
+    record(name, time_fn(step, st, data, repeats=repeats), batch,
+           count(name))
+
+  cond = y
+  null = trainer.conditioner.null(batch)
+  noise = jax.random.normal(jax.random.key(0), x.shape)
+  for n in nfes:
+    for cfg in (False, True):
+      name = f"sample_nfe{n}" + ("_cfg" if cfg else "")
+      if not want(name):
+        continue
+      sampler = lambda p, z: trainer.sample(
+          p, z, cond, null, num_steps=n, cfg_scale=2.0 if cfg else 1.0,
+          guidance_interval=(0.0, 2.0))
+      record(name, time_fn(sampler, state.params, noise, repeats=repeats),
+             batch, count("sample", num_steps=n,
+                          guided_steps=n if cfg else 0))
+  return {"device": jax.devices()[0].device_kind,
+          "num_devices": jax.device_count(), "batch": batch,
+          "image_size": size, "tokens": tokens,
+          "dtype": config.model.dtype, "network": dict(config.model.network),
+          "date": time.strftime("%Y-%m-%d"), "rows": results}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config
+  print(f"JAX {jax.__version__}, {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, batch {flags.FLAGS.batch}, "
+        f"dtype {config.model.dtype}", flush=True)
+  result = run(config, flags.FLAGS.batch, flags.FLAGS.repeats,
+               [int(n) for n in flags.FLAGS.nfe], flags.FLAGS.rows)
+  result["command"] = " ".join(["python -m tim_jax.bench"] + sys.argv[1:])
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, "w") as f:
+      json.dump(result, f, indent=1)
+  rows = {r["name"]: r["seconds"] for r in result["rows"]}
+  if "forward" in rows:
+    print("relative to one forward pass:")
+    for name, sec in rows.items():
+      print(f"  {name:22s} {sec / rows['forward']:6.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -55,23 +55,9 @@ def get_config(arg=None):
         projector_dim=128, new_condition="t-r", use_new_embed=True,
         distance_aware=True, lora_hidden_size=32, class_dropout_prob=0.1,
         num_classes=shapes.num_classes())
-    c.model.use_projector = False
-    c.model.rope_positions = "xy"
-    c.data.name = "shapes"
-    c.batch_size = 48
-    c.num_steps = 1500
-    c.optimizer.base_lr = 1e-3
-    c.optimizer.base_batch = 48
-    c.optimizer.warmup_steps = 100
-    c.ema_decay = 0.998
-    c.ema_warmup = True
-    c.log_every = 100
-    c.checkpoint_every = 500
-    c.sample.every = 500
-    c.sample.cfg_scale = 2.0
+    config_base.tiny_training(c)
     c.sample.cols = 9
     c.sample.num = 18
-    c.eval_every = 500
   elif base in PAPER and (variant == base or base.startswith("xl")):
     network, batch, steps, latent, ae = PAPER[base]
     c.model.network = network

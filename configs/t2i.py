@@ -47,26 +47,10 @@ def get_config(arg=None):
         cap_feat_dim=64, num_heads=4, encoder_depth=2, qk_norm=True,
         z_dim=32, projector_dim=128, new_condition="t-r", use_new_embed=True,
         distance_aware=True, lora_hidden_size=32)
-    c.model.use_projector = False  # No REPA encoder for the shapes world.
-    c.model.rope_positions = "xy"
-    c.data.name = "shapes"
-    c.data.image_size = 32
+    config_base.tiny_training(c)
     c.data.max_caption_len = 20
-    c.batch_size = 48
-    c.num_steps = 1500
-    c.optimizer.base_lr = 1e-3
-    c.optimizer.base_batch = 48
-    c.optimizer.warmup_steps = 100
-    c.ema_decay = 0.998
-    c.ema_warmup = True
-    c.log_every = 100
-    c.checkpoint_every = 500
-    c.sample.every = 500
-    c.sample.image_size = 32
-    c.sample.cfg_scale = 2.0
     c.sample.prompts = TINY_PROMPTS
     c.sample.cols = 8
-    c.eval_every = 500
   elif variant == "xl":
     c.model.network = dict(PAPER_NETWORK)
     c.model.dtype = "bfloat16"

@@ -21,21 +21,6 @@ MU, S = 0.7, 0.3
 NOISE_SHAPE = (4096, 2, 2, 1)
 
 
-def _x64_context():
-  if hasattr(jax, "enable_x64"):  # jax >= 0.7
-    return jax.enable_x64(True)
-  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
-  return enable_x64()
-
-
-@pytest.fixture
-def x64():
-  before = jax.config.read("jax_enable_x64")
-  with _x64_context():
-    yield
-  assert jax.config.read("jax_enable_x64") == before
-
-
 def _col(v):
   return v.reshape((-1, 1, 1, 1))
 

@@ -31,12 +31,6 @@ FAST = {"xla_backend_optimization_level": 0,
 SHAPE = (4, 4, 3)  # H, W, C of the analytic tests.
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def _normal(seed, shape):
   return np.random.RandomState(seed).standard_normal(shape)
 

@@ -20,23 +20,6 @@ from tim_jax import transports
 # --------------------------------------------------------------------------
 
 
-def _x64_context():
-  """A context manager that enables float64 for its duration."""
-  if hasattr(jax, "enable_x64"):  # jax >= 0.7
-    return jax.enable_x64(True)
-  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
-  return enable_x64()
-
-
-@pytest.fixture
-def x64():
-  before = jax.config.read("jax_enable_x64")
-  with _x64_context():
-    assert jax.config.read("jax_enable_x64")
-    yield
-  assert jax.config.read("jax_enable_x64") == before
-
-
 # name -> factory. EDM is checked with its default sigma_d = 0.5 (where the
 # official formulas were wrong) and with sigma_d = 1.
 CASES = {

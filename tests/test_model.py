@@ -214,3 +214,12 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   want = np.asarray(ref(x, t, r, y))
   err = np.linalg.norm(np.asarray(out) - want) / np.linalg.norm(want)
   assert 1e-5 < err < 5e-2  # bf16-level error, not float32-exact.
+
+
+def test_library_attention_path_matches_the_einsum_path():
+  ref = _perturb(models.build("t2i", TINY_T2I))
+  lib = _perturb(models.build("t2i", TINY_T2I, attention_impl="xla"))
+  x, t, r, y = _inputs("t2i")
+  np.testing.assert_allclose(np.asarray(lib(x, t, r, y)),
+                             np.asarray(ref(x, t, r, y)), rtol=1e-4,
+                             atol=1e-5)

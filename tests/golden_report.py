@@ -3,7 +3,6 @@
     python tests/golden_report.py
 """
 
-import functools
 import os
 import sys
 

@@ -3,7 +3,6 @@
 import builtins
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from tim_jax import checkpoint, sharding, train
 from train_utils import tiny_c2i

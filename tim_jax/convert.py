@@ -23,7 +23,6 @@ import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

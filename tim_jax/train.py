@@ -17,12 +17,11 @@ Everything comes from the config (see ``configs/``). The loop:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import flax.struct
 import jax

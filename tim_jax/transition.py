@@ -303,7 +303,7 @@ def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
   dtype = _wide(x.dtype)
   t, r = sample_t_and_r(k_time, batch, transport, config, dtype)
   z = jax.random.normal(k_noise, x.shape, dtype)
-  t_b, r_b = _bcast(t, x), _bcast(r, x)
+  t_b = _bcast(t, x)
   x_t = transport.x_t(x, z, t_b)
 
   f_pred, h_proj = fn(x_t, transport.c_noise(t), transport.c_noise(r), cond)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx

@@ -5,6 +5,12 @@ Variants (`--config=configs/t2i.py:VARIANT`):
   tiny (default)  a small pixel-space model on the built-in captioned-shapes
                   data; trains on a 2-core CPU in minutes:
       python -m tim_jax.main --config=configs/t2i.py --workdir=/tmp/tim_t2i
+  tiny_fm         the flow-matching baseline of tiny: the same network,
+                  data and budget, every row a diffusion row
+                  (loss.diffusion_ratio=1, no consistency rows), sampled
+                  with Euler steps (sample.mode="diffusion"):
+      python -m tim_jax.main --config=configs/t2i.py:tiny_fm \
+          --workdir=/tmp/fm_t2i
   xl              the paper's 865M model (spec §6): DC-AE f32c32 latents
                   (32 channels), patch 1, D 1152, depth 28, batch 2048,
                   lr 1e-4 per 512, 500k steps, bf16; needs a latent dataset:
@@ -41,7 +47,7 @@ def get_config(arg=None):
   c = config_base.base_config()
   c.model.kind = "t2i"
   c.transport.params = dict(P_mean=0.0, P_std=1.6)
-  if variant == "tiny":
+  if variant in ("tiny", "tiny_fm"):
     c.model.network = dict(
         input_size=32, patch_size=4, in_channels=3, depth=4, hidden_size=128,
         cap_feat_dim=64, num_heads=4, encoder_depth=2, qk_norm=True,
@@ -51,6 +57,10 @@ def get_config(arg=None):
     c.data.max_caption_len = 20
     c.sample.prompts = TINY_PROMPTS
     c.sample.cols = 8
+    if variant == "tiny_fm":
+      c.loss.diffusion_ratio = 1.0
+      c.loss.consistency_ratio = 0.0
+      c.sample.mode = "diffusion"
   elif variant == "xl":
     c.model.network = dict(PAPER_NETWORK)
     c.model.dtype = "bfloat16"
@@ -70,5 +80,5 @@ def get_config(arg=None):
     c.sample.image_size = 32
     c.sample.cfg_scale = 2.5
   else:
-    raise ValueError(f"unknown t2i variant {variant!r}; use tiny or xl")
+    raise ValueError(f"unknown t2i variant {variant!r}; use tiny, tiny_fm or xl")
   return config_base.lock(c)

@@ -265,16 +265,20 @@ class Trainer:
     return self._step(state, batch)
 
   def sample(self, params, noise, cond, null, *, num_steps, cfg_scale=1.0,
-             guidance_interval=(0.0, 1.0), stochasticity=0.0, rng=None):
-    """Samples with ``params`` (compiled once per setting)."""
-    key = (num_steps, cfg_scale, tuple(guidance_interval), stochasticity)
+             guidance_interval=(0.0, 1.0), stochasticity=0.0, rng=None,
+             mode=None):
+    """Samples with ``params`` (compiled once per setting); ``mode``
+    defaults to ``config.sample.mode``."""
+    mode = mode or self.config.sample.mode
+    key = (num_steps, cfg_scale, tuple(guidance_interval), stochasticity,
+           mode)
     if key not in self._samplers:
       def run(params, noise, cond, null, rng):
         return sampling.sample(
             self.network(params), noise, cond, null,
             transport=self.transport, num_steps=num_steps,
             cfg_scale=cfg_scale, guidance_interval=guidance_interval,
-            stochasticity=stochasticity, rng=rng)
+            stochasticity=stochasticity, rng=rng, mode=mode)
       self._samplers[key] = jax.jit(run)
     return self._samplers[key](params, noise, cond, null, rng)
 

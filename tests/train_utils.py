@@ -24,3 +24,29 @@ def tiny_c2i(num_steps=4, batch=8, every=2):
   c.sample.image_size = 16
   c.eval_every = 0
   return c
+
+
+def tiny_t2i(num_steps=2, batch=4, image_size=32):
+  """A t2i model of a few thousand parameters on the shapes captions."""
+  c = config_base.base_config()
+  c.model.kind = "t2i"
+  c.model.network = dict(
+      input_size=image_size, patch_size=8, in_channels=3, depth=1,
+      hidden_size=32, cap_feat_dim=16, num_heads=2, encoder_depth=1,
+      qk_norm=True, z_dim=16, projector_dim=32, new_condition="t-r",
+      use_new_embed=True, distance_aware=True, lora_hidden_size=8)
+  c.model.use_projector = False
+  c.model.rope_positions = "xy"
+  c.data.image_size = image_size
+  c.batch_size = batch
+  c.num_steps = num_steps
+  c.optimizer.base_batch = batch
+  c.log_every = 1
+  c.checkpoint_every = num_steps
+  c.sample.every = 0
+  c.sample.image_size = image_size
+  c.sample.cfg_scale = 2.0
+  c.sample.prompts = ("a red circle at the top left",
+                      "a blue square in the center")
+  c.eval_every = 0
+  return c

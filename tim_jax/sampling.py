@@ -64,7 +64,8 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
            cfg_scale: float = 1.0,
            guidance_interval: Sequence[float] = (0.0, 1.0),
            stochasticity: float = 0.0, rng: Optional[jax.Array] = None,
-           return_trajectory: bool = False, mode: str = "transition"):
+           return_trajectory: bool = False, mode: str = "transition",
+           progress: Optional[Callable[[jax.Array], None]] = None):
   """Samples from noise in ``num_steps`` network evaluations (x2 with CFG).
 
   Args:
@@ -81,6 +82,8 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
     rng: a key; needed only when ``stochasticity > 0``.
     return_trajectory: also return all ``num_steps + 1`` states, noise first.
     mode: ``"transition"`` (r = t_next) or ``"diffusion"`` (r = t_cur).
+    progress: called on the host with the step index after each step
+      (through ``jax.debug.callback``; for progress bars).
 
   Returns:
     The final state, or (final state, trajectory (N + 1, B, H, W, C)).
@@ -136,6 +139,11 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
           lambda: transport.transition(x, t_b, n_b, f))
     else:
       x_next = transport.transition(x, t_b, n_b, f)
+    if progress is not None:
+      # Passing one element of the new state makes the call wait for the
+      # step, so the bar follows the computation.
+      jax.debug.callback(lambda i, _: progress(i), i,
+                         x_next[(0,) * x_next.ndim])
     return x_next, (x_next if return_trajectory else None)
 
   xs = (jnp.arange(num_steps),

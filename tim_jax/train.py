@@ -170,6 +170,10 @@ class Trainer:
     self._step = None
     self._samplers = {}
 
+  def new_model(self):
+    """A freshly initialised model (unsharded)."""
+    return self._new_model()
+
   def _new_model(self):
     return models.TiM(self.model_config, rngs=nnx.Rngs(self.config.seed),
                       dtype=self.dtype)

@@ -1,0 +1,2 @@
+"""Evaluation: the shapes oracle, Fréchet distances, InceptionV3 for FID,
+and the NFE study."""

@@ -1,0 +1,219 @@
+"""Quality against the number of steps, for one or more shapes-world models.
+
+    python -m tim_jax.eval.nfe_study --run=TiM=/tmp/tim_t2i \\
+        --run=FM=/tmp/fm_t2i --nfe=1,2,4,8,16,32,64 --num=500 --out=DIR
+
+For every run (a tim_jax workdir or checkpoint; its saved config says how to
+sample it: guidance, interval, sampler mode) and every NFE, the study samples
+``--num`` images for held-out scenes of the built-in data (captions for t2i,
+labels for c2i) from the same noise, and scores them with the shapes oracle:
+
+* attribute accuracy against what was asked (``overall`` is the GenEval-like
+  all-correct rate; see ``oracle.attribute_accuracy``),
+* the Fréchet distance, in the oracle's features, to ``--num`` real images
+  of other scenes.
+
+A ``real`` row scores the rendered images of the requested scenes
+themselves: the ceiling of the accuracy and the floor of the distance at
+this sample size. Writes ``results.csv``, ``results.md``, ``nfe_study.png``
+(both scores against NFE) and ``samples_<run>.png`` (the first prompts at
+every NFE).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from tim_jax.data import shapes
+from tim_jax.eval import fid, oracle
+
+STUDY_SEED = 4_000_037  # Scenes requested from the models.
+REFERENCE_SEED = 5_000_011  # Real images the distance is measured to.
+SCORES = ("overall", "position", "colour", "shape", "size", "count", "fd")
+
+
+def study_scenes(kind: str, num: int) -> List[shapes.Scene]:
+  counts = (1, 2) if kind == "t2i" else (1,)
+  return [shapes.scene(i, STUDY_SEED, counts) for i in range(num)]
+
+
+def real_images(kind: str, num: int, size: int, seed: int) -> np.ndarray:
+  counts = (1, 2) if kind == "t2i" else (1,)
+  return np.stack([shapes.render(shapes.scene(i, seed, counts), size)
+                   for i in range(num)])
+
+
+def _targets(kind, scenes):
+  if kind == "t2i":
+    return oracle.targets_from_scenes(scenes)
+  return oracle.targets_from_labels(
+      [shapes.label_of(s.objects[0]) for s in scenes])
+
+
+def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
+              batch_size: int = 250, seed: int = 0, cfg_scale=None,
+              judge: oracle.Oracle | None = None, progress: bool = True):
+  """Rows of scores (dicts) and the sample strips, per run and NFE."""
+  from tim_jax import sample as sample_lib
+  from tim_jax import train
+  judge = judge or oracle.default_oracle()
+  rows, strips = [], {}
+  reference = None
+  for name, path in runs.items():
+    trainer, params, config = sample_lib.load(None, path)
+    kind = config.model.kind
+    if config.data.name != "shapes":
+      raise ValueError(f"run {name} ({path}) was trained on "
+                       f"{config.data.name!r}; the oracle reads only the "
+                       "built-in shapes world")
+    size = int(config.data.image_size)
+    scenes = study_scenes(kind, num)
+    targets = _targets(kind, scenes)
+    if reference is None:
+      reference_kind = kind
+      reference = judge.features(real_images(kind, num, size, REFERENCE_SEED))
+      requested = real_images(kind, num, size, STUDY_SEED)
+      scores = judge.score(requested, targets)
+      scores["fd"] = fid.fid_from_features(judge.features(requested),
+                                           reference)
+      rows.append(dict(run="real", nfe=0, seconds=0.0, **scores))
+    elif kind != reference_kind:
+      raise ValueError("all runs of one study must be of the same kind "
+                       f"(t2i or c2i); {name} is {kind}")
+    if kind == "t2i":
+      cond, _ = sample_lib.conditions(
+          trainer, prompts=[shapes.caption(s) for s in scenes])
+    else:
+      cond, _ = sample_lib.conditions(trainer, labels=[
+          shapes.label_of(s.objects[0]) for s in scenes])
+    strip = []
+    for nfe in nfes:
+      t0 = time.time()
+      images = sample_lib.generate(
+          trainer, params, cond, num_steps=int(nfe), cfg_scale=cfg_scale,
+          seed=seed, batch_size=batch_size, progress=progress,
+          desc=f"{name} NFE {nfe}")
+      seconds = time.time() - t0
+      pixels = np.asarray(train.decode(config, images), np.float32)
+      scores = judge.score(pixels, targets)
+      scores["fd"] = fid.fid_from_features(judge.features(pixels), reference)
+      rows.append(dict(run=name, nfe=int(nfe), seconds=round(seconds, 1),
+                       **scores))
+      strip.append(train.to_uint8(pixels[:8]))
+      if progress:
+        print(f"{name} NFE {nfe}: overall {scores['overall']:.3f}, "
+              f"FD {scores['fd']:.2f} ({seconds:.0f} s)", flush=True)
+    strips[name] = np.concatenate(strip)
+  return rows, strips
+
+
+def write_csv(rows, path):
+  fields = ["run", "nfe", *SCORES, "seconds"]
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: row[k] for k in fields})
+
+
+def markdown(rows) -> str:
+  """One table: accuracy columns in %, FD to two decimals."""
+  head = ("| run | NFE | overall | position | colour | shape | size | count "
+          "| FD (oracle) |")
+  lines = [head, "|" + "---|" * 9]
+  for r in rows:
+    nfe = "–" if r["run"] == "real" else str(r["nfe"])
+    pct = [f"{100 * r[k]:.1f}" for k in SCORES[:-1]]
+    lines.append(f"| {r['run']} | {nfe} | " + " | ".join(pct)
+                 + f" | {r['fd']:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  real = [r for r in rows if r["run"] == "real"]
+  runs = [n for n in dict.fromkeys(r["run"] for r in rows) if n != "real"]
+  for name in runs:
+    mine = [r for r in rows if r["run"] == name]
+    x = [r["nfe"] for r in mine]
+    axes[0].plot(x, [100 * r["overall"] for r in mine], "o-", label=name)
+    axes[1].plot(x, [r["fd"] for r in mine], "o-", label=name)
+  if real:
+    axes[0].axhline(100 * real[0]["overall"], color="gray", ls="--",
+                    label="real images")
+    axes[1].axhline(real[0]["fd"], color="gray", ls="--", label="real images")
+  for ax, title in zip(axes, ("all attributes right (%)",
+                              "Fréchet distance (oracle features)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE (sampling steps)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[1].set_yscale("log")
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_outputs(rows, strips, out: str, nfes):
+  from tim_jax import train
+  os.makedirs(out, exist_ok=True)
+  write_csv(rows, os.path.join(out, "results.csv"))
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(markdown(rows))
+  plot(rows, os.path.join(out, "nfe_study.png"))
+  for name, strip in strips.items():
+    train.save_png(os.path.join(out, f"samples_{name}.png"),
+                   train.grid(strip, cols=len(strip) // len(nfes)))
+
+
+def _main(argv):
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  runs = {}
+  for item in f.run:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"--run must be NAME=PATH, got {item!r}")
+    if name == "real" or name in runs:
+      raise ValueError(f"run name {name!r} is reserved or repeated")
+    runs[name] = path
+  if not runs:
+    raise ValueError("give at least one --run=NAME=PATH")
+  try:
+    nfes = [int(v) for v in f.nfe]
+  except ValueError:
+    raise ValueError(f"--nfe must be integers, got {f.nfe}") from None
+  if any(n < 1 for n in nfes):
+    raise ValueError(f"every NFE must be >= 1, got {nfes}")
+  t0 = time.time()
+  rows, strips = run_study(runs, nfes, num=f.num, batch_size=f.batch_size,
+                           seed=f.seed, cfg_scale=f.cfg)
+  write_outputs(rows, strips, f.out, nfes)
+  print(markdown(rows))
+  print(f"wrote {f.out}/results.csv, results.md, nfe_study.png and "
+        f"samples_*.png in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_multi_string("run", [], "NAME=PATH of a tim_jax run "
+                            "(repeatable).")
+  flags.DEFINE_list("nfe", ["1", "2", "4", "8", "16", "32", "64"],
+                    "Step counts.")
+  flags.DEFINE_integer("num", 500, "Images per run and NFE.")
+  flags.DEFINE_integer("batch_size", 250, "Images per sampler call.")
+  flags.DEFINE_integer("seed", 0, "Noise seed (the same for every run).")
+  flags.DEFINE_float("cfg", None, "Guidance scale for every run (default: "
+                     "each run's sample.cfg_scale).")
+  flags.DEFINE_string("out", "nfe_study", "Output directory.")
+  app.run(_main)

@@ -15,3 +15,13 @@ def x64():
     assert jax.config.read("jax_enable_x64")
     yield
   assert jax.config.read("jax_enable_x64") == before
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_workdir(tmp_path_factory):
+  """A workdir holding a 2-step run of train_utils.tiny_t2i."""
+  import train_utils
+  from tim_jax import train
+  path = str(tmp_path_factory.mktemp("tiny_t2i_run"))
+  train.train_and_evaluate(train_utils.tiny_t2i(), path)
+  return path

@@ -16,10 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("t2i_run"))
-  train.train_and_evaluate(train_utils.tiny_t2i(), path)
-  return path
+def workdir(tiny_t2i_workdir):
+  return tiny_t2i_workdir
 
 
 @pytest.fixture(scope="module")

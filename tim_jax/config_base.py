@@ -108,3 +108,17 @@ def tiny_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of ``"path/to/config.py[:variant]"``, as ``--config=`` reads
+  it (for notebooks and scripts, where there are no flags)."""
+  import importlib.util
+  import os
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file {path!r}")
+  module_spec = importlib.util.spec_from_file_location("_tim_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant or None)

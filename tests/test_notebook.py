@@ -1,0 +1,51 @@
+"""The Colab sampling notebook runs headless, top to bottom, on CPU."""
+
+import json
+import os
+import time
+
+import pytest
+from PIL import Image
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "launch", "sample_colab.ipynb")
+
+
+def test_notebook_is_valid_with_one_parameters_cell():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(tagged) == 1
+  assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+def test_notebook_samples_at_1_4_16_steps(tiny_t2i_workdir, tmp_path):
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  index = next(i for i, c in enumerate(nb.cells)
+               if "parameters" in c.metadata.get("tags", []))
+  out_dir = str(tmp_path / "samples")
+  prompts = ["a red circle at the top left", "a blue square in the center"]
+  injected = nbformat.v4.new_code_cell(
+      f"CHECKPOINT = {tiny_t2i_workdir!r}\nOUT_DIR = {out_dir!r}\n"
+      f"PROMPTS = {json.dumps(prompts)}\nNUM_PER_PROMPT = 2\n")
+  nb.cells.insert(index + 1, injected)
+  client = nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3",
+      resources={"metadata": {"path": str(tmp_path)}})
+  t0 = time.time()
+  client.execute()  # Raises CellExecutionError on any failing cell.
+  print(f"notebook ran in {time.time() - t0:.1f} s")
+
+  pngs = [o for c in nb.cells if c.cell_type == "code"
+          for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(pngs) == 3  # One grid per step count.
+  for steps in (1, 4, 16):
+    grid = Image.open(os.path.join(out_dir, f"grid_{steps}_steps.png"))
+    assert grid.size == (2 * 33 + 1, 2 * 33 + 1)
+  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []))
+  for steps in (1, 4, 16):
+    assert f"{steps:3d} steps: overall" in text  # The oracle's scores.

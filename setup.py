@@ -22,10 +22,15 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "pillow",
     "tqdm",
+    "scipy",
+    # The NFE study's plot.
+    "matplotlib",
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-xdist>=3"],
+    # The notebook test runs launch/sample_colab.ipynb in a real kernel.
+    "test": ["pytest>=8", "pytest-xdist>=3", "nbformat", "nbclient",
+             "ipykernel"],
     # Reading torch-pickled official checkpoints (.bin / .pt) needs torch;
     # .safetensors files do not.
     "torch": ["torch"],
@@ -42,6 +47,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["tim_jax", "tim_jax.*"]),
+    # The shapes oracle's weights ship with the package.
+    package_data={"tim_jax.eval": ["oracle.safetensors"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     license="Apache-2.0",

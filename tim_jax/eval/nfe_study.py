@@ -10,8 +10,8 @@ labels for c2i) from the same noise, and scores them with the shapes oracle:
 
 * attribute accuracy against what was asked (``overall`` is the GenEval-like
   all-correct rate; see ``oracle.attribute_accuracy``),
-* the Fréchet distance, in the oracle's features, to ``--num`` real images
-  of other scenes.
+* the Fréchet distance, in the oracle's features, to ``--reference_num``
+  real images of other scenes.
 
 A ``real`` row scores the rendered images of the requested scenes
 themselves: the ceiling of the accuracy and the floor of the distance at
@@ -57,6 +57,7 @@ def _targets(kind, scenes):
 
 def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
               batch_size: int = 250, seed: int = 0, cfg_scale=None,
+              reference_num: int = 5000,
               judge: oracle.Oracle | None = None, progress: bool = True):
   """Rows of scores (dicts) and the sample strips, per run and NFE."""
   from tim_jax import sample as sample_lib
@@ -76,7 +77,10 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
     targets = _targets(kind, scenes)
     if reference is None:
       reference_kind = kind
-      reference = judge.features(real_images(kind, num, size, REFERENCE_SEED))
+      # A large real set: the distance's finite-sample bias then comes
+      # mostly from the (smaller, costlier) generated set.
+      reference = judge.features(real_images(kind, max(num, reference_num),
+                                             size, REFERENCE_SEED))
       requested = real_images(kind, num, size, STUDY_SEED)
       scores = judge.score(requested, targets)
       scores["fd"] = fid.fid_from_features(judge.features(requested),
@@ -175,12 +179,10 @@ def write_outputs(rows, strips, out: str, nfes):
                    train.grid(strip, cols=len(strip) // len(nfes)))
 
 
-def _main(argv):
-  from absl import flags
-  del argv
-  f = flags.FLAGS
+def parse_runs(items: Sequence[str]) -> Dict[str, str]:
+  """["NAME=PATH", ...] -> {NAME: PATH}, refusing bad or repeated names."""
   runs = {}
-  for item in f.run:
+  for item in items:
     name, sep, path = item.partition("=")
     if not sep or not name or not path:
       raise ValueError(f"--run must be NAME=PATH, got {item!r}")
@@ -189,6 +191,14 @@ def _main(argv):
     runs[name] = path
   if not runs:
     raise ValueError("give at least one --run=NAME=PATH")
+  return runs
+
+
+def _main(argv):
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  runs = parse_runs(f.run)
   try:
     nfes = [int(v) for v in f.nfe]
   except ValueError:
@@ -197,7 +207,8 @@ def _main(argv):
     raise ValueError(f"every NFE must be >= 1, got {nfes}")
   t0 = time.time()
   rows, strips = run_study(runs, nfes, num=f.num, batch_size=f.batch_size,
-                           seed=f.seed, cfg_scale=f.cfg)
+                           seed=f.seed, cfg_scale=f.cfg,
+                           reference_num=f.reference_num)
   write_outputs(rows, strips, f.out, nfes)
   print(markdown(rows))
   print(f"wrote {f.out}/results.csv, results.md, nfe_study.png and "
@@ -211,6 +222,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("nfe", ["1", "2", "4", "8", "16", "32", "64"],
                     "Step counts.")
   flags.DEFINE_integer("num", 500, "Images per run and NFE.")
+  flags.DEFINE_integer("reference_num", 5000, "Real images the distance "
+                       "is measured to.")
   flags.DEFINE_integer("batch_size", 250, "Images per sampler call.")
   flags.DEFINE_integer("seed", 0, "Noise seed (the same for every run).")
   flags.DEFINE_float("cfg", None, "Guidance scale for every run (default: "

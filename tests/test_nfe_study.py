@@ -1,0 +1,55 @@
+"""The NFE study command on a tiny checkpoint."""
+
+import csv
+import os
+
+import pytest
+from PIL import Image
+
+from tim_jax.eval import nfe_study
+
+
+def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path):
+  rows, strips = nfe_study.run_study({"tiny": tiny_t2i_workdir}, [1, 2],
+                                     reference_num=200,
+                                     num=6, batch_size=4, progress=False)
+  assert [(r["run"], r["nfe"]) for r in rows] == [
+      ("real", 0), ("tiny", 1), ("tiny", 2)]
+  real = rows[0]
+  assert real["overall"] == 1.0  # The requested scenes themselves.
+  for r in rows[1:]:
+    assert r["fd"] > real["fd"]  # A 2-step model is far from the data.
+    assert 0.0 <= r["overall"] <= 1.0
+  assert strips["tiny"].shape == (12, 32, 32, 3)  # 6 images x 2 NFE shown.
+
+  out = str(tmp_path / "study")
+  nfe_study.write_outputs(rows, strips, out, [1, 2])
+  with open(os.path.join(out, "results.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert [t["run"] for t in table] == ["real", "tiny", "tiny"]
+  assert float(table[1]["fd"]) == pytest.approx(rows[1]["fd"])
+  md = open(os.path.join(out, "results.md")).read().splitlines()
+  assert md[0].startswith("| run | NFE | overall")
+  assert md[2].startswith("| real | – | 100.0 |")
+  assert len(md) == 5
+  assert Image.open(os.path.join(out, "nfe_study.png")).size[0] > 500
+  strip = Image.open(os.path.join(out, "samples_tiny.png"))
+  assert strip.size == (6 * 33 + 1, 2 * 33 + 1)  # A row per NFE.
+
+
+def test_run_arguments_are_checked():
+  assert nfe_study.parse_runs(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
+  for bad in (["a"], ["=x"], ["a=/x", "a=/y"], ["real=/x"], []):
+    with pytest.raises(ValueError):
+      nfe_study.parse_runs(bad)
+
+
+def test_study_refuses_models_of_other_data(tmp_path, monkeypatch):
+  import train_utils
+  from tim_jax import sample
+  config = train_utils.tiny_t2i()
+  config.data.name = "latents"
+  monkeypatch.setattr(sample, "load", lambda c, p: (None, None, config))
+  with pytest.raises(ValueError, match="reads only the built-in shapes"):
+    nfe_study.run_study({"x": "somewhere"}, [1], num=2, progress=False,
+                          reference_num=2)

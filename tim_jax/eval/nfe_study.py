@@ -154,9 +154,12 @@ def plot(rows, path):
     axes[0].axhline(100 * real[0]["overall"], color="gray", ls="--",
                     label="real images")
     axes[1].axhline(real[0]["fd"], color="gray", ls="--", label="real images")
+  nfes = sorted({r["nfe"] for r in rows if r["run"] != "real"})
   for ax, title in zip(axes, ("all attributes right (%)",
                               "Fréchet distance (oracle features)")):
     ax.set_xscale("log", base=2)
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.minorticks_off()
     ax.set_xlabel("NFE (sampling steps)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -9,7 +9,6 @@ with pytorch-fid's FID patches.
 from __future__ import annotations
 
 import builtins
-import re
 
 import jax.numpy as jnp
 import numpy as np

@@ -4,7 +4,6 @@ import json
 import os
 import time
 
-import pytest
 from PIL import Image
 
 import nbclient

@@ -57,7 +57,6 @@ def test_loads_the_ema_weights(workdir, loaded):
   from tim_jax import checkpoint
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  every=1)
-  import grain
   it = train.make_data_iterator(trainer.config, train.make_source(
       trainer.config))
   state = ckpt.restore(2, trainer.abstract_with_shardings(), it)
@@ -67,7 +66,6 @@ def test_loads_the_ema_weights(workdir, loaded):
   # And not the raw parameters (EMA differs after 2 steps).
   assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
       jax.tree.leaves(params), jax.tree.leaves(state.params)))
-  del grain
 
 
 def test_generate_is_independent_of_batch_size(loaded):

@@ -46,6 +46,15 @@ def _diff(a, b, prefix=""):
   return out
 
 
+def architecture_differences(saved: dict, config_dict: dict) -> list:
+  """What differs between two configs (JSON dicts) in the sections that fix
+  the parameter tree; empty when a checkpoint of one fits the other."""
+  problems = []
+  for key in ARCHITECTURE_KEYS:
+    problems += _diff(_get(saved, key), _get(config_dict, key), key)
+  return problems
+
+
 def all_finite(tree) -> bool:
   leaves = [x for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
@@ -90,9 +99,7 @@ class Checkpointer:
     saved = self.saved_config()
     if saved is None:
       return
-    problems = []
-    for key in ARCHITECTURE_KEYS:
-      problems += _diff(_get(saved, key), _get(config_dict, key), key)
+    problems = architecture_differences(saved, config_dict)
     if problems:
       raise ValueError(
           f"the checkpoint in {self.directory} (step {self.latest_step()}) is "

@@ -132,13 +132,8 @@ def load(config, checkpoint: str):
           "checkpoint is of another architecture")
     return trainer, nnx.state(model, nnx.Param), config
   from tim_jax import checkpoint as checkpoint_lib
-  saved = saved_config(ckpt)
-  problems = []
-  for key in checkpoint_lib.ARCHITECTURE_KEYS:
-    problems += checkpoint_lib._diff(  # pylint: disable=protected-access
-        checkpoint_lib._get(saved, key),  # pylint: disable=protected-access
-        checkpoint_lib._get(  # pylint: disable=protected-access
-            train.json_safe(config.to_dict()), key), key)
+  problems = checkpoint_lib.architecture_differences(
+      saved_config(ckpt), train.json_safe(config.to_dict()))
   if problems:
     raise ValueError(f"the checkpoint {ckpt.path} (step {ckpt.step}) does not"
                      f" fit this config: {'; '.join(problems)}")

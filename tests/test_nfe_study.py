@@ -10,9 +10,12 @@ from tim_jax.eval import nfe_study
 
 
 def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path):
+  seen = []
   rows, strips = nfe_study.run_study({"tiny": tiny_t2i_workdir}, [1, 2],
                                      reference_num=200,
-                                     num=6, batch_size=4, progress=False)
+                                     num=6, batch_size=4, progress=False,
+                                     on_row=lambda r: seen.append(len(r)))
+  assert seen == [1, 2, 3]  # Partial results after every row.
   assert [(r["run"], r["nfe"]) for r in rows] == [
       ("real", 0), ("tiny", 1), ("tiny", 2)]
   real = rows[0]

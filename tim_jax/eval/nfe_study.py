@@ -58,8 +58,13 @@ def _targets(kind, scenes):
 def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
               batch_size: int = 250, seed: int = 0, cfg_scale=None,
               reference_num: int = 5000,
-              judge: oracle.Oracle | None = None, progress: bool = True):
-  """Rows of scores (dicts) and the sample strips, per run and NFE."""
+              judge: oracle.Oracle | None = None, progress: bool = True,
+              on_row=None):
+  """Rows of scores (dicts) and the sample strips, per run and NFE.
+
+  ``on_row(rows)`` is called after every new row (the command writes the
+  partial CSV there, so an interrupted study keeps what it measured).
+  """
   from tim_jax import sample as sample_lib
   from tim_jax import train
   judge = judge or oracle.default_oracle()
@@ -86,6 +91,8 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
       scores["fd"] = fid.fid_from_features(judge.features(requested),
                                            reference)
       rows.append(dict(run="real", nfe=0, seconds=0.0, **scores))
+      if on_row:
+        on_row(rows)
     elif kind != reference_kind:
       raise ValueError("all runs of one study must be of the same kind "
                        f"(t2i or c2i); {name} is {kind}")
@@ -108,6 +115,8 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
       scores["fd"] = fid.fid_from_features(judge.features(pixels), reference)
       rows.append(dict(run=name, nfe=int(nfe), seconds=round(seconds, 1),
                        **scores))
+      if on_row:
+        on_row(rows)
       strip.append(train.to_uint8(pixels[:8]))
       if progress:
         print(f"{name} NFE {nfe}: overall {scores['overall']:.3f}, "
@@ -209,9 +218,12 @@ def _main(argv):
   if any(n < 1 for n in nfes):
     raise ValueError(f"every NFE must be >= 1, got {nfes}")
   t0 = time.time()
+  os.makedirs(f.out, exist_ok=True)
+  partial = os.path.join(f.out, "results.csv")
   rows, strips = run_study(runs, nfes, num=f.num, batch_size=f.batch_size,
                            seed=f.seed, cfg_scale=f.cfg,
-                           reference_num=f.reference_num)
+                           reference_num=f.reference_num,
+                           on_row=lambda rows: write_csv(rows, partial))
   write_outputs(rows, strips, f.out, nfes)
   print(markdown(rows))
   print(f"wrote {f.out}/results.csv, results.md, nfe_study.png and "

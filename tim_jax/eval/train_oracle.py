@@ -88,7 +88,7 @@ def loss_fn(model, images, occupancy, shape, size):
   return l_occ + (l_shape + l_size) / n_filled
 
 
-def train(steps: int = 3000, batch: int = 128, lr: float = 2e-3,
+def train(steps: int = 2500, batch: int = 128, lr: float = 2e-3,
           seed: int = 0, max_blur: float = 0.8, max_noise: float = 0.08,
           progress: bool = True) -> oracle.OracleNet:
   """Trains an oracle; the same arguments give the same weights."""
@@ -144,17 +144,20 @@ def validate(model: oracle.OracleNet, num: int = 2000, seed: int = 0):
   }
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out", oracle.DEFAULT_WEIGHTS, "Where to write the "
-                    "weights (safetensors).")
-flags.DEFINE_integer("steps", 3000, "Training steps.")
-flags.DEFINE_integer("batch", 128, "Batch size.")
-flags.DEFINE_float("lr", 2e-3, "Peak learning rate (cosine schedule).")
-flags.DEFINE_integer("seed", 0, "Initialisation and augmentation seed.")
+def _define_flags():
+  # Defined only when run as a command: importing this module (tests, other
+  # commands) must not claim flag names.
+  flags.DEFINE_string("out", oracle.DEFAULT_WEIGHTS, "Where to write the "
+                      "weights (safetensors).")
+  flags.DEFINE_integer("steps", 2500, "Training steps.")
+  flags.DEFINE_integer("batch", 128, "Batch size.")
+  flags.DEFINE_float("lr", 2e-3, "Peak learning rate (cosine schedule).")
+  flags.DEFINE_integer("seed", 0, "Initialisation and augmentation seed.")
 
 
 def main(argv):
   del argv
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   t0 = time.time()
   args = dict(steps=FLAGS.steps, batch=FLAGS.batch, lr=FLAGS.lr,
               seed=FLAGS.seed)
@@ -172,4 +175,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

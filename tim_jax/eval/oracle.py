@@ -254,7 +254,6 @@ class Oracle:
     self.model, self.metadata = load(self.path)
     self.batch_size = int(batch_size)
     graphdef, state = nnx.split(self.model)
-    self._graphdef = graphdef
     self._state = state
     self._fn = jax.jit(
         lambda state, x: _readings(nnx.merge(graphdef, state), x))

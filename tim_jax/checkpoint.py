@@ -120,13 +120,15 @@ class Checkpointer:
         config=ocp.args.JsonSave(config_dict))
     return self.manager.save(step, args=args, force=force)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator):
+  def restore(self, step: int, abstract_state: Any, data_iterator=None):
     """Restores into ``abstract_state``'s shapes and shardings (which may
-    describe another mesh than the one the checkpoint was saved from)."""
-    import grain
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    describe another mesh than the one the checkpoint was saved from), and
+    the data iterator's position when one is given."""
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iterator is not None:
+      import grain
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
   def wait(self):

@@ -23,7 +23,6 @@ form of the command; the evaluation tools use them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Optional, Sequence
 
@@ -70,13 +69,21 @@ def resolve(path: str) -> Checkpoint:
   return Checkpoint("tim_jax", path, steps[-1])
 
 
+def _checkpointer(ckpt: Checkpoint):
+  from tim_jax import checkpoint
+  return checkpoint.Checkpointer(ckpt.path, every=1, asynchronous=False)
+
+
 def saved_config(ckpt: Checkpoint) -> dict:
-  path = os.path.join(ckpt.path, str(ckpt.step), "config", "metadata")
-  if not os.path.exists(path):
+  manager = _checkpointer(ckpt)
+  try:
+    saved = manager.saved_config(ckpt.step)
+  finally:
+    manager.close()
+  if saved is None:
     raise FileNotFoundError(f"the checkpoint {ckpt.path} step {ckpt.step} has "
                             "no saved config; pass --config")
-  with open(path) as f:
-    return json.load(f)
+  return saved
 
 
 def config_from_checkpoint(ckpt: Checkpoint) -> ml_collections.ConfigDict:
@@ -142,15 +149,13 @@ def load(config, checkpoint: str):
 
 
 def restore_ema(ckpt: Checkpoint, trainer):
-  """The EMA parameters of a tim_jax checkpoint (only the state item)."""
-  import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(ckpt.path, item_names=("state",))
+  """The EMA parameters of a tim_jax checkpoint (the state item only)."""
+  manager = _checkpointer(ckpt)
   try:
-    restored = manager.restore(ckpt.step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(trainer.abstract_with_shardings())))
+    state = manager.restore(ckpt.step, trainer.abstract_with_shardings())
   finally:
     manager.close()
-  return restored["state"].ema
+  return state.ema
 
 
 def _single_device_mesh():
@@ -206,7 +211,6 @@ def generate(trainer, params, cond, *, num_steps: int, num: int = 1,
   size. Batches have a fixed size (the last one is padded), so the sampler
   compiles once.
   """
-  from tim_jax import sampling
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"steps must be an integer >= 1, got {num_steps}")
   if num < 1:
@@ -238,11 +242,6 @@ def generate(trainer, params, cond, *, num_steps: int, num: int = 1,
     bar = tqdm(total=batches * num_steps, desc=desc, unit="step",
                leave=False)
   update = (lambda _: bar.update(1)) if bar is not None else None
-  run = jax.jit(lambda params, noise, cond, rng: sampling.sample(
-      trainer.network(params), noise, cond, null, transport=trainer.transport,
-      num_steps=int(num_steps), cfg_scale=cfg_scale,
-      guidance_interval=interval, stochasticity=stochasticity, rng=rng,
-      mode=mode, progress=update))
   out = []
   try:
     for start in range(0, total, bs):
@@ -252,7 +251,11 @@ def generate(trainer, params, cond, *, num_steps: int, num: int = 1,
                              np.full(pad, stop - 1, np.int64)])
       batch_cond = jax.tree.map(lambda c: c[take], all_cond)
       rng = jax.random.fold_in(jax.random.key(seed + 1), start)
-      images = run(params, noise_all[take], batch_cond, rng)
+      images = trainer.sample(
+          params, noise_all[take], batch_cond, null,
+          num_steps=int(num_steps), cfg_scale=cfg_scale,
+          guidance_interval=interval, stochasticity=stochasticity, rng=rng,
+          mode=mode, progress=update)
       out.append(np.asarray(jax.device_get(images))[:bs - pad])
   finally:
     if bar is not None:

@@ -162,24 +162,22 @@ class Trainer:
       raise ValueError(f"batch_size {config.batch_size} is not divisible by "
                        f"the {sharding.data_shards(self.mesh)} data shards of"
                        f" mesh {dict(self.mesh.shape)}")
-    abstract_model = nnx.eval_shape(self._new_model)
+    abstract_model = nnx.eval_shape(self.new_model)
     self.graphdef, _ = nnx.split(abstract_model, nnx.Param)
     self.abstract_state = jax.eval_shape(self._init)
     self.state_shardings = sharding.state_shardings(
         self.abstract_state, self.mesh, self.rules)
     self._step = None
     self._samplers = {}
+    self._on_step = None  # The progress hook of the sampler call running.
 
   def new_model(self):
     """A freshly initialised model (unsharded)."""
-    return self._new_model()
-
-  def _new_model(self):
     return models.TiM(self.model_config, rngs=nnx.Rngs(self.config.seed),
                       dtype=self.dtype)
 
   def _init(self):
-    model = self._new_model()
+    model = self.new_model()
     params = nnx.state(model, nnx.Param)
     key = jax.random.key_data(jax.random.key(self.config.seed))
     zero = jnp.zeros((), jnp.int32)
@@ -270,21 +268,33 @@ class Trainer:
 
   def sample(self, params, noise, cond, null, *, num_steps, cfg_scale=1.0,
              guidance_interval=(0.0, 1.0), stochasticity=0.0, rng=None,
-             mode=None):
+             mode=None, progress=None):
     """Samples with ``params`` (compiled once per setting); ``mode``
-    defaults to ``config.sample.mode``."""
+    defaults to ``config.sample.mode``. ``progress(step)`` is called on the
+    host after every step; the compiled sampler calls whichever hook the
+    current call gave, so changing hooks does not recompile."""
     mode = mode or self.config.sample.mode
     key = (num_steps, cfg_scale, tuple(guidance_interval), stochasticity,
-           mode)
+           mode, progress is not None)
     if key not in self._samplers:
+      hook = (lambda i: self._on_step(i)) if progress is not None else None
+
       def run(params, noise, cond, null, rng):
         return sampling.sample(
             self.network(params), noise, cond, null,
             transport=self.transport, num_steps=num_steps,
             cfg_scale=cfg_scale, guidance_interval=guidance_interval,
-            stochasticity=stochasticity, rng=rng, mode=mode)
+            stochasticity=stochasticity, rng=rng, mode=mode, progress=hook)
       self._samplers[key] = jax.jit(run)
-    return self._samplers[key](params, noise, cond, null, rng)
+    self._on_step = progress
+    try:
+      out = self._samplers[key](params, noise, cond, null, rng)
+      if progress is not None:
+        out = jax.block_until_ready(out)
+        jax.effects_barrier()  # Every step reported before the hook goes.
+      return out
+    finally:
+      self._on_step = None
 
 
 # --- sample grids ------------------------------------------------------------

@@ -249,9 +249,14 @@ def _readings(model, images):
 class Oracle:
   """The trained oracle. ``Oracle()`` loads the shipped weights."""
 
-  def __init__(self, path: Optional[str] = None, batch_size: int = 256):
-    self.path = path or DEFAULT_WEIGHTS
-    self.model, self.metadata = load(self.path)
+  def __init__(self, path: Optional[str] = None, batch_size: int = 256,
+               model: Optional[OracleNet] = None):
+    """Loads ``path`` (default: the shipped weights), or wraps ``model``."""
+    if model is not None:
+      self.path, self.model, self.metadata = None, model, {}
+    else:
+      self.path = path or DEFAULT_WEIGHTS
+      self.model, self.metadata = load(self.path)
     self.batch_size = int(batch_size)
     graphdef, state = nnx.split(self.model)
     self._state = state

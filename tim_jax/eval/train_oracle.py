@@ -126,15 +126,10 @@ def train(steps: int = 2500, batch: int = 128, lr: float = 2e-3,
 def validate(model: oracle.OracleNet, num: int = 2000, seed: int = 0):
   """Accuracy of ``model`` on fresh real scenes (clean and blurred) and on
   pure noise; sizes are checked on every object."""
-  import os
-  import tempfile
   images, scenes = render_batch(0, num, VALID_SEED)
   targets = oracle.targets_from_scenes(scenes)
   targets.size_mentioned[:] = targets.attributes[..., 0] == 1
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "oracle.safetensors")
-    oracle.save(model, path)
-    reader = oracle.Oracle(path)
+  reader = oracle.Oracle(model=model)
   rng = np.random.default_rng([seed, VALID_SEED])
   noise = rng.standard_normal(images.shape).astype(np.float32)
   return {

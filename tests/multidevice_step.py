@@ -77,10 +77,10 @@ def main():
   from tim_jax import checkpoint
   from tim_jax.data import pipeline, shapes
   trainer, state, params = last
-  it = pipeline.make_iterator(shapes.ShapesSource(size=8, mode="c2i"),
+  it = pipeline.make_iterator(shapes.ShapesSource(size=8, kind="c2i"),
                               global_batch_size=16, seed=0)
   directory = tempfile.mkdtemp()
-  ck = checkpoint.Checkpointer(directory, every=1)
+  ck = checkpoint.Checkpointer(directory)
   ck.save(1, state, it, {"model": {}})
   ck.close()
   restored = {}
@@ -88,7 +88,7 @@ def main():
     shape = meshes[name]
     devices = jax.devices()[:int(np.prod(list(shape.values())))]
     other = train.Trainer(config, sharding.make_mesh(shape, devices))
-    ck = checkpoint.Checkpointer(directory, every=1)
+    ck = checkpoint.Checkpointer(directory)
     back = ck.restore(1, other.abstract_with_shardings(), it)
     ck.close()
     got = jax.tree.leaves(jax.tree.map(np.asarray,

@@ -184,7 +184,7 @@ def test_colour_names_match_their_rgb():
 
 
 def test_c2i_labels():
-  src = shapes.ShapesSource(mode="c2i", seed=0)
+  src = shapes.ShapesSource(kind="c2i", seed=0)
   assert shapes.num_classes() == len(shapes.SHAPES) * NC
   seen = set()
   for i in range(500):
@@ -204,8 +204,8 @@ def test_c2i_labels():
 
 
 def test_source_rejects_bad_arguments():
-  with pytest.raises(ValueError, match="mode"):
-    shapes.ShapesSource(mode="t2v")
+  with pytest.raises(ValueError, match="kind"):
+    shapes.ShapesSource(kind="t2v")
   # Too short a caption length would cut "bottom right" to "bottom".
   with pytest.raises(ValueError, match="max_caption_len"):
     shapes.ShapesSource(max_caption_len=shapes.MAX_CAPTION_WORDS - 1)
@@ -292,15 +292,15 @@ def _indices(it):
   return [b["index"].tolist() for b in it]
 
 
-@pytest.mark.parametrize("mode", ["t2i", "c2i"])
-def test_pipeline_batches(mode):
-  src = shapes.ShapesSource(mode=mode, seed=0)
+@pytest.mark.parametrize("kind", ["t2i", "c2i"])
+def test_pipeline_batches(kind):
+  src = shapes.ShapesSource(kind=kind, seed=0)
   it = pipeline.make_iterator(src, global_batch_size=8, seed=0,
                               process_index=0, process_count=1)
   batch = next(it)
   want = {"image": ((8, 32, 32, 3), np.float32),
           "attributes": ((8, shapes.MAX_OBJECTS, 6), np.int32)}
-  if mode == "t2i":
+  if kind == "t2i":
     want["tokens"] = ((8, shapes.MAX_CAPTION_WORDS), np.int32)
   else:
     want["label"] = ((8,), np.int32)

@@ -48,11 +48,14 @@ def test_run_arguments_are_checked():
 
 
 def test_study_refuses_models_of_other_data(tmp_path, monkeypatch):
+  import types
+
   import train_utils
-  from tim_jax import sample
+  from tim_jax import inference
   config = train_utils.tiny_t2i()
   config.data.name = "latents"
-  monkeypatch.setattr(sample, "load", lambda c, p: (None, None, config))
+  monkeypatch.setattr(inference, "load", lambda path, config_=None:
+                      types.SimpleNamespace(config=config, kind="t2i"))
   with pytest.raises(ValueError, match="reads only the built-in shapes"):
     nfe_study.run_study({"x": "somewhere"}, [1], num=2, progress=False,
                           reference_num=2)

@@ -1,4 +1,5 @@
-"""The sampling command and its library form (tim_jax.sample)."""
+"""Sampling: the library (tim_jax.inference) and the command
+(tim_jax.sample)."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 import train_utils
-from tim_jax import convert, sample, train
+from tim_jax import convert, inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,30 +23,30 @@ def workdir(tiny_t2i_workdir):
 
 @pytest.fixture(scope="module")
 def loaded(workdir):
-  return sample.load(None, workdir)
+  return inference.load(workdir)
 
 
 def test_resolve_accepts_workdir_checkpoints_and_step_dirs(workdir):
-  a = sample.resolve(workdir)
-  b = sample.resolve(os.path.join(workdir, "checkpoints"))
-  c = sample.resolve(os.path.join(workdir, "checkpoints", "2"))
+  a = inference.resolve(workdir)
+  b = inference.resolve(os.path.join(workdir, "checkpoints"))
+  c = inference.resolve(os.path.join(workdir, "checkpoints", "2"))
   assert a == b == c
-  assert a.kind == "tim_jax" and a.step == 2
+  assert a.format == "tim_jax" and a.step == 2
 
 
 def test_resolve_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    sample.resolve(str(tmp_path / "missing"))
+    inference.resolve(str(tmp_path / "missing"))
   with pytest.raises(FileNotFoundError, match="no tim_jax checkpoint"):
-    sample.resolve(str(tmp_path))
+    inference.resolve(str(tmp_path))
   bad = tmp_path / "weights.txt"
   bad.write_text("x")
   with pytest.raises(ValueError, match="not an official checkpoint"):
-    sample.resolve(str(bad))
+    inference.resolve(str(bad))
 
 
 def test_config_comes_from_the_checkpoint(loaded):
-  _, _, config = loaded
+  config = loaded.config
   want = train_utils.tiny_t2i()
   assert config.model.network.to_dict() == want.model.network.to_dict()
   assert config.sample.cfg_scale == 2.0
@@ -53,12 +54,12 @@ def test_config_comes_from_the_checkpoint(loaded):
 
 
 def test_loads_the_ema_weights(workdir, loaded):
-  trainer, params, _ = loaded
-  from tim_jax import checkpoint
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 every=1)
-  it = train.make_data_iterator(trainer.config, train.make_source(
-      trainer.config))
+  params = loaded.params
+  from tim_jax import checkpoint, train
+  from tim_jax.data import kinds
+  trainer = train.Trainer(loaded.config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  it = kinds.iterator(trainer.config, kinds.source(trainer.config))
   state = ckpt.restore(2, trainer.abstract_with_shardings(), it)
   ckpt.close()
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema)):
@@ -69,36 +70,30 @@ def test_loads_the_ema_weights(workdir, loaded):
 
 
 def test_generate_is_independent_of_batch_size(loaded):
-  trainer, params, _ = loaded
-  cond, names = sample.conditions(trainer, ["a red circle at the top left",
-                                            "a blue square in the center"])
+  cond, names = loaded.conditions(["a red circle at the top left",
+                                   "a blue square in the center"])
   assert names == ["a red circle at the top left",
                    "a blue square in the center"]
-  a = sample.generate(trainer, params, cond, num_steps=2, num=3,
-                      batch_size=6)
-  b = sample.generate(trainer, params, cond, num_steps=2, num=3,
-                      batch_size=4)
+  a = loaded.generate(cond, num_steps=2, num=3, batch_size=6)
+  b = loaded.generate(cond, num_steps=2, num=3, batch_size=4)
   assert a.shape == (6, 32, 32, 3)
   np.testing.assert_allclose(a, b, atol=1e-5)
   # Different seeds, different images; rows share nothing by accident.
-  c = sample.generate(trainer, params, cond, num_steps=2, num=3,
-                      batch_size=6, seed=1)
+  c = loaded.generate(cond, num_steps=2, num=3, batch_size=6, seed=1)
   assert np.abs(a - c).mean() > 0.1
   assert np.abs(a[0] - a[1]).mean() > 0.1
 
 
 def test_bad_input_is_refused_clearly(loaded):
-  trainer, params, _ = loaded
   with pytest.raises(ValueError, match="class-conditional models"):
-    sample.conditions(trainer, labels=[1])
+    loaded.conditions(labels=[1])
   with pytest.raises(ValueError, match="never saw.*'dog'"):
-    sample.conditions(trainer, ["a red dog at the top"])
-  cond, _ = sample.conditions(trainer, ["a red circle at the top left"])
+    loaded.conditions(["a red dog at the top"])
+  cond, _ = loaded.conditions(["a red circle at the top left"])
   with pytest.raises(ValueError, match="steps must be an integer >= 1"):
-    sample.generate(trainer, params, cond, num_steps=0)
-  with pytest.raises(ValueError, match="guidance interval"):
-    sample.generate(trainer, params, cond, num_steps=1,
-                    guidance_interval=(0.8, 0.2))
+    loaded.generate(cond, num_steps=0)
+  with pytest.raises(ValueError, match="guidance_interval"):
+    loaded.generate(cond, num_steps=1, guidance_interval=(0.8, 0.2))
 
 
 def test_checkpoint_of_another_architecture_is_refused(workdir):
@@ -106,47 +101,45 @@ def test_checkpoint_of_another_architecture_is_refused(workdir):
   other.model.network.hidden_size = 64
   with pytest.raises(ValueError, match="does not fit this config.*"
                      "hidden_size"):
-    sample.load(other, workdir)
+    inference.load(workdir, other)
 
 
 def test_prompt_on_a_class_model_is_refused(tmp_path):
-  c = train_utils.tiny_c2i()
-  trainer = train.Trainer(c, mesh=sample._single_device_mesh())
+  pipe = inference.Pipeline(train_utils.tiny_c2i())
   with pytest.raises(ValueError, match="class-conditional model: use "
                      "--labels"):
-    sample.conditions(trainer, prompts=["a red circle at the top"])
+    pipe.conditions(prompts=["a red circle at the top"])
   with pytest.raises(ValueError, match=r"labels must be in \[0, 18\)"):
-    sample.conditions(trainer, labels=[18])
-  cond, names = sample.conditions(trainer, labels=[0, 5])
+    pipe.conditions(labels=[18])
+  with pytest.raises(ValueError, match=r"labels must be in \[0, 18\)"):
+    pipe.conditions(labels=[-1])
+  cond, names = pipe.conditions(labels=[0, 5])
   assert names == ["0", "5"]
 
 
 def test_official_checkpoint_samples_like_the_tim_jax_one(tmp_path, loaded):
-  trainer, params, config = loaded
   path = str(tmp_path / "official.safetensors")
-  convert.save_official(trainer.model(params), path)
-  trainer2, params2, _ = sample.load(config, path)
-  cond, _ = sample.conditions(trainer, ["a green triangle at the bottom"])
-  a = sample.generate(trainer, params, cond, num_steps=2)
-  b = sample.generate(trainer2, params2, cond, num_steps=2)
+  convert.save_official(loaded.model(), path)
+  official = inference.load(path, loaded.config)
+  cond, _ = loaded.conditions(["a green triangle at the bottom"])
+  a = loaded.generate(cond, num_steps=2)
+  b = official.generate(cond, num_steps=2)
   np.testing.assert_allclose(a, b, atol=1e-6)
-  with pytest.raises(ValueError, match="needs --config"):
-    sample.load(None, path)
+  with pytest.raises(ValueError, match="needs a config"):
+    inference.load(path)
   other = train_utils.tiny_t2i()
   other.model.network.depth = 2
   with pytest.raises(ValueError, match="lacks"):
-    sample.load(other, path)
+    inference.load(path, other)
 
 
 def test_progress_follows_every_step(loaded):
-  trainer, params, _ = loaded
-  cond, _ = sample.conditions(trainer, ["a red circle at the top left"])
+  cond, _ = loaded.conditions(["a red circle at the top left"])
   seen = []
   from tim_jax import sampling
   noise = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
-  out = sampling.sample(trainer.network(params), noise, cond,
-                        trainer.conditioner.null(1),
-                        transport=trainer.transport, num_steps=3,
+  out = sampling.sample(loaded.network(), noise, cond, loaded.null(1),
+                        transport=loaded.transport, num_steps=3,
                         progress=lambda i: seen.append(int(i)))
   jax.block_until_ready(out)
   jax.effects_barrier()
@@ -171,4 +164,46 @@ def test_command_writes_the_grid(workdir, tmp_path):
   assert np.load(latents).shape == (6, 32, 32, 3)
   bad = subprocess.run(cmd[:4] + ["--steps=0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and "--steps must be >= 1" in bad.stderr
+  assert bad.returncode != 0 and "--steps" in bad.stderr
+  assert "num_steps must be an integer >= 1, got 0" in bad.stderr
+
+
+def test_inference_builds_no_trainer_or_optimizer(workdir):
+  # In a fresh process: loading and sampling import nothing of training
+  # (optax itself comes with flax.nnx, so the trainer's modules are named).
+  script = ("import sys; from tim_jax import inference, sample; "
+            f"p = inference.load({workdir!r}); "
+            "c, _ = p.conditions(['a red circle at the top left']); "
+            "p.generate(c, num_steps=1); "
+            "bad = [m for m in ('tim_jax.train', 'tim_jax.optim') "
+            "if m in sys.modules]; print('imported', bad)")
+  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "imported []" in done.stdout
+
+
+def test_progress_hooks_of_concurrent_callers_stay_apart(loaded):
+  import threading
+  cond, _ = loaded.conditions(["a red circle at the top left"] * 2)
+  noise = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  seen = {"a": [], "b": []}
+  loaded.sample(noise, cond, num_steps=5, progress=lambda i: None)  # Compile.
+  settings = loaded.settings(5, with_progress=True)
+  compiled = loaded.compiled_sampler(settings)
+
+  def call(name):
+    for _ in range(3):
+      loaded.sample(noise, cond, num_steps=5,
+                    progress=lambda i: seen[name].append(i))
+  threads = [threading.Thread(target=call, args=(n,)) for n in seen]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  # Each caller saw exactly its own three runs of five steps.
+  assert sorted(seen["a"]) == sorted(seen["b"]) == sorted(list(range(5)) * 3)
+  # One compiled sampler served every hook: no recompilation per call.
+  assert loaded.compiled_sampler(settings) is compiled
+  # jax keeps no public compile count; the count is what is under test.
+  assert compiled._cache_size() == 1  # pylint: disable=protected-access

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tim_jax import checkpoint, sharding, train
+from tim_jax.data import kinds
 from train_utils import tiny_c2i
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +75,7 @@ class _Indexed:
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
   config = tiny_c2i(num_steps=50, every=2)
   config.max_nonfinite_steps = 3
-  real = train.make_source
+  real = kinds.source
 
   # The indices of the first two shuffled batches stay finite; every other
   # example is NaN.
@@ -92,12 +93,12 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         ex["image"] = np.full_like(ex["image"], np.nan)
       return ex
 
-  monkeypatch.setattr(train, "make_source",
+  monkeypatch.setattr(kinds, "source",
                       lambda c, split="train": Poisoned(real(c, split)))
   workdir = str(tmp_path / "nan")
   with pytest.raises(train.NonFiniteError, match="non-finite steps in a row"):
     train.train_and_evaluate(config, workdir)
-  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=2)
+  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   steps = ck.manager.all_steps()
   assert steps, "the finite steps before the NaNs were checkpointed"
   trainer = train.Trainer(config)
@@ -129,9 +130,9 @@ def test_checkpoint_refuses_nonfinite_state(tmp_path):
   state = trainer.init_state()
   bad = state.replace(params=jax.tree.map(lambda x: x * jnp.nan,
                                           state.params))
-  ck = checkpoint.Checkpointer(str(tmp_path / "c"), every=1)
+  ck = checkpoint.Checkpointer(str(tmp_path / "c"))
   from tim_jax.data import pipeline
-  it = pipeline.make_iterator(train.make_source(config), global_batch_size=8,
+  it = pipeline.make_iterator(kinds.source(config), global_batch_size=8,
                               seed=0)
   assert ck.save(1, bad, it, {"model": {}}) is False
   assert ck.save(2, state, it, {"model": {}}) is True
@@ -145,16 +146,16 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, numpy as np
     from tim_jax import checkpoint, train
-    from tim_jax.data import pipeline
+    from tim_jax.data import kinds, pipeline
     from train_utils import tiny_c2i
     config = tiny_c2i()
     config.model.network.hidden_size = 256  # A state that takes a while.
     config.model.network.depth = 6
     trainer = train.Trainer(config)
     state = trainer.init_state()
-    it = pipeline.make_iterator(train.make_source(config),
+    it = pipeline.make_iterator(kinds.source(config),
                                 global_batch_size=8, seed=0)
-    ck = checkpoint.Checkpointer({ckdir!r}, every=1)
+    ck = checkpoint.Checkpointer({ckdir!r})
     ck.save(1, state, it, {{"model": {{}}}})
     ck.wait()
     state = state.replace(step=state.step + 1)
@@ -170,14 +171,14 @@ def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  ck = checkpoint.Checkpointer(ckdir, every=1)
+  ck = checkpoint.Checkpointer(ckdir)
   assert ck.latest_step() in (1, 2)
   config = tiny_c2i()
   config.model.network.hidden_size = 256
   config.model.network.depth = 6
   trainer = train.Trainer(config)
   from tim_jax.data import pipeline
-  it = pipeline.make_iterator(train.make_source(config), global_batch_size=8,
+  it = pipeline.make_iterator(kinds.source(config), global_batch_size=8,
                               seed=0)
   state = ck.restore(ck.latest_step(), trainer.abstract_with_shardings(), it)
   assert int(state.step) == ck.latest_step() - 1
@@ -192,7 +193,7 @@ def test_sample_grids_and_tensorboard(tmp_path):
   config.sample.every = 2
   config.sample.nfe = (1, 2)
   config.sample.num = 4
-  config.eval_every = 2
+  config.evals.holdout_loss.every = 2
   workdir = str(tmp_path / "s")
   train.train_and_evaluate(config, workdir)
   from PIL import Image

@@ -22,7 +22,6 @@ def tiny_c2i(num_steps=4, batch=8, every=2):
   c.checkpoint_every = every
   c.sample.every = 0
   c.sample.image_size = 16
-  c.eval_every = 0
   return c
 
 
@@ -48,5 +47,4 @@ def tiny_t2i(num_steps=2, batch=4, image_size=32):
   c.sample.cfg_scale = 2.0
   c.sample.prompts = ("a red circle at the top left",
                       "a blue square in the center")
-  c.eval_every = 0
   return c

@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -69,26 +68,10 @@ def time_fn(fn, *args, repeats=10):
   return statistics.median(times)
 
 
-def synthetic_batch(config, batch, size, channels):
-  rng = np.random.default_rng(0)
-  out = {"image": rng.standard_normal((batch, size, size, channels),
-                                      np.float32)}
-  if config.model.kind == "c2i":
-    out["label"] = rng.integers(0, config.model.network.num_classes,
-                                (batch,)).astype(np.int32)
-  elif config.data.name == "shapes":
-    out["tokens"] = rng.integers(2, 10, (batch, config.data.max_caption_len)
-                                 ).astype(np.int32)
-  else:
-    m = 32
-    out["caption_features"] = rng.standard_normal(
-        (batch, m, config.model.network.cap_feat_dim)).astype(np.float32)
-  return out
-
-
 def run(config, batch, repeats, nfes, rows=()):
   from tim_jax import flops as flops_lib
   from tim_jax import sharding, train
+  from tim_jax.data import kinds
   want = lambda name: not rows or name in rows
 
   def variant(**loss):
@@ -101,12 +84,12 @@ def run(config, batch, repeats, nfes, rows=()):
     return c
 
   trainer = train.Trainer(variant())
+  pipe = trainer.pipeline
   mc = trainer.model_config
   size = config.data.image_size
   tokens = (size // mc.patch_size) ** 2
-  cap_len = 0 if mc.kind == "c2i" else (
-      config.data.max_caption_len if config.data.name == "shapes" else 32)
-  host = synthetic_batch(config, batch, size, mc.in_channels)
+  cap_len = kinds.caption_length(config)
+  host = kinds.synthetic_batch(config, batch, caption_len=cap_len or 32)
   data = sharding.global_batch(host, trainer.mesh)
   state = trainer.init_state()
   y = trainer.conditioner(data)
@@ -130,10 +113,10 @@ def run(config, batch, repeats, nfes, rows=()):
           f"img/s  {(row['flops_per_s'] or 0) / 1e12:8.3f} TFLOP/s"
           + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
 
-  count = lambda kind, **kw: flops_lib.step_flops(
-      mc, batch, size, size, cap_len, kind=kind, diffusion_share=share, **kw)
+  count = lambda step, **kw: flops_lib.step_flops(
+      mc, batch, size, size, cap_len, step=step, diffusion_share=share, **kw)
 
-  fwd = jax.jit(lambda p, x, t, r, y: trainer.network(p)(x, t, r, y))
+  fwd = jax.jit(lambda p, x, t, r, y: pipe.network(p)(x, t, r, y))
   if want("forward"):
     record("forward", time_fn(fwd, state.params, x, t, r, y,
                               repeats=repeats), batch, count("forward"))
@@ -152,21 +135,20 @@ def run(config, batch, repeats, nfes, rows=()):
       continue
     tr = train.Trainer(variant(**loss), trainer.mesh)
     st = tr.init_state()
-    step = jax.jit(tr._train_step)  # Not donated: the same state is reused.
+    # Not donated: the same state is timed again and again.
+    step = tr.jit_step(data, donate=False)
     record(name, time_fn(step, st, data, repeats=repeats), batch,
            count(name))
 
-  cond = y
-  null = trainer.conditioner.null(batch)
   noise = jax.random.normal(jax.random.key(0), x.shape)
   for n in nfes:
     for cfg in (False, True):
       name = f"sample_nfe{n}" + ("_cfg" if cfg else "")
       if not want(name):
         continue
-      sampler = lambda p, z: trainer.sample(
-          p, z, cond, null, num_steps=n, cfg_scale=2.0 if cfg else 1.0,
-          guidance_interval=(0.0, 2.0))
+      sampler = lambda p, z: pipe.sample(
+          z, y, num_steps=n, cfg_scale=2.0 if cfg else 1.0,
+          guidance_interval=(0.0, 2.0), params=p)
       record(name, time_fn(sampler, state.params, noise, repeats=repeats),
              batch, count("sample", num_steps=n,
                           guided_steps=n if cfg else 0))

@@ -67,10 +67,9 @@ def all_finite(tree) -> bool:
 class Checkpointer:
   """Saves and restores (state, data iterator, config) under ``directory``."""
 
-  def __init__(self, directory: str, *, every: int, keep: int = 3,
+  def __init__(self, directory: str, *, keep: int = 3,
                asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
-    self.every = every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=asynchronous)
@@ -130,6 +129,17 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def restore_ema(self, step: int, abstract_params: Any):
+    """The EMA parameters alone, into ``abstract_params``' shapes, dtypes
+    and shardings (ShapeDtypeStructs with ``sharding``): no optimizer state
+    is read or built (inference)."""
+    item = {"ema": abstract_params}
+    args = ocp.args.PyTreeRestore(
+        item=item, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+    return restored["state"]["ema"]
 
   def wait(self):
     self.manager.wait_until_finished()

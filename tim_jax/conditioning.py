@@ -18,8 +18,6 @@ import numpy as np
 class LabelConditioner:
   """Integer class labels; the null class is ``num_classes``."""
 
-  kind = "c2i"
-
   def __init__(self, num_classes: int, drop_prob: float = 0.1):
     self.num_classes = num_classes
     self.drop_prob = drop_prob
@@ -40,11 +38,14 @@ class LabelConditioner:
     return jnp.where(keep, y, self.num_classes)
 
   def from_labels(self, labels: Sequence[int]):
-    labels = np.asarray(labels, np.int32)
-    if labels.ndim != 1 or labels.min() < 0 or labels.max() > self.num_classes:
-      raise ValueError(f"labels must be integers in [0, {self.num_classes}], "
-                       f"got {labels.tolist()}")
-    return jnp.asarray(labels)
+    """Requested classes; the null class is not one (use ``null``)."""
+    labels = np.asarray(labels)
+    bad = [int(l) for l in labels.reshape(-1)
+           if not 0 <= int(l) < self.num_classes]
+    if labels.ndim != 1 or not labels.size or bad:
+      raise ValueError(f"labels must be in [0, {self.num_classes}), got "
+                       f"{bad or labels.tolist()}")
+    return jnp.asarray(labels, jnp.int32)
 
 
 class CaptionConditioner:
@@ -98,5 +99,11 @@ class CaptionConditioner:
     if self.tokenizer is None or self.encoder is None:
       raise ValueError("this model's captions come as precomputed features; "
                        "prompts need a tokenizer and a caption encoder")
+    for p in prompts:
+      unknown = self.tokenizer.unknown_words(p)
+      if unknown:
+        raise ValueError(f"prompt {p!r} has words the model never saw: "
+                         f"{unknown}; its vocabulary is "
+                         f"{sorted(self.tokenizer.vocabulary)}")
     tokens = self.tokenizer.encode(list(prompts), self.max_len)
     return self.encoder(jnp.asarray(tokens))

@@ -5,6 +5,9 @@ The returned ConfigDict is locked: an override of a key that does not exist
 """
 
 import ml_collections
+import numpy as np
+
+from tim_jax import sharding
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,8 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.autoencoder = ml_collections.ConfigDict(dict(name="identity"))
 
+  # AdamW (the official optimizer); lr = base_lr * batch_size / base_batch
+  # when scale_lr.
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", base_lr=1e-4, base_batch=256, scale_lr=True,
+      base_lr=1e-4, base_batch=256, scale_lr=True,
       schedule="constant", warmup_steps=0, b1=0.9, b2=0.95, eps=1e-6,
       weight_decay=0.01, grad_clip=1.0))
   c.ema_decay = 0.9999
@@ -60,9 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Mesh axis sizes (-1 fills with the remaining devices) and the logical
   # axis rules (see tim_jax.sharding).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.sharding_rules = (
-      ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-      ("qkv", "tensor"), ("kv", "tensor"), ("modulation", "tensor"))
+  c.sharding_rules = sharding.DEFAULT_RULES
 
   c.log_every = 50
   c.checkpoint_every = 1000
@@ -77,8 +80,25 @@ def base_config() -> ml_collections.ConfigDict:
       # "transition" (r = t_next, the TiM sampler) or "diffusion" (r = t_cur:
       # Euler steps of the flow, for models trained with diffusion_ratio=1).
       mode="transition"))
-  c.eval_every = 0
-  c.evaluators = ("holdout_loss",)
+  # Evaluators (tim_jax.eval.evaluators), each on its own schedule: it runs
+  # every `every` steps and at the last step; every=0 turns it off.
+  c.evals = ml_collections.ConfigDict(dict(
+      # The loss of the EMA parameters on one fixed held-out batch.
+      holdout_loss=ml_collections.ConfigDict(dict(every=0)),
+      # Built-in shapes data only: the shapes oracle's attribute accuracy
+      # and Frechet distance (in its features, to `reference_num` real
+      # images) of the EMA model's samples for `num` held-out scenes, at
+      # each NFE of `nfe`, with the sample.* guidance settings.
+      shapes_oracle=ml_collections.ConfigDict(dict(
+          every=0, nfe=(1, 4), num=64, batch_size=64, reference_num=1000)),
+      # FID of `num` EMA samples at each NFE of `nfe` (labels or prompts
+      # from sample.*, cycled) against `reference`, an .npz of mu/sigma
+      # (tim_jax.eval.fid.Statistics); `inception_weights` is the FID
+      # InceptionV3 (.pth or .safetensors). Runs when both are given.
+      fid=ml_collections.ConfigDict(dict(
+          every=0, nfe=(4,), num=5000, batch_size=64, reference="",
+          inception_weights="")),
+  ))
   return c
 
 
@@ -101,7 +121,8 @@ def tiny_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sample.every = 500
   c.sample.image_size = 32
   c.sample.cfg_scale = 2.0
-  c.eval_every = 500
+  c.evals.holdout_loss.every = 500
+  c.evals.shapes_oracle.every = 500
   return c
 
 
@@ -122,3 +143,33 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(variant or None)
+
+
+def to_json(config) -> dict:
+  """The config as a JSON-safe dict (what checkpoints store)."""
+  return _json_safe(config.to_dict())
+
+
+def _json_safe(tree):
+  if isinstance(tree, dict):
+    return {str(k): _json_safe(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_json_safe(v) for v in tree]
+  if isinstance(tree, np.generic):
+    return tree.item()
+  return tree
+
+
+def merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+  """Writes a JSON dict (``to_json``'s form) into an unlocked config;
+  JSON lists become tuples, as the configs write them."""
+  for key, value in saved.items():
+    if isinstance(value, dict) and key in config and isinstance(
+        config[key], ml_collections.ConfigDict):
+      merge(config[key], value)
+    else:
+      config[key] = _tuples(value)
+
+
+def _tuples(v):
+  return tuple(map(_tuples, v)) if isinstance(v, list) else v

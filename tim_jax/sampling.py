@@ -31,6 +31,29 @@ PyTree = Any
 MODES = ("transition", "diffusion")
 
 
+def check_settings(num_steps, guidance_interval: Sequence[float] = (0.0, 1.0),
+                   stochasticity: float = 0.0, mode: str = "transition"):
+  """Validates sampler settings (the one place that does); returns
+  ``(num_steps, (low, high))`` normalised.
+
+  ``guidance_interval`` is (low, high) as fractions of T_max with
+  ``0 <= low <= high``; the bounds are strict, so ``high > 1`` also guides
+  the first step at t = T_max.
+  """
+  if (isinstance(num_steps, bool) or int(num_steps) != num_steps
+      or num_steps < 1):
+    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
+  interval = tuple(float(v) for v in guidance_interval)
+  if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1]:
+    raise ValueError("guidance_interval must be (low, high) with 0 <= low <= "
+                     f"high, got {tuple(guidance_interval)}")
+  if stochasticity < 0:
+    raise ValueError(f"stochasticity must be >= 0, got {stochasticity}")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  return int(num_steps), interval
+
+
 def step_schedule(transport, num_steps: int, cfg_scale: float = 1.0,
                   guidance_interval: Sequence[float] = (0.0, 1.0),
                   stochasticity: float = 0.0, mode: str = "transition"):
@@ -39,8 +62,8 @@ def step_schedule(transport, num_steps: int, cfg_scale: float = 1.0,
   Returns a dict with ``t_cur``, ``t_next``, ``r`` (what the network gets as
   r), ``guided`` and ``stochastic`` (booleans per step).
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  num_steps, guidance_interval = check_settings(
+      num_steps, guidance_interval, stochasticity, mode)
   grid = np.asarray(transports_lib.time_grid(transport, num_steps,
                                              np.float64))
   t_cur, t_next = grid[:-1], grid[1:]
@@ -65,7 +88,8 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
            guidance_interval: Sequence[float] = (0.0, 1.0),
            stochasticity: float = 0.0, rng: Optional[jax.Array] = None,
            return_trajectory: bool = False, mode: str = "transition",
-           progress: Optional[Callable[[jax.Array], None]] = None):
+           progress: Optional[Callable[..., None]] = None,
+           progress_tag: Optional[jax.Array] = None):
   """Samples from noise in ``num_steps`` network evaluations (x2 with CFG).
 
   Args:
@@ -84,17 +108,15 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
     mode: ``"transition"`` (r = t_next) or ``"diffusion"`` (r = t_cur).
     progress: called on the host with the step index after each step
       (through ``jax.debug.callback``; for progress bars).
+    progress_tag: if given, an array passed to ``progress`` as its second
+      argument, so one compiled sampler can report to whichever caller runs
+      it (the tag is data, not part of the compiled program).
 
   Returns:
     The final state, or (final state, trajectory (N + 1, B, H, W, C)).
   """
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
-  if len(guidance_interval) != 2:
-    raise ValueError("guidance_interval must be (low, high), got "
-                     f"{guidance_interval!r}")
-  if stochasticity < 0:
-    raise ValueError(f"stochasticity must be >= 0, got {stochasticity}")
+  num_steps, guidance_interval = check_settings(
+      num_steps, guidance_interval, stochasticity, mode)
   if stochasticity > 0 and not transport.supports_stochastic:
     raise ValueError(
         f"stochastic sampling is defined only for OT-FM, not {transport.name}")
@@ -142,8 +164,12 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
     if progress is not None:
       # Passing one element of the new state makes the call wait for the
       # step, so the bar follows the computation.
-      jax.debug.callback(lambda i, _: progress(i), i,
-                         x_next[(0,) * x_next.ndim])
+      if progress_tag is None:
+        jax.debug.callback(lambda i, _: progress(i), i,
+                           x_next[(0,) * x_next.ndim])
+      else:
+        jax.debug.callback(lambda i, _, tag: progress(i, tag), i,
+                           x_next[(0,) * x_next.ndim], progress_tag)
     return x_next, (x_next if return_trajectory else None)
 
   xs = (jnp.arange(num_steps),

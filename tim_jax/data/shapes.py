@@ -224,7 +224,7 @@ def attributes(s: Scene) -> np.ndarray:
 
 # --- Grain source -----------------------------------------------------------
 
-MODES = ("t2i", "c2i")
+KINDS = ("t2i", "c2i")
 
 
 class ShapesSource:
@@ -239,14 +239,14 @@ class ShapesSource:
   * c2i: ``label`` int32 = shape * len(COLOURS) + colour (one object).
   """
 
-  def __init__(self, size: int = 32, seed: int = 0, mode: str = "t2i",
+  def __init__(self, size: int = 32, seed: int = 0, kind: str = "t2i",
                length: int = 2**31 - 1,
                max_caption_len: int = MAX_CAPTION_WORDS):
-    if mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if length < 1:
       raise ValueError(f"length must be >= 1, got {length}")
-    if mode == "t2i" and max_caption_len < MAX_CAPTION_WORDS:
+    if kind == "t2i" and max_caption_len < MAX_CAPTION_WORDS:
       # Truncating would cut the end of a position ("bottom right" ->
       # "bottom"): a wrong caption, not a shorter one.
       raise ValueError(
@@ -255,13 +255,13 @@ class ShapesSource:
           f"{MAX_CAPTION_WORDS}")
     if size < 6:
       raise ValueError(f"size must be >= 6 pixels, got {size}")
-    self.size, self.seed, self.mode = int(size), int(seed), mode
+    self.size, self.seed, self.kind = int(size), int(seed), kind
     self.length = int(length)
     self.max_caption_len = int(max_caption_len)
-    self.num_objects = (1, 2) if mode == "t2i" else (1,)
+    self.num_objects = (1, 2) if kind == "t2i" else (1,)
     # Imported here: text builds its vocabulary from this module.
     from tim_jax.data import text  # pylint: disable=g-import-not-at-top
-    self.tokenizer = text.Tokenizer() if mode == "t2i" else None
+    self.tokenizer = text.Tokenizer() if kind == "t2i" else None
 
   def __len__(self) -> int:
     return self.length
@@ -276,7 +276,7 @@ class ShapesSource:
                        f"length {self.length}")
     s = self.scene(index)
     out = {"image": render(s, self.size), "attributes": attributes(s)}
-    if self.mode == "t2i":
+    if self.kind == "t2i":
       words = caption(s)
       out["caption"] = words
       out["tokens"] = self.tokenizer.encode([words], self.max_caption_len)[0]
@@ -286,4 +286,4 @@ class ShapesSource:
 
   def __repr__(self):
     return (f"ShapesSource(size={self.size}, seed={self.seed}, "
-            f"mode={self.mode!r}, length={self.length})")
+            f"kind={self.kind!r}, length={self.length})")

@@ -53,6 +53,15 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return len(self.words)
 
+  @property
+  def vocabulary(self) -> tuple[str, ...]:
+    """The words it knows (without the special tokens)."""
+    return self.words[len(_SPECIAL):]
+
+  def unknown_words(self, text: str) -> list[str]:
+    """The words of ``text`` it would map to the unknown id."""
+    return [w for w in split_words(text) if w not in self._ids]
+
   def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
     """int32 (len(texts), max_len): ids, truncated, padded with PAD_ID."""
     if isinstance(texts, str):

@@ -25,34 +25,14 @@ from __future__ import annotations
 import csv
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
-from tim_jax.data import shapes
-from tim_jax.eval import fid, oracle
+from tim_jax import images, inference
+from tim_jax.eval import oracle, shapes_scores
 
-STUDY_SEED = 4_000_037  # Scenes requested from the models.
-REFERENCE_SEED = 5_000_011  # Real images the distance is measured to.
-SCORES = ("overall", "position", "colour", "shape", "size", "count", "fd")
-
-
-def study_scenes(kind: str, num: int) -> List[shapes.Scene]:
-  counts = (1, 2) if kind == "t2i" else (1,)
-  return [shapes.scene(i, STUDY_SEED, counts) for i in range(num)]
-
-
-def real_images(kind: str, num: int, size: int, seed: int) -> np.ndarray:
-  counts = (1, 2) if kind == "t2i" else (1,)
-  return np.stack([shapes.render(shapes.scene(i, seed, counts), size)
-                   for i in range(num)])
-
-
-def _targets(kind, scenes):
-  if kind == "t2i":
-    return oracle.targets_from_scenes(scenes)
-  return oracle.targets_from_labels(
-      [shapes.label_of(s.objects[0]) for s in scenes])
+SCORES = shapes_scores.SCORES
 
 
 def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
@@ -65,59 +45,40 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
   ``on_row(rows)`` is called after every new row (the command writes the
   partial CSV there, so an interrupted study keeps what it measured).
   """
-  from tim_jax import sample as sample_lib
-  from tim_jax import train
-  judge = judge or oracle.default_oracle()
   rows, strips = [], {}
-  reference = None
+  scorer = None
   for name, path in runs.items():
-    trainer, params, config = sample_lib.load(None, path)
-    kind = config.model.kind
+    pipe = inference.load(path)
+    config = pipe.config
     if config.data.name != "shapes":
       raise ValueError(f"run {name} ({path}) was trained on "
                        f"{config.data.name!r}; the oracle reads only the "
                        "built-in shapes world")
-    size = int(config.data.image_size)
-    scenes = study_scenes(kind, num)
-    targets = _targets(kind, scenes)
-    if reference is None:
-      reference_kind = kind
-      # A large real set: the distance's finite-sample bias then comes
-      # mostly from the (smaller, costlier) generated set.
-      reference = judge.features(real_images(kind, max(num, reference_num),
-                                             size, REFERENCE_SEED))
-      requested = real_images(kind, num, size, STUDY_SEED)
-      scores = judge.score(requested, targets)
-      scores["fd"] = fid.fid_from_features(judge.features(requested),
-                                           reference)
-      rows.append(dict(run="real", nfe=0, seconds=0.0, **scores))
+    if scorer is None:
+      scorer = shapes_scores.ShapesScorer(
+          pipe.kind, config.data.image_size, num, reference_num, judge=judge)
+      rows.append(dict(run="real", nfe=0, seconds=0.0,
+                       **scorer.real_scores()))
       if on_row:
         on_row(rows)
-    elif kind != reference_kind:
+    elif pipe.kind != scorer.kind:
       raise ValueError("all runs of one study must be of the same kind "
-                       f"(t2i or c2i); {name} is {kind}")
-    if kind == "t2i":
-      cond, _ = sample_lib.conditions(
-          trainer, prompts=[shapes.caption(s) for s in scenes])
-    else:
-      cond, _ = sample_lib.conditions(trainer, labels=[
-          shapes.label_of(s.objects[0]) for s in scenes])
+                       f"(t2i or c2i); {name} is {pipe.kind}")
+    cond, _ = pipe.conditions(**scorer.requests())
     strip = []
     for nfe in nfes:
       t0 = time.time()
-      images = sample_lib.generate(
-          trainer, params, cond, num_steps=int(nfe), cfg_scale=cfg_scale,
-          seed=seed, batch_size=batch_size, progress=progress,
-          desc=f"{name} NFE {nfe}")
+      samples = pipe.generate(
+          cond, num_steps=int(nfe), cfg_scale=cfg_scale, seed=seed,
+          batch_size=batch_size, progress=progress, desc=f"{name} NFE {nfe}")
       seconds = time.time() - t0
-      pixels = np.asarray(train.decode(config, images), np.float32)
-      scores = judge.score(pixels, targets)
-      scores["fd"] = fid.fid_from_features(judge.features(pixels), reference)
+      pixels = pipe.decode(samples)
+      scores = scorer.score(pixels)
       rows.append(dict(run=name, nfe=int(nfe), seconds=round(seconds, 1),
                        **scores))
       if on_row:
         on_row(rows)
-      strip.append(train.to_uint8(pixels[:8]))
+      strip.append(images.to_uint8(pixels[:8]))
       if progress:
         print(f"{name} NFE {nfe}: overall {scores['overall']:.3f}, "
               f"FD {scores['fd']:.2f} ({seconds:.0f} s)", flush=True)
@@ -180,15 +141,14 @@ def plot(rows, path):
 
 
 def write_outputs(rows, strips, out: str, nfes):
-  from tim_jax import train
   os.makedirs(out, exist_ok=True)
   write_csv(rows, os.path.join(out, "results.csv"))
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(markdown(rows))
   plot(rows, os.path.join(out, "nfe_study.png"))
   for name, strip in strips.items():
-    train.save_png(os.path.join(out, f"samples_{name}.png"),
-                   train.grid(strip, cols=len(strip) // len(nfes)))
+    images.save_png(os.path.join(out, f"samples_{name}.png"),
+                    images.grid(strip, cols=len(strip) // len(nfes)))
 
 
 def parse_runs(items: Sequence[str]) -> Dict[str, str]:

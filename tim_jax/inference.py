@@ -1,0 +1,387 @@
+"""Sampling from TiM: weights, conditioning, compiled samplers, decoding.
+
+Everything sampling needs and nothing of training (no optimizer, no train
+state)::
+
+    from tim_jax import inference
+    pipe = inference.load("/tmp/tim_t2i")          # a tim_jax run: EMA + config
+    pipe = inference.load("TiM-XL-2-256.pt",       # an official file
+                          config_base.load_file("configs/c2i.py:xl2_256"))
+    cond, names = pipe.conditions(prompts=["a red circle at the top left"])
+    x = pipe.generate(cond, num_steps=4, num=2)    # network space, numpy
+    images = pipe.decode(x)                        # [-1, 1] pixels
+
+A ``Pipeline`` holds the model graph and weights, the conditioner, the
+transport, the decoder and a cache of compiled samplers keyed by their
+settings. The trainer builds one without weights and passes its EMA
+parameters per call (``params=``), so periodic sample grids and evaluators
+compile once and use the same code as the sampling command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tim_jax import builders, checkpoint, config_base, convert, sampling
+from tim_jax.data import kinds
+
+OFFICIAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+FORMATS = ("tim_jax", "official")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+  """Where weights are: a tim_jax checkpoint step or an official file."""
+  format: str  # One of FORMATS.
+  path: str  # The checkpoints directory, or the official file.
+  step: Optional[int] = None
+
+
+def resolve(path: str) -> CheckpointRef:
+  """A workdir, a ``checkpoints`` dir, one step's dir or an official file."""
+  if not path:
+    raise ValueError("a checkpoint path is required")
+  if os.path.isfile(path):
+    if not path.endswith(OFFICIAL_SUFFIXES):
+      raise ValueError(f"{path} is a file but not an official checkpoint "
+                       f"({', '.join(OFFICIAL_SUFFIXES)})")
+    return CheckpointRef("official", path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint at {path}")
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if os.path.isdir(os.path.join(path, "state")) and os.path.basename(
+      path).isdigit():
+    return CheckpointRef("tim_jax", os.path.dirname(path),
+                         int(os.path.basename(path)))
+  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()
+                 and os.path.isdir(os.path.join(path, d, "state")))
+  if not steps:
+    raise FileNotFoundError(
+        f"{path} holds no tim_jax checkpoint (no <step>/state directory); "
+        "pass a run's workdir, its checkpoints directory, one step's "
+        f"directory, or an official {'/'.join(OFFICIAL_SUFFIXES)} file")
+  return CheckpointRef("tim_jax", path, steps[-1])
+
+
+def _reader(ref: CheckpointRef) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(ref.path, asynchronous=False)
+
+
+def saved_config(ref: CheckpointRef) -> dict:
+  """The config saved with a tim_jax checkpoint, as a JSON dict."""
+  reader = _reader(ref)
+  try:
+    saved = reader.saved_config(ref.step)
+  finally:
+    reader.close()
+  if saved is None:
+    raise FileNotFoundError(f"the checkpoint {ref.path} step {ref.step} has "
+                            "no saved config; pass a config")
+  return saved
+
+
+def config_from_checkpoint(ref: CheckpointRef) -> ml_collections.ConfigDict:
+  """The run's config as saved with the checkpoint (locked)."""
+  config = config_base.base_config()
+  config.unlock()
+  config_base.merge(config, saved_config(ref))
+  return config_base.lock(config)
+
+
+def _single_device(abstract):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      abstract)
+
+
+def load(checkpoint_path: str, config=None) -> "Pipeline":
+  """A pipeline with a checkpoint's weights.
+
+  A tim_jax checkpoint gives its EMA weights and, when ``config`` is None,
+  its saved config; an official file (``.safetensors``, ``.pt``, ``.pth``,
+  ``.bin``) needs ``config`` for the architecture. Raises ValueError when
+  the weights do not fit the config.
+  """
+  ref = resolve(checkpoint_path)
+  if config is None:
+    if ref.format == "official":
+      raise ValueError("an official checkpoint needs a config (the "
+                       "architecture is not stored in the file); pass "
+                       "--config")
+    config = config_from_checkpoint(ref)
+  pipe = Pipeline(config)
+  if ref.format == "official":
+    model = builders.new_model(config)
+    report = convert.load_state_dict(model, convert.read_state_dict(ref.path))
+    if report.unexpected:
+      raise ValueError(
+          f"{ref.path} holds {len(report.unexpected)} parameters this config"
+          f"'s model does not have, e.g. {report.unexpected[:5]}: the "
+          "checkpoint is of another architecture")
+    pipe.params = nnx.state(model, nnx.Param)
+    return pipe
+  problems = checkpoint.architecture_differences(
+      saved_config(ref), config_base.to_json(config))
+  if problems:
+    raise ValueError(f"the checkpoint {ref.path} (step {ref.step}) does not"
+                     f" fit this config: {'; '.join(problems)}")
+  reader = _reader(ref)
+  try:
+    pipe.params = reader.restore_ema(ref.step,
+                                     _single_device(pipe.abstract_params))
+  finally:
+    reader.close()
+  return pipe
+
+
+# The progress hooks of the sampler calls in flight, by call id: a compiled
+# sampler receives its caller's id as data and reports to that caller, so
+# callers sharing a sampler (threads, the trainer and an evaluator) never see
+# each other's steps and nothing is recompiled per hook.
+_HOOKS: dict = {}
+_HOOKS_LOCK = threading.Lock()
+_CALL_IDS = itertools.count()
+
+
+def _report(step, call_id):
+  hook = _HOOKS.get(int(call_id))
+  if hook is not None:
+    hook(int(step))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """What a compiled sampler is specialised on (its cache key)."""
+  num_steps: int
+  cfg_scale: float = 1.0
+  guidance_interval: tuple = (0.0, 1.0)
+  stochasticity: float = 0.0
+  mode: str = "transition"
+  with_progress: bool = False
+
+
+class Pipeline:
+  """A TiM model ready to sample: graph, weights, conditioning, decoder.
+
+  ``params`` may be None (the trainer passes its EMA per call).
+  """
+
+  def __init__(self, config, params: Any = None):
+    self.config = config
+    self.model_config = builders.model_config(config)
+    self.graphdef = builders.graphdef(config)
+    self.transport = builders.transport(config)
+    self.conditioner = kinds.conditioner(config)
+    self.params = params
+    self._samplers = {}
+    self._samplers_lock = threading.Lock()
+
+  @property
+  def kind(self) -> str:
+    """"c2i" or "t2i"."""
+    return self.model_config.kind
+
+  @property
+  def abstract_params(self):
+    """The parameters' shapes and dtypes (no memory)."""
+    return nnx.state(nnx.eval_shape(lambda: builders.new_model(self.config)),
+                     nnx.Param)
+
+  def _params(self, params):
+    params = self.params if params is None else params
+    if params is None:
+      raise ValueError("this pipeline has no weights: pass params= or use "
+                       "inference.load")
+    return params
+
+  def model(self, params=None) -> nnx.Module:
+    """The backbone as an NNX module holding ``params``."""
+    return nnx.merge(self.graphdef, self._params(params))
+
+  def network(self, params=None) -> Callable:
+    """``fn(x, t, r, y)``: the backbone's forward pass."""
+    model = self.model(params)
+    return lambda x, t, r, y: model(x, t, r, y)
+
+  # --- conditioning -----------------------------------------------------------
+
+  def null(self, batch_size: int):
+    return self.conditioner.null(batch_size)
+
+  def conditions(self, prompts: Sequence[str] = (),
+                 labels: Sequence[int] = ()):
+    """(conditioning with a batch axis, the names of its rows); with
+    neither, the config's ``sample.prompts`` or ``sample.labels``."""
+    s = self.config.sample
+    if self.kind == "c2i":
+      if prompts:
+        raise ValueError("--prompt is for text-to-image models; this is a "
+                         "class-conditional model: use --labels")
+      labels = list(labels) or list(s.labels) or list(
+          range(min(s.num, self.model_config.num_classes)))
+      return (self.conditioner.from_labels(labels),
+              [str(int(l)) for l in labels])
+    if labels:
+      raise ValueError("--labels is for class-conditional models; this is a "
+                       "text-to-image model: use --prompt")
+    prompts = list(prompts) or list(s.prompts)
+    if not prompts:
+      raise ValueError("no prompt given and the config has no "
+                       "sample.prompts")
+    return self.conditioner.from_prompts(prompts), prompts
+
+  # --- sampling -----------------------------------------------------------------
+
+  def settings(self, num_steps: int, cfg_scale: Optional[float] = None,
+               guidance_interval: Optional[Sequence[float]] = None,
+               stochasticity: float = 0.0, mode: Optional[str] = None,
+               with_progress: bool = False) -> SamplerSettings:
+    """Validated settings; None means the config's ``sample.*`` value."""
+    s = self.config.sample
+    mode = mode or s.mode
+    interval = s.guidance_interval if guidance_interval is None else (
+        guidance_interval)
+    num_steps, interval = sampling.check_settings(
+        num_steps, interval, stochasticity, mode)
+    return SamplerSettings(
+        num_steps=num_steps,
+        cfg_scale=float(s.cfg_scale if cfg_scale is None else cfg_scale),
+        guidance_interval=interval, stochasticity=float(stochasticity),
+        mode=mode, with_progress=with_progress)
+
+  def compiled_sampler(self, settings: SamplerSettings) -> Callable:
+    """``fn(params, noise, cond, null, rng, call_id) -> samples``, jitted
+    once per settings (thread-safe cache)."""
+    with self._samplers_lock:
+      if settings not in self._samplers:
+        graphdef, transport = self.graphdef, self.transport
+
+        def run(params, noise, cond, null, rng, call_id):
+          model = nnx.merge(graphdef, params)
+          return sampling.sample(
+              lambda x, t, r, y: model(x, t, r, y), noise, cond, null,
+              transport=transport, num_steps=settings.num_steps,
+              cfg_scale=settings.cfg_scale,
+              guidance_interval=settings.guidance_interval,
+              stochasticity=settings.stochasticity, rng=rng,
+              mode=settings.mode,
+              progress=_report if settings.with_progress else None,
+              progress_tag=call_id if settings.with_progress else None)
+        self._samplers[settings] = jax.jit(run)
+      return self._samplers[settings]
+
+  def sample(self, noise, cond, null=None, *, num_steps: int,
+             cfg_scale: Optional[float] = None,
+             guidance_interval: Optional[Sequence[float]] = None,
+             stochasticity: float = 0.0, rng=None, mode: Optional[str] = None,
+             progress: Optional[Callable[[int], None]] = None, params=None):
+    """One sampler call on a batch of noise (a jax.Array, network space).
+
+    ``progress(step)`` is called on the host after every step of this call
+    (and only this call's). None settings take the config's ``sample.*``.
+    """
+    settings = self.settings(num_steps, cfg_scale, guidance_interval,
+                             stochasticity, mode, progress is not None)
+    fn = self.compiled_sampler(settings)
+    null = self.null(1) if null is None else null
+    rng = jax.random.key(0) if rng is None else rng
+    call_id = next(_CALL_IDS)
+    if progress is not None:
+      with _HOOKS_LOCK:
+        _HOOKS[call_id] = progress
+    try:
+      out = fn(self._params(params), noise, cond, null, rng,
+               np.int32(call_id % 2**31))
+      if progress is not None:
+        out = jax.block_until_ready(out)
+        jax.effects_barrier()  # Every step reported before the hook goes.
+      return out
+    finally:
+      if progress is not None:
+        with _HOOKS_LOCK:
+          _HOOKS.pop(call_id, None)
+
+  def generate(self, cond, *, num_steps: int, num: int = 1,
+               cfg_scale: Optional[float] = None,
+               guidance_interval: Optional[Sequence[float]] = None,
+               stochasticity: float = 0.0, seed: int = 0,
+               batch_size: int = 64, mode: Optional[str] = None,
+               image_size: Optional[int] = None, progress: bool = False,
+               desc: str = "sampling", params=None) -> np.ndarray:
+    """``num`` samples per row of ``cond`` (row-major: all of row 0 first),
+    in network space (pixels in [-1, 1] for pixel models), as numpy.
+
+    Every image's noise comes from ``seed`` and its index, whatever the
+    batch size. Batches have a fixed size (the last one is padded), so the
+    sampler compiles once.
+    """
+    settings = self.settings(num_steps, cfg_scale, guidance_interval,
+                             stochasticity, mode)
+    if num < 1:
+      raise ValueError(f"num must be >= 1, got {num}")
+    size = int(image_size or self.config.sample.image_size)
+    rows = jax.tree.leaves(cond)[0].shape[0]
+    total = rows * num
+    index = np.repeat(np.arange(rows), num)
+    all_cond = jax.tree.map(lambda c: np.asarray(c)[index], cond)
+    shape = (size, size, self.model_config.in_channels)
+    base = jax.random.key(seed)
+    noise_all = jax.vmap(lambda i: jax.random.normal(
+        jax.random.fold_in(base, i), shape))(np.arange(total))
+    bs = min(int(batch_size), total)
+    null = self.null(1)
+
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      batches = -(-total // bs)
+      bar = tqdm(total=batches * settings.num_steps, desc=desc, unit="step",
+                 leave=False)
+    update = (lambda _: bar.update(1)) if bar is not None else None
+    out = []
+    try:
+      for start in range(0, total, bs):
+        stop = min(start + bs, total)
+        pad = bs - (stop - start)
+        take = np.concatenate([np.arange(start, stop),
+                               np.full(pad, stop - 1, np.int64)])
+        batch_cond = jax.tree.map(lambda c: c[take], all_cond)
+        rng = jax.random.fold_in(jax.random.key(seed + 1), start)
+        images = self.sample(
+            noise_all[take], batch_cond, null, num_steps=settings.num_steps,
+            cfg_scale=settings.cfg_scale,
+            guidance_interval=settings.guidance_interval,
+            stochasticity=settings.stochasticity, rng=rng,
+            mode=settings.mode, progress=update, params=params)
+        out.append(np.asarray(jax.device_get(images))[:bs - pad])
+    finally:
+      if bar is not None:
+        bar.close()
+    return np.concatenate(out)
+
+  # --- decoding -------------------------------------------------------------------
+
+  @property
+  def can_decode(self) -> bool:
+    return self.config.autoencoder.name == "identity"
+
+  def decode(self, x) -> np.ndarray:
+    """Network space -> images in [-1, 1]. Pixel-space models: identity."""
+    name = self.config.autoencoder.name
+    if name == "identity":
+      return np.asarray(x, np.float32)
+    raise NotImplementedError(
+        f"autoencoder {name!r} has no decoder in tim_jax yet; write the "
+        "latents and decode them elsewhere")

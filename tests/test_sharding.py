@@ -71,8 +71,64 @@ def test_mesh_shapes():
     sharding.make_mesh({"data": n + 1})
 
 
-def test_rules_cover_every_logical_axis():
-  rules = sharding.complete_rules(sharding.DEFAULT_RULES)
-  assert {r[0] for r in rules} >= set(sharding.LOGICAL_AXES)
+def _abstract_params(hidden_size):
+  import train_utils
+  from flax import nnx
+
+  from tim_jax import builders
+  config = train_utils.tiny_t2i()
+  config.model.network.hidden_size = hidden_size
+  config.model.network.num_heads = 1  # RoPE: head_dim divisible by 4.
+  return nnx.state(nnx.eval_shape(lambda: builders.new_model(config)),
+                   nnx.Param)
+
+
+def test_rules_cover_every_logical_axis_of_the_model():
+  import jax
+  from flax import nnx
+  params = _abstract_params(32)
+  names = {n for v in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+           for n in sharding.logical_names(v)}
+  assert {"embed", "mlp", "heads", "adaln"} <= names
+  rules = sharding.complete_rules(sharding.DEFAULT_RULES, names)
+  assert {r[0] for r in rules} >= names
+  assert dict(rules)["adaln"] is None and dict(rules)["embed"] == "fsdp"
   with pytest.raises(ValueError, match="unknown mesh axis"):
     sharding.complete_rules([("embed", "model")])
+
+
+FALLBACK_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import jax
+import test_sharding
+from tim_jax import sharding
+mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
+params = test_sharding._abstract_params({hidden})
+for _ in range(2):  # Logged once, however often the shardings are built.
+  out = sharding.state_shardings(params, mesh, sharding.DEFAULT_RULES)
+kernel = out["blocks"][0]["mlp"]["fc1_g"]["kernel"]
+print("SPEC", kernel.spec)
+"""
+
+
+@pytest.mark.parametrize("hidden", [32, 36])
+def test_sharding_fallbacks_are_logged_once_by_name(hidden):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run(
+      [sys.executable, "-c", FALLBACK_SCRIPT.format(tests=HERE,
+                                                    hidden=hidden)],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [l for l in out.stderr.splitlines() if "sharding fallback" in l]
+  spec = [l for l in out.stdout.splitlines() if l.startswith("SPEC")][0]
+  if hidden == 32:  # 8 divides every embed dimension: nothing to say.
+    assert not lines
+    assert "fsdp" in spec
+  else:  # 36 rows over 8 devices: replicated, and said so by name.
+    assert "fsdp" not in spec
+    fc1 = [l for l in lines if "blocks/0/mlp/fc1_g/kernel" in l]
+    assert len(fc1) == 1, lines
+    assert "(36, " in fc1[0] and "'embed'" in fc1[0] and "'fsdp'" in fc1[0]

@@ -40,8 +40,6 @@ def schedule(config, global_batch: int, total_steps: int):
 
 def make(config, global_batch: int, total_steps: int):
   """An optax GradientTransformation for ``config`` (``config.optimizer``)."""
-  if config.get("name", "adamw") != "adamw":
-    raise ValueError(f"optimizer.name must be 'adamw', got {config.name!r}")
   parts = []
   if config.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(float(config.grad_clip)))

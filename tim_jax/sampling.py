@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax import numerics
 from tim_jax import transports as transports_lib
 
 PyTree = Any
@@ -124,7 +125,7 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
     raise ValueError("stochasticity > 0 needs rng")
   plan = step_schedule(transport, num_steps, cfg_scale, guidance_interval,
                        stochasticity, mode)
-  state_dtype = jnp.promote_types(noise.dtype, jnp.float32)
+  state_dtype = numerics.wide(noise.dtype)
   time_dtype = (jnp.float64 if jax.config.read("jax_enable_x64")
                 else jnp.float32)
   batch = noise.shape[0]

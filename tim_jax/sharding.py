@@ -12,18 +12,13 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 import jax
+from absl import logging
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-# Every logical axis name the backbone uses; a name the rules leave out is
-# replicated.
-LOGICAL_AXES = ("embed", "mlp", "heads", "qkv", "kv", "adaln", "modulation",
-                "vocab", "cap", "freq", "out", "head_dim", "patch_h",
-                "patch_w", "channels", "proj_hidden", "proj_out", "norm")
 
 # FSDP over the model width, tensor parallelism over the wide projections.
 DEFAULT_RULES = (
@@ -64,52 +59,100 @@ def make_mesh(shape: Mapping[str, int],
   return Mesh(grid, MESH_AXES)
 
 
-def complete_rules(rules: Iterable[Tuple[str, object]]):
-  """The config's rules plus ``(name, None)`` for every other logical axis,
-  so no logical name survives into a PartitionSpec."""
+def logical_names(variable) -> tuple:
+  """The logical axis names an nnx Variable carries (empty if none)."""
+  meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+  for key in ("out_sharding", "sharding_names", "sharding"):
+    names = meta.get(key)
+    if names:
+      return tuple(names)
+  return ()
+
+
+def _is_variable(x):
+  return isinstance(x, nnx.Variable)
+
+
+def complete_rules(rules: Iterable[Tuple[str, object]],
+                   names: Iterable[str] = ()):
+  """The config's rules plus ``(name, None)`` for every logical name in
+  ``names`` they leave out, so no logical name survives into a
+  PartitionSpec. Rules naming an unknown mesh axis are refused."""
   rules = [tuple(r) for r in rules]
-  named = {r[0] for r in rules}
   for name, target in rules:
     targets = target if isinstance(target, (tuple, list)) else (target,)
     for t in targets:
       if t is not None and t not in MESH_AXES:
         raise ValueError(f"rule ({name!r}, {target!r}) names an unknown mesh"
                          f" axis; use {MESH_AXES}")
-  return tuple(rules) + tuple((n, None) for n in LOGICAL_AXES
-                              if n not in named)
+  named = {r[0] for r in rules}
+  return tuple(rules) + tuple((n, None) for n in sorted(set(names) - named)
+                              if n is not None)
 
 
 def _is_spec(x):
   return isinstance(x, P)
 
 
-def _fit(spec: P, shape, mesh: Mesh) -> P:
+def _fit(spec: P, shape, mesh: Mesh):
   """Drops mesh axes that do not divide the dimension (small layers, odd
-  widths): those dimensions are replicated instead of failing."""
-  out = []
+  widths): those dimensions are replicated instead of failing. Returns the
+  spec and (dimension, mesh axes, size) of each dropped axis."""
+  out, dropped = [], []
   for i, axis in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axis is None:
       out.append(None)
       continue
     axes = axis if isinstance(axis, tuple) else (axis,)
     size = int(np.prod([mesh.shape[a] for a in axes]))
-    out.append(axis if shape[i] % size == 0 else None)
-  return P(*out)
+    if shape[i] % size == 0:
+      out.append(axis)
+    else:
+      out.append(None)
+      dropped.append((i, axis, size))
+  return P(*out), dropped
+
+
+_LOGGED_FALLBACKS = set()  # Each fallback is logged once per process.
+
+
+def _log_fallback(path: str, shape, names, dropped, mesh: Mesh):
+  for dim, axis, size in dropped:
+    key = (path, tuple(shape), dim, str(axis), size)
+    if key in _LOGGED_FALLBACKS:
+      continue
+    _LOGGED_FALLBACKS.add(key)
+    logical = names[dim] if dim < len(names) else None
+    logging.warning(
+        "sharding fallback: %s %s dimension %d (logical %r) is not divisible "
+        "by mesh axis %r of size %d (mesh %s); it is replicated", path,
+        tuple(shape), dim, logical, axis, size, dict(mesh.shape))
 
 
 def state_shardings(abstract_tree, mesh: Mesh, rules):
   """NamedShardings for a pytree whose nnx Variables carry logical names.
 
-  Leaves without names (step counters, keys) are replicated.
+  Leaves without names (step counters, keys) are replicated. A rule that
+  cannot apply (its mesh axis does not divide the dimension) is dropped for
+  that parameter and logged once, naming the parameter.
   """
-  with nnx.logical_axis_rules(complete_rules(rules)):
+  variables = jax.tree.leaves(abstract_tree, is_leaf=_is_variable)
+  names = {n for v in variables if _is_variable(v) for n in logical_names(v)}
+  with nnx.logical_axis_rules(complete_rules(rules, names)):
     specs = nnx.get_partition_spec(abstract_tree)
   flat_specs = jax.tree.leaves(specs, is_leaf=_is_spec)
-  flat_leaves = jax.tree.leaves(abstract_tree)
-  if len(flat_specs) != len(flat_leaves):
+  with_paths = jax.tree_util.tree_flatten_with_path(
+      abstract_tree, is_leaf=_is_variable)[0]
+  if len(flat_specs) != len(with_paths):
     raise AssertionError("partition specs do not match the state's leaves")
-  shardings = [NamedSharding(mesh, _fit(s, leaf.shape, mesh))
-               for s, leaf in zip(flat_specs, flat_leaves)]
+  shardings = []
+  for spec, (path, leaf) in zip(flat_specs, with_paths):
+    fitted, dropped = _fit(spec, leaf.shape, mesh)
+    if dropped:
+      _log_fallback(jax.tree_util.keystr(path, simple=True, separator="/"),
+                    leaf.shape, logical_names(leaf) if _is_variable(leaf)
+                    else (), dropped, mesh)
+    shardings.append(NamedSharding(mesh, fitted))
   return jax.tree.unflatten(jax.tree.structure(specs, is_leaf=_is_spec),
                             shardings)
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from tim_jax import numerics
 from tim_jax import transports as transports_lib
 
 Array = jax.Array
@@ -36,11 +37,6 @@ WEIGHT_TIME_TYPES = ("constant", "reciprocal", "sqrt", "square",
 def _bcast(t, x):
   """(B,) -> (B, 1, ..., 1) broadcastable against x."""
   return jnp.reshape(t, t.shape + (1,) * (x.ndim - t.ndim))
-
-
-def _wide(dtype):
-  """float32, or float64 where the inputs already are."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _rows(tree, groups, start, stop):
@@ -86,7 +82,7 @@ def time_derivative(fn: Callable, x: Array, z: Array, t: Array, r: Array, *,
       return call(x_tt, transport.c_noise(tt), r_in)
     ts = jnp.stack([t + epsilon, t - epsilon])
     out = jax.vmap(at)(ts)
-    out = out.astype(_wide(out.dtype))
+    out = out.astype(numerics.wide(out.dtype))
     return (out[0] - out[1]) / (2.0 * epsilon)
   if derivative == "jvp":
     t_b = _bcast(t, x)
@@ -96,7 +92,7 @@ def time_derivative(fn: Callable, x: Array, z: Array, t: Array, r: Array, *,
     def f(x_in, t_in):
       return call(x_in, transport.c_noise(t_in), r_in)
     _, d_f = jax.jvp(f, (x_t, t), (v_t, jnp.ones_like(t)))
-    return d_f.astype(_wide(d_f.dtype))
+    return d_f.astype(numerics.wide(d_f.dtype))
   raise ValueError(f"derivative must be one of {DERIVATIVES}, got "
                    f"{derivative!r}")
 
@@ -135,7 +131,7 @@ def target(fn: Callable, x: Array, z: Array, t: Array, r: Array,
     raise ValueError(f"num_diffusion={num_diffusion} must lie in "
                      f"[0, {per_group}]")
   if num_diffusion == per_group:
-    d_f = jnp.zeros(x.shape, _wide(x.dtype))
+    d_f = jnp.zeros(x.shape, numerics.wide(x.dtype))
   else:
     sel = lambda tree: _rows(tree, groups, num_diffusion, None)
     sub_t, sub_r = sel(t), sel(r)
@@ -300,7 +296,7 @@ def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
   n_d, n_c = config.counts(batch)
   per = batch // config.groups
   k_time, k_noise = jax.random.split(rng)
-  dtype = _wide(x.dtype)
+  dtype = numerics.wide(x.dtype)
   t, r = sample_t_and_r(k_time, batch, transport, config, dtype)
   z = jax.random.normal(k_noise, x.shape, dtype)
   t_b = _bcast(t, x)

@@ -347,12 +347,14 @@ class VE(Transport):
     return t - r
 
 
+# Lower-case keys only: ``get`` lower-cases the name, so the official class
+# names (OT_FM, TrigFlow, EDM, VP_SDE, VE_SDE) find their entries here.
 _REGISTRY = {
-    "ot_fm": OTFM, "otfm": OTFM, "ot-fm": OTFM, "OT_FM": OTFM,
-    "trigflow": TrigFlow, "TrigFlow": TrigFlow,
-    "edm": EDM, "EDM": EDM,
-    "vp": VP, "vp_sde": VP, "VP_SDE": VP,
-    "ve": VE, "ve_sde": VE, "VE_SDE": VE,
+    "ot_fm": OTFM, "otfm": OTFM, "ot-fm": OTFM,
+    "trigflow": TrigFlow,
+    "edm": EDM,
+    "vp": VP, "vp_sde": VP,
+    "ve": VE, "ve_sde": VE,
 }
 
 # Official constructor arguments that name a field differently here.
@@ -366,7 +368,7 @@ LOSS_ONLY_PARAMS = ("enhance_target", "w_gt", "w_cond", "w_start", "w_end")
 
 
 def names():
-  return sorted({k for k in _REGISTRY if k == k.lower()})
+  return sorted(_REGISTRY)
 
 
 def get(name: str, **params: Any) -> Transport:
@@ -377,7 +379,7 @@ def get(name: str, **params: Any) -> Transport:
   ``VP_SDE``, ``VE_SDE``). ``params`` are the transport's fields; the official
   spellings (``epsilon_t``, ``sigma_min``, ``sigma_max``) are accepted too.
   """
-  cls = _REGISTRY.get(name) or _REGISTRY.get(name.lower())
+  cls = _REGISTRY.get(name.lower())
   if cls is None:
     raise ValueError(
         f"unknown transport {name!r}; choose one of {names()} (or the official"

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tim_jax import numerics
+
 Array = jax.Array
 
 xavier = nnx.initializers.xavier_uniform()
@@ -38,10 +40,6 @@ def logical(init, *names):
   where the trainer builds the model under its mesh and rules.
   """
   return nnx.with_partitioning(init, names, eager_sharding=False)
-
-
-def wide(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 class Linear(nnx.Linear):
@@ -86,7 +84,7 @@ class LayerNorm(nnx.Module):
                                                   param_dtype))
 
   def __call__(self, x):
-    h = x.astype(wide(x.dtype))
+    h = x.astype(numerics.wide(x.dtype))
     mean = jnp.mean(h, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
     h = (h - mean) * jax.lax.rsqrt(var + self.eps)
@@ -272,7 +270,7 @@ class SelfAttention(nnx.Module):
     q, k, v = (_heads(a, self.num_heads) for a in jnp.split(qkv, 3, axis=-1))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    rd = wide(u.dtype)
+    rd = numerics.wide(u.dtype)
     cos, sin = cos.astype(rd), sin.astype(rd)
     q = apply_rope(q.astype(rd), cos, sin).astype(v.dtype)
     k = apply_rope(k.astype(rd), cos, sin).astype(v.dtype)
@@ -305,7 +303,7 @@ class CrossAttention(nnx.Module):
             for a in jnp.split(self.kv(y), 2, axis=-1))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    rd = wide(u.dtype)
+    rd = numerics.wide(u.dtype)
     q = apply_rope(q.astype(rd), cos.astype(rd), sin.astype(rd)).astype(
         v.dtype)
     out = attention(q, k.astype(v.dtype), v, self.attention_impl)
@@ -380,7 +378,7 @@ class FinalLayer(nnx.Module):
     self.norm_final = LayerNorm(dim, affine=False, eps=1e-6, rngs=rngs)
     self.linear = Linear(dim, patch_size * patch_size * out_channels,
                          ("embed", "out"), kernel_init=zeros,
-                         dtype=wide(dtype), param_dtype=param_dtype,
+                         dtype=numerics.wide(dtype), param_dtype=param_dtype,
                          rngs=rngs)
     self.adaLN_modulation = SwiGLU(
         dim, dim // 2, 2 * dim, ("embed", "adaln", "modulation"),

@@ -92,10 +92,6 @@ class TiMConfig:
   def num_label_rows(self):
     return self.num_classes + (1 if self.class_dropout_prob > 0 else 0)
 
-  @property
-  def null_label(self):
-    return self.num_classes
-
 
 class TiM(nnx.Module):
   """The TiM transformer (spec §3)."""

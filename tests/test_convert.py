@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from golden_utils import CASES, GOLDEN, Golden, nchw, rel_err
-from tim_jax import convert, models
+from tim_jax import convert, models, torch_weights
 
 
 def _official(name):
@@ -113,6 +113,7 @@ def test_torch_pickle_is_read_when_torch_is_present(tmp_path):
 
 def test_wrapped_and_prefixed_state_dicts_unwrap():
   sd = {"module.a.weight": np.ones(2), "module.b.bias": np.zeros(1)}
-  assert sorted(convert._unwrap({"model": sd})) == ["a.weight", "b.bias"]
+  assert sorted(torch_weights.unwrap({"model": sd})) == ["a.weight",
+                                                         "b.bias"]
   with pytest.raises(ValueError, match="no state_dict"):
-    convert._unwrap({"optimizer": {"lr": {"x": 1}}})
+    torch_weights.unwrap({"optimizer": {"lr": {"x": 1}}})

@@ -216,7 +216,7 @@ def test_source_rejects_bad_arguments():
 # --- text --------------------------------------------------------------------
 
 def test_tokenizer_round_trip_unknown_words_and_truncation():
-  tok = text.Tokenizer()
+  tok = shapes.tokenizer()
   assert tok.vocab_size == len(shapes.VOCABULARY) + 2
   src = shapes.ShapesSource(seed=7)
   captions = [src[i]["caption"] for i in range(200)]
@@ -242,7 +242,7 @@ def test_tokenizer_round_trip_unknown_words_and_truncation():
 
 
 def test_caption_encoder():
-  tok = text.Tokenizer()
+  tok = shapes.tokenizer()
   L, D = shapes.MAX_CAPTION_WORDS, 32
   enc = text.CaptionEncoder(tok.vocab_size, L, D, seed=0)
   captions = ["a red circle at the top left",

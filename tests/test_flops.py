@@ -178,7 +178,7 @@ def test_flow_matching_step(name):
   counted = xla_flops(jax.grad(loss), params, a["x"], a["t"], a["t"],
                       a["y"])
   _check(name, "fm_step (grad)", flops.step_flops(*_geometry(name),
-                                                  kind="fm_step"), counted)
+                                                  step="fm_step"), counted)
 
 
 def _target(name, derivative, n):
@@ -234,7 +234,7 @@ def test_tim_loss_step(name, derivative):
     return transition.loss(fn, x, y, key, transport=OT_FM, config=config)
   counted = xla_flops(jax.value_and_grad(loss, has_aux=True), params,
                       a["x"], a["y"], jax.random.key(0))
-  ours = flops.step_flops(*_geometry(name), kind=f"tim_{derivative}_step",
+  ours = flops.step_flops(*_geometry(name), step=f"tim_{derivative}_step",
                           diffusion_share=config.diffusion_ratio)
   _check(name, f"tim_{derivative}_step (loss+grad)", ours, counted)
 
@@ -270,18 +270,18 @@ def test_sampler(name):
   assert plan["guided"].tolist() == [False, False, True, True]
 
   whole = _sampler_flops(name, 4, (0.0, 0.7))
-  one_body = flops.step_flops(config, b, h, w, m, kind="sample", num_steps=1,
+  one_body = flops.step_flops(config, b, h, w, m, step="sample", num_steps=1,
                               guided_steps=1)
   _check(name, "sample x4 as XLA counts it", one_body, whole)
 
   plain_step = _sampler_flops(name, 1, (0.0, 0.7))   # t = 1: unguided.
   guided_step = _sampler_flops(name, 1, (0.0, 1.5))  # 1 < 1.5: guided.
   _check(name, "sampler step, plain",
-         flops.step_flops(config, b, h, w, m, kind="sample"), plain_step)
+         flops.step_flops(config, b, h, w, m, step="sample"), plain_step)
   _check(name, "sampler step, guided",
-         flops.step_flops(config, b, h, w, m, kind="sample", guided_steps=1),
+         flops.step_flops(config, b, h, w, m, step="sample", guided_steps=1),
          guided_step)
-  ours = flops.step_flops(config, b, h, w, m, kind="sample", num_steps=4,
+  ours = flops.step_flops(config, b, h, w, m, step="sample", num_steps=4,
                           guided_steps=2)
   _check(name, "sample x4, sum of steps", ours,
          2 * plain_step + 2 * guided_step)
@@ -293,23 +293,23 @@ def test_sampler(name):
 def test_step_kinds():
   config, b, h, w, m = _geometry(T2I)
   f = flops.forward_flops(config, b, h, w, m)["total"]
-  step = functools.partial(flops.step_flops, config, b, h, w, m)
-  assert step(kind="forward") == f
-  assert step(kind="fm_step") == 3 * f
-  assert step(kind="sample", num_steps=4, guided_steps=2) == 6 * f
-  assert step(kind="tim_dde_step") == 3 * f + flops.dde_flops(
+  count = functools.partial(flops.step_flops, config, b, h, w, m)
+  assert count(step="forward") == f
+  assert count(step="fm_step") == 3 * f
+  assert count(step="sample", num_steps=4, guided_steps=2) == 6 * f
+  assert count(step="tim_dde_step") == 3 * f + flops.dde_flops(
       config, b // 2, h, w, m)
-  assert step(kind="tim_jvp_step") == 3 * f + flops.jvp_flops(
+  assert count(step="tim_jvp_step") == 3 * f + flops.jvp_flops(
       config, b // 2, h, w, m)
   # All rows diffusion rows: no derivative pass.
-  assert step(kind="tim_dde_step", diffusion_share=1.0) == 3 * f
+  assert count(step="tim_dde_step", diffusion_share=1.0) == 3 * f
   # ~2 forwards per derivative pass.
   assert 1.8 < flops.jvp_flops(config, b, h, w, m) / f < 2.2
   assert 1.8 < flops.dde_flops(config, b, h, w, m) / f <= 2.0
   with pytest.raises(ValueError):
-    step(kind="backward")
+    count(step="backward")
   with pytest.raises(ValueError):
-    step(kind="sample", num_steps=2, guided_steps=3)
+    count(step="sample", num_steps=2, guided_steps=3)
   # Linear in the batch; c2i has no cross-attention, t2i has.
   assert flops.forward_flops(config, 2 * b, h, w, m)["total"] == 2 * f
   assert flops.forward_flops(*_geometry(C2I))["cross_attention"] == 0
@@ -344,8 +344,8 @@ def test_xl2_256_forward():
   assert total / 2 == pytest.approx(dit_macs, rel=0.01)
   # Backward = 2x forward: a flow-matching step is 3 forwards; a TiM DDE
   # step with half the rows diffusion rows adds 2 forwards of half a batch.
-  assert flops.step_flops(config, 1, 32, 32, kind="fm_step") == 3 * total
-  assert flops.step_flops(config, 2, 32, 32, kind="tim_dde_step") == (
+  assert flops.step_flops(config, 1, 32, 32, step="fm_step") == 3 * total
+  assert flops.step_flops(config, 2, 32, 32, step="tim_dde_step") == (
       pytest.approx(8 * total))
   # With the REPA projector (2 x 2048 hidden, 768 out) on the 256 tokens.
   proj = flops.forward_flops(config, 1, 32, 32, projection=True)["projector"]

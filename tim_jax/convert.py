@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -27,11 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tim_jax import models
+from tim_jax import models, torch_weights
 
 TOLERATED_MISSING = ("projector.",)
-_WRAPPER_KEYS = ("ema", "model", "state_dict", "module", "params")
-_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 @dataclasses.dataclass
@@ -75,22 +72,6 @@ def official_name(path: Tuple) -> str:
   return ".".join(parts + [_LEAF[leaf]])
 
 
-def _to_ours(leaf: str, array: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and array.ndim == 2:
-    return array.T
-  if leaf == "kernel" and array.ndim == 4:
-    return array.transpose(2, 3, 1, 0)
-  return array
-
-
-def _to_official(leaf: str, array: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and array.ndim == 2:
-    return array.T
-  if leaf == "kernel" and array.ndim == 4:
-    return array.transpose(3, 2, 0, 1)
-  return array
-
-
 def _param_leaves(model: nnx.Module):
   """[(path tuple, array)] of the model's parameters."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -101,8 +82,10 @@ def to_official(model: nnx.Module) -> Dict[str, np.ndarray]:
   """The model's parameters as an official state_dict of numpy arrays."""
   out = {}
   for path, value in _param_leaves(model):
-    out[official_name(path)] = np.ascontiguousarray(
-        _to_official(str(path[-1]), np.asarray(value)))
+    array = np.asarray(value)
+    if str(path[-1]) == "kernel":  # Embedding tables keep their layout.
+      array = torch_weights.kernel_to_torch(array)
+    out[official_name(path)] = np.ascontiguousarray(array)
   return out
 
 
@@ -120,14 +103,18 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
     if name not in sd:
       missing.append(name)
       continue
-    leaf = str(path[-1])
-    array = _to_ours(leaf, np.asarray(sd.pop(name)))
+    kernel = str(path[-1]) == "kernel"
+    array = np.asarray(sd.pop(name))
+    if kernel:
+      array = torch_weights.kernel_from_torch(array)
     if array.shape != tuple(value.shape):
+      expected = (torch_weights.torch_shape(value.shape) if kernel
+                  else tuple(value.shape))
       raise ValueError(
           f"shape mismatch for {name!r}: the checkpoint has "
           f"{np.asarray(state_dict[name]).shape} (official layout), the model "
-          f"expects {_to_official(leaf, np.zeros(value.shape)).shape}"
-          " — does the network config match the checkpoint?")
+          f"expects {expected} — does the network config match the "
+          "checkpoint?")
     new_values[path] = jnp.asarray(array, dtype=value.dtype)
     loaded.append(name)
   hard_missing = [m for m in missing if not m.startswith(TOLERATED_MISSING)]
@@ -143,49 +130,13 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   return LoadReport(loaded=loaded, missing=missing, unexpected=sorted(sd))
 
 
-def _unwrap(obj):
-  """Takes the state_dict out of common training-checkpoint wrappers."""
-  while isinstance(obj, Mapping) and not any(
-      hasattr(v, "shape") for v in obj.values()):
-    for key in _WRAPPER_KEYS:
-      if key in obj:
-        obj = obj[key]
-        break
-    else:
-      raise ValueError(f"no state_dict found in the checkpoint; top-level "
-                       f"keys: {sorted(obj)[:10]}")
-  out = {}
-  for k, v in obj.items():
-    for prefix in _PREFIXES:
-      if k.startswith(prefix):
-        k = k[len(prefix):]
-    out[k] = v
-  return out
-
-
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads ``.safetensors`` or a torch-pickled state_dict (``.bin``,
-  ``.pt``, ``.pth``) into float32 numpy arrays."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no checkpoint at {path!r}")
-  if path.endswith(".safetensors"):
-    from safetensors import safe_open
-    out = {}
-    with safe_open(path, framework="flax") as f:
-      for key in f.keys():
-        out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
-    return _unwrap(out)
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(
-        f"reading {path!r} (a torch-pickled checkpoint) needs PyTorch, which "
-        "is not installed: `pip install torch` (CPU build is enough), or "
-        "convert the file to .safetensors elsewhere") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
-  obj = _unwrap(obj)
-  return {k: v.detach().float().numpy() for k, v in obj.items()
-          if hasattr(v, "detach")}
+  ``.pt``, ``.pth``) into float32 numpy arrays (training wrappers such as
+  ``{"ema": ...}`` and ``module.`` prefixes removed)."""
+  hint = "Or convert the file to .safetensors where PyTorch is installed."
+  return {k: np.asarray(v, np.float32) for k, v in torch_weights.read(
+      path, missing_torch_hint=hint).items()}
 
 
 def load_official(path: str, kind: str, network: Mapping[str, Any], *,

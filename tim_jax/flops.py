@@ -38,7 +38,7 @@ needs care: XLA costs a ``while`` loop (``lax.scan``, e.g. the sampler's
 steps) as ONE pass of its body, whatever the trip count, and a
 ``conditional`` (``lax.cond``, the sampler's guided/plain step) as the
 larger of its branches. The compiled 4-step sampler with 2 guided steps
-thus reports ~2 F, not 6 F; ``step_flops(kind="sample")`` gives the real
+thus reports ~2 F, not 6 F; ``step_flops(step="sample")`` gives the real
 cost.
 """
 
@@ -49,7 +49,7 @@ from typing import Dict
 from tim_jax.models import layers
 from tim_jax.models.tim import TiMConfig
 
-KINDS = ("forward", "fm_step", "tim_dde_step", "tim_jvp_step", "sample")
+STEPS = ("forward", "fm_step", "tim_dde_step", "tim_jvp_step", "sample")
 COMPONENTS = ("patch_embed", "embedders", "self_attention", "cross_attention",
               "mlp", "adaln", "final", "projector")
 
@@ -234,7 +234,7 @@ def jvp_flops(config: TiMConfig, rows: int, height: int, width: int,
 
 
 def step_flops(config: TiMConfig, batch: int, height: int, width: int,
-               caption_len: int = 0, *, kind: str,
+               caption_len: int = 0, *, step: str,
                diffusion_share: float = 0.5, num_steps: int = 1,
                guided_steps: int = 0, projection: bool = False) -> float:
   """Model FLOPs of one training step or one sampling run.
@@ -242,7 +242,7 @@ def step_flops(config: TiMConfig, batch: int, height: int, width: int,
   The backward pass counts as 2x the forward (the standard 6N rule), so a
   gradient step over the full batch is 3 forwards.
 
-  kind:
+  step:
     ``"forward"``: one forward of the batch.
     ``"fm_step"``: a flow-matching step, forward + backward = 3 F(B).
     ``"tim_dde_step"``: ``transition.loss`` with the DDE derivative:
@@ -262,21 +262,21 @@ def step_flops(config: TiMConfig, batch: int, height: int, width: int,
   ``projection``: the training forward also computes the REPA projection
   (the target's passes discard it, so it is dead code there).
   """
-  if kind not in KINDS:
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  if step not in STEPS:
+    raise ValueError(f"step must be one of {STEPS}, got {step!r}")
   f = forward_flops(config, batch, height, width, caption_len,
                     projection=projection)["total"]
-  if kind == "forward":
+  if step == "forward":
     return f
-  if kind == "fm_step":
+  if step == "fm_step":
     return 3 * f
-  if kind == "sample":
+  if step == "sample":
     if not 0 <= guided_steps <= num_steps:
       raise ValueError(f"guided_steps={guided_steps} must lie in "
                        f"[0, num_steps={num_steps}]")
     plain = forward_flops(config, batch, height, width, caption_len)["total"]
     return (num_steps + guided_steps) * plain
   rows = _derivative_rows(batch, diffusion_share)
-  if kind == "tim_dde_step":
+  if step == "tim_dde_step":
     return 3 * f + dde_flops(config, rows, height, width, caption_len)
   return 3 * f + jvp_flops(config, rows, height, width, caption_len)

@@ -61,8 +61,8 @@ def conditioner(config):
         int(config.model.network.num_classes), drop)
   d = config.data
   if _check(config) == "shapes":
-    from tim_jax.data import text
-    tokenizer = text.Tokenizer()
+    from tim_jax.data import shapes, text
+    tokenizer = shapes.tokenizer()
     encoder = text.CaptionEncoder(tokenizer.vocab_size, d.max_caption_len,
                                   int(config.model.network.cap_feat_dim),
                                   seed=d.caption_seed)

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tim_jax.data import text
+
 # (name, RGB in [0, 1]). Hues far apart and all bright against the dark
 # background, so a colour can be read back from a single pixel.
 _COLOUR_TABLE = (
@@ -227,6 +229,12 @@ def attributes(s: Scene) -> np.ndarray:
 KINDS = ("t2i", "c2i")
 
 
+def tokenizer() -> text.Tokenizer:
+  """The word tokenizer of the shapes captions (its vocabulary is
+  ``VOCABULARY``, in order)."""
+  return text.Tokenizer(VOCABULARY)
+
+
 class ShapesSource:
   """Random-access source of shapes examples (``grain.MapDataset.source``).
 
@@ -259,9 +267,7 @@ class ShapesSource:
     self.length = int(length)
     self.max_caption_len = int(max_caption_len)
     self.num_objects = (1, 2) if kind == "t2i" else (1,)
-    # Imported here: text builds its vocabulary from this module.
-    from tim_jax.data import text  # pylint: disable=g-import-not-at-top
-    self.tokenizer = text.Tokenizer() if kind == "t2i" else None
+    self.tokenizer = tokenizer() if kind == "t2i" else None
 
   def __len__(self) -> int:
     return self.length

@@ -1,6 +1,7 @@
-"""Text for the built-in shapes data: a word tokenizer and a frozen encoder.
+"""Text for closed-vocabulary captions: a word tokenizer and a frozen encoder.
 
-The shapes captions come from a closed grammar (``shapes.VOCABULARY``), so a
+The built-in shapes captions come from a closed grammar (its words are
+``shapes.VOCABULARY``; ``shapes.tokenizer()`` builds the tokenizer), so a
 word-level tokenizer covers them exactly. ``CaptionEncoder`` stands in for a
 real text encoder (T5, Gemma, ...): it has no trained parameters, only a
 fixed random word table and sinusoidal positions, which is enough for a
@@ -17,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax.data import shapes
 
 PAD_ID = 0
 UNK_ID = 1
@@ -31,13 +31,10 @@ def split_words(text: str) -> list[str]:
 
 
 class Tokenizer:
-  """Word ids: 0 pad, 1 unknown word, then ``words`` in order.
+  """Word ids: 0 pad, 1 unknown word, then ``words`` in order."""
 
-  ``words`` defaults to the shapes grammar's vocabulary.
-  """
-
-  def __init__(self, words: Sequence[str] | None = None):
-    words = tuple(shapes.VOCABULARY if words is None else words)
+  def __init__(self, words: Sequence[str]):
+    words = tuple(words)
     for w in words:
       # A word that split_words would change could never be matched.
       if split_words(w) != [w]:

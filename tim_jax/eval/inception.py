@@ -36,6 +36,7 @@ from flax import nnx
 from safetensors import numpy as safetensors_numpy
 from tqdm.auto import tqdm
 
+from tim_jax import torch_weights
 from tim_jax.eval import fid
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
@@ -419,29 +420,6 @@ def _torch_key(path: Sequence[Any]) -> str:
   return ".".join(modules + [_LEAF_TO_TORCH[leaf]])
 
 
-def _to_torch_layout(array: np.ndarray) -> np.ndarray:
-  if array.ndim == 4:  # conv (kh, kw, I, O) -> (O, I, kh, kw)
-    return array.transpose(3, 2, 0, 1)
-  if array.ndim == 2:  # linear (in, out) -> (out, in)
-    return array.T
-  return array
-
-
-def _from_torch_layout(array: np.ndarray) -> np.ndarray:
-  if array.ndim == 4:
-    return array.transpose(2, 3, 1, 0)
-  if array.ndim == 2:
-    return array.T
-  return array
-
-
-def _torch_shape(shape: Sequence[int]) -> Tuple[int, ...]:
-  shape = tuple(shape)
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  return shape[::-1] if len(shape) == 2 else shape
-
-
 def _model_variables(model: nnx.Module):
   """{torch key: (nnx path, variable)} of every weight and BN statistic."""
   flat = nnx.to_flat_state(nnx.state(model, _VARIABLES))
@@ -487,7 +465,7 @@ def state_dict(model: InceptionV3) -> Dict[str, np.ndarray]:
   order = [k for k in FID_INCEPTION_SHAPES if k in variables]
   order += [k for k in variables if k not in FID_INCEPTION_SHAPES]
   return {k: np.ascontiguousarray(
-      _to_torch_layout(np.asarray(variables[k][1].get_value())))
+      torch_weights.kernel_to_torch(np.asarray(variables[k][1].get_value())))
           for k in order}
 
 
@@ -501,10 +479,10 @@ def load_state_dict(model: InceptionV3,
   """
   variables = _model_variables(model)
   check_state_dict(state_dict, {
-      k: _torch_shape(var.get_value().shape)
+      k: torch_weights.torch_shape(var.get_value().shape)
       for k, (_, var) in variables.items()})
   for key, (_, var) in variables.items():
-    array = _from_torch_layout(np.asarray(state_dict[key]))
+    array = torch_weights.kernel_from_torch(np.asarray(state_dict[key]))
     var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
   return model
 
@@ -512,45 +490,17 @@ def load_state_dict(model: InceptionV3,
 # --------------------------------------------------------------------------
 # Weight files.
 
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-
-
 def read_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
   """A state dict of numpy arrays from a weight file.
 
   ``.pth``/``.pt``/``.bin`` are read with torch (``weights_only=True``),
-  ``.safetensors`` and ``.npz`` without it. ``num_batches_tracked`` entries
-  are dropped.
+  ``.safetensors`` and ``.npz`` without it (``tim_jax.torch_weights``).
+  ``num_batches_tracked`` entries are dropped.
   """
-  path = os.fspath(path)
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix in _TORCH_SUFFIXES:
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-          f"reading {path!r} needs PyTorch (pip install torch; the CPU build "
-          "is enough). Without it, convert the file once where torch is "
-          "installed: python -m tim_jax.eval.inception convert "
-          f"{os.path.basename(path)} fid_inception.safetensors") from e
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, Mapping):
-      raise ValueError(f"{path!r} holds a {type(raw).__name__}, not a state "
-                       "dict")
-    out = {}
-    for k, v in raw.items():
-      if not hasattr(v, "detach"):
-        raise ValueError(f"{path!r}: entry {k!r} is a {type(v).__name__}, "
-                         "not a tensor")
-      out[k] = v.detach().cpu().numpy()
-  elif suffix == ".safetensors":
-    out = safetensors_numpy.load_file(path)
-  elif suffix == ".npz":
-    with np.load(path, allow_pickle=False) as f:
-      out = {k: f[k] for k in f.files}
-  else:
-    raise ValueError(f"unknown weight file type {suffix!r} for {path!r}; "
-                     "expected .pth, .pt, .bin, .safetensors or .npz")
+  hint = ("Without it, convert the file once where torch is installed: "
+          "python -m tim_jax.eval.inception convert "
+          f"{os.path.basename(os.fspath(path))} fid_inception.safetensors")
+  out = torch_weights.read(path, missing_torch_hint=hint)
   return {k: v for k, v in out.items() if not k.endswith(_IGNORED_SUFFIX)}
 
 

@@ -1,0 +1,115 @@
+"""PyTorch weight files and layouts, for every converter in tim_jax.
+
+One reader for the files PyTorch projects publish (``.safetensors``, torch
+pickles ``.pth``/``.pt``/``.bin``, and ``.npz``) and the kernel layout
+conversions between PyTorch and JAX. ``tim_jax.convert`` (TiM checkpoints)
+and ``tim_jax.eval.inception`` (the FID network) both use it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+import numpy as np
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+SUFFIXES = TORCH_SUFFIXES + (".safetensors", ".npz")
+# Training-checkpoint wrappers around a state dict, and key prefixes that
+# DataParallel, torch.compile and wrapper modules add.
+WRAPPER_KEYS = ("ema", "model", "state_dict", "module", "params")
+PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def unwrap(obj) -> Dict[str, Any]:
+  """The state dict inside common training-checkpoint wrappers
+  (``{"ema": ...}``, ``{"model": ...}``, ...), with ``module.``-style key
+  prefixes removed."""
+  while isinstance(obj, Mapping) and not any(
+      hasattr(v, "shape") for v in obj.values()):
+    for key in WRAPPER_KEYS:
+      if key in obj:
+        obj = obj[key]
+        break
+    else:
+      raise ValueError(f"no state_dict found in the checkpoint; top-level "
+                       f"keys: {sorted(obj)[:10]}")
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"the checkpoint holds a {type(obj).__name__}, not a "
+                     "state dict")
+  out = {}
+  for k, v in obj.items():
+    for prefix in PREFIXES:
+      if k.startswith(prefix):
+        k = k[len(prefix):]
+    out[k] = v
+  return out
+
+
+def read(path, *, missing_torch_hint: str = "") -> Dict[str, np.ndarray]:
+  """The state dict in a weight file, as numpy arrays in their stored dtype
+  (bfloat16 becomes float32, which numpy lacks). Wrappers are unwrapped
+  (``unwrap``); entries that are not tensors are dropped.
+
+  Torch pickles are read with ``weights_only=True`` and need PyTorch; the
+  ImportError otherwise says so, followed by ``missing_torch_hint``.
+  """
+  path = os.fspath(path)
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in SUFFIXES:
+    raise ValueError(f"unknown weight file type {suffix!r} for {path!r}; "
+                     f"expected {', '.join(SUFFIXES)}")
+  if suffix in TORCH_SUFFIXES:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          f"reading {path!r} (a torch-pickled file) needs PyTorch, which is "
+          "not installed: pip install torch (the CPU build is enough)"
+          + (f". {missing_torch_hint}" if missing_torch_hint else "")) from e
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no weight file at {path!r}")
+  if suffix == ".safetensors":
+    from safetensors import safe_open
+    out = {}
+    # The flax framework reads bfloat16 tensors too (numpy cannot).
+    with safe_open(path, framework="flax") as f:
+      for key in f.keys():
+        value = f.get_tensor(key)
+        if value.dtype.name == "bfloat16":
+          value = value.astype(np.float32)
+        out[key] = np.asarray(value)
+    return unwrap(out)
+  if suffix == ".npz":
+    with np.load(path, allow_pickle=False) as f:
+      return unwrap({k: f[k] for k in f.files})
+  obj = unwrap(torch.load(path, map_location="cpu", weights_only=True))
+  return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach()
+          .cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+
+
+def kernel_from_torch(array: np.ndarray) -> np.ndarray:
+  """A PyTorch Linear (out, in) or Conv2d (O, I, kh, kw) weight in JAX
+  layout: (in, out) or (kh, kw, I, O) (NHWC convolutions)."""
+  if array.ndim == 2:
+    return array.T
+  if array.ndim == 4:
+    return array.transpose(2, 3, 1, 0)
+  return array
+
+
+def kernel_to_torch(array: np.ndarray) -> np.ndarray:
+  """The inverse of ``kernel_from_torch``."""
+  if array.ndim == 2:
+    return array.T
+  if array.ndim == 4:
+    return array.transpose(3, 2, 0, 1)
+  return array
+
+
+def torch_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+  """The PyTorch shape of a JAX-layout kernel's shape."""
+  shape = tuple(shape)
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape[::-1] if len(shape) == 2 else shape

@@ -1,6 +1,8 @@
 """Text-to-image TiM.
 
-Variants (`--config=configs/t2i.py:VARIANT`):
+`--config=configs/t2i.py:VARIANT[,OPTION...]`
+
+Variants (networks from `tim_jax.architectures`):
 
   tiny (default)  a small pixel-space model on the built-in captioned-shapes
                   data; trains on a 2-core CPU in minutes:
@@ -11,24 +13,24 @@ Variants (`--config=configs/t2i.py:VARIANT`):
                   with Euler steps (sample.mode="diffusion"):
       python -m tim_jax.main --config=configs/t2i.py:tiny_fm \
           --workdir=/tmp/fm_t2i
-  xl              the paper's 865M model (spec §6): DC-AE f32c32 latents
+  xl              the paper's 865M model (the official
+                  configs/t2i/tim_xl_p1_t2i.yaml): DC-AE f32c32 latents
                   (32 channels), patch 1, D 1152, depth 28, batch 2048,
                   lr 1e-4 per 512, 500k steps, bf16; needs a latent dataset:
       python -m tim_jax.main --config=configs/t2i.py:xl --workdir=DIR \
           --config.data.data_dir=LATENTS \
           --config.data.null_caption_features=NULL.npy
 
+Options:
+
+  smoke           any variant shrunk to run a few steps on a CPU in seconds
+                  with the same code path (data kind, REPA, guidance, dtype)
+
 Any field can be overridden on the command line, e.g.
 `--config.batch_size=32 --config.mesh.fsdp=4 --config.model.dtype=bfloat16`.
 """
 
-from tim_jax import config_base
-
-PAPER_NETWORK = dict(
-    input_size=16, patch_size=1, in_channels=32, depth=28, hidden_size=1152,
-    cap_feat_dim=1152, num_heads=16, encoder_depth=8, qk_norm=True, z_dim=768,
-    projector_dim=2048, new_condition="t-r", use_new_embed=True,
-    distance_aware=True, lora_hidden_size=384)
+from tim_jax import architectures, config_base
 
 TINY_PROMPTS = (
     "a red circle at the top left",
@@ -40,19 +42,17 @@ TINY_PROMPTS = (
     "a red square at the left and a blue circle at the right",
     "a green circle at the top and a yellow triangle at the bottom",
 )
+VARIANTS = ("tiny", "tiny_fm", "xl")
+OPTIONS = ("smoke",)
 
 
 def get_config(arg=None):
-  variant = arg or "tiny"
+  variant, options = config_base.parse_variant(arg, VARIANTS, OPTIONS)
   c = config_base.base_config()
   c.model.kind = "t2i"
   c.transport.params = dict(P_mean=0.0, P_std=1.6)
   if variant in ("tiny", "tiny_fm"):
-    c.model.network = dict(
-        input_size=32, patch_size=4, in_channels=3, depth=4, hidden_size=128,
-        cap_feat_dim=64, num_heads=4, encoder_depth=2, qk_norm=True,
-        z_dim=32, projector_dim=128, new_condition="t-r", use_new_embed=True,
-        distance_aware=True, lora_hidden_size=32)
+    c.model.network = architectures.network("tiny-t2i")
     config_base.tiny_training(c)
     c.data.max_caption_len = 20
     c.sample.prompts = TINY_PROMPTS
@@ -61,8 +61,8 @@ def get_config(arg=None):
       c.loss.diffusion_ratio = 1.0
       c.loss.consistency_ratio = 0.0
       c.sample.mode = "diffusion"
-  elif variant == "xl":
-    c.model.network = dict(PAPER_NETWORK)
+  else:
+    c.model.network = architectures.network("T2I-XL")
     c.model.dtype = "bfloat16"
     c.model.remat = True
     c.data.name = "latents"
@@ -79,6 +79,6 @@ def get_config(arg=None):
     c.sample.every = 0  # Needs the DC-AE decoder.
     c.sample.image_size = 32
     c.sample.cfg_scale = 2.5
-  else:
-    raise ValueError(f"unknown t2i variant {variant!r}; use tiny, tiny_fm or xl")
+  if "smoke" in options:
+    config_base.smoke(c)
   return config_base.lock(c)

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tim_jax import sharding, train  # noqa: E402
+from tim_jax.data import kinds  # noqa: E402
 from train_utils import tiny_c2i  # noqa: E402
 
 
@@ -31,8 +32,8 @@ def main():
   config = tiny_c2i()
   config.loss.groups = 2
   trainer = train.Trainer(config, sharding.make_mesh({"data": 2}))
-  source = train.make_source(config)
-  it = train.make_data_iterator(config, source)
+  source = kinds.source(config)
+  it = kinds.iterator(config, source)
   local = next(it)
   assert local["image"].shape[0] == config.batch_size // 2
   state = trainer.init_state()

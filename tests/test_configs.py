@@ -1,79 +1,199 @@
-"""The shipped configs and the benchmark command."""
+"""The shipped configs, every variant run as a smoke test, and the
+benchmark command."""
 
-import importlib.util
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
+
+from tim_jax import architectures, config_base, sharding, train
+from tim_jax.data import kinds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def load(spec):
+  """``"c2i:xl2_256,mg"`` -> that config, read as --config= reads it."""
+  family, _, variant = spec.partition(":")
+  path = os.path.join(ROOT, "configs", f"{family}.py")
+  return config_base.load_file(f"{path}:{variant}" if variant else path)
 
 
-# variant: (batch, lr, base batch, steps, P_mean, P_std, D, depth, patch)
+# The official hyperparameters of each paper variant (the official
+# configs/c2i/*.yaml and configs/t2i/*.yaml).
 PAPER = {
-    ("t2i", "xl"): (2048, 1e-4, 512, 500_000, 0.0, 1.6, 1152, 28, 1),
-    ("c2i", "b4"): (1024, 1e-4, 256, 100_000, -0.4, 1.0, 768, 12, 4),
-    ("c2i", "xl2_256"): (512, 1e-4, 256, 750_000, -0.4, 1.0, 1152, 28, 2),
-    ("c2i", "xl1_512"): (512, 1e-4, 256, 750_000, -0.4, 1.0, 1152, 28, 1),
+    "t2i:xl": dict(architecture="T2I-XL", batch_size=2048, base_lr=1e-4,
+                   base_batch=512, num_steps=500_000, P_mean=0.0, P_std=1.6),
+    "c2i:b4": dict(architecture="B/4", batch_size=1024, base_lr=1e-4,
+                   base_batch=256, num_steps=100_000, P_mean=-0.4,
+                   P_std=1.0),
+    "c2i:xl2_256": dict(architecture="XL/2", batch_size=512, base_lr=1e-4,
+                        base_batch=256, num_steps=750_000, P_mean=-0.4,
+                        P_std=1.0),
+    "c2i:xl1_512": dict(architecture="XL/1", batch_size=512, base_lr=1e-4,
+                        base_batch=256, num_steps=750_000, P_mean=-0.4,
+                        P_std=1.0),
 }
+# The widths, depths and patches of those architectures (the paper's).
+SIZES = {"T2I-XL": dict(hidden_size=1152, depth=28, patch_size=1),
+         "B/4": dict(hidden_size=768, depth=12, patch_size=4),
+         "XL/2": dict(hidden_size=1152, depth=28, patch_size=2),
+         "XL/1": dict(hidden_size=1152, depth=28, patch_size=1)}
 
 
-@pytest.mark.parametrize("family,variant", sorted(PAPER))
-def test_paper_variants_carry_the_official_hyperparameters(family, variant):
-  c = load(family).get_config(variant)
-  batch, lr, base, steps, pm, ps, d, depth, p = PAPER[(family, variant)]
-  assert (c.batch_size, c.optimizer.base_lr, c.optimizer.base_batch,
-          c.num_steps) == (batch, lr, base, steps)
-  assert (c.transport.params.P_mean, c.transport.params.P_std) == (pm, ps)
-  net = c.model.network
-  assert (net.hidden_size, net.depth, net.patch_size) == (d, depth, p)
-  assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.eps,
-          c.optimizer.weight_decay, c.optimizer.grad_clip) == (
-              0.9, 0.95, 1e-6, 0.01, 1.0)
+@pytest.mark.parametrize("spec", sorted(PAPER))
+def test_paper_variants_carry_the_official_hyperparameters(spec):
+  c = load(spec)
+  want = PAPER[spec]
+  assert c.model.network.to_dict() == architectures.network(
+      want["architecture"])
+  for field, value in SIZES[want["architecture"]].items():
+    assert c.model.network[field] == value, field
+  assert c.batch_size == want["batch_size"]
+  assert c.optimizer.base_lr == want["base_lr"]
+  assert c.optimizer.base_batch == want["base_batch"]
+  assert c.num_steps == want["num_steps"]
+  assert c.transport.params.P_mean == want["P_mean"]
+  assert c.transport.params.P_std == want["P_std"]
+  o = c.optimizer
+  assert (o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip) == (
+      0.9, 0.95, 1e-6, 0.01, 1.0)
   assert c.ema_decay == 0.9999 and not c.ema_warmup
-  assert (c.loss.diffusion_ratio, c.loss.consistency_ratio,
-          c.loss.derivative, c.loss.epsilon) == (0.5, 0.1, "dde", 0.005)
+  assert c.loss.diffusion_ratio == 0.5 and c.loss.consistency_ratio == 0.1
+  assert c.loss.derivative == "dde" and c.loss.epsilon == 0.005
   assert c.loss.enhance_target is False
   assert c.data.name == "latents" and c.model.dtype == "bfloat16"
+  assert c.loss_extras.repa_feature_key == "repa_features"
 
 
-@pytest.mark.parametrize("variant", ["xl2_256_mg", "xl1_512_mg"])
-def test_model_guidance_variants(variant):
-  c = load("c2i").get_config(variant)
-  base = load("c2i").get_config(variant[:-3])
-  assert (c.loss.enhance_target, c.loss.w_gt, c.loss.w_cond, c.loss.w_start,
-          c.loss.w_end) == (True, 1.0, 0.75, 0.3, 0.8)
+@pytest.mark.parametrize("variant", ["xl2_256", "xl1_512"])
+def test_model_guidance_option(variant):
+  c = load(f"c2i:{variant},mg")
+  base = load(f"c2i:{variant}")
+  assert c.loss.enhance_target is True
+  assert c.loss.w_gt == 1.0 and c.loss.w_cond == 0.75
+  assert c.loss.w_start == 0.3 and c.loss.w_end == 0.8
   assert c.model.network == base.model.network
+  # The older names are the same config.
+  assert load(f"c2i:{variant}_mg").to_dict() == c.to_dict()
 
 
-def test_unknown_variant_and_key():
-  with pytest.raises(ValueError, match="unknown t2i variant"):
-    load("t2i").get_config("huge")
-  c = load("t2i").get_config()
+def test_unknown_variants_options_and_keys():
+  with pytest.raises(ValueError, match="unknown variant 'huge'.*tiny_fm"):
+    load("t2i:huge")
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['fast'\]"):
+    load("c2i:xl2_256,fast")
+  with pytest.raises(ValueError, match="mg is for xl2_256 and xl1_512"):
+    load("c2i:b4,mg")
+  c = load("t2i")
   with pytest.raises(AttributeError):
     c.modle = 1  # Locked: new keys are refused.
 
 
 @pytest.mark.parametrize("family", ["t2i", "c2i"])
 def test_tiny_defaults_build(family):
-  from tim_jax import train
-  c = load(family).get_config()
+  c = load(family)
   assert c.data.name == "shapes"
+  assert c.model.network.to_dict() == architectures.network(f"tiny-{family}")
   trainer = train.Trainer(c)
   assert trainer.model_config.kind == family
 
 
+VARIANTS = ["c2i:tiny", "c2i:b4", "c2i:xl2_256", "c2i:xl1_512",
+            "c2i:xl2_256,mg", "c2i:xl1_512,mg", "t2i:tiny", "t2i:tiny_fm",
+            "t2i:xl"]
+
+
+@pytest.fixture(scope="module")
+def latent_datasets(tmp_path_factory):
+  """A tiny latent dataset (with REPA features) per latent shape and
+  conditioning the paper variants need; the t2i one with its null caption.
+  """
+  from tim_jax.data import latents
+  root = tmp_path_factory.mktemp("latents")
+  rng = np.random.default_rng(0)
+  out = {}
+  for spec in VARIANTS:
+    c = load(f"{spec},smoke")
+    if c.data.name != "latents":
+      continue
+    net = c.model.network
+    size, channels = c.data.image_size, net.in_channels
+    tokens = (size // net.patch_size) ** 2
+    key = (c.model.kind, size, channels, tokens, net.z_dim)
+    if key in out:
+      continue
+    shards, n = root / f"in_{len(out)}", 16
+    shards.mkdir()
+    arrays = dict(
+        latent=rng.normal(size=(n, size, size, channels)).astype(np.float32),
+        repa_features=rng.normal(size=(n, tokens, net.z_dim)).astype(
+            np.float32))
+    cap_shape = None
+    if c.model.kind == "c2i":
+      arrays["label"] = rng.integers(0, net.num_classes, n)
+    else:
+      cap_shape = (6, net.cap_feat_dim)
+      arrays["caption"] = rng.normal(size=(n, *cap_shape)).astype(np.float32)
+    np.savez(shards / "shard.npz", **arrays)
+    data_dir = str(root / f"out_{len(out)}")
+    latents.write_latents(shards, data_dir, latent_shape=(size, size,
+                                                          channels),
+                          cond="label" if cap_shape is None else "caption",
+                          cap_shape=cap_shape,
+                          repa_shape=(tokens, net.z_dim))
+    null = None
+    if cap_shape is not None:
+      null = str(root / f"null_{len(out)}.npy")
+      np.save(null, rng.normal(size=cap_shape).astype(np.float32))
+    out[key] = (data_dir, null)
+  return out
+
+
+@pytest.mark.parametrize("spec", VARIANTS)
+def test_every_variant_trains_a_step_as_smoke(spec, latent_datasets):
+  full, c = load(spec), load(f"{spec},smoke")
+  # The same code path as the full variant...
+  for field in ("data.name", "model.kind", "model.dtype", "model.remat",
+                "loss_extras.repa_feature_key", "autoencoder.name",
+                "data.image_size", "model.network.in_channels",
+                "model.network.patch_size", "sample.cfg_scale",
+                "sample.guidance_interval", "sample.mode"):
+    get = lambda cfg: cfg[field.split(".")[0]] if "." not in field else (
+        eval(f"cfg.{field}"))  # pylint: disable=eval-used
+    assert get(c) == get(full), field
+  assert c.loss.to_dict() == full.loss.to_dict()
+  # ... at a size that runs on a CPU in seconds.
+  assert c.model.network.hidden_size <= 64 and c.model.network.depth <= 2
+  if c.data.name == "latents":
+    net = c.model.network
+    tokens = (c.data.image_size // net.patch_size) ** 2
+    data_dir, null = latent_datasets[(c.model.kind, c.data.image_size,
+                                      net.in_channels, tokens, net.z_dim)]
+    c.unlock()
+    c.data.data_dir = data_dir
+    if null:
+      c.data.null_caption_features = null
+    c.lock()
+  trainer = train.Trainer(c)
+  host = next(kinds.iterator(c, kinds.source(c)))
+  if c.loss_extras.repa_feature_key:
+    assert c.loss_extras.repa_feature_key in host  # REPA runs for real.
+  state = trainer.init_state()
+  before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+  state, metrics = trainer.train_step(state, sharding.global_batch(
+      host, trainer.mesh))
+  assert np.isfinite(float(metrics["loss"]))
+  assert int(metrics["nonfinite_total"]) == 0
+  after = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
 def test_bench_runs_and_reports(tmp_path):
   from tim_jax import bench
-  c = load("c2i").get_config()
+  c = load("c2i")
   c.unlock()
   c.model.network.hidden_size = 32
   c.model.network.depth = 1

@@ -484,3 +484,29 @@ def test_latents_captions_and_errors(tmp_path, capsys):
     latents.write_latents(tmp_path / "in", tmp_path / "bad",
                           latent_shape=(4, 4, 3), cond="caption")
   assert not (tmp_path / "bad").exists()  # Nothing written on failure.
+
+
+def test_latents_with_repa_features(tmp_path, capsys):
+  latents = pytest.importorskip("tim_jax.data.latents")
+  rng = np.random.default_rng(2)
+  shards = _write_shards(tmp_path / "in", rng, [4])
+  repa = rng.normal(size=(4, 6, 5)).astype(np.float32)
+  np.savez(tmp_path / "in" / "shard00.npz", repa_features=repa, **shards[0])
+  rc = latents.main([f"--input_dir={tmp_path / 'in'}",
+                     f"--data_dir={tmp_path / 'out'}", "--latent_shape=4,4,3",
+                     "--repa_shape=6,5"])
+  assert rc == 0, capsys.readouterr().err
+  path = latents.find_dataset(tmp_path / "out")
+  assert "label_4x4x3_repa6x5" in path
+  src = latents.LatentSource(tmp_path / "out")
+  assert src.repa_shape == (6, 5)
+  assert sorted(src[3]) == ["image", "label", "repa_features"]
+  np.testing.assert_array_equal(src[3]["repa_features"], repa[3])
+  # A shard without the features, or with the wrong shape, is refused.
+  with pytest.raises(ValueError, match="'repa_features' must be"):
+    latents.write_latents(tmp_path / "in", tmp_path / "bad",
+                          latent_shape=(4, 4, 3), repa_shape=(6, 4))
+  np.savez(tmp_path / "in" / "shard00.npz", **shards[0])
+  with pytest.raises(KeyError, match="'repa_features'"):
+    latents.write_latents(tmp_path / "in", tmp_path / "bad",
+                          latent_shape=(4, 4, 3), repa_shape=(6, 5))

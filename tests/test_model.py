@@ -15,7 +15,10 @@ TINY = dict(patch_size=2, in_channels=4, hidden_size=32, depth=2,
 TINY_T2I = dict(TINY, cap_feat_dim=24)
 TINY_T2I.pop("num_classes")
 
-# Spec §3.8: (kind, network, total, total without the REPA projector).
+# Parameter counts of the official ``TiM`` classes built with the settings of
+# ``configs/c2i/*.yaml`` and ``configs/t2i/tim_xl_p1_t2i.yaml``: (kind,
+# network, total, total without the REPA projector). The official README
+# reports the latter as 664M (XL) and 865M (T2I).
 PAPER = {
     "B/4": ("c2i", dict(patch_size=4, in_channels=4, hidden_size=768,
                         depth=12, num_heads=12, encoder_depth=4,
@@ -125,7 +128,8 @@ def test_bad_inputs_are_named():
 
 
 def test_rope_official_index_rule():
-  # Spec §3.4: h=2 rows, w=3 columns -> axis A = n mod h, axis B = n div h.
+  # Official ``TiM.get_rope`` ('xy' meshgrid): h=2 rows, w=3 columns ->
+  # axis A = n mod h, axis B = n div h.
   cos, _ = layers.rope_tables(2, 3, 8, "official")
   cos_xy, _ = layers.rope_tables(2, 3, 8, "xy")
   # With head_dim 8 the first frequency is 1: angle = position.
@@ -195,6 +199,24 @@ def test_remat_and_jit_compute_the_same_function():
 
   def loss(m):
     return jnp.sum(m(x, t, r, y) ** 2)
+
+  g1 = nnx.grad(loss)(model)
+  g2 = nnx.jit(nnx.grad(loss))(remat)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                               atol=1e-6)
+
+
+def test_remat_runs_under_vmap_as_the_dde_target_calls_it():
+  # The DDE target evaluates t + eps and t - eps as one jax.vmap'd forward
+  # inside the loss's gradient: remat must work there too.
+  model = _perturb(models.build("c2i", TINY))
+  remat = _perturb(models.build("c2i", dict(TINY, remat=True)))
+  x, t, r, y = _inputs("c2i")
+
+  def loss(m):
+    both = jax.vmap(lambda tt: m(x, tt, r, y))(jnp.stack([t, 0.9 * t]))
+    return jnp.sum(both ** 2)
 
   g1 = nnx.grad(loss)(model)
   g2 = nnx.jit(nnx.grad(loss))(remat)

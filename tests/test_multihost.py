@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from tim_jax import sharding, train
-from tim_jax.data import pipeline
+from tim_jax.data import kinds, pipeline
 from train_utils import tiny_c2i
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +49,7 @@ def test_two_processes_equal_one(tmp_path):
   config.loss.groups = 2
   trainer = train.Trainer(config)
   whole = next(pipeline.make_iterator(
-      train.make_source(config), global_batch_size=config.batch_size,
+      kinds.source(config), global_batch_size=config.batch_size,
       seed=config.data.seed, process_index=0, process_count=1))
   # The same examples; the pipeline deals them to processes in turn, so the
   # assembled global array holds process 0's rows, then process 1's.

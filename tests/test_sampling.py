@@ -1,4 +1,4 @@
-"""Tests for tim_jax.sampling (spec §4).
+"""Tests for tim_jax.sampling (the official ``TransitionSchedule.sample``).
 
 The main check is training-free: with Gaussian data N(MU, S^2) the marginals
 of every transport are Gaussian, the probability-flow map between two times is
@@ -109,7 +109,7 @@ def test_ot_fm_oracle_diffusion_mode_converges():
 
 
 # --------------------------------------------------------------------------
-# Other transports: oracle from spec §1.2's alpha, sigma, A, B and c_noise.
+# Other transports: oracle from each transport's alpha, sigma, A, B and c_noise.
 # --------------------------------------------------------------------------
 
 
@@ -189,7 +189,7 @@ def test_trigflow_oracle_from_unit_noise():
 
 
 # --------------------------------------------------------------------------
-# Guidance (spec §4 step 4)
+# Guidance (official ``TransitionSchedule.sample`` / ``forward_with_cfg``)
 # --------------------------------------------------------------------------
 
 B = 3
@@ -343,7 +343,8 @@ def test_stochastic_sampling_rng_semantics():
 
 def test_stochastic_steps_follow_spec():
   """4 steps: first and last deterministic, the two interior ones EM steps
-  (spec §1.2) with fresh, independent noise each."""
+  (official ``OT_FM.from_x_t_to_x_r`` with ``s_ratio > 0``) with fresh,
+  independent noise each."""
   tr = transports.get("ot_fm")
   s_r = 0.5
   noise = _noise(8)

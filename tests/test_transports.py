@@ -1,4 +1,6 @@
-"""Tests for tim_jax.transports (spec §1.1, §1.2).
+"""Tests for tim_jax.transports: the state-transition identity of Wang et al.
+(arXiv 2509.04394) and the per-transport closed forms (official
+``tim/schedulers/transports.py``, with EDM corrected).
 
 Everything that claims machine precision runs in float64 through the ``x64``
 fixture, which enables x64 only for the duration of one test.
@@ -102,7 +104,8 @@ def generic_ratio(tr, t, r):
   return b / db
 
 
-# Independent numpy transcriptions of spec §1.2. Each returns
+# Independent numpy transcriptions of each transport's schedule and prediction
+# (the classes of the official ``tim/schedulers/transports.py``). Each returns
 # (alpha, sigma, alpha_hat, sigma_hat) as float64 arrays.
 def _vp_beta(t, beta_min=0.1, beta_d=19.9):
   return np.sqrt(np.expm1(0.5 * beta_d * t * t + beta_min * t))
@@ -312,8 +315,9 @@ def test_target_fixed_point_is_diffusion_target(case, x64):
 def test_target_satisfies_state_transition_identity(case, x64):
   """Any F with B(t,r) (F* - F) = const in t is reproduced by the target.
 
-  This is the defining identity d/dt [B (F* - F)] = 0 of spec §1.1, checked
-  with B from the generic formula, independently of ``target_ratio``.
+  This is the defining state-transition identity d/dt [B (F* - F)] = 0 of the
+  paper (Wang et al., arXiv 2509.04394), checked with B from the generic
+  formula, independently of ``target_ratio``.
   """
   tr = make(case)
   x, eps, t, r = batch(tr, include_equal=False)
@@ -330,7 +334,8 @@ def test_target_satisfies_state_transition_identity(case, x64):
 
 
 # --------------------------------------------------------------------------
-# 5. closed forms of the target (spec §1.2)
+# 5. closed forms of the target (the ``target`` methods of the official
+#    ``tim/schedulers/transports.py``)
 # --------------------------------------------------------------------------
 
 
@@ -589,7 +594,8 @@ def test_stochastic_transition_ratio_zero_is_deterministic(x64):
 @pytest.mark.parametrize("t,r,ratio", [(0.8, 0.6, 0.3), (0.5, 0.45, 1.0),
                                        (0.3, 0.05, 0.2)])
 def test_stochastic_transition_moments(t, r, ratio, x64):
-  """Per element mean and variance over many xi match spec §1.2's EM step."""
+  """Per element mean and variance over many xi match the EM step of the
+  official ``OT_FM.from_x_t_to_x_r`` with ``s_ratio > 0``."""
   tr = transports.get("ot_fm")
   m, k = 8000, 16  # m draws of xi for each of k fixed (x, eps) elements.
   kx, ke, kxi = jax.random.split(jax.random.key(0), 3)

@@ -126,6 +126,49 @@ def tiny_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def parse_variant(arg, variants, options=(), default="tiny"):
+  """``"xl2_256,mg,smoke"`` -> ("xl2_256", {"mg", "smoke"}): the variant
+  and its options, as ``--config=file.py:ARG`` gives them. Unknown names
+  stop with an error that lists the valid ones."""
+  parts = [p.strip() for p in (arg or default).split(",") if p.strip()]
+  variant, chosen = (parts[0] if parts else default), set(parts[1:])
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r}; use one of "
+                     f"{', '.join(variants)} (then options: "
+                     f"{', '.join(options) or 'none'})")
+  unknown = chosen - set(options)
+  if unknown:
+    raise ValueError(f"unknown option(s) {sorted(unknown)} in {arg!r}; the "
+                     f"options are {', '.join(options)}")
+  return variant, chosen
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any variant to a width, depth and batch that run a few steps
+  on a CPU in seconds, with the same code path: the same data kind, latent
+  shape, REPA, guidance, loss options and dtype logic."""
+  net = c.model.network
+  net.hidden_size, net.depth, net.num_heads = 64, 2, 2
+  net.encoder_depth, net.lora_hidden_size = 1, 16
+  net.z_dim, net.projector_dim = 16, 32
+  if c.model.kind == "t2i":
+    net.cap_feat_dim = 32
+  c.batch_size = 8
+  c.num_steps = 2
+  c.optimizer.base_batch = 8
+  c.optimizer.warmup_steps = 0  # Else the first steps would not move.
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.async_checkpoints = False
+  c.sample.num = min(c.sample.num, 4)
+  c.sample.nfe = (1, 2)
+  c.evals.shapes_oracle.num = 8
+  c.evals.shapes_oracle.batch_size = 8
+  c.evals.shapes_oracle.reference_num = 64
+  c.evals.fid.num = 8
+  return c
+
+
 def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c

@@ -1,7 +1,9 @@
 """Official PyTorch TiM checkpoints <-> tim_jax models.
 
-The official state_dict names (spec §3.7) map one to one onto the NNX
-parameter tree, because the modules here keep the official attribute names:
+The official state_dict names (those of ``TiM`` in
+``tim/models/c2i/tim_model.py`` and ``tim/models/t2i/tim_model.py`` of
+github.com/WZDTHU/TiM) map one to one onto the NNX parameter tree, because
+the modules here keep the official attribute names:
 
 * ``Linear.weight (out, in)`` <-> ``kernel (in, out)``;
 * ``Conv2d.weight (D, C, p, p)`` <-> ``kernel (p, p, C, D)`` (NHWC);

@@ -1,6 +1,7 @@
 """The optimiser of the official trainers, from the config, with optax.
 
-AdamW over every parameter (no weight-decay exclusions, spec §8.16), betas
+AdamW over every parameter (no weight-decay exclusions: the official trainers
+pass ``model.parameters()`` unsplit, ``projects/train/trainer_c2i.py``), betas
 (0.9, 0.95), eps 1e-6, weight decay 0.01, gradient clipping by global norm,
 and ``lr = base_lr * global_batch / base_batch`` when ``scale_lr``.
 """

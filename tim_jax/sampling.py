@@ -1,6 +1,7 @@
-"""The any-step TiM sampler (spec §4), compiled as one ``lax.scan``.
+"""The any-step TiM sampler, compiled as one ``lax.scan``.
 
-Semantics follow the official ``TransitionSchedule.sample``:
+Semantics follow the official ``TransitionSchedule.sample``
+(``tim/schedulers/transition.py``, github.com/WZDTHU/TiM):
 
 * time grid ``linspace(T_max, T_min, N + 1)``; step i goes from t_cur to
   t_next and the network receives r = t_next (``mode="transition"``) or
@@ -11,8 +12,9 @@ Semantics follow the official ``TransitionSchedule.sample``:
 * stochasticity (OT-FM only) only on interior steps
   (``t_cur < T_max`` and ``t_next > T_min``).
 
-Deliberate differences (spec §8.10): the grid is float32 (float64 under x64)
-rather than the official bfloat16, and the state is kept in float32 or wider.
+Deliberate differences: the grid is float32 (float64 under x64) rather than
+the official bfloat16 (there the grid takes the dtype of the bf16 noise),
+and the state is kept in float32 or wider.
 Which steps are guided or stochastic is decided on the host from the static
 grid and fed to the scan as data, so nothing is retraced per step.
 """

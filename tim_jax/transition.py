@@ -1,4 +1,4 @@
-"""The TiM training target and loss (spec §1–§2), as pure functions.
+"""The TiM training target and loss, as pure functions.
 
 Nothing here knows about parameters, optimisers or models: the network is a
 callable. ``target`` forms the regression target from a stop-gradient network;
@@ -102,7 +102,9 @@ def target(fn: Callable, x: Array, z: Array, t: Array, r: Array,
            epsilon: float = 0.005, *, cond: PyTree = None,
            num_diffusion: int = 0, groups: int = 1,
            diffusion_target: Optional[Array] = None) -> Array:
-  """The TiM regression target ``F_hat`` (spec §1.1), fully stop-gradient.
+  """The TiM regression target ``F_hat``, fully stop-gradient (the official
+  ``Transport.target`` fed by ``TransitionSchedule.dde_derivative`` or
+  ``jvp_derivative``).
 
   Args:
     fn: the network, ``fn(x_t, c_noise(t), c_noise(r))``; with ``cond`` given
@@ -150,7 +152,8 @@ def target(fn: Callable, x: Array, z: Array, t: Array, r: Array,
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Every knob of the official ``TransitionSchedule`` (spec §2).
+  """Every knob of the official ``TransitionSchedule``
+  (``tim/schedulers/transition.py``, github.com/WZDTHU/TiM).
 
   The defaults are the settings of every shipped official config.
   """
@@ -166,7 +169,8 @@ class LossConfig:
   adaptive_eps: float = 1e-5  # The official literal 10e-6.
   directional_loss: bool = True
   proj_coeff: float = 1.0
-  # Enhanced target (model guidance) with an EMA teacher, spec §1.3.
+  # Enhanced target (model guidance) with an EMA teacher, as the official
+  # ``TransitionSchedule.get_enhanced_target`` and ``Transport.target``.
   enhance_target: bool = False
   w_gt: float = 1.0
   w_cond: float = 0.0
@@ -209,8 +213,9 @@ class LossConfig:
 
 def sample_t_and_r(key, batch: int, transport: transports_lib.Transport,
                    config: LossConfig, dtype=jnp.float32):
-  """Training times (spec §2 steps 1–3): t = max, r = min of two draws, then
-  the positional diffusion (r = t) and consistency (r = T_min) rows."""
+  """Training times (official ``TransitionSchedule.sample_t_and_r``): t = max,
+  r = min of two draws, then the positional diffusion (r = t) and consistency
+  (r = T_min) rows."""
   n_d, n_c = config.counts(batch)
   k1, k2 = jax.random.split(key)
   t1 = transport.sample_t(k1, (batch,), dtype)
@@ -225,7 +230,8 @@ def sample_t_and_r(key, batch: int, transport: transports_lib.Transport,
 
 
 def time_weight(t, r, transport, config: LossConfig):
-  """w_time(t, r) of spec §2 step 11, before forcing diffusion rows to 1."""
+  """w_time(t, r) of the official ``TransitionSchedule.time_weighting``, before
+  forcing diffusion rows to 1."""
   if config.weight_time_tangent:
     t, r = jnp.tan(t), jnp.tan(r)
   elif config.weight_time_sigmoid:
@@ -272,7 +278,7 @@ def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
          transport: transports_lib.Transport, config: LossConfig = LossConfig(),
          teacher_fn: Optional[Callable] = None, teacher_cond: PyTree = None,
          null_cond: PyTree = None, repa_target: Optional[Array] = None):
-  """The full TiM training loss of spec §2.
+  """The full TiM training loss of the official ``TransitionSchedule.__call__``.
 
   Args:
     fn: the network being trained, ``fn(x_t, t_in, r_in, cond) -> (F, proj)``

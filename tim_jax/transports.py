@@ -2,7 +2,8 @@
 
 A transport fixes the forward state ``x_t = alpha_t x + sigma_t eps`` and the
 quantity the network predicts, ``F* = alpha_hat_t x + sigma_hat_t eps``. From
-those two pairs everything else follows (spec §1.1):
+those two pairs everything else follows (the state-transition identity of
+Wang et al., arXiv 2509.04394):
 
 * the exact map from ``x_t`` to ``x_r`` given the ideal ``F``:
   ``x_r = A(t, r) x_t + B(t, r) F``;
@@ -14,9 +15,10 @@ overrides them with closed forms that are exact at ``r == t`` (where ``B`` and
 ``dB/dt`` would otherwise be divided) and cheaper. Tests check the closed forms
 against the generic ones.
 
-Time runs as in the official code: ``t = T_max`` is noise, ``t = T_min`` is
-data, and ``r <= t``. Every function is pure and broadcasts: pass ``t`` shaped
-like ``x`` (e.g. ``(B, 1, 1, 1)``) or as a scalar.
+Time runs as in the official code (``tim/schedulers/transports.py`` of
+github.com/WZDTHU/TiM): ``t = T_max`` is noise, ``t = T_min`` is data, and
+``r <= t``. Every function is pure and broadcasts: pass ``t`` shaped like
+``x`` (e.g. ``(B, 1, 1, 1)``) or as a scalar.
 
 Every transport is a frozen dataclass, hence hashable: it can be a static
 argument of ``jax.jit``.
@@ -84,7 +86,7 @@ class Transport:
     return s_hat * alpha - a_hat * sigma
 
   def transition_coefficients(self, t, r):
-    """(A, B) with ``x_r = A x_t + B F`` for the ideal F (spec §1.1)."""
+    """(A, B) with ``x_r = A x_t + B F`` for the ideal F (``F = F*``)."""
     alpha_t, sigma_t, _, _ = self.interpolant(t)
     alpha_r, sigma_r, _, _ = self.interpolant(r)
     a_hat, s_hat, _, _ = self.prediction(t)
@@ -105,7 +107,7 @@ class Transport:
     return b / db_dt
 
   def target(self, x, eps, t, r, dF_dt, diffusion_target=None):
-    """The TiM regression target (spec §1.1).
+    """The TiM regression target (official ``Transport.target``).
 
     Args:
       x, eps: clean data and noise.
@@ -113,7 +115,7 @@ class Transport:
       dF_dt: the total time derivative of the (stop-gradient) network along
         the noising path with r fixed; 0 for pure diffusion rows.
       diffusion_target: overrides ``alpha_hat x + sigma_hat eps`` (the
-        enhanced target of spec §1.3 mixes model predictions into it).
+        enhanced, model-guidance target mixes model predictions into it).
     """
     if diffusion_target is None:
       diffusion_target = self.diffusion_target(x, eps, t)
@@ -179,7 +181,8 @@ class OTFM(Transport):
     return x_t - (t - r) * F
 
   def stochastic_transition(self, x_t, t, r, F, ratio, key):
-    """Euler–Maruyama step of the reverse SDE with g^2 = 2 ratio t (spec §1.2).
+    """Euler–Maruyama step of the reverse SDE with g^2 = 2 ratio t (official
+    ``OT_FM.from_x_t_to_x_r`` with ``s_ratio > 0``).
 
     The noise estimate is ``eps_hat = x_t + (1 - t) F`` and the score is taken
     as ``-eps_hat / t``.
@@ -230,9 +233,10 @@ class TrigFlow(Transport):
 class EDM(Transport):
   """EDM with the c_in-scaled input and EDM's F-prediction.
 
-  The closed forms are the mathematically correct ones of spec §1.2; the
-  official code has sigma_d^3 where sigma_d^2 belongs, which is exact only for
-  sigma_d = 1 (spec §8.1).
+  The closed forms are the mathematically correct ones, derived from the
+  schedules as in the base class; the official ``EDM.target`` and
+  ``EDM.from_x_t_to_x_r`` have sigma_d^3 where sigma_d^2 belongs, which is exact
+  only for sigma_d = 1.
   """
 
   T_max: float = 80.0
@@ -404,7 +408,7 @@ def time_grid(transport: Transport, num_steps: int, dtype=None):
 
   Returned in ``dtype`` (float64 if x64 is enabled, else float32 by default):
   the official scripts cast the grid to bf16, which makes long grids
-  non-uniform; this port keeps it in float32 or better (spec §8.10).
+  non-uniform; this port keeps it in float32 or better.
   """
   import numpy as np
   if num_steps < 1:

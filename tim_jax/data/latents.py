@@ -9,7 +9,10 @@ Input: a directory of ``.npz`` shards, each holding
 
 * ``latent``: (N, H, W, C) float, NHWC;
 * ``label``: (N,) integer class ids (``cond="label"``), or
-* ``caption``: (N, M, D) float caption features (``cond="caption"``).
+* ``caption``: (N, M, D) float caption features (``cond="caption"``);
+* optionally ``repa_features``: (N, T, D) float token features of a frozen
+  vision encoder for the REPA loss (``repa_shape=(T, D)``), returned as the
+  batch key ``repa_features`` that the paper configs' REPA loss reads.
 
 Write (nothing is downloaded; shards are read in file-name order and their
 rows keep that order in the dataset)::
@@ -39,11 +42,15 @@ CONDS = ("label", "caption")
 NAME = "tim_latents"
 
 
-def config_name(latent_shape, cond: str = "label", cap_shape=None) -> str:
-  """e.g. ``label_32x32x4`` or ``caption_32x32x4_77x768``."""
+def config_name(latent_shape, cond: str = "label", cap_shape=None,
+                repa_shape=None) -> str:
+  """e.g. ``label_32x32x4``, ``caption_32x32x4_77x768`` or
+  ``label_32x32x4_repa256x768``."""
   name = f"{cond}_" + "x".join(str(int(n)) for n in latent_shape)
   if cap_shape is not None:
     name += "_" + "x".join(str(int(n)) for n in cap_shape)
+  if repa_shape is not None:
+    name += "_repa" + "x".join(str(int(n)) for n in repa_shape)
   return name
 
 
@@ -53,10 +60,12 @@ class TimLatentsConfig(tfds.core.BuilderConfig):
   latent_shape: tuple[int, int, int] = (32, 32, 4)
   cond: str = "label"
   cap_shape: tuple[int, int] | None = None
+  repa_shape: tuple[int, int] | None = None
 
 
 def make_config(latent_shape: Sequence[int], cond: str = "label",
-                cap_shape: Sequence[int] | None = None) -> TimLatentsConfig:
+                cap_shape: Sequence[int] | None = None,
+                repa_shape: Sequence[int] | None = None) -> TimLatentsConfig:
   latent_shape = tuple(int(n) for n in latent_shape)
   if len(latent_shape) != 3 or min(latent_shape) < 1:
     raise ValueError(f"latent_shape must be (H, W, C) positive, got "
@@ -71,9 +80,15 @@ def make_config(latent_shape: Sequence[int], cond: str = "label",
       raise ValueError(f"cap_shape must be (M, D) positive, got {cap_shape}")
   elif cap_shape is not None:
     raise ValueError(f"cap_shape={cap_shape} is only for cond='caption'")
+  if repa_shape is not None:
+    repa_shape = tuple(int(n) for n in repa_shape)
+    if len(repa_shape) != 2 or min(repa_shape) < 1:
+      raise ValueError(f"repa_shape must be (T, D) positive, got "
+                       f"{repa_shape}")
   return TimLatentsConfig(
-      name=config_name(latent_shape, cond, cap_shape), version="1.0.0",
-      latent_shape=latent_shape, cond=cond, cap_shape=cap_shape,
+      name=config_name(latent_shape, cond, cap_shape, repa_shape),
+      version="1.0.0", latent_shape=latent_shape, cond=cond,
+      cap_shape=cap_shape, repa_shape=repa_shape,
       description=f"latents {latent_shape}, conditioned on {cond}")
 
 
@@ -108,6 +123,10 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
       features["caption"] = tfds.features.Tensor(
           shape=c.cap_shape, dtype=np.float32,
           encoding=tfds.features.Encoding.BYTES)
+    if c.repa_shape is not None:
+      features["repa_features"] = tfds.features.Tensor(
+          shape=c.repa_shape, dtype=np.float32,
+          encoding=tfds.features.Encoding.BYTES)
     return tfds.core.DatasetInfo(
         builder=self, description=__doc__.split("\n\n")[0],
         features=tfds.features.FeaturesDict(features),
@@ -122,10 +141,13 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, files):
     c = self.builder_config
     for path in files:
-      latent, cond = _read_shard(path, c)
+      latent, cond, repa = _read_shard(path, c)
       stem = os.path.splitext(os.path.basename(path))[0]
       for i in range(latent.shape[0]):
-        yield f"{stem}/{i:09d}", {"latent": latent[i], c.cond: cond[i]}
+        example = {"latent": latent[i], c.cond: cond[i]}
+        if repa is not None:
+          example["repa_features"] = repa[i]
+        yield f"{stem}/{i:09d}", example
 
 
 def _shard_files(input_dir) -> list[str]:
@@ -140,12 +162,16 @@ def _shard_files(input_dir) -> list[str]:
 
 
 def _read_shard(path: str, c: TimLatentsConfig):
-  """(latent float32 (N, H, W, C), cond (N,) int64 or (N, M, D) float32)."""
+  """(latent float32 (N, H, W, C), cond (N,) int64 or (N, M, D) float32,
+  REPA features float32 (N, T, D) or None)."""
+  keys = ("latent", c.cond) + (
+      ("repa_features",) if c.repa_shape is not None else ())
   with np.load(path) as z:
-    for key in ("latent", c.cond):
+    for key in keys:
       if key not in z:
         raise KeyError(f"{path}: no array {key!r} (has {sorted(z.files)})")
     latent, cond = z["latent"], z[c.cond]
+    repa = z["repa_features"] if c.repa_shape is not None else None
   if latent.ndim != 4 or latent.shape[1:] != c.latent_shape:
     raise ValueError(f"{path}: 'latent' must be (N, *{c.latent_shape}), got "
                      f"{latent.shape}")
@@ -169,19 +195,27 @@ def _read_shard(path: str, c: TimLatentsConfig):
     cond = cond.astype(np.float32)
   if not np.isfinite(latent).all():
     raise ValueError(f"{path}: 'latent' has non-finite values")
-  return latent.astype(np.float32), cond
+  if repa is not None:
+    if repa.shape != (n,) + c.repa_shape or not np.issubdtype(
+        repa.dtype, np.floating):
+      raise ValueError(f"{path}: 'repa_features' must be floating of shape "
+                       f"({n}, *{c.repa_shape}), got {repa.dtype} "
+                       f"{repa.shape}")
+    repa = repa.astype(np.float32)
+  return latent.astype(np.float32), cond, repa
 
 
 def write_latents(input_dir, data_dir, *, latent_shape: Sequence[int],
                   cond: str = "label",
-                  cap_shape: Sequence[int] | None = None) -> str:
+                  cap_shape: Sequence[int] | None = None,
+                  repa_shape: Sequence[int] | None = None) -> str:
   """Builds the dataset from ``input_dir``'s shards into ``data_dir``.
 
   Returns the dataset's directory
   (``data_dir/tim_latents/<config>/<version>``). An existing dataset there
   is never overwritten or silently reused: that raises FileExistsError.
   """
-  config = make_config(latent_shape, cond, cap_shape)
+  config = make_config(latent_shape, cond, cap_shape, repa_shape)
   files = _shard_files(input_dir)  # Fail before tfds makes any directory.
   for path in files:  # Check every shard before writing anything.
     _read_shard(path, config)
@@ -238,7 +272,8 @@ class LatentSource:
   """Random-access source over a written latent dataset.
 
   Example ``i``: ``image`` float32 (H, W, C) (the latent, NHWC) and either
-  ``label`` int32 or ``caption_features`` float32 (M, D). Picklable (the
+  ``label`` int32 or ``caption_features`` float32 (M, D), and
+  ``repa_features`` float32 (T, D) when the dataset has them. Picklable (the
   files are opened lazily in each process), so it works with grain workers.
   """
 
@@ -256,6 +291,8 @@ class LatentSource:
     self.cond = "label" if "label" in features else "caption"
     self.cap_shape = (None if self.cond == "label"
                       else tuple(features["caption"].shape))
+    self.repa_shape = (tuple(features["repa_features"].shape)
+                       if "repa_features" in features else None)
     self._source = None
 
   def _data_source(self):
@@ -278,6 +315,8 @@ class LatentSource:
       out["label"] = np.int32(ex["label"])
     else:
       out["caption_features"] = np.asarray(ex["caption"], np.float32)
+    if self.repa_shape is not None:
+      out["repa_features"] = np.asarray(ex["repa_features"], np.float32)
     return out
 
   def __getstate__(self):
@@ -312,11 +351,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--cond", default="label", choices=CONDS)
   p.add_argument("--cap_shape", default=None, type=_shape,
                  help="M,D (for --cond=caption)")
+  p.add_argument("--repa_shape", default=None, type=_shape,
+                 help="T,D: the shards also hold 'repa_features' (N, T, D)")
   args = p.parse_args(argv)
   try:
     path = write_latents(args.input_dir, args.data_dir,
                          latent_shape=args.latent_shape, cond=args.cond,
-                         cap_shape=args.cap_shape)
+                         cap_shape=args.cap_shape,
+                         repa_shape=args.repa_shape)
   except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
     return 1

@@ -1,4 +1,7 @@
-"""Building blocks of the TiM backbone (spec §3.1–§3.5), Flax NNX, NHWC.
+"""Building blocks of the TiM backbone, Flax NNX, NHWC.
+
+They mirror the modules of ``tim/models/c2i/tim_model.py`` and
+``tim/models/t2i/tim_model.py`` (github.com/WZDTHU/TiM).
 
 Every parameter carries logical axis names (see ``tim_jax.sharding``); the
 attribute names follow the official PyTorch modules so that the converter is a
@@ -70,7 +73,8 @@ class LayerNorm(nnx.Module):
   """LayerNorm computed in float32, returned in the input dtype.
 
   ``affine=False`` is the parameter-free norm of the blocks (eps 1e-6);
-  ``affine=True`` the q/k and caption norms (eps 1e-5, spec §8.14).
+  ``affine=True`` the q/k and caption norms (eps 1e-5: the official modules
+  use a default ``nn.LayerNorm`` there).
   """
 
   def __init__(self, dim, *, affine: bool, eps: float, name: str = "norm",
@@ -166,7 +170,8 @@ def rope_tables(h: int, w: int, head_dim: int, positions: str = "official"):
   Each axis gets head_dim/2 dims with frequencies 10000^(-2k/d_a), each angle
   repeated twice interleaved; the token's vector is [axis A, axis B]. Tokens
   are row-major, n = y*w + x. ``positions="official"`` reproduces the
-  official index rule (A = n mod h, B = n div h; spec §3.4), needed for
+  official index rule (A = n mod h, B = n div h; official ``TiM.get_rope``
+  with its ``'xy'`` meshgrid of (arange(h), arange(w))), needed for
   official weights on non-square grids; ``"xy"`` uses the true (x, y) for new
   models. Angles are formed in float32 as the official cache is.
   """
@@ -280,7 +285,7 @@ class SelfAttention(nnx.Module):
 
 class CrossAttention(nnx.Module):
   """Image tokens attend to caption tokens; RoPE on queries only, no padding
-  mask (spec §3.5, §8.13)."""
+  mask (as the official T2I ``CrossAttention``)."""
 
   def __init__(self, dim, num_heads, *, qk_norm=True, attention_impl=None,
                dtype, param_dtype, rngs):
@@ -370,7 +375,8 @@ class FinalLayer(nnx.Module):
 
   The output projection runs in float32 (or wider) whatever the compute
   dtype, so the network's output — and the finite-difference derivative
-  formed from it — keeps float32 resolution (spec §8.4).
+  formed from it — keeps float32 resolution (the official output is bf16
+  under autocast).
   """
 
   def __init__(self, dim, patch_size, out_channels, *, dtype, param_dtype,

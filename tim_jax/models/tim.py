@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
@@ -94,7 +95,8 @@ class TiMConfig:
 
 
 class TiM(nnx.Module):
-  """The TiM transformer (spec §3)."""
+  """The TiM transformer (the official ``TiM`` of
+  ``tim/models/{c2i,t2i}/tim_model.py``)."""
 
   def __init__(self, config: TiMConfig, *, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32):
@@ -106,7 +108,8 @@ class TiM(nnx.Module):
     self.x_embedder = layers.PatchEmbed(c.patch_size, c.in_channels, d, **kw)
     self.t_embedder = layers.TimestepEmbedder(d, init=layers.normal(0.02),
                                               **kw)
-    # The official init leaves the delta embedder at Xavier (spec §3.6).
+    # The official init (``TiM.initialize_weights``) leaves the delta embedder
+    # at Xavier.
     self.delta_embedder = (layers.TimestepEmbedder(d, **kw)
                            if c.use_new_embed else None)
     if c.kind == "c2i":
@@ -183,7 +186,14 @@ class TiM(nnx.Module):
 
     run = lambda blk, u_, cond_, e_, cap_: blk(u_, cond_, cos, sin, e_, cap_)
     if c.remat:
-      run = nnx.remat(run)
+      # jax.checkpoint on the block as a pure function of its state, rather
+      # than nnx.remat: the model is also called under plain jax.vmap (the
+      # DDE target's t +/- eps pair), where nnx's lifted remat refuses the
+      # Params of the outer trace.
+      def run(blk, u_, cond_, e_, cap_):
+        graph, state = nnx.split(blk)
+        pure = lambda st, *a: nnx.merge(graph, st)(*a)
+        return jax.checkpoint(pure)(state, u_, cond_, cos, sin, e_, cap_)
     proj = None
     for i, block in enumerate(self.blocks):
       u = run(block, u, cond, e_delta, caption)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tim_jax import models
+from tim_jax import architectures, models
 from tim_jax.models import layers
 
 TINY = dict(patch_size=2, in_channels=4, hidden_size=32, depth=2,
@@ -16,25 +16,15 @@ TINY_T2I = dict(TINY, cap_feat_dim=24)
 TINY_T2I.pop("num_classes")
 
 # Parameter counts of the official ``TiM`` classes built with the settings of
-# ``configs/c2i/*.yaml`` and ``configs/t2i/tim_xl_p1_t2i.yaml``: (kind,
-# network, total, total without the REPA projector). The official README
-# reports the latter as 664M (XL) and 865M (T2I).
-PAPER = {
-    "B/4": ("c2i", dict(patch_size=4, in_channels=4, hidden_size=768,
-                        depth=12, num_heads=12, encoder_depth=4,
-                        lora_hidden_size=256), 136_173_120, 128_828_224),
-    "XL/2-256": ("c2i", dict(patch_size=2, in_channels=4, hidden_size=1152,
-                             depth=28, num_heads=16, encoder_depth=8,
-                             lora_hidden_size=384), 672_259_344,
-                 664_128_016),
-    "XL/1-512": ("c2i", dict(patch_size=1, in_channels=32, hidden_size=1152,
-                             depth=28, num_heads=16, encoder_depth=8,
-                             lora_hidden_size=384), 672_296_224,
-                 664_164_896),
-    "T2I-865M": ("t2i", dict(patch_size=1, in_channels=32, hidden_size=1152,
-                             depth=28, num_heads=16, encoder_depth=8,
-                             lora_hidden_size=384, cap_feat_dim=1152),
-                 873_109_408, 864_978_080),
+# ``configs/c2i/*.yaml`` and ``configs/t2i/tim_xl_p1_t2i.yaml`` (the
+# architectures of tim_jax.architectures): in all and without the REPA
+# projector. The official README reports the latter as 664M (XL) and 865M
+# (T2I).
+EXPECTED_COUNTS = {
+    "B/4": dict(total=136_173_120, without_projector=128_828_224),
+    "XL/2": dict(total=672_259_344, without_projector=664_128_016),
+    "XL/1": dict(total=672_296_224, without_projector=664_164_896),
+    "T2I-XL": dict(total=873_109_408, without_projector=864_978_080),
 }
 
 
@@ -42,13 +32,15 @@ def count(tree):
   return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name", sorted(PAPER))
+@pytest.mark.parametrize("name", sorted(EXPECTED_COUNTS))
 def test_paper_parameter_counts(name):
-  kind, net, total, without_projector = PAPER[name]
-  model = nnx.eval_shape(lambda: models.build(kind, net))  # No memory.
-  n = count(nnx.state(model, nnx.Param))
+  arch = architectures.get(name)
+  model = nnx.eval_shape(lambda: models.build(arch.kind, arch.network))
+  n = count(nnx.state(model, nnx.Param))  # No memory: shapes only.
   n_proj = count(nnx.state(model.projector, nnx.Param))
-  assert (n, n - n_proj) == (total, without_projector)
+  want = EXPECTED_COUNTS[name]
+  assert n == want["total"]
+  assert n - n_proj == want["without_projector"]
 
 
 def _perturb(model, scale=0.05, seed=1):

@@ -148,11 +148,11 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   on a CPU in seconds, with the same code path: the same data kind, latent
   shape, REPA, guidance, loss options and dtype logic."""
   net = c.model.network
-  net.hidden_size, net.depth, net.num_heads = 64, 2, 2
-  net.encoder_depth, net.lora_hidden_size = 1, 16
+  net.hidden_size, net.depth, net.num_heads = 32, 1, 2
+  net.encoder_depth, net.lora_hidden_size = 1, 8
   net.z_dim, net.projector_dim = 16, 32
   if c.model.kind == "t2i":
-    net.cap_feat_dim = 32
+    net.cap_feat_dim = 16
   c.batch_size = 8
   c.num_steps = 2
   c.optimizer.base_batch = 8

@@ -356,7 +356,7 @@ def test_weight_files_round_trip(tmp_path, random_sd):
     for key, value in random_sd.items():
       np.testing.assert_array_equal(back[key], value, err_msg=key)
   # The converter command, and loading the converted file into a model.
-  inc._main(["convert", str(tmp_path / "w.npz"),
+  inc.main(["convert", str(tmp_path / "w.npz"),
              str(tmp_path / "c.safetensors")])
   loaded = inc.load_fid_weights(tmp_path / "c.safetensors", resize_to=None)
   np.testing.assert_array_equal(

@@ -102,12 +102,12 @@ def test_shipped_weights_record_how_they_were_made(judge):
 def test_training_is_deterministic():
   a = train_oracle.train(steps=3, batch=8, progress=False)
   b = train_oracle.train(steps=3, batch=8, progress=False)
-  pa, pb = oracle._flat_params(a), oracle._flat_params(b)
+  pa, pb = oracle.flat_params(a), oracle.flat_params(b)
   assert pa.keys() == pb.keys()
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k])
   c = train_oracle.train(steps=3, batch=8, seed=1, progress=False)
-  assert not np.array_equal(oracle._flat_params(c)["head.kernel"],
+  assert not np.array_equal(oracle.flat_params(c)["head.kernel"],
                             pa["head.kernel"])
 
 

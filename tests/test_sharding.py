@@ -71,7 +71,7 @@ def test_mesh_shapes():
     sharding.make_mesh({"data": n + 1})
 
 
-def _abstract_params(hidden_size):
+def abstract_params(hidden_size):
   import train_utils
   from flax import nnx
 
@@ -86,7 +86,7 @@ def _abstract_params(hidden_size):
 def test_rules_cover_every_logical_axis_of_the_model():
   import jax
   from flax import nnx
-  params = _abstract_params(32)
+  params = abstract_params(32)
   names = {n for v in jax.tree.leaves(
       params, is_leaf=lambda x: isinstance(x, nnx.Variable))
            for n in sharding.logical_names(v)}
@@ -105,7 +105,7 @@ import jax
 import test_sharding
 from tim_jax import sharding
 mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
-params = test_sharding._abstract_params({hidden})
+params = test_sharding.abstract_params({hidden})
 for _ in range(2):  # Logged once, however often the shardings are built.
   out = sharding.state_shardings(params, mesh, sharding.DEFAULT_RULES)
 kernel = out["blocks"][0]["mlp"]["fc1_g"]["kernel"]

@@ -239,9 +239,11 @@ class EDM(Transport):
   only for sigma_d = 1.
   """
 
+  # Noise levels sigma = t, from T_max down to T_min.
   T_max: float = 80.0
   T_min: float = 0.01
-  sigma_d: float = 0.5
+  sigma_d: float = 0.5  # The data's standard deviation.
+  # Training times: log t ~ N(P_mean, P_std^2).
   P_mean: float = -1.2
   P_std: float = 1.2
 

@@ -187,22 +187,20 @@ def _read_shard(path: str, c: TimLatentsConfig):
                        f"(min {cond.min()})")
     cond = cond.astype(np.int64)
   else:
-    if cond.shape != (n,) + c.cap_shape or not np.issubdtype(
-        cond.dtype, np.floating):
-      raise ValueError(f"{path}: 'caption' must be floating of shape "
-                       f"({n}, *{c.cap_shape}), got {cond.dtype} "
-                       f"{cond.shape}")
-    cond = cond.astype(np.float32)
+    cond = _features(path, "caption", cond, (n,) + c.cap_shape)
   if not np.isfinite(latent).all():
     raise ValueError(f"{path}: 'latent' has non-finite values")
   if repa is not None:
-    if repa.shape != (n,) + c.repa_shape or not np.issubdtype(
-        repa.dtype, np.floating):
-      raise ValueError(f"{path}: 'repa_features' must be floating of shape "
-                       f"({n}, *{c.repa_shape}), got {repa.dtype} "
-                       f"{repa.shape}")
-    repa = repa.astype(np.float32)
+    repa = _features(path, "repa_features", repa, (n,) + c.repa_shape)
   return latent.astype(np.float32), cond, repa
+
+
+def _features(path, name, array, shape):
+  """``array`` as float32, or a ValueError naming the shard and the key."""
+  if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
+    raise ValueError(f"{path}: {name!r} must be floating of shape {shape}, "
+                     f"got {array.dtype} {array.shape}")
+  return array.astype(np.float32)
 
 
 def write_latents(input_dir, data_dir, *, latent_shape: Sequence[int],

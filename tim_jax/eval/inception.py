@@ -672,7 +672,8 @@ class FeatureExtractor:
 # Command line: convert the .pth once where torch is installed.
 
 
-def _main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command: ``python -m tim_jax.eval.inception convert SRC DST``."""
   parser = argparse.ArgumentParser(
       prog="python -m tim_jax.eval.inception",
       description="Convert pytorch-fid's InceptionV3 weights "
@@ -690,4 +691,4 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-  _main()
+  main()

@@ -361,7 +361,9 @@ def attribute_accuracy(pred: Predictions, targets: Targets) -> Dict[str, float]:
 # --- weights -------------------------------------------------------------------
 
 
-def _flat_params(model) -> Dict[str, np.ndarray]:
+def flat_params(model) -> Dict[str, np.ndarray]:
+  """The model's parameters by dotted name, as numpy (what ``save``
+  writes)."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   return {".".join(map(str, path)): np.asarray(var.get_value())
           for path, var in flat}
@@ -374,7 +376,7 @@ def save(model: OracleNet, path: str, metadata: Optional[dict] = None):
   meta = {"config": json.dumps(dataclasses.asdict(model.config))}
   for key, value in (metadata or {}).items():
     meta[key] = json.dumps(value)
-  save_file(_flat_params(model), path, metadata=meta)
+  save_file(flat_params(model), path, metadata=meta)
 
 
 def load(path: str = DEFAULT_WEIGHTS):
@@ -393,7 +395,7 @@ def load(path: str = DEFAULT_WEIGHTS):
                         feature_dim=int(cfg.get("feature_dim",
                                                 OracleConfig.feature_dim)))
   model = OracleNet(config, rngs=nnx.Rngs(0))
-  expected = _flat_params(model)
+  expected = flat_params(model)
   if set(expected) != set(arrays):
     raise ValueError(
         f"{path} does not hold oracle weights of this layout: missing "

@@ -244,6 +244,16 @@ def _merge_heads(a):
   return a.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
+
+def _qk_norms(head_dim, enabled, param_dtype, rngs):
+  """The q and k LayerNorms of an attention (affine, eps 1e-5), or Nones."""
+  if not enabled:
+    return None, None
+  norm = functools.partial(LayerNorm, head_dim, affine=True, eps=1e-5,
+                           name="head_dim", param_dtype=param_dtype,
+                           rngs=rngs)
+  return norm(), norm()
+
 class SelfAttention(nnx.Module):
   """Interval-aware self-attention: ``qkv(u) + qkv_d(e_delta)``, q/k
   LayerNorm over head_dim, 2D RoPE, softmax attention, ``proj``."""
@@ -260,11 +270,8 @@ class SelfAttention(nnx.Module):
     self.qkv = Linear(dim, 3 * dim, ("embed", "qkv"), **kw)
     self.qkv_d = (Linear(dim, 3 * dim, ("embed", "qkv"), use_bias=False, **kw)
                   if distance_aware else None)
-    norm = functools.partial(LayerNorm, self.head_dim, affine=True, eps=1e-5,
-                             name="head_dim", param_dtype=param_dtype,
-                             rngs=rngs)
-    self.q_norm = norm() if qk_norm else None
-    self.k_norm = norm() if qk_norm else None
+    self.q_norm, self.k_norm = _qk_norms(self.head_dim, qk_norm,
+                                         param_dtype, rngs)
     self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
 
   def __call__(self, u, cos, sin, e_delta=None):
@@ -295,11 +302,8 @@ class CrossAttention(nnx.Module):
     self.attention_impl = attention_impl
     self.q = Linear(dim, dim, ("embed", "heads"), **kw)
     self.kv = Linear(dim, 2 * dim, ("embed", "kv"), **kw)
-    norm = functools.partial(LayerNorm, self.head_dim, affine=True, eps=1e-5,
-                             name="head_dim", param_dtype=param_dtype,
-                             rngs=rngs)
-    self.q_norm = norm() if qk_norm else None
-    self.k_norm = norm() if qk_norm else None
+    self.q_norm, self.k_norm = _qk_norms(self.head_dim, qk_norm,
+                                         param_dtype, rngs)
     self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
 
   def __call__(self, u, y, cos, sin):

@@ -29,8 +29,11 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # The notebook test runs launch/sample_colab.ipynb in a real kernel.
+    # Parity tests run against the reference PyTorch implementations:
+    # diffusers' autoencoders at the version the official TiM code pins, on
+    # the CPU build of torch.
     "test": ["pytest>=8", "pytest-xdist>=3", "nbformat", "nbclient",
-             "ipykernel"],
+             "ipykernel", "torch==2.13.0", "diffusers==0.33.1"],
     # Reading torch-pickled official checkpoints (.bin / .pt) needs torch;
     # .safetensors files do not.
     "torch": ["torch"],

@@ -101,7 +101,7 @@ def test_missing_file_is_named():
 
 
 def test_torch_pickle_is_read_when_torch_is_present(tmp_path):
-  torch = pytest.importorskip("torch")
+  import torch
   sd = {k: torch.from_numpy(v) for k, v in _official("c2i_tiny").items()}
   path = str(tmp_path / "model.pt")
   torch.save({"ema": sd}, path)

@@ -374,8 +374,8 @@ def test_pipeline_worker_processes_give_the_same_batches():
 
 
 def test_pipeline_state_through_orbax(tmp_path):
-  grain = pytest.importorskip("grain")
-  ocp = pytest.importorskip("orbax.checkpoint")
+  import grain
+  import orbax.checkpoint as ocp
   kw = dict(global_batch_size=4, seed=1)
   it = pipeline.make_iterator(_Indexed(100), **kw)
   next(it), next(it)
@@ -424,7 +424,7 @@ def _write_shards(directory, rng, sizes, cap_shape=None):
 
 
 def test_latents_array_record_round_trip(tmp_path):
-  latents = pytest.importorskip("tim_jax.data.latents")
+  import tim_jax.data.latents as latents
   rng = np.random.default_rng(0)
   shards = _write_shards(tmp_path / "in", rng, [6, 4])
   path = latents.write_latents(tmp_path / "in", tmp_path / "out",
@@ -460,7 +460,7 @@ def test_latents_array_record_round_trip(tmp_path):
 
 
 def test_latents_captions_and_errors(tmp_path, capsys):
-  latents = pytest.importorskip("tim_jax.data.latents")
+  import tim_jax.data.latents as latents
   rng = np.random.default_rng(1)
   shards = _write_shards(tmp_path / "in", rng, [3], cap_shape=(5, 8))
   rc = latents.main([f"--input_dir={tmp_path / 'in'}",
@@ -487,7 +487,7 @@ def test_latents_captions_and_errors(tmp_path, capsys):
 
 
 def test_latents_with_repa_features(tmp_path, capsys):
-  latents = pytest.importorskip("tim_jax.data.latents")
+  import tim_jax.data.latents as latents
   rng = np.random.default_rng(2)
   shards = _write_shards(tmp_path / "in", rng, [4])
   repa = rng.normal(size=(4, 6, 5)).astype(np.float32)

@@ -87,7 +87,7 @@ def test_identical_is_zero_and_distance_is_symmetric():
   ba = fid.frechet_distance(mu2, s2, mu1, s1)
   np.testing.assert_allclose(ab, ba, rtol=1e-10)
   # A generic (non-commuting) pair against scipy's matrix square root.
-  scipy_linalg = pytest.importorskip("scipy.linalg")
+  import scipy.linalg as scipy_linalg
   root = scipy_linalg.sqrtm(s1 @ s2)
   d_mu = mu1 - mu2
   reference = d_mu @ d_mu + np.trace(s1 + s2 - 2 * np.real(root))
@@ -468,7 +468,7 @@ def test_preprocess_resizes_and_scales():
 
 
 def test_load_fid_weights_reads_a_torch_pth(tmp_path, random_sd):
-  torch = pytest.importorskip("torch")
+  import torch
   sd = {k: torch.from_numpy(v.copy()) for k, v in random_sd.items()}
   # Like a real BatchNorm2d state dict: counters next to the statistics.
   sd["Conv2d_1a_3x3.bn.num_batches_tracked"] = torch.tensor(0)
@@ -564,7 +564,7 @@ def _torch_fid_inception(sd, x):
 
 
 def test_matches_a_pytorch_forward(model, random_sd):
-  pytest.importorskip("torch")
+  import torch  # pylint: disable=unused-import
   import torch  # pylint: disable=g-import-not-at-top
   # 139x139 leaves 3x3 maps in the Mixed_7 blocks, so the padding, the
   # valid-only average and the max pool of Mixed_7c all matter there too.
@@ -582,7 +582,7 @@ def test_matches_a_pytorch_forward(model, random_sd):
 
 
 def test_resize_matches_pytorch_bilinear():
-  torch = pytest.importorskip("torch")
+  import torch
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(4)
   for h, w in [(64, 48), (256, 256), (512, 400)]:  # up and down

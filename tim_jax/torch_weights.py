@@ -113,3 +113,90 @@ def torch_shape(shape: Sequence[int]) -> Tuple[int, ...]:
   if len(shape) == 4:
     return (shape[3], shape[2], shape[0], shape[1])
   return shape[::-1] if len(shape) == 2 else shape
+
+
+# --------------------------------------------------------------------------
+# NNX modules whose attribute names follow a PyTorch module's, one to one.
+
+# NNX leaf names -> PyTorch's. BatchNorm statistics keep PyTorch's names.
+LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
+                 "weight": "weight", "mean": "running_mean",
+                 "var": "running_var", "running_mean": "running_mean",
+                 "running_var": "running_var"}
+# PyTorch's BatchNorm training counter: in state dicts, never a weight.
+IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+
+def torch_key(path: Sequence[Any]) -> str:
+  """The PyTorch state-dict key of an NNX variable path, e.g.
+  ``('down_blocks', 0, 'conv', 'kernel')`` -> ``down_blocks.0.conv.weight``.
+  """
+  *modules, leaf = [str(p) for p in path]
+  return ".".join(modules + [LEAF_TO_TORCH[leaf]])
+
+
+def named_variables(model, variable_filter=None) -> Dict[str, Any]:
+  """``{torch key: nnx.Variable}`` of a module's parameters and batch
+  statistics (or of ``variable_filter``), in the module's order."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  variable_filter = variable_filter or nnx.Any(nnx.Param, nnx.BatchStat)
+  flat = nnx.to_flat_state(nnx.state(model, variable_filter))
+  return {torch_key(path): var for path, var in flat}
+
+
+def summarise(keys: Sequence[str], limit: int = 8) -> str:
+  """``a, b, c and 5 more``: a short list of keys for an error message."""
+  keys = sorted(keys)
+  more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
+
+
+def check_keys(state_dict: Mapping[str, Any],
+               expected: Mapping[str, Sequence[int]], what: str) -> None:
+  """Raises ValueError unless ``state_dict`` has exactly the keys of
+  ``expected`` with those (PyTorch-layout) shapes, naming the first
+  offenders and ``what`` the model is. ``IGNORED_SUFFIXES`` are skipped."""
+  given = {k: v for k, v in state_dict.items()
+           if not k.endswith(IGNORED_SUFFIXES)}
+  missing = [k for k in expected if k not in given]
+  unexpected = [k for k in given if k not in expected]
+  if missing:
+    raise ValueError(f"the state dict lacks {len(missing)} key(s) of the "
+                     f"{what}: {summarise(missing)}")
+  if unexpected:
+    raise ValueError(f"the state dict has {len(unexpected)} key(s) that the "
+                     f"{what} does not: {summarise(unexpected)}")
+  for key, shape in expected.items():
+    got = tuple(np.shape(given[key]))
+    if got != tuple(shape):
+      raise ValueError(f"shape mismatch for {key!r}: the state dict has "
+                       f"{got}, the {what} expects {tuple(shape)} (PyTorch "
+                       "layout)")
+
+
+def expected_shapes(model, variable_filter=None) -> Dict[str, Tuple[int, ...]]:
+  """``{torch key: PyTorch-layout shape}`` of a module's variables."""
+  return {k: torch_shape(v.get_value().shape)
+          for k, v in named_variables(model, variable_filter).items()}
+
+
+def load_module(model, state_dict: Mapping[str, Any], what: str,
+                variable_filter=None):
+  """Copies a PyTorch-layout state dict into ``model`` in place, strictly:
+  missing or unexpected keys and shape mismatches raise ValueError (naming
+  them) before anything changes. Arrays take each variable's dtype.
+  Returns ``model``."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  variables = named_variables(model, variable_filter)
+  check_keys(state_dict, {k: torch_shape(v.get_value().shape)
+                          for k, v in variables.items()}, what)
+  for key, var in variables.items():
+    array = kernel_from_torch(np.asarray(state_dict[key]))
+    var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
+  return model
+
+
+def module_state_dict(model, variable_filter=None) -> Dict[str, np.ndarray]:
+  """A module's variables as a PyTorch-layout state dict (numpy)."""
+  return {k: np.ascontiguousarray(kernel_to_torch(np.asarray(v.get_value())))
+          for k, v in named_variables(model, variable_filter).items()}

@@ -409,27 +409,7 @@ class InceptionV3(nnx.Module):
 # --------------------------------------------------------------------------
 # State dicts.
 
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
-                  "mean": "running_mean", "var": "running_var"}
-_VARIABLES = nnx.Any(nnx.Param, nnx.BatchStat)
-_IGNORED_SUFFIX = ".num_batches_tracked"  # a training counter, no weight
-
-
-def _torch_key(path: Sequence[Any]) -> str:
-  *modules, leaf = [str(p) for p in path]
-  return ".".join(modules + [_LEAF_TO_TORCH[leaf]])
-
-
-def _model_variables(model: nnx.Module):
-  """{torch key: (nnx path, variable)} of every weight and BN statistic."""
-  flat = nnx.to_flat_state(nnx.state(model, _VARIABLES))
-  return {_torch_key(path): (tuple(path), var) for path, var in flat}
-
-
-def _summarise(keys: Sequence[str], limit: int = 8) -> str:
-  keys = sorted(keys)
-  more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-  return ", ".join(keys[:limit]) + more
+_WHAT = "FID InceptionV3"
 
 
 def check_state_dict(state_dict: Mapping[str, Any],
@@ -440,33 +420,17 @@ def check_state_dict(state_dict: Mapping[str, Any],
   ``num_batches_tracked`` entries are ignored. ``expected`` defaults to
   ``FID_INCEPTION_SHAPES``.
   """
-  expected = FID_INCEPTION_SHAPES if expected is None else expected
-  given = {k: v for k, v in state_dict.items()
-           if not k.endswith(_IGNORED_SUFFIX)}
-  missing = [k for k in expected if k not in given]
-  unexpected = [k for k in given if k not in expected]
-  if missing:
-    raise ValueError(f"the state dict lacks {len(missing)} key(s) of the FID "
-                     f"InceptionV3: {_summarise(missing)}")
-  if unexpected:
-    raise ValueError(f"the state dict has {len(unexpected)} key(s) that the "
-                     f"FID InceptionV3 does not: {_summarise(unexpected)}")
-  for key, shape in expected.items():
-    got = tuple(np.shape(given[key]))
-    if got != tuple(shape):
-      raise ValueError(f"shape mismatch for {key!r}: the state dict has "
-                       f"{got}, the model expects {tuple(shape)} (PyTorch "
-                       "layout)")
+  torch_weights.check_keys(
+      state_dict, FID_INCEPTION_SHAPES if expected is None else expected,
+      _WHAT)
 
 
 def state_dict(model: InceptionV3) -> Dict[str, np.ndarray]:
   """The model's weights and BN statistics as a PyTorch-layout state dict."""
-  variables = _model_variables(model)
-  order = [k for k in FID_INCEPTION_SHAPES if k in variables]
-  order += [k for k in variables if k not in FID_INCEPTION_SHAPES]
-  return {k: np.ascontiguousarray(
-      torch_weights.kernel_to_torch(np.asarray(variables[k][1].get_value())))
-          for k in order}
+  out = torch_weights.module_state_dict(model)
+  order = [k for k in FID_INCEPTION_SHAPES if k in out]
+  order += [k for k in out if k not in FID_INCEPTION_SHAPES]
+  return {k: out[k] for k in order}
 
 
 def load_state_dict(model: InceptionV3,
@@ -477,14 +441,7 @@ def load_state_dict(model: InceptionV3,
   the keys (and shapes) before anything is changed; ``num_batches_tracked``
   entries are ignored. Returns ``model``.
   """
-  variables = _model_variables(model)
-  check_state_dict(state_dict, {
-      k: torch_weights.torch_shape(var.get_value().shape)
-      for k, (_, var) in variables.items()})
-  for key, (_, var) in variables.items():
-    array = torch_weights.kernel_from_torch(np.asarray(state_dict[key]))
-    var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
-  return model
+  return torch_weights.load_module(model, state_dict, _WHAT)
 
 
 # --------------------------------------------------------------------------
@@ -501,7 +458,7 @@ def read_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
           "python -m tim_jax.eval.inception convert "
           f"{os.path.basename(os.fspath(path))} fid_inception.safetensors")
   out = torch_weights.read(path, missing_torch_hint=hint)
-  return {k: v for k, v in out.items() if not k.endswith(_IGNORED_SUFFIX)}
+  return {k: v for k, v in out.items() if not k.endswith(torch_weights.IGNORED_SUFFIXES)}
 
 
 def save_state_dict(state_dict: Mapping[str, Any], path: PathLike) -> None:

@@ -76,7 +76,8 @@ def get_config(arg=None):
     c.loss_extras.repa_feature_key = "repa_features"
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
-    c.sample.every = 0  # Needs the DC-AE decoder.
+    # Decoded with --config.autoencoder.path=DIR (the DC-AE directory).
+    c.sample.every = 5_000
     c.sample.image_size = 32
     c.sample.cfg_scale = 2.5
   if "smoke" in options:

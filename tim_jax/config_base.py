@@ -51,7 +51,17 @@ def base_config() -> ml_collections.ConfigDict:
       null_caption_features="",  # .npy of the empty caption, latent t2i.
       worker_count=0,
   ))
-  c.autoencoder = ml_collections.ConfigDict(dict(name="identity"))
+  c.autoencoder = ml_collections.ConfigDict(dict(
+      # "identity" (pixel space), "sd_vae_ft_ema" or "dc_ae_f32c32_sana_1.1".
+      name="identity",
+      # A diffusers save_pretrained directory of that autoencoder (config.json
+      # + diffusion_pytorch_model.safetensors); needed to decode samples.
+      path="",
+      # Compute dtype of encoding and decoding (the official code: float32).
+      dtype="float32",
+      # Images per decoder call (fixed, so the decoder compiles once).
+      batch_size=16,
+  ))
 
   # AdamW (the official optimizer); lr = base_lr * batch_size / base_batch
   # when scale_lr.

@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tim_jax import builders, checkpoint, config_base, convert, sampling
+from tim_jax import (autoencoders, builders, checkpoint, config_base, convert,
+                     sampling)
 from tim_jax.data import kinds
 
 OFFICIAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -187,6 +188,7 @@ class Pipeline:
     self.params = params
     self._samplers = {}
     self._samplers_lock = threading.Lock()
+    self._autoencoder = None
 
   @property
   def kind(self) -> str:
@@ -318,8 +320,10 @@ class Pipeline:
                guidance_interval: Optional[Sequence[float]] = None,
                stochasticity: float = 0.0, seed: int = 0,
                batch_size: int = 64, mode: Optional[str] = None,
-               image_size: Optional[int] = None, progress: bool = False,
-               desc: str = "sampling", params=None) -> np.ndarray:
+               image_size: Optional[int] = None,
+               height: Optional[int] = None, width: Optional[int] = None,
+               progress: bool = False, desc: str = "sampling",
+               params=None) -> np.ndarray:
     """``num`` samples per row of ``cond`` (row-major: all of row 0 first),
     in network space (pixels in [-1, 1] for pixel models), as numpy.
 
@@ -332,11 +336,16 @@ class Pipeline:
     if num < 1:
       raise ValueError(f"num must be >= 1, got {num}")
     size = int(image_size or self.config.sample.image_size)
+    height, width = int(height or size), int(width or size)
+    patch = self.model_config.patch_size
+    if height % patch or width % patch or min(height, width) < patch:
+      raise ValueError(f"the network-space size {height}x{width} must be a "
+                       f"positive multiple of the patch size {patch}")
     rows = jax.tree.leaves(cond)[0].shape[0]
     total = rows * num
     index = np.repeat(np.arange(rows), num)
     all_cond = jax.tree.map(lambda c: np.asarray(c)[index], cond)
-    shape = (size, size, self.model_config.in_channels)
+    shape = (height, width, self.model_config.in_channels)
     base = jax.random.key(seed)
     noise_all = jax.vmap(lambda i: jax.random.normal(
         jax.random.fold_in(base, i), shape))(np.arange(total))
@@ -375,13 +384,56 @@ class Pipeline:
 
   @property
   def can_decode(self) -> bool:
-    return self.config.autoencoder.name == "identity"
+    """Pixel-space models, and latent ones whose ``autoencoder.path`` is
+    set."""
+    a = self.config.autoencoder
+    return a.name == "identity" or bool(a.get("path"))
+
+  @property
+  def downsample(self) -> int:
+    """Pixels per network-space position (1 in pixel space)."""
+    a = self.config.autoencoder
+    if a.name != "identity" and self.can_decode:
+      return self.autoencoder.downsample
+    return autoencoders.DOWNSAMPLE[a.name]
+
+  def network_size(self, height: int, width: int) -> tuple:
+    """The network-space (latent) height and width of a ``height`` x
+    ``width``-pixel image; ValueError when the autoencoder's downsampling
+    times the patch size does not divide it."""
+    a = self.config.autoencoder
+    factor = self.downsample
+    step = factor * self.model_config.patch_size
+    if height % step or width % step or min(height, width) < step:
+      raise ValueError(
+          f"{height}x{width} pixels: with autoencoder {a.name!r} "
+          f"(downsampling {factor}) and patch size "
+          f"{self.model_config.patch_size}, height and width must be "
+          f"positive multiples of {step}")
+    return height // factor, width // factor
+
+  @property
+  def autoencoder(self) -> autoencoders.Autoencoder:
+    """The config's autoencoder (read on first use, then kept)."""
+    if self._autoencoder is None:
+      self._autoencoder = autoencoders.from_config(self.config)
+    return self._autoencoder
 
   def decode(self, x) -> np.ndarray:
-    """Network space -> images in [-1, 1]. Pixel-space models: identity."""
-    name = self.config.autoencoder.name
-    if name == "identity":
+    """Network space -> images in [-1, 1] (float32 numpy). Pixel-space
+    models: the input. Latent models: the autoencoder's decoder, in batches
+    of ``autoencoder.batch_size`` (the last one padded)."""
+    if self.config.autoencoder.name == "identity":
       return np.asarray(x, np.float32)
-    raise NotImplementedError(
-        f"autoencoder {name!r} has no decoder in tim_jax yet; write the "
-        "latents and decode them elsewhere")
+    ae = self.autoencoder
+    x = np.asarray(x, np.float32)
+    bs = max(1, min(int(self.config.autoencoder.batch_size), len(x)))
+    out = []
+    for start in range(0, len(x), bs):
+      chunk = x[start:start + bs]
+      n = len(chunk)
+      if n < bs:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, 0)])
+      out.append(np.asarray(jax.device_get(ae.decode(chunk)),
+                            np.float32)[:n])
+    return np.concatenate(out)

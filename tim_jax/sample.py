@@ -13,8 +13,10 @@
 
 Images are laid out one row per prompt or label, ``--num`` per row. The
 noise is drawn for all images at once from ``--seed``, so the result does not
-depend on ``--batch_size``. Latent-space models without a decoder in tim_jax
-write their latents (``--latents_out``) for decoding elsewhere.
+depend on ``--batch_size``. Latent-space models decode with the config's
+autoencoder (``--config.autoencoder.path=DIR``, a diffusers directory); with
+``--latents_out`` the raw latents are kept too. ``--height``/``--width``
+choose any size the patch and the autoencoder's downsampling divide.
 
 The library form of the command is ``tim_jax.inference`` (``load``,
 ``Pipeline.conditions``, ``Pipeline.generate``, ``Pipeline.decode``).
@@ -51,6 +53,11 @@ def _flags():
   flags.DEFINE_integer("batch_size", 64, "Images per sampler call.")
   flags.DEFINE_enum("mode", None, ["transition", "diffusion"], "Sampler mode "
                     "(default: the config's sample.mode).")
+  flags.DEFINE_integer("height", None, "Image height in pixels (default: "
+                       "the config's sample.image_size, decoded); any "
+                       "multiple of the autoencoder's downsampling times "
+                       "the patch size.")
+  flags.DEFINE_integer("width", None, "Image width in pixels (as --height).")
   flags.DEFINE_string("out", "samples.png", "The grid (PNG).")
   flags.DEFINE_string("latents_out", "", "Also write the raw samples (.npy).")
   flags.DEFINE_integer("cols", 0, "Grid columns (default: --num, or up to 8 "
@@ -83,21 +90,27 @@ def main(argv):
     raise ValueError(f"bad sampler flags (--steps, --guidance-interval, "
                      f"--stochasticity, --mode): {e}") from None
   if not pipe.can_decode and not f.latents_out:
-    raise ValueError(f"autoencoder {pipe.config.autoencoder.name!r} has no "
-                     "decoder in tim_jax yet. Pass --latents_out=FILE.npy to "
-                     "keep the latents and decode them elsewhere.")
+    raise ValueError(
+        f"decoding {pipe.config.autoencoder.name!r} latents needs "
+        "--config.autoencoder.path=DIR (a diffusers directory of that "
+        "autoencoder; see the README's 'Files' section), or pass "
+        "--latents_out=FILE.npy to keep only the latents")
+  height = width = None
+  if f.height or f.width:
+    size = int(pipe.config.sample.image_size) * pipe.downsample
+    height, width = pipe.network_size(f.height or size, f.width or size)
   cond, names = pipe.conditions(f.prompt, labels)
   samples = pipe.generate(cond, num_steps=f.steps, num=f.num,
                           cfg_scale=f.cfg, guidance_interval=interval,
                           stochasticity=f.stochasticity, seed=f.seed,
                           batch_size=f.batch_size, mode=f.mode,
-                          progress=True)
+                          height=height, width=width, progress=True)
   if f.latents_out:
     np.save(f.latents_out, samples)
     logging.info("wrote %s %s", f.latents_out, samples.shape)
   if not pipe.can_decode:
-    logging.warning("no decoder for %r; wrote only the latents",
-                    pipe.config.autoencoder.name)
+    logging.warning("no --config.autoencoder.path for %r; wrote only the "
+                    "latents", pipe.config.autoencoder.name)
     return
   cols = f.cols or (f.num if f.num > 1 else min(len(names), 8))
   images.save_png(f.out, images.grid(images.to_uint8(pipe.decode(samples)),

@@ -170,8 +170,8 @@ def check_keys(state_dict: Mapping[str, Any],
     got = tuple(np.shape(given[key]))
     if got != tuple(shape):
       raise ValueError(f"shape mismatch for {key!r}: the state dict has "
-                       f"{got}, the {what} expects {tuple(shape)} (PyTorch "
-                       "layout)")
+                       f"{got}, the model expects {tuple(shape)} (PyTorch "
+                       f"layout; the model: {what})")
 
 
 def expected_shapes(model, variable_filter=None) -> Dict[str, Tuple[int, ...]]:

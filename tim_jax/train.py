@@ -233,9 +233,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   trainer = Trainer(config)
   if config.sample.every and not trainer.pipeline.can_decode:
     raise ValueError(
-        f"sample.every={config.sample.every} needs a decoder for autoencoder "
-        f"{config.autoencoder.name!r}, which tim_jax does not have yet: set "
+        f"sample.every={config.sample.every} decodes the samples with "
+        f"{config.autoencoder.name!r}: set --config.autoencoder.path=DIR (a "
+        "diffusers directory of it; see the README's 'Files' section) or "
         "--config.sample.every=0")
+  if config.sample.every and config.autoencoder.name != "identity":
+    trainer.pipeline.autoencoder  # Read now: a bad directory stops here.
   data_iter = kinds.iterator(config, source)
 
   start = ckpt.latest_step()

@@ -32,6 +32,8 @@ from tim_jax.autoencoders import layers as L
 # config.autoencoder.name -> the diffusers class its directory must hold.
 NAMES = {"identity": None, "sd_vae_ft_ema": "AutoencoderKL",
          "dc_ae_f32c32_sana_1.1": "AutoencoderDC"}
+# Their spatial downsampling (known without reading the directory).
+DOWNSAMPLE = {"identity": 1, "sd_vae_ft_ema": 8, "dc_ae_f32c32_sana_1.1": 32}
 CLASSES = ("AutoencoderKL", "AutoencoderDC")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors",
                 "diffusion_pytorch_model.bin")
@@ -239,4 +241,5 @@ def from_config(config, mesh=None) -> Autoencoder:
 
 
 __all__ = ["Autoencoder", "from_diffusers", "from_config", "identity",
-           "build", "architecture", "read_config", "NAMES"]
+           "build", "architecture", "read_config", "NAMES",
+           "DOWNSAMPLE"]

@@ -12,7 +12,14 @@ Input: a directory of ``.npz`` shards, each holding
 * ``caption``: (N, M, D) float caption features (``cond="caption"``);
 * optionally ``repa_features``: (N, T, D) float token features of a frozen
   vision encoder for the REPA loss (``repa_shape=(T, D)``), returned as the
-  batch key ``repa_features`` that the paper configs' REPA loss reads.
+  batch key ``repa_features`` that the paper configs' REPA loss reads;
+* optionally ``latent_flip``: (N, H, W, C), the latent of each image's
+  horizontal flip (``flip=True``; written by ``tim_jax.data.prepare``).
+  Training then takes the original or the flip with probability 1/2 per
+  visit, as the official C2I loader does;
+* optionally ``image_bytes`` (uint8, all images' encoded bytes end to end)
+  and ``image_offsets`` (N + 1,) int64: each example's cropped image as a
+  PNG or JPEG (``images=True``), kept for encoders that see pixels.
 
 Write (nothing is downloaded; shards are read in file-name order and their
 rows keep that order in the dataset)::
@@ -43,14 +50,19 @@ NAME = "tim_latents"
 
 
 def config_name(latent_shape, cond: str = "label", cap_shape=None,
-                repa_shape=None) -> str:
-  """e.g. ``label_32x32x4``, ``caption_32x32x4_77x768`` or
-  ``label_32x32x4_repa256x768``."""
+                repa_shape=None, flip: bool = False,
+                images: bool = False) -> str:
+  """e.g. ``label_32x32x4``, ``caption_32x32x4_77x768``,
+  ``label_32x32x4_repa256x768`` or ``label_32x32x4_flip_img``."""
   name = f"{cond}_" + "x".join(str(int(n)) for n in latent_shape)
   if cap_shape is not None:
     name += "_" + "x".join(str(int(n)) for n in cap_shape)
   if repa_shape is not None:
     name += "_repa" + "x".join(str(int(n)) for n in repa_shape)
+  if flip:
+    name += "_flip"
+  if images:
+    name += "_img"
   return name
 
 
@@ -61,11 +73,14 @@ class TimLatentsConfig(tfds.core.BuilderConfig):
   cond: str = "label"
   cap_shape: tuple[int, int] | None = None
   repa_shape: tuple[int, int] | None = None
+  flip: bool = False
+  images: bool = False
 
 
 def make_config(latent_shape: Sequence[int], cond: str = "label",
                 cap_shape: Sequence[int] | None = None,
-                repa_shape: Sequence[int] | None = None) -> TimLatentsConfig:
+                repa_shape: Sequence[int] | None = None, flip: bool = False,
+                images: bool = False) -> TimLatentsConfig:
   latent_shape = tuple(int(n) for n in latent_shape)
   if len(latent_shape) != 3 or min(latent_shape) < 1:
     raise ValueError(f"latent_shape must be (H, W, C) positive, got "
@@ -86,9 +101,11 @@ def make_config(latent_shape: Sequence[int], cond: str = "label",
       raise ValueError(f"repa_shape must be (T, D) positive, got "
                        f"{repa_shape}")
   return TimLatentsConfig(
-      name=config_name(latent_shape, cond, cap_shape, repa_shape),
+      name=config_name(latent_shape, cond, cap_shape, repa_shape, flip,
+                       images),
       version="1.0.0", latent_shape=latent_shape, cond=cond,
-      cap_shape=cap_shape, repa_shape=repa_shape,
+      cap_shape=cap_shape, repa_shape=repa_shape, flip=bool(flip),
+      images=bool(images),
       description=f"latents {latent_shape}, conditioned on {cond}")
 
 
@@ -127,6 +144,13 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
       features["repa_features"] = tfds.features.Tensor(
           shape=c.repa_shape, dtype=np.float32,
           encoding=tfds.features.Encoding.BYTES)
+    if c.flip:
+      features["latent_flip"] = tfds.features.Tensor(
+          shape=c.latent_shape, dtype=np.float32,
+          encoding=tfds.features.Encoding.BYTES)
+    if c.images:
+      # The encoded file as it was written (PNG or JPEG), undecoded.
+      features["image"] = tfds.features.Tensor(shape=(), dtype=np.object_)
     return tfds.core.DatasetInfo(
         builder=self, description=__doc__.split("\n\n")[0],
         features=tfds.features.FeaturesDict(features),
@@ -142,11 +166,16 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     for path in files:
       latent, cond, repa = _read_shard(path, c)
+      flips, crops = _read_extras(path, c, latent.shape[0])
       stem = os.path.splitext(os.path.basename(path))[0]
       for i in range(latent.shape[0]):
         example = {"latent": latent[i], c.cond: cond[i]}
         if repa is not None:
           example["repa_features"] = repa[i]
+        if flips is not None:
+          example["latent_flip"] = flips[i]
+        if crops is not None:
+          example["image"] = crops[i]
         yield f"{stem}/{i:09d}", example
 
 
@@ -195,6 +224,28 @@ def _read_shard(path: str, c: TimLatentsConfig):
   return latent.astype(np.float32), cond, repa
 
 
+def _read_extras(path: str, c: TimLatentsConfig, n: int):
+  """(latent_flip float32 (N, H, W, C) or None, [bytes] * N or None)."""
+  flips = crops = None
+  with np.load(path) as z:
+    if c.flip:
+      if "latent_flip" not in z:
+        raise KeyError(f"{path}: no array 'latent_flip' (has "
+                       f"{sorted(z.files)})")
+      flips = _features(path, "latent_flip", z["latent_flip"],
+                        (n,) + c.latent_shape)
+    if c.images:
+      for key in ("image_bytes", "image_offsets"):
+        if key not in z:
+          raise KeyError(f"{path}: no array {key!r} (has {sorted(z.files)})")
+      data, offsets = z["image_bytes"], z["image_offsets"]
+      if offsets.shape != (n + 1,) or offsets[-1] != data.size:
+        raise ValueError(f"{path}: 'image_offsets' must be ({n + 1},) "
+                         f"ending at len(image_bytes)")
+      crops = [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(n)]
+  return flips, crops
+
+
 def _features(path, name, array, shape):
   """``array`` as float32, or a ValueError naming the shard and the key."""
   if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
@@ -206,17 +257,20 @@ def _features(path, name, array, shape):
 def write_latents(input_dir, data_dir, *, latent_shape: Sequence[int],
                   cond: str = "label",
                   cap_shape: Sequence[int] | None = None,
-                  repa_shape: Sequence[int] | None = None) -> str:
+                  repa_shape: Sequence[int] | None = None,
+                  flip: bool = False, images: bool = False) -> str:
   """Builds the dataset from ``input_dir``'s shards into ``data_dir``.
 
   Returns the dataset's directory
   (``data_dir/tim_latents/<config>/<version>``). An existing dataset there
   is never overwritten or silently reused: that raises FileExistsError.
   """
-  config = make_config(latent_shape, cond, cap_shape, repa_shape)
+  config = make_config(latent_shape, cond, cap_shape, repa_shape, flip,
+                       images)
   files = _shard_files(input_dir)  # Fail before tfds makes any directory.
   for path in files:  # Check every shard before writing anything.
-    _read_shard(path, config)
+    n = _read_shard(path, config)[0].shape[0]
+    _read_extras(path, config, n)
   builder = TimLatents(config=config, data_dir=os.fspath(data_dir),
                        file_format="array_record")
   if os.path.exists(builder.data_dir):
@@ -271,12 +325,16 @@ class LatentSource:
 
   Example ``i``: ``image`` float32 (H, W, C) (the latent, NHWC) and either
   ``label`` int32 or ``caption_features`` float32 (M, D), and
-  ``repa_features`` float32 (T, D) when the dataset has them. Picklable (the
-  files are opened lazily in each process), so it works with grain workers.
+  ``repa_features`` float32 (T, D) when the dataset has them, and
+  ``image_flip`` (the flipped image's latent) when it has flips: the
+  pipeline then keeps one of the two at random per visit
+  (``tim_jax.data.pipeline.pick_flip``). ``with_images=True`` adds
+  ``image_file``, the cropped image's encoded bytes. Picklable (the files
+  are opened lazily in each process), so it works with grain workers.
   """
 
   def __init__(self, data_dir, split: str = "train",
-               config: str | None = None):
+               config: str | None = None, with_images: bool = False):
     self.path = find_dataset(data_dir, config)
     self.split = split
     builder = tfds.builder_from_directory(self.path)
@@ -291,6 +349,12 @@ class LatentSource:
                       else tuple(features["caption"].shape))
     self.repa_shape = (tuple(features["repa_features"].shape)
                        if "repa_features" in features else None)
+    self.has_flips = "latent_flip" in features
+    self.has_images = "image" in features
+    if with_images and not self.has_images:
+      raise ValueError(f"{self.path} holds no images (write it with "
+                       "python -m tim_jax.data.prepare)")
+    self.with_images = with_images
     self._source = None
 
   def _data_source(self):
@@ -315,6 +379,10 @@ class LatentSource:
       out["caption_features"] = np.asarray(ex["caption"], np.float32)
     if self.repa_shape is not None:
       out["repa_features"] = np.asarray(ex["repa_features"], np.float32)
+    if self.has_flips:
+      out["image_flip"] = np.asarray(ex["latent_flip"], np.float32)
+    if self.with_images:
+      out["image_file"] = bytes(ex["image"])
     return out
 
   def __getstate__(self):

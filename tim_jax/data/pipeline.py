@@ -13,7 +13,10 @@ Order of operations, and why:
    the elements p, p + P, p + 2P, ... . Every process runs the same number
    of steps (no host waits forever at the end of a finite run), and step k's
    global batch is the same set of examples whatever the process count;
-3. drop non-array fields (captions as strings), batch.
+3. where examples carry ``image_flip`` (latents of the horizontally flipped
+   image), keep the original or the flip with probability 1/2, drawn from
+   ``seed`` and the element's position (so a resumed run draws the same);
+4. drop non-array fields (captions as strings), batch.
 
 Checkpointing. The iterator's position is ``it.get_state()`` (a small
 JSON-able dict); ``it.set_state(state)`` on a freshly made iterator (same
@@ -55,6 +58,18 @@ def _arrays_only(example: dict) -> dict:
       continue
     out[key] = value
   return out
+
+
+def pick_flip(example: dict, rng: np.random.Generator) -> dict:
+  """The official C2I loader's augmentation (``tim/data/c2i_data.py``): an
+  example's latent or its horizontal flip's, with probability 1/2 each."""
+  if "image_flip" not in example:
+    return example
+  example = dict(example)
+  flip = example.pop("image_flip")
+  if rng.random() < 0.5:
+    example["image"] = flip
+  return example
 
 
 def make_iterator(source, *, global_batch_size: int, seed: int,
@@ -108,6 +123,7 @@ def make_iterator(source, *, global_batch_size: int, seed: int,
         f"{len(source)} examples x {num_epochs} epoch(s) do not fill one "
         f"global batch of {global_batch_size}")
   ds = ds[:steps * global_batch_size][process_index::process_count]
+  ds = ds.random_map(pick_flip, seed=seed)
   ds = ds.map(_arrays_only)
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

@@ -500,12 +500,15 @@ ValueRange = Tuple[float, float]
 Images = Union[np.ndarray, jax.Array, Iterable[np.ndarray]]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _forward(graphdef, state, images, value_range: ValueRange):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _forward(graphdef, state, images, value_range: ValueRange,
+             logits: bool = False):
   model = nnx.merge(graphdef, state)
   if images.dtype != jnp.uint8 and tuple(value_range) != (-1.0, 1.0):
     lo, hi = value_range
     images = (images.astype(jnp.float32) - lo) * (2.0 / (hi - lo)) - 1.0
+  if logits:
+    return jnp.concatenate(model(images, return_logits=True), axis=-1)
   return model(images)
 
 
@@ -585,9 +588,11 @@ class FeatureExtractor:
                        f"value_range {self.value_range}; pass the right "
                        "value_range (or uint8 images)")
 
-  def iter_features(self, images: Images, *, progress: bool = False
-                    ) -> Iterator[np.ndarray]:
-    """Yields float32 (n, 2048) feature batches in input order."""
+  def iter_features(self, images: Images, *, progress: bool = False,
+                    logits: bool = False) -> Iterator[np.ndarray]:
+    """Yields float32 (n, 2048) feature batches in input order; with
+    ``logits`` (n, 2048 + 1008): the features, then the classifier's
+    logits (for the Inception Score)."""
     total = int(images.shape[0]) if hasattr(images, "shape") else None
     graphdef, state = nnx.split(self.model)
     with tqdm(total=total, unit="img", desc="Inception features",
@@ -595,7 +600,7 @@ class FeatureExtractor:
       in_flight = None
       for batch, n in _chunks(images, self.batch_size):
         self._check_range(batch, n)
-        out = _forward(graphdef, state, batch, self.value_range)
+        out = _forward(graphdef, state, batch, self.value_range, logits)
         # Dispatch is asynchronous: fetch the previous batch while this one
         # runs, so the host prepares batch i+1 during the forward of batch i.
         if in_flight is not None:

@@ -1,0 +1,321 @@
+"""Images -> the latent dataset TiM trains on: ``python -m tim_jax.data.prepare``.
+
+    python -m tim_jax.data.prepare --images=imagenet/train \\
+        --autoencoder=sd_vae_ft_ema --autoencoder_path=sd-vae-ft-ema \\
+        --resolution=256 --data_dir=latents/imagenet256
+
+Reads an ImageNet-style folder (``<class>/<image>``, classes numbered in
+sorted order as torchvision's ``ImageFolder`` numbers them) or a TFDS image
+dataset (``--tfds=imagenet2012``, with ``image`` and ``label`` features),
+centre-crops each image as ADM does (``center_crop_arr`` of the official
+``tim/data/c2i_data.py``), encodes the crop and its horizontal flip with the
+autoencoder (the posterior *sample*, as the official preprocessing
+``projects/preprocess/image_latent_c2i.py`` does), and writes a
+``tim_latents`` TFDS dataset (array_record) with ``latent``,
+``latent_flip``, ``label`` and the crop as PNG (``image``).
+
+Work is cut into shards of ``--shard_size`` images written to
+``DATA_DIR/shards/`` as they finish, so an interrupted run resumes where it
+stopped. With ``--distributed`` every process of a multi-host job
+(``jax.distributed``) encodes its share of the shards on its own devices
+and process 0 writes the dataset once all are done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import json
+import os
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+# torchvision's IMG_EXTENSIONS (ImageFolder's default).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
+                    ".tiff", ".webp")
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+  """ADM's centre crop: halve with a box filter while the short side is at
+  least twice ``size``, resize (bicubic) so the short side is ``size``,
+  then cut the central ``size`` x ``size`` square. Returns uint8 HWC."""
+  while min(image.size) >= 2 * size:
+    image = image.resize(tuple(s // 2 for s in image.size),
+                         resample=Image.Resampling.BOX)
+  scale = size / min(image.size)
+  image = image.resize(tuple(round(s * scale) for s in image.size),
+                       resample=Image.Resampling.BICUBIC)
+  arr = np.asarray(image)
+  top = (arr.shape[0] - size) // 2
+  left = (arr.shape[1] - size) // 2
+  return arr[top:top + size, left:left + size]
+
+
+def image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+  """``([(path, label)], classes)`` as torchvision's ``ImageFolder`` lists
+  them: classes are the sorted subfolder names, files are walked in sorted
+  order with the image extensions (case-insensitive)."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"--images {root!r} is not a directory")
+  classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  if not classes:
+    raise ValueError(f"--images {root!r} has no class subfolders (expected "
+                     "<class>/<image> as ImageNet's train/ folder)")
+  items = []
+  for label, name in enumerate(classes):
+    for dirpath, _, files in sorted(os.walk(os.path.join(root, name),
+                                            followlinks=True)):
+      for f in sorted(files):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+          items.append((os.path.join(dirpath, f), label))
+  if not items:
+    raise ValueError(f"--images {root!r}: no image files "
+                     f"({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+  return items, classes
+
+
+class FolderImages:
+  """Random access to an image folder: (crop uint8 HWC, label)."""
+
+  def __init__(self, root: str, size: int):
+    self.items, self.classes = image_folder(root)
+    self.size = size
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    path, label = self.items[i]
+    try:
+      with Image.open(path) as im:
+        crop = center_crop(im.convert("RGB"), self.size)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"cannot read image {path}: {e}") from e
+    return crop, label
+
+
+class TfdsImages:
+  """Random access to a TFDS image dataset the user has prepared."""
+
+  def __init__(self, name: str, split: str, data_dir: Optional[str],
+               size: int):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+      self.source = builder.as_data_source(split=split)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"cannot open TFDS dataset {name!r} split {split!r} "
+                       f"(data_dir={data_dir!r}): {e}") from e
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+      raise ValueError(f"TFDS dataset {name!r} needs 'image' and 'label' "
+                       f"features; it has {sorted(features)}")
+    self.classes = list(getattr(features["label"], "names", []) or [])
+    self.size = size
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    ex = self.source[i]
+    image = Image.fromarray(np.asarray(ex["image"])).convert("RGB")
+    return center_crop(image, self.size), int(ex["label"])
+
+
+def to_unit(crops: np.ndarray) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+  return crops.astype(np.float32) / 127.5 - 1.0
+
+
+def png_bytes(crop: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(crop).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def encode_shard(images, indices: Sequence[int], ae, *, batch_size: int,
+                 rng, pool) -> dict:
+  """One shard's arrays: latents of the crops and of their flips (one
+  posterior sample each), labels, and the crops as PNG."""
+  import jax  # pylint: disable=g-import-not-at-top
+  loaded = list(pool.map(images.__getitem__, indices))
+  crops = np.stack([c for c, _ in loaded])
+  labels = np.asarray([l for _, l in loaded], np.int64)
+  latents, flips = [], []
+  for b, start in enumerate(range(0, len(crops), batch_size)):
+    chunk = crops[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:  # One batch shape: the encoder compiles once.
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n,
+                                               0)])
+    x = to_unit(chunk)
+    key = jax.random.fold_in(rng, b)
+    latents.append(np.asarray(ae.encode(x, rng=jax.random.fold_in(key, 0))
+                              )[:n])
+    flips.append(np.asarray(ae.encode(x[:, :, ::-1],
+                                      rng=jax.random.fold_in(key, 1)))[:n])
+  files = list(pool.map(png_bytes, crops))
+  offsets = np.zeros(len(files) + 1, np.int64)
+  offsets[1:] = np.cumsum([len(f) for f in files])
+  return dict(latent=np.concatenate(latents).astype(np.float32),
+              latent_flip=np.concatenate(flips).astype(np.float32),
+              label=labels,
+              image_bytes=np.frombuffer(b"".join(files), np.uint8),
+              image_offsets=offsets)
+
+
+def _save_atomic(path: str, arrays: dict):
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def prepare(images, ae, data_dir: str, *, batch_size: int = 32,
+            shard_size: int = 1000, seed: int = 0,
+            process_index: int = 0, process_count: int = 1,
+            workers: int = 8, progress: bool = True,
+            barrier=None) -> Optional[str]:
+  """Encodes ``images`` into ``data_dir``; returns the dataset directory
+  (on process 0; None elsewhere). Finished shards are kept and skipped."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tim_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+  n = len(images)
+  if n == 0:
+    raise ValueError("no images to prepare")
+  latent_shape = ae.latent_shape(images.size, images.size)
+  shard_dir = os.path.join(data_dir, "shards")
+  os.makedirs(shard_dir, exist_ok=True)
+  meta = dict(num_images=n, shard_size=shard_size, seed=seed,
+              resolution=images.size, autoencoder=ae.name,
+              latent_shape=list(latent_shape))
+  meta_path = os.path.join(shard_dir, "prepare.json")
+  if process_index == 0:
+    if os.path.exists(meta_path):
+      with open(meta_path, encoding="utf-8") as f:
+        old = json.load(f)
+      if old != meta:
+        raise ValueError(f"{shard_dir} holds shards of another preparation "
+                         f"({old}); this one is {meta}: use another "
+                         "--data_dir or delete that folder")
+    else:
+      with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+  shards = [(i, list(range(s, min(s + shard_size, n))))
+            for i, s in enumerate(range(0, n, shard_size))]
+  mine = [(i, idx) for i, idx in shards if i % process_count == process_index]
+  todo = [(i, idx) for i, idx in mine if not os.path.exists(
+      os.path.join(shard_dir, f"shard_{i:06d}.npz"))]
+  done_images = sum(len(idx) for _, idx in mine) - sum(
+      len(idx) for _, idx in todo)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=sum(len(idx) for _, idx in mine), initial=done_images,
+               unit="img", desc=f"encoding (process {process_index})",
+               smoothing=0.1)
+  base = jax.random.key(seed)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for i, idx in todo:
+      arrays = encode_shard(images, idx, ae, batch_size=batch_size,
+                            rng=jax.random.fold_in(base, i), pool=pool)
+      _save_atomic(os.path.join(shard_dir, f"shard_{i:06d}.npz"), arrays)
+      if bar is not None:
+        bar.update(len(idx))
+  if bar is not None:
+    bar.close()
+  if barrier is not None:
+    barrier("tim_jax.data.prepare: shards written")
+  if process_index != 0:
+    return None
+  missing = [i for i, _ in shards if not os.path.exists(
+      os.path.join(shard_dir, f"shard_{i:06d}.npz"))]
+  if missing:
+    raise RuntimeError(f"shards {missing[:5]} are missing after encoding; "
+                       "run again to finish them")
+  out = latents_lib.write_latents(shard_dir, data_dir,
+                                  latent_shape=latent_shape, cond="label",
+                                  flip=True, images=True)
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+      prog="python -m tim_jax.data.prepare",
+      description="Centre-crop and encode images (and their flips) into a "
+                  "tim_latents dataset.")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--images", help="an ImageFolder-style directory: "
+                   "<class>/<image>")
+  src.add_argument("--tfds", help="a TFDS image dataset name, e.g. "
+                   "imagenet2012 (already prepared in --tfds_data_dir)")
+  p.add_argument("--tfds_split", default="train")
+  p.add_argument("--tfds_data_dir", default=None)
+  p.add_argument("--autoencoder", required=True,
+                 choices=["sd_vae_ft_ema", "dc_ae_f32c32_sana_1.1"])
+  p.add_argument("--autoencoder_path", required=True,
+                 help="the autoencoder's diffusers directory")
+  p.add_argument("--resolution", type=int, default=256,
+                 help="crop size in pixels (256 or 512 for the paper)")
+  p.add_argument("--data_dir", required=True,
+                 help="where the shards and the TFDS dataset go")
+  p.add_argument("--batch_size", type=int, default=32,
+                 help="images per encoder call (per process)")
+  p.add_argument("--shard_size", type=int, default=1000,
+                 help="images per resumable shard")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the posterior samples")
+  p.add_argument("--workers", type=int, default=8,
+                 help="threads that read and crop images")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() and share the work "
+                      "among the job's processes")
+  args = p.parse_args(argv)
+  try:
+    if args.resolution < 1 or args.batch_size < 1 or args.shard_size < 1:
+      raise ValueError("--resolution, --batch_size and --shard_size must be "
+                       ">= 1")
+    import jax  # pylint: disable=g-import-not-at-top
+    from tim_jax import autoencoders, sharding  # pylint: disable=g-import-not-at-top
+    barrier = None
+    if args.distributed:
+      jax.distributed.initialize()
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      barrier = multihost_utils.sync_global_devices
+    mesh = sharding.make_mesh({"data": jax.local_device_count()},
+                              devices=jax.local_devices())
+    ae = autoencoders.from_diffusers(args.autoencoder_path, mesh=mesh,
+                                     name=args.autoencoder)
+    want = autoencoders.NAMES[args.autoencoder]
+    got = autoencoders.read_config(args.autoencoder_path)["_class_name"]
+    if got != want:
+      raise ValueError(f"--autoencoder={args.autoencoder} expects an {want} "
+                       f"directory; {args.autoencoder_path} holds an {got}")
+    ae.latent_shape(args.resolution, args.resolution)  # Fails if no fit.
+    images = (FolderImages(args.images, args.resolution) if args.images else
+              TfdsImages(args.tfds, args.tfds_split, args.tfds_data_dir,
+                         args.resolution))
+    start = time.time()
+    path = prepare(images, ae, args.data_dir, batch_size=args.batch_size,
+                   shard_size=args.shard_size, seed=args.seed,
+                   process_index=jax.process_index(),
+                   process_count=jax.process_count(), workers=args.workers,
+                   barrier=barrier)
+  except (ValueError, FileNotFoundError, FileExistsError, KeyError,
+          RuntimeError) as e:
+    print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+    return 1
+  if path:
+    print(f"wrote {len(images)} images' latents ({ae.name}, "
+          f"{args.resolution}px -> {ae.latent_shape(args.resolution, args.resolution)}"
+          f") to {path} in {time.time() - start:.0f} s")
+    print(f"  train with --config.data.data_dir={args.data_dir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

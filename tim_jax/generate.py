@@ -1,0 +1,207 @@
+"""Many samples for FID: ``python -m tim_jax.generate``.
+
+    python -m tim_jax.generate --config=configs/c2i.py:xl2_256 \\
+        --config.autoencoder.path=sd-vae-ft-ema \\
+        --checkpoint=c2i_model_256.safetensors --num=50000 --steps=1 \\
+        --cfg=2.5 --out=samples.npz
+
+writes an ADM-style ``.npz``: ``arr_0`` uint8 (N, H, W, 3) images and
+``arr_1`` int64 (N,) class labels, drawn as the official C2I sampler
+(``projects/sample/sample_c2i_ddp.py``) draws them: uniform over the
+classes, one per image. Text-to-image models take ``--prompt`` (repeatable)
+and cycle through the prompts instead (``arr_1`` is then the prompt index).
+
+Image i's noise and label come from ``--seed`` and i alone, so the file does
+not depend on the batch size, the device count or interruptions. Batches are
+split over this process's devices and, in a multi-process job
+(``--distributed``), over processes. Finished batches are kept in
+``OUT.parts/`` and skipped when the command runs again; the ``.npz`` is
+written (by process 0) when all are there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+
+def _flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file (+ ':variant'); optional for tim_jax "
+      "checkpoints, which store theirs.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A tim_jax workdir / checkpoint, "
+                      "or an official .safetensors/.pt/.pth/.bin file.")
+  flags.DEFINE_integer("num", 50_000, "Images to generate.")
+  flags.DEFINE_string("out", "samples.npz", "The .npz to write.")
+  flags.DEFINE_multi_string("prompt", [], "Prompts (t2i), cycled.")
+  flags.DEFINE_integer("steps", 1, "Sampling steps.")
+  flags.DEFINE_float("cfg", None, "Guidance scale (default: the config's).")
+  flags.DEFINE_list("guidance-interval", None, "low,high (default: the "
+                    "config's).")
+  flags.DEFINE_float("stochasticity", 0.0, "OT-FM stochastic ratio.")
+  flags.DEFINE_enum("mode", None, ["transition", "diffusion"], "Sampler "
+                    "mode (default: the config's).")
+  flags.DEFINE_integer("seed", 0, "Seed of the noise and the labels.")
+  flags.DEFINE_integer("batch_size", 64, "Images per sampler call (per "
+                       "process; split over its devices).")
+  flags.DEFINE_integer("height", None, "Image height in pixels (default: "
+                       "the config's sample size).")
+  flags.DEFINE_integer("width", None, "Image width in pixels.")
+  flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() and "
+                    "share the batches among the job's processes.")
+
+
+def labels_for(seed: int, indices, num_classes: int) -> np.ndarray:
+  """Image i's class: uniform over ``num_classes``, from ``seed`` and i."""
+  import jax
+  key = jax.random.key(seed)
+  return np.asarray(jax.vmap(lambda i: jax.random.randint(
+      jax.random.fold_in(jax.random.fold_in(key, 1), i), (), 0,
+      num_classes))(np.asarray(indices)))
+
+
+def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
+             batch_size: int = 64, prompts=(), cfg_scale=None,
+             guidance_interval=None, stochasticity: float = 0.0, mode=None,
+             height=None, width=None, process_index: int = 0,
+             process_count: int = 1, barrier=None, progress: bool = True):
+  """Writes ``out`` (on process 0) and returns its path there, else None."""
+  import jax
+  from tim_jax import images, sharding
+  if num < 1 or batch_size < 1:
+    raise ValueError(f"--num and --batch_size must be >= 1, got {num} and "
+                     f"{batch_size}")
+  if not pipe.can_decode:
+    raise ValueError(
+        f"decoding {pipe.config.autoencoder.name!r} latents needs "
+        "--config.autoencoder.path=DIR (a diffusers directory)")
+  settings = pipe.settings(num_steps, cfg_scale, guidance_interval,
+                           stochasticity, mode)
+  size = int(pipe.config.sample.image_size)
+  h, w = ((size, size) if not (height or width) else pipe.network_size(
+      height or size * pipe.downsample, width or size * pipe.downsample))
+  out_dir = os.path.dirname(os.path.abspath(out))
+  if not os.access(out_dir, os.W_OK):
+    raise ValueError(f"cannot write to {out_dir} (for --out={out})")
+  parts = out + ".parts"
+  os.makedirs(parts, exist_ok=True)
+  if pipe.kind == "c2i":
+    num_classes = pipe.model_config.num_classes
+  elif not prompts:
+    raise ValueError("a text-to-image model needs --prompt (repeatable)")
+  mesh = sharding.make_mesh({"data": jax.local_device_count()},
+                            devices=jax.local_devices())
+  params = jax.device_put(pipe.params, sharding.replicated(mesh))
+  prompt_cond = (pipe.conditions(list(prompts))[0] if pipe.kind == "t2i"
+                 else None)
+  null = pipe.null(1)
+  batches = [(b, range(s, min(s + batch_size, num)))
+             for b, s in enumerate(range(0, num, batch_size))]
+  mine = [(b, r) for b, r in batches if b % process_count == process_index]
+  todo = [(b, r) for b, r in mine if not os.path.exists(
+      os.path.join(parts, f"batch_{b:07d}.npz"))]
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(len(r) for _, r in mine), unit="img",
+               initial=sum(len(r) for _, r in mine) - sum(
+                   len(r) for _, r in todo),
+               desc=f"generating (process {process_index})")
+  key = jax.random.key(seed)
+  shards = sharding.data_shards(mesh)
+  # Pad every batch to one shape that the devices divide: one compile.
+  padded = -(-batch_size // shards) * shards
+  for b, r in todo:
+    idx = np.arange(r.start, r.stop)
+    take = np.concatenate([idx, np.full(padded - len(idx), idx[-1])])
+    noise = jax.vmap(lambda i: jax.random.normal(
+        jax.random.fold_in(key, i), (h, w, pipe.model_config.in_channels)))(
+            take)
+    if pipe.kind == "c2i":
+      cls = labels_for(seed, take, num_classes)
+      cond = pipe.conditioner.from_labels(cls)
+    else:
+      cls = take % len(prompts)
+      cond = jax.tree.map(lambda c: np.asarray(c)[cls], prompt_cond)
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh,
+                                                              np.ndim(x)))
+    x = pipe.sample(put(noise), jax.tree.map(put, cond), null,
+                    num_steps=settings.num_steps,
+                    cfg_scale=settings.cfg_scale,
+                    guidance_interval=settings.guidance_interval,
+                    stochasticity=settings.stochasticity,
+                    rng=jax.random.fold_in(jax.random.fold_in(key, 2), b),
+                    mode=settings.mode, params=params)
+    pixels = pipe.decode(np.asarray(jax.device_get(x))[:len(idx)])
+    if not np.isfinite(pixels).all():
+      raise FloatingPointError(
+          f"batch {b} (images {r.start}-{r.stop - 1}) decoded to non-finite "
+          "values: the checkpoint's weights are not usable")
+    tmp = os.path.join(parts, f"batch_{b:07d}.tmp.npz")
+    np.savez(tmp, images=images.to_uint8(pixels),
+             labels=np.asarray(cls[:len(idx)], np.int64))
+    os.replace(tmp, os.path.join(parts, f"batch_{b:07d}.npz"))
+    if bar is not None:
+      bar.update(len(idx))
+  if bar is not None:
+    bar.close()
+  if barrier is not None:
+    barrier("tim_jax.generate: batches written")
+  if process_index != 0:
+    return None
+  arrays, labels = [], []
+  for b, _ in batches:
+    path = os.path.join(parts, f"batch_{b:07d}.npz")
+    if not os.path.exists(path):
+      raise RuntimeError(f"{path} is missing; run the command again to "
+                         "finish it")
+    with np.load(path) as z:
+      arrays.append(z["images"])
+      labels.append(z["labels"])
+  tmp = out + ".tmp.npz"
+  np.savez(tmp, arr_0=np.concatenate(arrays), arr_1=np.concatenate(labels))
+  os.replace(tmp, out)
+  return out
+
+
+def main(argv):
+  from absl import flags
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  import jax
+  from tim_jax import inference
+  if not f.checkpoint:
+    raise ValueError("--checkpoint is required")
+  interval = f["guidance-interval"].value
+  if interval is not None:
+    try:
+      interval = tuple(float(v) for v in interval)
+    except ValueError:
+      raise ValueError("--guidance-interval must be two numbers low,high; "
+                       f"got {interval}") from None
+  barrier = None
+  if f.distributed:
+    jax.distributed.initialize()
+    from jax.experimental import multihost_utils
+    barrier = multihost_utils.sync_global_devices
+  pipe = inference.load(f.checkpoint, f.config)
+  path = generate(pipe, num=f.num, out=f.out, num_steps=f.steps,
+                  seed=f.seed, batch_size=f.batch_size, prompts=f.prompt,
+                  cfg_scale=f.cfg, guidance_interval=interval,
+                  stochasticity=f.stochasticity, mode=f.mode,
+                  height=f.height, width=f.width,
+                  process_index=jax.process_index(),
+                  process_count=jax.process_count(), barrier=barrier)
+  if path:
+    print(f"wrote {path}: {f.num} images (arr_0 uint8, arr_1 labels)")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _flags()
+  app.run(main)

@@ -71,7 +71,7 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
              process_count: int = 1, barrier=None, progress: bool = True):
   """Writes ``out`` (on process 0) and returns its path there, else None."""
   import jax
-  from tim_jax import images, sharding
+  from tim_jax import images, resumable, sharding
   if num < 1 or batch_size < 1:
     raise ValueError(f"--num and --batch_size must be >= 1, got {num} and "
                      f"{batch_size}")
@@ -87,8 +87,6 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
   out_dir = os.path.dirname(os.path.abspath(out))
   if not os.access(out_dir, os.W_OK):
     raise ValueError(f"cannot write to {out_dir} (for --out={out})")
-  parts = out + ".parts"
-  os.makedirs(parts, exist_ok=True)
   if pipe.kind == "c2i":
     num_classes = pipe.model_config.num_classes
   elif not prompts:
@@ -99,23 +97,20 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
   prompt_cond = (pipe.conditions(list(prompts))[0] if pipe.kind == "t2i"
                  else None)
   null = pipe.null(1)
-  batches = [(b, range(s, min(s + batch_size, num)))
-             for b, s in enumerate(range(0, num, batch_size))]
-  mine = [(b, r) for b, r in batches if b % process_count == process_index]
-  todo = [(b, r) for b, r in mine if not os.path.exists(
-      os.path.join(parts, f"batch_{b:07d}.npz"))]
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=sum(len(r) for _, r in mine), unit="img",
-               initial=sum(len(r) for _, r in mine) - sum(
-                   len(r) for _, r in todo),
-               desc=f"generating (process {process_index})")
+  batches = [range(s, min(s + batch_size, num))
+             for s in range(0, num, batch_size)]
+  meta = dict(num=num, seed=seed, settings=str(settings), size=[h, w],
+              prompts=list(prompts))
+  work = resumable.Parts(out + ".parts", "batch", [len(r) for r in batches],
+                         meta=meta, process_index=process_index,
+                         process_count=process_count, desc="generating",
+                         progress=progress)
   key = jax.random.key(seed)
   shards = sharding.data_shards(mesh)
   # Pad every batch to one shape that the devices divide: one compile.
   padded = -(-batch_size // shards) * shards
-  for b, r in todo:
+  for b in work.todo():
+    r = batches[b]
     idx = np.arange(r.start, r.stop)
     take = np.concatenate([idx, np.full(padded - len(idx), idx[-1])])
     noise = jax.vmap(lambda i: jax.random.normal(
@@ -141,25 +136,13 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
       raise FloatingPointError(
           f"batch {b} (images {r.start}-{r.stop - 1}) decoded to non-finite "
           "values: the checkpoint's weights are not usable")
-    tmp = os.path.join(parts, f"batch_{b:07d}.tmp.npz")
-    np.savez(tmp, images=images.to_uint8(pixels),
-             labels=np.asarray(cls[:len(idx)], np.int64))
-    os.replace(tmp, os.path.join(parts, f"batch_{b:07d}.npz"))
-    if bar is not None:
-      bar.update(len(idx))
-  if bar is not None:
-    bar.close()
-  if barrier is not None:
-    barrier("tim_jax.generate: batches written")
-  if process_index != 0:
+    work.save(b, dict(images=images.to_uint8(pixels),
+                      labels=np.asarray(cls[:len(idx)], np.int64)))
+  if not work.finish(barrier):
     return None
   arrays, labels = [], []
-  for b, _ in batches:
-    path = os.path.join(parts, f"batch_{b:07d}.npz")
-    if not os.path.exists(path):
-      raise RuntimeError(f"{path} is missing; run the command again to "
-                         "finish it")
-    with np.load(path) as z:
+  for b in range(len(batches)):
+    with np.load(work.path(b)) as z:
       arrays.append(z["images"])
       labels.append(z["labels"])
   tmp = out + ".tmp.npz"

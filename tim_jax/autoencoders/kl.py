@@ -148,32 +148,25 @@ class Upsample(nnx.Module):
     return self.conv(L.upsample_nearest(x))
 
 
-class DownBlock(nnx.Module):
+class Stage(nnx.Module):
+  """``DownEncoderBlock2D`` (resnets, then ``downsamplers``) or
+  ``UpDecoderBlock2D`` (resnets, then ``upsamplers``); the last stage has
+  no resampler."""
 
-  def __init__(self, cin, cout, last: bool, c: KLConfig, o: L.Options):
-    self.resnets = nnx.List([
-        ResnetBlock2D(cin if i == 0 else cout, cout, c, o)
-        for i in range(c.layers_per_block)])
-    self.downsamplers = None if last else nnx.List([Downsample(cout, o)])
-
-  def __call__(self, x):
-    for r in self.resnets:
-      x = r(x)
-    return x if self.downsamplers is None else self.downsamplers[0](x)
-
-
-class UpBlock(nnx.Module):
-
-  def __init__(self, cin, cout, last: bool, c: KLConfig, o: L.Options):
-    self.resnets = nnx.List([
-        ResnetBlock2D(cin if i == 0 else cout, cout, c, o)
-        for i in range(c.layers_per_block + 1)])
-    self.upsamplers = None if last else nnx.List([Upsample(cout, o)])
+  def __init__(self, cin, cout, layers: int, up: bool, last: bool,
+               c: KLConfig, o: L.Options):
+    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, c,
+                                           o) for i in range(layers)])
+    resample = None if last else nnx.List(
+        [Upsample(cout, o) if up else Downsample(cout, o)])
+    self.upsamplers = resample if up else None
+    self.downsamplers = None if up else resample
 
   def __call__(self, x):
     for r in self.resnets:
       x = r(x)
-    return x if self.upsamplers is None else self.upsamplers[0](x)
+    resample = self.upsamplers or self.downsamplers
+    return x if resample is None else resample[0](x)
 
 
 class Encoder(nnx.Module):
@@ -183,8 +176,8 @@ class Encoder(nnx.Module):
     self.act = L.activation(c.act_fn)
     self.conv_in = L.conv(c.in_channels, chs[0], 3, o)
     self.down_blocks = nnx.List([
-        DownBlock(chs[max(i - 1, 0)], chs[i], i == len(chs) - 1, c, o)
-        for i in range(len(chs))])
+        Stage(chs[max(i - 1, 0)], chs[i], c.layers_per_block, False,
+              i == len(chs) - 1, c, o) for i in range(len(chs))])
     self.mid_block = MidBlock(chs[-1], c, o)
     self.conv_norm_out = L.group_norm(chs[-1], c.norm_num_groups, GN_EPS, o)
     self.conv_out = L.conv(chs[-1], 2 * c.latent_channels, 3, o)
@@ -205,8 +198,8 @@ class Decoder(nnx.Module):
     self.conv_in = L.conv(c.latent_channels, chs[0], 3, o)
     self.mid_block = MidBlock(chs[0], c, o)
     self.up_blocks = nnx.List([
-        UpBlock(chs[max(i - 1, 0)], chs[i], i == len(chs) - 1, c, o)
-        for i in range(len(chs))])
+        Stage(chs[max(i - 1, 0)], chs[i], c.layers_per_block + 1, True,
+              i == len(chs) - 1, c, o) for i in range(len(chs))])
     self.conv_norm_out = L.group_norm(chs[-1], c.norm_num_groups, GN_EPS, o)
     self.conv_out = L.conv(chs[-1], c.out_channels, 3, o)
 
@@ -265,9 +258,4 @@ def deprecated_names(state_dict: Mapping) -> dict:
   return out
 
 
-def build(c: KLConfig, o: L.Options) -> AutoencoderKL:
-  return AutoencoderKL(c, o)
-
-
-__all__: Sequence[str] = ("KLConfig", "AutoencoderKL", "build",
-                          "deprecated_names")
+__all__: Sequence[str] = ("KLConfig", "AutoencoderKL", "deprecated_names")

@@ -169,12 +169,6 @@ def encode_shard(images, indices: Sequence[int], ae, *, batch_size: int,
               image_offsets=offsets)
 
 
-def _save_atomic(path: str, arrays: dict):
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
 def prepare(images, ae, data_dir: str, *, batch_size: int = 32,
             shard_size: int = 1000, seed: int = 0,
             process_index: int = 0, process_count: int = 1,
@@ -183,60 +177,29 @@ def prepare(images, ae, data_dir: str, *, batch_size: int = 32,
   """Encodes ``images`` into ``data_dir``; returns the dataset directory
   (on process 0; None elsewhere). Finished shards are kept and skipped."""
   import jax  # pylint: disable=g-import-not-at-top
+  from tim_jax import resumable  # pylint: disable=g-import-not-at-top
   from tim_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
   n = len(images)
   if n == 0:
     raise ValueError("no images to prepare")
   latent_shape = ae.latent_shape(images.size, images.size)
   shard_dir = os.path.join(data_dir, "shards")
-  os.makedirs(shard_dir, exist_ok=True)
-  meta = dict(num_images=n, shard_size=shard_size, seed=seed,
-              resolution=images.size, autoencoder=ae.name,
-              latent_shape=list(latent_shape))
-  meta_path = os.path.join(shard_dir, "prepare.json")
-  if process_index == 0:
-    if os.path.exists(meta_path):
-      with open(meta_path, encoding="utf-8") as f:
-        old = json.load(f)
-      if old != meta:
-        raise ValueError(f"{shard_dir} holds shards of another preparation "
-                         f"({old}); this one is {meta}: use another "
-                         "--data_dir or delete that folder")
-    else:
-      with open(meta_path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-  shards = [(i, list(range(s, min(s + shard_size, n))))
-            for i, s in enumerate(range(0, n, shard_size))]
-  mine = [(i, idx) for i, idx in shards if i % process_count == process_index]
-  todo = [(i, idx) for i, idx in mine if not os.path.exists(
-      os.path.join(shard_dir, f"shard_{i:06d}.npz"))]
-  done_images = sum(len(idx) for _, idx in mine) - sum(
-      len(idx) for _, idx in todo)
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=sum(len(idx) for _, idx in mine), initial=done_images,
-               unit="img", desc=f"encoding (process {process_index})",
-               smoothing=0.1)
+  meta = dict(num_images=n, seed=seed, batch_size=batch_size,
+              resolution=images.size,
+              autoencoder=ae.name, latent_shape=list(latent_shape))
+  shards = [list(range(s, min(s + shard_size, n)))
+            for s in range(0, n, shard_size)]
+  work = resumable.Parts(shard_dir, "shard", [len(s) for s in shards],
+                         meta=meta, process_index=process_index,
+                         process_count=process_count, desc="encoding",
+                         progress=progress)
   base = jax.random.key(seed)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    for i, idx in todo:
-      arrays = encode_shard(images, idx, ae, batch_size=batch_size,
-                            rng=jax.random.fold_in(base, i), pool=pool)
-      _save_atomic(os.path.join(shard_dir, f"shard_{i:06d}.npz"), arrays)
-      if bar is not None:
-        bar.update(len(idx))
-  if bar is not None:
-    bar.close()
-  if barrier is not None:
-    barrier("tim_jax.data.prepare: shards written")
-  if process_index != 0:
+    for i in work.todo():
+      work.save(i, encode_shard(images, shards[i], ae, batch_size=batch_size,
+                                rng=jax.random.fold_in(base, i), pool=pool))
+  if not work.finish(barrier):
     return None
-  missing = [i for i, _ in shards if not os.path.exists(
-      os.path.join(shard_dir, f"shard_{i:06d}.npz"))]
-  if missing:
-    raise RuntimeError(f"shards {missing[:5]} are missing after encoding; "
-                       "run again to finish them")
   out = latents_lib.write_latents(shard_dir, data_dir,
                                   latent_shape=latent_shape, cond="label",
                                   flip=True, images=True)

@@ -82,3 +82,41 @@ def images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
   base = np.stack([np.sin(6 * xx), np.cos(5 * yy), xx * yy * 2 - 1], -1)
   return np.clip(base[None] + 0.3 * rng.normal(size=(n, size, size, 3)),
                  -1, 1).astype(np.float32)
+
+
+def write_image_folder(root, classes=("n01", "n02", "n03"), per_class=8,
+                       min_side=70, max_side=120, seed=0):
+  """JPEGs of random sizes in class subfolders (ImageNet's train/ layout)."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  for c in classes:
+    os.makedirs(os.path.join(root, c), exist_ok=True)
+    for i in range(per_class):
+      h, w = rng.integers(min_side, max_side, 2)
+      yy, xx = np.mgrid[0:h, 0:w]
+      base = np.stack([xx / w, yy / h, np.full((h, w), rng.random())], -1)
+      arr = np.clip(255 * (0.7 * base + 0.3 * rng.random((h, w, 3))), 0,
+                    255).astype(np.uint8)
+      Image.fromarray(arr).save(os.path.join(root, c, f"img_{i}.JPEG"),
+                                quality=90)
+  return root
+
+
+def random_inception_weights(path, seed=0):
+  """A random FID InceptionV3 (.safetensors) whose activations stay O(1)."""
+  from safetensors.numpy import save_file
+  from tim_jax.eval import inception
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, shape in inception.FID_INCEPTION_SHAPES.items():
+    if key.endswith("conv.weight"):
+      v = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+    elif key.endswith(("bn.weight", "running_var")):
+      v = rng.uniform(0.5, 1.5, shape)
+    elif key == "fc.weight":
+      v = rng.standard_normal(shape) / np.sqrt(shape[1])
+    else:
+      v = 0.1 * rng.standard_normal(shape)
+    out[key] = v.astype(np.float32)
+  save_file(out, os.fspath(path))
+  return path

@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 
 from tim_jax import autoencoders, torch_weights
-from tests import autoencoder_utils as au
+import autoencoder_utils as au
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "autoencoders")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import builtins
 
 import jax.numpy as jnp
+import os
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -266,21 +268,15 @@ def test_expected_table_matches_hand_count():
   assert not any("AuxLogits" in k or "num_batches" in k for k in table)
 
 
-def _random_state_dict(seed=0):
+def _random_state_dict(seed=0, tmp=None):
   """Random weights that keep activations O(1) through the ReLU stack."""
-  rng = np.random.default_rng(seed)
-  out = {}
-  for key, shape in inc.FID_INCEPTION_SHAPES.items():
-    if key.endswith("conv.weight"):
-      v = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
-    elif key.endswith(("bn.weight", "running_var")):
-      v = rng.uniform(0.5, 1.5, shape)
-    elif key == "fc.weight":
-      v = rng.standard_normal(shape) / np.sqrt(shape[1])
-    else:
-      v = 0.1 * rng.standard_normal(shape)
-    out[key] = v.astype(np.float32)
-  return out
+  import tempfile
+  from safetensors.numpy import load_file
+  from autoencoder_utils import random_inception_weights
+  with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "w.safetensors")
+    random_inception_weights(path, seed)
+    return load_file(path)
 
 
 @pytest.fixture(scope="module")

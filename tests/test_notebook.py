@@ -48,3 +48,34 @@ def test_notebook_samples_at_1_4_16_steps(tiny_t2i_workdir, tmp_path):
                  for o in c.get("outputs", []))
   for steps in (1, 4, 16):
     assert f"{steps:3d} steps: overall" in text  # The oracle's scores.
+
+
+def test_notebook_decodes_an_official_c2i_checkpoint(tmp_path):
+  """An official-format C2I file (here a smoke-sized XL/2 written by
+  tim_jax.convert) plus an SD-VAE directory (a small random one in
+  diffusers' layout): the notebook shows decoded grids of the labels."""
+  import autoencoder_utils as au
+  from tim_jax import builders, config_base, convert
+  spec = os.path.join(ROOT, "configs", "c2i.py") + ":xl2_256,smoke"
+  model = builders.new_model(config_base.load_file(spec))
+  official = str(tmp_path / "c2i_model.safetensors")
+  convert.save_official(model, official)
+  vae = tmp_path / "sd-vae"
+  au.write(au.KL_SMALL, vae)  # Downsamples by 2: 32x32 latents -> 64 px.
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  index = next(i for i, c in enumerate(nb.cells)
+               if "parameters" in c.metadata.get("tags", []))
+  out_dir = str(tmp_path / "samples")
+  nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
+      f"CHECKPOINT = {official!r}\nCONFIG = {spec!r}\n"
+      f"AUTOENCODER_PATH = {str(vae)!r}\nLABELS = [207, 360]\n"
+      f"NUM_PER_PROMPT = 2\nSTEPS = [1, 4]\nOUT_DIR = {out_dir!r}\n"))
+  nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3",
+      resources={"metadata": {"path": str(tmp_path)}}).execute()
+  for steps in (1, 4):
+    grid = Image.open(os.path.join(out_dir, f"grid_{steps}_steps.png"))
+    assert grid.size == (2 * 65 + 1, 2 * 65 + 1)  # Decoded 64 px images.
+  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []))
+  assert "row 0: 207" in text and "row 1: 360" in text

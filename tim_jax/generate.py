@@ -37,6 +37,9 @@ def _flags():
                       "or an official .safetensors/.pt/.pth/.bin file.")
   flags.DEFINE_integer("num", 50_000, "Images to generate.")
   flags.DEFINE_string("out", "samples.npz", "The .npz to write.")
+  flags.DEFINE_string("autoencoder_path", None, "The autoencoder's "
+                      "diffusers directory (latent models; replaces the "
+                      "config's autoencoder.path).")
   flags.DEFINE_multi_string("prompt", [], "Prompts (t2i), cycled.")
   flags.DEFINE_integer("steps", 1, "Sampling steps.")
   flags.DEFINE_float("cfg", None, "Guidance scale (default: the config's).")
@@ -172,7 +175,7 @@ def main(argv):
     jax.distributed.initialize()
     from jax.experimental import multihost_utils
     barrier = multihost_utils.sync_global_devices
-  pipe = inference.load(f.checkpoint, f.config)
+  pipe = inference.load(f.checkpoint, f.config, f.autoencoder_path)
   path = generate(pipe, num=f.num, out=f.out, num_steps=f.steps,
                   seed=f.seed, batch_size=f.batch_size, prompts=f.prompt,
                   cfg_scale=f.cfg, guidance_interval=interval,

@@ -107,13 +107,16 @@ def _single_device(abstract):
       abstract)
 
 
-def load(checkpoint_path: str, config=None) -> "Pipeline":
+def load(checkpoint_path: str, config=None,
+         autoencoder_path: Optional[str] = None) -> "Pipeline":
   """A pipeline with a checkpoint's weights.
 
   A tim_jax checkpoint gives its EMA weights and, when ``config`` is None,
   its saved config; an official file (``.safetensors``, ``.pt``, ``.pth``,
-  ``.bin``) needs ``config`` for the architecture. Raises ValueError when
-  the weights do not fit the config.
+  ``.bin``) needs ``config`` for the architecture. ``autoencoder_path``
+  replaces the config's ``autoencoder.path`` (where the decoder's diffusers
+  directory is on this machine). Raises ValueError when the weights do not
+  fit the config.
   """
   ref = resolve(checkpoint_path)
   if config is None:
@@ -122,6 +125,10 @@ def load(checkpoint_path: str, config=None) -> "Pipeline":
                        "architecture is not stored in the file); pass "
                        "--config")
     config = config_from_checkpoint(ref)
+  if autoencoder_path:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.autoencoder.path = os.fspath(autoencoder_path)
+    config = config_base.lock(config)
   pipe = Pipeline(config)
   if ref.format == "official":
     model = builders.new_model(config)

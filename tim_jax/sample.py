@@ -40,6 +40,9 @@ def _flags():
   flags.DEFINE_string("checkpoint", None, "A tim_jax workdir / checkpoints "
                       "dir / step dir, or an official .safetensors/.pt/.pth/"
                       ".bin file.")
+  flags.DEFINE_string("autoencoder_path", None, "The autoencoder's "
+                      "diffusers directory (latent models; replaces the "
+                      "config's autoencoder.path).")
   flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable; t2i).")
   flags.DEFINE_list("labels", [], "Class labels, comma-separated (c2i).")
   flags.DEFINE_integer("steps", 4, "Sampling steps (NFE without guidance).")
@@ -83,7 +86,7 @@ def main(argv):
     raise ValueError(f"--labels must be integers, got {f.labels}") from None
   if not f.checkpoint:
     raise ValueError("--checkpoint is required")
-  pipe = inference.load(f.checkpoint, f.config)
+  pipe = inference.load(f.checkpoint, f.config, f.autoencoder_path)
   try:  # Checked before the (slow) conditioning and sampling.
     pipe.settings(f.steps, f.cfg, interval, f.stochasticity, f.mode)
   except ValueError as e:

@@ -179,3 +179,16 @@ def test_bad_inputs_are_clear(tmp_path, written):
   (tmp_path / "config.json").write_text('{"_class_name": "UNet2DModel"}')
   with pytest.raises(ValueError, match="AutoencoderKL and AutoencoderDC"):
     autoencoders.from_diffusers(tmp_path)
+
+
+def test_speed_benchmark_runs_beside_diffusers(tmp_path, written, capsys):
+  from tim_jax.autoencoders import bench
+  src, _ = written["kl"]
+  out = tmp_path / "bench.json"
+  assert bench.main([f"--config={src}", "--resolution=32", "--batch=2",
+                     "--repeats=1", "--torch", f"--out={out}"]) == 0
+  result = json.loads(out.read_text())
+  for side in ("tim_jax", "diffusers"):
+    assert result[side]["encode_images_per_s"] > 0
+    assert result[side]["decode_images_per_s"] > 0
+  assert result["max_rel_diff_decode"] < 1e-4  # The same weights.

@@ -7,6 +7,7 @@ process 0 collects them once every process has passed the barrier.
 
     work = Parts(directory, "shard", sizes, process_index=0, process_count=1)
     for i in work.todo():          # this process's parts not yet on disk
+      ...                          # (work.advance(n) after n items)
       work.save(i, arrays)         # atomic (written, then renamed)
     if work.finish(barrier):       # True on process 0, every part present
       ...
@@ -41,6 +42,7 @@ class Parts:
     self.mine = [i for i in range(len(self.sizes))
                  if i % process_count == process_index]
     self.desc, self.progress = desc, progress
+    self._bar, self._advanced = None, 0
     os.makedirs(directory, exist_ok=True)
     self._check_meta(dict(meta or {}, sizes=self.sizes))
 
@@ -77,14 +79,23 @@ class Parts:
       bar = tqdm(total=total, unit="img", smoothing=0.1,
                  initial=total - sum(self.sizes[i] for i in todo),
                  desc=f"{self.desc} (process {self.process_index})")
+    self._bar = bar
     try:
       for i in todo:
+        self._advanced = 0
         yield i
         if bar is not None:
-          bar.update(self.sizes[i])
+          bar.update(self.sizes[i] - self._advanced)
     finally:
+      self._bar = None
       if bar is not None:
         bar.close()
+
+  def advance(self, n: int) -> None:
+    """Counts ``n`` items of the current part as done (a finer bar)."""
+    if self._bar is not None:
+      self._bar.update(n)
+      self._advanced += n
 
   def save(self, i: int, arrays: dict) -> None:
     # Not *.npz until complete: readers of the folder never see a torn part.

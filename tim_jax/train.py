@@ -238,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         "diffusers directory of it; see the README's 'Files' section) or "
         "--config.sample.every=0")
   if config.sample.every and config.autoencoder.name != "identity":
-    trainer.pipeline.autoencoder  # Read now: a bad directory stops here.
+    _ = trainer.pipeline.autoencoder  # Read now: a bad directory stops here.
   data_iter = kinds.iterator(config, source)
 
   start = ckpt.latest_step()

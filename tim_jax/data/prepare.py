@@ -139,9 +139,10 @@ def png_bytes(crop: np.ndarray) -> bytes:
 
 
 def encode_shard(images, indices: Sequence[int], ae, *, batch_size: int,
-                 rng, pool) -> dict:
+                 rng, pool, done=None) -> dict:
   """One shard's arrays: latents of the crops and of their flips (one
-  posterior sample each), labels, and the crops as PNG."""
+  posterior sample each), labels, and the crops as PNG. ``done(n)`` is
+  called after each batch of n images."""
   import jax  # pylint: disable=g-import-not-at-top
   loaded = list(pool.map(images.__getitem__, indices))
   crops = np.stack([c for c, _ in loaded])
@@ -159,6 +160,8 @@ def encode_shard(images, indices: Sequence[int], ae, *, batch_size: int,
                               )[:n])
     flips.append(np.asarray(ae.encode(x[:, :, ::-1],
                                       rng=jax.random.fold_in(key, 1)))[:n])
+    if done is not None:
+      done(n)
   files = list(pool.map(png_bytes, crops))
   offsets = np.zeros(len(files) + 1, np.int64)
   offsets[1:] = np.cumsum([len(f) for f in files])
@@ -197,7 +200,8 @@ def prepare(images, ae, data_dir: str, *, batch_size: int = 32,
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for i in work.todo():
       work.save(i, encode_shard(images, shards[i], ae, batch_size=batch_size,
-                                rng=jax.random.fold_in(base, i), pool=pool))
+                                rng=jax.random.fold_in(base, i), pool=pool,
+                                done=work.advance))
   if not work.finish(barrier):
     return None
   out = latents_lib.write_latents(shard_dir, data_dir,

@@ -129,10 +129,11 @@ IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 def torch_key(path: Sequence[Any]) -> str:
   """The PyTorch state-dict key of an NNX variable path, e.g.
-  ``('down_blocks', 0, 'conv', 'kernel')`` -> ``down_blocks.0.conv.weight``.
+  ``('down_blocks', 0, 'conv', 'kernel')`` -> ``down_blocks.0.conv.weight``
+  (leaf names not in ``LEAF_TO_TORCH`` are kept: ``pos_embed``, ``gamma``).
   """
   *modules, leaf = [str(p) for p in path]
-  return ".".join(modules + [LEAF_TO_TORCH[leaf]])
+  return ".".join(modules + [LEAF_TO_TORCH.get(leaf, leaf)])
 
 
 def named_variables(model, variable_filter=None) -> Dict[str, Any]:

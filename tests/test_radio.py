@@ -1,0 +1,73 @@
+"""RADIO against the official vendored code (tests/make_radio_golden.py):
+the REPA targets of two small random-weight checkpoints, float32 within
+1e-4 relative; PyTorch's resizes."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tim_jax.encoders import radio, resize
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "radio")
+
+
+@pytest.mark.parametrize("case", ["radio_plain", "radio_ls_ema"])
+def test_features_match_the_official_encoder(case):
+  enc = radio.load(os.path.join(DATA, f"{case}.pth"))
+  with np.load(os.path.join(DATA, f"{case}.npz")) as z:
+    n = len([k for k in z.files if k.startswith("grid_")])
+    for i in range(n):
+      grid = tuple(int(g) for g in z[f"grid_{i}"])
+      got = np.asarray(enc(z[f"images_{i}"], grid=grid))
+      want = z[f"features_{i}"]
+      assert got.shape == want.shape == (2, grid[0] * grid[1], enc.dim)
+      rel = np.abs(got - want).max() / np.abs(want).max()
+      assert rel < 1e-4, (case, grid, rel)
+
+
+def test_the_ema_weights_are_the_ones_used():
+  enc = radio.load(os.path.join(DATA, "radio_ls_ema.pth"))
+  chk = torch.load(os.path.join(DATA, "radio_ls_ema.pth"),
+                   weights_only=False)
+  ema = chk["state_dict_ema"]["base_model.blocks.0.ls1.gamma"].numpy()
+  got = np.asarray(enc.state["params"]["blocks"][0]["ls1"]["gamma"][...])
+  np.testing.assert_array_equal(got, ema)
+  assert enc.config.layer_scale and enc.config.final_norm
+  assert enc.config.cpe_mode and enc.config.num_skip == 8
+
+
+@pytest.mark.parametrize("n_in,n_out", [(13, 32), (37, 16), (16, 16),
+                                         (5, 7)])
+def test_bicubic_is_pytorchs(n_in, n_out):
+  x = np.random.default_rng(0).normal(size=(2, n_in, n_in + 3, 3)).astype(
+      np.float32)
+  want = torch.nn.functional.interpolate(
+      torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+      (n_out, n_out + 1), mode="bicubic").numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(resize.bicubic(x, (n_out, n_out + 1)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(32, 16), (8, 21), (4, 4)])
+def test_align_corners_bilinear_is_pytorchs(n_in, n_out):
+  x = np.random.default_rng(1).normal(size=(n_in, n_in, 5)).astype(
+      np.float32)
+  want = torch.nn.functional.interpolate(
+      torch.from_numpy(x.transpose(2, 0, 1)[None].copy()), (n_out, 3),
+      mode="bilinear", align_corners=True)[0].numpy().transpose(1, 2, 0)
+  got = np.asarray(resize.bilinear_align_corners(x, (n_out, 3)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+  path = tmp_path / "not_radio.pth"
+  torch.save({"weights": torch.zeros(3)}, path)
+  with pytest.raises(ValueError, match="not a RADIO checkpoint"):
+    radio.load(path)
+  chk = torch.load(os.path.join(DATA, "radio_plain.pth"), weights_only=False)
+  del chk["state_dict"]["base_model.blocks.1.mlp.fc2.bias"]
+  torch.save(chk, tmp_path / "broken.pth")
+  with pytest.raises(ValueError, match="blocks.1.mlp.fc2.bias"):
+    radio.load(tmp_path / "broken.pth")

@@ -1,0 +1,353 @@
+"""NVIDIA RADIO (v2.5) in Flax NNX: the REPA teacher of the official TiM.
+
+The official trainers (``projects/train/trainer_c2i.py``, ``trainer_t2i.py``)
+load ``radio-v2.5-b_half.pth.tar`` with the vendored RADIO code
+(``tim/models/nvidia_radio``) and compute REPA targets as
+
+    raw = (x + 1) / 2                                  # x in [-1, 1]
+    raw = F.interpolate(raw, 16 * grid, mode="bicubic")  # PyTorch's bicubic
+    _, features = encoder(raw)                         # patch tokens
+
+where the encoder normalises with the checkpoint's (CLIP) mean and std, cuts
+16x16 patches, embeds them linearly, adds its CPE position table resized
+bilinearly (``align_corners=True``) to the patch grid, prepends its class
+and register tokens, runs a timm ViT (LayerScale if trained with it), applies
+the final norm only if the checkpoint's ``args.model_norm`` says so, drops
+the class and register tokens and applies the feature normalizer when the
+checkpoint has one. This module does the same in NHWC.
+
+    enc = radio.load("radio-v2.5-b_half.pth.tar")
+    feats = enc(images, grid=(16, 16))   # (B, 256, 768) for 256 px inputs
+
+Loading reads RADIO's checkpoint format (a pickle of ``args`` and
+``state_dict`` / ``state_dict_ema``; the EMA weights are used when present,
+as the official loader does) and so needs PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import re
+from typing import Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tim_jax import torch_weights
+from tim_jax.encoders import resize
+
+PATCH_PIXELS_PER_TOKEN = 16  # The trainers resize to 16 x the TiM grid.
+LN_EPS = 1e-6  # timm's ViT LayerNorm.
+# timm ViT sizes by name: (embed_dim, depth, num_heads).
+VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6),
+             "base": (768, 12, 12), "large": (1024, 24, 16),
+             "huge": (1280, 32, 16)}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class RadioConfig:
+  embed_dim: int
+  depth: int
+  num_heads: int
+  mlp_hidden: int
+  patch_size: int
+  num_skip: int  # class + register tokens
+  table: Tuple[int, int]  # CPE position table (rows, cols) in patches
+  cpe_mode: bool  # the table is larger than the ViT's native grid
+  layer_scale: bool
+  qkv_bias: bool
+  patch_bias: bool
+  patch_norm: bool
+  final_norm: bool
+
+
+class Attention(nnx.Module):
+  """timm's ``Attention``: fused qkv, softmax(q k^T / sqrt(d)) v, proj."""
+
+  def __init__(self, c: RadioConfig, kw):
+    self.heads = c.num_heads
+    self.qkv = nnx.Linear(c.embed_dim, 3 * c.embed_dim, use_bias=c.qkv_bias,
+                          **kw)
+    self.proj = nnx.Linear(c.embed_dim, c.embed_dim, **kw)
+
+  def __call__(self, x):
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1],
+                                       qkv[:, :, 2])
+    return self.proj(out.reshape(b, n, d))
+
+
+class LayerScale(nnx.Module):
+
+  def __init__(self, dim: int, dtype):
+    self.gamma = nnx.Param(jnp.ones((dim,), dtype))
+
+  def __call__(self, x):
+    return x * self.gamma[...]
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, c: RadioConfig, kw):
+    self.fc1 = nnx.Linear(c.embed_dim, c.mlp_hidden, **kw)
+    self.fc2 = nnx.Linear(c.mlp_hidden, c.embed_dim, **kw)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, c: RadioConfig, kw, ln):
+    self.norm1 = ln()
+    self.attn = Attention(c, kw)
+    self.norm2 = ln()
+    self.mlp = Mlp(c, kw)
+    dtype = kw["param_dtype"]
+    self.ls1 = LayerScale(c.embed_dim, dtype) if c.layer_scale else None
+    self.ls2 = LayerScale(c.embed_dim, dtype) if c.layer_scale else None
+
+  def __call__(self, x):
+    h = self.attn(self.norm1(x))
+    x = x + (self.ls1(h) if self.ls1 is not None else h)
+    h = self.mlp(self.norm2(x))
+    return x + (self.ls2(h) if self.ls2 is not None else h)
+
+
+class ClsToken(nnx.Module):
+
+  def __init__(self, c: RadioConfig, dtype):
+    self.token = nnx.Param(jnp.zeros((c.num_skip, c.embed_dim), dtype))
+
+
+class PatchGenerator(nnx.Module):
+  """RADIO's ``ViTPatchGenerator``: patches -> linear embedding + CPE
+  position table, then the class and register tokens."""
+
+  def __init__(self, c: RadioConfig, kw, ln):
+    self.c = c
+    p = c.patch_size
+    self.embedder = nnx.Linear(3 * p * p, c.embed_dim, use_bias=c.patch_bias,
+                               **kw)
+    rows, cols = c.table
+    self.pos_embed = nnx.Param(jnp.zeros((1, rows * cols, c.embed_dim),
+                                         kw["param_dtype"]))
+    self.cls_token = ClsToken(c, kw["param_dtype"])
+    self.patch_normalizer = ln() if c.patch_norm else None
+
+  def positions(self, h: int, w: int):
+    """The table at an h x w patch grid (``_get_pos_embeddings`` in eval
+    mode): (1, h*w, D)."""
+    rows, cols = self.c.table
+    table = self.pos_embed[...].reshape(rows, cols, -1).astype(jnp.float32)
+    if (rows, cols) != (h, w):
+      if self.c.cpe_mode:
+        side = max(h, w)
+        table = resize.bilinear_align_corners(table, (side, side))
+      table = table[:h, :w]
+      if table.shape[:2] != (h, w):
+        table = resize.bilinear_align_corners(table, (h, w))
+    return table.reshape(1, h * w, -1).astype(self.pos_embed.dtype)
+
+  def __call__(self, x):
+    b, hp, wp, ch = x.shape
+    p = self.c.patch_size
+    h, w = hp // p, wp // p
+    # 'b c (py yy) (px xx) -> b (py px) (c yy xx)' of NCHW, from NHWC.
+    patches = x.reshape(b, h, p, w, p, ch).transpose(0, 1, 3, 5, 2, 4)
+    tokens = self.embedder(patches.reshape(b, h * w, ch * p * p))
+    tokens = tokens + self.positions(h, w)
+    prefix = jnp.broadcast_to(self.cls_token.token[...][None],
+                              (b,) + self.cls_token.token.shape)
+    tokens = jnp.concatenate([prefix.astype(tokens.dtype), tokens], 1)
+    if self.patch_normalizer is not None:
+      tokens = self.patch_normalizer(tokens)
+    return tokens
+
+
+class VisionTransformer(nnx.Module):
+  """The timm ViT as RADIO runs it (``_forward_cpe``)."""
+
+  def __init__(self, c: RadioConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, precision="highest", rngs=None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
+              rngs=rngs)
+    ln = functools.partial(nnx.LayerNorm, c.embed_dim, epsilon=LN_EPS,
+                           use_fast_variance=False, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    self.patch_generator = PatchGenerator(c, kw, ln)
+    self.blocks = nnx.List([Block(c, kw, ln) for _ in range(c.depth)])
+    self.norm = ln() if c.final_norm else None
+    self.num_skip = c.num_skip
+
+  def __call__(self, x):
+    x = self.patch_generator(x)
+    for block in self.blocks:
+      x = block(x)
+    if self.norm is not None:
+      x = self.norm(x)
+    return x[:, self.num_skip:]
+
+
+def _vit_size(args) -> Tuple[int, int, int, int]:
+  """(embed_dim, depth, num_heads, native image size) from the timm name
+  and ``args.model_kwargs``."""
+  kwargs = dict(getattr(args, "model_kwargs", None) or {})
+  m = re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)\w*",
+                   str(args.model))
+  if m is None and "num_heads" not in kwargs:
+    raise ValueError(f"RADIO model {args.model!r} is not a timm ViT this "
+                     "loader knows (vit_{tiny,small,base,large,huge}_patch"
+                     "P_R), and args.model_kwargs does not give num_heads")
+  dim, depth, heads = VIT_SIZES[m.group(1)] if m else (None, None, None)
+  img = int(kwargs.get("img_size", m.group(3) if m else 224))
+  return (int(kwargs.get("embed_dim", dim)), int(kwargs.get("depth", depth)),
+          int(kwargs.get("num_heads", heads)), img)
+
+
+def config_from_checkpoint(args, base: Mapping[str, np.ndarray]
+                           ) -> RadioConfig:
+  """The architecture of a RADIO checkpoint (its args and the ViT's state
+  dict, keys without ``base_model.``)."""
+  if any("parametrizations" in k for k in base):
+    raise ValueError("this RADIO checkpoint stores spectrally "
+                     "reparametrized weights without an EMA copy; tim_jax "
+                     "reads plain or EMA weights (state_dict_ema)")
+  if "patch_generator.embedder.weight" not in base:
+    raise ValueError("not a RADIO CPE ViT checkpoint: no "
+                     "patch_generator.embedder.weight")
+  dim, _, heads, img = _vit_size(args)
+  emb = base["patch_generator.embedder.weight"]
+  embed_dim = int(emb.shape[0])
+  if dim != embed_dim:
+    raise ValueError(f"args say embed_dim {dim}, the weights {embed_dim}")
+  patch = int(round(math.sqrt(emb.shape[1] // 3)))
+  depth = len({k.split(".")[1] for k in base if k.startswith("blocks.")})
+  n = int(base["patch_generator.pos_embed"].shape[1])
+  side = int(round(math.sqrt(n)))
+  if side * side != n:
+    raise ValueError(f"the position table has {n} entries, not a square")
+  native = img // patch
+  return RadioConfig(
+      embed_dim=embed_dim, depth=depth, num_heads=heads,
+      mlp_hidden=int(base["blocks.0.mlp.fc1.weight"].shape[0]),
+      patch_size=patch,
+      num_skip=int(base["patch_generator.cls_token.token"].shape[0]),
+      table=(side, side), cpe_mode=(side, side) != (native, native),
+      layer_scale="blocks.0.ls1.gamma" in base,
+      qkv_bias="blocks.0.attn.qkv.bias" in base,
+      patch_bias="patch_generator.embedder.bias" in base,
+      patch_norm="patch_generator.patch_normalizer.weight" in base,
+      final_norm=bool(getattr(args, "model_norm", False)))
+
+
+class RadioEncoder:
+  """``enc(images, grid)``: REPA target features of NHWC images in
+  [-1, 1], (B, h*w, C), computed as the official trainers compute them.
+  ``enc.apply(state, images, grid)`` is the pure form (for use inside a
+  jitted train step, with ``enc.state``)."""
+
+  def __init__(self, model: VisionTransformer, mean, std,
+               feature_norm: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+    self.config = model.patch_generator.c
+    self.graphdef, params = nnx.split(model)
+    consts = dict(mean=jnp.asarray(np.asarray(mean, np.float32).reshape(3)),
+                  std=jnp.asarray(np.asarray(std, np.float32).reshape(3)))
+    if feature_norm is not None:
+      consts["fn_mean"] = jnp.asarray(feature_norm[0])
+      consts["fn_tx"] = jnp.asarray(feature_norm[1])
+    self.state = dict(params=params, consts=consts)
+    self._jitted = jax.jit(self.apply, static_argnums=(2,))
+
+  @property
+  def dim(self) -> int:
+    return self.config.embed_dim
+
+  def apply(self, state, images, grid: Tuple[int, int]):
+    h, w = (int(g) for g in grid)
+    model = nnx.merge(self.graphdef, state["params"])
+    c = state["consts"]
+    size = (PATCH_PIXELS_PER_TOKEN * h, PATCH_PIXELS_PER_TOKEN * w)
+    x = (images.astype(jnp.float32) + 1.0) / 2.0
+    x = resize.bicubic(x, size)
+    x = (x - c["mean"]) / c["std"]
+    feats = model(x)
+    if "fn_tx" in c:
+      feats = (feats - c["fn_mean"]) @ c["fn_tx"].T
+    return feats
+
+  def __call__(self, images, grid: Tuple[int, int]):
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"RADIO takes NHWC RGB images, got shape "
+                       f"{images.shape}")
+    if self.config.patch_size != PATCH_PIXELS_PER_TOKEN:
+      raise ValueError(f"the trainers' 16 px per token assumes patch 16; "
+                       f"this checkpoint's patch is {self.config.patch_size}")
+    return self._jitted(self.state, images, tuple(int(g) for g in grid))
+
+
+def _read(path: str):
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"reading the RADIO checkpoint {path!r} (a pickle of "
+                      "args and state dicts) needs PyTorch: pip install "
+                      "torch (the CPU build is enough)") from e
+  chk = torch.load(path, map_location="cpu", weights_only=False)
+  if not isinstance(chk, dict) or "args" not in chk:
+    raise ValueError(f"{path} is not a RADIO checkpoint (a dict with args "
+                     "and state_dict)")
+  sd = chk.get("state_dict_ema") or chk.get("state_dict")
+  if sd is None:
+    raise ValueError(f"{path} has neither state_dict_ema nor state_dict")
+  out = {}
+  for k, v in sd.items():
+    if hasattr(v, "detach"):
+      k = k[len("module."):] if k.startswith("module.") else k
+      out[k] = v.detach().float().cpu().numpy()
+  return chk["args"], out
+
+
+def load(path: str, *, dtype=jnp.float32) -> RadioEncoder:
+  """A RADIO encoder from the official checkpoint format. ViT keys the
+  model lacks raise; keys the official loader also ignores are logged."""
+  args, sd = _read(str(path))
+  base = {k[len("base_model."):]: v for k, v in sd.items()
+          if k.startswith("base_model.")}
+  c = config_from_checkpoint(args, base)
+  model = nnx.eval_shape(lambda: VisionTransformer(c, dtype=dtype))
+  variables = torch_weights.named_variables(model)
+  missing = [k for k in variables if k not in base]
+  if missing:
+    raise ValueError(f"the RADIO checkpoint lacks {len(missing)} key(s): "
+                     f"{torch_weights.summarise(missing)}")
+  for key, var in variables.items():
+    array = np.asarray(base[key])
+    if key.endswith(".weight") and array.ndim == 2:
+      array = torch_weights.kernel_from_torch(array)
+    want = tuple(var.get_value().shape)
+    if array.shape != want:
+      raise ValueError(f"shape mismatch for {key!r}: the checkpoint has "
+                       f"{array.shape}, the model expects {want}")
+    var.set_value(jnp.asarray(array, var.get_value().dtype))
+  unused = sorted(set(base) - set(variables))
+  if unused:
+    logging.warning("RADIO: ignoring %d checkpoint key(s) the model does not "
+                    "use (as the official loader does): %s", len(unused),
+                    torch_weights.summarise(unused))
+  mean = sd.get("input_conditioner.norm_mean", np.asarray(CLIP_MEAN))
+  std = sd.get("input_conditioner.norm_std", np.asarray(CLIP_STD))
+  fn = None
+  if "_feature_normalizer.mean" in sd:
+    fn = (sd["_feature_normalizer.mean"], sd["_feature_normalizer.tx"])
+  return RadioEncoder(model, mean, std, fn)

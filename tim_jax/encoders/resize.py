@@ -1,0 +1,86 @@
+"""PyTorch's ``F.interpolate`` resizes, written as matrices.
+
+``jax.image.resize`` differs from PyTorch where the official code depends on
+it: its cubic kernel is Keys' a = -0.5 (PyTorch's bicubic is a = -0.75), it
+antialiases when downsampling (PyTorch's default does not), and it has no
+``align_corners=True``. Each resize here is separable: an (out, in) weight
+matrix per axis, built in float64 on the host from PyTorch's index rules
+(``aten/src/ATen/native/UpSample.h``) and applied as two matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+CUBIC_A = -0.75  # PyTorch's bicubic coefficient.
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+  """The four taps' weights at fractional offset t (PyTorch's
+  ``get_cubic_upsample_coefficients``)."""
+  a = CUBIC_A
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """``F.interpolate(mode="bicubic", align_corners=False)`` along one axis
+  (no antialiasing): source = (i + 0.5) * in / out - 0.5, four taps with
+  indices clamped to the edge."""
+  # The source index and its fraction in float32, as PyTorch's float
+  # kernel computes them (in float64 the taps would differ by ~1e-5 where
+  # in / out is not a float32 number).
+  f32 = np.float32
+  scale = f32(n_in) / f32(n_out)
+  src = scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5)
+  base = np.floor(src)
+  weights = _cubic_weights((src - base).astype(np.float64))
+  m = np.zeros((n_out, n_in))
+  for k in range(4):
+    idx = np.clip(base.astype(np.int64) - 1 + k, 0, n_in - 1)
+    np.add.at(m, (np.arange(n_out), idx), weights[:, k])
+  return m
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """``F.interpolate(mode="bilinear", align_corners=True)`` along one axis:
+  source = i * (in - 1) / (out - 1)."""
+  f32 = np.float32
+  scale = f32(n_in - 1) / f32(n_out - 1) if n_out > 1 else f32(0)
+  src = (np.arange(n_out, dtype=f32) * scale).astype(np.float64)
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  lam = src - i0
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.arange(n_out), i0), 1 - lam)
+  np.add.at(m, (np.arange(n_out), i1), lam)
+  return m
+
+
+def _apply(x, mh: np.ndarray, mw: np.ndarray, precision):
+  """x (..., H, W, C) -> (..., H', W', C)."""
+  mh = jnp.asarray(mh, x.dtype)
+  mw = jnp.asarray(mw, x.dtype)
+  x = jnp.einsum("oh,...hwc->...owc", mh, x, precision=precision)
+  return jnp.einsum("pw,...owc->...opc", mw, x, precision=precision)
+
+
+def bicubic(x, size, precision="highest"):
+  """NHWC images resized to ``size`` = (H', W') as PyTorch's bicubic."""
+  h, w = x.shape[-3:-1]
+  return _apply(x, bicubic_matrix(h, size[0]), bicubic_matrix(w, size[1]),
+                precision)
+
+
+def bilinear_align_corners(x, size, precision="highest"):
+  """(..., H, W, C) resized to ``size`` as PyTorch's bilinear with
+  ``align_corners=True``."""
+  h, w = x.shape[-3:-1]
+  return _apply(x, bilinear_align_corners_matrix(h, size[0]),
+                bilinear_align_corners_matrix(w, size[1]), precision)

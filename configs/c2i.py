@@ -73,7 +73,9 @@ def get_config(arg=None):
     c.optimizer.base_lr = 1e-4
     c.optimizer.base_batch = 256
     c.ema_decay = 0.9999
-    c.loss_extras.repa_feature_key = "repa_features"
+    # REPA with the official teacher (RADIO v2.5-B) run inside the step:
+    # --config.loss_extras.repa_encoder_path=radio-v2.5-b_half.pth.tar.
+    c.loss_extras.repa_encoder = "radio_v2_5_b"
     c.checkpoint_every = 5000
     # Decoded with --config.autoencoder.path=DIR (sd-vae-ft-ema or DC-AE).
     c.sample.every = 10_000

@@ -65,7 +65,8 @@ def test_paper_variants_carry_the_official_hyperparameters(spec):
   assert c.loss.derivative == "dde" and c.loss.epsilon == 0.005
   assert c.loss.enhance_target is False
   assert c.data.name == "latents" and c.model.dtype == "bfloat16"
-  assert c.loss_extras.repa_feature_key == "repa_features"
+  assert c.loss_extras.repa_encoder == "radio_v2_5_b"
+  assert c.loss_extras.repa_feature_key == ""
 
 
 @pytest.mark.parametrize("variant", ["xl2_256", "xl1_512"])
@@ -106,11 +107,26 @@ VARIANTS = ["c2i:tiny", "c2i:b4", "c2i:xl2_256", "c2i:xl1_512",
             "t2i:xl"]
 
 
+# The REPA teacher of the smoke runs: a small random-weight RADIO (the
+# golden case of tests/test_radio.py), 64 features wide.
+SMOKE_TEACHER = os.path.join(ROOT, "tests", "data", "radio", "radio_plain.pth")
+SMOKE_TEACHER_DIM = 64
+
+
+def _png(array):
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG")
+  return np.frombuffer(buf.getvalue(), np.uint8)
+
+
 @pytest.fixture(scope="module")
 def latent_datasets(tmp_path_factory):
-  """A tiny latent dataset (with REPA features) per latent shape and
-  conditioning the paper variants need; the t2i one with its null caption.
-  """
+  """A tiny latent dataset per latent shape and conditioning the paper
+  variants need, as tim_jax.data.prepare writes them (latents, their flips,
+  the pixel crops the REPA teacher reads); the t2i one with its null
+  caption."""
   from tim_jax.data import latents
   root = tmp_path_factory.mktemp("latents")
   rng = np.random.default_rng(0)
@@ -121,16 +137,20 @@ def latent_datasets(tmp_path_factory):
       continue
     net = c.model.network
     size, channels = c.data.image_size, net.in_channels
-    tokens = (size // net.patch_size) ** 2
-    key = (c.model.kind, size, channels, tokens, net.z_dim)
+    key = (c.model.kind, size, channels)
     if key in out:
       continue
     shards, n = root / f"in_{len(out)}", 16
     shards.mkdir()
+    crops = [_png((rng.random((4 * size, 4 * size, 3)) * 255).astype(
+        np.uint8)) for _ in range(n)]
     arrays = dict(
         latent=rng.normal(size=(n, size, size, channels)).astype(np.float32),
-        repa_features=rng.normal(size=(n, tokens, net.z_dim)).astype(
-            np.float32))
+        latent_flip=rng.normal(size=(n, size, size, channels)).astype(
+            np.float32),
+        image_bytes=np.concatenate(crops),
+        image_offsets=np.concatenate([[0], np.cumsum([len(c) for c in
+                                                      crops])]))
     cap_shape = None
     if c.model.kind == "c2i":
       arrays["label"] = rng.integers(0, net.num_classes, n)
@@ -142,8 +162,7 @@ def latent_datasets(tmp_path_factory):
     latents.write_latents(shards, data_dir, latent_shape=(size, size,
                                                           channels),
                           cond="label" if cap_shape is None else "caption",
-                          cap_shape=cap_shape,
-                          repa_shape=(tokens, net.z_dim))
+                          cap_shape=cap_shape, flip=True, images=True)
     null = None
     if cap_shape is not None:
       null = str(root / f"null_{len(out)}.npy")
@@ -153,40 +172,44 @@ def latent_datasets(tmp_path_factory):
 
 
 @pytest.mark.parametrize("spec", VARIANTS)
-def test_every_variant_trains_a_step_as_smoke(spec, latent_datasets):
+def test_every_variant_trains_two_steps_as_smoke(spec, latent_datasets):
   full, c = load(spec), load(f"{spec},smoke")
   # The same code path as the full variant...
   for field in ("data.name", "model.kind", "model.dtype", "model.remat",
-                "loss_extras.repa_feature_key", "autoencoder.name",
-                "data.image_size", "model.network.in_channels",
-                "model.network.patch_size", "sample.cfg_scale",
-                "sample.guidance_interval", "sample.mode"):
+                "loss_extras.repa_encoder", "loss_extras.repa_feature_key",
+                "autoencoder.name", "data.image_size",
+                "model.network.in_channels", "model.network.patch_size",
+                "sample.cfg_scale", "sample.guidance_interval",
+                "sample.mode"):
     get = lambda cfg: cfg[field.split(".")[0]] if "." not in field else (
         eval(f"cfg.{field}"))  # pylint: disable=eval-used
     assert get(c) == get(full), field
   assert c.loss.to_dict() == full.loss.to_dict()
   # ... at a size that runs on a CPU in seconds.
   assert c.model.network.hidden_size <= 32 and c.model.network.depth == 1
+  repa = c.loss_extras.repa_encoder != "none"
+  c.unlock()
   if c.data.name == "latents":
-    net = c.model.network
-    tokens = (c.data.image_size // net.patch_size) ** 2
     data_dir, null = latent_datasets[(c.model.kind, c.data.image_size,
-                                      net.in_channels, tokens, net.z_dim)]
-    c.unlock()
+                                      c.model.network.in_channels)]
     c.data.data_dir = data_dir
     if null:
       c.data.null_caption_features = null
-    c.lock()
+  if repa:
+    c.loss_extras.repa_encoder_path = SMOKE_TEACHER
+    c.model.network.z_dim = SMOKE_TEACHER_DIM
+  c.lock()
   trainer = train.Trainer(c)
-  host = next(kinds.iterator(c, kinds.source(c)))
-  if c.loss_extras.repa_feature_key:
-    assert c.loss_extras.repa_feature_key in host  # REPA runs for real.
+  it = kinds.iterator(c, kinds.source(c))
   state = trainer.init_state()
   before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-  state, metrics = trainer.train_step(state, sharding.global_batch(
-      host, trainer.mesh))
-  assert np.isfinite(float(metrics["loss"]))
-  assert int(metrics["nonfinite_total"]) == 0
+  for _ in range(2):
+    state, metrics = trainer.train_step(state, sharding.global_batch(
+        next(it), trainer.mesh))
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(metrics["nonfinite_total"]) == 0
+    # REPA runs for real where the variant has it, and only there.
+    assert (float(metrics["proj_loss"]) > 0) == repa
   after = [np.asarray(x) for x in jax.tree.leaves(state.params)]
   assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 

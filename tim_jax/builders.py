@@ -56,3 +56,38 @@ def loss_config(config, data_shards: int) -> transition.LossConfig:
   fields = dict(config.loss)
   groups = fields.pop("groups", 0) or data_shards
   return transition.LossConfig(groups=groups, **fields)
+
+
+REPA_ENCODERS = ("none", "radio_v2_5_b")
+
+
+def repa_encoder(config):
+  """The frozen REPA teacher ``loss_extras.repa_encoder`` names (a
+  ``tim_jax.encoders.radio.RadioEncoder`` in the compute dtype), or None."""
+  le = config.loss_extras
+  name = le.get("repa_encoder", "none")
+  if name not in REPA_ENCODERS:
+    raise ValueError(f"loss_extras.repa_encoder must be one of "
+                     f"{REPA_ENCODERS}, got {name!r}")
+  if name == "none":
+    return None
+  if le.repa_feature_key:
+    raise ValueError("loss_extras.repa_encoder and repa_feature_key are two "
+                     "sources of REPA targets: set one (the other to "
+                     "'none' / '')")
+  path = le.get("repa_encoder_path", "")
+  if not path:
+    raise ValueError(
+        f"loss_extras.repa_encoder={name!r} needs "
+        "--config.loss_extras.repa_encoder_path=FILE (RADIO's checkpoint, "
+        "radio-v2.5-b_half.pth.tar from NVIDIA's RADIO release; see the "
+        "README's REPA section), or --config.loss_extras.repa_encoder=none")
+  if not config.model.use_projector:
+    raise ValueError("REPA needs the projector: model.use_projector=True")
+  from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
+  enc = radio.load(path, dtype=compute_dtype(config))
+  z_dim = int(config.model.network.z_dim)
+  if enc.dim != z_dim:
+    raise ValueError(f"the REPA teacher's features are {enc.dim} wide but "
+                     f"model.network.z_dim is {z_dim}: they must match")
+  return enc

@@ -36,9 +36,22 @@ def base_config() -> ml_collections.ConfigDict:
       weight_time_sigmoid=False, weight_t_and_r=True, adaptive_eps=1e-5,
       directional_loss=True, proj_coeff=1.0, enhance_target=False, w_gt=1.0,
       w_cond=0.0, w_start=0.0, w_end=1.0, groups=0))
-  # REPA: the batch key holding the frozen encoder's token features
-  # (B, N, z_dim); "" = no REPA loss.
-  c.loss_extras = ml_collections.ConfigDict(dict(repa_feature_key=""))
+  c.loss_extras = ml_collections.ConfigDict(dict(
+      # REPA from precomputed features: the batch key holding a frozen
+      # encoder's token features (B, N, z_dim); "" = none.
+      repa_feature_key="",
+      # REPA with the teacher inside the train step: "none" or
+      # "radio_v2_5_b" (the official teacher), read from repa_encoder_path
+      # (RADIO's checkpoint, e.g. radio-v2.5-b_half.pth.tar).
+      repa_encoder="none",
+      repa_encoder_path="",
+  ))
+  # Initialise the network from a checkpoint before training (the official
+  # configs' `ckpt` + init_from_ckpt): an official .safetensors/.pt/.bin or
+  # a tim_jax run; parameters whose official name contains any of
+  # `init_ignore_keys` (e.g. "delta_embedder") keep their initialisation.
+  c.init_from = ""
+  c.init_ignore_keys = ()
   c.conditioning = ml_collections.ConfigDict(dict(drop_prob=0.1))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -32,8 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tim_jax import (builders, checkpoint, config_base, images, inference,
-                     optim, sharding, transition)
+from tim_jax import (builders, checkpoint, config_base, convert, images,
+                     inference, optim, sharding, transition)
 from tim_jax.data import kinds
 from tim_jax.eval import evaluators
 
@@ -80,6 +80,13 @@ class Trainer:
         config, sharding.data_shards(self.mesh))
     self.tx = optim.make(config.optimizer, config.batch_size,
                          config.num_steps)
+    # Frozen networks the step reads (not trained, not checkpointed): the
+    # REPA teacher. Passed to the compiled step as an argument, replicated.
+    self.repa_encoder = builders.repa_encoder(config)
+    self.frozen = None
+    if self.repa_encoder is not None:
+      self.frozen = {"repa": jax.device_put(self.repa_encoder.state,
+                                            sharding.replicated(self.mesh))}
     self.abstract_state = jax.eval_shape(self._init)
     self.state_shardings = sharding.state_shardings(
         self.abstract_state, self.mesh, self.rules)
@@ -97,42 +104,97 @@ class Trainer:
     """A new train state, initialised directly in its shardings."""
     return jax.jit(self._init, out_shardings=self.state_shardings)()
 
+  def initialise_from(self, state: TrainState, path: str,
+                      ignore_keys=()) -> TrainState:
+    """``state`` with its parameters (and EMA) taken from a checkpoint, as
+    the official ``init_from_ckpt`` does: an official file or a tim_jax run;
+    parameters whose official name contains one of ``ignore_keys``, or that
+    the checkpoint lacks, keep their initialisation (logged)."""
+    ref = inference.resolve(path)
+    if ref.format == "official":
+      weights = convert.read_state_dict(ref.path)
+    else:
+      source = inference.load(path, self.config)
+      weights = convert.to_official(source.model())
+    dropped = sorted(k for k in weights
+                     if any(i in k for i in ignore_keys))
+    weights = {k: v for k, v in weights.items() if k not in dropped}
+    model = nnx.merge(self.pipeline.graphdef, jax.device_get(state.params))
+    report = convert.load_state_dict(model, weights, strict=False)
+    logging.info("initialised from %s: %s; ignored by init_ignore_keys: %d "
+                 "(%s)", path, report, len(dropped), dropped[:5])
+    params = jax.device_put(nnx.state(model, nnx.Param),
+                            self.state_shardings.params)
+    return state.replace(params=params, ema=params,
+                         opt_state=self.tx.init(params))
+
   def abstract_with_shardings(self):
     """The train state's shapes, dtypes and shardings (for restoring)."""
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         self.abstract_state, self.state_shardings)
 
-  def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+  def repa_target(self, batch, frozen=None):
+    """REPA targets (B, N, z_dim) for ``batch``: its precomputed features
+    (``loss_extras.repa_feature_key``), the frozen teacher's features of
+    its pixels (``loss_extras.repa_encoder``; ``pixels`` uint8 for latent
+    data, the images themselves in pixel space), or None."""
+    key = self.config.loss_extras.repa_feature_key
+    if key:
+      return batch[key]
+    if self.repa_encoder is None:
+      return None
+    if frozen is None:
+      raise ValueError("this config's REPA teacher needs the frozen state: "
+                       "pass trainer.frozen")
+    x = batch["image"]
+    pixels = batch.get("pixels", x)
+    if pixels.dtype == jnp.uint8:
+      pixels = pixels.astype(jnp.float32) / 127.5 - 1.0
+    p = self.model_config.patch_size
+    grid = (x.shape[1] // p, x.shape[2] // p)
+    return jax.lax.stop_gradient(
+        self.repa_encoder.apply(frozen["repa"], pixels, grid))
+
+  def loss(self, params, ema, batch, key, frozen=None, *, drop: bool = True):
+    """The TiM loss of ``params`` on ``batch`` and its metrics, as the step
+    computes it: conditions dropped for guidance (unless ``drop=False``),
+    the EMA as the model-guidance teacher, REPA targets.
+
+    The teacher sees what the official trainers give it: the undropped
+    labels for class-conditional models (``trainer_c2i.py``), the dropped
+    caption features for text-to-image ones (``trainer_t2i.py``)."""
+    k_loss, k_drop = jax.random.split(key)
+    x = batch["image"]
+    y_true = self.conditioner(batch)
+    y = self.conditioner.drop(k_drop, y_true) if drop else y_true
+    null = self.conditioner.null(x.shape[0])
+    teacher = None
+    if self.loss_config.enhance_target:
+      ema_model = self.pipeline.network(ema)
+      teacher = lambda *a: (jax.lax.stop_gradient(ema_model(*a)), None)
+    teacher_cond = y if self.model_config.kind == "t2i" else y_true
+    model = self.pipeline.model(params)
+    return transition.loss(
+        lambda *a: model(*a, return_projection=True), x, y, k_loss,
+        transport=self.transport, config=self.loss_config,
+        teacher_fn=teacher, teacher_cond=teacher_cond, null_cond=null,
+        repa_target=self.repa_target(batch, frozen))
+
+  def step(self, state: TrainState, batch, frozen=None
+           ) -> tuple[TrainState, dict]:
     """One training step, as a pure function (not compiled; see
     ``train_step``): the TiM loss, AdamW, the EMA, and the non-finite guard
     (a step whose loss or gradient norm is not finite leaves parameters,
-    EMA and optimizer state unchanged and is counted).
+    EMA and optimizer state unchanged and is counted). ``frozen`` is
+    ``trainer.frozen`` (the REPA teacher's weights) when the config has
+    one.
 
     Returns the new state and the step's metrics (device arrays).
     """
     config = self.config
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    k_loss, k_drop = jax.random.split(key)
-    x = batch["image"]
-    y_true = self.conditioner(batch)
-    y = self.conditioner.drop(k_drop, y_true)
-    null = self.conditioner.null(x.shape[0])
-    repa_key = config.loss_extras.repa_feature_key
-    repa = batch[repa_key] if repa_key else None
-
-    teacher = None
-    if self.loss_config.enhance_target:
-      ema_model = self.pipeline.network(state.ema)
-      teacher = lambda *a: (jax.lax.stop_gradient(ema_model(*a)), None)
-
-    def loss_fn(params):
-      model = self.pipeline.model(params)
-      return transition.loss(
-          lambda *a: model(*a, return_projection=True), x, y, k_loss,
-          transport=self.transport, config=self.loss_config,
-          teacher_fn=teacher, teacher_cond=y_true, null_cond=null,
-          repa_target=repa)
+    loss_fn = lambda params: self.loss(params, state.ema, batch, key, frozen)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
@@ -167,13 +229,19 @@ class Trainer:
                         batch)
 
   def jit_step(self, batch, donate: bool = True):
-    """``step`` compiled for batches shaped like ``batch``, with the state's
-    and the batch's shardings; ``donate`` reuses the input state's buffers
-    (then the state passed in must not be used again)."""
-    return jax.jit(
+    """``fn(state, batch)``: ``step`` compiled for batches shaped like
+    ``batch``, with the state's and the batch's shardings (the frozen
+    teacher, if any, goes in as a replicated argument); ``donate`` reuses
+    the input state's buffers (then the state passed in must not be used
+    again)."""
+    frozen_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh),
+                                   self.frozen)
+    compiled = jax.jit(
         self.step, donate_argnums=0 if donate else (),
-        in_shardings=(self.state_shardings, self.batch_shardings(batch)),
+        in_shardings=(self.state_shardings, self.batch_shardings(batch),
+                      frozen_sharding),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+    return lambda state, batch: compiled(state, batch, self.frozen)
 
   def train_step(self, state, batch):
     """One compiled, state-donating step (compiled on the first call)."""
@@ -244,6 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   start = ckpt.latest_step()
   if start is None:
     state = trainer.init_state()
+    if config.init_from:
+      state = trainer.initialise_from(state, config.init_from,
+                                      tuple(config.init_ignore_keys))
     start = 0
     logging.info("initialised a new model (%d parameters)", sum(
         int(np.prod(a.shape)) for a in jax.tree.leaves(

@@ -42,7 +42,8 @@ def source(config, split: str = "train"):
         "on a latent dataset. Write one with `python -m "
         "tim_jax.data.latents` and pass --config.data.data_dir=DIR")
   from tim_jax.data import latents
-  return latents.LatentSource(d.data_dir, split=split)
+  teacher = config.loss_extras.get("repa_encoder", "none") != "none"
+  return latents.LatentSource(d.data_dir, split=split, with_images=teacher)
 
 
 def iterator(config, src):

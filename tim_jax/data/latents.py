@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import sys
 import tempfile
@@ -329,8 +330,9 @@ class LatentSource:
   ``image_flip`` (the flipped image's latent) when it has flips: the
   pipeline then keeps one of the two at random per visit
   (``tim_jax.data.pipeline.pick_flip``). ``with_images=True`` adds
-  ``image_file``, the cropped image's encoded bytes. Picklable (the files
-  are opened lazily in each process), so it works with grain workers.
+  ``pixels``, the cropped image (uint8 (H, W, 3); flipped with its latent),
+  for teachers that look at pixels. Picklable (the files are opened lazily
+  in each process), so it works with grain workers.
   """
 
   def __init__(self, data_dir, split: str = "train",
@@ -382,7 +384,9 @@ class LatentSource:
     if self.has_flips:
       out["image_flip"] = np.asarray(ex["latent_flip"], np.float32)
     if self.with_images:
-      out["image_file"] = bytes(ex["image"])
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      with Image.open(io.BytesIO(bytes(ex["image"]))) as im:
+        out["pixels"] = np.asarray(im.convert("RGB"))
     return out
 
   def __getstate__(self):

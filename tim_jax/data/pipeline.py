@@ -62,13 +62,16 @@ def _arrays_only(example: dict) -> dict:
 
 def pick_flip(example: dict, rng: np.random.Generator) -> dict:
   """The official C2I loader's augmentation (``tim/data/c2i_data.py``): an
-  example's latent or its horizontal flip's, with probability 1/2 each."""
+  example's latent or its horizontal flip's, with probability 1/2 each; its
+  ``pixels``, if any, flipped with it."""
   if "image_flip" not in example:
     return example
   example = dict(example)
   flip = example.pop("image_flip")
   if rng.random() < 0.5:
     example["image"] = flip
+    if "pixels" in example:
+      example["pixels"] = np.ascontiguousarray(example["pixels"][:, ::-1])
   return example
 
 

@@ -14,8 +14,8 @@ TensorBoard and the console:
 
 An evaluator is built once per run by ``build(config, trainer)`` and called
 as ``evaluator(trainer, state)``. It reads from the trainer only what every
-trainer has: ``pipeline`` (a ``tim_jax.inference.Pipeline``),
-``loss_config``, ``mesh`` and the state's ``ema``.
+trainer has: ``pipeline`` (a ``tim_jax.inference.Pipeline``), ``loss``
+(the training loss), ``frozen``, ``mesh`` and the state's ``ema``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Callable, Dict
 import jax
 import numpy as np
 
-from tim_jax import images, sharding, transition
+from tim_jax import images, sharding
 from tim_jax.data import kinds
 
 
@@ -36,23 +36,18 @@ class HoldoutLoss:
     self.every = every
     eval_iter = kinds.iterator(config, kinds.source(config, "eval"))
     self.batch = sharding.global_batch(next(eval_iter), trainer.mesh)
-    pipe, loss_config = trainer.pipeline, trainer.loss_config
 
-    def holdout(ema, batch):
-      x = batch["image"]
-      y = pipe.conditioner(batch)
-      model = pipe.model(ema)
-      loss, metrics = transition.loss(
-          lambda *a: model(*a, return_projection=True), x, y,
-          jax.random.key(0), transport=pipe.transport, config=loss_config,
-          null_cond=pipe.null(x.shape[0]))
+    def holdout(ema, batch, frozen):
+      # The training loss with the EMA as model and (for model guidance)
+      # teacher, no condition dropout, a fixed key.
+      loss, metrics = trainer.loss(ema, ema, batch, jax.random.key(0),
+                                   frozen, drop=False)
       return {"holdout/loss": loss, "holdout/mse_loss": metrics["mse_loss"]}
     self._fn = jax.jit(holdout)
 
   def __call__(self, trainer, state) -> Dict[str, float]:
-    del trainer
-    return {k: float(v) for k, v in
-            jax.device_get(self._fn(state.ema, self.batch)).items()}
+    return {k: float(v) for k, v in jax.device_get(
+        self._fn(state.ema, self.batch, trainer.frozen)).items()}
 
 
 class ShapesOracle:

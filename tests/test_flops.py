@@ -350,3 +350,21 @@ def test_xl2_256_forward():
   # With the REPA projector (2 x 2048 hidden, 768 out) on the 256 tokens.
   proj = flops.forward_flops(config, 1, 32, 32, projection=True)["projector"]
   assert proj == 2 * 256 * (1152 * 2048 + 2048 * 2048 + 2048 * 768)
+
+
+@pytest.mark.parametrize("grid,image_hw,table", [((4, 4), (40, 36), (8, 8)),
+                                                  ((3, 5), (24, 40), (6, 6))])
+def test_repa_teacher(grid, image_hw, table):
+  from tim_jax.encoders import radio
+  c = dataclasses.replace(radio.V2_5_B, embed_dim=128, depth=2, num_heads=4,
+                          mlp_hidden=512, table=table)
+  enc = radio.random_encoder(c)
+  images = jnp.zeros((B,) + image_hw + (3,))
+  compiled = jax.jit(enc.apply, static_argnums=(2,)).lower(
+      enc.state, images, grid).compile(compiler_options=FAST)
+  xla = compiled.cost_analysis()["flops"]
+  ours = flops.repa_teacher_flops(
+      embed_dim=c.embed_dim, depth=c.depth, mlp_hidden=c.mlp_hidden,
+      patch_size=c.patch_size, num_skip=c.num_skip, table=c.table, batch=B,
+      grid=grid, image_hw=image_hw)
+  assert abs(xla / ours - 1) < TOL, (xla, ours)

@@ -10,7 +10,9 @@ model FLOPs utilisation (MFU).
 
 Rows: ``forward``, ``forward_2x`` (doubled batch, what a CFG step costs),
 ``tim_dde_step`` and ``tim_jvp_step`` (the full train step: loss, gradient,
-AdamW, EMA), ``fm_step`` (the same step as flow matching: every row a
+AdamW, EMA, and the REPA teacher when the config has one),
+``repa_teacher`` (the teacher alone, when the config has one: its file's
+weights, or RADIO v2.5-B's architecture with random weights), ``fm_step`` (the same step as flow matching: every row a
 diffusion row, no derivative), ``sample_nfe{N}`` and ``sample_nfe{N}_cfg``
 (guidance on every step).
 """
@@ -74,16 +76,30 @@ def run(config, batch, repeats, nfes, rows=()):
   from tim_jax.data import kinds
   want = lambda name: not rows or name in rows
 
+  # The REPA teacher, when the config has one: the file's, or RADIO
+  # v2.5-B's architecture with random weights (same cost) when no file is
+  # given; the projector's width follows the teacher's.
+  teacher = None
+  if config.loss_extras.get("repa_encoder", "none") != "none":
+    from tim_jax import builders  # pylint: disable=g-import-not-at-top
+    from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
+    dtype = builders.compute_dtype(config)
+    teacher = (radio.load(config.loss_extras.repa_encoder_path, dtype=dtype)
+               if config.loss_extras.repa_encoder_path else
+               radio.random_encoder(dtype=dtype))
+
   def variant(**loss):
     c = config.copy_and_resolve_references()
     c.unlock()
     c.batch_size = batch
     c.loss_extras.repa_feature_key = ""
+    if teacher is not None:
+      c.model.network.z_dim = teacher.dim
     for k, v in loss.items():
       c.loss[k] = v
     return c
 
-  trainer = train.Trainer(variant())
+  trainer = train.Trainer(variant(), repa_encoder=teacher)
   pipe = trainer.pipeline
   mc = trainer.model_config
   size = config.data.image_size
@@ -127,18 +143,35 @@ def run(config, batch, repeats, nfes, rows=()):
                                  repeats=repeats), 2 * batch,
            2 * count("forward"))
 
+  teacher_flops = 0.0
+  if teacher is not None:
+    c = teacher.config
+    pixels_hw = data.get("pixels", x).shape[1:3]
+    teacher_flops = flops_lib.repa_teacher_flops(
+        embed_dim=c.embed_dim, depth=c.depth, mlp_hidden=c.mlp_hidden,
+        patch_size=c.patch_size, num_skip=c.num_skip, table=c.table,
+        batch=batch, grid=(size // mc.patch_size, size // mc.patch_size),
+        image_hw=pixels_hw)
+
   steps = {"tim_dde_step": dict(derivative="dde"),
            "tim_jvp_step": dict(derivative="jvp"),
            "fm_step": dict(diffusion_ratio=1.0, consistency_ratio=0.0)}
   for name, loss in steps.items():
     if not want(name):
       continue
-    tr = train.Trainer(variant(**loss), trainer.mesh)
+    tr = train.Trainer(variant(**loss), trainer.mesh, repa_encoder=teacher)
     st = tr.init_state()
     # Not donated: the same state is timed again and again.
     step = tr.jit_step(data, donate=False)
     record(name, time_fn(step, st, data, repeats=repeats), batch,
-           count(name))
+           count(name) + teacher_flops)
+
+  if teacher is not None and want("repa_teacher"):
+    pixels = data.get("pixels", x)
+    run_teacher = jax.jit(lambda s, px: trainer.repa_target({
+        "image": x, "pixels": px}, s))
+    record("repa_teacher", time_fn(run_teacher, trainer.frozen, pixels,
+                                   repeats=repeats), batch, teacher_flops)
 
   noise = jax.random.normal(jax.random.key(0), x.shape)
   for n in nfes:

@@ -61,9 +61,10 @@ def loss_config(config, data_shards: int) -> transition.LossConfig:
 REPA_ENCODERS = ("none", "radio_v2_5_b")
 
 
-def repa_encoder(config):
+def repa_encoder(config, encoder=None):
   """The frozen REPA teacher ``loss_extras.repa_encoder`` names (a
-  ``tim_jax.encoders.radio.RadioEncoder`` in the compute dtype), or None."""
+  ``tim_jax.encoders.radio.RadioEncoder`` in the compute dtype), or None.
+  ``encoder`` stands in for the file (benchmarks, tests)."""
   le = config.loss_extras
   name = le.get("repa_encoder", "none")
   if name not in REPA_ENCODERS:
@@ -76,7 +77,7 @@ def repa_encoder(config):
                      "sources of REPA targets: set one (the other to "
                      "'none' / '')")
   path = le.get("repa_encoder_path", "")
-  if not path:
+  if not path and encoder is None:
     raise ValueError(
         f"loss_extras.repa_encoder={name!r} needs "
         "--config.loss_extras.repa_encoder_path=FILE (RADIO's checkpoint, "
@@ -85,7 +86,7 @@ def repa_encoder(config):
   if not config.model.use_projector:
     raise ValueError("REPA needs the projector: model.use_projector=True")
   from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
-  enc = radio.load(path, dtype=compute_dtype(config))
+  enc = encoder or radio.load(path, dtype=compute_dtype(config))
   z_dim = int(config.model.network.z_dim)
   if enc.dim != z_dim:
     raise ValueError(f"the REPA teacher's features are {enc.dim} wide but "

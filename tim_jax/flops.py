@@ -280,3 +280,30 @@ def step_flops(config: TiMConfig, batch: int, height: int, width: int,
   if step == "tim_dde_step":
     return 3 * f + dde_flops(config, rows, height, width, caption_len)
   return 3 * f + jvp_flops(config, rows, height, width, caption_len)
+
+
+def repa_teacher_flops(*, embed_dim: int, depth: int, mlp_hidden: int,
+                       patch_size: int, num_skip: int, table, batch: int,
+                       grid, image_hw) -> float:
+  """FLOPs of the REPA teacher (``tim_jax.encoders.radio``) on ``batch``
+  images of ``image_hw`` pixels at a TiM token ``grid`` (h, w): the two
+  separable bicubic resizes to 16 x the grid, the CPE table's resize, the
+  patch embedding, and per block q/k/v, QK^T, AV, the output projection and
+  the MLP (no backward: the teacher is frozen)."""
+  h, w = grid
+  hin, win = image_hw
+  hout, wout = patch_size * h, patch_size * w
+  rows, cols = table
+  patches = h * w
+  tokens = patches + num_skip
+  d = embed_dim
+  resize = batch * (_mm(hout, hin, win * 3) + _mm(wout, win, hout * 3))
+  side = max(h, w)
+  table_resize = 0.0
+  if (rows, cols) != (h, w):
+    table_resize = _mm(side, rows, cols * d) + _mm(side, cols, side * d)
+  block = (_mm(tokens, d, 3 * d) + 2 * _mm(tokens, d, tokens)
+           + _mm(tokens, d, d) + _mm(tokens, d, mlp_hidden)
+           + _mm(tokens, mlp_hidden, d))
+  return (resize + table_resize + batch * _mm(patches, 3 * patch_size ** 2, d)
+          + batch * depth * block)

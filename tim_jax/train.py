@@ -64,7 +64,7 @@ class Trainer:
   optimizer, the mesh and the shardings of the train state.
   """
 
-  def __init__(self, config, mesh=None):
+  def __init__(self, config, mesh=None, repa_encoder=None):
     self.config = config
     self.mesh = mesh or sharding.make_mesh(dict(config.mesh))
     if config.batch_size % sharding.data_shards(self.mesh):
@@ -82,7 +82,7 @@ class Trainer:
                          config.num_steps)
     # Frozen networks the step reads (not trained, not checkpointed): the
     # REPA teacher. Passed to the compiled step as an argument, replicated.
-    self.repa_encoder = builders.repa_encoder(config)
+    self.repa_encoder = builders.repa_encoder(config, repa_encoder)
     self.frozen = None
     if self.repa_encoder is not None:
       self.frozen = {"repa": jax.device_put(self.repa_encoder.state,
@@ -123,10 +123,13 @@ class Trainer:
     report = convert.load_state_dict(model, weights, strict=False)
     logging.info("initialised from %s: %s; ignored by init_ignore_keys: %d "
                  "(%s)", path, report, len(dropped), dropped[:5])
-    params = jax.device_put(nnx.state(model, nnx.Param),
-                            self.state_shardings.params)
-    return state.replace(params=params, ema=params,
-                         opt_state=self.tx.init(params))
+    # Host arrays put twice: separate buffers, as the step donates both.
+    # The optimizer state stays the fresh one (AdamW's moments start at 0
+    # whatever the parameters).
+    host = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    return state.replace(
+        params=jax.device_put(host, self.state_shardings.params),
+        ema=jax.device_put(host, self.state_shardings.ema))
 
   def abstract_with_shardings(self):
     """The train state's shapes, dtypes and shardings (for restoring)."""

@@ -95,6 +95,12 @@ def synthetic_batch(config, batch: int, seed: int = 0,
   else:
     out["caption_features"] = rng.standard_normal(
         (batch, caption_len, int(net.cap_feat_dim))).astype(np.float32)
+  if (_check(config) == "latents" and
+      config.loss_extras.get("repa_encoder", "none") != "none"):
+    # The crops the REPA teacher reads, at the autoencoder's pixel size.
+    from tim_jax import autoencoders  # pylint: disable=g-import-not-at-top
+    px = size * autoencoders.DOWNSAMPLE[config.autoencoder.name]
+    out["pixels"] = rng.integers(0, 256, (batch, px, px, 3)).astype(np.uint8)
   return out
 
 

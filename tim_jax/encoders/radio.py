@@ -68,6 +68,16 @@ class RadioConfig:
   final_norm: bool
 
 
+# RADIO v2.5-B's architecture (ViT-B/16, a 128 x 128 CPE table for inputs
+# up to 2048 px, class tokens and registers padded to 8), for benchmarks and
+# FLOP counts without the weight file; loading reads the real values from
+# the checkpoint.
+V2_5_B = RadioConfig(embed_dim=768, depth=12, num_heads=12, mlp_hidden=3072,
+                     patch_size=16, num_skip=8, table=(128, 128),
+                     cpe_mode=True, layer_scale=False, qkv_bias=True,
+                     patch_bias=False, patch_norm=False, final_norm=False)
+
+
 class Attention(nnx.Module):
   """timm's ``Attention``: fused qkv, softmax(q k^T / sqrt(d)) v, proj."""
 
@@ -294,6 +304,14 @@ class RadioEncoder:
       raise ValueError(f"the trainers' 16 px per token assumes patch 16; "
                        f"this checkpoint's patch is {self.config.patch_size}")
     return self._jitted(self.state, images, tuple(int(g) for g in grid))
+
+
+def random_encoder(config: RadioConfig = V2_5_B, *, dtype=jnp.float32,
+                   seed: int = 0) -> RadioEncoder:
+  """An encoder of ``config``'s architecture with random weights (for
+  benchmarks and tests; REPA needs the trained ones)."""
+  model = VisionTransformer(config, dtype=dtype, rngs=nnx.Rngs(seed))
+  return RadioEncoder(model, CLIP_MEAN, CLIP_STD)
 
 
 def _read(path: str):

@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "einops>=0.8",
     "numpy>=1.26",
     "safetensors>=0.4",
+    # Gemma-3's tokenizer (tokenizer.json) for text-to-image captions.
+    "tokenizers>=0.20",
     "pillow",
     "tqdm",
     "scipy",
@@ -30,10 +32,11 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # The notebook test runs launch/sample_colab.ipynb in a real kernel.
     # Parity tests run against the reference PyTorch implementations:
-    # diffusers' autoencoders at the version the official TiM code pins, on
-    # the CPU build of torch.
+    # diffusers' autoencoders at the version the official TiM code pins,
+    # transformers' Gemma-3, on the CPU build of torch.
     "test": ["pytest>=8", "pytest-xdist>=3", "nbformat", "nbclient",
-             "ipykernel", "torch==2.13.0", "diffusers==0.33.1"],
+             "ipykernel", "torch==2.13.0", "diffusers==0.33.1",
+             "transformers==4.57.6"],
     # Reading torch-pickled official checkpoints (.bin / .pt) needs torch;
     # .safetensors files do not.
     "torch": ["torch"],

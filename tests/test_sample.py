@@ -207,3 +207,14 @@ def test_progress_hooks_of_concurrent_callers_stay_apart(loaded):
   assert loaded.compiled_sampler(settings) is compiled
   # jax keeps no public compile count; the count is what is under test.
   assert compiled._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_any_size_the_patch_and_autoencoder_allow(tiny_t2i_workdir):
+  pipe = inference.load(tiny_t2i_workdir)
+  assert pipe.downsample == 1  # Pixel space.
+  assert pipe.network_size(32, 48) == (32, 48)
+  with pytest.raises(ValueError, match="multiples of 8"):
+    pipe.network_size(32, 44)
+  cond, _ = pipe.conditions(["a red circle at the top left"])
+  x = pipe.generate(cond, num_steps=1, height=32, width=48)
+  assert x.shape == (1, 32, 48, 3) and np.isfinite(x).all()

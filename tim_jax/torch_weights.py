@@ -139,10 +139,22 @@ def torch_key(path: Sequence[Any]) -> str:
 def named_variables(model, variable_filter=None) -> Dict[str, Any]:
   """``{torch key: nnx.Variable}`` of a module's parameters and batch
   statistics (or of ``variable_filter``), in the module's order."""
+  return {k: v for k, (v, _) in _variables(model, variable_filter).items()}
+
+
+def _variables(model, variable_filter=None):
+  """``{torch key: (variable, is_kernel)}``: only ``kernel`` leaves (Linear
+  and Conv weights) change layout; embedding tables and norms do not."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   variable_filter = variable_filter or nnx.Any(nnx.Param, nnx.BatchStat)
   flat = nnx.to_flat_state(nnx.state(model, variable_filter))
-  return {torch_key(path): var for path, var in flat}
+  return {torch_key(path): (var, str(path[-1]) == "kernel")
+          for path, var in flat}
+
+
+def _torch_layout_shape(var, kernel: bool):
+  shape = tuple(var.get_value().shape)
+  return torch_shape(shape) if kernel else shape
 
 
 def summarise(keys: Sequence[str], limit: int = 8) -> str:
@@ -177,8 +189,8 @@ def check_keys(state_dict: Mapping[str, Any],
 
 def expected_shapes(model, variable_filter=None) -> Dict[str, Tuple[int, ...]]:
   """``{torch key: PyTorch-layout shape}`` of a module's variables."""
-  return {k: torch_shape(v.get_value().shape)
-          for k, v in named_variables(model, variable_filter).items()}
+  return {k: _torch_layout_shape(v, kernel)
+          for k, (v, kernel) in _variables(model, variable_filter).items()}
 
 
 def load_module(model, state_dict: Mapping[str, Any], what: str,
@@ -188,16 +200,22 @@ def load_module(model, state_dict: Mapping[str, Any], what: str,
   them) before anything changes. Arrays take each variable's dtype.
   Returns ``model``."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  variables = named_variables(model, variable_filter)
-  check_keys(state_dict, {k: torch_shape(v.get_value().shape)
-                          for k, v in variables.items()}, what)
-  for key, var in variables.items():
-    array = kernel_from_torch(np.asarray(state_dict[key]))
+  variables = _variables(model, variable_filter)
+  check_keys(state_dict, {k: _torch_layout_shape(v, kernel)
+                          for k, (v, kernel) in variables.items()}, what)
+  for key, (var, kernel) in variables.items():
+    array = np.asarray(state_dict[key])
+    if kernel:
+      array = kernel_from_torch(array)
     var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
   return model
 
 
 def module_state_dict(model, variable_filter=None) -> Dict[str, np.ndarray]:
   """A module's variables as a PyTorch-layout state dict (numpy)."""
-  return {k: np.ascontiguousarray(kernel_to_torch(np.asarray(v.get_value())))
-          for k, v in named_variables(model, variable_filter).items()}
+  out = {}
+  for k, (v, kernel) in _variables(model, variable_filter).items():
+    array = np.asarray(v.get_value())
+    out[k] = np.ascontiguousarray(kernel_to_torch(array) if kernel
+                                  else array)
+  return out

@@ -1,0 +1,146 @@
+"""The Gemma-3 caption encoder against transformers' PyTorch Gemma-3 text
+model: random weights in a small config with both layer kinds, a tokenizer
+trained here; float32 within 1e-4 on real tokens, and on pad rows against
+the zero-attention rule of FlashAttention-2 (emulated on the reference side
+with a custom attention function). The real 1B config builds with the
+checkpoint's names, shapes and count."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from tim_jax import torch_weights
+from tim_jax.encoders import gemma
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "gemma")
+SENTENCES = ["a red bus at night", "two cats on a sofa near the window",
+             "a bowl of soup", "mountains under a violet sky at dawn",
+             "a dog", "an old map of the city with a compass rose"]
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             query_pre_attn_scalar=16, sliding_window=4,
+             sliding_window_pattern=2, rope_theta=1_000_000.0,
+             rope_local_base_freq=10_000.0, max_position_embeddings=64,
+             rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2,
+             eos_token_id=1)
+MAX_LEN = 16
+
+
+def write_tokenizer(directory):
+  """A word-level tokenizer with Gemma's special ids and BOS first."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  from tokenizers import trainers
+  tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(
+      special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+  tok.post_processor = processors.TemplateProcessing(
+      single="<bos> $A", special_tokens=[("<bos>", 2)])
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+  d = tmp_path_factory.mktemp("gemma")
+  vocab = write_tokenizer(d)
+  config = transformers.Gemma3TextConfig(vocab_size=vocab, **SMALL)
+  torch.manual_seed(0)
+  model = transformers.Gemma3ForCausalLM(config).eval()
+  with torch.no_grad():  # Norm weights start at 0; make (1 + w) matter.
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.3 * torch.randn_like(p))
+  model.save_pretrained(d, safe_serialization=True)
+  return d, model
+
+
+def reference(model, ids, mask):
+  """last_hidden_state with pad query rows' attention output zeroed."""
+  from transformers import AttentionInterface
+  from transformers.masking_utils import AttentionMaskInterface, eager_mask
+  from transformers.models.gemma3 import modeling_gemma3
+  rows = torch.from_numpy(mask).float()
+
+  def zero_pad(module, query, key, value, attention_mask, **kw):
+    out, weights = modeling_gemma3.eager_attention_forward(
+        module, query, key, value, attention_mask, **kw)
+    return out * rows[:, :, None, None], weights
+  AttentionInterface.register("zero_pad_rows", zero_pad)
+  # The same (additive) masks as eager attention.
+  AttentionMaskInterface.register("zero_pad_rows", eager_mask)
+  model.config._attn_implementation = "zero_pad_rows"  # pylint: disable=protected-access
+  with torch.no_grad():
+    out = model.model(input_ids=torch.from_numpy(ids).long(),
+                      attention_mask=torch.from_numpy(mask).long())
+  return out.last_hidden_state.numpy()
+
+
+def test_features_match_transformers(small):
+  d, model = small
+  enc = gemma.load(d, max_length=MAX_LEN)
+  assert [t for t in enc.config.layer_types] == [
+      "sliding_attention", "full_attention"] * 2
+  prompts = SENTENCES[:4]
+  ids, mask = enc.tokenize(prompts)
+  assert (ids[:, 0] == 2).all()  # BOS first
+  assert ids.shape == (4, MAX_LEN)
+  want = reference(model, ids, mask)
+  got, lengths = enc.encode_padded(prompts)
+  got = np.asarray(got)
+  real = mask.astype(bool)
+  scale = np.abs(want).max()
+  assert np.abs(got[real] - want[real]).max() / scale < 1e-4
+  assert np.abs(got[~real] - want[~real]).max() / scale < 1e-4
+  np.testing.assert_array_equal(lengths, mask.sum(-1))
+  # encode: cut to the longest caption, as the trainers do.
+  cut, lengths = enc.encode(prompts)
+  assert cut.shape == (4, int(lengths.max()), SMALL["hidden_size"])
+  np.testing.assert_allclose(np.asarray(cut), got[:, :int(lengths.max())])
+
+
+def test_truncation_to_max_length(small):
+  d, _ = small
+  enc = gemma.load(d, max_length=6)
+  ids, mask = enc.tokenize([SENTENCES[5]])
+  assert ids.shape == (1, 6) and mask.sum() == 6 and ids[0, 0] == 2
+
+
+def test_real_config_has_the_checkpoint_names_shapes_and_count():
+  with open(os.path.join(DATA, "config.json")) as f:
+    cfg = json.load(f)
+  hf_cfg = transformers.Gemma3TextConfig(**{
+      k: v for k, v in cfg.items() if k not in ("architectures",
+                                                 "model_type")})
+  with torch.device("meta"):
+    ref = transformers.Gemma3ForCausalLM(hf_cfg).model
+  want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  c = gemma.GemmaConfig.from_json(cfg)
+  assert c.layer_types.count("full_attention") == 4  # every 6th of 26
+  model = nnx.eval_shape(lambda: gemma.Gemma3TextModel(c))
+  got = torch_weights.expected_shapes(model)
+  assert got == want
+  count = sum(int(np.prod(s)) for s in got.values())
+  assert count == sum(p.numel() for p in ref.parameters())
+  assert 990e6 < count < 1010e6  # the "1B"
+
+
+def test_bfloat16_embedding_scale_is_rounded():
+  c = gemma.GemmaConfig(vocab_size=8, hidden_size=1152, intermediate_size=8,
+                        num_hidden_layers=0, num_attention_heads=1,
+                        num_key_value_heads=1, head_dim=8, layer_types=())
+  bf16 = jax.numpy.bfloat16
+  model = gemma.Gemma3TextModel(c, dtype=bf16, param_dtype=bf16)
+  model.embed_tokens.weight.set_value(jax.numpy.ones((8, 1152), bf16))
+  out = model.embed(jax.numpy.asarray([[3]]))
+  assert float(out[0, 0, 0]) == 34.0  # sqrt(1152) = 33.94 in float32
+  f32 = gemma.Gemma3TextModel(c)
+  f32.embed_tokens.weight.set_value(jax.numpy.ones((8, 1152)))
+  np.testing.assert_allclose(float(f32.embed(jax.numpy.asarray([[3]]))[
+      0, 0, 0]), np.sqrt(1152), rtol=1e-6)

@@ -5,6 +5,7 @@ the zero-attention rule of FlashAttention-2 (emulated on the reference side
 with a custom attention function). The real 1B config builds with the
 checkpoint's names, shapes and count."""
 
+import dataclasses
 import json
 import os
 
@@ -132,9 +133,9 @@ def test_real_config_has_the_checkpoint_names_shapes_and_count():
 
 
 def test_bfloat16_embedding_scale_is_rounded():
-  c = gemma.GemmaConfig(vocab_size=8, hidden_size=1152, intermediate_size=8,
-                        num_hidden_layers=0, num_attention_heads=1,
-                        num_key_value_heads=1, head_dim=8, layer_types=())
+  c = dataclasses.replace(gemma.ONE_B, vocab_size=8, intermediate_size=8,
+                          num_hidden_layers=0, num_attention_heads=1,
+                          num_key_value_heads=1, head_dim=8, layer_types=())
   bf16 = jax.numpy.bfloat16
   model = gemma.Gemma3TextModel(c, dtype=bf16, param_dtype=bf16)
   model.embed_tokens.weight.set_value(jax.numpy.ones((8, 1152), bf16))

@@ -39,34 +39,41 @@ import numpy as np
 from flax import nnx
 
 from tim_jax import torch_weights
+from tim_jax.encoders import layer_kwargs
 
 MAX_LENGTH = 256  # The official max_seq_length.
 
 
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
-  """``Gemma3TextConfig`` fields that shape the network."""
-  vocab_size: int = 262144
-  hidden_size: int = 1152
-  intermediate_size: int = 6912
-  num_hidden_layers: int = 26
-  num_attention_heads: int = 4
-  num_key_value_heads: int = 1
-  head_dim: int = 256
-  rms_norm_eps: float = 1e-6
-  rope_theta: float = 1_000_000.0
-  rope_local_base_freq: float = 10_000.0
-  sliding_window: int = 512
-  query_pre_attn_scalar: float = 256.0
-  layer_types: Tuple[str, ...] = ()
+  """``Gemma3TextConfig`` fields that shape the network (``ONE_B``: the
+  1B model's values)."""
+  # Sizes.
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  # Attention: grouped-query heads, q/k norms, the logit scale.
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  query_pre_attn_scalar: float
+  rms_norm_eps: float
+  # Local (sliding-window) and global layers and their RoPE bases.
+  layer_types: Tuple[str, ...]
+  sliding_window: int
+  rope_local_base_freq: float
+  rope_theta: float
   rope_scaling_factor: float = 1.0  # linear scaling of the global RoPE
 
   @classmethod
   def from_json(cls, cfg: dict) -> "GemmaConfig":
+    """From a ``config.json`` dict; fields it lacks take the 1B values."""
     cfg = dict(cfg.get("text_config", cfg))
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in cfg.items() if k in fields and v is not None}
-    n = int(kw.get("num_hidden_layers", cls.num_hidden_layers))
+    kw = dataclasses.asdict(ONE_B)
+    kw.update({k: v for k, v in cfg.items() if k in fields and v is not None})
+    n = int(kw["num_hidden_layers"])
     types = cfg.get("layer_types")
     if not types:
       pattern = int(cfg.get("sliding_window_pattern", 6))
@@ -80,6 +87,15 @@ class GemmaConfig:
                          "only)")
       kw["rope_scaling_factor"] = float(scaling["factor"])
     return cls(**kw)
+
+
+ONE_B = GemmaConfig(
+    vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+    num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+    head_dim=256, query_pre_attn_scalar=256.0, rms_norm_eps=1e-6,
+    layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else
+                      "sliding_attention" for i in range(26)),
+    sliding_window=512, rope_local_base_freq=10_000.0, rope_theta=1e6)
 
 
 class RMSNorm(nnx.Module):
@@ -189,9 +205,7 @@ class Gemma3TextModel(nnx.Module):
 
   def __init__(self, c: GemmaConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, precision="highest", rngs=None):
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
-              rngs=rngs)
+    kw = layer_kwargs(dtype, param_dtype, precision, rngs)
     self.c, self.dtype = c, dtype
     self.embed_tokens = Embedding(c, param_dtype)
     self.layers = nnx.List([

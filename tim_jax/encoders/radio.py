@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from tim_jax import torch_weights
-from tim_jax.encoders import resize
+from tim_jax.encoders import layer_kwargs, resize
 
 PATCH_PIXELS_PER_TOKEN = 16  # The trainers resize to 16 x the TiM grid.
 LN_EPS = 1e-6  # timm's ViT LayerNorm.
@@ -188,12 +188,10 @@ class VisionTransformer(nnx.Module):
 
   def __init__(self, c: RadioConfig, *, dtype=jnp.float32,
                param_dtype=jnp.float32, precision="highest", rngs=None):
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
-              rngs=rngs)
+    kw = layer_kwargs(dtype, param_dtype, precision, rngs)
     ln = functools.partial(nnx.LayerNorm, c.embed_dim, epsilon=LN_EPS,
                            use_fast_variance=False, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
+                           param_dtype=param_dtype, rngs=kw["rngs"])
     self.patch_generator = PatchGenerator(c, kw, ln)
     self.blocks = nnx.List([Block(c, kw, ln) for _ in range(c.depth)])
     self.norm = ln() if c.final_norm else None

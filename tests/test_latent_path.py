@@ -45,6 +45,19 @@ def smoke_config(variant, name, data_dir, ae_dir, num_steps=3):
   return c
 
 
+def prepared_kl_dataset(tmp_path, per_class):
+  """A small JPEG folder prepared at 64 px with a small KL-VAE:
+  (data_dir, autoencoder dir)."""
+  folder = au.write_image_folder(tmp_path / "images", per_class=per_class)
+  ae_dir = tmp_path / "ae"
+  au.write(au.KL_SMALL, ae_dir)
+  data_dir = str(tmp_path / "latents")
+  assert prepare.main([f"--images={folder}", "--autoencoder=sd_vae_ft_ema",
+                       f"--autoencoder_path={ae_dir}", "--resolution=64",
+                       f"--data_dir={data_dir}"]) == 0
+  return data_dir, ae_dir
+
+
 def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
   folder = au.write_image_folder(tmp_path / "images", min_side=130,
                                  max_side=180)
@@ -99,13 +112,7 @@ def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
 
 
 def test_generation_resumes_from_its_parts(tmp_path):
-  folder = au.write_image_folder(tmp_path / "images", per_class=3)
-  ae_dir = tmp_path / "ae"
-  au.write(au.KL_SMALL, ae_dir)
-  data_dir = str(tmp_path / "latents")
-  assert prepare.main([f"--images={folder}", "--autoencoder=sd_vae_ft_ema",
-                       f"--autoencoder_path={ae_dir}", "--resolution=64",
-                       f"--data_dir={data_dir}"]) == 0
+  data_dir, ae_dir = prepared_kl_dataset(tmp_path, per_class=3)
   config = smoke_config("xl2_256", "sd_vae_ft_ema", data_dir, str(ae_dir),
                         num_steps=2)
   config.unlock()
@@ -218,13 +225,7 @@ def test_center_crop_and_folder_order(tmp_path):
 def test_latent_run_with_flips_resumes_exactly(tmp_path):
   """Training on a dataset with flips: 4 steps straight equal 2 + 2 resumed
   (the flip choices are part of the checkpointed data state)."""
-  folder = au.write_image_folder(tmp_path / "images", per_class=4)
-  ae_dir = tmp_path / "ae"
-  au.write(au.KL_SMALL, ae_dir)
-  data_dir = str(tmp_path / "latents")
-  assert prepare.main([f"--images={folder}", "--autoencoder=sd_vae_ft_ema",
-                       f"--autoencoder_path={ae_dir}", "--resolution=64",
-                       f"--data_dir={data_dir}"]) == 0
+  data_dir, ae_dir = prepared_kl_dataset(tmp_path, per_class=4)
 
   def config(steps):
     c = smoke_config("xl2_256", "sd_vae_ft_ema", data_dir, str(ae_dir),

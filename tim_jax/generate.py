@@ -21,9 +21,11 @@ written (by process 0) when all are there.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
+import jax
 import numpy as np
 
 
@@ -58,13 +60,16 @@ def _flags():
                     "share the batches among the job's processes.")
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
+def _labels(seed, indices, num_classes):
+  key = jax.random.fold_in(jax.random.key(seed), 1)
+  return jax.vmap(lambda i: jax.random.randint(
+      jax.random.fold_in(key, i), (), 0, num_classes))(indices)
+
+
 def labels_for(seed: int, indices, num_classes: int) -> np.ndarray:
   """Image i's class: uniform over ``num_classes``, from ``seed`` and i."""
-  import jax
-  key = jax.random.key(seed)
-  return np.asarray(jax.vmap(lambda i: jax.random.randint(
-      jax.random.fold_in(jax.random.fold_in(key, 1), i), (), 0,
-      num_classes))(np.asarray(indices)))
+  return np.asarray(_labels(seed, np.asarray(indices), num_classes))
 
 
 def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
@@ -73,7 +78,6 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
              height=None, width=None, process_index: int = 0,
              process_count: int = 1, barrier=None, progress: bool = True):
   """Writes ``out`` (on process 0) and returns its path there, else None."""
-  import jax
   from tim_jax import images, resumable, sharding
   if num < 1 or batch_size < 1:
     raise ValueError(f"--num and --batch_size must be >= 1, got {num} and "
@@ -112,13 +116,14 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
   shards = sharding.data_shards(mesh)
   # Pad every batch to one shape that the devices divide: one compile.
   padded = -(-batch_size // shards) * shards
+  shape = (h, w, pipe.model_config.in_channels)
+  draw_noise = jax.jit(jax.vmap(lambda i: jax.random.normal(
+      jax.random.fold_in(key, i), shape)))  # One compile for every batch.
   for b in work.todo():
     r = batches[b]
     idx = np.arange(r.start, r.stop)
     take = np.concatenate([idx, np.full(padded - len(idx), idx[-1])])
-    noise = jax.vmap(lambda i: jax.random.normal(
-        jax.random.fold_in(key, i), (h, w, pipe.model_config.in_channels)))(
-            take)
+    noise = draw_noise(take)
     if pipe.kind == "c2i":
       cls = labels_for(seed, take, num_classes)
       cond = pipe.conditioner.from_labels(cls)
@@ -159,7 +164,6 @@ def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  import jax
   from tim_jax import inference
   if not f.checkpoint:
     raise ValueError("--checkpoint is required")

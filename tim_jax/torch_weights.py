@@ -165,10 +165,12 @@ def summarise(keys: Sequence[str], limit: int = 8) -> str:
 
 
 def check_keys(state_dict: Mapping[str, Any],
-               expected: Mapping[str, Sequence[int]], what: str) -> None:
+               expected: Mapping[str, Sequence[int]], what: str, *,
+               allow_unexpected: bool = False) -> None:
   """Raises ValueError unless ``state_dict`` has exactly the keys of
-  ``expected`` with those (PyTorch-layout) shapes, naming the first
-  offenders and ``what`` the model is. ``IGNORED_SUFFIXES`` are skipped."""
+  ``expected`` (or, with ``allow_unexpected``, at least them) with those
+  (PyTorch-layout) shapes, naming the first offenders and ``what`` the model
+  is. ``IGNORED_SUFFIXES`` are skipped."""
   given = {k: v for k, v in state_dict.items()
            if not k.endswith(IGNORED_SUFFIXES)}
   missing = [k for k in expected if k not in given]
@@ -176,7 +178,7 @@ def check_keys(state_dict: Mapping[str, Any],
   if missing:
     raise ValueError(f"the state dict lacks {len(missing)} key(s) of the "
                      f"{what}: {summarise(missing)}")
-  if unexpected:
+  if unexpected and not allow_unexpected:
     raise ValueError(f"the state dict has {len(unexpected)} key(s) that the "
                      f"{what} does not: {summarise(unexpected)}")
   for key, shape in expected.items():
@@ -194,15 +196,16 @@ def expected_shapes(model, variable_filter=None) -> Dict[str, Tuple[int, ...]]:
 
 
 def load_module(model, state_dict: Mapping[str, Any], what: str,
-                variable_filter=None):
+                variable_filter=None, *, allow_unexpected: bool = False):
   """Copies a PyTorch-layout state dict into ``model`` in place, strictly:
-  missing or unexpected keys and shape mismatches raise ValueError (naming
-  them) before anything changes. Arrays take each variable's dtype.
-  Returns ``model``."""
+  missing keys (and unexpected ones, unless ``allow_unexpected``) and shape
+  mismatches raise ValueError (naming them) before anything changes. Arrays
+  take each variable's dtype. Returns ``model``."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   variables = _variables(model, variable_filter)
   check_keys(state_dict, {k: _torch_layout_shape(v, kernel)
-                          for k, (v, kernel) in variables.items()}, what)
+                          for k, (v, kernel) in variables.items()}, what,
+             allow_unexpected=allow_unexpected)
   for key, (var, kernel) in variables.items():
     array = np.asarray(state_dict[key])
     if kernel:

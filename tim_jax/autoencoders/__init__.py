@@ -190,9 +190,15 @@ def from_diffusers(directory: str, *, dtype: str = "float32", mesh=None,
   Strict: a key the file lacks or has beyond the architecture, or a shape
   that differs, is a ValueError naming it. ``dtype`` is the compute dtype
   (weights stay float32, or float64 with ``dtype="float64"`` under x64).
+  A ``name`` of ``NAMES`` must match the directory's class (checked before
+  the weights are read).
   """
   directory = os.fspath(directory)
   cfg = read_config(directory)
+  want = NAMES.get(name)
+  if want and cfg["_class_name"] != want:  # Before reading any weight.
+    raise ValueError(f"autoencoder {name!r} expects an {want} directory; "
+                     f"{directory} holds an {cfg['_class_name']}")
   files = [os.path.join(directory, f) for f in WEIGHT_FILES
            if os.path.isfile(os.path.join(directory, f))]
   if not files:
@@ -230,14 +236,8 @@ def from_config(config, mesh=None) -> Autoencoder:
         f"autoencoder {a.name!r} needs --config.autoencoder.path=DIR, a "
         "diffusers save_pretrained directory (see the README's 'Files' "
         "section for where to get it)")
-  ae = from_diffusers(path, dtype=a.get("dtype", "float32"), mesh=mesh,
-                      name=a.name)
-  want = NAMES[a.name]
-  got = read_config(path)["_class_name"]
-  if got != want:
-    raise ValueError(f"autoencoder.name={a.name!r} expects an {want} "
-                     f"directory; {path} holds an {got}")
-  return ae
+  return from_diffusers(path, dtype=a.get("dtype", "float32"), mesh=mesh,
+                        name=a.name)
 
 
 __all__ = ["Autoencoder", "from_diffusers", "from_config", "identity",

@@ -257,11 +257,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                               devices=jax.local_devices())
     ae = autoencoders.from_diffusers(args.autoencoder_path, mesh=mesh,
                                      name=args.autoencoder)
-    want = autoencoders.NAMES[args.autoencoder]
-    got = autoencoders.read_config(args.autoencoder_path)["_class_name"]
-    if got != want:
-      raise ValueError(f"--autoencoder={args.autoencoder} expects an {want} "
-                       f"directory; {args.autoencoder_path} holds an {got}")
     ae.latent_shape(args.resolution, args.resolution)  # Fails if no fit.
     images = (FolderImages(args.images, args.resolution) if args.images else
               TfdsImages(args.tfds, args.tfds_split, args.tfds_data_dir,

@@ -342,20 +342,11 @@ def load(path: str, *, dtype=jnp.float32) -> RadioEncoder:
           if k.startswith("base_model.")}
   c = config_from_checkpoint(args, base)
   model = nnx.eval_shape(lambda: VisionTransformer(c, dtype=dtype))
+  # Non-strict on extra keys, as the official loader (load_state_dict with
+  # strict=False); a key the model needs and the file lacks still raises.
+  torch_weights.load_module(model, base, "RADIO checkpoint",
+                            allow_unexpected=True)
   variables = torch_weights.named_variables(model)
-  missing = [k for k in variables if k not in base]
-  if missing:
-    raise ValueError(f"the RADIO checkpoint lacks {len(missing)} key(s): "
-                     f"{torch_weights.summarise(missing)}")
-  for key, var in variables.items():
-    array = np.asarray(base[key])
-    if key.endswith(".weight") and array.ndim == 2:
-      array = torch_weights.kernel_from_torch(array)
-    want = tuple(var.get_value().shape)
-    if array.shape != want:
-      raise ValueError(f"shape mismatch for {key!r}: the checkpoint has "
-                       f"{array.shape}, the model expects {want}")
-    var.set_value(jnp.asarray(array, var.get_value().dtype))
   unused = sorted(set(base) - set(variables))
   if unused:
     logging.warning("RADIO: ignoring %d checkpoint key(s) the model does not "

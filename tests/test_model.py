@@ -237,3 +237,40 @@ def test_library_attention_path_matches_the_einsum_path():
   np.testing.assert_allclose(np.asarray(lib(x, t, r, y)),
                              np.asarray(ref(x, t, r, y)), rtol=1e-4,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [None, "xla"])
+@pytest.mark.parametrize("remat", [False, True])
+def test_caption_length_mask_equals_the_official_truncation(impl, remat):
+  # The official T2I code cuts a batch's caption features to its longest
+  # caption (L) and gives them unmasked. Padding them to a longer bucket (M)
+  # with anything past L and hiding those keys must give the same output.
+  model = _perturb(models.build(
+      "t2i", dict(TINY_T2I, attention_impl=impl, remat=remat)))
+  x, t, r, _ = _inputs("t2i", b=3)
+  length, bucket = 5, 16
+  feats = jax.random.normal(jax.random.key(7), (3, bucket, 24))
+  want = np.asarray(model(x, t, r, feats[:, :length]))
+  garbage = feats.at[:, length:].set(1e3)  # Must not leak through.
+  got = model(x, t, r, {"features": garbage,
+                        "length": jnp.full((3,), length)})
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  # Unmasked, the padded positions change the output: the mask is doing it.
+  plain = np.asarray(model(x, t, r, garbage))
+  assert np.abs(plain - want).max() > 1e-3
+  # Per-row lengths: row b equals its own truncation.
+  lengths = jnp.asarray([2, 5, 9])
+  got = np.asarray(model(x, t, r, {"features": feats, "length": lengths}))
+  for b, n in enumerate([2, 5, 9]):
+    one = model(x[b:b + 1], t[b:b + 1], r[b:b + 1], feats[b:b + 1, :n])
+    np.testing.assert_allclose(got[b], np.asarray(one)[0], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_caption_dict_is_checked():
+  model = models.build("t2i", TINY_T2I)
+  x, t, r, y = _inputs("t2i")
+  with pytest.raises(ValueError, match="'features' and 'length'"):
+    model(x, t, r, {"features": y})
+  with pytest.raises(ValueError, match="caption length must have shape"):
+    model(x, t, r, {"features": y, "length": jnp.ones((3,), jnp.int32)})

@@ -210,8 +210,11 @@ def apply_rope(u, cos, sin):
   return u * cos + rotated.reshape(u.shape) * sin
 
 
-def attention(q, k, v, implementation=None):
-  """Softmax attention, scale hd^-1/2, no mask; (B, heads, T, hd) layout.
+def attention(q, k, v, implementation=None, key_mask=None):
+  """Softmax attention, scale hd^-1/2; (B, heads, T, hd) layout.
+
+  ``key_mask`` (B, S) bool hides keys where False (every row must keep at
+  least one); None attends to all keys.
 
   ``implementation="cudnn"`` (or ``"xla"``) goes through
   ``jax.nn.dot_product_attention``. ``None`` writes the two einsums here, in
@@ -222,12 +225,17 @@ def attention(q, k, v, implementation=None):
   """
   if implementation is not None:
     t = lambda a: jnp.swapaxes(a, 1, 2)
-    out = jax.nn.dot_product_attention(t(q), t(k), t(v),
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask,
                                        implementation=implementation)
     return t(out)
   scale = 1.0 / math.sqrt(q.shape[-1])
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k,
                       preferred_element_type=jnp.float32) * scale
+  if key_mask is not None:
+    # A hidden key gets weight exactly 0 (exp(-inf)), so the result equals
+    # attention over the visible keys alone.
+    logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
@@ -291,8 +299,11 @@ class SelfAttention(nnx.Module):
 
 
 class CrossAttention(nnx.Module):
-  """Image tokens attend to caption tokens; RoPE on queries only, no padding
-  mask (as the official T2I ``CrossAttention``)."""
+  """Image tokens attend to caption tokens; RoPE on queries only (as the
+  official T2I ``CrossAttention``). ``key_mask`` (B, M) hides caption
+  positions: the official model has none and sees the batch's features cut
+  to its longest caption; hiding the positions past that length in a
+  longer, padded batch gives the same result with a static shape."""
 
   def __init__(self, dim, num_heads, *, qk_norm=True, attention_impl=None,
                dtype, param_dtype, rngs):
@@ -306,7 +317,7 @@ class CrossAttention(nnx.Module):
                                          param_dtype, rngs)
     self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
 
-  def __call__(self, u, y, cos, sin):
+  def __call__(self, u, y, cos, sin, key_mask=None):
     q = _heads(self.q(u), self.num_heads)
     k, v = (_heads(a, self.num_heads)
             for a in jnp.split(self.kv(y), 2, axis=-1))
@@ -315,7 +326,7 @@ class CrossAttention(nnx.Module):
     rd = numerics.wide(u.dtype)
     q = apply_rope(q.astype(rd), cos.astype(rd), sin.astype(rd)).astype(
         v.dtype)
-    out = attention(q, k.astype(v.dtype), v, self.attention_impl)
+    out = attention(q, k.astype(v.dtype), v, self.attention_impl, key_mask)
     return self.proj(_merge_heads(out))
 
 
@@ -356,7 +367,7 @@ class TiMBlock(nnx.Module):
         dim, k, (9 if cross else 6) * dim, ("embed", "adaln", "modulation"),
         out_init=zeros, **kw)
 
-  def __call__(self, u, c, cos, sin, e_delta, y=None):
+  def __call__(self, u, c, cos, sin, e_delta, y=None, y_mask=None):
     mod = self.adaLN_modulation(c)
     if self.cross:
       (sh_msa, sc_msa, g_msa, sh_msc, sc_msc, g_msc, sh_mlp, sc_mlp,
@@ -367,7 +378,8 @@ class TiMBlock(nnx.Module):
                               sin, e_delta)
     if self.cross:
       u = u + g_msc * self.cross_attn(
-          modulate(self.norm2_i(u), sh_msc, sc_msc), self.norm2_t(y), cos, sin)
+          modulate(self.norm2_i(u), sh_msc, sc_msc), self.norm2_t(y), cos, sin,
+          y_mask)
       h = self.norm3(u)
     else:
       h = self.norm2(u)

@@ -5,8 +5,11 @@ names, so an official config or checkpoint maps onto it one to one.
 
 Call: ``model(x, t, r, y)`` with x (B, H, W, C) (NHWC), t and r (B,) the
 network inputs (already ``c_noise``-transformed), and y integer labels (B,)
-(null class = ``num_classes``) or caption features (B, M, cap_feat_dim). Any
-H, W divisible by the patch size works. With ``return_projection=True`` the
+(null class = ``num_classes``) or caption features: an array
+(B, M, cap_feat_dim), every position seen, or a dict ``{"features": (B, M,
+cap_feat_dim), "length": (B,) int}`` where row b's cross-attention sees only
+its first ``length[b]`` positions (padded, bucketed captions; see
+``caption_key_mask``). Any H, W divisible by the patch size works. With ``return_projection=True`` the
 REPA projection (B, N, z_dim) after block ``encoder_depth`` comes back too.
 """
 
@@ -24,6 +27,23 @@ from tim_jax.models import layers
 
 NEW_CONDITIONS = ("t-r", "r", "t,r", "t,t-r", "r,t-r", "t,r,t-r")
 KINDS = ("c2i", "t2i")
+
+
+def caption_parts(y):
+  """(features (B, M, D), key mask (B, M) bool or None) of a caption
+  conditioning: an array, or ``{"features", "length"}``."""
+  if isinstance(y, dict):
+    if set(y) != {"features", "length"}:
+      raise ValueError("caption conditioning as a dict must have exactly "
+                       f"'features' and 'length', got {sorted(y)}")
+    feats = y["features"]
+    return feats, caption_key_mask(y["length"], jnp.shape(feats)[1])
+  return y, None
+
+
+def caption_key_mask(length, num_positions: int):
+  """(B, M) bool: position m of row b is seen iff m < length[b]."""
+  return jnp.arange(num_positions)[None, :] < jnp.asarray(length)[:, None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +179,15 @@ class TiM(nnx.Module):
       if jnp.shape(y) != (b,):
         raise ValueError(f"class labels must have shape ({b},), got "
                          f"{jnp.shape(y)}")
-    elif jnp.ndim(y) != 3 or jnp.shape(y)[0] != b or (
-        jnp.shape(y)[-1] != c.cap_feat_dim):
-      raise ValueError(f"caption features must be ({b}, M, {c.cap_feat_dim}),"
-                       f" got {jnp.shape(y)}")
+    else:
+      feats, mask = caption_parts(y)
+      if jnp.ndim(feats) != 3 or jnp.shape(feats)[0] != b or (
+          jnp.shape(feats)[-1] != c.cap_feat_dim):
+        raise ValueError(f"caption features must be ({b}, M, "
+                         f"{c.cap_feat_dim}), got {jnp.shape(feats)}")
+      if mask is not None and jnp.shape(y["length"]) != (b,):
+        raise ValueError(f"caption length must have shape ({b},), got "
+                         f"{jnp.shape(y['length'])}")
 
   def __call__(self, x, t, r, y, *, return_projection: bool = False):
     self._check_inputs(x, t, r, y)
@@ -174,17 +199,19 @@ class TiM(nnx.Module):
     e_t = self.t_embedder(t)[:, None]
     e_delta = self._delta_embed(t, r)[:, None]
     cond = e_t + e_delta
-    caption = None
+    caption = caption_mask = None
     if c.kind == "c2i":
       cond = cond + self.y_embedder(y)[:, None]
     else:
-      caption = self.y_embedder(y)
+      feats, caption_mask = caption_parts(y)
+      caption = self.y_embedder(feats)
     cond = cond.astype(self.dtype)
     e_delta = e_delta.astype(self.dtype)
     cos, sin = layers.rope_tables(gh, gw, c.hidden_size // c.num_heads,
                                   c.rope_positions)
 
-    run = lambda blk, u_, cond_, e_, cap_: blk(u_, cond_, cos, sin, e_, cap_)
+    run = lambda blk, u_, cond_, e_, cap_: blk(u_, cond_, cos, sin, e_, cap_,
+                                               caption_mask)
     if c.remat:
       # jax.checkpoint on the block as a pure function of its state, rather
       # than nnx.remat: the model is also called under plain jax.vmap (the
@@ -193,7 +220,8 @@ class TiM(nnx.Module):
       def run(blk, u_, cond_, e_, cap_):
         graph, state = nnx.split(blk)
         pure = lambda st, *a: nnx.merge(graph, st)(*a)
-        return jax.checkpoint(pure)(state, u_, cond_, cos, sin, e_, cap_)
+        return jax.checkpoint(pure)(state, u_, cond_, cos, sin, e_, cap_,
+                                    caption_mask)
     proj = None
     for i, block in enumerate(self.blocks):
       u = run(block, u, cond, e_delta, caption)

@@ -138,7 +138,7 @@ def test_progress_follows_every_step(loaded):
   seen = []
   from tim_jax import sampling
   noise = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
-  out = sampling.sample(loaded.network(), noise, cond, loaded.null(1),
+  out = sampling.sample(loaded.network(), noise, cond, loaded.null_like(cond),
                         transport=loaded.transport, num_steps=3,
                         progress=lambda i: seen.append(int(i)))
   jax.block_until_ready(out)

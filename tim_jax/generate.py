@@ -103,7 +103,6 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
   params = jax.device_put(pipe.params, sharding.replicated(mesh))
   prompt_cond = (pipe.conditions(list(prompts))[0] if pipe.kind == "t2i"
                  else None)
-  null = pipe.null(1)
   batches = [range(s, min(s + batch_size, num))
              for s in range(0, num, batch_size)]
   meta = dict(num=num, seed=seed, settings=str(settings), size=[h, w],
@@ -132,7 +131,8 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
       cond = jax.tree.map(lambda c: np.asarray(c)[cls], prompt_cond)
     put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh,
                                                               np.ndim(x)))
-    x = pipe.sample(put(noise), jax.tree.map(put, cond), null,
+    cond = jax.tree.map(put, cond)
+    x = pipe.sample(put(noise), cond, pipe.null_like(cond),
                     num_steps=settings.num_steps,
                     cfg_scale=settings.cfg_scale,
                     guidance_interval=settings.guidance_interval,

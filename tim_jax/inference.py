@@ -226,8 +226,9 @@ class Pipeline:
 
   # --- conditioning -----------------------------------------------------------
 
-  def null(self, batch_size: int):
-    return self.conditioner.null(batch_size)
+  def null_like(self, cond):
+    """The null conditioning (for guidance) matching ``cond``."""
+    return self.conditioner.null_like(cond)
 
   def conditions(self, prompts: Sequence[str] = (),
                  labels: Sequence[int] = ()):
@@ -304,7 +305,7 @@ class Pipeline:
     settings = self.settings(num_steps, cfg_scale, guidance_interval,
                              stochasticity, mode, progress is not None)
     fn = self.compiled_sampler(settings)
-    null = self.null(1) if null is None else null
+    null = self.null_like(cond) if null is None else null
     rng = jax.random.key(0) if rng is None else rng
     call_id = next(_CALL_IDS)
     if progress is not None:
@@ -357,7 +358,6 @@ class Pipeline:
     noise_all = jax.vmap(lambda i: jax.random.normal(
         jax.random.fold_in(base, i), shape))(np.arange(total))
     bs = min(int(batch_size), total)
-    null = self.null(1)
 
     bar = None
     if progress:
@@ -376,7 +376,7 @@ class Pipeline:
         batch_cond = jax.tree.map(lambda c: c[take], all_cond)
         rng = jax.random.fold_in(jax.random.key(seed + 1), start)
         images = self.sample(
-            noise_all[take], batch_cond, null, num_steps=settings.num_steps,
+            noise_all[take], batch_cond, num_steps=settings.num_steps,
             cfg_scale=settings.cfg_scale,
             guidance_interval=settings.guidance_interval,
             stochasticity=settings.stochasticity, rng=rng,

@@ -169,9 +169,8 @@ class Trainer:
     caption features for text-to-image ones (``trainer_t2i.py``)."""
     k_loss, k_drop = jax.random.split(key)
     x = batch["image"]
-    y_true = self.conditioner(batch)
-    y = self.conditioner.drop(k_drop, y_true) if drop else y_true
-    null = self.conditioner.null(x.shape[0])
+    y, y_true, null = self.conditioner.training_conditions(
+        batch, k_drop, frozen, drop)
     teacher = None
     if self.loss_config.enhance_target:
       ema_model = self.pipeline.network(ema)

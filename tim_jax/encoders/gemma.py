@@ -242,9 +242,17 @@ class GemmaEncoder:
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.graphdef, self.params = nnx.split(model)
-    self._forward = jax.jit(
-        lambda params, ids, valid: nnx.merge(self.graphdef, params)(ids,
-                                                                    valid))
+    self._forward = jax.jit(self.apply)
+    null_ids, null_mask = self.tokenize([""])
+    # The empty caption (the official null prompt): BOS, then pads.
+    self.null_ids, self.null_mask = null_ids[0], null_mask[0]
+
+  def apply(self, params, ids, valid):
+    """The pure forward pass: ``last_hidden_state`` (B, L, hidden) in the
+    compute dtype of token ``ids`` (B, L) with ``valid`` (B, L) bool
+    marking real tokens. Causal, so cutting ids after the longest caption
+    leaves every earlier position's features unchanged."""
+    return nnx.merge(self.graphdef, params)(ids, valid)
 
   @property
   def dim(self) -> int:
@@ -300,11 +308,17 @@ def load_tokenizer(directory: str, max_length: int = MAX_LENGTH):
   return tok
 
 
-def load(directory: str, *, dtype=jnp.float32,
+def load(directory: str, *, dtype=jnp.float32, param_dtype=None,
          max_length: int = MAX_LENGTH) -> GemmaEncoder:
   """A Gemma-3 text encoder from a Hugging Face directory (``config.json``,
   ``model.safetensors``, ``tokenizer.json``). Strict: every decoder weight
-  must be there; the LM head (tied to the embedding) is not needed."""
+  must be there; the LM head (tied to the embedding) is not needed.
+  ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) the
+  weights' (the official encoder holds and runs them in bfloat16)."""
+  if not os.path.isdir(os.fspath(directory)):
+    raise FileNotFoundError(f"text encoder directory {directory!r} does not "
+                            "exist (a Hugging Face download of "
+                            "google/gemma-3-1b-it)")
   directory = os.fspath(directory)
   with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
     c = GemmaConfig.from_json(json.load(f))
@@ -320,7 +334,9 @@ def load(directory: str, *, dtype=jnp.float32,
   sd = {(k[len("language_model.model."):] if k.startswith(
       "language_model.model.") else k): v for k, v in sd.items()}
   sd = {k: v for k, v in sd.items() if not k.startswith("lm_head")}
-  model = nnx.eval_shape(lambda: Gemma3TextModel(c, dtype=dtype))
+  param_dtype = dtype if param_dtype is None else param_dtype
+  model = nnx.eval_shape(lambda: Gemma3TextModel(c, dtype=dtype,
+                                                 param_dtype=param_dtype))
   torch_weights.load_module(model, sd, f"Gemma-3 text model of {directory}")
   return GemmaEncoder(model, load_tokenizer(directory, max_length),
                       max_length=max_length)

@@ -15,11 +15,17 @@ Variants (networks from `tim_jax.architectures`):
           --workdir=/tmp/fm_t2i
   xl              the paper's 865M model (the official
                   configs/t2i/tim_xl_p1_t2i.yaml): DC-AE f32c32 latents
-                  (32 channels), patch 1, D 1152, depth 28, batch 2048,
-                  lr 1e-4 per 512, 500k steps, bf16; needs a latent dataset:
+                  (32 channels) of captioned images in aspect buckets
+                  (nominal 1024^2), patch 1, D 1152, depth 28, batch 2048
+                  for the 32x32 bucket, lr 1e-4 per 512, 500k steps, bf16;
+                  captions encoded in the step by Gemma-3 1B (bf16), REPA
+                  with RADIO v2.5-B; needs a captioned dataset
+                  (python -m tim_jax.data.prepare --captioned=DIR) and the
+                  encoders' files:
       python -m tim_jax.main --config=configs/t2i.py:xl --workdir=DIR \
           --config.data.data_dir=LATENTS \
-          --config.data.null_caption_features=NULL.npy
+          --config.text_encoder.path=gemma-3-1b-it \
+          --config.loss_extras.repa_encoder_path=radio-v2.5-b_half.pth.tar
 
 Options:
 
@@ -65,8 +71,9 @@ def get_config(arg=None):
     c.model.network = architectures.network("T2I-XL")
     c.model.dtype = "bfloat16"
     c.model.remat = True
-    c.data.name = "latents"
+    c.data.name = "captions"
     c.data.image_size = 32  # Latent grid of a 1024px image (f32).
+    c.text_encoder.name = "gemma3"
     c.autoencoder.name = "dc_ae_f32c32_sana_1.1"
     c.batch_size = 2048
     c.num_steps = 500_000

@@ -16,50 +16,21 @@ import torch
 import transformers
 from flax import nnx
 
+import gemma_utils
+
 from tim_jax import torch_weights
 from tim_jax.encoders import gemma
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "gemma")
-SENTENCES = ["a red bus at night", "two cats on a sofa near the window",
-             "a bowl of soup", "mountains under a violet sky at dawn",
-             "a dog", "an old map of the city with a compass rose"]
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-             query_pre_attn_scalar=16, sliding_window=4,
-             sliding_window_pattern=2, rope_theta=1_000_000.0,
-             rope_local_base_freq=10_000.0, max_position_embeddings=64,
-             rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=2,
-             eos_token_id=1)
+SENTENCES = gemma_utils.SENTENCES
+SMALL = gemma_utils.SMALL
 MAX_LEN = 16
-
-
-def write_tokenizer(directory):
-  """A word-level tokenizer with Gemma's special ids and BOS first."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, processors
-  from tokenizers import trainers
-  tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(
-      special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-  tok.post_processor = processors.TemplateProcessing(
-      single="<bos> $A", special_tokens=[("<bos>", 2)])
-  tok.save(os.path.join(directory, "tokenizer.json"))
-  return tok.get_vocab_size()
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
   d = tmp_path_factory.mktemp("gemma")
-  vocab = write_tokenizer(d)
-  config = transformers.Gemma3TextConfig(vocab_size=vocab, **SMALL)
-  torch.manual_seed(0)
-  model = transformers.Gemma3ForCausalLM(config).eval()
-  with torch.no_grad():  # Norm weights start at 0; make (1 + w) matter.
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.add_(0.3 * torch.randn_like(p))
-  model.save_pretrained(d, safe_serialization=True)
-  return d, model
+  return d, gemma_utils.write(d)
 
 
 def reference(model, ids, mask):

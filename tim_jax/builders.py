@@ -92,3 +92,27 @@ def repa_encoder(config, encoder=None):
     raise ValueError(f"the REPA teacher's features are {enc.dim} wide but "
                      f"model.network.z_dim is {z_dim}: they must match")
   return enc
+
+
+TEXT_ENCODERS = ("none", "gemma3")
+
+
+def text_encoder(config):
+  """The frozen caption encoder ``text_encoder.name`` names (a
+  ``tim_jax.encoders.gemma.GemmaEncoder`` in ``text_encoder.dtype``)."""
+  te = config.text_encoder
+  if te.name not in TEXT_ENCODERS:
+    raise ValueError(f"text_encoder.name must be one of {TEXT_ENCODERS}, got "
+                     f"{te.name!r}")
+  if te.name == "none" or not te.path:
+    raise ValueError(
+        "data.name='captions' encodes captions in the train step: set "
+        "--config.text_encoder.name=gemma3 --config.text_encoder.path=DIR "
+        "(a Hugging Face download of google/gemma-3-1b-it; see the README's "
+        "'Files' section)")
+  if te.dtype not in DTYPES:
+    raise ValueError(f"text_encoder.dtype must be one of {sorted(DTYPES)}, "
+                     f"got {te.dtype!r}")
+  from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
+  return gemma.load(te.path, dtype=DTYPES[te.dtype],
+                    max_length=int(te.max_length))

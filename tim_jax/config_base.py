@@ -55,7 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.conditioning = ml_collections.ConfigDict(dict(drop_prob=0.1))
 
   c.data = ml_collections.ConfigDict(dict(
-      name="shapes",  # "shapes" (built in) | "latents" (array_record).
+      # "shapes" (built in), "latents" (array_record latents with labels or
+      # stored caption features) or "captions" (latents in aspect buckets
+      # with caption text, from `python -m tim_jax.data.prepare
+      # --captioned/--manifest`; encoded by `text_encoder` in the step).
+      name="shapes",
+      # Side of the (latent) images; for "captions", the nominal square
+      # bucket whose batch is `batch_size` (see bucket_batch).
       image_size=32,
       max_caption_len=20,
       caption_seed=0,
@@ -63,6 +69,25 @@ def base_config() -> ml_collections.ConfigDict:
       data_dir="",
       null_caption_features="",  # .npy of the empty caption, latent t2i.
       worker_count=0,
+      # "captions": each bucket's batch is batch_size x image_size^2 / its
+      # area (the tokens per step stay about the same), rounded down to a
+      # multiple of the data shards ("area"), or batch_size ("fixed").
+      bucket_batch="area",
+      # "captions": captions pass through encode('unicode-escape') as the
+      # official T2I loader does.
+      escape_unicode=True,
+  ))
+  # The frozen caption encoder of data.name="captions" (run inside the train
+  # step, never stored): "none" or "gemma3" (the official
+  # google/gemma-3-1b-it: a Hugging Face directory at `path`).
+  c.text_encoder = ml_collections.ConfigDict(dict(
+      name="none",
+      path="",
+      dtype="bfloat16",  # Weights and compute (the official: bfloat16).
+      max_length=256,  # Tokens, BOS included (the official max_seq_length).
+      # Caption batches are cut to the smallest of these that holds their
+      # longest caption (few compiled shapes; see TextConditioner).
+      length_buckets=(32, 64, 128, 256),
   ))
   c.autoencoder = ml_collections.ConfigDict(dict(
       # "identity" (pixel space), "sd_vae_ft_ema" or "dc_ae_f32c32_sana_1.1".

@@ -144,7 +144,7 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
       raise FloatingPointError(
           f"batch {b} (images {r.start}-{r.stop - 1}) decoded to non-finite "
           "values: the checkpoint's weights are not usable")
-    work.save(b, dict(images=images.to_uint8(pixels),
+    work.save(b, dict(images=images.to_uint8(pixels, pipe.kind),
                       labels=np.asarray(cls[:len(idx)], np.int64)))
   if not work.finish(barrier):
     return None

@@ -108,15 +108,17 @@ def _single_device(abstract):
 
 
 def load(checkpoint_path: str, config=None,
-         autoencoder_path: Optional[str] = None) -> "Pipeline":
+         autoencoder_path: Optional[str] = None,
+         text_encoder_path: Optional[str] = None) -> "Pipeline":
   """A pipeline with a checkpoint's weights.
 
   A tim_jax checkpoint gives its EMA weights and, when ``config`` is None,
   its saved config; an official file (``.safetensors``, ``.pt``, ``.pth``,
   ``.bin``) needs ``config`` for the architecture. ``autoencoder_path``
   replaces the config's ``autoencoder.path`` (where the decoder's diffusers
-  directory is on this machine). Raises ValueError when the weights do not
-  fit the config.
+  directory is on this machine), ``text_encoder_path`` its
+  ``text_encoder.path`` (the Gemma-3 directory of models trained on
+  captions). Raises ValueError when the weights do not fit the config.
   """
   ref = resolve(checkpoint_path)
   if config is None:
@@ -125,9 +127,12 @@ def load(checkpoint_path: str, config=None,
                        "architecture is not stored in the file); pass "
                        "--config")
     config = config_from_checkpoint(ref)
-  if autoencoder_path:
+  if autoencoder_path or text_encoder_path:
     config = ml_collections.ConfigDict(config.to_dict())
-    config.autoencoder.path = os.fspath(autoencoder_path)
+    if autoencoder_path:
+      config.autoencoder.path = os.fspath(autoencoder_path)
+    if text_encoder_path:
+      config.text_encoder.path = os.fspath(text_encoder_path)
     config = config_base.lock(config)
   pipe = Pipeline(config)
   if ref.format == "official":

@@ -11,6 +11,20 @@
         --checkpoint=TiM-XL-2-256.pt --labels=207,360 --steps=8 --cfg=2.5 \\
         --out=grid.png --latents_out=latents.npy
 
+    # The official text-to-image model, from a prompt, at any size.
+    python -m tim_jax.sample --config=configs/t2i.py:xl \\
+        --checkpoint=t2i_model.bin --text_encoder=gemma-3-1b-it \\
+        --config.autoencoder.path=dc-ae-f32c32-sana-1.1-diffusers \\
+        --prompt="a lighthouse at dusk" --height=1024 --width=768 \\
+        --steps=4 --cfg=2.5 --out=lighthouse.png
+
+    # A benchmark's prompts into the folder its evaluator reads (four
+    # images per prompt; resumable): GenEval or DPG-Bench.
+    python -m tim_jax.sample ... --prompt_set=geneval:evaluation_metadata.jsonl \\
+        --out=geneval_samples
+    python -m tim_jax.sample ... --prompt_set=dpg:dpg_bench/prompts \\
+        --out=dpg_samples
+
 Images are laid out one row per prompt or label, ``--num`` per row. The
 noise is drawn for all images at once from ``--seed``, so the result does not
 depend on ``--batch_size``. Latent-space models decode with the config's
@@ -43,7 +57,14 @@ def _flags():
   flags.DEFINE_string("autoencoder_path", None, "The autoencoder's "
                       "diffusers directory (latent models; replaces the "
                       "config's autoencoder.path).")
+  flags.DEFINE_string("text_encoder", None, "The Gemma-3 directory of "
+                      "models trained on captions (replaces the config's "
+                      "text_encoder.path).")
   flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable; t2i).")
+  flags.DEFINE_string("prompt_set", None, "geneval:METADATA.jsonl or "
+                      "dpg:PROMPTS_DIR: four images per prompt into the "
+                      "folder --out, laid out for that benchmark's "
+                      "evaluator (see tim_jax.prompt_sets).")
   flags.DEFINE_list("labels", [], "Class labels, comma-separated (c2i).")
   flags.DEFINE_integer("steps", 4, "Sampling steps (NFE without guidance).")
   flags.DEFINE_float("cfg", None, "Guidance scale (default: the config's "
@@ -61,7 +82,8 @@ def _flags():
                        "multiple of the autoencoder's downsampling times "
                        "the patch size.")
   flags.DEFINE_integer("width", None, "Image width in pixels (as --height).")
-  flags.DEFINE_string("out", "samples.png", "The grid (PNG).")
+  flags.DEFINE_string("out", "samples.png", "The grid (PNG); with "
+                      "--prompt_set, the output folder.")
   flags.DEFINE_string("latents_out", "", "Also write the raw samples (.npy).")
   flags.DEFINE_integer("cols", 0, "Grid columns (default: --num, or up to 8 "
                        "when --num is 1).")
@@ -86,7 +108,11 @@ def main(argv):
     raise ValueError(f"--labels must be integers, got {f.labels}") from None
   if not f.checkpoint:
     raise ValueError("--checkpoint is required")
-  pipe = inference.load(f.checkpoint, f.config, f.autoencoder_path)
+  if f.prompt_set and (f.prompt or labels):
+    raise ValueError("--prompt_set takes its prompts from the set: drop "
+                     "--prompt/--labels")
+  pipe = inference.load(f.checkpoint, f.config, f.autoencoder_path,
+                        f.text_encoder)
   try:  # Checked before the (slow) conditioning and sampling.
     pipe.settings(f.steps, f.cfg, interval, f.stochasticity, f.mode)
   except ValueError as e:
@@ -102,6 +128,19 @@ def main(argv):
   if f.height or f.width:
     size = int(pipe.config.sample.image_size) * pipe.downsample
     height, width = pipe.network_size(f.height or size, f.width or size)
+  if f.prompt_set:
+    from tim_jax import prompt_sets
+    if not pipe.can_decode:
+      raise ValueError("--prompt_set writes images: set "
+                       "--config.autoencoder.path=DIR")
+    written, skipped = prompt_sets.run(
+        pipe, f.prompt_set, f.out, num_steps=f.steps, cfg_scale=f.cfg,
+        guidance_interval=interval, stochasticity=f.stochasticity,
+        seed=f.seed, batch_size=max(1, f.batch_size // prompt_sets.PER_PROMPT),
+        height=height, width=width, mode=f.mode)
+    print(f"wrote {written} prompts' images to {f.out} ({skipped} were "
+          "already there)")
+    return
   cond, names = pipe.conditions(f.prompt, labels)
   samples = pipe.generate(cond, num_steps=f.steps, num=f.num,
                           cfg_scale=f.cfg, guidance_interval=interval,
@@ -116,8 +155,8 @@ def main(argv):
                     "latents", pipe.config.autoencoder.name)
     return
   cols = f.cols or (f.num if f.num > 1 else min(len(names), 8))
-  images.save_png(f.out, images.grid(images.to_uint8(pipe.decode(samples)),
-                                     cols=cols))
+  images.save_png(f.out, images.grid(
+      images.to_uint8(pipe.decode(samples), pipe.kind), cols=cols))
   print(f"wrote {f.out}: {len(names)} x {f.num} images at {f.steps} steps")
   for i, name in enumerate(names):
     print(f"  row {i}: {name}" if f.num > 1 else f"  {i}: {name}")

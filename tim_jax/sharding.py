@@ -157,6 +157,26 @@ def state_shardings(abstract_tree, mesh: Mesh, rules):
                             shardings)
 
 
+def frozen_shardings(tree, mesh: Mesh):
+  """Shardings of a frozen network's weights (a teacher or text encoder
+  the step reads but never trains; no logical names): each array's largest
+  axis that the ``fsdp`` axis divides is split over it (the step gathers
+  it as it does the trained parameters'), the rest replicated. With
+  ``fsdp=1`` everything is replicated."""
+  n = mesh.shape.get("fsdp", 1)
+
+  def one(a):
+    shape = np.shape(a)
+    if n > 1 and shape:
+      axes = [i for i in np.argsort(shape)[::-1] if shape[i] % n == 0]
+      if axes:
+        spec = [None] * len(shape)
+        spec[int(axes[0])] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Rows over (data, fsdp); other axes replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

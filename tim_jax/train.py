@@ -32,8 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tim_jax import (builders, checkpoint, config_base, convert, images,
-                     inference, optim, sharding, transition)
+from tim_jax import (builders, checkpoint, conditioning, config_base, convert,
+                     images, inference, optim, sharding, transition)
 from tim_jax.data import kinds
 from tim_jax.eval import evaluators
 
@@ -83,10 +83,18 @@ class Trainer:
     # Frozen networks the step reads (not trained, not checkpointed): the
     # REPA teacher. Passed to the compiled step as an argument, replicated.
     self.repa_encoder = builders.repa_encoder(config, repa_encoder)
-    self.frozen = None
+    frozen = {}
     if self.repa_encoder is not None:
-      self.frozen = {"repa": jax.device_put(self.repa_encoder.state,
-                                            sharding.replicated(self.mesh))}
+      frozen["repa"] = self.repa_encoder.state
+    if isinstance(self.conditioner, conditioning.TextConditioner):
+      frozen["text"] = self.conditioner.encoder.params
+    self.frozen = None
+    if frozen:
+      self.frozen = jax.device_put(
+          frozen, sharding.frozen_shardings(frozen, self.mesh))
+    # Batch shapes the step has been compiled for (one per caption or
+    # aspect bucket with captioned data); see train_step.
+    self.compiled_shapes = []
     self.abstract_state = jax.eval_shape(self._init)
     self.state_shardings = sharding.state_shardings(
         self.abstract_state, self.mesh, self.rules)
@@ -236,8 +244,8 @@ class Trainer:
     teacher, if any, goes in as a replicated argument); ``donate`` reuses
     the input state's buffers (then the state passed in must not be used
     again)."""
-    frozen_sharding = jax.tree.map(lambda _: sharding.replicated(self.mesh),
-                                   self.frozen)
+    frozen_sharding = (None if self.frozen is None else
+                       jax.tree.map(lambda a: a.sharding, self.frozen))
     compiled = jax.jit(
         self.step, donate_argnums=0 if donate else (),
         in_shardings=(self.state_shardings, self.batch_shardings(batch),
@@ -246,9 +254,16 @@ class Trainer:
     return lambda state, batch: compiled(state, batch, self.frozen)
 
   def train_step(self, state, batch):
-    """One compiled, state-donating step (compiled on the first call)."""
+    """One compiled, state-donating step. One jitted function serves every
+    batch shape (jit keeps one executable per shape); each new shape is
+    logged with the count so far (``compiled_shapes``)."""
     if self._compiled_step is None:
       self._compiled_step = self.jit_step(batch)
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+    if shapes not in self.compiled_shapes:
+      self.compiled_shapes.append(shapes)
+      logging.info("compiling the train step for batch shapes %s (%d "
+                   "distinct so far)", dict(shapes), len(self.compiled_shapes))
     return self._compiled_step(state, batch)
 
 
@@ -309,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         "--config.sample.every=0")
   if config.sample.every and config.autoencoder.name != "identity":
     _ = trainer.pipeline.autoencoder  # Read now: a bad directory stops here.
-  data_iter = kinds.iterator(config, source)
+  data_iter = kinds.iterator(config, source, trainer.conditioner,
+                             sharding.data_shards(trainer.mesh))
 
   start = ckpt.latest_step()
   if start is None:
@@ -342,7 +358,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   t0 = time.time()
   try:
     while step < total:
-      batch = sharding.global_batch(next(data_iter), trainer.mesh)
+      batch = sharding.global_batch(
+          kinds.host_batch(config, trainer.conditioner, next(data_iter)),
+          trainer.mesh)
       state, metrics = trainer.train_step(state, batch)
       step += 1
       if pending is not None:

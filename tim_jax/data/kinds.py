@@ -1,8 +1,10 @@
 """What each kind of dataset (``config.data.name``) provides.
 
 One place answers, for ``shapes`` (the built-in captioned-shapes world,
-pixel space) and ``latents`` (precomputed autoencoder latents in
-array_record files): where the examples come from, how captions become the
+pixel space), ``latents`` (precomputed autoencoder latents in
+array_record files, with labels or stored caption features) and
+``captions`` (latents in aspect buckets with caption text, encoded by a
+frozen text encoder in the train step): where the examples come from, how captions become the
 network's conditioning, and what a synthetic batch of the right shapes looks
 like (for benchmarks). The trainer, the sampler and the benchmark ask here
 instead of branching on the dataset's name themselves.
@@ -10,13 +12,15 @@ instead of branching on the dataset's name themselves.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
+from absl import logging
 
 from tim_jax import conditioning
 
-NAMES = ("shapes", "latents")
+NAMES = ("shapes", "latents", "captions")
 EVAL_SEED_OFFSET = 1_000_003  # The eval split's scenes: other seeds.
 
 
@@ -40,18 +44,61 @@ def source(config, split: str = "train"):
     raise FileNotFoundError(
         f"data.data_dir={d.data_dir!r} does not exist: this config trains "
         "on a latent dataset. Write one with `python -m "
-        "tim_jax.data.latents` and pass --config.data.data_dir=DIR")
-  from tim_jax.data import latents
+        "tim_jax.data.prepare` and pass --config.data.data_dir=DIR")
   teacher = config.loss_extras.get("repa_encoder", "none") != "none"
+  if d.name == "captions":
+    from tim_jax.data import captioned
+    if split != "train":
+      raise ValueError("a captioned dataset has only a train split: turn "
+                       "the held-out loss off (evals.holdout_loss.every=0)")
+    return captioned.CaptionedSource(d.data_dir, with_images=teacher)
+  from tim_jax.data import latents
   return latents.LatentSource(d.data_dir, split=split, with_images=teacher)
 
 
-def iterator(config, src):
-  """Batches of ``src`` for this process (grain; checkpointable)."""
+def iterator(config, src, conditioner=None, data_shards: int = 1):
+  """Batches of ``src`` for this process (grain; checkpointable). Captioned
+  data needs the ``conditioner`` (its tokenizer) and the mesh's
+  ``data_shards`` (each bucket's batch divides over them)."""
+  import jax
+  if config.data.name == "captions":
+    from tim_jax import conditioning
+    from tim_jax.data import captioned
+    multiple = math.lcm(int(data_shards), jax.process_count())
+    sizes = captioned.bucket_batch_sizes(
+        src.buckets, batch_size=config.batch_size,
+        image_size=config.data.image_size, multiple=multiple,
+        mode=config.data.bucket_batch)
+    logging.info("caption buckets (latent shape: examples, global batch): "
+                 "%s", ", ".join(f"{tuple(s)}: {n}, {b}" for (s, _, n), b
+                                 in zip(src.buckets, sizes)))
+    return captioned.make_iterator(
+        src, batch_sizes=sizes, seed=config.data.seed,
+        tokenize=conditioner.tokenize,
+        escape=(conditioning.escape_unicode if config.data.escape_unicode
+                else None),
+        process_index=jax.process_index(),
+        process_count=jax.process_count())
   from tim_jax.data import pipeline
   return pipeline.make_iterator(
       src, global_batch_size=config.batch_size, seed=config.data.seed,
       worker_count=config.data.worker_count)
+
+
+def host_batch(config, conditioner, batch: dict) -> dict:
+  """The last host-side step before a batch goes to the devices: captioned
+  data cuts its caption tokens to the length bucket of the global batch's
+  longest caption (one small all-gather between processes of a
+  multi-host job)."""
+  if config.data.name != "captions":
+    return batch
+  longest = int(np.asarray(batch["caption_mask"]).sum(-1).max())
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    longest = int(np.max(multihost_utils.process_allgather(
+        np.int32(longest))))
+  return conditioner.cut(batch, longest)
 
 
 def conditioner(config):
@@ -61,6 +108,15 @@ def conditioner(config):
     return conditioning.LabelConditioner(
         int(config.model.network.num_classes), drop)
   d = config.data
+  if _check(config) == "captions":
+    from tim_jax import builders
+    encoder = builders.text_encoder(config)
+    if encoder.dim != int(config.model.network.cap_feat_dim):
+      raise ValueError(f"the text encoder's features are {encoder.dim} wide "
+                       "but model.network.cap_feat_dim is "
+                       f"{config.model.network.cap_feat_dim}: they must match")
+    return conditioning.TextConditioner(
+        encoder, drop, tuple(config.text_encoder.length_buckets))
   if _check(config) == "shapes":
     from tim_jax.data import shapes, text
     tokenizer = shapes.tokenizer()
@@ -92,10 +148,14 @@ def synthetic_batch(config, batch: int, seed: int = 0,
   elif _check(config) == "shapes":
     out["tokens"] = rng.integers(
         2, 10, (batch, config.data.max_caption_len)).astype(np.int32)
+  elif _check(config) == "captions":
+    out["caption_ids"] = rng.integers(
+        2, 100, (batch, caption_len)).astype(np.int32)
+    out["caption_mask"] = np.ones((batch, caption_len), np.int32)
   else:
     out["caption_features"] = rng.standard_normal(
         (batch, caption_len, int(net.cap_feat_dim))).astype(np.float32)
-  if (_check(config) == "latents" and
+  if (_check(config) in ("latents", "captions") and
       config.loss_extras.get("repa_encoder", "none") != "none"):
     # The crops the REPA teacher reads, at the autoencoder's pixel size.
     from tim_jax import autoencoders  # pylint: disable=g-import-not-at-top

@@ -9,7 +9,10 @@ Input: a directory of ``.npz`` shards, each holding
 
 * ``latent``: (N, H, W, C) float, NHWC;
 * ``label``: (N,) integer class ids (``cond="label"``), or
-* ``caption``: (N, M, D) float caption features (``cond="caption"``);
+* ``caption``: (N, M, D) float caption features (``cond="caption"``), or
+* ``text_bytes`` (uint8) and ``text_offsets`` (N + 1,) int64: each
+  example's captions as a UTF-8 JSON list of strings, end to end
+  (``cond="text"``; written by ``tim_jax.data.prepare --captioned``);
 * optionally ``repa_features``: (N, T, D) float token features of a frozen
   vision encoder for the REPA loss (``repa_shape=(T, D)``), returned as the
   batch key ``repa_features`` that the paper configs' REPA loss reads;
@@ -46,7 +49,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-CONDS = ("label", "caption")
+CONDS = ("label", "caption", "text")
 NAME = "tim_latents"
 
 
@@ -137,6 +140,9 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
         encoding=tfds.features.Encoding.BYTES)}
     if c.cond == "label":
       features["label"] = tfds.features.Tensor(shape=(), dtype=np.int64)
+    elif c.cond == "text":
+      # The captions as a JSON list, UTF-8 bytes.
+      features["captions"] = tfds.features.Tensor(shape=(), dtype=np.object_)
     else:
       features["caption"] = tfds.features.Tensor(
           shape=c.cap_shape, dtype=np.float32,
@@ -170,7 +176,8 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
       flips, crops = _read_extras(path, c, latent.shape[0])
       stem = os.path.splitext(os.path.basename(path))[0]
       for i in range(latent.shape[0]):
-        example = {"latent": latent[i], c.cond: cond[i]}
+        example = {"latent": latent[i],
+                   ("captions" if c.cond == "text" else c.cond): cond[i]}
         if repa is not None:
           example["repa_features"] = repa[i]
         if flips is not None:
@@ -194,13 +201,16 @@ def _shard_files(input_dir) -> list[str]:
 def _read_shard(path: str, c: TimLatentsConfig):
   """(latent float32 (N, H, W, C), cond (N,) int64 or (N, M, D) float32,
   REPA features float32 (N, T, D) or None)."""
-  keys = ("latent", c.cond) + (
+  keys = ("latent",) + (
+      ("text_bytes", "text_offsets") if c.cond == "text" else (c.cond,)) + (
       ("repa_features",) if c.repa_shape is not None else ())
   with np.load(path) as z:
     for key in keys:
       if key not in z:
         raise KeyError(f"{path}: no array {key!r} (has {sorted(z.files)})")
-    latent, cond = z["latent"], z[c.cond]
+    latent = z["latent"]
+    cond = (_texts(path, z["text_bytes"], z["text_offsets"])
+            if c.cond == "text" else z[c.cond])
     repa = z["repa_features"] if c.repa_shape is not None else None
   if latent.ndim != 4 or latent.shape[1:] != c.latent_shape:
     raise ValueError(f"{path}: 'latent' must be (N, *{c.latent_shape}), got "
@@ -216,6 +226,9 @@ def _read_shard(path: str, c: TimLatentsConfig):
       raise ValueError(f"{path}: 'label' has negative values "
                        f"(min {cond.min()})")
     cond = cond.astype(np.int64)
+  elif c.cond == "text":
+    if len(cond) != n:
+      raise ValueError(f"{path}: {len(cond)} caption lists for {n} latents")
   else:
     cond = _features(path, "caption", cond, (n,) + c.cap_shape)
   if not np.isfinite(latent).all():
@@ -245,6 +258,30 @@ def _read_extras(path: str, c: TimLatentsConfig, n: int):
                          f"ending at len(image_bytes)")
       crops = [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(n)]
   return flips, crops
+
+
+def _texts(path, data, offsets) -> list:
+  """Each example's captions (JSON bytes), checked: a non-empty list of
+  strings."""
+  import json  # pylint: disable=g-import-not-at-top
+  n = offsets.shape[0] - 1
+  if offsets.ndim != 1 or n < 0 or offsets[-1] != data.size:
+    raise ValueError(f"{path}: 'text_offsets' must be (N + 1,) ending at "
+                     "len(text_bytes)")
+  out = []
+  for i in range(n):
+    raw = data[offsets[i]:offsets[i + 1]].tobytes()
+    try:
+      caps = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path}: captions of example {i} are not UTF-8 "
+                       f"JSON: {e}") from e
+    if (not isinstance(caps, list) or not caps or
+        not all(isinstance(t, str) for t in caps)):
+      raise ValueError(f"{path}: captions of example {i} must be a non-empty"
+                       f" list of strings, got {caps!r}")
+    out.append(raw)
+  return out
 
 
 def _features(path, name, array, shape):
@@ -346,9 +383,10 @@ class LatentSource:
     self._num_examples = builder.info.splits[split].num_examples
     features = builder.info.features
     self.latent_shape = tuple(features["latent"].shape)
-    self.cond = "label" if "label" in features else "caption"
-    self.cap_shape = (None if self.cond == "label"
-                      else tuple(features["caption"].shape))
+    self.cond = ("label" if "label" in features else
+                 "text" if "captions" in features else "caption")
+    self.cap_shape = (tuple(features["caption"].shape)
+                      if self.cond == "caption" else None)
     self.repa_shape = (tuple(features["repa_features"].shape)
                        if "repa_features" in features else None)
     self.has_flips = "latent_flip" in features
@@ -377,6 +415,9 @@ class LatentSource:
     out = {"image": np.asarray(ex["latent"], np.float32)}
     if self.cond == "label":
       out["label"] = np.int32(ex["label"])
+    elif self.cond == "text":
+      import json  # pylint: disable=g-import-not-at-top
+      out["captions"] = json.loads(bytes(ex["captions"]).decode("utf-8"))
     else:
       out["caption_features"] = np.asarray(ex["caption"], np.float32)
     if self.repa_shape is not None:

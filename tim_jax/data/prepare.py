@@ -14,6 +14,11 @@ autoencoder (the posterior *sample*, as the official preprocessing
 ``tim_latents`` TFDS dataset (array_record) with ``latent``,
 ``latent_flip``, ``label`` and the crop as PNG (``image``).
 
+Text-to-image corpora (``--captioned=DIR``: images with same-named ``.txt``
+captions; ``--manifest=FILE.jsonl``, e.g. the official ``data_info.jsonl``)
+are resized to aspect buckets (``tim_jax.data.captioned``) and written as one
+dataset per bucket with the latents, the captions and the resized image.
+
 Work is cut into shards of ``--shard_size`` images written to
 ``DATA_DIR/shards/`` as they finish, so an interrupted run resumes where it
 stopped. With ``--distributed`` every process of a multi-host job
@@ -210,6 +215,127 @@ def prepare(images, ae, data_dir: str, *, batch_size: int = 32,
   return out
 
 
+class CaptionedImages:
+  """Random access to a captioned corpus (``tim_jax.data.captioned``):
+  item i is (image resized to its bucket, uint8 HWC; its captions). Items
+  without a bucket go to the aspect bucket of ``resolution`` nearest their
+  aspect ratio (read from the file's header)."""
+
+  def __init__(self, items, resolution: int):
+    from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
+    self.items = list(items)
+    buckets = captioned.aspect_buckets(resolution)
+    self.buckets = []
+    for path, _, bucket in self.items:
+      if bucket is None:
+        try:
+          with Image.open(path) as im:
+            w, h = im.size
+        except Exception as e:  # pylint: disable=broad-except
+          raise ValueError(f"cannot read image {path}: {e}") from e
+        bucket = captioned.nearest_bucket(h, w, buckets)
+      self.buckets.append(tuple(bucket))
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    path, captions, _ = self.items[i]
+    h, w = self.buckets[i]
+    try:
+      with Image.open(path) as im:
+        # The official loader: bicubic resize to the bucket, no crop.
+        image = np.asarray(im.convert("RGB").resize(
+            (w, h), resample=Image.Resampling.BICUBIC))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"cannot read image {path}: {e}") from e
+    return image, captions
+
+
+def _offsets(chunks: Sequence[bytes]):
+  offsets = np.zeros(len(chunks) + 1, np.int64)
+  offsets[1:] = np.cumsum([len(c) for c in chunks])
+  return np.frombuffer(b"".join(chunks), np.uint8), offsets
+
+
+def encode_captioned_shard(images: CaptionedImages, indices: Sequence[int],
+                           ae, *, batch_size: int, rng, pool,
+                           done=None) -> dict:
+  """One shard of one bucket: latents (a posterior sample for KL
+  autoencoders), the captions as JSON, the resized images as PNG."""
+  import jax  # pylint: disable=g-import-not-at-top
+  loaded = list(pool.map(images.__getitem__, indices))
+  pixels = np.stack([p for p, _ in loaded])
+  latents = []
+  for b, start in enumerate(range(0, len(pixels), batch_size)):
+    chunk = pixels[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:  # One batch shape per bucket: one compile.
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n,
+                                               0)])
+    latents.append(np.asarray(ae.encode(to_unit(chunk),
+                                        rng=jax.random.fold_in(rng, b)))[:n])
+    if done is not None:
+      done(n)
+  text_bytes, text_offsets = _offsets(
+      [json.dumps(c, ensure_ascii=False).encode("utf-8") for _, c in loaded])
+  image_bytes, image_offsets = _offsets(list(pool.map(png_bytes, pixels)))
+  return dict(latent=np.concatenate(latents).astype(np.float32),
+              text_bytes=text_bytes, text_offsets=text_offsets,
+              image_bytes=image_bytes, image_offsets=image_offsets)
+
+
+def prepare_captioned(images: CaptionedImages, ae, data_dir: str, *,
+                      batch_size: int = 32, shard_size: int = 1000,
+                      seed: int = 0, process_index: int = 0,
+                      process_count: int = 1, workers: int = 8,
+                      progress: bool = True, barrier=None) -> List[str]:
+  """Encodes a captioned corpus into one dataset per bucket under
+  ``data_dir``; returns their directories (on process 0; [] elsewhere).
+  Finished shards, and buckets already written, are kept and skipped."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tim_jax import resumable  # pylint: disable=g-import-not-at-top
+  from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
+  from tim_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+  if not len(images):
+    raise ValueError("no images to prepare")
+  groups = {}
+  for i, bucket in enumerate(images.buckets):
+    groups.setdefault(bucket, []).append(i)
+  shapes = {b: ae.latent_shape(*b) for b in groups}  # Fails if no fit.
+  base = jax.random.key(seed)
+  written = []
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for k, (bucket, rows) in enumerate(sorted(groups.items())):
+      name = captioned.bucket_name(shapes[bucket])
+      shards = [rows[s:s + shard_size] for s in range(0, len(rows),
+                                                        shard_size)]
+      work = resumable.Parts(
+          os.path.join(data_dir, "shards", name), "shard",
+          [len(s) for s in shards],
+          meta=dict(bucket=list(bucket), seed=seed, batch_size=batch_size,
+                    autoencoder=ae.name, latent_shape=list(shapes[bucket]),
+                    rows=[rows[0], rows[-1], len(rows)]),
+          process_index=process_index, process_count=process_count,
+          desc=f"encoding {bucket[0]}x{bucket[1]}", progress=progress)
+      key = jax.random.fold_in(base, k)
+      for i in work.todo():
+        work.save(i, encode_captioned_shard(
+            images, shards[i], ae, batch_size=batch_size,
+            rng=jax.random.fold_in(key, i), pool=pool, done=work.advance))
+      if not work.finish(barrier):
+        continue
+      try:
+        written.append(latents_lib.find_dataset(data_dir, config=name))
+        continue  # Written by an earlier run.
+      except FileNotFoundError:
+        pass
+      written.append(latents_lib.write_latents(
+          work.directory, data_dir, latent_shape=shapes[bucket], cond="text",
+          images=True))
+  return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m tim_jax.data.prepare",
@@ -218,6 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--images", help="an ImageFolder-style directory: "
                    "<class>/<image>")
+  src.add_argument("--captioned", help="text-to-image: a folder of images, "
+                   "each with a same-named .txt of captions (one per line)")
+  src.add_argument("--manifest", help="text-to-image: a JSONL file, one "
+                   "image per line: image_file (or path), captions (or "
+                   "caption), optional bucket (the official "
+                   "data_info.jsonl is one)")
+  p.add_argument("--manifest_root", default=None,
+                 help="folder the manifest's paths are relative to "
+                      "(default: the manifest's folder)")
   src.add_argument("--tfds", help="a TFDS image dataset name, e.g. "
                    "imagenet2012 (already prepared in --tfds_data_dir)")
   p.add_argument("--tfds_split", default="train")
@@ -227,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--autoencoder_path", required=True,
                  help="the autoencoder's diffusers directory")
   p.add_argument("--resolution", type=int, default=256,
-                 help="crop size in pixels (256 or 512 for the paper)")
+                 help="crop size in pixels (256 or 512 for the paper); for "
+                      "captioned images the side of the nominal square: "
+                      "buckets have about its area, sides multiples of 32")
   p.add_argument("--data_dir", required=True,
                  help="where the shards and the TFDS dataset go")
   p.add_argument("--batch_size", type=int, default=32,
@@ -258,15 +395,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ae = autoencoders.from_diffusers(args.autoencoder_path, mesh=mesh,
                                      name=args.autoencoder)
     ae.latent_shape(args.resolution, args.resolution)  # Fails if no fit.
+    kw = dict(batch_size=args.batch_size, shard_size=args.shard_size,
+              seed=args.seed, process_index=jax.process_index(),
+              process_count=jax.process_count(), workers=args.workers,
+              barrier=barrier)
+    start = time.time()
+    if args.captioned or args.manifest:
+      from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
+      items = (captioned.read_folder(args.captioned) if args.captioned else
+               captioned.read_manifest(args.manifest, args.manifest_root))
+      images = CaptionedImages(items, args.resolution)
+      paths = prepare_captioned(images, ae, args.data_dir, **kw)
+      if paths:
+        print(f"wrote {len(images)} captioned images' latents ({ae.name}) "
+              f"in {len(paths)} buckets to {args.data_dir} in "
+              f"{time.time() - start:.0f} s:")
+        for path in paths:
+          print(f"  {path}")
+        print(f"  train with --config.data.name=captions "
+              f"--config.data.data_dir={args.data_dir}")
+      return 0
     images = (FolderImages(args.images, args.resolution) if args.images else
               TfdsImages(args.tfds, args.tfds_split, args.tfds_data_dir,
                          args.resolution))
-    start = time.time()
-    path = prepare(images, ae, args.data_dir, batch_size=args.batch_size,
-                   shard_size=args.shard_size, seed=args.seed,
-                   process_index=jax.process_index(),
-                   process_count=jax.process_count(), workers=args.workers,
-                   barrier=barrier)
+    path = prepare(images, ae, args.data_dir, **kw)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError,
           RuntimeError) as e:
     print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)

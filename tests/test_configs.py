@@ -64,7 +64,14 @@ def test_paper_variants_carry_the_official_hyperparameters(spec):
   assert c.loss.diffusion_ratio == 0.5 and c.loss.consistency_ratio == 0.1
   assert c.loss.derivative == "dde" and c.loss.epsilon == 0.005
   assert c.loss.enhance_target is False
-  assert c.data.name == "latents" and c.model.dtype == "bfloat16"
+  assert c.model.dtype == "bfloat16"
+  if c.model.kind == "t2i":  # Captions encoded by Gemma-3 in the step.
+    assert c.data.name == "captions" and c.text_encoder.name == "gemma3"
+    assert c.text_encoder.dtype == "bfloat16"
+    assert c.text_encoder.max_length == 256
+    assert c.conditioning.drop_prob == 0.1
+  else:
+    assert c.data.name == "latents"
   assert c.loss_extras.repa_encoder == "radio_v2_5_b"
   assert c.loss_extras.repa_feature_key == ""
 
@@ -121,6 +128,39 @@ def _png(array):
   return np.frombuffer(buf.getvalue(), np.uint8)
 
 
+def _captioned_dataset(root, c, rng, n=16):
+  """One bucket of captioned latents as prepare --captioned writes it, and a
+  small Gemma-3 as wide as the variant's caption features: (data_dir,
+  gemma dir)."""
+  import gemma_utils
+  from tim_jax.data import captioned, latents
+  size, channels = c.data.image_size, c.model.network.in_channels
+  shards = root / "captioned_in"
+  shards.mkdir()
+  texts = [json.dumps([gemma_utils.SENTENCES[i % 6]]).encode() for i in
+           range(n)]
+  crops = [_png((rng.random((4 * size, 4 * size, 3)) * 255).astype(
+      np.uint8)) for _ in range(n)]
+  offsets = lambda parts: np.concatenate([[0], np.cumsum([len(p) for p in
+                                                          parts])])
+  np.savez(shards / "shard.npz",
+           latent=rng.normal(size=(n, size, size, channels)).astype(
+               np.float32),
+           text_bytes=np.frombuffer(b"".join(texts), np.uint8),
+           text_offsets=offsets(texts), image_bytes=np.concatenate(crops),
+           image_offsets=offsets(crops))
+  data_dir = str(root / "captioned")
+  latents.write_latents(shards, data_dir, latent_shape=(size, size, channels),
+                        cond="text", images=True)
+  assert captioned.CaptionedSource(data_dir).buckets[0][2] == n
+  gemma_dir = str(root / "gemma")
+  width = c.model.network.cap_feat_dim
+  gemma_utils.write(gemma_dir, hidden_size=width, intermediate_size=2 * width,
+                    num_attention_heads=2, num_key_value_heads=1,
+                    head_dim=width // 2, query_pre_attn_scalar=width // 2)
+  return data_dir, gemma_dir
+
+
 @pytest.fixture(scope="module")
 def latent_datasets(tmp_path_factory):
   """A tiny latent dataset per latent shape and conditioning the paper
@@ -133,6 +173,8 @@ def latent_datasets(tmp_path_factory):
   out = {}
   for spec in VARIANTS:
     c = load(f"{spec},smoke")
+    if c.data.name == "captions":
+      out["captions"] = _captioned_dataset(root, c, rng)
     if c.data.name != "latents":
       continue
     net = c.model.network
@@ -195,17 +237,21 @@ def test_every_variant_trains_two_steps_as_smoke(spec, latent_datasets):
     c.data.data_dir = data_dir
     if null:
       c.data.null_caption_features = null
+  if c.data.name == "captions":
+    c.data.data_dir, c.text_encoder.path = latent_datasets["captions"]
   if repa:
     c.loss_extras.repa_encoder_path = SMOKE_TEACHER
     c.model.network.z_dim = SMOKE_TEACHER_DIM
   c.lock()
   trainer = train.Trainer(c)
-  it = kinds.iterator(c, kinds.source(c))
+  it = kinds.iterator(c, kinds.source(c), trainer.conditioner,
+                      sharding.data_shards(trainer.mesh))
   state = trainer.init_state()
   before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
   for _ in range(2):
+    batch = kinds.host_batch(c, trainer.conditioner, next(it))
     state, metrics = trainer.train_step(state, sharding.global_batch(
-        next(it), trainer.mesh))
+        batch, trainer.mesh))
     assert np.isfinite(float(metrics["loss"]))
     assert int(metrics["nonfinite_total"]) == 0
     # REPA runs for real where the variant has it, and only there.

@@ -79,3 +79,45 @@ def test_notebook_decodes_an_official_c2i_checkpoint(tmp_path):
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                  for o in c.get("outputs", []))
   assert "row 0: 207" in text and "row 1: 360" in text
+
+
+def test_notebook_draws_prompts_with_an_official_t2i_checkpoint(tmp_path):
+  """An official-format T2I file (a torch-pickled state dict, as
+  t2i_model.bin; here a smoke-sized T2I-XL), a Gemma-3 directory and a
+  DC-AE directory (small random ones in the Hugging Face / diffusers
+  layouts): the notebook draws the prompts at the asked size."""
+  import torch
+  import autoencoder_utils as au
+  import gemma_utils
+  from tim_jax import builders, config_base, convert
+  spec = os.path.join(ROOT, "configs", "t2i.py") + ":xl,smoke"
+  model = builders.new_model(config_base.load_file(spec))
+  official = str(tmp_path / "t2i_model.bin")
+  torch.save({k: torch.from_numpy(v.copy()) for k, v in
+              convert.to_official(model).items()}, official)
+  gemma_dir = tmp_path / "gemma"
+  gemma_utils.write(gemma_dir, hidden_size=16, intermediate_size=32,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                    query_pre_attn_scalar=8)
+  dcae = tmp_path / "dcae"
+  au.write(dict(au.DC_CONV, latent_channels=32), dcae)  # f8, 32 channels.
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  index = next(i for i, c in enumerate(nb.cells)
+               if "parameters" in c.metadata.get("tags", []))
+  out_dir = str(tmp_path / "samples")
+  prompts = ["a red bus at night", "a bowl of soup"]
+  nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
+      f"CHECKPOINT = {official!r}\nCONFIG = {spec!r}\n"
+      f"AUTOENCODER_PATH = {str(dcae)!r}\n"
+      f"TEXT_ENCODER_PATH = {str(gemma_dir)!r}\n"
+      f"PROMPTS = {json.dumps(prompts)}\nHEIGHT = 64\nWIDTH = 96\n"
+      f"NUM_PER_PROMPT = 2\nSTEPS = [1, 4]\nOUT_DIR = {out_dir!r}\n"))
+  nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3",
+      resources={"metadata": {"path": str(tmp_path)}}).execute()
+  for steps in (1, 4):
+    grid = Image.open(os.path.join(out_dir, f"grid_{steps}_steps.png"))
+    assert grid.size == (2 * 97 + 1, 2 * 65 + 1)  # 64x96 decoded images.
+  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []))
+  assert f"row 0: {prompts[0]}" in text and f"row 1: {prompts[1]}" in text

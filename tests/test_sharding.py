@@ -132,3 +132,19 @@ def test_sharding_fallbacks_are_logged_once_by_name(hidden):
     fc1 = [l for l in lines if "blocks/0/mlp/fc1_g/kernel" in l]
     assert len(fc1) == 1, lines
     assert "(36, " in fc1[0] and "'embed'" in fc1[0] and "'fsdp'" in fc1[0]
+
+
+def test_frozen_weights_split_their_largest_divisible_axis_over_fsdp():
+  import jax
+  import numpy as np
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.sharding.AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"))
+  tree = {"embed": np.zeros((262, 1152)), "odd": np.zeros((6, 7)),
+          "vector": np.zeros((12,)), "scalar": np.zeros(())}
+  specs = {k: v.spec for k, v in sharding.frozen_shardings(tree,
+                                                           mesh).items()}
+  assert specs == {"embed": P(None, "fsdp"), "odd": P(), "vector": P("fsdp"),
+                   "scalar": P()}
+  flat = jax.sharding.AbstractMesh((8, 1, 1), ("data", "fsdp", "tensor"))
+  assert all(s.spec == P() for s in
+             sharding.frozen_shardings(tree, flat).values())

@@ -199,9 +199,9 @@ def test_remat_and_jit_compute_the_same_function():
                                atol=1e-6)
 
 
-def test_remat_runs_under_vmap_as_the_dde_target_calls_it():
-  # The DDE target evaluates t + eps and t - eps as one jax.vmap'd forward
-  # inside the loss's gradient: remat must work there too.
+def test_remat_runs_under_vmap_inside_a_gradient():
+  # A model called under jax.vmap (e.g. over a batch of times) inside a
+  # loss's gradient: remat must work there too.
   model = _perturb(models.build("c2i", TINY))
   remat = _perturb(models.build("c2i", dict(TINY, remat=True)))
   x, t, r, y = _inputs("c2i")

@@ -96,7 +96,7 @@ def _timestep_calls(config: TiMConfig) -> int:
 
 def _t_independent(config: TiMConfig, batch: int, caption_len: int) -> float:
   """Work that does not depend on (x_t, t): a DDE pass shares it between
-  t + eps and t - eps (the ``vmap`` over ± leaves it unbatched) and a JVP
+  t + eps and t - eps (XLA computes it once for the two calls) and a JVP
   has no tangent for it.
 
   * t2i: the caption embedder and the cross-attention k/v of every block;
@@ -190,8 +190,8 @@ def _derivative_rows(batch: int, diffusion_share: float) -> int:
 
 def dde_flops(config: TiMConfig, rows: int, height: int, width: int,
               caption_len: int = 0) -> float:
-  """The DDE derivative over ``rows`` rows: two forwards (t ± eps) batched
-  by a ``vmap``; the work that does not depend on t (caption embedder and
+  """The DDE derivative over ``rows`` rows: two forwards (t ± eps), two
+  calls; the work that does not depend on t (caption embedder and
   cross-attention k/v for t2i; r-only embeddings) runs once:
   2 F(rows) - t-independent(rows). For c2i with ``new_condition="t-r"`` that
   is exactly 2 F(rows)."""
@@ -249,7 +249,7 @@ def step_flops(config: TiMConfig, batch: int, height: int, width: int,
       3 F(B) plus the target's two forwards (t ± eps) over the derivative
       rows, B_d = B - round(diffusion_share B); the work that does not
       depend on t (t2i caption embedder and cross k/v, r-only embeddings) is
-      shared by the two (``vmap``): ``dde_flops`` = 2 F(B_d) - that work.
+      shared by the two (XLA computes it once): ``dde_flops`` = 2 F(B_d) - that work.
     ``"tim_jvp_step"``: 3 F(B) plus one JVP over B_d rows (``jvp_flops``:
       ~2 F(B_d): primal + tangent; self-attention's QK^T and AV cost twice in
       the tangent, t-independent work has no tangent, the primal output

@@ -189,14 +189,16 @@ class Pipeline:
   """A TiM model ready to sample: graph, weights, conditioning, decoder.
 
   ``params`` may be None (the trainer passes its EMA per call).
+  ``text_encoder`` stands in for ``config.text_encoder.path`` (models on
+  captions).
   """
 
-  def __init__(self, config, params: Any = None):
+  def __init__(self, config, params: Any = None, *, text_encoder=None):
     self.config = config
     self.model_config = builders.model_config(config)
     self.graphdef = builders.graphdef(config)
     self.transport = builders.transport(config)
-    self.conditioner = kinds.conditioner(config)
+    self.conditioner = kinds.conditioner(config, text_encoder)
     self.params = params
     self._samplers = {}
     self._samplers_lock = threading.Lock()

@@ -9,6 +9,8 @@ many hosts.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -20,7 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# FSDP over the model width, tensor parallelism over the wide projections.
+# FSDP over the model width, tensor parallelism over the wide projections;
+# activations: rows over the batch axes, attention heads and the MLP's
+# hidden units over `tensor` (the same names as the weights' outputs).
 DEFAULT_RULES = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -28,6 +32,7 @@ DEFAULT_RULES = (
     ("qkv", "tensor"),
     ("kv", "tensor"),
     ("modulation", "tensor"),
+    ("batch", ("data", "fsdp")),
 )
 
 
@@ -88,6 +93,35 @@ def complete_rules(rules: Iterable[Tuple[str, object]],
   named = {r[0] for r in rules}
   return tuple(rules) + tuple((n, None) for n in sorted(set(names) - named)
                               if n is not None)
+
+
+_ACTIVATIONS = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+  """Functions traced inside this context pin their activations with
+  ``constrain`` (the model's layers call it) to the mesh under ``rules``;
+  outside it ``constrain`` does nothing (single-device use, tests)."""
+  previous = getattr(_ACTIVATIONS, "value", None)
+  _ACTIVATIONS.value = (mesh, dict(complete_rules(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.value = previous
+
+
+def constrain(x, *names):
+  """``x`` with a sharding constraint from its dimensions' logical names
+  (None: unconstrained-replicated), under the ``activation_sharding``
+  context; a mesh axis that does not divide its dimension is dropped."""
+  context = getattr(_ACTIVATIONS, "value", None)
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = P(*(rules.get(n) if n is not None else None for n in names))
+  fitted, _ = _fit(spec, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fitted))
 
 
 def _is_spec(x):

@@ -64,7 +64,8 @@ class Trainer:
   optimizer, the mesh and the shardings of the train state.
   """
 
-  def __init__(self, config, mesh=None, repa_encoder=None):
+  def __init__(self, config, mesh=None, repa_encoder=None, *,
+               text_encoder=None, abstract: bool = False):
     self.config = config
     self.mesh = mesh or sharding.make_mesh(dict(config.mesh))
     if config.batch_size % sharding.data_shards(self.mesh):
@@ -72,7 +73,7 @@ class Trainer:
                        f"the {sharding.data_shards(self.mesh)} data shards of"
                        f" mesh {dict(self.mesh.shape)}")
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
-    self.pipeline = inference.Pipeline(config)
+    self.pipeline = inference.Pipeline(config, text_encoder=text_encoder)
     self.model_config = self.pipeline.model_config
     self.conditioner = self.pipeline.conditioner
     self.transport = self.pipeline.transport
@@ -90,8 +91,13 @@ class Trainer:
       frozen["text"] = self.conditioner.encoder.params
     self.frozen = None
     if frozen:
-      self.frozen = jax.device_put(
-          frozen, sharding.frozen_shardings(frozen, self.mesh))
+      placement = sharding.frozen_shardings(frozen, self.mesh)
+      # abstract: shapes and shardings only (compiling for devices this
+      # host does not have; see tim_jax.compile).
+      self.frozen = (jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          frozen, placement) if abstract else
+                     jax.device_put(frozen, placement))
     # Batch shapes the step has been compiled for (one per caption or
     # aspect bucket with captioned data); see train_step.
     self.compiled_shapes = []
@@ -244,14 +250,25 @@ class Trainer:
     teacher, if any, goes in as a replicated argument); ``donate`` reuses
     the input state's buffers (then the state passed in must not be used
     again)."""
+    compiled = self.jitted_step(batch, donate)
+    return lambda state, batch: compiled(state, batch, self.frozen)
+
+  def jitted_step(self, batch, donate: bool = True):
+    """The ``jax.jit`` of ``step(state, batch, frozen)`` with its shardings
+    (for ``.lower(...)``: ``jit_step`` wraps it)."""
     frozen_sharding = (None if self.frozen is None else
                        jax.tree.map(lambda a: a.sharding, self.frozen))
-    compiled = jax.jit(
-        self.step, donate_argnums=0 if donate else (),
+
+    def step(state, batch, frozen):
+      # Traced with the activations pinned to the mesh (batch rows over the
+      # data axes, heads and MLP units over `tensor`).
+      with sharding.activation_sharding(self.mesh, self.rules):
+        return self.step(state, batch, frozen)
+    return jax.jit(
+        step, donate_argnums=0 if donate else (),
         in_shardings=(self.state_shardings, self.batch_shardings(batch),
                       frozen_sharding),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
-    return lambda state, batch: compiled(state, batch, self.frozen)
 
   def train_step(self, state, batch):
     """One compiled, state-donating step. One jitted function serves every

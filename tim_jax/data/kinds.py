@@ -101,8 +101,9 @@ def host_batch(config, conditioner, batch: dict) -> dict:
   return conditioner.cut(batch, longest)
 
 
-def conditioner(config):
-  """Labels (c2i) or caption features (t2i) for the network, with nulls."""
+def conditioner(config, text_encoder=None):
+  """Labels (c2i) or caption features (t2i) for the network, with nulls.
+  ``text_encoder`` stands in for ``config.text_encoder.path``."""
   drop = float(config.conditioning.drop_prob)
   if config.model.kind == "c2i":
     return conditioning.LabelConditioner(
@@ -110,7 +111,7 @@ def conditioner(config):
   d = config.data
   if _check(config) == "captions":
     from tim_jax import builders
-    encoder = builders.text_encoder(config)
+    encoder = text_encoder or builders.text_encoder(config)
     if encoder.dim != int(config.model.network.cap_feat_dim):
       raise ValueError(f"the text encoder's features are {encoder.dim} wide "
                        "but model.network.cap_feat_dim is "

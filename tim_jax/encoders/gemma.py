@@ -340,3 +340,30 @@ def load(directory: str, *, dtype=jnp.float32, param_dtype=None,
   torch_weights.load_module(model, sd, f"Gemma-3 text model of {directory}")
   return GemmaEncoder(model, load_tokenizer(directory, max_length),
                       max_length=max_length)
+
+
+class _EmptyCaptionTokenizer:
+  """Tokenises every caption as the empty one (BOS, then pads): enough for
+  an encoder that is only compiled, never run."""
+
+  def __init__(self, max_length: int, bos_id: int = 2, pad_id: int = 0):
+    self.max_length, self.bos_id, self.pad_id = max_length, bos_id, pad_id
+
+  def encode_batch(self, texts):
+    out = []
+    for _ in texts:
+      ids = [self.bos_id] + [self.pad_id] * (self.max_length - 1)
+      mask = [1] + [0] * (self.max_length - 1)
+      out.append(type("Encoding", (), dict(ids=ids, attention_mask=mask)))
+    return out
+
+
+def abstract_encoder(c: GemmaConfig = ONE_B, *, dtype=jnp.bfloat16,
+                     max_length: int = MAX_LENGTH) -> GemmaEncoder:
+  """An encoder of ``c``'s architecture holding shapes only (parameters as
+  ``jax.ShapeDtypeStruct``): for compiling train steps for devices this host
+  does not have (``tim_jax.compile``). It cannot encode real captions."""
+  model = nnx.eval_shape(lambda: Gemma3TextModel(c, dtype=dtype,
+                                                 param_dtype=dtype))
+  return GemmaEncoder(model, _EmptyCaptionTokenizer(max_length),
+                      max_length=max_length)

@@ -305,10 +305,12 @@ class RadioEncoder:
 
 
 def random_encoder(config: RadioConfig = V2_5_B, *, dtype=jnp.float32,
-                   seed: int = 0) -> RadioEncoder:
+                   seed: int = 0, abstract: bool = False) -> RadioEncoder:
   """An encoder of ``config``'s architecture with random weights (for
-  benchmarks and tests; REPA needs the trained ones)."""
-  model = VisionTransformer(config, dtype=dtype, rngs=nnx.Rngs(seed))
+  benchmarks and tests; REPA needs the trained ones); ``abstract``: shapes
+  only, for compiling (``tim_jax.compile``)."""
+  build = lambda: VisionTransformer(config, dtype=dtype, rngs=nnx.Rngs(seed))
+  model = nnx.eval_shape(build) if abstract else build()
   return RadioEncoder(model, CLIP_MEAN, CLIP_STD)
 
 

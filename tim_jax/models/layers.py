@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from tim_jax import numerics
+from tim_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -110,7 +111,10 @@ class SwiGLU(nnx.Module):
                       kernel_init=out_init or init, **kw)
 
   def __call__(self, u):
-    return self.fc2(jax.nn.silu(self.fc1_g(u)) * self.fc1_x(u))
+    hidden = jax.nn.silu(self.fc1_g(u)) * self.fc1_x(u)
+    if hidden.ndim == 3:  # Token MLPs: hidden units over `tensor`.
+      hidden = constrain(hidden, "batch", None, "mlp")
+    return self.fc2(hidden)
 
 
 def modulate(u, shift, scale):
@@ -287,7 +291,8 @@ class SelfAttention(nnx.Module):
     if self.qkv_d is not None:
       qkv = qkv + self.qkv_d(e_delta)
     # The fused output is ordered (3, heads, head_dim): contiguous thirds.
-    q, k, v = (_heads(a, self.num_heads) for a in jnp.split(qkv, 3, axis=-1))
+    q, k, v = (constrain(_heads(a, self.num_heads), "batch", "heads", None,
+                         None) for a in jnp.split(qkv, 3, axis=-1))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     rd = numerics.wide(u.dtype)
@@ -318,9 +323,10 @@ class CrossAttention(nnx.Module):
     self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
 
   def __call__(self, u, y, cos, sin, key_mask=None):
-    q = _heads(self.q(u), self.num_heads)
-    k, v = (_heads(a, self.num_heads)
-            for a in jnp.split(self.kv(y), 2, axis=-1))
+    heads = lambda a: constrain(_heads(a, self.num_heads), "batch", "heads",
+                                None, None)
+    q = heads(self.q(u))
+    k, v = (heads(a) for a in jnp.split(self.kv(y), 2, axis=-1))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     rd = numerics.wide(u.dtype)

@@ -24,6 +24,7 @@ from einops import rearrange
 from flax import nnx
 
 from tim_jax.models import layers
+from tim_jax.sharding import constrain
 
 NEW_CONDITIONS = ("t-r", "r", "t,r", "t,t-r", "r,t-r", "t,r,t-r")
 KINDS = ("c2i", "t2i")
@@ -194,7 +195,10 @@ class TiM(nnx.Module):
     c = self.config
     _, height, width, _ = x.shape
     gh, gw = height // c.patch_size, width // c.patch_size
-    u = self.x_embedder(x.astype(self.dtype))
+    # Tokens (B, N, D): rows over the batch axes (see
+    # tim_jax.sharding.activation_sharding).
+    x = constrain(x, "batch", None, None, None)
+    u = constrain(self.x_embedder(x.astype(self.dtype)), "batch", None, None)
 
     e_t = self.t_embedder(t)[:, None]
     e_delta = self._delta_embed(t, r)[:, None]
@@ -204,7 +208,7 @@ class TiM(nnx.Module):
       cond = cond + self.y_embedder(y)[:, None]
     else:
       feats, caption_mask = caption_parts(y)
-      caption = self.y_embedder(feats)
+      caption = constrain(self.y_embedder(feats), "batch", None, None)
     cond = cond.astype(self.dtype)
     e_delta = e_delta.astype(self.dtype)
     cos, sin = layers.rope_tables(gh, gw, c.hidden_size // c.num_heads,
@@ -224,7 +228,7 @@ class TiM(nnx.Module):
                                     caption_mask)
     proj = None
     for i, block in enumerate(self.blocks):
-      u = run(block, u, cond, e_delta, caption)
+      u = constrain(run(block, u, cond, e_delta, caption), "batch", None, None)
       if return_projection and self.projector is not None and (
           i + 1 == c.encoder_depth):
         proj = self.projector(u)

@@ -1,0 +1,377 @@
+"""Compile the real steps for a TPU slice without one: ``python -m tim_jax.compile``.
+
+    python -m tim_jax.compile --config=configs/c2i.py:xl2_256 \\
+        --topology=v5p:4x4x2 [--config.mesh.fsdp=8] [--batch=512] \\
+        [--sweep] [--out=report.json]
+
+With ``libtpu`` installed (the ``tpu`` extra: the version ``jax[tpu]``
+pins), ``jax.experimental.topologies`` describes a slice's devices on any
+host and the TPU compiler compiles for them. This command builds the
+config's train step (the trainer's own ``jax.jit``, its shardings and its
+frozen teacher and text encoder, all as shapes) and one sampler step with
+and without guidance, compiles them for the topology and reports, per
+device:
+
+* HBM: argument, output, temporary and total bytes against the device's
+  capacity ("fits" or "DOES NOT FIT");
+* FLOPs: XLA's count beside ``tim_jax.flops``' model FLOPs, XLA's roofline
+  time (``optimal_seconds``) and the MFU that time would give (an upper
+  bound: real steps are slower than the roofline);
+* collectives in the optimized HLO: count and bytes per kind (all-reduce,
+  all-gather, reduce-scatter, all-to-all, collective-permute);
+* lowering and compile seconds on this host.
+
+``--sweep`` compiles every mesh (data x fsdp x tensor, tensor dividing the
+heads) and each ``--sweep_batches`` choice and ranks those that fit by
+roofline time per example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import re
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GIB = 2 ** 30
+# Per chip: HBM bytes and dense bfloat16 FLOP/s, by device_kind.
+CHIPS = {
+    "TPU v4": (32 * GIB, 275e12),
+    "TPU v5 lite": (16 * GIB, 197e12),
+    "TPU v5": (95 * GIB, 459e12),  # v5p
+    "TPU v6 lite": (32 * GIB, 918e12),
+}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16}
+_OP = re.compile(r"=\s*(?P<type>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)"
+                 r"\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
+_SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def topology_devices(name: str) -> list:
+  """The devices of TPU topology ``name`` (e.g. ``v5p:4x4x2``), on any
+  host."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise RuntimeError(
+        "libtpu is not installed, so the TPU compiler is not available: pip "
+        f"install 'jax[tpu]=={jax.__version__}' (it works on CPU-only hosts)")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return list(topologies.get_topology_desc(
+        platform="tpu", topology_name=name).devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"unknown TPU topology {name!r} ({str(e).splitlines()[0][:200]}); "
+        "use GENERATION:SHAPE, e.g. v4:2x2x4, v5e:8x8, v5p:4x4x2, "
+        "v6e:4x8") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  kind: str
+  devices: int
+  chips: int
+  hbm_per_device: float
+  peak_per_device: float
+
+
+def chip_info(devices) -> Chip:
+  kind = devices[0].device_kind
+  chips = len({tuple(getattr(d, "coords", (d.id,))) for d in devices})
+  per_chip = len(devices) // max(chips, 1)
+  hbm, peak = CHIPS.get(kind, (float("nan"), float("nan")))
+  return Chip(kind, len(devices), chips, hbm / per_chip, peak / per_chip)
+
+
+def collectives(hlo_text: str) -> Dict[str, dict]:
+  """Count and result bytes of each collective kind in optimized HLO (an
+  async ``-start`` counts once, by its largest buffer)."""
+  out = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
+  for m in _OP.finditer(hlo_text):
+    sizes = [_DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(
+        ",") if d] or [1])) for t, dims in _SHAPE.findall(m.group("type"))]
+    out[m.group("op")]["count"] += 1
+    out[m.group("op")]["bytes"] += (max(sizes) if m.group("start")
+                                    else sum(sizes)) if sizes else 0
+  return out
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def _memory(compiled, chip: Chip) -> dict:
+  m = compiled.memory_analysis()
+  arg, out = m.argument_size_in_bytes, m.output_size_in_bytes
+  temp, alias = m.temp_size_in_bytes, m.alias_size_in_bytes
+  total = arg + out + temp - alias
+  return dict(argument=arg, output=out, temp=temp, alias=alias, total=total,
+              capacity=chip.hbm_per_device,
+              fits=bool(total <= chip.hbm_per_device))
+
+
+def _report(name, compiled, lower_s, compile_s, chip: Chip,
+            model_flops: Optional[float]) -> dict:
+  cost = _cost(compiled)
+  seconds = float(cost.get("optimal_seconds", float("nan")))
+  row = dict(name=name, lower_seconds=lower_s, compile_seconds=compile_s,
+             memory=_memory(compiled, chip),
+             xla_flops_per_device=float(cost.get("flops", float("nan"))),
+             model_flops=model_flops, roofline_seconds=seconds,
+             collectives=collectives(compiled.as_text()),
+             hlo_chars=len(compiled.as_text()))
+  if model_flops and seconds > 0:
+    row["roofline_mfu_upper_bound"] = model_flops / (
+        seconds * chip.devices * chip.peak_per_device)
+  return row
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
+      np.shape(a), a.dtype, sharding=s), tree, shardings)
+
+
+def compile_steps(config, devices, *, batch: Optional[int] = None,
+                  caption_len: int = 128, sampler: bool = True) -> dict:
+  """Compiles the train step (and sampler steps) of ``config`` for
+  ``devices``; returns the report (see the module docstring)."""
+  from tim_jax import builders, flops as flops_lib, sampling, sharding  # pylint: disable=g-import-not-at-top
+  from tim_jax import train  # pylint: disable=g-import-not-at-top
+  from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  if batch:
+    c.batch_size = int(batch)
+  chip = chip_info(devices)
+  mesh = sharding.make_mesh(dict(c.mesh), devices=devices)
+  teacher = text = None
+  dtype = builders.compute_dtype(c)
+  if c.loss_extras.get("repa_encoder", "none") != "none":
+    from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
+    teacher = radio.random_encoder(dtype=dtype, abstract=True)
+    c.model.network.z_dim = teacher.dim
+  if c.data.name == "captions":
+    from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
+    text = gemma.abstract_encoder(
+        dtype=builders.DTYPES[c.text_encoder.dtype],
+        max_length=int(c.text_encoder.max_length))
+  c.lock()
+  trainer = train.Trainer(c, mesh, repa_encoder=teacher, text_encoder=text,
+                          abstract=True)
+  mc = trainer.model_config
+  b = c.batch_size
+  host = kinds.synthetic_batch(c, 1, caption_len=caption_len)
+  batch_sds = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype,
+                                       sharding=sharding.batch_sharding(
+                                           mesh, v.ndim))
+               for k, v in host.items()}
+  size = c.data.image_size
+  share = trainer.loss_config.counts(b)[0] / (b // trainer.loss_config.groups)
+  loss = c.loss
+  step = ("fm_step" if loss.diffusion_ratio >= 1.0 and
+          loss.consistency_ratio == 0 else
+          "tim_jvp_step" if loss.derivative == "jvp" else "tim_dde_step")
+  cap = kinds.caption_length(c, caption_len)
+  model_flops = flops_lib.step_flops(mc, b, size, size, cap, step=step,
+                                     diffusion_share=share)
+  if teacher is not None:
+    t = teacher.config
+    px = host.get("pixels", host["image"]).shape[1:3]
+    model_flops += flops_lib.repa_teacher_flops(
+        embed_dim=t.embed_dim, depth=t.depth, mlp_hidden=t.mlp_hidden,
+        patch_size=t.patch_size, num_skip=t.num_skip, table=t.table,
+        batch=b, grid=(size // mc.patch_size, size // mc.patch_size),
+        image_hw=px)
+  rows = []
+  t0 = time.perf_counter()
+  lowered = trainer.jitted_step(batch_sds).lower(
+      trainer.abstract_with_shardings(), batch_sds, trainer.frozen)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  rows.append(_report("train_step", compiled, t1 - t0, t2 - t1, chip,
+                      model_flops))
+  if sampler:
+    pipe = trainer.pipeline
+    params = trainer.abstract_with_shardings().ema
+    noise = jax.ShapeDtypeStruct(
+        (b, size, size, mc.in_channels), jnp.float32,
+        sharding=sharding.batch_sharding(mesh, 4))
+    cond = _abstract_cond(c, trainer, b, caption_len, mesh)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                               sharding=sharding.replicated(mesh))
+    call = jax.ShapeDtypeStruct((), jnp.int32,
+                                sharding=sharding.replicated(mesh))
+    for guided in (False, True):
+      settings = pipe.settings(1, 2.0 if guided else 1.0,
+                               (0.0, 2.0) if guided else None)
+      fn = pipe.compiled_sampler(settings)
+      t0 = time.perf_counter()
+      lowered = fn.lower(params, noise, cond, cond, key, call)
+      t1 = time.perf_counter()
+      compiled = lowered.compile()
+      t2 = time.perf_counter()
+      flops = flops_lib.step_flops(mc, b, size, size, cap, step="sample",
+                                   num_steps=1, guided_steps=int(guided))
+      rows.append(_report("sampler_step_cfg" if guided else "sampler_step",
+                          compiled, t1 - t0, t2 - t1, chip, flops))
+  del sampling
+  return dict(topology_kind=chip.kind, devices=chip.devices,
+              chips=chip.chips, mesh=dict(mesh.shape), batch=b,
+              batch_per_device=b / chip.devices, dtype=c.model.dtype,
+              caption_len=cap, rows=rows)
+
+
+def _abstract_cond(c, trainer, b, caption_len, mesh):
+  from tim_jax import sharding  # pylint: disable=g-import-not-at-top
+  put = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+  mc = trainer.model_config
+  if mc.kind == "c2i":
+    return put((b,), jnp.int32)
+  feats = put((b, caption_len, mc.cap_feat_dim), jnp.float32)
+  if c.data.name == "captions":
+    return {"features": feats, "length": put((b,), jnp.int32)}
+  return feats
+
+
+def meshes(n: int, num_heads: int, tensors=(1, 2, 4, 8)) -> List[dict]:
+  """Every (data, fsdp, tensor) with data x fsdp x tensor = n, tensor
+  dividing the heads, fsdp a power of two."""
+  out = []
+  for t in tensors:
+    if n % t or num_heads % t:
+      continue
+    rest = n // t
+    for f in (2 ** i for i in range(int(np.log2(rest)) + 1)):
+      if rest % f == 0:
+        out.append(dict(data=rest // f, fsdp=f, tensor=t))
+  return out
+
+
+def sweep(config, devices, batches: Sequence[int], **kw) -> List[dict]:
+  """``compile_steps`` for every mesh and batch; fitting ones first, by
+  roofline seconds per example."""
+  results = []
+  heads = int(config.model.network.num_heads)
+  for mesh, b in itertools.product(meshes(len(devices), heads), batches):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.mesh.update(mesh)
+    c.lock()
+    try:
+      rep = compile_steps(c, devices, batch=b, sampler=False, **kw)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"mesh {mesh} batch {b}: failed: {str(e)[:200]}", flush=True)
+      continue
+    row = rep["rows"][0]
+    per_example = row["roofline_seconds"] / b
+    results.append(dict(mesh=mesh, batch=b, fits=row["memory"]["fits"],
+                        hbm_gib=row["memory"]["total"] / GIB,
+                        roofline_seconds=row["roofline_seconds"],
+                        seconds_per_example=per_example,
+                        mfu=row.get("roofline_mfu_upper_bound"),
+                        compile_seconds=row["compile_seconds"]))
+    print(_sweep_line(results[-1]), flush=True)
+  results.sort(key=lambda r: (not r["fits"], r["seconds_per_example"]))
+  return results
+
+
+def _sweep_line(r) -> str:
+  m = r["mesh"]
+  return (f"data {m['data']:3d} fsdp {m['fsdp']:3d} tensor {m['tensor']} "
+          f"batch {r['batch']:5d}: {r['hbm_gib']:7.2f} GiB "
+          f"{'fits' if r['fits'] else 'DOES NOT FIT':12s} roofline "
+          f"{r['roofline_seconds'] * 1e3:9.1f} ms  MFU<= "
+          f"{(r['mfu'] or 0):6.1%}  compile {r['compile_seconds']:.1f} s")
+
+
+def print_report(rep: dict) -> None:
+  print(f"{rep['devices']} x {rep['topology_kind']} ({rep['chips']} chips), "
+        f"mesh {rep['mesh']}, batch {rep['batch']} "
+        f"({rep['batch_per_device']:g} per device), {rep['dtype']}")
+  for row in rep["rows"]:
+    m = row["memory"]
+    print(f"\n{row['name']}: lowered in {row['lower_seconds']:.1f} s, "
+          f"compiled in {row['compile_seconds']:.1f} s")
+    print(f"  HBM per device: argument {m['argument'] / GIB:.2f} GiB, output "
+          f"{m['output'] / GIB:.2f}, temp {m['temp'] / GIB:.2f}, total "
+          f"{m['total'] / GIB:.2f} of {m['capacity'] / GIB:.2f} GiB: "
+          + ("fits" if m["fits"] else "DOES NOT FIT"))
+    model = row["model_flops"]
+    print(f"  FLOPs: XLA {row['xla_flops_per_device'] * rep['devices']:.3e}"
+          f" (all devices), model {model:.3e}" if model else "")
+    mfu = row.get("roofline_mfu_upper_bound")
+    print(f"  roofline step {row['roofline_seconds'] * 1e3:.2f} ms"
+          + (f", MFU upper bound {mfu:.1%} (the roofline is optimistic)"
+             if mfu else ""))
+    parts = [f"{k} {v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
+             for k, v in row["collectives"].items() if v["count"]]
+    print("  collectives: " + (", ".join(parts) or "none"))
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  devices = topology_devices(f.topology)
+  config = f.config
+  if f.sweep:
+    batches = [int(b) for b in f.sweep_batches] or [config.batch_size]
+    ranked = sweep(config, devices, batches, caption_len=f.caption_len)
+    print("\nranked (fitting first, by roofline time per example):")
+    for r in ranked:
+      print("  " + _sweep_line(r))
+    result = dict(topology=f.topology, sweep=ranked)
+  else:
+    result = compile_steps(config, devices, batch=f.batch,
+                           caption_len=f.caption_len)
+    result["topology"] = f.topology
+    print_report(result)
+  result["command"] = " ".join(["python -m tim_jax.compile"] + sys.argv[1:])
+  if f.out:
+    with open(f.out, "w", encoding="utf-8") as fh:
+      json.dump(result, fh, indent=1)
+
+
+def _flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Config file (+ ':variant').",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x2.")
+  flags.DEFINE_integer("batch", 0, "Global batch (default: the config's).")
+  flags.DEFINE_integer("caption_len", 128, "Caption tokens (t2i).")
+  flags.DEFINE_bool("sweep", False, "Compile every mesh and rank them.")
+  flags.DEFINE_list("sweep_batches", [], "Global batches for --sweep "
+                    "(default: the config's).")
+  flags.DEFINE_string("out", "", "Also write the report as JSON.")
+  flags.mark_flags_as_required(["config", "topology"])
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _flags()
+
+  def _run(argv):
+    try:
+      main(argv)
+    except (RuntimeError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+  app.run(_run)

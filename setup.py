@@ -34,9 +34,11 @@ EXTRAS_REQUIRE = {
     # Parity tests run against the reference PyTorch implementations:
     # diffusers' autoencoders at the version the official TiM code pins,
     # transformers' Gemma-3, on the CPU build of torch.
+    # libtpu (through jax[tpu], the version matching jax) gives
+    # tim_jax.compile the TPU compiler on CPU-only hosts.
     "test": ["pytest>=8", "pytest-xdist>=3", "nbformat", "nbclient",
              "ipykernel", "torch==2.13.0", "diffusers==0.33.1",
-             "transformers==4.57.6"],
+             "transformers==4.57.6", "jax[tpu]"],
     # Reading torch-pickled official checkpoints (.bin / .pt) needs torch;
     # .safetensors files do not.
     "torch": ["torch"],

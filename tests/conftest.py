@@ -1,7 +1,11 @@
 import os
 import sys
 
-import jax
+# libtpu (for tim_jax.compile's TPU compiler) takes a host-wide lock file
+# when it loads; test processes (xdist workers, subprocesses) share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))

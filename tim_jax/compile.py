@@ -32,30 +32,34 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import os
 import re
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-import jax
+# Compiling needs libtpu's compiler, not the chips: let it load beside other
+# processes that hold libtpu's host lock file (set before JAX starts).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
 GIB = 2 ** 30
-# Per chip: HBM bytes and dense bfloat16 FLOP/s, by device_kind.
+# Per chip, by device_kind: HBM bytes, dense bfloat16 FLOP/s, HBM bytes/s.
 CHIPS = {
-    "TPU v4": (32 * GIB, 275e12),
-    "TPU v5 lite": (16 * GIB, 197e12),
-    "TPU v5": (95 * GIB, 459e12),  # v5p
-    "TPU v6 lite": (32 * GIB, 918e12),
+    "TPU v4": (32 * GIB, 275e12, 1.2e12),
+    "TPU v5 lite": (16 * GIB, 197e12, 0.819e12),
+    "TPU v5": (95 * GIB, 459e12, 2.765e12),  # v5p
+    "TPU v6 lite": (32 * GIB, 918e12, 1.64e12),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
                 "f64": 8, "c64": 8, "c128": 16}
-_OP = re.compile(r"=\s*(?P<type>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)"
-                 r"\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
+_OP = re.compile(r"\s(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 
@@ -84,26 +88,35 @@ class Chip:
   chips: int
   hbm_per_device: float
   peak_per_device: float
+  bandwidth_per_device: float
 
 
 def chip_info(devices) -> Chip:
   kind = devices[0].device_kind
   chips = len({tuple(getattr(d, "coords", (d.id,))) for d in devices})
   per_chip = len(devices) // max(chips, 1)
-  hbm, peak = CHIPS.get(kind, (float("nan"), float("nan")))
-  return Chip(kind, len(devices), chips, hbm / per_chip, peak / per_chip)
+  hbm, peak, bandwidth = CHIPS.get(kind, (float("nan"),) * 3)
+  return Chip(kind, len(devices), chips, hbm / per_chip, peak / per_chip,
+              bandwidth / per_chip)
 
 
 def collectives(hlo_text: str) -> Dict[str, dict]:
   """Count and result bytes of each collective kind in optimized HLO (an
   async ``-start`` counts once, by its largest buffer)."""
   out = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
-  for m in _OP.finditer(hlo_text):
-    sizes = [_DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(
-        ",") if d] or [1])) for t, dims in _SHAPE.findall(m.group("type"))]
+  for line in hlo_text.splitlines():
+    head, eq, rest = line.partition(" = ")
+    m = _OP.search(rest) if eq else None
+    if m is None:
+      continue
+    # The result type: everything between "=" and the op's name.
+    sizes = [_DTYPE_BYTES.get(t, 4) * int(np.prod(
+        [int(d) for d in dims.split(",") if d] or [1]))
+             for t, dims in _SHAPE.findall(rest[:m.start()])]
     out[m.group("op")]["count"] += 1
-    out[m.group("op")]["bytes"] += (max(sizes) if m.group("start")
-                                    else sum(sizes)) if sizes else 0
+    if sizes:
+      out[m.group("op")]["bytes"] += (max(sizes) if m.group("start")
+                                      else sum(sizes))
   return out
 
 
@@ -127,10 +140,17 @@ def _memory(compiled, chip: Chip) -> dict:
 def _report(name, compiled, lower_s, compile_s, chip: Chip,
             model_flops: Optional[float]) -> dict:
   cost = _cost(compiled)
-  seconds = float(cost.get("optimal_seconds", float("nan")))
+  seconds = float(cost.get("optimal_seconds", -1.0))
+  flops = float(cost.get("flops", float("nan")))
+  if not seconds > 0:
+    # XLA gives no estimate for some programs (-1): the plain roofline of
+    # its FLOP and byte counts instead.
+    seconds = max(flops / chip.peak_per_device,
+                  float(cost.get("bytes accessed", 0.0)) /
+                  chip.bandwidth_per_device)
   row = dict(name=name, lower_seconds=lower_s, compile_seconds=compile_s,
              memory=_memory(compiled, chip),
-             xla_flops_per_device=float(cost.get("flops", float("nan"))),
+             xla_flops_per_device=flops,
              model_flops=model_flops, roofline_seconds=seconds,
              collectives=collectives(compiled.as_text()),
              hlo_chars=len(compiled.as_text()))
@@ -149,7 +169,7 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
                   caption_len: int = 128, sampler: bool = True) -> dict:
   """Compiles the train step (and sampler steps) of ``config`` for
   ``devices``; returns the report (see the module docstring)."""
-  from tim_jax import builders, flops as flops_lib, sampling, sharding  # pylint: disable=g-import-not-at-top
+  from tim_jax import builders, flops as flops_lib, sharding  # pylint: disable=g-import-not-at-top
   from tim_jax import train  # pylint: disable=g-import-not-at-top
   from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
   c = config.copy_and_resolve_references()
@@ -221,7 +241,8 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
                                (0.0, 2.0) if guided else None)
       fn = pipe.compiled_sampler(settings)
       t0 = time.perf_counter()
-      lowered = fn.lower(params, noise, cond, cond, key, call)
+      with sharding.activation_sharding(mesh, trainer.rules):
+        lowered = fn.lower(params, noise, cond, cond, key, call)
       t1 = time.perf_counter()
       compiled = lowered.compile()
       t2 = time.perf_counter()
@@ -229,7 +250,6 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
                                    num_steps=1, guided_steps=int(guided))
       rows.append(_report("sampler_step_cfg" if guided else "sampler_step",
                           compiled, t1 - t0, t2 - t1, chip, flops))
-  del sampling
   return dict(topology_kind=chip.kind, devices=chip.devices,
               chips=chip.chips, mesh=dict(mesh.shape), batch=b,
               batch_per_device=b / chip.devices, dtype=c.model.dtype,

@@ -1,0 +1,124 @@
+"""tim_jax.compile: the real train step compiled for a small TPU topology on
+this CPU host (libtpu's compiler through jax.experimental.topologies); the
+memory report and the collectives follow from the mesh."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tim_jax import compile as compile_lib
+from tim_jax import config_base
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGY = "v5e:2x2"  # Four v5e chips.
+
+
+def tiny(**mesh):
+  c = config_base.load_file(os.path.join(ROOT, "configs", "t2i.py"))
+  c.unlock()
+  c.mesh.update(mesh)
+  c.lock()
+  return c
+
+
+@pytest.fixture(scope="module")
+def devices():
+  return compile_lib.topology_devices(TOPOLOGY)
+
+
+@pytest.fixture(scope="module")
+def reports(devices):
+  return {name: compile_lib.compile_steps(tiny(**mesh), devices,
+                                          sampler=name == "data")
+          for name, mesh in (("data", dict(data=4)),
+                             ("fsdp", dict(data=1, fsdp=4)))}
+
+
+def test_topology_and_chip(devices):
+  chip = compile_lib.chip_info(devices)
+  assert chip.kind == "TPU v5 lite" and chip.devices == 4 and chip.chips == 4
+  assert chip.hbm_per_device == 16 * 2 ** 30
+
+
+def test_collectives_follow_the_mesh(reports):
+  data = reports["data"]["rows"][0]["collectives"]
+  fsdp = reports["fsdp"]["rows"][0]["collectives"]
+  # A pure data mesh only all-reduces (the gradients: about the parameters'
+  # float32 bytes); an FSDP mesh gathers its sharded weights.
+  assert data["all-reduce"]["count"] >= 1
+  assert data["all-reduce"]["bytes"] > 4 * 1_000_000
+  assert all(v["count"] == 0 for k, v in data.items() if k != "all-reduce")
+  assert fsdp["all-gather"]["count"] + fsdp["reduce-scatter"]["count"] > 0
+
+
+def test_memory_report_follows_the_mesh(reports):
+  data, fsdp = (reports[k]["rows"][0] for k in ("data", "fsdp"))
+  for row in (data, fsdp):
+    m = row["memory"]
+    assert m["total"] == m["argument"] + m["output"] + m["temp"] - m["alias"]
+    assert m["fits"] and m["total"] < m["capacity"]
+    assert row["compile_seconds"] > 0 and row["roofline_seconds"] > 0
+    # XLA counts the work the FLOP model counts (per device x 4).
+    assert 0.8 < row["xla_flops_per_device"] * 4 / row["model_flops"] < 1.5
+  # FSDP keeps a quarter of the parameters and optimizer state per device.
+  assert fsdp["memory"]["argument"] < 0.5 * data["memory"]["argument"]
+  assert reports["data"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  names = [r["name"] for r in reports["data"]["rows"]]
+  assert names == ["train_step", "sampler_step", "sampler_step_cfg"]
+  plain, guided = reports["data"]["rows"][1:]
+  assert guided["model_flops"] == pytest.approx(2 * plain["model_flops"])
+
+
+def test_meshes_divide_the_devices():
+  got = compile_lib.meshes(8, num_heads=4)
+  assert {(m["data"], m["fsdp"], m["tensor"]) for m in got} == {
+      (8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (4, 1, 2), (2, 2, 2),
+      (1, 4, 2), (2, 1, 4), (1, 2, 4)}
+
+
+def test_collective_parsing():
+  hlo = "\n".join([
+      "%a = f32[8,4]{1,0} all-reduce(%x), replica_groups={}",
+      "%b = (bf16[2]{0}, f32[16]{0:T(128)S(1)}, /*index=2*/f32[4]{0}) "
+      "all-reduce(%y, %z, %w)",
+      "%c = (f32[2,2]{1,0}, f32[8,2]{1,0}) all-gather-start(%p)",
+      "%d = f32[8,2]{1,0} all-gather-done(%c)",
+      "%e = f32[3]{0} add(%q, %r)"])
+  got = compile_lib.collectives(hlo)
+  assert got["all-reduce"] == dict(count=2, bytes=8 * 4 * 4 + 4 + 64 + 16)
+  assert got["all-gather"] == dict(count=1, bytes=8 * 2 * 4)
+  assert got["reduce-scatter"]["count"] == 0
+
+
+def test_errors_are_clear(monkeypatch):
+  with pytest.raises(ValueError, match="unknown TPU topology 'v9:2x2'"):
+    compile_lib.topology_devices("v9:2x2")
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda n, *a: None if n == "libtpu" else real(n, *a))
+  with pytest.raises(RuntimeError, match="libtpu is not installed"):
+    compile_lib.topology_devices(TOPOLOGY)
+
+
+def test_command_prints_and_writes_the_report(tmp_path):
+  out = str(tmp_path / "report.json")
+  done = subprocess.run(
+      [sys.executable, "-m", "tim_jax.compile",
+       f"--config={ROOT}/configs/c2i.py", f"--topology={TOPOLOGY}",
+       "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "train_step: lowered in" in done.stdout
+  assert "fits" in done.stdout and "MFU upper bound" in done.stdout
+  import json
+  with open(out) as f:
+    rep = json.load(f)
+  assert rep["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+  bad = subprocess.run(
+      [sys.executable, "-m", "tim_jax.compile",
+       f"--config={ROOT}/configs/c2i.py", "--topology=v5e:banana"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and "unknown TPU topology" in bad.stderr

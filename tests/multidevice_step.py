@@ -41,13 +41,24 @@ def main():
            "label": rng.integers(0, 10, (16,)).astype(np.int32)}
   meshes = {"1": dict(data=1), "data8": dict(data=8),
             "data4_fsdp2": dict(data=4, fsdp=2),
-            "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2)}
+            "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+            "data4_tensor2": dict(data=4, tensor=2)}
+  # The exact JVP derivative, on one device and on FSDP meshes (the
+  # official code calls JVP incompatible with FSDP).
+  jvp_meshes = {"jvp_1": dict(data=1), "jvp_data2_fsdp4": dict(data=2, fsdp=4),
+                "jvp_fsdp8": dict(data=1, fsdp=8)}
+  jvp_config = tiny_config()
+  jvp_config.loss.derivative = "jvp"
   report = {}
   ref = None
-  for name, shape in meshes.items():
+  runs = [(n, m, config) for n, m in meshes.items()] + [
+      (n, m, jvp_config) for n, m in jvp_meshes.items()]
+  for name, shape, cfg in runs:
+    if name == "jvp_1":
+      ref = None  # JVP runs compare with the one-device JVP run.
     devices = jax.devices()[:int(np.prod(list(shape.values())))]
     mesh = sharding.make_mesh(shape, devices)
-    trainer = train.Trainer(config, mesh)
+    trainer = train.Trainer(cfg, mesh)
     state = trainer.init_state()
     state, metrics = trainer.train_step(state, sharding.global_batch(batch,
                                                                      mesh))
@@ -70,7 +81,8 @@ def main():
     entry["mlp_kernel_shard_shape"] = list(
         k.addressable_shards[0].data.shape)
     report[name] = entry
-    last = (trainer, state, params)
+    if cfg is config:
+      last = (trainer, state, params)
 
   # Save on the last mesh (data 2 x fsdp 2 x tensor 2), restore onto others.
   import tempfile

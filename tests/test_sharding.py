@@ -25,7 +25,11 @@ def report():
 
 
 def test_one_step_is_the_same_on_every_mesh(report):
-  meshes = {"1", "data8", "data4_fsdp2", "data2_fsdp2_tensor2"}
+  # Data, FSDP and tensor parallelism (activations pinned: rows over the
+  # batch axes, heads and MLP units over `tensor`), and the exact JVP
+  # derivative on FSDP meshes against its one-device run.
+  meshes = {"1", "data8", "data4_fsdp2", "data2_fsdp2_tensor2",
+            "data4_tensor2", "jvp_data2_fsdp4", "jvp_fsdp8"}
   assert meshes <= set(report)
   for name in meshes:
     entry = report[name]

@@ -14,6 +14,11 @@ if [ $# -lt 4 ]; then
   sed -n '2,12p' "$0"; exit 2
 fi
 tpu=$1 zone=$2 config=$3 workdir=$4; shift 4
+case "$workdir" in
+  gs://*|/*) ;;
+  *) echo "WORKDIR must be shared by every worker: gs://... or an absolute" \
+          "path on a shared disk, got '$workdir'" >&2; exit 2 ;;
+esac
 here=$(cd "$(dirname "$0")/.." && pwd)
 archive=$(mktemp -d)/tim_jax.tar.gz
 tar -C "$here" --exclude=.git -czf "$archive" .

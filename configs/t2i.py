@@ -70,7 +70,7 @@ def get_config(arg=None):
   else:
     c.model.network = architectures.network("T2I-XL")
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "full"
     c.data.name = "captions"
     c.data.image_size = 32  # Latent grid of a 1024px image (f32).
     c.text_encoder.name = "gemma3"

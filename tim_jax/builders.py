@@ -22,7 +22,7 @@ def model_config(config) -> TiMConfig:
   return TiMConfig.from_official(
       m.kind, dict(m.network), rope_positions=m.rope_positions,
       attention_impl=m.attention_impl or None, remat=m.remat,
-      use_projector=m.use_projector)
+      scan_blocks=m.scan_blocks, use_projector=m.use_projector)
 
 
 def compute_dtype(config):

@@ -22,15 +22,23 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-# The config sections that fix the parameter tree: a checkpoint whose values
-# here differ cannot be restored into this run.
-ARCHITECTURE_KEYS = ("model.kind", "model.network")
+# The config fields that fix the parameter tree or what the weights mean: a
+# checkpoint whose values here differ cannot be restored into this run. The
+# default is what a checkpoint written before the field existed holds.
+ARCHITECTURE_KEYS = {
+    "model.kind": None,
+    "model.network": None,
+    "model.scan_blocks": False,  # The blocks' parameter layout.
+    "model.use_projector": True,
+    "model.rope_positions": "official",
+    "data.caption_seed": 0,  # The shapes world's caption encoder table.
+}
 
 
-def _get(tree, dotted):
+def _get(tree, dotted, default=None):
   for part in dotted.split("."):
     if not isinstance(tree, dict) or part not in tree:
-      return None
+      return default
     tree = tree[part]
   return tree
 
@@ -50,8 +58,9 @@ def architecture_differences(saved: dict, config_dict: dict) -> list:
   """What differs between two configs (JSON dicts) in the sections that fix
   the parameter tree; empty when a checkpoint of one fits the other."""
   problems = []
-  for key in ARCHITECTURE_KEYS:
-    problems += _diff(_get(saved, key), _get(config_dict, key), key)
+  for key, default in ARCHITECTURE_KEYS.items():
+    problems += _diff(_get(saved, key, default),
+                      _get(config_dict, key, default), key)
   return problems
 
 

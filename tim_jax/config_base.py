@@ -23,7 +23,12 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",  # Compute dtype: float32 | bfloat16 | float16.
       rope_positions="official",  # "official" index rule or "xy".
       attention_impl="",  # jax.nn.dot_product_attention: "", xla, cudnn.
-      remat=False,
+      # Rematerialisation per block: "none", "full" (keep only the block's
+      # inputs) or "dots_saveable" (keep matmul outputs).
+      remat="none",
+      # The depth as one nnx.scan over stacked blocks (checkpoints record
+      # the layout; official files convert to either).
+      scan_blocks=False,
       use_projector=True,
   ))
   c.transport = ml_collections.ConfigDict(dict(

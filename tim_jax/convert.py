@@ -80,14 +80,29 @@ def _param_leaves(model: nnx.Module):
   return [(tuple(path), var.get_value()) for path, var in flat]
 
 
+def _entries(model: nnx.Module):
+  """(official name, parameter path, layer or None, value) of every
+  parameter; a model with scanned blocks (``TiMConfig.scan_blocks``) holds
+  each block parameter stacked on a leading layer axis, which becomes the
+  official ``blocks.{i}.`` names."""
+  stacked = bool(getattr(getattr(model, "config", None), "scan_blocks",
+                         False))
+  for path, value in _param_leaves(model):
+    if stacked and str(path[0]) == "blocks":
+      for i in range(value.shape[0]):
+        yield official_name(("blocks", i) + path[1:]), path, i, value[i]
+    else:
+      yield official_name(path), path, None, value
+
+
 def to_official(model: nnx.Module) -> Dict[str, np.ndarray]:
   """The model's parameters as an official state_dict of numpy arrays."""
   out = {}
-  for path, value in _param_leaves(model):
+  for name, path, _, value in _entries(model):
     array = np.asarray(value)
     if str(path[-1]) == "kernel":  # Embedding tables keep their layout.
       array = torch_weights.kernel_to_torch(array)
-    out[official_name(path)] = np.ascontiguousarray(array)
+    out[name] = np.ascontiguousarray(array)
   return out
 
 
@@ -99,9 +114,8 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   on missing keys (other than ``projector.*``) when ``strict``.
   """
   sd = dict(state_dict)
-  new_values, loaded, missing = {}, [], []
-  for path, value in _param_leaves(model):
-    name = official_name(path)
+  new_values, loaded, missing, layers = {}, [], [], {}
+  for name, path, layer, value in _entries(model):
     if name not in sd:
       missing.append(name)
       continue
@@ -117,13 +131,22 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
           f"{np.asarray(state_dict[name]).shape} (official layout), the model "
           f"expects {expected} — does the network config match the "
           "checkpoint?")
-    new_values[path] = jnp.asarray(array, dtype=value.dtype)
+    if layer is None:
+      new_values[path] = jnp.asarray(array, dtype=value.dtype)
+    else:
+      layers.setdefault(path, {})[layer] = array.astype(value.dtype)
     loaded.append(name)
   hard_missing = [m for m in missing if not m.startswith(TOLERATED_MISSING)]
   if strict and hard_missing:
     raise ValueError(f"the checkpoint lacks {len(hard_missing)} parameters of "
                      f"the model, e.g. {hard_missing[:5]}; pass strict=False "
                      "to keep them at initialisation")
+  current = dict(_param_leaves(model))
+  for path, per_layer in layers.items():
+    # Stacked blocks: layers the file lacks keep their current values.
+    now = np.asarray(current[path])
+    new_values[path] = jnp.asarray(np.stack(
+        [per_layer.get(i, now[i]) for i in range(now.shape[0])]))
   state = nnx.state(model, nnx.Param)
   for path, var in nnx.to_flat_state(state):
     if tuple(path) in new_values:

@@ -16,7 +16,7 @@ REPA projection (B, N, z_dim) after block ``encoder_depth`` comes back too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from tim_jax.models import layers
 from tim_jax.sharding import constrain
 
 NEW_CONDITIONS = ("t-r", "r", "t,r", "t,t-r", "r,t-r", "t,r,t-r")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
 KINDS = ("c2i", "t2i")
 
 
@@ -76,7 +77,14 @@ class TiMConfig:
   use_projector: bool = True
   rope_positions: str = "official"  # or "xy" (true 2D positions)
   attention_impl: Optional[str] = None  # jax.nn.dot_product_attention's
-  remat: bool = False  # Rematerialise each block in the backward pass.
+  # Rematerialise each block in the backward pass: False / "none", True /
+  # "full" (keep only the block's inputs), "dots_saveable" (keep matmul
+  # outputs, recompute the elementwise work).
+  remat: Union[bool, str] = False
+  # Run the depth as one nnx.scan over blocks stacked on a leading "layers"
+  # axis (one block compiled, not `depth`); official checkpoints convert
+  # to and from this layout (tim_jax.convert).
+  scan_blocks: bool = False
 
   @classmethod
   def from_official(cls, kind: str, network: dict, **overrides):
@@ -106,9 +114,18 @@ class TiMConfig:
     if (self.hidden_size // self.num_heads) % 4:
       raise ValueError("2D RoPE needs head_dim = hidden_size / num_heads "
                        f"divisible by 4, got {self.hidden_size // self.num_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat must be a bool or one of {REMAT_POLICIES}, "
+                       f"got {self.remat!r}")
     if self.use_projector and not 1 <= self.encoder_depth <= self.depth:
       raise ValueError(f"encoder_depth must lie in [1, depth={self.depth}], "
                        f"got {self.encoder_depth}")
+
+  @property
+  def remat_policy(self) -> str:
+    if isinstance(self.remat, bool):
+      return "full" if self.remat else "none"
+    return str(self.remat)
 
   @property
   def num_label_rows(self):
@@ -137,13 +154,22 @@ class TiM(nnx.Module):
       self.y_embedder = layers.LabelEmbedder(c.num_label_rows, d, **kw)
     else:
       self.y_embedder = layers.CaptionEmbedder(c.cap_feat_dim, d, **kw)
-    self.blocks = nnx.List([
-        layers.TiMBlock(d, c.num_heads, cross=c.kind == "t2i",
-                        mlp_ratio=c.mlp_ratio,
-                        lora_hidden_size=c.lora_hidden_size,
-                        qk_norm=c.qk_norm, distance_aware=c.distance_aware,
-                        attention_impl=c.attention_impl, **kw)
-        for _ in range(c.depth)])
+    block = lambda r: layers.TiMBlock(
+        d, c.num_heads, cross=c.kind == "t2i", mlp_ratio=c.mlp_ratio,
+        lora_hidden_size=c.lora_hidden_size, qk_norm=c.qk_norm,
+        distance_aware=c.distance_aware, attention_impl=c.attention_impl,
+        dtype=dtype, param_dtype=param_dtype, rngs=r)
+    if c.scan_blocks:
+      # One block's parameters stacked `depth` times on a leading axis
+      # (logical name "layers"), each layer initialised from its own key.
+      @nnx.split_rngs(splits=c.depth)
+      @nnx.vmap(in_axes=0, out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stacked(r):
+        return block(r)
+      self.blocks = stacked(rngs)
+    else:
+      self.blocks = nnx.List([block(rngs) for _ in range(c.depth)])
     self.projector = (layers.Projector(d, c.projector_dim, c.z_dim, **kw)
                       if c.use_projector else None)
     self.final_layer = layers.FinalLayer(d, c.patch_size, c.in_channels, **kw)
@@ -214,24 +240,47 @@ class TiM(nnx.Module):
     cos, sin = layers.rope_tables(gh, gw, c.hidden_size // c.num_heads,
                                   c.rope_positions)
 
-    run = lambda blk, u_, cond_, e_, cap_: blk(u_, cond_, cos, sin, e_, cap_,
-                                               caption_mask)
-    if c.remat:
+    policy = c.remat_policy
+
+    def apply(blk, u_):
+      return constrain(blk(u_, cond, cos, sin, e_delta, caption,
+                           caption_mask), "batch", None, None)
+
+    def run(blk, u_):
+      if policy == "none":
+        return apply(blk, u_)
       # jax.checkpoint on the block as a pure function of its state, rather
-      # than nnx.remat: the model is also called under plain jax.vmap (the
-      # DDE target's t +/- eps pair), where nnx's lifted remat refuses the
-      # Params of the outer trace.
-      def run(blk, u_, cond_, e_, cap_):
-        graph, state = nnx.split(blk)
-        pure = lambda st, *a: nnx.merge(graph, st)(*a)
-        return jax.checkpoint(pure)(state, u_, cond_, cos, sin, e_, cap_,
-                                    caption_mask)
+      # than nnx.remat: the model is also called under plain jax.vmap, where
+      # nnx's lifted remat refuses the Params of the outer trace.
+      graph, state = nnx.split(blk)
+      pure = lambda st, x_: apply(nnx.merge(graph, st), x_)
+      kw = ({"policy": jax.checkpoint_policies.dots_saveable}
+            if policy == "dots_saveable" else {})
+      return jax.checkpoint(pure, **kw)(state, u_)
+
     proj = None
-    for i, block in enumerate(self.blocks):
-      u = constrain(run(block, u, cond, e_delta, caption), "batch", None, None)
-      if return_projection and self.projector is not None and (
-          i + 1 == c.encoder_depth):
+    want_proj = return_projection and self.projector is not None
+    if c.scan_blocks:
+      graph, state = nnx.split(self.blocks)
+
+      def scan(st, u_):
+        def body(carry, layer_state):
+          return run(nnx.merge(graph, layer_state), carry), None
+        return jax.lax.scan(body, u_, st)[0]
+      if want_proj:
+        first = jax.tree.map(lambda a: a[:c.encoder_depth], state)
+        rest = jax.tree.map(lambda a: a[c.encoder_depth:], state)
+        u = scan(first, u)
         proj = self.projector(u)
+        if c.encoder_depth < c.depth:
+          u = scan(rest, u)
+      else:
+        u = scan(state, u)
+    else:
+      for i, block in enumerate(self.blocks):
+        u = run(block, u)
+        if want_proj and i + 1 == c.encoder_depth:
+          proj = self.projector(u)
 
     out = self.final_layer(u, cond)
     out = rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, w=gw,

@@ -222,3 +222,49 @@ def test_paper_config_without_data_stops_early(tmp_path):
   out = _main(["--config=configs/c2i.py:xl2_256", f"--workdir={tmp_path}"])
   assert out.returncode != 0
   assert "data.data_dir" in out.stderr and "does not exist" in out.stderr
+
+
+@pytest.mark.parametrize("derivative", ["dde", "jvp"])
+def test_microbatches_give_the_full_batch_gradient(derivative):
+  # k microbatches (one scan, one update) equal one pass over the batch whose
+  # partition groups are the microbatches, with every row drawing its times
+  # and noise from its id.
+  import jax.numpy as jnp
+  import optax
+  from tim_jax import sharding
+  from tim_jax.data import kinds
+
+  def trainer(micro, groups):
+    c = tiny_c2i(batch=12)
+    c.microbatches = micro
+    c.loss.groups = groups
+    c.loss.derivative = derivative
+    c.conditioning.drop_prob = 0.0  # Dropout draws per microbatch.
+    return train.Trainer(c)
+
+  full, micro = trainer(1, 3), trainer(3, 0)
+  state = full.init_state()
+  batch = sharding.global_batch(kinds.synthetic_batch(full.config, 12),
+                                full.mesh)
+  key = jax.random.key(5)
+  loss_ids = full.loss(state.params, state.ema, batch, key,
+                       row_ids=jnp.arange(12))[0]
+  # The full pass that equals them draws per row too.
+  (want_loss, _), want = jax.value_and_grad(
+      lambda p: full.loss(p, state.ema, batch, key,
+                          row_ids=jnp.arange(12)), has_aux=True)(
+                              state.params)
+  got_loss, metrics, got = jax.jit(micro.gradients)(
+      state.params, state.ema, batch, key)
+  np.testing.assert_allclose(float(got_loss), float(loss_ids), rtol=1e-5)
+  np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+  assert float(optax.tree.norm(want)) > 0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    a, b = np.asarray(a), np.asarray(b)  # Float32 summation order aside.
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-7
+  # The row split stays per group: one diffusion row of each 4-row group.
+  assert float(metrics["share_diffusion"]) == 0.5
+  # A batch the microbatches do not divide is refused.
+  bad = trainer(5, 0)
+  with pytest.raises(ValueError, match="microbatches"):
+    bad.gradients(state.params, state.ema, batch, key)

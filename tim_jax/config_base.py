@@ -14,6 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 64  # Global batch, over all processes.
+  # Gradient accumulation: each data shard's rows run as this many
+  # microbatches (one lax.scan) before one optimizer update.
+  c.microbatches = 1
   c.num_steps = 1000
 
   # The backbone; `network` holds the official YAML network.params names.

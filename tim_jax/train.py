@@ -173,7 +173,8 @@ class Trainer:
     return jax.lax.stop_gradient(
         self.repa_encoder.apply(frozen["repa"], pixels, grid))
 
-  def loss(self, params, ema, batch, key, frozen=None, *, drop: bool = True):
+  def loss(self, params, ema, batch, key, frozen=None, *, drop: bool = True,
+           row_ids=None, microbatch=None):
     """The TiM loss of ``params`` on ``batch`` and its metrics, as the step
     computes it: conditions dropped for guidance (unless ``drop=False``),
     the EMA as the model-guidance teacher, REPA targets.
@@ -182,6 +183,8 @@ class Trainer:
     labels for class-conditional models (``trainer_c2i.py``), the dropped
     caption features for text-to-image ones (``trainer_t2i.py``)."""
     k_loss, k_drop = jax.random.split(key)
+    if microbatch is not None:  # Each microbatch drops its own rows.
+      k_drop = jax.random.fold_in(k_drop, microbatch)
     x = batch["image"]
     y, y_true, null = self.conditioner.training_conditions(
         batch, k_drop, frozen, drop)
@@ -195,7 +198,7 @@ class Trainer:
         lambda *a: model(*a, return_projection=True), x, y, k_loss,
         transport=self.transport, config=self.loss_config,
         teacher_fn=teacher, teacher_cond=teacher_cond, null_cond=null,
-        repa_target=self.repa_target(batch, frozen))
+        repa_target=self.repa_target(batch, frozen), row_ids=row_ids)
 
   def step(self, state: TrainState, batch, frozen=None
            ) -> tuple[TrainState, dict]:
@@ -210,10 +213,8 @@ class Trainer:
     """
     config = self.config
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    loss_fn = lambda params: self.loss(params, state.ema, batch, key, frozen)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    loss, metrics, grads = self.gradients(state.params, state.ema, batch, key,
+                                          frozen)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -239,6 +240,46 @@ class Trainer:
                    nonfinite_streak=new_state.nonfinite_streak,
                    nonfinite_total=new_state.nonfinite_total)
     return new_state, metrics
+
+  def gradients(self, params, ema, batch, key, frozen=None):
+    """(loss, metrics, gradients) of ``params`` on ``batch``. With
+    ``config.microbatches = k > 1`` each data shard's rows are cut into k
+    contiguous microbatches, run one after another (``lax.scan``: activation
+    memory of one microbatch) and their gradients averaged. Every row then
+    draws its times and noise from its own id, and the diffusion /
+    consistency rows are split per microbatch of each partition group, so
+    the result equals one pass over the whole batch with ``loss.groups`` =
+    data shards x k (``tests/test_train.py``); guidance dropout draws per
+    microbatch."""
+    k = int(self.config.microbatches)
+    value_and_grad = jax.value_and_grad(self.loss, has_aux=True)
+    if k == 1:
+      (loss, metrics), grads = value_and_grad(params, ema, batch, key, frozen)
+      return loss, metrics, grads
+    shards = sharding.data_shards(self.mesh)
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if rows % (shards * k):
+      raise ValueError(f"batch {rows} does not split into {k} microbatches "
+                       f"on each of {shards} data shards")
+    m = rows // (shards * k)
+
+    def split(a):  # (B, ...) -> (k, B / k, ...), rows staying on device.
+      a = a.reshape((shards, k, m) + a.shape[1:])
+      return jnp.swapaxes(a, 0, 1).reshape((k, shards * m) + a.shape[3:])
+
+    def body(total, xs):
+      micro, ids, j = xs
+      (loss, metrics), grads = value_and_grad(
+          params, ema, micro, key, frozen, row_ids=ids, microbatch=j)
+      total = jax.tree.map(lambda t, g: t + g / k, total, grads)
+      return total, (loss, metrics)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, metrics) = jax.lax.scan(
+        body, zeros, (jax.tree.map(split, batch),
+                      split(jnp.arange(rows, dtype=jnp.int32)),
+                      jnp.arange(k)))
+    return (jnp.mean(losses), jax.tree.map(lambda v: jnp.mean(v, 0), metrics),
+            grads)
 
   def batch_shardings(self, batch):
     return jax.tree.map(lambda a: sharding.batch_sharding(self.mesh, a.ndim),

@@ -212,15 +212,26 @@ class LossConfig:
     return n_d, n_c
 
 
+def _per_row(key, row_ids, draw):
+  """``draw(key_i)`` for each row, key_i = fold_in(key, row id): a row's
+  draw does not depend on which other rows share its batch."""
+  return jax.vmap(lambda i: draw(jax.random.fold_in(key, i)))(row_ids)
+
+
 def sample_t_and_r(key, batch: int, transport: transports_lib.Transport,
-                   config: LossConfig, dtype=jnp.float32):
+                   config: LossConfig, dtype=jnp.float32, row_ids=None):
   """Training times (official ``TransitionSchedule.sample_t_and_r``): t = max,
   r = min of two draws, then the positional diffusion (r = t) and consistency
-  (r = T_min) rows."""
+  (r = T_min) rows. With ``row_ids`` (B,) each row's draws come from its id
+  (gradient accumulation: a microbatch draws what the full batch would)."""
   n_d, n_c = config.counts(batch)
   k1, k2 = jax.random.split(key)
-  t1 = transport.sample_t(k1, (batch,), dtype)
-  t2 = transport.sample_t(k2, (batch,), dtype)
+  if row_ids is None:
+    t1 = transport.sample_t(k1, (batch,), dtype)
+    t2 = transport.sample_t(k2, (batch,), dtype)
+  else:
+    one = lambda k: transport.sample_t(k, (1,), dtype)[0]
+    t1, t2 = _per_row(k1, row_ids, one), _per_row(k2, row_ids, one)
   t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
   pos = jnp.arange(batch) % (batch // config.groups)
   per = batch // config.groups
@@ -278,7 +289,8 @@ def _mean_rows(a):
 def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
          transport: transports_lib.Transport, config: LossConfig = LossConfig(),
          teacher_fn: Optional[Callable] = None, teacher_cond: PyTree = None,
-         null_cond: PyTree = None, repa_target: Optional[Array] = None):
+         null_cond: PyTree = None, repa_target: Optional[Array] = None,
+         row_ids: Optional[Array] = None):
   """The full TiM training loss of the official ``TransitionSchedule.__call__``.
 
   Args:
@@ -295,6 +307,8 @@ def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
       conditioning and the null conditioning, for ``config.enhance_target``.
     repa_target: (B, N, z_dim) features of a frozen encoder, for the REPA
       projection loss (skipped when None).
+    row_ids: (B,) ids from which each row's times and noise are drawn (see
+      ``sample_t_and_r``); None draws for the batch as a whole.
 
   Returns:
     (scalar loss, dict of scalar metrics).
@@ -304,8 +318,12 @@ def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
   per = batch // config.groups
   k_time, k_noise = jax.random.split(rng)
   dtype = numerics.wide(x.dtype)
-  t, r = sample_t_and_r(k_time, batch, transport, config, dtype)
-  z = jax.random.normal(k_noise, x.shape, dtype)
+  t, r = sample_t_and_r(k_time, batch, transport, config, dtype, row_ids)
+  if row_ids is None:
+    z = jax.random.normal(k_noise, x.shape, dtype)
+  else:
+    z = _per_row(k_noise, row_ids,
+                 lambda k: jax.random.normal(k, x.shape[1:], dtype))
   t_b = _bcast(t, x)
   x_t = transport.x_t(x, z, t_b)
 

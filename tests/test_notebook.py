@@ -13,6 +13,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "sample_colab.ipynb")
 
 
+def run_with(tmp_path, parameters: str):
+  """Executes the notebook with ``parameters`` (code) after its parameters
+  cell; returns (output folder, all printed text)."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  index = next(i for i, c in enumerate(nb.cells)
+               if "parameters" in c.metadata.get("tags", []))
+  out_dir = str(tmp_path / "samples")
+  nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
+      parameters + f"\nOUT_DIR = {out_dir!r}\n"))
+  nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3",
+      resources={"metadata": {"path": str(tmp_path)}}).execute()
+  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                 for o in c.get("outputs", []))
+  return out_dir, text
+
+
 def test_notebook_is_valid_with_one_parameters_cell():
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
@@ -62,22 +79,13 @@ def test_notebook_decodes_an_official_c2i_checkpoint(tmp_path):
   convert.save_official(model, official)
   vae = tmp_path / "sd-vae"
   au.write(au.KL_SMALL, vae)  # Downsamples by 2: 32x32 latents -> 64 px.
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  index = next(i for i, c in enumerate(nb.cells)
-               if "parameters" in c.metadata.get("tags", []))
-  out_dir = str(tmp_path / "samples")
-  nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
-      f"CHECKPOINT = {official!r}\nCONFIG = {spec!r}\n"
+  out_dir, text = run_with(
+      tmp_path, f"CHECKPOINT = {official!r}\nCONFIG = {spec!r}\n"
       f"AUTOENCODER_PATH = {str(vae)!r}\nLABELS = [207, 360]\n"
-      f"NUM_PER_PROMPT = 2\nSTEPS = [1, 4]\nOUT_DIR = {out_dir!r}\n"))
-  nbclient.NotebookClient(
-      nb, timeout=600, kernel_name="python3",
-      resources={"metadata": {"path": str(tmp_path)}}).execute()
+      f"NUM_PER_PROMPT = 2\nSTEPS = [1, 4]")
   for steps in (1, 4):
     grid = Image.open(os.path.join(out_dir, f"grid_{steps}_steps.png"))
     assert grid.size == (2 * 65 + 1, 2 * 65 + 1)  # Decoded 64 px images.
-  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                 for o in c.get("outputs", []))
   assert "row 0: 207" in text and "row 1: 360" in text
 
 
@@ -101,23 +109,14 @@ def test_notebook_draws_prompts_with_an_official_t2i_checkpoint(tmp_path):
                     query_pre_attn_scalar=8)
   dcae = tmp_path / "dcae"
   au.write(dict(au.DC_CONV, latent_channels=32), dcae)  # f8, 32 channels.
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  index = next(i for i, c in enumerate(nb.cells)
-               if "parameters" in c.metadata.get("tags", []))
-  out_dir = str(tmp_path / "samples")
   prompts = ["a red bus at night", "a bowl of soup"]
-  nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
-      f"CHECKPOINT = {official!r}\nCONFIG = {spec!r}\n"
+  out_dir, text = run_with(
+      tmp_path, f"CHECKPOINT = {official!r}\nCONFIG = {spec!r}\n"
       f"AUTOENCODER_PATH = {str(dcae)!r}\n"
       f"TEXT_ENCODER_PATH = {str(gemma_dir)!r}\n"
       f"PROMPTS = {json.dumps(prompts)}\nHEIGHT = 64\nWIDTH = 96\n"
-      f"NUM_PER_PROMPT = 2\nSTEPS = [1, 4]\nOUT_DIR = {out_dir!r}\n"))
-  nbclient.NotebookClient(
-      nb, timeout=600, kernel_name="python3",
-      resources={"metadata": {"path": str(tmp_path)}}).execute()
+      f"NUM_PER_PROMPT = 2\nSTEPS = [1, 4]")
   for steps in (1, 4):
     grid = Image.open(os.path.join(out_dir, f"grid_{steps}_steps.png"))
     assert grid.size == (2 * 97 + 1, 2 * 65 + 1)  # 64x96 decoded images.
-  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                 for o in c.get("outputs", []))
   assert f"row 0: {prompts[0]}" in text and f"row 1: {prompts[1]}" in text

@@ -15,22 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-
-def _median_seconds(fn, repeats: int) -> float:
-  fn()  # Compile / warm up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from tim_jax import timing
 
 
 def main(argv=None) -> int:
@@ -46,11 +36,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   from tim_jax import autoencoders  # pylint: disable=g-import-not-at-top
-  path = args.config
-  if os.path.isdir(path):
-    path = os.path.join(path, "config.json")
-  with open(path, encoding="utf-8") as f:
-    cfg = json.load(f)
+  path, cfg = timing.read_config_json(args.config)
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (args.batch, args.resolution, args.resolution,
                                3)).astype(np.float32)
@@ -73,9 +59,9 @@ def main(argv=None) -> int:
         json.dump(cfg, f)
     ae = autoencoders.from_diffusers(d)
   latents = np.asarray(ae.encode(images))
-  enc = _median_seconds(lambda: jax.block_until_ready(ae.encode(images)),
+  enc = timing.median_seconds(lambda: jax.block_until_ready(ae.encode(images)),
                         args.repeats)
-  dec = _median_seconds(lambda: jax.block_until_ready(ae.decode(latents)),
+  dec = timing.median_seconds(lambda: jax.block_until_ready(ae.decode(latents)),
                         args.repeats)
   rows["tim_jax"] = dict(encode_images_per_s=args.batch / enc,
                          decode_images_per_s=args.batch / dec)
@@ -89,8 +75,8 @@ def main(argv=None) -> int:
         return out.latent_dist.mean if hasattr(out, "latent_dist") else (
             out.latent)
       t_dec = lambda: model.decode(z).sample
-      enc_t = _median_seconds(t_enc, args.repeats)
-      dec_t = _median_seconds(t_dec, args.repeats)
+      enc_t = timing.median_seconds(t_enc, args.repeats)
+      dec_t = timing.median_seconds(t_dec, args.repeats)
       ref = t_dec().numpy().transpose(0, 2, 3, 1)
     ours = np.asarray(ae.decode(latents))
     rows["diffusers"] = dict(encode_images_per_s=args.batch / enc_t,

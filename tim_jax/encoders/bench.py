@@ -17,22 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
-
-def _median_seconds(fn, repeats: int) -> float:
-  fn()  # Compile / warm up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from tim_jax import timing
 
 
 def main(argv=None) -> int:
@@ -54,11 +43,7 @@ def main(argv=None) -> int:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from tim_jax import torch_weights  # pylint: disable=g-import-not-at-top
   from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
-  path = args.config
-  if os.path.isdir(path):
-    path = os.path.join(path, "config.json")
-  with open(path, encoding="utf-8") as f:
-    cfg = json.load(f)
+  path, cfg = timing.read_config_json(args.config)
   c = gemma.GemmaConfig.from_json(cfg)
   dtype = dict(float32=jnp.float32, bfloat16=jnp.bfloat16)[args.dtype]
   rng = np.random.default_rng(0)
@@ -88,7 +73,7 @@ def main(argv=None) -> int:
   graph, params = nnx.split(model)
   forward = jax.jit(lambda p, i, v: nnx.merge(graph, p)(i, v))
   ours = lambda: jax.block_until_ready(forward(params, ids, valid))
-  seconds = _median_seconds(ours, args.repeats)
+  seconds = timing.median_seconds(ours, args.repeats)
   tokens = int(valid.sum())
   rows = {"tim_jax": dict(captions_per_s=args.batch / seconds,
                           real_tokens_per_s=tokens / seconds)}
@@ -98,7 +83,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
       run = lambda: decoder(input_ids=torch_ids,
                             attention_mask=torch_mask).last_hidden_state
-      t_seconds = _median_seconds(run, args.repeats)
+      t_seconds = timing.median_seconds(run, args.repeats)
       ref = run().float().numpy()
     rows["transformers"] = dict(captions_per_s=args.batch / t_seconds,
                                 real_tokens_per_s=tokens / t_seconds,

@@ -268,3 +268,17 @@ def test_microbatches_give_the_full_batch_gradient(derivative):
   bad = trainer(5, 0)
   with pytest.raises(ValueError, match="microbatches"):
     bad.gradients(state.params, state.ema, batch, key)
+
+
+def test_architecture_check_covers_fields_that_change_the_weights():
+  base = {"model": {"kind": "c2i", "network": {"depth": 2}}, "data": {}}
+  old = {"model": {"kind": "c2i", "network": {"depth": 2}}}  # Before them.
+  assert checkpoint.architecture_differences(old, base) == []
+  for key, value in (("scan_blocks", True), ("use_projector", False),
+                     ("rope_positions", "xy")):
+    other = {"model": dict(base["model"], **{key: value}), "data": {}}
+    problems = checkpoint.architecture_differences(base, other)
+    assert len(problems) == 1 and f"model.{key}" in problems[0], problems
+  other = dict(base, data={"caption_seed": 3})
+  assert "data.caption_seed" in checkpoint.architecture_differences(
+      base, other)[0]

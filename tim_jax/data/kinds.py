@@ -4,10 +4,11 @@ One place answers, for ``shapes`` (the built-in captioned-shapes world,
 pixel space), ``latents`` (precomputed autoencoder latents in
 array_record files, with labels or stored caption features) and
 ``captions`` (latents in aspect buckets with caption text, encoded by a
-frozen text encoder in the train step): where the examples come from, how captions become the
-network's conditioning, and what a synthetic batch of the right shapes looks
-like (for benchmarks). The trainer, the sampler and the benchmark ask here
-instead of branching on the dataset's name themselves.
+frozen text encoder in the train step): where the examples come from, how
+captions become the network's conditioning, and what a synthetic batch of
+the right shapes looks like (for benchmarks). The trainer, the sampler and
+the benchmark ask here instead of branching on the dataset's name
+themselves.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ def iterator(config, src, conditioner=None, data_shards: int = 1):
   ``data_shards`` (each bucket's batch divides over them)."""
   import jax
   if config.data.name == "captions":
-    from tim_jax import conditioning
     from tim_jax.data import captioned
     multiple = math.lcm(int(data_shards), jax.process_count())
     sizes = captioned.bucket_batch_sizes(

@@ -117,3 +117,13 @@ def test_wrapped_and_prefixed_state_dicts_unwrap():
                                                          "b.bias"]
   with pytest.raises(ValueError, match="no state_dict"):
     torch_weights.unwrap({"optimizer": {"lr": {"x": 1}}})
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".npz"])
+def test_a_damaged_weight_file_is_named(tmp_path, suffix):
+  from tim_jax import torch_weights
+  path = tmp_path / f"weights{suffix}"
+  path.write_bytes(b"this is not a weight file")
+  with pytest.raises(ValueError, match="cannot read the weight file") as e:
+    torch_weights.read(str(path))
+  assert str(path) in str(e.value)

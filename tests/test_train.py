@@ -282,3 +282,30 @@ def test_architecture_check_covers_fields_that_change_the_weights():
   other = dict(base, data={"caption_seed": 3})
   assert "data.caption_seed" in checkpoint.architecture_differences(
       base, other)[0]
+
+
+def test_run_already_at_num_steps_says_so(tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
+  caplog.set_level("INFO")
+  state = train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
+  assert int(state.step) == 2
+  text = caplog.text
+  assert "nothing to train: the checkpoint is at step 2" in text
+  assert "finished -" not in text and "finished 0" not in text
+
+
+def test_all_finite_compiles_once_per_layout(caplog):
+  tree = {"a": jnp.ones((3,)), "b": jnp.zeros((2, 2))}
+  assert checkpoint.all_finite(tree)  # Compiled here, for this layout.
+  caplog.set_level("DEBUG")
+  with jax.log_compiles(True):
+    nan = jnp.full((3,), jnp.nan, jnp.float32)
+    assert not checkpoint.all_finite({"a": nan, "b": jnp.zeros((2, 2))})
+    assert checkpoint.all_finite(tree)
+  compiles = [r.getMessage() for r in caplog.records
+              if "ompil" in r.getMessage() and "lambda" in r.getMessage()]
+  assert not compiles, compiles
+  with jax.log_compiles(True):  # A new layout does compile (and logs it).
+    checkpoint.all_finite({"c": jnp.ones((5,))})
+  assert any("ompil" in r.getMessage() for r in caplog.records)

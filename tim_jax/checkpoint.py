@@ -64,13 +64,18 @@ def architecture_differences(saved: dict, config_dict: dict) -> list:
   return problems
 
 
+# One jitted function for every call: it compiles once per state layout,
+# not at every save.
+_ALL_FINITE = jax.jit(lambda leaves: jnp.all(jnp.stack(
+    [jnp.all(jnp.isfinite(x)) for x in leaves])))
+
+
 def all_finite(tree) -> bool:
   leaves = [x for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   if not leaves:
     return True
-  return bool(jax.jit(lambda ls: jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(x)) for x in ls])))(leaves))
+  return bool(_ALL_FINITE(leaves))
 
 
 class Checkpointer:

@@ -69,6 +69,21 @@ def read(path, *, missing_torch_hint: str = "") -> Dict[str, np.ndarray]:
           + (f". {missing_torch_hint}" if missing_torch_hint else "")) from e
   if not os.path.exists(path):
     raise FileNotFoundError(f"no weight file at {path!r}")
+  try:
+    return _read(path, suffix)
+  except Exception as e:  # pylint: disable=broad-except
+    # safetensors, numpy and torch (whose unpickler raises anything from
+    # IndexError to UnpicklingError) say what is wrong but not with which
+    # file.
+    if isinstance(e, (ImportError, FileNotFoundError)):
+      raise
+    raise ValueError(f"cannot read the weight file {path!r} (damaged or not "
+                     f"a {suffix} file?): {e}") from e
+
+
+def _read(path: str, suffix: str) -> Dict[str, np.ndarray]:
+  if suffix in TORCH_SUFFIXES:
+    import torch  # pylint: disable=g-import-not-at-top
   if suffix == ".safetensors":
     from safetensors import safe_open
     out = {}

@@ -398,6 +398,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   else:
     state = ckpt.restore(start, trainer.abstract_with_shardings(), data_iter)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
+    if start >= config.num_steps:
+      logging.info("nothing to train: the checkpoint is at step %d and "
+                   "num_steps is %d (raise --config.num_steps to go on)",
+                   start, config.num_steps)
+      ckpt.close()
+      return state
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)

@@ -173,6 +173,9 @@ class TextConditioner:
     self.null_ids = np.asarray(encoder.null_ids, np.int32)
     self.null_mask = np.asarray(encoder.null_mask, np.int32)
     self._null_cache = {}
+    # Jitted once: called eagerly (prompts, the null caption) it would run
+    # the encoder op by op; inside the train step's jit it is inlined.
+    self._apply = jax.jit(encoder.apply)
 
   @property
   def dim(self) -> int:
@@ -210,7 +213,7 @@ class TextConditioner:
     """{"features" float32 (B, M, D), "length" (B,)} of tokens (B, M)."""
     ids = jnp.asarray(ids, jnp.int32)
     mask = jnp.asarray(mask).astype(bool)
-    feats = self.encoder.apply(self._params(frozen), ids, mask)
+    feats = self._apply(self._params(frozen), ids, mask)
     longest = jnp.max(jnp.sum(mask, axis=-1)).astype(jnp.int32)
     return {"features": feats.astype(jnp.float32),
             "length": jnp.full((ids.shape[0],), longest, jnp.int32)}

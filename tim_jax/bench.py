@@ -38,26 +38,6 @@ flags.DEFINE_list("rows", [], "Only these rows (default: all).")
 flags.DEFINE_string("out", "", "Also write the results as JSON here.")
 flags.mark_flags_as_required(["config"])
 
-# Dense bf16 peak FLOP/s per chip, by substring of device_kind.
-PEAK_BF16 = (
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12), ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
-    ("A100", 312e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-)
-
-
-def peak_flops(device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for key, value in PEAK_BF16:
-    if key in kind:
-      return value
-  return None
-
-
 def time_fn(fn, *args, repeats=10):
   """Median seconds of ``fn(*args)`` after one compile + warm-up call."""
   jax.block_until_ready(fn(*args))
@@ -121,7 +101,7 @@ def run(config, batch, repeats, nfes, rows=()):
            "tokens_per_s": images * tokens / seconds,
            "model_flops": model_flops,
            "flops_per_s": model_flops / seconds if model_flops else None}
-    peak = peak_flops(jax.devices()[0])
+    peak = flops_lib.peak_flops(jax.devices()[0])
     if peak and row["flops_per_s"] and config.model.dtype == "bfloat16":
       row["mfu"] = row["flops_per_s"] / (peak * jax.device_count())
     results.append(row)

@@ -50,12 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 
 GIB = 2 ** 30
-# Per chip, by device_kind: HBM bytes, dense bfloat16 FLOP/s, HBM bytes/s.
+# Per chip, by device_kind: HBM bytes and bytes/s (the peak FLOP/s come
+# from tim_jax.flops.peak_flops, as the benchmark's).
 CHIPS = {
-    "TPU v4": (32 * GIB, 275e12, 1.2e12),
-    "TPU v5 lite": (16 * GIB, 197e12, 0.819e12),
-    "TPU v5": (95 * GIB, 459e12, 2.765e12),  # v5p
-    "TPU v6 lite": (32 * GIB, 918e12, 1.64e12),
+    "TPU v4": (32 * GIB, 1.2e12),
+    "TPU v5 lite": (16 * GIB, 0.819e12),
+    "TPU v5": (95 * GIB, 2.765e12),  # v5p
+    "TPU v6 lite": (32 * GIB, 1.64e12),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute")
@@ -98,7 +99,9 @@ def chip_info(devices) -> Chip:
   kind = devices[0].device_kind
   chips = len({tuple(getattr(d, "coords", (d.id,))) for d in devices})
   per_chip = len(devices) // max(chips, 1)
-  hbm, peak, bandwidth = CHIPS.get(kind, (float("nan"),) * 3)
+  from tim_jax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  hbm, bandwidth = CHIPS.get(kind, (float("nan"),) * 2)
+  peak = flops_lib.peak_flops(devices[0]) or float("nan")
   return Chip(kind, len(devices), chips, hbm / per_chip, peak / per_chip,
               bandwidth / per_chip)
 

@@ -307,3 +307,23 @@ def repa_teacher_flops(*, embed_dim: int, depth: int, mlp_hidden: int,
            + _mm(tokens, mlp_hidden, d))
   return (resize + table_resize + batch * _mm(patches, 3 * patch_size ** 2, d)
           + batch * depth * block)
+
+
+# Dense bf16 peak FLOP/s per chip, by substring of device_kind.
+PEAK_BF16 = (
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+    ("A100", 312e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+)
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for key, value in PEAK_BF16:
+    if key in kind:
+      return value
+  return None

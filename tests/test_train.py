@@ -309,3 +309,41 @@ def test_all_finite_compiles_once_per_layout(caplog):
   with jax.log_compiles(True):  # A new layout does compile (and logs it).
     checkpoint.all_finite({"c": jnp.ones((5,))})
   assert any("ompil" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", ["ot_fm", "trigflow", "edm", "vp", "ve"])
+def test_every_transport_trains_with_its_defaults(name):
+  # The tangent time warp of the default weighting took tan of EDM's and
+  # VE's noise levels (negative for many sigma) and made every step NaN.
+  config = tiny_c2i(batch=8)
+  config.transport.name = name  # The config's P_mean/P_std stay.
+  trainer = train.Trainer(config)
+  state = trainer.init_state()
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+             "label": rng.integers(0, 4, size=(8,)).astype(np.int32)}
+    state, metrics = trainer.train_step(
+        state, sharding.global_batch(batch, trainer.mesh))
+    assert np.isfinite(float(metrics["loss"])), (name, metrics)
+  assert int(state.nonfinite_total) == 0
+  assert checkpoint.all_finite((state.params, state.ema))
+  before = jax.tree.leaves(trainer.init_state().params)
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(before, jax.tree.leaves(state.params))), "nothing trained"
+
+
+def test_tangent_warp_of_noise_level_transports_is_the_noise_level():
+  from tim_jax import transition, transports
+  lc = transition.LossConfig(groups=1)
+  t, r = np.array([40.0, 3.0]), np.array([1.0, 0.5])
+  for name in ("edm", "ve"):
+    tr = transports.get(name)
+    w = np.asarray(transition.time_weight(t, r, tr, lc))
+    np.testing.assert_allclose(w, 1.0 / np.sqrt(t - r + tr.sigma_d),
+                               rtol=1e-6)
+  otfm = transports.get("ot_fm")
+  w = np.asarray(transition.time_weight(np.array([0.9]), np.array([0.2]),
+                                        otfm, lc))
+  np.testing.assert_allclose(w, 1 / np.sqrt(np.tan(0.9) - np.tan(0.2) + 1),
+                             rtol=1e-6)

@@ -6,6 +6,8 @@ their pieces here, so one config always means one model.
 
 from __future__ import annotations
 
+import logging
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -47,8 +49,26 @@ def graphdef(config):
   return graph
 
 
+# The configs' training-time distribution (log-normal in the noise level):
+# VP and VE draw their times otherwise and have no such fields.
+TIME_DISTRIBUTION_PARAMS = ("P_mean", "P_std")
+
+
 def transport(config) -> transports.Transport:
-  return transports.get(config.transport.name, **dict(config.transport.params))
+  """``config.transport``. Switching ``transport.name`` to VP or VE keeps
+  the config's log-normal ``P_mean``/``P_std``, which those transports do
+  not have: they are dropped with a warning; any other unknown field is an
+  error."""
+  name, params = config.transport.name, dict(config.transport.params)
+  fields = transports.field_names(name)
+  unused = [k for k in TIME_DISTRIBUTION_PARAMS
+            if k in params and k not in fields]
+  if unused:
+    logging.warning("transport %s does not draw log-normal times: ignoring "
+                    "transport.params %s", name, ", ".join(unused))
+    for k in unused:
+      del params[k]
+  return transports.get(name, **params)
 
 
 def loss_config(config, data_shards: int) -> transition.LossConfig:

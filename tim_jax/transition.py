@@ -245,7 +245,7 @@ def time_weight(t, r, transport, config: LossConfig):
   """w_time(t, r) of the official ``TransitionSchedule.time_weighting``, before
   forcing diffusion rows to 1."""
   if config.weight_time_tangent:
-    t, r = jnp.tan(t), jnp.tan(r)
+    t, r = transport.tangent_time(t), transport.tangent_time(r)
   elif config.weight_time_sigmoid:
     t, r = t / (1 - t), r / (1 - r)
   d = t - r if config.weight_t_and_r else t

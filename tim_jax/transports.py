@@ -64,6 +64,12 @@ class Transport:
     """What the network receives instead of raw time."""
     raise NotImplementedError
 
+  def tangent_time(self, t):
+    """The loss's tangent time warp (``weight_time_tangent``): ``tan t`` of
+    an angle-like time (OT-FM, TrigFlow and VP times lie in [0, pi/2)).
+    Noise-level transports override it."""
+    return jnp.tan(t)
+
   # --- generic consequences ----------------------------------------------
 
   def x_t(self, x, eps, t):
@@ -266,6 +272,13 @@ class EDM(Transport):
   def c_noise(self, t):
     return jnp.log(t) / 4.0
 
+  def tangent_time(self, t):
+    # The time is the noise level sigma, which already is the tangent of the
+    # trigonometric angle (TrigFlow's t = arctan sigma). tan(sigma), which
+    # the official weighting would take, changes sign along (0, 80] and
+    # makes the sqrt weight NaN.
+    return t
+
   def transition_coefficients(self, t, r):
     sd2 = self.sigma_d ** 2
     denom = self._s(r) * self._s(t)
@@ -346,6 +359,10 @@ class VE(Transport):
   def c_noise(self, t):
     return jnp.log(0.5 * t)
 
+  def tangent_time(self, t):
+    # The noise level sigma, as EDM's (see EDM.tangent_time).
+    return t
+
   def transition_coefficients(self, t, r):
     return jnp.ones_like(t * r), t - r
 
@@ -377,6 +394,23 @@ def names():
   return sorted(_REGISTRY)
 
 
+def _class(name: str):
+  cls = _REGISTRY.get(name.lower())
+  if cls is None:
+    raise ValueError(
+        f"unknown transport {name!r}; choose one of {names()} (or the official"
+        " class names OT_FM, TrigFlow, EDM, VP_SDE, VE_SDE)")
+  return cls
+
+
+def field_names(name: str) -> set:
+  """The fields (parameters) of the transport called ``name``, with the
+  official spellings it accepts."""
+  cls = _class(name)
+  return ({f.name for f in dataclasses.fields(cls)} |
+          set(_ALIASES.get(cls, {})))
+
+
 def get(name: str, **params: Any) -> Transport:
   """Builds a transport by name.
 
@@ -385,11 +419,7 @@ def get(name: str, **params: Any) -> Transport:
   ``VP_SDE``, ``VE_SDE``). ``params`` are the transport's fields; the official
   spellings (``epsilon_t``, ``sigma_min``, ``sigma_max``) are accepted too.
   """
-  cls = _REGISTRY.get(name.lower())
-  if cls is None:
-    raise ValueError(
-        f"unknown transport {name!r}; choose one of {names()} (or the official"
-        " class names OT_FM, TrigFlow, EDM, VP_SDE, VE_SDE)")
+  cls = _class(name)
   aliases = _ALIASES.get(cls, {})
   fields = {f.name for f in dataclasses.fields(cls)}
   kwargs = {}

@@ -96,7 +96,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
   monkeypatch.setattr(kinds, "source",
                       lambda c, split="train": Poisoned(real(c, split)))
   workdir = str(tmp_path / "nan")
-  with pytest.raises(train.NonFiniteError, match="non-finite steps in a row"):
+  with pytest.raises(train.NonFiniteError, match="bad steps in a row"):
     train.train_and_evaluate(config, workdir)
   ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   steps = ck.manager.all_steps()
@@ -347,3 +347,44 @@ def test_tangent_warp_of_noise_level_transports_is_the_noise_level():
                                         otfm, lc))
   np.testing.assert_allclose(w, 1 / np.sqrt(np.tan(0.9) - np.tan(0.2) + 1),
                              rtol=1e-6)
+
+
+def test_divergence_stops_and_says_which_checkpoint_is_suspect(tmp_path):
+  # base_lr=1e6: the first update throws the weights to ~1e6, every later
+  # step is rejected; only the step-1 checkpoint exists, and the message
+  # says its weights started the bad streak.
+  config = tiny_c2i(num_steps=30, every=1)
+  config.optimizer.base_lr = 1e6
+  config.max_nonfinite_steps = 3
+  workdir = str(tmp_path / "diverged")
+  with pytest.raises(train.NonFiniteError) as err:
+    train.train_and_evaluate(config, workdir)
+  text = str(err.value)
+  assert "3 bad steps in a row (steps 2-4" in text, text
+  assert "Checkpoints on disk: steps [1]" in text, text
+  assert "Step 1 holds the weights that the first bad step started" in text
+  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ck.manager.all_steps() == [1]  # Saves refused during the streak.
+  ck.close()
+
+
+def test_mse_explosion_is_a_bad_step_and_no_checkpoint_is_said(tmp_path):
+  config = tiny_c2i(num_steps=30, every=2)
+  config.guard_max_mse = 1e-3  # Every step's MSE (~2) counts as diverged.
+  config.max_nonfinite_steps = 2
+  trainer = train.Trainer(config)
+  state = trainer.init_state()
+  before = _params(state)
+  batch = {"image": np.ones((8, 16, 16, 3), np.float32),
+           "label": np.zeros((8,), np.int32)}
+  state, metrics = trainer.train_step(state, sharding.global_batch(
+      batch, trainer.mesh))
+  assert np.isfinite(float(metrics["loss"]))
+  assert int(metrics["nonfinite_streak"]) == 1  # Finite, yet rejected.
+  for a, b in zip(before, _params(state)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(train.NonFiniteError) as err:
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  text = str(err.value)
+  assert "above guard_max_mse=0.001" in text, text
+  assert "No checkpoint was written" in text, text

@@ -127,7 +127,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  # The guard: a step whose loss or gradient norm is not finite, or whose
+  # regression MSE (metric mse_loss) exceeds guard_max_mse, leaves the state
+  # unchanged and is counted; this many bad steps in a row stop the run.
   c.max_nonfinite_steps = 20
+  # A diverged model's MSE is orders of magnitude above a healthy one's (a
+  # few units for unit-variance targets: the TiM targets of every transport
+  # are scaled so); 0 turns the check off.
+  c.guard_max_mse = 1e4
 
   c.sample = ml_collections.ConfigDict(dict(
       every=1000, nfe=(1, 2, 4, 8), cfg_scale=1.0,

@@ -204,8 +204,9 @@ class Trainer:
            ) -> tuple[TrainState, dict]:
     """One training step, as a pure function (not compiled; see
     ``train_step``): the TiM loss, AdamW, the EMA, and the non-finite guard
-    (a step whose loss or gradient norm is not finite leaves parameters,
-    EMA and optimizer state unchanged and is counted). ``frozen`` is
+    (a step whose loss or gradient norm is not finite, or whose MSE is
+    above ``config.guard_max_mse``, leaves parameters, EMA and optimizer
+    state unchanged and is counted). ``frozen`` is
     ``trainer.frozen`` (the REPA teacher's weights) when the config has
     one.
 
@@ -227,6 +228,10 @@ class Trainer:
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema,
                        params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if config.guard_max_mse:
+      # Diverged but finite: the adaptive weighting keeps `loss` near one
+      # whatever the error, so the raw MSE is the one that explodes.
+      finite &= metrics["mse_loss"] <= config.guard_max_mse
     keep = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
@@ -428,13 +433,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       state, metrics = trainer.train_step(state, batch)
       step += 1
       if pending is not None:
-        streak = int(pending)
+        streak = int(pending[0]["nonfinite_streak"])
         if streak >= config.max_nonfinite_steps:
-          raise NonFiniteError(
-              f"{streak} non-finite steps in a row (up to step {step - 1}); "
-              "stopping. The last checkpoint holds finite parameters; lower "
-              "the learning rate or check the data.")
-      pending = metrics["nonfinite_streak"]
+          raise NonFiniteError(_guard_stop_message(
+              streak, step - 1, jax.device_get(pending[0]), ckpt, config))
+      pending = (metrics,)
       accumulated.append(metrics)
       for hook in hooks:
         hook(step)
@@ -453,15 +456,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           writer.write_scalars(step, evaluator(trainer, state))
           logging.info("evaluator %s took %.1f s", name, time.time() - t_eval)
       if is_due(step, config.checkpoint_every, total):
-        ckpt.save(step, state, data_iter, config_dict, force=True)
+        if int(metrics["nonfinite_streak"]):
+          # The state is the last good one, but the run is in a bad streak:
+          # keep the checkpoints from before it.
+          logging.warning("not saving step %d: the guard rejected the last "
+                          "%d step(s)", step, int(metrics["nonfinite_streak"]))
+        else:
+          ckpt.save(step, state, data_iter, config_dict, force=True)
     streak = int(jax.device_get(state.nonfinite_streak))
     if streak >= config.max_nonfinite_steps:
-      raise NonFiniteError(f"{streak} non-finite steps in a row at the end")
+      raise NonFiniteError(_guard_stop_message(
+          streak, step, jax.device_get(pending[0]), ckpt, config))
   finally:
     ckpt.close()
     writer.flush()
   logging.info("finished %d steps in %.1f s", total - start, time.time() - t0)
   return state
+
+
+def _guard_stop_message(streak: int, last: int, metrics: dict, ckpt,
+                        config) -> str:
+  """Why the run stops and what is on disk to resume from (true at the time
+  of writing: in-flight saves are waited for)."""
+  first = last - streak + 1
+  cause = ("not finite" if not (np.isfinite(metrics["loss"]) and
+                                np.isfinite(metrics["grad_norm"]))
+           else f"MSE {float(metrics['mse_loss']):.3g} above guard_max_mse="
+           f"{config.guard_max_mse:g}")
+  text = (f"{streak} bad steps in a row (steps {first}-{last}; the last: "
+          f"loss {float(metrics['loss']):.4g}, gradient norm "
+          f"{float(metrics['grad_norm']):.4g}, {cause}); stopping.")
+  ckpt.wait()
+  steps = sorted(ckpt.manager.all_steps())
+  if not steps:
+    return text + (" No checkpoint was written: there is nothing to resume "
+                   "from. Lower the learning rate or check the data, and "
+                   "start again.")
+  text += f" Checkpoints on disk: steps {steps}."
+  if steps[-1] == first - 1:
+    earlier = [s for s in steps if s < first - 1]
+    text += (f" Step {steps[-1]} holds the weights that the first bad step "
+             "started from: if the loss exploded rather than the data "
+             "turning non-finite, they may be diverged already"
+             + (f" (the earlier steps {earlier} are not)." if earlier else
+                "."))
+  else:
+    text += (f" The latest, step {steps[-1]}, predates the bad streak.")
+  return text + (" Lower the learning rate or check the data, then re-run "
+                 "with the same --workdir to resume from the latest "
+                 "checkpoint (delete newer step directories to resume from "
+                 "an earlier one).")
 
 
 def _flat(tree, prefix=""):

@@ -2,6 +2,7 @@
 (tim_jax.sample)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -164,8 +165,7 @@ def test_command_writes_the_grid(workdir, tmp_path):
   assert np.load(latents).shape == (6, 32, 32, 3)
   bad = subprocess.run(cmd[:4] + ["--steps=0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and "--steps" in bad.stderr
-  assert "num_steps must be an integer >= 1, got 0" in bad.stderr
+  assert bad.returncode != 0 and "--steps must be >= 1, got 0" in bad.stderr
 
 
 def test_inference_builds_no_trainer_or_optimizer(workdir):
@@ -218,3 +218,80 @@ def test_any_size_the_patch_and_autoencoder_allow(tiny_t2i_workdir):
   cond, _ = pipe.conditions(["a red circle at the top left"])
   x = pipe.generate(cond, num_steps=1, height=32, width=48)
   assert x.shape == (1, 32, 48, 3) and np.isfinite(x).all()
+
+
+def _flags(**kw):
+  import types
+  base = dict(num=1, batch_size=4, steps=2, cols=0, height=None, width=None,
+              cfg=None, stochasticity=0.0, prompt_set=None, out="",
+              latents_out="")
+  base.update(kw)
+  return types.SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(batch_size=0), "--batch_size must be >= 1, got 0"),
+    (dict(num=0), "--num must be >= 1"),
+    (dict(cols=-3), "--cols must be >= 0"),
+    (dict(cfg=-1.0), "--cfg must be >= 1"),
+    (dict(cfg=0.5), "--cfg must be >= 1"),
+    (dict(height=-32), "--height must be >= 1"),
+])
+def test_sampler_flags_are_checked_before_loading(kw, message, tmp_path):
+  from tim_jax import sample
+  with pytest.raises(ValueError, match=re.escape(message)):
+    sample.check_flags(_flags(out=str(tmp_path / "a.png"), **kw))
+  sample.check_flags(_flags(out=str(tmp_path / "new" / "a.png")))
+
+
+def test_unwritable_outputs_fail_before_sampling(tmp_path, workdir):
+  from tim_jax import sample
+  blocker = tmp_path / "file.txt"
+  blocker.write_text("a file, not a folder")
+  with pytest.raises(ValueError, match="cannot write --out"):
+    sample.check_flags(_flags(out=str(blocker / "grid.png")))
+  with pytest.raises(ValueError, match="cannot write --latents_out"):
+    sample.check_flags(_flags(out=str(tmp_path / "g.png"),
+                              latents_out=str(blocker / "x.npy")))
+  with pytest.raises(ValueError, match="is a directory"):
+    sample.check_flags(_flags(out=str(tmp_path)))
+  # The command stops before any sampling (no progress bar) and says why.
+  done = subprocess.run(
+      [sys.executable, "-m", "tim_jax.sample", f"--checkpoint={workdir}",
+       "--prompt=a red circle at the top left", "--steps=2",
+       f"--out={blocker / 'grid.png'}"], cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  assert done.returncode != 0
+  assert "cannot write --out" in done.stderr
+  assert "sampling" not in done.stderr.replace("tim_jax.sample", "")
+
+
+def test_generate_draws_noise_batch_by_batch(loaded, monkeypatch):
+  # 100k images must not allocate 100k noises before the first step.
+  cond, _ = loaded.conditions(["a red circle at the top left"])
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def first_call(noise, *a, **k):
+    seen.append(noise.shape)
+    seen.append(max(x.size for x in jax.live_arrays()))
+    raise Stop
+
+  monkeypatch.setattr(loaded, "sample", first_call)
+  with pytest.raises(Stop):
+    loaded.generate(cond, num_steps=1, num=100_000, batch_size=4)
+  shape, largest = seen
+  assert shape == (4, 32, 32, 3)
+  assert largest < 1000 * 4 * 32 * 32 * 3, largest
+
+
+def test_non_finite_samples_fail(loaded):
+  cond, _ = loaded.conditions(["a red circle at the top left"])
+  nan = jax.tree.map(lambda a: a * np.nan, loaded.params)
+  with pytest.raises(inference.NonFiniteSamplesError,
+                     match="1 of the 1 samples"):
+    loaded.generate(cond, num_steps=2, params=nan)
+  with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
+    loaded.generate(cond, num_steps=2, cfg_scale=-1.0)

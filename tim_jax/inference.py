@@ -39,6 +39,10 @@ OFFICIAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 FORMATS = ("tim_jax", "official")
 
 
+class NonFiniteSamplesError(ValueError):
+  """The sampler produced NaN or infinite values."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
   """Where weights are: a tim_jax checkpoint step or an official file."""
@@ -272,9 +276,15 @@ class Pipeline:
         guidance_interval)
     num_steps, interval = sampling.check_settings(
         num_steps, interval, stochasticity, mode)
+    cfg_scale = float(s.cfg_scale if cfg_scale is None else cfg_scale)
+    if not cfg_scale >= 1.0:
+      # The sampler guides only above 1 (as the official one does): a scale
+      # below would be silently ignored.
+      raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got "
+                       f"{cfg_scale}")
     return SamplerSettings(
         num_steps=num_steps,
-        cfg_scale=float(s.cfg_scale if cfg_scale is None else cfg_scale),
+        cfg_scale=cfg_scale,
         guidance_interval=interval, stochasticity=float(stochasticity),
         mode=mode, with_progress=with_progress)
 
@@ -338,18 +348,22 @@ class Pipeline:
                image_size: Optional[int] = None,
                height: Optional[int] = None, width: Optional[int] = None,
                progress: bool = False, desc: str = "sampling",
-               params=None) -> np.ndarray:
+               params=None, check_finite: bool = True) -> np.ndarray:
     """``num`` samples per row of ``cond`` (row-major: all of row 0 first),
     in network space (pixels in [-1, 1] for pixel models), as numpy.
 
     Every image's noise comes from ``seed`` and its index, whatever the
-    batch size. Batches have a fixed size (the last one is padded), so the
-    sampler compiles once.
+    batch size; it is drawn batch by batch. Batches have a fixed size (the
+    last one is padded), so the sampler compiles once. With
+    ``check_finite`` a batch holding a non-finite value raises
+    ``NonFiniteSamplesError`` at once (diverged or damaged weights).
     """
     settings = self.settings(num_steps, cfg_scale, guidance_interval,
                              stochasticity, mode)
     if num < 1:
       raise ValueError(f"num must be >= 1, got {num}")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = int(image_size or self.config.sample.image_size)
     height, width = int(height or size), int(width or size)
     patch = self.model_config.patch_size
@@ -362,8 +376,8 @@ class Pipeline:
     all_cond = jax.tree.map(lambda c: np.asarray(c)[index], cond)
     shape = (height, width, self.model_config.in_channels)
     base = jax.random.key(seed)
-    noise_all = jax.vmap(lambda i: jax.random.normal(
-        jax.random.fold_in(base, i), shape))(np.arange(total))
+    draw = jax.jit(jax.vmap(lambda i: jax.random.normal(
+        jax.random.fold_in(base, i), shape)))
     bs = min(int(batch_size), total)
 
     bar = None
@@ -383,12 +397,19 @@ class Pipeline:
         batch_cond = jax.tree.map(lambda c: c[take], all_cond)
         rng = jax.random.fold_in(jax.random.key(seed + 1), start)
         images = self.sample(
-            noise_all[take], batch_cond, num_steps=settings.num_steps,
+            draw(take), batch_cond, num_steps=settings.num_steps,
             cfg_scale=settings.cfg_scale,
             guidance_interval=settings.guidance_interval,
             stochasticity=settings.stochasticity, rng=rng,
             mode=settings.mode, progress=update, params=params)
         out.append(np.asarray(jax.device_get(images))[:bs - pad])
+        if check_finite and not np.isfinite(out[-1]).all():
+          bad = int((~np.isfinite(out[-1])).reshape(len(out[-1]), -1)
+                    .any(axis=1).sum())
+          raise NonFiniteSamplesError(
+              f"{bad} of the {len(out[-1])} samples of images {start}-"
+              f"{stop - 1} hold non-finite values: the weights are diverged "
+              "or damaged (nothing was written)")
     finally:
       if bar is not None:
         bar.close()

@@ -44,6 +44,49 @@ import numpy as np
 
 # --- the command ---------------------------------------------------------------
 
+# The largest grid the command writes as one PNG (pixels): more is a
+# misuse of a picture (keep the latents with --latents_out, or sample a
+# prompt set into a folder).
+MAX_GRID_PIXELS = 2 ** 28
+
+
+def check_writable(path: str, flag: str) -> None:
+  """Raises ValueError unless a file can be written at ``path`` (its folder
+  is created): checked before sampling, not after."""
+  import tempfile
+  directory = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(os.path.abspath(path)):
+    raise ValueError(f"{flag}={path} is a directory; give a file name")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check"):
+      pass
+  except OSError as e:
+    raise ValueError(f"cannot write {flag}={path}: {e}") from None
+
+
+def check_flags(f) -> None:
+  """The numeric flags and output paths, before any model is loaded."""
+  positive = dict(num=f.num, batch_size=f.batch_size, steps=f.steps)
+  for name, value in positive.items():
+    if value < 1:
+      raise ValueError(f"--{name} must be >= 1, got {value}")
+  if f.cols < 0:
+    raise ValueError(f"--cols must be >= 0 (0 = automatic), got {f.cols}")
+  for name in ("height", "width"):
+    value = getattr(f, name)
+    if value is not None and value < 1:
+      raise ValueError(f"--{name} must be >= 1, got {value}")
+  if f.cfg is not None and not f.cfg >= 1.0:
+    raise ValueError(f"--cfg must be >= 1 (1 = no guidance; the sampler "
+                     f"guides only above 1), got {f.cfg}")
+  if f.stochasticity < 0:
+    raise ValueError(f"--stochasticity must be >= 0, got {f.stochasticity}")
+  if not f.prompt_set:
+    check_writable(f.out, "--out")
+  if f.latents_out:
+    check_writable(f.latents_out, "--latents_out")
+
 
 def _flags():
   from absl import flags
@@ -108,6 +151,7 @@ def main(argv):
     raise ValueError(f"--labels must be integers, got {f.labels}") from None
   if not f.checkpoint:
     raise ValueError("--checkpoint is required")
+  check_flags(f)
   if f.prompt_set and (f.prompt or labels):
     raise ValueError("--prompt_set takes its prompts from the set: drop "
                      "--prompt/--labels")
@@ -142,6 +186,14 @@ def main(argv):
           "already there)")
     return
   cond, names = pipe.conditions(f.prompt, labels)
+  side = int(pipe.config.sample.image_size) * pipe.downsample
+  pixels = len(names) * f.num * (f.height or side) * (f.width or side)
+  if pipe.can_decode and pixels > MAX_GRID_PIXELS:
+    raise ValueError(
+        f"{len(names)} x {f.num} images of {f.height or side}x"
+        f"{f.width or side} make a {pixels / 1e6:.0f} MP grid, above the "
+        f"{MAX_GRID_PIXELS / 1e6:.0f} MP one PNG holds here: lower --num, or "
+        "write a folder with --prompt_set")
   samples = pipe.generate(cond, num_steps=f.steps, num=f.num,
                           cfg_scale=f.cfg, guidance_interval=interval,
                           stochasticity=f.stochasticity, seed=f.seed,

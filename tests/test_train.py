@@ -388,3 +388,41 @@ def test_mse_explosion_is_a_bad_step_and_no_checkpoint_is_said(tmp_path):
   text = str(err.value)
   assert "above guard_max_mse=0.001" in text, text
   assert "No checkpoint was written" in text, text
+
+
+def test_unwritable_checkpoints_fail_at_start_and_at_save(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("a file where the folder goes")
+  with pytest.raises(checkpoint.CheckpointWriteError,
+                     match="cannot write checkpoints to"):
+    train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), str(workdir))
+  # The folder breaking during a run: orbax's save thread fails and the
+  # save waited forever; now the save raises at once, naming the latest
+  # saved step (run in a child so that a regression cannot hang the suite).
+  script = textwrap.dedent(f"""
+      import os, shutil, sys
+      sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+      from train_utils import tiny_c2i
+      from tim_jax import checkpoint, train
+      from tim_jax.data import kinds, pipeline
+      c = tiny_c2i()
+      state = train.Trainer(c).init_state()
+      it = pipeline.make_iterator(kinds.source(c), global_batch_size=8,
+                                  seed=0)
+      d = {str(tmp_path / "ck")!r}
+      ck = checkpoint.Checkpointer(d)
+      ck.save(1, state, it, {{}}, force=True)
+      ck.wait()
+      shutil.move(os.path.join(d, "1"), d + "_kept")
+      shutil.rmtree(d)
+      open(d, "w").write("x")
+      try:
+        ck.save(2, state, it, {{}}, force=True)
+      except checkpoint.CheckpointWriteError as e:
+        print("RAISED", e)
+      """)
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, timeout=300, cwd=ROOT)
+  assert "RAISED step 2 was not saved: cannot write checkpoints" in (
+      done.stdout), done.stdout + done.stderr[-2000:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from typing import Any, Optional
 
 import jax
@@ -78,6 +79,25 @@ def all_finite(tree) -> bool:
   return bool(_ALL_FINITE(leaves))
 
 
+class CheckpointWriteError(RuntimeError):
+  """The checkpoint directory cannot be written."""
+
+
+def check_writable(directory: str) -> None:
+  """Raises CheckpointWriteError unless files can be created in
+  ``directory`` (made if missing). Orbax's asynchronous save reports such a
+  failure only inside its thread, where the next save then waits forever:
+  this check runs first."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check"):
+      pass
+  except OSError as e:
+    raise CheckpointWriteError(
+        f"cannot write checkpoints to {directory}: {e}. Make it writable or "
+        "choose another --workdir.") from None
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator, config) under ``directory``."""
 
@@ -122,10 +142,20 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator, config_dict: dict, *,
            force: bool = False) -> bool:
-    """Saves unless the state is non-finite (then refuses and says so)."""
+    """Saves unless the state is non-finite (then refuses and says so).
+    Raises CheckpointWriteError, naming the latest saved step, when the
+    directory cannot be written or an earlier asynchronous save failed."""
     if not all_finite((state.params, state.ema)):
       logging.error("not saving step %d: the parameters are not finite", step)
       return False
+    try:
+      check_writable(self.directory)
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      latest = self.latest_step()
+      raise CheckpointWriteError(
+          f"step {step} was not saved: {e} The latest saved checkpoint is "
+          + (f"step {latest}." if latest is not None else "none.")) from None
     import grain
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),

@@ -372,6 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   from clu import metric_writers, periodic_actions
 
   os.makedirs(workdir, exist_ok=True)
+  # Before any work: an unwritable checkpoint folder would otherwise show
+  # only at the first save.
+  checkpoint.check_writable(os.path.join(workdir, "checkpoints"))
   config_dict = config_base.to_json(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  keep=config.keep_checkpoints,

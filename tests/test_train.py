@@ -426,3 +426,49 @@ def test_unwritable_checkpoints_fail_at_start_and_at_save(tmp_path):
                         text=True, timeout=300, cwd=ROOT)
   assert "RAISED step 2 was not saved: cannot write checkpoints" in (
       done.stdout), done.stdout + done.stderr[-2000:]
+
+
+def _damage(step_dir, how):
+  import glob
+  import shutil
+  if how == "truncated":
+    blobs = sorted(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
+                             recursive=True), key=os.path.getsize)
+    with open(blobs[-1], "r+b") as f:
+      f.truncate(os.path.getsize(blobs[-1]) // 3)
+  else:  # The `state` item is missing.
+    shutil.rmtree(os.path.join(step_dir, "state"))
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing_state"])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
+                                                           caplog):
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
+  ckdir = os.path.join(workdir, "checkpoints")
+  _damage(os.path.join(ckdir, "4"), how)
+  caplog.set_level("INFO")
+  state = train.train_and_evaluate(tiny_c2i(num_steps=6, every=2), workdir)
+  assert int(state.step) == 6
+  text = caplog.text
+  assert "checkpoint step 4 in" in text and "cannot be read" in text
+  assert "resuming from step 2 instead of the damaged step 4" in text
+  assert "resumed from step 2" in text
+  assert os.path.isdir(os.path.join(ckdir, "damaged-step-4"))  # Kept.
+  ck = checkpoint.Checkpointer(ckdir)
+  assert ck.manager.all_steps() == [2, 4, 6]  # 4 rewritten whole.
+  ck.close()
+
+
+def test_every_checkpoint_damaged_is_refused_untouched(tmp_path):
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "2")
+  _damage(step_dir, "missing_state")
+  before = sorted(os.listdir(os.path.dirname(step_dir)))
+  with pytest.raises(checkpoint.CheckpointReadError) as err:
+    train.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
+  text = str(err.value)
+  assert f"step 2 ({step_dir})" in text and "Delete" in text, text
+  assert len(text) < 2000
+  assert sorted(os.listdir(os.path.dirname(step_dir))) == before

@@ -98,6 +98,15 @@ def check_writable(directory: str) -> None:
         "choose another --workdir.") from None
 
 
+class CheckpointReadError(RuntimeError):
+  """No checkpoint of the directory can be read."""
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {text[:limit]}"
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator, config) under ``directory``."""
 
@@ -115,8 +124,15 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def saved_config(self, step: Optional[int] = None) -> Optional[dict]:
-    step = self.latest_step() if step is None else step
+    """The config saved with ``step``; by default the newest one that can
+    be read (a damaged newer step is left to ``restore_latest``)."""
     if step is None:
+      for s in sorted(self.manager.all_steps(), reverse=True):
+        try:
+          return self.saved_config(s)
+        except Exception as e:  # pylint: disable=broad-except
+          logging.error("the config of checkpoint step %d cannot be read: "
+                        "%s", s, _first_line(e))
       return None
     path = os.path.join(self.directory, str(step), "config", "metadata")
     if not os.path.exists(path):
@@ -135,7 +151,7 @@ class Checkpointer:
     problems = architecture_differences(saved, config_dict)
     if problems:
       raise ValueError(
-          f"the checkpoint in {self.directory} (step {self.latest_step()}) is "
+          f"the checkpoint in {self.directory} is "
           f"of another architecture than this config: {'; '.join(problems)}."
           " Use a new --workdir, or the config the checkpoint was made with."
           " Nothing was changed on disk.")
@@ -173,6 +189,41 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iterator=None):
+    """(step, state) of the newest checkpoint that reads whole, or (None,
+    None) when there is none. A damaged newer step (truncated file, missing
+    item) is named, moved aside to ``damaged-step-N`` (kept, not deleted)
+    and the previous one used; when every step is damaged this raises
+    CheckpointReadError listing them, and nothing on disk is changed."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax and TensorStore raise many kinds; what matters is the step.
+        failures.append((step, _first_line(e)))
+        logging.error("checkpoint step %d in %s cannot be read: %s", step,
+                      self.directory, failures[-1][1])
+        continue
+      for bad, why in failures:
+        aside = os.path.join(self.directory, f"damaged-step-{bad}")
+        os.replace(os.path.join(self.directory, str(bad)), aside)
+        logging.warning(
+            "resuming from step %d instead of the damaged step %d (%s); "
+            "the damaged step is kept at %s", step, bad, why, aside)
+      if failures:
+        self.manager.reload()
+      return step, state
+    if failures:
+      listed = "; ".join(f"step {s} ({os.path.join(self.directory, str(s))}"
+                         f"): {why}" for s, why in failures)
+      raise CheckpointReadError(
+          f"no checkpoint in {self.directory} can be read: {listed}. Delete "
+          "those step directories to start over (or restore them from a "
+          "copy); nothing was changed on disk.")
+    return None, None
 
   def restore_ema(self, step: int, abstract_params: Any):
     """The EMA parameters alone, into ``abstract_params``' shapes, dtypes

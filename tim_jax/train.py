@@ -393,7 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   data_iter = kinds.iterator(config, source, trainer.conditioner,
                              sharding.data_shards(trainer.mesh))
 
-  start = ckpt.latest_step()
+  start, state = ckpt.restore_latest(trainer.abstract_with_shardings(),
+                                     data_iter)
   if start is None:
     state = trainer.init_state()
     if config.init_from:
@@ -404,7 +405,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         int(np.prod(a.shape)) for a in jax.tree.leaves(
             trainer.abstract_state.params)))
   else:
-    state = ckpt.restore(start, trainer.abstract_with_shardings(), data_iter)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
     if start >= config.num_steps:
       logging.info("nothing to train: the checkpoint is at step %d and "

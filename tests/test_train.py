@@ -472,3 +472,20 @@ def test_every_checkpoint_damaged_is_refused_untouched(tmp_path):
   assert f"step 2 ({step_dir})" in text and "Delete" in text, text
   assert len(text) < 2000
   assert sorted(os.listdir(os.path.dirname(step_dir))) == before
+
+
+def test_missing_config_file_is_named(tmp_path):
+  out = _main(["--config=configs/nope.py:xl", f"--workdir={tmp_path}"],
+              timeout=300)
+  assert out.returncode != 0
+  assert "no config file 'configs/nope.py'" in out.stderr
+  assert "config_config" not in out.stderr
+
+
+def test_garbage_dataset_info_names_the_file(tmp_path):
+  from tim_jax.data import latents
+  (tmp_path / "dataset_info.json").write_bytes(b"\xff\xfe\x00garbage{")
+  with pytest.raises(ValueError) as err:
+    latents.LatentSource(str(tmp_path))
+  assert str(tmp_path / "dataset_info.json") in str(err.value)
+  assert "python -m tim_jax.data.prepare" in str(err.value)

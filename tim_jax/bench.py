@@ -175,7 +175,8 @@ def run(config, batch, repeats, nfes, rows=()):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = flags.FLAGS.config
+  from tim_jax import config_base  # pylint: disable=g-import-not-at-top
+  config = config_base.flag_config(flags.FLAGS)
   print(f"JAX {jax.__version__}, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}, batch {flags.FLAGS.batch}, "
         f"dtype {config.model.dtype}", flush=True)

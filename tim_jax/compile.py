@@ -368,7 +368,8 @@ def main(argv):
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   devices = topology_devices(f.topology)
-  config = f.config
+  from tim_jax import config_base  # pylint: disable=g-import-not-at-top
+  config = config_base.flag_config(f)
   if f.sweep:
     batches = [int(b) for b in f.sweep_batches] or [config.batch_size]
     ranked = sweep(config, devices, batches, caption_len=f.caption_len)

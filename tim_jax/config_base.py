@@ -251,6 +251,24 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(variant or None)
 
 
+def flag_config(flag_values, name: str = "config"):
+  """The config of a ``config_flags`` flag (None when the flag is unset),
+  with a plain error for a missing file: ml_collections reports it as
+  "Failed loading config file config_config"."""
+  import os
+  from ml_collections import config_flags
+  holder = flag_values[name]
+  if not holder.present:
+    return holder.value
+  path = config_flags.get_config_filename(holder)
+  if path and not os.path.isfile(path.partition(":")[0]):
+    raise ValueError(
+        f"--{name}: no config file {path.partition(':')[0]!r} (looked in "
+        f"{os.getcwd()}); the configs are configs/c2i.py and configs/t2i.py, "
+        "given as --config=configs/t2i.py[:variant]")
+  return flag_values[name].value
+
+
 def to_json(config) -> dict:
   """The config as a JSON-safe dict (what checkpoints store)."""
   return _json_safe(config.to_dict())

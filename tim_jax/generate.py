@@ -179,7 +179,9 @@ def main(argv):
     jax.distributed.initialize()
     from jax.experimental import multihost_utils
     barrier = multihost_utils.sync_global_devices
-  pipe = inference.load(f.checkpoint, f.config, f.autoencoder_path)
+  from tim_jax import config_base
+  pipe = inference.load(f.checkpoint, config_base.flag_config(f),
+                        f.autoencoder_path)
   path = generate(pipe, num=f.num, out=f.out, num_steps=f.steps,
                   seed=f.seed, batch_size=f.batch_size, prompts=f.prompt,
                   cfg_scale=f.cfg, guidance_interval=interval,

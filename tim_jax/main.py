@@ -31,6 +31,8 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from tim_jax import config_base
+  config = config_base.flag_config(flags.FLAGS)  # A bad file stops first.
   import logging as std_logging
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
   import jax
@@ -40,7 +42,6 @@ def main(argv):
   logging.info("JAX %s on %d %s device(s), %d process(es)", jax.__version__,
                jax.device_count(), jax.devices()[0].platform,
                jax.process_count())
-  config = flags.FLAGS.config
   logging.info("config:\n%s", config)
   train.train_and_evaluate(config, os.path.abspath(flags.FLAGS.workdir))
 

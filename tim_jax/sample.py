@@ -155,8 +155,9 @@ def main(argv):
   if f.prompt_set and (f.prompt or labels):
     raise ValueError("--prompt_set takes its prompts from the set: drop "
                      "--prompt/--labels")
-  pipe = inference.load(f.checkpoint, f.config, f.autoencoder_path,
-                        f.text_encoder)
+  from tim_jax import config_base
+  pipe = inference.load(f.checkpoint, config_base.flag_config(f),
+                        f.autoencoder_path, f.text_encoder)
   try:  # Checked before the (slow) conditioning and sampling.
     pipe.settings(f.steps, f.cfg, interval, f.stochasticity, f.mode)
   except ValueError as e:

@@ -376,7 +376,17 @@ class LatentSource:
                config: str | None = None, with_images: bool = False):
     self.path = find_dataset(data_dir, config)
     self.split = split
-    builder = tfds.builder_from_directory(self.path)
+    try:
+      builder = tfds.builder_from_directory(self.path)
+    except Exception as e:  # pylint: disable=broad-except
+      # tfds raises UnicodeDecodeError / JSONDecodeError / KeyError for a
+      # damaged dataset_info.json without naming the file.
+      raise ValueError(
+          f"cannot read the dataset at {self.path}: "
+          f"{os.path.join(self.path, 'dataset_info.json')} (or its "
+          f"features.json) is damaged ({type(e).__name__}: "
+          f"{str(e)[:200]}); write the dataset again with "
+          "python -m tim_jax.data.prepare") from None
     if split not in builder.info.splits:
       raise ValueError(f"split {split!r} not in {self.path} (has "
                        f"{sorted(builder.info.splits)})")

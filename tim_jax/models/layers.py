@@ -204,14 +204,31 @@ def rope_tables(h: int, w: int, head_dim: int, positions: str = "official"):
   return np.cos(ang), np.sin(ang)
 
 
+@functools.lru_cache(maxsize=None)
+def _pair_rotation(head_dim: int) -> np.ndarray:
+  """R with (u @ R)[2k] = -u[2k+1] and (u @ R)[2k+1] = u[2k]."""
+  r = np.zeros((head_dim, head_dim), np.float32)
+  even = np.arange(0, head_dim, 2)
+  r[even + 1, even] = -1.0
+  r[even, even + 1] = 1.0
+  return r
+
+
 def apply_rope(u, cos, sin):
   """Interleaved (GPT-J) rotation of pairs (2k, 2k+1) along the last axis.
 
   u: (..., N, hd); cos, sin: (N, hd), broadcast over the leading axes.
+
+  The pair swap is a product with a signed permutation matrix rather than
+  a reshape to (..., hd/2, 2): on TPU that reshape puts a size-2 axis in
+  the minor (lane) dimension and XLA materialises the float32 q and k
+  around it; the product fuses (the TPU compiler's cost estimate of an
+  XL block's forward and backward: 21 % fewer bytes, 15 % less time). At
+  precision "highest" each output is one input times +-1: exact.
   """
-  pairs = u.reshape(u.shape[:-1] + (-1, 2))
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1)
-  return u * cos + rotated.reshape(u.shape) * sin
+  rotation = jnp.asarray(_pair_rotation(u.shape[-1]), u.dtype)
+  rotated = jnp.einsum("...d,de->...e", u, rotation, precision="highest")
+  return u * cos + rotated * sin
 
 
 def attention(q, k, v, implementation=None, key_mask=None):

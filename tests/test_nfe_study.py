@@ -3,6 +3,7 @@
 import csv
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -23,7 +24,9 @@ def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path):
   for r in rows[1:]:
     assert r["fd"] > real["fd"]  # A 2-step model is far from the data.
     assert 0.0 <= r["overall"] <= 1.0
-  assert strips["tiny"].shape == (12, 32, 32, 3)  # 6 images x 2 NFE shown.
+  # 6 prompts x 2 NFE shown, with the prompts.
+  assert strips["tiny"]["images"].shape == (12, 32, 32, 3)
+  assert len(strips["tiny"]["captions"]) == 6
 
   out = str(tmp_path / "study")
   nfe_study.write_outputs(rows, strips, out, [1, 2])
@@ -36,8 +39,11 @@ def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path):
   assert md[2].startswith("| real | – | 100.0 |")
   assert len(md) == 5
   assert Image.open(os.path.join(out, "nfe_study.png")).size[0] > 500
-  strip = Image.open(os.path.join(out, "samples_tiny.png"))
-  assert strip.size == (6 * 33 + 1, 2 * 33 + 1)  # A row per NFE.
+  strip = np.asarray(Image.open(os.path.join(out, "samples_tiny.png")))
+  # A row per prompt (its caption beside it), a column per NFE, 128 px.
+  assert strip.shape[1] == 220 + 2 * 132 + 4
+  assert strip.shape[0] > 6 * 132 + 4
+  assert (strip[-(6 * 132 + 4):, :220] < 128).any()
 
 
 def test_run_arguments_are_checked():

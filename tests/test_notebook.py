@@ -60,7 +60,8 @@ def test_notebook_samples_at_1_4_16_steps(tiny_t2i_workdir, tmp_path):
   assert len(pngs) == 3  # One grid per step count.
   for steps in (1, 4, 16):
     grid = Image.open(os.path.join(out_dir, f"grid_{steps}_steps.png"))
-    assert grid.size == (2 * 33 + 1, 2 * 33 + 1)
+    # 32 px enlarged to 128, prompts in a 220 px column, a title on top.
+    assert grid.size[0] == 220 + 2 * 132 + 4 and grid.size[1] > 2 * 132 + 4
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                  for o in c.get("outputs", []))
   for steps in (1, 4, 16):
@@ -85,8 +86,9 @@ def test_notebook_decodes_an_official_c2i_checkpoint(tmp_path):
       f"NUM_PER_PROMPT = 2\nSTEPS = [1, 4]")
   for steps in (1, 4):
     grid = Image.open(os.path.join(out_dir, f"grid_{steps}_steps.png"))
-    assert grid.size == (2 * 65 + 1, 2 * 65 + 1)  # Decoded 64 px images.
-  assert "row 0: 207" in text and "row 1: 360" in text
+    # Decoded 64 px images, enlarged to 128 px, labels on the left.
+    assert grid.size[0] == 220 + 2 * 132 + 4 and grid.size[1] > 2 * 132 + 4
+  assert "row 0: class 207" in text and "row 1: class 360" in text
 
 
 def test_notebook_draws_prompts_with_an_official_t2i_checkpoint(tmp_path):
@@ -118,5 +120,6 @@ def test_notebook_draws_prompts_with_an_official_t2i_checkpoint(tmp_path):
       f"NUM_PER_PROMPT = 2\nSTEPS = [1, 4]")
   for steps in (1, 4):
     grid = Image.open(os.path.join(out_dir, f"grid_{steps}_steps.png"))
-    assert grid.size == (2 * 97 + 1, 2 * 65 + 1)  # 64x96 decoded images.
+    # 64x96 decoded images, enlarged 2x, the prompts on the left.
+    assert grid.size[0] == 220 + 2 * 196 + 4 and grid.size[1] > 2 * 132 + 4
   assert f"row 0: {prompts[0]}" in text and f"row 1: {prompts[1]}" in text

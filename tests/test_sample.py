@@ -115,7 +115,9 @@ def test_prompt_on_a_class_model_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"labels must be in \[0, 18\)"):
     pipe.conditions(labels=[-1])
   cond, names = pipe.conditions(labels=[0, 5])
-  assert names == ["0", "5"]
+  from tim_jax.data import shapes
+  assert names == ["0: " + shapes.label_name(0), "5: " + shapes.label_name(5)]
+  assert names[0] == "0: red circle"
 
 
 def test_official_checkpoint_samples_like_the_tim_jax_one(tmp_path, loaded):
@@ -160,8 +162,17 @@ def test_command_writes_the_grid(workdir, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   assert "wrote" in done.stdout and "row 1: a blue square" in done.stdout
   assert "sampling" in done.stderr  # The progress bar.
-  # 2 rows x 3 columns of 32 px with 1 px gaps.
-  assert Image.open(out).size == (3 * 33 + 1, 2 * 33 + 1)
+  # 2 rows (one per prompt) x 3 columns of 32 px enlarged 4x to 128 px,
+  # 4 px gaps, the prompts in a 220 px column on the left, a title on top.
+  labelled = np.asarray(Image.open(out))
+  assert labelled.shape[1] == 220 + 3 * 132 + 4
+  assert labelled.shape[0] > 2 * 132 + 4
+  assert (labelled[-(2 * 132 + 4):, :220] < 128).any()  # The prompts.
+  raw = subprocess.run(cmd + ["--raw_size", f"--out={tmp_path / 'raw.png'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert raw.returncode == 0, raw.stderr[-3000:]
+  # --raw_size: 2 rows x 3 columns of 32 px with 1 px gaps.
+  assert Image.open(tmp_path / "raw.png").size == (3 * 33 + 1, 2 * 33 + 1)
   assert np.load(latents).shape == (6, 32, 32, 3)
   bad = subprocess.run(cmd[:4] + ["--steps=0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -222,7 +233,8 @@ def test_any_size_the_patch_and_autoencoder_allow(tiny_t2i_workdir):
 
 def _flags(**kw):
   import types
-  base = dict(num=1, batch_size=4, steps=2, cols=0, height=None, width=None,
+  base = dict(num=1, batch_size=4, steps=2, cols=0, min_side=128,
+              height=None, width=None,
               cfg=None, stochasticity=0.0, prompt_set=None, out="",
               latents_out="")
   base.update(kw)

@@ -139,6 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       every=1000, nfe=(1, 2, 4, 8), cfg_scale=1.0,
       guidance_interval=(0.0, 1.0), image_size=32, seed=0, num=8, cols=0,
+      # Grids for people: images enlarged (nearest) to at least this many
+      # pixels a side, with their prompts or class names beside them.
+      min_side=128,
       prompts=(), labels=(),
       # "transition" (r = t_next, the TiM sampler) or "diffusion" (r = t_cur:
       # Euler steps of the flow, for models trained with diffusion_ratio=1).

@@ -252,8 +252,9 @@ class Pipeline:
                          "class-conditional model: use --labels")
       labels = list(labels) or list(s.labels) or list(
           range(min(s.num, self.model_config.num_classes)))
+      from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
       return (self.conditioner.from_labels(labels),
-              [str(int(l)) for l in labels])
+              kinds.label_names(self.config, labels))
     if labels:
       raise ValueError("--labels is for class-conditional models; this is a "
                        "text-to-image model: use --prompt")

@@ -25,7 +25,10 @@
     python -m tim_jax.sample ... --prompt_set=dpg:dpg_bench/prompts \\
         --out=dpg_samples
 
-Images are laid out one row per prompt or label, ``--num`` per row. The
+Images are laid out one row per prompt or label, ``--num`` per row, the
+prompt or class name beside each row and images smaller than
+``--min_side`` (128) pixels enlarged; ``--raw_size`` writes a plain grid at
+the images' own size instead. The
 noise is drawn for all images at once from ``--seed``, so the result does not
 depend on ``--batch_size``. Latent-space models decode with the config's
 autoencoder (``--config.autoencoder.path=DIR``, a diffusers directory); with
@@ -73,6 +76,8 @@ def check_flags(f) -> None:
       raise ValueError(f"--{name} must be >= 1, got {value}")
   if f.cols < 0:
     raise ValueError(f"--cols must be >= 0 (0 = automatic), got {f.cols}")
+  if f.min_side < 1:
+    raise ValueError(f"--min_side must be >= 1, got {f.min_side}")
   for name in ("height", "width"):
     value = getattr(f, name)
     if value is not None and value < 1:
@@ -128,8 +133,16 @@ def _flags():
   flags.DEFINE_string("out", "samples.png", "The grid (PNG); with "
                       "--prompt_set, the output folder.")
   flags.DEFINE_string("latents_out", "", "Also write the raw samples (.npy).")
-  flags.DEFINE_integer("cols", 0, "Grid columns (default: --num, or up to 8 "
+  flags.DEFINE_integer("cols", 0, "Grid columns with --raw_size (default: "
+                       "the config's sample.cols, else --num, or up to 8 "
                        "when --num is 1).")
+  flags.DEFINE_bool("raw_size", False, "Write the images at their own size "
+                    "in a plain grid, without labels (default: one row per "
+                    "prompt or label, its text beside it, images enlarged "
+                    "to --min_side).")
+  flags.DEFINE_integer("min_side", 128, "Enlarge smaller images (nearest) "
+                       "to at least this many pixels a side in the "
+                       "labelled grid.")
 
 
 def main(argv):
@@ -207,9 +220,21 @@ def main(argv):
     logging.warning("no --config.autoencoder.path for %r; wrote only the "
                     "latents", pipe.config.autoencoder.name)
     return
-  cols = f.cols or (f.num if f.num > 1 else min(len(names), 8))
-  images.save_png(f.out, images.grid(
-      images.to_uint8(pipe.decode(samples), pipe.kind), cols=cols))
+  pictures = images.to_uint8(pipe.decode(samples), pipe.kind)
+  if f.raw_size:
+    cols = (f.cols or int(pipe.config.sample.get("cols", 0)) or
+            (f.num if f.num > 1 else min(len(names), 8)))
+    picture = images.grid(pictures, cols=cols)
+  else:
+    settings = pipe.settings(f.steps, f.cfg, interval, f.stochasticity,
+                             f.mode)
+    guidance = (f", cfg {settings.cfg_scale:g}" if settings.cfg_scale > 1
+                else "")
+    picture = images.annotated_grid(
+        pictures, cols=f.num, row_labels=names,
+        title=f"{f.steps} steps{guidance}, seed {f.seed}",
+        min_side=f.min_side)
+  images.save_png(f.out, picture)
   print(f"wrote {f.out}: {len(names)} x {f.num} images at {f.steps} steps")
   for i, name in enumerate(names):
     print(f"  row {i}: {name}" if f.num > 1 else f"  {i}: {name}")

@@ -341,8 +341,10 @@ def is_due(step: int, every: int, total: int) -> bool:
 
 def write_sample_grids(trainer: Trainer, state, step: int, workdir: str,
                        writer) -> list:
-  """The EMA model's samples of the config's prompts or labels at each
-  ``sample.nfe``, as PNG files and TensorBoard images; returns the paths."""
+  """The EMA model's samples of the config's prompts or labels, one row per
+  prompt or label (its text beside it) and one column per ``sample.nfe``,
+  enlarged to at least ``sample.min_side`` pixels, as
+  ``samples/step_<step>.png`` and a TensorBoard image; returns the paths."""
   s = trainer.config.sample
   pipe = trainer.pipeline
   if not pipe.can_decode:
@@ -351,17 +353,23 @@ def write_sample_grids(trainer: Trainer, state, step: int, workdir: str,
   n = len(names)
   shape = (n, s.image_size, s.image_size, trainer.model_config.in_channels)
   noise = jax.random.normal(jax.random.key(s.seed), shape)
-  pictures, paths = {}, []
+  columns = []
   for nfe in s.nfe:
     out = pipe.sample(noise, cond, num_steps=int(nfe), params=state.ema)
-    picture = images.grid(images.to_uint8(pipe.decode(out)), cols=s.cols or n)
-    path = os.path.join(workdir, "samples", f"step_{step:07d}_nfe_{nfe}.png")
-    if jax.process_index() == 0:
-      images.save_png(path, picture)
-    pictures[f"samples/nfe_{nfe}"] = picture[None]
-    paths.append(path)
-  writer.write_images(step, pictures)
-  return paths
+    columns.append(images.to_uint8(pipe.decode(out), pipe.kind))
+  # (nfe, n, ...) -> rows of prompts, columns of NFE.
+  tiles = np.stack(columns, axis=1).reshape((-1,) + columns[0].shape[1:])
+  guidance = (f", cfg {pipe.settings(1).cfg_scale:g}"
+              if pipe.settings(1).cfg_scale > 1 else "")
+  picture = images.annotated_grid(
+      tiles, cols=len(s.nfe), row_labels=names,
+      col_labels=[f"{nfe} NFE" for nfe in s.nfe],
+      title=f"step {step}, EMA weights{guidance}", min_side=s.min_side)
+  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+  if jax.process_index() == 0:
+    images.save_png(path, picture)
+  writer.write_images(step, {"samples": picture[None]})
+  return [path]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):

@@ -32,6 +32,17 @@ def _check(config):
   return config.data.name
 
 
+def label_names(config, labels) -> list:
+  """What people read beside class-conditional samples: the shapes world's
+  class names ("3: blue square"), else "class N"."""
+  if config.data.get("name", "") == "shapes":
+    from tim_jax.data import shapes
+    return [f"{int(l)}: {shapes.label_name(l)}"
+            if 0 <= int(l) < shapes.num_classes() else f"class {int(l)}"
+            for l in labels]
+  return [f"class {int(l)}" for l in labels]
+
+
 def source(config, split: str = "train"):
   """The random-access source of ``split`` ("train" or "eval")."""
   d = config.data

@@ -40,7 +40,9 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
               reference_num: int = 5000,
               judge: oracle.Oracle | None = None, progress: bool = True,
               on_row=None):
-  """Rows of scores (dicts) and the sample strips, per run and NFE.
+  """Rows of scores (dicts) and the sample strips: per run, ``images``
+  (the first 8 prompts' samples, row-major with one column per NFE) and
+  their ``captions``.
 
   ``on_row(rows)`` is called after every new row (the command writes the
   partial CSV there, so an interrupted study keeps what it measured).
@@ -64,7 +66,7 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
     elif pipe.kind != scorer.kind:
       raise ValueError("all runs of one study must be of the same kind "
                        f"(t2i or c2i); {name} is {pipe.kind}")
-    cond, _ = pipe.conditions(**scorer.requests())
+    cond, names = pipe.conditions(**scorer.requests())
     strip = []
     for nfe in nfes:
       t0 = time.time()
@@ -82,7 +84,10 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
       if progress:
         print(f"{name} NFE {nfe}: overall {scores['overall']:.3f}, "
               f"FD {scores['fd']:.2f} ({seconds:.0f} s)", flush=True)
-    strips[name] = np.concatenate(strip)
+    # Rows of samples (the first 8 prompts), columns of NFE.
+    tiles = np.stack(strip, axis=1)
+    strips[name] = dict(images=tiles.reshape((-1,) + tiles.shape[2:]),
+                        captions=list(names[:len(tiles)]))
   return rows, strips
 
 
@@ -148,7 +153,11 @@ def write_outputs(rows, strips, out: str, nfes):
   plot(rows, os.path.join(out, "nfe_study.png"))
   for name, strip in strips.items():
     images.save_png(os.path.join(out, f"samples_{name}.png"),
-                    images.grid(strip, cols=len(strip) // len(nfes)))
+                    images.annotated_grid(
+                        strip["images"], cols=len(nfes),
+                        row_labels=strip["captions"],
+                        col_labels=[f"{n} NFE" for n in nfes],
+                        title=f"{name}: the first prompts at each NFE"))
 
 
 def parse_runs(items: Sequence[str]) -> Dict[str, str]:

@@ -71,3 +71,26 @@ def test_bad_checkpoints_are_named(tmp_path):
   torch.save(chk, tmp_path / "broken.pth")
   with pytest.raises(ValueError, match="blocks.1.mlp.fc2.bias"):
     radio.load(tmp_path / "broken.pth")
+
+
+def test_scanned_blocks_equal_the_loop():
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  c = dataclasses.replace(radio.V2_5_B, embed_dim=32, depth=3, num_heads=2,
+                          mlp_hidden=64, table=(8, 8), num_skip=2,
+                          layer_scale=True)
+  model = radio.VisionTransformer(c, rngs=nnx.Rngs(3))
+  # Distinct blocks (random LayerScale), so a scan reusing one block's
+  # weights would differ.
+  for i, block in enumerate(model.blocks):
+    block.ls1.gamma[...] = jnp.full_like(block.ls1.gamma[...], 0.5 + i)
+  x = jax.random.normal(jax.random.key(0), (2, 64, 48, 3))
+  looped = np.asarray(model(x, scan=False))
+  scanned = np.asarray(model(x, scan=True))
+  # Float32 rounding of differently fused ops only.
+  np.testing.assert_allclose(scanned, looped, rtol=1e-5, atol=1e-5)
+  single = np.asarray(radio.VisionTransformer(
+      dataclasses.replace(c, depth=1), rngs=nnx.Rngs(3))(x))
+  assert not np.allclose(single, looped, atol=1e-3)

@@ -197,10 +197,22 @@ class VisionTransformer(nnx.Module):
     self.norm = ln() if c.final_norm else None
     self.num_skip = c.num_skip
 
-  def __call__(self, x):
+  def __call__(self, x, scan: bool = True):
+    """``scan``: the blocks as one ``lax.scan`` over their parameters
+    stacked on the fly (the same arithmetic; the frozen encoder then
+    compiles as one block, not twelve, inside the train step). Stacking
+    copies the blocks' weights once per call, which is small beside the
+    encoder's activations."""
     x = self.patch_generator(x)
-    for block in self.blocks:
-      x = block(x)
+    if scan and len(self.blocks) > 1:
+      graph, _ = nnx.split(self.blocks[0])
+      stacked = jax.tree.map(lambda *a: jnp.stack(a),
+                             *[nnx.state(b) for b in self.blocks])
+      x, _ = jax.lax.scan(lambda h, st: (nnx.merge(graph, st)(h), None), x,
+                          stacked)
+    else:
+      for block in self.blocks:
+        x = block(x)
     if self.norm is not None:
       x = self.norm(x)
     return x[:, self.num_skip:]

@@ -122,3 +122,23 @@ def test_command_prints_and_writes_the_report(tmp_path):
        f"--config={ROOT}/configs/c2i.py", "--topology=v5e:banana"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and "unknown TPU topology" in bad.stderr
+
+
+def test_extrapolated_roofline_matches_the_unrolled_depth(devices):
+  # Depths 1 and 2 predict depth 3's XLA cost (one more block), and the
+  # scanned compile's own count (one body) would fall short of it.
+  c = tiny(data=4)
+  c.unlock()
+  c.model.network.depth = 3
+  c.model.scan_blocks = False
+  c.lock()
+  ext = compile_lib.extrapolated_roofline(c, devices)
+  real = compile_lib.compile_steps(c, devices, sampler=False,
+                                   model_floor=False)["rows"][0]
+  assert ext["depth"] == 3
+  assert ext["xla_flops_per_device"] == pytest.approx(
+      real["xla_flops_per_device"], rel=0.03)
+  assert ext["roofline_seconds"] == pytest.approx(real["roofline_seconds"],
+                                                  rel=0.1)
+  assert ext["per_block_seconds"] > 0
+  assert 0 < ext["roofline_mfu_upper_bound"] <= 1.5

@@ -27,6 +27,11 @@ device:
 ``--sweep`` compiles every mesh (data x fsdp x tensor, tensor dividing the
 heads) and each ``--sweep_batches`` choice and ranks those that fit by
 roofline time per example.
+
+``--extrapolate`` adds the train step's roofline at full depth from two
+small unrolled compiles (depth 1 and 2; their difference is one block):
+XLA counts a scanned body once, and compiling the unrolled depth takes
+minutes. With ``--sweep`` the ranking uses it.
 """
 
 from __future__ import annotations
@@ -144,7 +149,7 @@ def _memory(compiled, chip: Chip) -> dict:
 
 
 def _report(name, compiled, lower_s, compile_s, chip: Chip,
-            model_flops: Optional[float]) -> dict:
+            model_flops: Optional[float], floor: bool = True) -> dict:
   cost = _cost(compiled)
   seconds = float(cost.get("optimal_seconds", -1.0))
   flops = float(cost.get("flops", float("nan")))
@@ -155,7 +160,7 @@ def _report(name, compiled, lower_s, compile_s, chip: Chip,
                   float(cost.get("bytes accessed", 0.0)) /
                   chip.bandwidth_per_device)
   source = "xla"
-  if model_flops:
+  if model_flops and floor:
     # XLA's cost analysis counts a loop body once (scanned blocks, the
     # sampler's step loop), so its roofline can undercut the model's own
     # compute bound; never report faster than that bound.
@@ -182,9 +187,12 @@ def _abstract(tree, shardings):
 
 
 def compile_steps(config, devices, *, batch: Optional[int] = None,
-                  caption_len: int = 128, sampler: bool = True) -> dict:
+                  caption_len: int = 128, sampler: bool = True,
+                  model_floor: bool = True) -> dict:
   """Compiles the train step (and sampler steps) of ``config`` for
-  ``devices``; returns the report (see the module docstring)."""
+  ``devices``; returns the report (see the module docstring).
+  ``model_floor=False`` reports XLA's roofline as is, even below the model
+  FLOPs' compute bound."""
   from tim_jax import builders, flops as flops_lib, sharding  # pylint: disable=g-import-not-at-top
   from tim_jax import train  # pylint: disable=g-import-not-at-top
   from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
@@ -240,7 +248,7 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
   compiled = lowered.compile()
   t2 = time.perf_counter()
   rows.append(_report("train_step", compiled, t1 - t0, t2 - t1, chip,
-                      model_flops))
+                      model_flops, floor=model_floor))
   if sampler:
     pipe = trainer.pipeline
     params = trainer.abstract_with_shardings().ema
@@ -272,6 +280,42 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
               caption_len=cap, rows=rows)
 
 
+def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
+                          caption_len: int = 128) -> dict:
+  """The train step's XLA cost at the config's depth, from two small
+  unrolled compiles (depth 1 and 2: the per-block cost is their
+  difference): XLA's cost analysis counts a loop body once, so a scanned
+  model's own compile undercounts, and compiling the unrolled full depth
+  takes minutes. Checked against an unrolled XL/2 compile (the benchmarks
+  page). Returns flops (per device), roofline seconds, the model FLOPs and
+  the MFU upper bound at full depth, and the two compiles' seconds."""
+  depth = int(config.model.network.depth)
+  costs = []
+  for d in (1, 2):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    c.model.network.depth = d
+    c.model.network.encoder_depth = 1
+    c.model.scan_blocks = False
+    c.lock()
+    row = compile_steps(c, devices, batch=batch, caption_len=caption_len,
+                        sampler=False, model_floor=False)["rows"][0]
+    costs.append(row)
+  grow = lambda key: costs[0][key] + (depth - 1) * (costs[1][key] -
+                                                     costs[0][key])
+  chip = chip_info(devices)
+  model = costs[0]["model_flops"] + (depth - 1) * (
+      costs[1]["model_flops"] - costs[0]["model_flops"])
+  seconds = grow("roofline_seconds")
+  return dict(depth=depth, xla_flops_per_device=grow("xla_flops_per_device"),
+              roofline_seconds=seconds, model_flops=model,
+              roofline_mfu_upper_bound=model / (
+                  seconds * chip.devices * chip.peak_per_device),
+              per_block_seconds=costs[1]["roofline_seconds"] -
+              costs[0]["roofline_seconds"],
+              compile_seconds=sum(r["compile_seconds"] for r in costs))
+
+
 def _abstract_cond(c, trainer, b, caption_len, mesh):
   from tim_jax import sharding  # pylint: disable=g-import-not-at-top
   put = lambda shape, dtype: jax.ShapeDtypeStruct(
@@ -299,9 +343,12 @@ def meshes(n: int, num_heads: int, tensors=(1, 2, 4, 8)) -> List[dict]:
   return out
 
 
-def sweep(config, devices, batches: Sequence[int], **kw) -> List[dict]:
+def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
+          **kw) -> List[dict]:
   """``compile_steps`` for every mesh and batch; fitting ones first, by
-  roofline seconds per example."""
+  roofline seconds per example (with ``extrapolate``, the depth-extrapolated
+  roofline: trustworthy for scanned blocks, two more small compiles
+  each)."""
   results = []
   heads = int(config.model.network.num_heads)
   for mesh, b in itertools.product(meshes(len(devices), heads), batches):
@@ -315,6 +362,9 @@ def sweep(config, devices, batches: Sequence[int], **kw) -> List[dict]:
       print(f"mesh {mesh} batch {b}: failed: {str(e)[:200]}", flush=True)
       continue
     row = rep["rows"][0]
+    if extrapolate:
+      row = dict(row, **{k: v for k, v in extrapolated_roofline(
+          c, devices, batch=b, **kw).items() if k != "compile_seconds"})
     per_example = row["roofline_seconds"] / b
     results.append(dict(mesh=mesh, batch=b, fits=row["memory"]["fits"],
                         hbm_gib=row["memory"]["total"] / GIB,
@@ -372,7 +422,8 @@ def main(argv):
   config = config_base.flag_config(f)
   if f.sweep:
     batches = [int(b) for b in f.sweep_batches] or [config.batch_size]
-    ranked = sweep(config, devices, batches, caption_len=f.caption_len)
+    ranked = sweep(config, devices, batches, extrapolate=f.extrapolate,
+                   caption_len=f.caption_len)
     print("\nranked (fitting first, by roofline time per example):")
     for r in ranked:
       print("  " + _sweep_line(r))
@@ -382,6 +433,15 @@ def main(argv):
                            caption_len=f.caption_len)
     result["topology"] = f.topology
     print_report(result)
+    if f.extrapolate:
+      ext = extrapolated_roofline(config, devices, batch=f.batch,
+                                  caption_len=f.caption_len)
+      result["extrapolated"] = ext
+      print(f"\ntrain step at depth {ext['depth']}, extrapolated from "
+            f"unrolled depths 1 and 2 ({ext['compile_seconds']:.0f} s): "
+            f"roofline {ext['roofline_seconds'] * 1e3:.1f} ms "
+            f"({ext['per_block_seconds'] * 1e3:.2f} ms per block), MFU upper "
+            f"bound {ext['roofline_mfu_upper_bound']:.1%}")
   result["command"] = " ".join(["python -m tim_jax.compile"] + sys.argv[1:])
   if f.out:
     with open(f.out, "w", encoding="utf-8") as fh:
@@ -399,6 +459,10 @@ def _flags():
   flags.DEFINE_bool("sweep", False, "Compile every mesh and rank them.")
   flags.DEFINE_list("sweep_batches", [], "Global batches for --sweep "
                     "(default: the config's).")
+  flags.DEFINE_bool("extrapolate", False, "Also (with --sweep: rank by) "
+                    "the train step's roofline at full depth from unrolled "
+                    "depth-1 and depth-2 compiles; trustworthy where XLA "
+                    "counts scanned blocks once.")
   flags.DEFINE_string("out", "", "Also write the report as JSON.")
   flags.mark_flags_as_required(["config", "topology"])
 

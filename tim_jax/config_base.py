@@ -170,7 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def tiny_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The schedule of the tiny built-in-data variants, sized so that the
-  default run finishes in about a quarter of an hour on a 2-core CPU."""
+  default run finishes in about ten minutes on a 2-core CPU."""
   c.model.use_projector = False  # No REPA encoder for the shapes world.
   c.model.rope_positions = "xy"
   c.data.name = "shapes"

@@ -11,10 +11,13 @@ Our counts are model FLOPs (matmuls and attention products only), so XLA
 reads a little higher: the elementwise work (LayerNorms, RoPE, softmax,
 gates, residuals, the loss) costs ~100 FLOPs per token and hidden unit per
 block against ~24 D per token and unit of matmuls, i.e. a share ~4/D —
-about 8 % at D = 64, 4 % at D = 128, 2 % at D = 256. That stays inside the
-10 % tolerance at the smallest width tested, so no elementwise terms are
-added to the count (and the tests would fail if the matmul model were off by
-more than the few per cent left).
+about 8 % at D = 64, 4 % at D = 128, 2 % at D = 256. RoPE's pair swap is a
+product with a signed permutation matrix (``models.layers.apply_rope``),
+which XLA counts as 2 hd FLOPs per element of q and k: another hd / (6 D)
+(2 % at D = 64 with hd 32, 1 % at the paper's D = 1152). That stays inside
+the 12 % tolerance at the smallest width tested, so neither is added to the
+count (and the tests would fail if the matmul model were off by more than
+the few per cent left).
 
 Compile speed: the programs are compiled with the XLA:CPU backend at
 optimisation level 0. That option only changes LLVM code generation; the
@@ -33,7 +36,7 @@ from flax import nnx
 
 from tim_jax import flops, models, sampling, transition, transports
 
-TOL = 0.10  # |XLA / ours - 1| must stay below this.
+TOL = 0.12  # |XLA / ours - 1| must stay below this.
 B = 8
 FAST = {"xla_backend_optimization_level": 0}
 OT_FM = transports.get("ot_fm")
@@ -358,7 +361,8 @@ def test_repa_teacher(grid, image_hw, table):
   from tim_jax.encoders import radio
   c = dataclasses.replace(radio.V2_5_B, embed_dim=128, depth=2, num_heads=4,
                           mlp_hidden=512, table=table)
-  enc = radio.random_encoder(c)
+  # Looped blocks: XLA counts a scanned body once.
+  enc = radio.random_encoder(c, scan_blocks=False)
   images = jnp.zeros((B,) + image_hw + (3,))
   compiled = jax.jit(enc.apply, static_argnums=(2,)).lower(
       enc.state, images, grid).compile(compiler_options=FAST)

@@ -245,11 +245,13 @@ def test_captions_to_png_end_to_end(world, tmp_path, caplog):
   done = subprocess.run(
       [sys.executable, "-m", "tim_jax.sample", f"--checkpoint={workdir}",
        f"--text_encoder={gemma_dir}", "--prompt=a red bus at night",
-       "--height=64", "--width=96", "--steps=2", "--cfg=2.0", f"--out={out}"],
+       "--height=64", "--width=96", "--steps=2", "--cfg=2.0", f"--out={out}",
+       "--raw_size"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   picture = np.asarray(Image.open(out))
-  assert picture.shape == (64 + 2, 96 + 2, 3)  # One image, 1px frame.
+  # --raw_size: one image at its own size, 1px frame.
+  assert picture.shape == (64 + 2, 96 + 2, 3)
   assert picture[1:-1, 1:-1].std() > 0
 
   # The benchmark layouts, resumable.

@@ -451,6 +451,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
   train.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
   ckdir = os.path.join(workdir, "checkpoints")
   _damage(os.path.join(ckdir, "4"), how)
+  # A step 4 damaged once before is kept too: the new one goes beside it.
+  os.makedirs(os.path.join(ckdir, "damaged-step-4"))
   caplog.set_level("INFO")
   state = train.train_and_evaluate(tiny_c2i(num_steps=6, every=2), workdir)
   assert int(state.step) == 6
@@ -458,7 +460,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
   assert "checkpoint step 4 in" in text and "cannot be read" in text
   assert "resuming from step 2 instead of the damaged step 4" in text
   assert "resumed from step 2" in text
-  assert os.path.isdir(os.path.join(ckdir, "damaged-step-4"))  # Kept.
+  assert os.path.isdir(os.path.join(ckdir, "damaged-step-4-2"))  # Kept.
+  assert os.listdir(os.path.join(ckdir, "damaged-step-4-2"))
   ck = checkpoint.Checkpointer(ckdir)
   assert ck.manager.all_steps() == [2, 4, 6]  # 4 rewritten whole.
   ck.close()
@@ -473,7 +476,8 @@ def test_every_checkpoint_damaged_is_refused_untouched(tmp_path):
   with pytest.raises(checkpoint.CheckpointReadError) as err:
     train.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
   text = str(err.value)
-  assert f"step 2 ({step_dir})" in text and "Delete" in text, text
+  assert f"step 2 ({step_dir})" in text and "delete those step" in text, text
+  assert "run with the config the checkpoints were made with" in text
   assert len(text) < 2000
   assert sorted(os.listdir(os.path.dirname(step_dir))) == before
 

@@ -102,6 +102,15 @@ class CheckpointReadError(RuntimeError):
   """No checkpoint of the directory can be read."""
 
 
+def _free_name(path: str) -> str:
+  """``path``, or ``path-2``, ``path-3``, ... : the first that is free."""
+  candidate, k = path, 1
+  while os.path.exists(candidate):
+    k += 1
+    candidate = f"{path}-{k}"
+  return candidate
+
+
 def _first_line(e: BaseException, limit: int = 300) -> str:
   text = (str(e).strip().splitlines() or [""])[0]
   return f"{type(e).__name__}: {text[:limit]}"
@@ -208,21 +217,28 @@ class Checkpointer:
                       self.directory, failures[-1][1])
         continue
       for bad, why in failures:
-        aside = os.path.join(self.directory, f"damaged-step-{bad}")
-        os.replace(os.path.join(self.directory, str(bad)), aside)
+        aside = _free_name(os.path.join(self.directory, f"damaged-step-{bad}"))
+        if jax.process_index() == 0:  # One rename on shared storage.
+          os.replace(os.path.join(self.directory, str(bad)), aside)
         logging.warning(
             "resuming from step %d instead of the damaged step %d (%s); "
             "the damaged step is kept at %s", step, bad, why, aside)
       if failures:
+        if jax.process_count() > 1:
+          from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+          multihost_utils.sync_global_devices("tim_jax_damaged_steps_moved")
         self.manager.reload()
       return step, state
     if failures:
       listed = "; ".join(f"step {s} ({os.path.join(self.directory, str(s))}"
                          f"): {why}" for s, why in failures)
       raise CheckpointReadError(
-          f"no checkpoint in {self.directory} can be read: {listed}. Delete "
-          "those step directories to start over (or restore them from a "
-          "copy); nothing was changed on disk.")
+          f"no checkpoint in {self.directory} can be read: {listed}. If "
+          "every step fails alike, the config or code may have changed what "
+          "a train state holds (optimizer, data iterator): run with the "
+          "config the checkpoints were made with. If the files are damaged, "
+          "delete those step directories to start over (or restore them "
+          "from a copy). Nothing was changed on disk.")
     return None, None
 
   def restore_ema(self, step: int, abstract_params: Any):

@@ -188,11 +188,13 @@ def _abstract(tree, shardings):
 
 def compile_steps(config, devices, *, batch: Optional[int] = None,
                   caption_len: int = 128, sampler: bool = True,
-                  model_floor: bool = True) -> dict:
+                  model_floor: bool = True, unroll_teacher: bool = False
+                  ) -> dict:
   """Compiles the train step (and sampler steps) of ``config`` for
   ``devices``; returns the report (see the module docstring).
   ``model_floor=False`` reports XLA's roofline as is, even below the model
-  FLOPs' compute bound."""
+  FLOPs' compute bound; ``unroll_teacher`` loops over the REPA teacher's
+  blocks instead of scanning them, so that XLA counts all of them."""
   from tim_jax import builders, flops as flops_lib, sharding  # pylint: disable=g-import-not-at-top
   from tim_jax import train  # pylint: disable=g-import-not-at-top
   from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
@@ -206,7 +208,8 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
   dtype = builders.compute_dtype(c)
   if c.loss_extras.get("repa_encoder", "none") != "none":
     from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
-    teacher = radio.random_encoder(dtype=dtype, abstract=True)
+    teacher = radio.random_encoder(dtype=dtype, abstract=True,
+                                   scan_blocks=not unroll_teacher)
     c.model.network.z_dim = teacher.dim
   if c.data.name == "captions":
     from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
@@ -299,7 +302,8 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
     c.model.scan_blocks = False
     c.lock()
     row = compile_steps(c, devices, batch=batch, caption_len=caption_len,
-                        sampler=False, model_floor=False)["rows"][0]
+                        sampler=False, model_floor=False,
+                        unroll_teacher=True)["rows"][0]
     costs.append(row)
   grow = lambda key: costs[0][key] + (depth - 1) * (costs[1][key] -
                                                      costs[0][key])

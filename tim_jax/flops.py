@@ -26,7 +26,10 @@ What is not counted: elementwise work (LayerNorm, RoPE, softmax, SiLU, gates,
 residual adds, biases). It is not "model FLOPs" by the usual MFU convention
 and its share falls as ~4/D: XLA's count of the compiled forward reads 8 %
 above ours at D = 64, 4 % at D = 128, 2 % at D = 256, well under 1 % at the
-paper's D = 1152 (``tests/test_flops.py``).
+paper's D = 1152 (``tests/test_flops.py``). Nor is RoPE's pair swap, which
+runs as a product with a signed permutation matrix (exact; it keeps TPU
+layouts lane-friendly) that XLA counts as 2 hd FLOPs per element of q and
+k: hd / (6 D) more, 1 % at D = 1152.
 
 Steps (``step_flops``): the backward pass is counted as 2x the forward (the
 standard "6N" rule: forward 2N, backward 4N per token for N parameters), so a

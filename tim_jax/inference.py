@@ -410,7 +410,7 @@ class Pipeline:
           raise NonFiniteSamplesError(
               f"{bad} of the {len(out[-1])} samples of images {start}-"
               f"{stop - 1} hold non-finite values: the weights are diverged "
-              "or damaged (nothing was written)")
+              "or damaged")
     finally:
       if bar is not None:
         bar.close()

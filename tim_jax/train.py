@@ -467,9 +467,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           writer.write_scalars(step, evaluator(trainer, state))
           logging.info("evaluator %s took %.1f s", name, time.time() - t_eval)
       if is_due(step, config.checkpoint_every, total):
-        if int(metrics["nonfinite_streak"]):
+        streak_now = int(metrics["nonfinite_streak"])
+        if streak_now and (step < total or
+                           streak_now >= config.max_nonfinite_steps):
           # The state is the last good one, but the run is in a bad streak:
-          # keep the checkpoints from before it.
+          # keep the checkpoints from before it (the last step still saves
+          # unless the run is about to stop on the streak).
           logging.warning("not saving step %d: the guard rejected the last "
                           "%d step(s)", step, int(metrics["nonfinite_streak"]))
         else:

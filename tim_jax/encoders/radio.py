@@ -277,8 +277,12 @@ class RadioEncoder:
   jitted train step, with ``enc.state``)."""
 
   def __init__(self, model: VisionTransformer, mean, std,
-               feature_norm: Optional[Tuple[np.ndarray, np.ndarray]] = None):
+               feature_norm: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+               scan_blocks: bool = True):
     self.config = model.patch_generator.c
+    # The blocks as one scan (compiles once) or a loop (XLA's cost analysis
+    # then counts every block: tim_jax.compile's roofline).
+    self.scan_blocks = scan_blocks
     self.graphdef, params = nnx.split(model)
     consts = dict(mean=jnp.asarray(np.asarray(mean, np.float32).reshape(3)),
                   std=jnp.asarray(np.asarray(std, np.float32).reshape(3)))
@@ -300,7 +304,7 @@ class RadioEncoder:
     x = (images.astype(jnp.float32) + 1.0) / 2.0
     x = resize.bicubic(x, size)
     x = (x - c["mean"]) / c["std"]
-    feats = model(x)
+    feats = model(x, scan=self.scan_blocks)
     if "fn_tx" in c:
       feats = (feats - c["fn_mean"]) @ c["fn_tx"].T
     return feats
@@ -317,13 +321,14 @@ class RadioEncoder:
 
 
 def random_encoder(config: RadioConfig = V2_5_B, *, dtype=jnp.float32,
-                   seed: int = 0, abstract: bool = False) -> RadioEncoder:
+                   seed: int = 0, abstract: bool = False,
+                   scan_blocks: bool = True) -> RadioEncoder:
   """An encoder of ``config``'s architecture with random weights (for
   benchmarks and tests; REPA needs the trained ones); ``abstract``: shapes
   only, for compiling (``tim_jax.compile``)."""
   build = lambda: VisionTransformer(config, dtype=dtype, rngs=nnx.Rngs(seed))
   model = nnx.eval_shape(build) if abstract else build()
-  return RadioEncoder(model, CLIP_MEAN, CLIP_STD)
+  return RadioEncoder(model, CLIP_MEAN, CLIP_STD, scan_blocks=scan_blocks)
 
 
 def _read(path: str):

@@ -95,12 +95,9 @@ class FID:
     if not pipe.can_decode:
       pipe.decode(np.zeros((1,)))  # Raises: says which decoder is missing.
     # The sample grids' labels or prompts, cycled to `num` requests.
-    _, names = pipe.conditions()
-    rows = [names[i % len(names)] for i in range(self.num)]
-    if config.model.kind == "c2i":
-      self.cond, _ = pipe.conditions(labels=[int(r) for r in rows])
-    else:
-      self.cond, _ = pipe.conditions(prompts=rows)
+    cond, names = pipe.conditions()
+    rows = np.arange(self.num) % len(names)
+    self.cond = jax.tree.map(lambda c: np.asarray(c)[rows], cond)
 
   def __call__(self, trainer, state) -> Dict[str, float]:
     from tim_jax.eval import fid

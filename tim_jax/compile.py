@@ -308,9 +308,7 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
   grow = lambda key: costs[0][key] + (depth - 1) * (costs[1][key] -
                                                      costs[0][key])
   chip = chip_info(devices)
-  model = costs[0]["model_flops"] + (depth - 1) * (
-      costs[1]["model_flops"] - costs[0]["model_flops"])
-  seconds = grow("roofline_seconds")
+  model, seconds = grow("model_flops"), grow("roofline_seconds")
   return dict(depth=depth, xla_flops_per_device=grow("xla_flops_per_device"),
               roofline_seconds=seconds, model_flops=model,
               roofline_mfu_upper_bound=model / (

@@ -172,7 +172,8 @@ def main(argv):
   pipe = inference.load(f.checkpoint, config_base.flag_config(f),
                         f.autoencoder_path, f.text_encoder)
   try:  # Checked before the (slow) conditioning and sampling.
-    pipe.settings(f.steps, f.cfg, interval, f.stochasticity, f.mode)
+    settings = pipe.settings(f.steps, f.cfg, interval, f.stochasticity,
+                             f.mode)
   except ValueError as e:
     raise ValueError(f"bad sampler flags (--steps, --guidance-interval, "
                      f"--stochasticity, --mode): {e}") from None
@@ -226,8 +227,6 @@ def main(argv):
             (f.num if f.num > 1 else min(len(names), 8)))
     picture = images.grid(pictures, cols=cols)
   else:
-    settings = pipe.settings(f.steps, f.cfg, interval, f.stochasticity,
-                             f.mode)
     guidance = (f", cfg {settings.cfg_scale:g}" if settings.cfg_scale > 1
                 else "")
     picture = images.annotated_grid(

@@ -359,8 +359,8 @@ def write_sample_grids(trainer: Trainer, state, step: int, workdir: str,
     columns.append(images.to_uint8(pipe.decode(out), pipe.kind))
   # (nfe, n, ...) -> rows of prompts, columns of NFE.
   tiles = np.stack(columns, axis=1).reshape((-1,) + columns[0].shape[1:])
-  guidance = (f", cfg {pipe.settings(1).cfg_scale:g}"
-              if pipe.settings(1).cfg_scale > 1 else "")
+  cfg = pipe.settings(1).cfg_scale
+  guidance = f", cfg {cfg:g}" if cfg > 1 else ""
   picture = images.annotated_grid(
       tiles, cols=len(s.nfe), row_labels=names,
       col_labels=[f"{nfe} NFE" for nfe in s.nfe],
@@ -432,7 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       every_steps=config.log_every)]
   evals = evaluators.build(config, trainer)
 
-  pending = None  # The previous step's guard counters (one-step lag).
+  pending = None  # The previous step's metrics (the guard lags a step).
   accumulated = []
   step = start
   t0 = time.time()
@@ -444,11 +444,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       state, metrics = trainer.train_step(state, batch)
       step += 1
       if pending is not None:
-        streak = int(pending[0]["nonfinite_streak"])
+        streak = int(pending["nonfinite_streak"])
         if streak >= config.max_nonfinite_steps:
           raise NonFiniteError(_guard_stop_message(
-              streak, step - 1, jax.device_get(pending[0]), ckpt, config))
-      pending = (metrics,)
+              streak, step - 1, jax.device_get(pending), ckpt, config))
+      pending = metrics
       accumulated.append(metrics)
       for hook in hooks:
         hook(step)
@@ -474,13 +474,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           # keep the checkpoints from before it (the last step still saves
           # unless the run is about to stop on the streak).
           logging.warning("not saving step %d: the guard rejected the last "
-                          "%d step(s)", step, int(metrics["nonfinite_streak"]))
+                          "%d step(s)", step, streak_now)
         else:
           ckpt.save(step, state, data_iter, config_dict, force=True)
     streak = int(jax.device_get(state.nonfinite_streak))
     if streak >= config.max_nonfinite_steps:
       raise NonFiniteError(_guard_stop_message(
-          streak, step, jax.device_get(pending[0]), ckpt, config))
+          streak, step, jax.device_get(pending), ckpt, config))
   finally:
     ckpt.close()
     writer.flush()

@@ -79,6 +79,15 @@ def test_meshes_divide_the_devices():
       (1, 4, 2), (2, 1, 4), (1, 2, 4)}
 
 
+def test_sweep_meshes_are_parsed_and_checked():
+  assert compile_lib.parse_meshes(["4x4x1", "1X16x1"], 16) == [
+      dict(data=4, fsdp=4, tensor=1), dict(data=1, fsdp=16, tensor=1)]
+  with pytest.raises(ValueError, match="has 8 devices, the topology 16"):
+    compile_lib.parse_meshes(["4x2x1"], 16)
+  with pytest.raises(ValueError, match="is not DATAxFSDPxTENSOR"):
+    compile_lib.parse_meshes(["4x4"], 16)
+
+
 def test_collective_parsing():
   hlo = "\n".join([
       "%a = f32[8,4]{1,0} all-reduce(%x), replica_groups={}",
@@ -141,4 +150,7 @@ def test_extrapolated_roofline_matches_the_unrolled_depth(devices):
   assert ext["roofline_seconds"] == pytest.approx(real["roofline_seconds"],
                                                   rel=0.1)
   assert ext["per_block_seconds"] > 0
+  # The extrapolated HBM is the unrolled depth-3 program's, within 10 %.
+  assert ext["hbm_bytes"] == pytest.approx(real["memory"]["total"], rel=0.1)
+  assert ext["hbm_fits"]
   assert 0 < ext["roofline_mfu_upper_bound"] <= 1.5

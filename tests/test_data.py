@@ -241,6 +241,34 @@ def test_tokenizer_round_trip_unknown_words_and_truncation():
     tok.encode("a red circle", 5)
 
 
+def test_caption_encoder_context_carries_the_words_before():
+  tok = shapes.tokenizer()
+  L, D = shapes.MAX_CAPTION_WORDS, 32
+  plain = text.CaptionEncoder(tok.vocab_size, L, D, seed=0)
+  enc = text.CaptionEncoder(tok.vocab_size, L, D, seed=0, context=0.7)
+  captions = ["a red square at the left and a blue circle at the right",
+              "a blue square at the left and a blue circle at the right"]
+  ids = tok.encode(captions, L)
+  f, p = np.asarray(enc(ids)), np.asarray(plain(ids))
+  n = len(captions[0].split())
+  # The first word has nothing before it; pads get no context.
+  np.testing.assert_allclose(f[:, 0], p[:, 0], atol=1e-6)
+  np.testing.assert_allclose(f[:, n:], p[:, n:], atol=1e-6)
+  # Every later word carries a unit-weight average of the words before it:
+  # "a" then "red" before "square" (weights 0.7 and 1, normalised).
+  t = np.asarray(enc.context_table)
+  want = p[0, 2] + (0.7 * t[ids[0, 0]] + t[ids[0, 1]]) / 1.7
+  np.testing.assert_allclose(f[0, 2], want, atol=1e-5)
+  # "red" -> "blue" changes the words after it (binding), not those before,
+  # and the change fades with distance.
+  diff = np.abs(f[0] - f[1]).max(-1)
+  assert (diff[:1] < 1e-6).all() and (diff[1:n] > 1e-3).all()
+  assert diff[5] > diff[12] > 0  # "left" (its clause) vs "right"
+  assert (diff[n:] < 1e-6).all()
+  with pytest.raises(ValueError, match="decay in"):
+    text.CaptionEncoder(tok.vocab_size, L, D, context=1.0)
+
+
 def test_caption_encoder():
   tok = shapes.tokenizer()
   L, D = shapes.MAX_CAPTION_WORDS, 32

@@ -10,7 +10,16 @@ from PIL import Image
 from tim_jax.eval import nfe_study
 
 
-def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path):
+def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path,
+                                            monkeypatch):
+  from tim_jax import inference
+  modes = []
+  generate = inference.Pipeline.generate
+
+  def recording(self, *a, **kw):
+    modes.append(self.settings(1, mode=kw.get("mode")).mode)
+    return generate(self, *a, **kw)
+  monkeypatch.setattr(inference.Pipeline, "generate", recording)
   seen = []
   rows, strips = nfe_study.run_study({"tiny": tiny_t2i_workdir}, [1, 2],
                                      reference_num=200,
@@ -24,6 +33,11 @@ def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path):
   for r in rows[1:]:
     assert r["fd"] > real["fd"]  # A 2-step model is far from the data.
     assert 0.0 <= r["overall"] <= 1.0
+  # The run's own sampler mode, then the override (Euler steps of the
+  # flow, r = t) for every run.
+  nfe_study.run_study({"tiny": tiny_t2i_workdir}, [1], reference_num=20,
+                      num=2, batch_size=2, progress=False, mode="diffusion")
+  assert modes == ["transition", "transition", "diffusion"]
   # 6 prompts x 2 NFE shown, with the prompts.
   assert strips["tiny"]["images"].shape == (12, 32, 32, 3)
   assert len(strips["tiny"]["captions"]) == 6

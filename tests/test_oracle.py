@@ -148,8 +148,10 @@ def test_accuracy_rules_on_constructed_predictions():
     return oracle.Predictions(p, mk(colour), mk(shape), mk(size),
                               np.zeros((1, 4)))
   right = oracle.attribute_accuracy(pred(1, 0, 1, [4]), targets)
+  nan = right.pop("overall_two")
+  assert np.isnan(nan)  # No two-object request.
   assert right == dict(overall=1.0, position=1.0, colour=1.0, shape=1.0,
-                       size=1.0, count=1.0)
+                       size=1.0, count=1.0, shape_one=1.0)
   extra = oracle.attribute_accuracy(pred(1, 0, 1, [4, 0]), targets)
   assert extra["count"] == 0.0 and extra["overall"] == 0.0
   assert extra["colour"] == 1.0
@@ -158,6 +160,29 @@ def test_accuracy_rules_on_constructed_predictions():
   assert wrong["overall"] == 0.0 and wrong["position"] == 1.0
   moved = oracle.attribute_accuracy(pred(1, 0, 1, [3]), targets)
   assert moved["position"] == 0.0 and moved["overall"] == 0.0
+
+
+def test_split_scores_by_the_number_of_requested_objects():
+  # Image 0 asks one object (shape right), image 1 two (both right), image
+  # 2 two (the second's shape wrong).
+  one = shapes.Scene((shapes.SceneObject(1, 0, 1, 0, 0, False),))
+  two = shapes.Scene((shapes.SceneObject(1, 0, 1, 0, 0, False),
+                      shapes.SceneObject(2, 1, 1, 2, 2, False)))
+  targets = oracle.targets_from_scenes([one, two, two])
+  occ = np.zeros((3, 9))
+  occ[:, 0] = 0.9
+  occ[1:, 8] = 0.9
+  colour = np.ones((3, 9)) * 1
+  colour[:, 8] = 2
+  shape = np.zeros((3, 9))
+  shape[1, 8] = 1
+  shape[2, 8] = 2
+  p = oracle.Predictions(occ, colour, shape, np.ones((3, 9)),
+                         np.zeros((3, 4)))
+  got = oracle.attribute_accuracy(p, targets)
+  assert got["shape_one"] == 1.0
+  assert got["overall_two"] == 0.5
+  assert got["overall"] == pytest.approx(2 / 3)
 
 
 def test_load_refuses_other_files(tmp_path):

@@ -33,6 +33,7 @@ ARCHITECTURE_KEYS = {
     "model.use_projector": True,
     "model.rope_positions": "official",
     "data.caption_seed": 0,  # The shapes world's caption encoder table.
+    "data.caption_context": 0.0,  # ... and its context mixing.
 }
 
 

@@ -31,7 +31,12 @@ roofline time per example.
 ``--extrapolate`` adds the train step's roofline at full depth from two
 small unrolled compiles (depth 1 and 2; their difference is one block):
 XLA counts a scanned body once, and compiling the unrolled depth takes
-minutes. With ``--sweep`` the ranking uses it.
+minutes. With ``--sweep`` the ranking uses it. ``--sweep_meshes=4x4x1,1x16x1``
+limits the sweep to those meshes (data x fsdp x tensor).
+
+``--unroll_teacher`` loops the REPA teacher's blocks (the trainer scans
+them), so that with ``model.scan_blocks=False`` XLA's cost covers the whole
+step.
 """
 
 from __future__ import annotations
@@ -291,7 +296,10 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
   model's own compile undercounts, and compiling the unrolled full depth
   takes minutes. Checked against an unrolled XL/2 compile (the benchmarks
   page). Returns flops (per device), roofline seconds, the model FLOPs and
-  the MFU upper bound at full depth, and the two compiles' seconds."""
+  the MFU upper bound at full depth, the per-device HBM the unrolled model
+  would take (argument and temp bytes grown the same way: a guide for
+  choosing meshes; the full compile is the measurement), and the two
+  compiles' seconds."""
   depth = int(config.model.network.depth)
   costs = []
   for d in (1, 2):
@@ -309,7 +317,10 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
                                                      costs[0][key])
   chip = chip_info(devices)
   model, seconds = grow("model_flops"), grow("roofline_seconds")
+  hbm = costs[0]["memory"]["total"] + (depth - 1) * (
+      costs[1]["memory"]["total"] - costs[0]["memory"]["total"])
   return dict(depth=depth, xla_flops_per_device=grow("xla_flops_per_device"),
+              hbm_bytes=hbm, hbm_fits=bool(hbm <= chip.hbm_per_device),
               roofline_seconds=seconds, model_flops=model,
               roofline_mfu_upper_bound=model / (
                   seconds * chip.devices * chip.peak_per_device),
@@ -345,15 +356,34 @@ def meshes(n: int, num_heads: int, tensors=(1, 2, 4, 8)) -> List[dict]:
   return out
 
 
+def parse_meshes(items: Sequence[str], n: int) -> List[dict]:
+  """["4x4x1", ...] -> [dict(data=4, fsdp=4, tensor=1), ...], each checked
+  to multiply to the ``n`` devices."""
+  out = []
+  for item in items:
+    parts = item.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+      raise ValueError(f"--sweep_meshes: {item!r} is not DATAxFSDPxTENSOR "
+                       "(e.g. 4x4x1)")
+    mesh = dict(zip(("data", "fsdp", "tensor"), map(int, parts)))
+    if int(np.prod(list(mesh.values()))) != n:
+      raise ValueError(f"--sweep_meshes: {item} has "
+                       f"{int(np.prod(list(mesh.values())))} devices, the "
+                       f"topology {n}")
+    out.append(mesh)
+  return out
+
+
 def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
-          **kw) -> List[dict]:
+          mesh_choices: Optional[Sequence[dict]] = None, **kw) -> List[dict]:
   """``compile_steps`` for every mesh and batch; fitting ones first, by
   roofline seconds per example (with ``extrapolate``, the depth-extrapolated
   roofline: trustworthy for scanned blocks, two more small compiles
   each)."""
   results = []
   heads = int(config.model.network.num_heads)
-  for mesh, b in itertools.product(meshes(len(devices), heads), batches):
+  choices = mesh_choices or meshes(len(devices), heads)
+  for mesh, b in itertools.product(choices, batches):
     c = config.copy_and_resolve_references()
     c.unlock()
     c.mesh.update(mesh)
@@ -425,6 +455,7 @@ def main(argv):
   if f.sweep:
     batches = [int(b) for b in f.sweep_batches] or [config.batch_size]
     ranked = sweep(config, devices, batches, extrapolate=f.extrapolate,
+                   mesh_choices=parse_meshes(f.sweep_meshes, len(devices)),
                    caption_len=f.caption_len)
     print("\nranked (fitting first, by roofline time per example):")
     for r in ranked:
@@ -432,7 +463,8 @@ def main(argv):
     result = dict(topology=f.topology, sweep=ranked)
   else:
     result = compile_steps(config, devices, batch=f.batch,
-                           caption_len=f.caption_len)
+                           caption_len=f.caption_len,
+                           unroll_teacher=f.unroll_teacher)
     result["topology"] = f.topology
     print_report(result)
     if f.extrapolate:
@@ -443,7 +475,9 @@ def main(argv):
             f"unrolled depths 1 and 2 ({ext['compile_seconds']:.0f} s): "
             f"roofline {ext['roofline_seconds'] * 1e3:.1f} ms "
             f"({ext['per_block_seconds'] * 1e3:.2f} ms per block), MFU upper "
-            f"bound {ext['roofline_mfu_upper_bound']:.1%}")
+            f"bound {ext['roofline_mfu_upper_bound']:.1%}; HBM unrolled "
+            f"about {ext['hbm_bytes'] / GIB:.1f} GiB per device ("
+            + ("fits" if ext["hbm_fits"] else "DOES NOT FIT") + ")")
   result["command"] = " ".join(["python -m tim_jax.compile"] + sys.argv[1:])
   if f.out:
     with open(f.out, "w", encoding="utf-8") as fh:
@@ -461,10 +495,17 @@ def _flags():
   flags.DEFINE_bool("sweep", False, "Compile every mesh and rank them.")
   flags.DEFINE_list("sweep_batches", [], "Global batches for --sweep "
                     "(default: the config's).")
+  flags.DEFINE_list("sweep_meshes", [], "Meshes for --sweep as "
+                    "DATAxFSDPxTENSOR (default: every one that divides the "
+                    "devices).")
   flags.DEFINE_bool("extrapolate", False, "Also (with --sweep: rank by) "
                     "the train step's roofline at full depth from unrolled "
                     "depth-1 and depth-2 compiles; trustworthy where XLA "
                     "counts scanned blocks once.")
+  flags.DEFINE_bool("unroll_teacher", False, "Loop the REPA teacher's "
+                    "blocks instead of scanning them, so that XLA's cost "
+                    "counts all of them (with model.scan_blocks=False: the "
+                    "whole step's roofline).")
   flags.DEFINE_string("out", "", "Also write the report as JSON.")
   flags.mark_flags_as_required(["config", "topology"])
 

@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
       image_size=32,
       max_caption_len=20,
       caption_seed=0,
+      # The shapes captions' frozen encoder: > 0 adds each word's causal,
+      # decaying context (tim_jax.data.text.CaptionEncoder); 0 = word +
+      # position only.
+      caption_context=0.0,
       seed=0,
       data_dir="",
       null_caption_features="",  # .npy of the empty caption, latent t2i.

@@ -134,7 +134,8 @@ def conditioner(config, text_encoder=None):
     tokenizer = shapes.tokenizer()
     encoder = text.CaptionEncoder(tokenizer.vocab_size, d.max_caption_len,
                                   int(config.model.network.cap_feat_dim),
-                                  seed=d.caption_seed)
+                                  seed=d.caption_seed,
+                                  context=float(d.get("caption_context", 0.0)))
     return conditioning.CaptionConditioner(encoder, tokenizer, drop,
                                            max_len=d.max_caption_len)
   null_path = d.get("null_caption_features")

@@ -100,21 +100,44 @@ class CaptionEncoder:
   text encoder's pad features reach the model too): a pad's feature depends
   only on its position, never on the rest of the caption.
 
+  ``context`` (a decay in [0, 1); 0 = off) adds to every word a causal,
+  decaying average of the words before it, read through a second fixed
+  random table: a real (causal) text encoder's features carry the words
+  before each token, which is what lets a model bind "red" and "square" to
+  the "left" that follows them; with word + position alone, binding the
+  attributes of two objects must be learned through several
+  cross-attention hops. The average over previous words j of a word i
+  weighs them by context^(i - 1 - j), normalised to sum to 1; pads get
+  none (their features still depend only on their position).
+
   Calling it is a pure jnp function of the tokens (jit-able; the tables are
   constants). Ids outside [0, vocab_size) give NaN features, so a bad id
   shows up in the loss instead of reading a wrong row.
   """
 
-  def __init__(self, vocab_size: int, max_len: int, dim: int, seed: int = 0):
+  def __init__(self, vocab_size: int, max_len: int, dim: int, seed: int = 0,
+               context: float = 0.0):
     if vocab_size < 2 or max_len < 1 or dim < 1:
       raise ValueError("CaptionEncoder needs vocab_size >= 2, max_len >= 1, "
                        f"dim >= 1; got vocab_size={vocab_size}, "
                        f"max_len={max_len}, dim={dim}")
+    if not 0.0 <= context < 1.0:
+      raise ValueError(f"context must be a decay in [0, 1), got {context}")
     self.vocab_size, self.max_len, self.dim = vocab_size, max_len, dim
+    self.context = float(context)
     scale = 1.0 / np.sqrt(dim)
+    # The word table keeps the key it had before ``context`` existed, so
+    # context=0 encoders (and the models trained on them) are unchanged.
     self.word_table = scale * jax.random.normal(
         jax.random.key(seed), (vocab_size, dim), jnp.float32)
+    self.context_table = scale * jax.random.normal(
+        jax.random.fold_in(jax.random.key(seed), 1), (vocab_size, dim),
+        jnp.float32)
     self.positions = scale * jnp.asarray(sinusoidal_positions(max_len, dim))
+    i, j = np.arange(max_len)[:, None], np.arange(max_len)[None, :]
+    # weights[i, j] = context^(i - 1 - j) for j < i: the words before i.
+    self.context_weights = jnp.asarray(np.where(
+        j < i, float(context) ** np.maximum(i - 1 - j, 0), 0.0), jnp.float32)
 
   def __call__(self, tokens) -> jax.Array:
     tokens = jnp.asarray(tokens)
@@ -125,7 +148,16 @@ class CaptionEncoder:
       raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
     words = jnp.take(self.word_table, tokens, axis=0, mode="fill",
                      fill_value=jnp.nan)
-    return words + self.positions[None]
+    out = words + self.positions[None]
+    if self.context > 0:
+      real = (tokens != PAD_ID).astype(jnp.float32)
+      before = jnp.take(self.context_table, tokens, axis=0, mode="fill",
+                        fill_value=jnp.nan) * real[..., None]
+      total = jnp.einsum("ij,bjd->bid", self.context_weights, before)
+      mass = jnp.einsum("ij,bj->bi", self.context_weights, real)
+      out = out + (real * jnp.where(mass > 0, 1.0 / jnp.maximum(mass, 1e-9),
+                                    0.0))[..., None] * total
+    return out
 
   def null_features(self) -> jax.Array:
     """The empty caption's features (1, max_len, dim): all pads."""

@@ -37,13 +37,16 @@ SCORES = shapes_scores.SCORES
 
 def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
               batch_size: int = 250, seed: int = 0, cfg_scale=None,
-              reference_num: int = 5000,
+              reference_num: int = 5000, mode=None,
               judge: oracle.Oracle | None = None, progress: bool = True,
               on_row=None):
   """Rows of scores (dicts) and the sample strips: per run, ``images``
   (the first 8 prompts' samples, row-major with one column per NFE) and
   their ``captions``.
 
+  ``cfg_scale`` and ``mode`` (``transition`` or ``diffusion``: plain Euler
+  steps of the model's flow, r = t) replace every run's saved sampler
+  setting when given.
   ``on_row(rows)`` is called after every new row (the command writes the
   partial CSV there, so an interrupted study keeps what it measured).
   """
@@ -71,7 +74,7 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
     for nfe in nfes:
       t0 = time.time()
       samples = pipe.generate(
-          cond, num_steps=int(nfe), cfg_scale=cfg_scale, seed=seed,
+          cond, num_steps=int(nfe), cfg_scale=cfg_scale, seed=seed, mode=mode,
           batch_size=batch_size, progress=progress, desc=f"{name} NFE {nfe}")
       seconds = time.time() - t0
       pixels = pipe.decode(samples)
@@ -103,11 +106,12 @@ def write_csv(rows, path):
 def markdown(rows) -> str:
   """One table: accuracy columns in %, FD to two decimals."""
   head = ("| run | NFE | overall | position | colour | shape | size | count "
-          "| FD (oracle) |")
-  lines = [head, "|" + "---|" * 9]
+          "| shape, one object | all correct, two objects | FD (oracle) |")
+  lines = [head, "|" + "---|" * 11]
   for r in rows:
     nfe = "–" if r["run"] == "real" else str(r["nfe"])
-    pct = [f"{100 * r[k]:.1f}" for k in SCORES[:-1]]
+    pct = ["–" if np.isnan(float(r[k])) else f"{100 * float(r[k]):.1f}"
+           for k in SCORES[:-1]]
     lines.append(f"| {r['run']} | {nfe} | " + " | ".join(pct)
                  + f" | {r['fd']:.2f} |")
   return "\n".join(lines) + "\n"
@@ -191,7 +195,7 @@ def _main(argv):
   partial = os.path.join(f.out, "results.csv")
   rows, strips = run_study(runs, nfes, num=f.num, batch_size=f.batch_size,
                            seed=f.seed, cfg_scale=f.cfg,
-                           reference_num=f.reference_num,
+                           reference_num=f.reference_num, mode=f.mode,
                            on_row=lambda rows: write_csv(rows, partial))
   write_outputs(rows, strips, f.out, nfes)
   print(markdown(rows))
@@ -212,5 +216,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seed", 0, "Noise seed (the same for every run).")
   flags.DEFINE_float("cfg", None, "Guidance scale for every run (default: "
                      "each run's sample.cfg_scale).")
+  flags.DEFINE_enum("mode", None, ["transition", "diffusion"], "Sampler "
+                    "mode for every run (default: each run's sample.mode); "
+                    "diffusion = Euler steps of the model's flow (r = t).")
   flags.DEFINE_string("out", "nfe_study", "Output directory.")
   app.run(_main)

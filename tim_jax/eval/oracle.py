@@ -313,7 +313,10 @@ def attribute_accuracy(pred: Predictions, targets: Targets) -> Dict[str, float]:
 
   per image, ``count``: the number of occupied cells equals the number of
   requested objects; and ``overall``: every object right in position, colour,
-  shape and named size, and the count right.
+  shape and named size, and the count right. Two scores of one kind of
+  request (NaN where there is none): ``shape_one``, the shape accuracy on
+  one-object requests, and ``overall_two``, the all-correct rate on
+  two-object requests.
   """
   attrs = np.asarray(targets.attributes)
   n = attrs.shape[0]
@@ -321,6 +324,7 @@ def attribute_accuracy(pred: Predictions, targets: Targets) -> Dict[str, float]:
     raise ValueError(f"{pred.colour.shape[0]} images but {n} targets")
   rows = np.arange(n)
   ok_all = np.ones(n, bool)
+  shape_ok = np.ones(n, bool)
   sums = dict(position=0.0, colour=0.0, shape=0.0, size=0.0)
   counts = dict(objects=0, sized=0)
   for slot in range(attrs.shape[1]):
@@ -344,9 +348,12 @@ def attribute_accuracy(pred: Predictions, targets: Targets) -> Dict[str, float]:
     counts["sized"] += int(sized.sum())
     good = position & colour & shape & (size | ~sized)
     ok_all &= np.where(present, good, True)
+    shape_ok &= np.where(present, shape, True)
   requested = (attrs[..., 0] == 1).sum(axis=1)
   count_ok = pred.count == requested
   objects = max(counts["objects"], 1)
+  of = lambda ok, k: (float(np.mean(ok[requested == k]))
+                      if np.any(requested == k) else float("nan"))
   return {
       "overall": float(np.mean(ok_all & count_ok)),
       "position": sums["position"] / objects,
@@ -355,6 +362,8 @@ def attribute_accuracy(pred: Predictions, targets: Targets) -> Dict[str, float]:
       "size": (sums["size"] / counts["sized"]) if counts["sized"] else
               float("nan"),
       "count": float(np.mean(count_ok)),
+      "shape_one": of(shape_ok, 1),
+      "overall_two": of(ok_all & count_ok, 2),
   }
 
 

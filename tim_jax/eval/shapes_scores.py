@@ -18,7 +18,8 @@ from tim_jax.eval import fid, oracle
 
 SCENE_SEED = 4_000_037  # Scenes requested from the models.
 REFERENCE_SEED = 5_000_011  # Real images the distance is measured to.
-SCORES = ("overall", "position", "colour", "shape", "size", "count", "fd")
+SCORES = ("overall", "position", "colour", "shape", "size", "count",
+          "shape_one", "overall_two", "fd")
 
 
 def object_counts(kind: str):

@@ -511,6 +511,21 @@ def test_time_grid_float32_uniform(n):
     assert not _uniform_within(bf16, n, eps32)
 
 
+def test_official_bfloat16_grid_is_ours_at_powers_of_two():
+  # The official sampler's grid takes the bf16 noise's dtype; for the step
+  # counts of the NFE studies (powers of two) it is exactly our float32
+  # grid, so the two samplers see the same times there.
+  tr = transports.get("ot_fm")
+  for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+    bf16 = np.linspace(1.0, 0.0, n + 1).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(bf16.astype(np.float32),
+                                  transports.time_grid(tr, n), err_msg=n)
+  # Not so elsewhere (the test above: 250 steps).
+  assert not np.array_equal(
+      np.linspace(1.0, 0.0, 251).astype(jnp.bfloat16).astype(np.float32),
+      transports.time_grid(tr, 250))
+
+
 def test_time_grid_float64_under_x64(x64):
   tr = transports.get("ot_fm")
   grid = transports.time_grid(tr, 250)

@@ -61,6 +61,11 @@ def get_config(arg=None):
     c.model.network = architectures.network("tiny-t2i")
     config_base.tiny_training(c)
     c.data.max_caption_len = 20
+    # Each word carries the words before it, as a real text encoder's
+    # features do: at 1500 steps (4 NFE, 500 held-out captions) all-correct
+    # on two-object captions 27 % against 3 % without, shape on one-object
+    # captions 72 % against 58 % (README, "Quality for the budget").
+    c.data.caption_context = 0.7
     c.sample.prompts = TINY_PROMPTS
     c.sample.cols = 8
     if variant == "tiny_fm":

@@ -286,6 +286,12 @@ def test_architecture_check_covers_fields_that_change_the_weights():
   other = dict(base, data={"caption_seed": 3})
   assert "data.caption_seed" in checkpoint.architecture_differences(
       base, other)[0]
+  # A checkpoint from before caption_context was plain word + position.
+  other = dict(base, data={"caption_context": 0.7})
+  assert "data.caption_context" in checkpoint.architecture_differences(
+      base, other)[0]
+  assert checkpoint.architecture_differences(
+      base, dict(base, data={"caption_context": 0.0})) == []
 
 
 def test_run_already_at_num_steps_says_so(tmp_path, caplog):

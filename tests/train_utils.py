@@ -37,6 +37,7 @@ def tiny_t2i(num_steps=2, batch=4, image_size=32):
   c.model.use_projector = False
   c.model.rope_positions = "xy"
   c.data.image_size = image_size
+  c.data.caption_context = 0.7  # As configs/t2i.py's tiny model.
   c.batch_size = batch
   c.num_steps = num_steps
   c.optimizer.base_batch = batch

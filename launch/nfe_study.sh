@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 runs="${1:-workdir/nfe_study}"
 out="${2:-launch/nfe_study}"
 
-python -m tim_jax.main --config=configs/t2i.py --workdir="$runs/tim"
-python -m tim_jax.main --config=configs/t2i.py:tiny_fm --workdir="$runs/fm"
+python -m tim_jax.main --config=configs/t2i.py --workdir="$runs/tim" --config.data.caption_context=0
+python -m tim_jax.main --config=configs/t2i.py:tiny_fm --workdir="$runs/fm" --config.data.caption_context=0
 python -m tim_jax.eval.nfe_study --run=TiM="$runs/tim" --run=FM="$runs/fm" \
   --nfe=1,2,4,8,16,32,64 --num=500 --out="$out"

@@ -57,8 +57,8 @@ def test_evaluators_write_to_tensorboard_on_their_schedule(tmp_path):
                   for f in events)
   # holdout every step (twice), the oracle every 2 steps (once).
   assert data.count(b"holdout/loss") == 2
-  assert data.count(b"oracle/nfe1/overall") == 1
   assert data.count(b"oracle/nfe1/fd") == 1
+  assert data.count(b"oracle/nfe1/overall_two") == 1
 
 
 def test_misconfigured_evaluators_are_named():

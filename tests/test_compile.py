@@ -131,6 +131,12 @@ def test_command_prints_and_writes_the_report(tmp_path):
        f"--config={ROOT}/configs/c2i.py", "--topology=v5e:banana"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and "unknown TPU topology" in bad.stderr
+  lonely = subprocess.run(
+      [sys.executable, "-m", "tim_jax.compile",
+       f"--config={ROOT}/configs/c2i.py", f"--topology={TOPOLOGY}",
+       "--sweep_meshes=2x2x1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert lonely.returncode == 1 and "add --sweep" in lonely.stderr
 
 
 def test_extrapolated_roofline_matches_the_unrolled_depth(devices):

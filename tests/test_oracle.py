@@ -163,8 +163,8 @@ def test_accuracy_rules_on_constructed_predictions():
 
 
 def test_split_scores_by_the_number_of_requested_objects():
-  # Image 0 asks one object (shape right), image 1 two (both right), image
-  # 2 two (the second's shape wrong).
+  # Image 0 asks one object (shape right, colour wrong), image 1 two (both
+  # right), image 2 two (the second's shape wrong).
   one = shapes.Scene((shapes.SceneObject(1, 0, 1, 0, 0, False),))
   two = shapes.Scene((shapes.SceneObject(1, 0, 1, 0, 0, False),
                       shapes.SceneObject(2, 1, 1, 2, 2, False)))
@@ -174,15 +174,16 @@ def test_split_scores_by_the_number_of_requested_objects():
   occ[1:, 8] = 0.9
   colour = np.ones((3, 9)) * 1
   colour[:, 8] = 2
+  colour[0, 0] = 3
   shape = np.zeros((3, 9))
   shape[1, 8] = 1
   shape[2, 8] = 2
   p = oracle.Predictions(occ, colour, shape, np.ones((3, 9)),
                          np.zeros((3, 4)))
   got = oracle.attribute_accuracy(p, targets)
-  assert got["shape_one"] == 1.0
+  assert got["shape_one"] == 1.0  # Shape alone, not all-correct.
   assert got["overall_two"] == 0.5
-  assert got["overall"] == pytest.approx(2 / 3)
+  assert got["overall"] == pytest.approx(1 / 3)
 
 
 def test_load_refuses_other_files(tmp_path):

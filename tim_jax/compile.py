@@ -375,7 +375,8 @@ def parse_meshes(items: Sequence[str], n: int) -> List[dict]:
 
 
 def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
-          mesh_choices: Optional[Sequence[dict]] = None, **kw) -> List[dict]:
+          mesh_choices: Optional[Sequence[dict]] = None,
+          unroll_teacher: bool = False, **kw) -> List[dict]:
   """``compile_steps`` for every mesh and batch; fitting ones first, by
   roofline seconds per example (with ``extrapolate``, the depth-extrapolated
   roofline: trustworthy for scanned blocks, two more small compiles
@@ -389,7 +390,8 @@ def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
     c.mesh.update(mesh)
     c.lock()
     try:
-      rep = compile_steps(c, devices, batch=b, sampler=False, **kw)
+      rep = compile_steps(c, devices, batch=b, sampler=False,
+                          unroll_teacher=unroll_teacher, **kw)
     except Exception as e:  # pylint: disable=broad-except
       print(f"mesh {mesh} batch {b}: failed: {str(e)[:200]}", flush=True)
       continue
@@ -404,6 +406,8 @@ def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
                         seconds_per_example=per_example,
                         mfu=row.get("roofline_mfu_upper_bound"),
                         compile_seconds=row["compile_seconds"]))
+    if extrapolate:
+      results[-1]["hbm_unrolled_gib"] = row["hbm_bytes"] / GIB
     print(_sweep_line(results[-1]), flush=True)
   results.sort(key=lambda r: (not r["fits"], r["seconds_per_example"]))
   return results
@@ -415,7 +419,9 @@ def _sweep_line(r) -> str:
           f"batch {r['batch']:5d}: {r['hbm_gib']:7.2f} GiB "
           f"{'fits' if r['fits'] else 'DOES NOT FIT':12s} roofline "
           f"{r['roofline_seconds'] * 1e3:9.1f} ms  MFU<= "
-          f"{(r['mfu'] or 0):6.1%}  compile {r['compile_seconds']:.1f} s")
+          f"{(r['mfu'] or 0):6.1%}  compile {r['compile_seconds']:.1f} s"
+          + (f"  (unrolled ~{r['hbm_unrolled_gib']:.1f} GiB)"
+             if "hbm_unrolled_gib" in r else ""))
 
 
 def print_report(rep: dict) -> None:
@@ -449,6 +455,9 @@ def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if (f.sweep_meshes or f.sweep_batches) and not f.sweep:
+    raise ValueError("--sweep_meshes and --sweep_batches choose what --sweep "
+                     "compiles; add --sweep (one mesh: --config.mesh.*)")
   devices = topology_devices(f.topology)
   from tim_jax import config_base  # pylint: disable=g-import-not-at-top
   config = config_base.flag_config(f)
@@ -456,6 +465,7 @@ def main(argv):
     batches = [int(b) for b in f.sweep_batches] or [config.batch_size]
     ranked = sweep(config, devices, batches, extrapolate=f.extrapolate,
                    mesh_choices=parse_meshes(f.sweep_meshes, len(devices)),
+                   unroll_teacher=f.unroll_teacher,
                    caption_len=f.caption_len)
     print("\nranked (fitting first, by roofline time per example):")
     for r in ranked:

@@ -39,14 +39,18 @@ def read(results, minutes_path):
   return sorted(rows, key=lambda r: (r["recipe"], r["step"], r["nfe"]))
 
 
+def _pct(v):
+  return "–" if v != v else f"{100 * v:.1f}"  # NaN: no such requests.
+
+
 def markdown(rows):
   lines = ["| recipe | step | training minutes | NFE | shape, one object | "
            "all correct, two objects | all correct | FD (oracle) |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['recipe']} | {r['step']} | {r['minutes']:.1f} | "
-                 f"{r['nfe']} | {100 * r['shape_one']:.1f} | "
-                 f"{100 * r['overall_two']:.1f} | {100 * r['overall']:.1f} | "
+                 f"{r['nfe']} | {_pct(r['shape_one'])} | "
+                 f"{_pct(r['overall_two'])} | {_pct(r['overall'])} | "
                  f"{r['fd']:.1f} |")
   return "\n".join(lines) + "\n"
 

@@ -4,9 +4,10 @@ The built-in shapes captions come from a closed grammar (its words are
 ``shapes.VOCABULARY``; ``shapes.tokenizer()`` builds the tokenizer), so a
 word-level tokenizer covers them exactly. ``CaptionEncoder`` stands in for a
 real text encoder (T5, Gemma, ...): it has no trained parameters, only a
-fixed random word table and sinusoidal positions, which is enough for a
-tiny text-to-image model to learn the binding of words to objects, and it
-costs nothing to train or ship.
+fixed random word table, sinusoidal positions and optionally each word's
+decaying context (``context``), which is enough for a tiny text-to-image
+model to learn the binding of words to objects, and it costs nothing to
+train or ship.
 """
 
 from __future__ import annotations

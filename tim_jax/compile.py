@@ -313,13 +313,14 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
                         sampler=False, model_floor=False,
                         unroll_teacher=True)["rows"][0]
     costs.append(row)
-  grow = lambda key: costs[0][key] + (depth - 1) * (costs[1][key] -
-                                                     costs[0][key])
+  def grow(get):
+    return get(costs[0]) + (depth - 1) * (get(costs[1]) - get(costs[0]))
   chip = chip_info(devices)
-  model, seconds = grow("model_flops"), grow("roofline_seconds")
-  hbm = costs[0]["memory"]["total"] + (depth - 1) * (
-      costs[1]["memory"]["total"] - costs[0]["memory"]["total"])
-  return dict(depth=depth, xla_flops_per_device=grow("xla_flops_per_device"),
+  model = grow(lambda r: r["model_flops"])
+  seconds = grow(lambda r: r["roofline_seconds"])
+  hbm = grow(lambda r: r["memory"]["total"])
+  return dict(depth=depth,
+              xla_flops_per_device=grow(lambda r: r["xla_flops_per_device"]),
               hbm_bytes=hbm, hbm_fits=bool(hbm <= chip.hbm_per_device),
               roofline_seconds=seconds, model_flops=model,
               roofline_mfu_upper_bound=model / (
@@ -366,9 +367,9 @@ def parse_meshes(items: Sequence[str], n: int) -> List[dict]:
       raise ValueError(f"--sweep_meshes: {item!r} is not DATAxFSDPxTENSOR "
                        "(e.g. 4x4x1)")
     mesh = dict(zip(("data", "fsdp", "tensor"), map(int, parts)))
-    if int(np.prod(list(mesh.values()))) != n:
-      raise ValueError(f"--sweep_meshes: {item} has "
-                       f"{int(np.prod(list(mesh.values())))} devices, the "
+    size = int(np.prod(list(mesh.values())))
+    if size != n:
+      raise ValueError(f"--sweep_meshes: {item} has {size} devices, the "
                        f"topology {n}")
     out.append(mesh)
   return out

@@ -155,9 +155,10 @@ class CaptionEncoder:
       before = jnp.take(self.context_table, tokens, axis=0, mode="fill",
                         fill_value=jnp.nan) * real[..., None]
       total = jnp.einsum("ij,bjd->bid", self.context_weights, before)
-      mass = jnp.einsum("ij,bj->bi", self.context_weights, real)
-      out = out + (real * jnp.where(mass > 0, 1.0 / jnp.maximum(mass, 1e-9),
-                                    0.0))[..., None] * total
+      # Where no word comes before (the first word) the total is 0 too.
+      mass = jnp.maximum(jnp.einsum("ij,bj->bi", self.context_weights, real),
+                         1e-9)
+      out = out + (real / mass)[..., None] * total
     return out
 
   def null_features(self) -> jax.Array:

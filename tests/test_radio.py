@@ -4,6 +4,7 @@ the REPA targets of two small random-weight checkpoints, float32 within
 
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -48,6 +49,18 @@ def test_bicubic_is_pytorchs(n_in, n_out):
       (n_out, n_out + 1), mode="bicubic").numpy().transpose(0, 2, 3, 1)
   got = np.asarray(resize.bicubic(x, (n_out, n_out + 1)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_resizing_to_the_same_size_is_no_work():
+  # The trainers resize 256 px images to RADIO's 16 x 16 grid of 16 px:
+  # the same size, which must cost no matmul in the step.
+  x = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  for fn in (resize.bicubic, resize.bilinear_align_corners):
+    np.testing.assert_array_equal(np.asarray(fn(x, (16, 16))), x)
+    same = jax.make_jaxpr(lambda a, f=fn: f(a, (16, 16)))(x)
+    assert "dot_general" not in str(same)
+    other = jax.make_jaxpr(lambda a, f=fn: f(a, (16, 17)))(x)
+    assert "dot_general" in str(other)
 
 
 @pytest.mark.parametrize("n_in,n_out", [(32, 16), (8, 21), (4, 4)])

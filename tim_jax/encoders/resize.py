@@ -64,11 +64,21 @@ def bilinear_align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _apply(x, mh: np.ndarray, mw: np.ndarray, precision):
-  """x (..., H, W, C) -> (..., H', W', C)."""
-  mh = jnp.asarray(mh, x.dtype)
-  mw = jnp.asarray(mw, x.dtype)
-  x = jnp.einsum("oh,...hwc->...owc", mh, x, precision=precision)
-  return jnp.einsum("pw,...owc->...opc", mw, x, precision=precision)
+  """x (..., H, W, C) -> (..., H', W', C). An axis whose matrix is the
+  identity (same size in and out) is left alone: the trainers resize the
+  REPA teacher's input to the size it often already has, and an identity
+  matmul at full precision still costs compile time and HBM traffic."""
+  if not _is_identity(mh):
+    x = jnp.einsum("oh,...hwc->...owc", jnp.asarray(mh, x.dtype), x,
+                   precision=precision)
+  if not _is_identity(mw):
+    x = jnp.einsum("pw,...owc->...opc", jnp.asarray(mw, x.dtype), x,
+                   precision=precision)
+  return x
+
+
+def _is_identity(m: np.ndarray) -> bool:
+  return m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0]))
 
 
 def bicubic(x, size, precision="highest"):

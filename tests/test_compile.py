@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from tim_jax import compile as compile_lib
@@ -14,6 +15,7 @@ from tim_jax import config_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5e:2x2"  # Four v5e chips.
+GIB = 2 ** 30
 
 
 def tiny(**mesh):
@@ -110,6 +112,47 @@ def test_errors_are_clear(monkeypatch):
                       lambda n, *a: None if n == "libtpu" else real(n, *a))
   with pytest.raises(RuntimeError, match="libtpu is not installed"):
     compile_lib.topology_devices(TOPOLOGY)
+
+
+class _Refused:
+  """A lowered program the TPU compiler refuses, with the message libtpu
+  gives (a real refusal takes minutes of compiling to provoke)."""
+
+  def __init__(self, message):
+    self.message = message
+
+  def compile(self):
+    raise jax.errors.JaxRuntimeError(self.message)
+
+
+def test_a_step_too_big_for_the_chip_is_refused_plainly(devices, capsys,
+                                                        monkeypatch):
+  chip = compile_lib.chip_info(devices)
+  oom = _Refused("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+                 "memory required for HLO temporaries (18.77G) exceeds "
+                 "available HBM (15.25G).\nmore lines")
+  with pytest.raises(compile_lib.DoesNotFit,
+                     match=r"^the train step DOES NOT FIT on TPU v5 lite "
+                           r"\(16.0 GiB per device\); the compiler: Ran out "
+                           r"of memory on HBM.*\(18.77G\).*\(15.25G\)\. Less "
+                           r"memory: model\.remat=full"):
+    compile_lib._compile(oom, "train step", chip)  # pylint: disable=protected-access
+  # Other compiler errors pass through unchanged.
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: boom"):
+    compile_lib._compile(_Refused("INTERNAL: boom"), "train step", chip)  # pylint: disable=protected-access
+  # A sweep prints the refusal and ranks the meshes that compiled.
+  def steps(c, devs, **kw):
+    del devs, kw
+    if c.mesh.fsdp == 4:
+      compile_lib._compile(oom, "train step", chip)  # pylint: disable=protected-access
+    return dict(rows=[dict(memory=dict(fits=True, total=GIB),
+                           roofline_seconds=0.01, compile_seconds=1.0)])
+  monkeypatch.setattr(compile_lib, "compile_steps", steps)
+  ranked = compile_lib.sweep(tiny(), devices, [48], mesh_choices=[
+      dict(data=1, fsdp=4, tensor=1), dict(data=4, fsdp=1, tensor=1)])
+  assert [r["mesh"]["data"] for r in ranked] == [4]
+  out = capsys.readouterr().out
+  assert "'fsdp': 4, 'tensor': 1} batch 48: the train step DOES NOT FIT" in out
 
 
 def test_command_prints_and_writes_the_report(tmp_path):

@@ -13,7 +13,10 @@ and without guidance, compiles them for the topology and reports, per
 device:
 
 * HBM: argument, output, temporary and total bytes against the device's
-  capacity ("fits" or "DOES NOT FIT");
+  capacity ("fits" or "DOES NOT FIT"; where the compiler itself refuses
+  the program for want of HBM, the command stops with "DOES NOT FIT", the
+  compiler's figures and the knobs that save memory, and a sweep goes on
+  to the next mesh);
 * FLOPs: XLA's count beside ``tim_jax.flops``' model FLOPs, XLA's roofline
   time (``optimal_seconds``; where XLA gives none, max(FLOPs / peak, bytes /
   HBM bandwidth)), never below the model FLOPs' compute bound (XLA counts a
@@ -136,6 +139,28 @@ def collectives(hlo_text: str) -> Dict[str, dict]:
   return out
 
 
+class DoesNotFit(RuntimeError):
+  """The TPU compiler refused a program: it needs more HBM than a device
+  has."""
+
+
+def _compile(lowered, what: str, chip: Chip):
+  """``lowered.compile()``; the compiler's out-of-memory refusal becomes a
+  ``DoesNotFit`` that says so plainly and names the knobs that help."""
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    detail = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    raise DoesNotFit(
+        f"the {what} DOES NOT FIT on {chip.kind} "
+        f"({chip.hbm_per_device / GIB:.1f} GiB per device); the compiler: "
+        f"{detail.splitlines()[0]} Less memory: model.remat=full (or "
+        f"dots_saveable), a larger mesh.fsdp, microbatches, or a smaller "
+        f"batch.") from None
+
+
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -253,7 +278,7 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
   lowered = trainer.jitted_step(batch_sds).lower(
       trainer.abstract_with_shardings(), batch_sds, trainer.frozen)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = _compile(lowered, "train step", chip)
   t2 = time.perf_counter()
   rows.append(_report("train_step", compiled, t1 - t0, t2 - t1, chip,
                       model_flops, floor=model_floor))
@@ -276,7 +301,7 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
       with sharding.activation_sharding(mesh, trainer.rules):
         lowered = fn.lower(params, noise, cond, cond, key, call)
       t1 = time.perf_counter()
-      compiled = lowered.compile()
+      compiled = _compile(lowered, "sampler step", chip)
       t2 = time.perf_counter()
       flops = flops_lib.step_flops(mc, b, size, size, cap, step="sample",
                                    num_steps=1, guided_steps=int(guided))
@@ -393,13 +418,16 @@ def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
     try:
       rep = compile_steps(c, devices, batch=b, sampler=False,
                           unroll_teacher=unroll_teacher, **kw)
+      row = rep["rows"][0]
+      if extrapolate:
+        row = dict(row, **{k: v for k, v in extrapolated_roofline(
+            c, devices, batch=b, **kw).items() if k != "compile_seconds"})
+    except DoesNotFit as e:
+      print(f"mesh {mesh} batch {b}: {e}", flush=True)
+      continue
     except Exception as e:  # pylint: disable=broad-except
       print(f"mesh {mesh} batch {b}: failed: {str(e)[:200]}", flush=True)
       continue
-    row = rep["rows"][0]
-    if extrapolate:
-      row = dict(row, **{k: v for k, v in extrapolated_roofline(
-          c, devices, batch=b, **kw).items() if k != "compile_seconds"})
     per_example = row["roofline_seconds"] / b
     results.append(dict(mesh=mesh, batch=b, fits=row["memory"]["fits"],
                         hbm_gib=row["memory"]["total"] / GIB,

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import pytest
+from flax import nnx
 
 from tim_jax import compile as compile_lib
 from tim_jax import config_base
@@ -112,6 +113,51 @@ def test_errors_are_clear(monkeypatch):
                       lambda n, *a: None if n == "libtpu" else real(n, *a))
   with pytest.raises(RuntimeError, match="libtpu is not installed"):
     compile_lib.topology_devices(TOPOLOGY)
+
+
+def _rows_of_the_whole_batch(fn, args, mesh, rows, per_device):
+  """How many arrays of the compiled ``fn`` hold every row (leading
+  ``rows``) and how many one device's share, in the optimized HLO."""
+  import re  # pylint: disable=g-import-not-at-top
+  from tim_jax import sharding  # pylint: disable=g-import-not-at-top
+  with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
+    text = jax.jit(fn).lower(*args).compile().as_text()
+  return (len(re.findall(rf"\[{rows},{per_device[0]},{per_device[1]}\]", text)),
+          len(re.findall(rf"\[{rows // 4},{per_device[0]},{per_device[1]}\]",
+                         text)))
+
+
+def test_frozen_encoders_keep_the_rows_split_inside_a_step(devices):
+  # The REPA teacher and the caption encoder split their weights over fsdp;
+  # their activations must stay split by rows (the partitioner otherwise
+  # gathered the whole batch onto each device: twice the XL/2 step's HBM).
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from tim_jax.encoders import gemma, radio  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=devices)
+  put = lambda t: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), t,
+      sharding.frozen_shardings(t, mesh))
+  rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+  teacher = radio.random_encoder(dtype=jnp.bfloat16, abstract=True)
+  whole, share = _rows_of_the_whole_batch(
+      lambda s, x: teacher.apply(s, x, (4, 4)),
+      (put(teacher.state), rows((8, 64, 64, 3), jnp.float32)), mesh,
+      8, (24, 768))  # 16 patches + 8 class/register tokens, width 768
+  assert whole == 0 and share > 0, (whole, share)
+  two = dataclasses.replace(gemma.ONE_B, num_hidden_layers=2,
+                            layer_types=gemma.ONE_B.layer_types[:2])
+  text = gemma.GemmaEncoder(
+      nnx.eval_shape(lambda: gemma.Gemma3TextModel(
+          two, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)),
+      gemma._EmptyCaptionTokenizer(16), max_length=16)  # pylint: disable=protected-access
+  whole, share = _rows_of_the_whole_batch(
+      text.apply, (put(text.params), rows((8, 16), jnp.int32),
+                   rows((8, 16), jnp.bool_)), mesh, 8, (16, 1152))
+  # Only the embedding lookup (a vocabulary-sharded table) gathers rows.
+  assert whole <= 16 and share > 100, (whole, share)
 
 
 class _Refused:

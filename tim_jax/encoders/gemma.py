@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from tim_jax import torch_weights
-from tim_jax.encoders import layer_kwargs
+from tim_jax.encoders import batch_rows, layer_kwargs
 
 MAX_LENGTH = 256  # The official max_seq_length.
 
@@ -141,9 +141,9 @@ class Attention(nnx.Module):
     c = self.c
     b, n, _ = x.shape
     h, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    q = self.q_norm(self.q_proj(x).reshape(b, n, h, d))
-    k = self.k_norm(self.k_proj(x).reshape(b, n, kv, d))
-    v = self.v_proj(x).reshape(b, n, kv, d)
+    q = self.q_norm(batch_rows(self.q_proj(x)).reshape(b, n, h, d))
+    k = self.k_norm(batch_rows(self.k_proj(x)).reshape(b, n, kv, d))
+    v = batch_rows(self.v_proj(x)).reshape(b, n, kv, d)
     base = c.rope_local_base_freq if self.local else c.rope_theta
     scaling = 1.0 if self.local else c.rope_scaling_factor
     q, k = _rope(q, positions, base, scaling), _rope(k, positions, base,
@@ -157,7 +157,7 @@ class Attention(nnx.Module):
         q, k, v, mask=mask, scale=c.query_pre_attn_scalar ** -0.5)
     # FlashAttention-2's unpadding: pad query rows get a zero output.
     out = jnp.where(valid[:, :, None, None], out, 0).astype(x.dtype)
-    return self.o_proj(out.reshape(b, n, h * d))
+    return batch_rows(self.o_proj(batch_rows(out.reshape(b, n, h * d))))
 
 
 class MLP(nnx.Module):
@@ -171,8 +171,9 @@ class MLP(nnx.Module):
                                 use_bias=False, **kw)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True)
-                          * self.up_proj(x))
+    hidden = (jax.nn.gelu(batch_rows(self.gate_proj(x)), approximate=True)
+              * batch_rows(self.up_proj(x)))
+    return batch_rows(self.down_proj(hidden))
 
 
 class DecoderLayer(nnx.Module):
@@ -221,10 +222,10 @@ class Gemma3TextModel(nnx.Module):
     return (jnp.take(table, ids, axis=0) * scale).astype(self.dtype)
 
   def __call__(self, ids, valid):
-    x = self.embed(ids)
+    x = batch_rows(self.embed(ids))
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     for layer in self.layers:
-      x = layer(x, positions, valid)
+      x = batch_rows(layer(x, positions, valid))
     return self.norm(x)
 
 

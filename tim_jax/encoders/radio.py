@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from tim_jax import torch_weights
-from tim_jax.encoders import layer_kwargs, resize
+from tim_jax.encoders import batch_rows, layer_kwargs, resize
 
 PATCH_PIXELS_PER_TOKEN = 16  # The trainers resize to 16 x the TiM grid.
 LN_EPS = 1e-6  # timm's ViT LayerNorm.
@@ -89,10 +89,10 @@ class Attention(nnx.Module):
 
   def __call__(self, x):
     b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
+    qkv = batch_rows(self.qkv(x)).reshape(b, n, 3, self.heads, d // self.heads)
     out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1],
                                        qkv[:, :, 2])
-    return self.proj(out.reshape(b, n, d))
+    return batch_rows(self.proj(batch_rows(out.reshape(b, n, d))))
 
 
 class LayerScale(nnx.Module):
@@ -111,7 +111,8 @@ class Mlp(nnx.Module):
     self.fc2 = nnx.Linear(c.mlp_hidden, c.embed_dim, **kw)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return batch_rows(self.fc2(batch_rows(jax.nn.gelu(self.fc1(x),
+                                            approximate=False))))
 
 
 class Block(nnx.Module):
@@ -203,16 +204,17 @@ class VisionTransformer(nnx.Module):
     compiles as one block, not twelve, inside the train step). Stacking
     copies the blocks' weights once per call, which is small beside the
     encoder's activations."""
-    x = self.patch_generator(x)
+    x = batch_rows(self.patch_generator(x))
     if scan and len(self.blocks) > 1:
       graph, _ = nnx.split(self.blocks[0])
       stacked = jax.tree.map(lambda *a: jnp.stack(a),
                              *[nnx.state(b) for b in self.blocks])
-      x, _ = jax.lax.scan(lambda h, st: (nnx.merge(graph, st)(h), None), x,
-                          stacked)
+      x, _ = jax.lax.scan(
+          lambda h, st: (batch_rows(nnx.merge(graph, st)(h)), None), x,
+          stacked)
     else:
       for block in self.blocks:
-        x = block(x)
+        x = batch_rows(block(x))
     if self.norm is not None:
       x = self.norm(x)
     return x[:, self.num_skip:]

@@ -150,15 +150,17 @@ def _compile(lowered, what: str, chip: Chip):
   try:
     return lowered.compile()
   except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" not in message or "hbm" not in message.lower():
       raise
-    detail = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    detail = message.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
     raise DoesNotFit(
         f"the {what} DOES NOT FIT on {chip.kind} "
         f"({chip.hbm_per_device / GIB:.1f} GiB per device); the compiler: "
-        f"{detail.splitlines()[0]} Less memory: model.remat=full (or "
-        f"dots_saveable), a larger mesh.fsdp, microbatches, or a smaller "
-        f"batch.") from None
+        f"{(detail.splitlines() or [''])[0]} Less memory: model.remat=full "
+        f"(or dots_saveable), model.scan_blocks=False (a scan keeps every "
+        f"block's residuals), a larger mesh.fsdp, microbatches, or a "
+        f"smaller batch.") from None
 
 
 def _cost(compiled) -> dict:

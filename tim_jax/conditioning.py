@@ -213,7 +213,13 @@ class TextConditioner:
     """{"features" float32 (B, M, D), "length" (B,)} of tokens (B, M)."""
     ids = jnp.asarray(ids, jnp.int32)
     mask = jnp.asarray(mask).astype(bool)
-    feats = self._apply(self._params(frozen), ids, mask)
+    # Traced inside a step: the encoder's own function, so that it is
+    # traced there with the step's activation sharding (jit's cache of
+    # self._apply does not see that context and would reuse an eager
+    # trace without it, or pin eager calls to the training mesh).
+    apply = (self.encoder.apply if isinstance(ids, jax.core.Tracer)
+             else self._apply)
+    feats = apply(self._params(frozen), ids, mask)
     longest = jnp.max(jnp.sum(mask, axis=-1)).astype(jnp.int32)
     return {"features": feats.astype(jnp.float32),
             "length": jnp.full((ids.shape[0],), longest, jnp.int32)}

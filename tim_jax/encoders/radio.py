@@ -174,7 +174,7 @@ class PatchGenerator(nnx.Module):
     h, w = hp // p, wp // p
     # 'b c (py yy) (px xx) -> b (py px) (c yy xx)' of NCHW, from NHWC.
     patches = x.reshape(b, h, p, w, p, ch).transpose(0, 1, 3, 5, 2, 4)
-    tokens = self.embedder(patches.reshape(b, h * w, ch * p * p))
+    tokens = batch_rows(self.embedder(patches.reshape(b, h * w, ch * p * p)))
     tokens = tokens + self.positions(h, w)
     prefix = jnp.broadcast_to(self.cls_token.token[...][None],
                               (b,) + self.cls_token.token.shape)

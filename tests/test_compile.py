@@ -196,9 +196,11 @@ def test_a_step_too_big_for_the_chip_is_refused_plainly(devices, capsys,
   monkeypatch.setattr(compile_lib, "compile_steps", steps)
   ranked = compile_lib.sweep(tiny(), devices, [48], mesh_choices=[
       dict(data=1, fsdp=4, tensor=1), dict(data=4, fsdp=1, tensor=1)])
-  assert [r["mesh"]["data"] for r in ranked] == [4]
+  # The refused mesh ranks last and keeps the compiler's reason.
+  assert [r["mesh"]["data"] for r in ranked] == [4, 1]
+  assert not ranked[1]["fits"] and "(18.77G)" in ranked[1]["refused"]
   out = capsys.readouterr().out
-  assert "'fsdp': 4, 'tensor': 1} batch 48: the train step DOES NOT FIT" in out
+  assert "fsdp   4 tensor 1 batch    48: the train step DOES NOT FIT" in out
 
 
 def test_command_prints_and_writes_the_report(tmp_path):

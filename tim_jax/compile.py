@@ -16,7 +16,7 @@ device:
   capacity ("fits" or "DOES NOT FIT"; where the compiler itself refuses
   the program for want of HBM, the command stops with "DOES NOT FIT", the
   compiler's figures and the knobs that save memory, and a sweep goes on
-  to the next mesh);
+  to the next mesh and ranks the refused one last, with its reason);
 * FLOPs: XLA's count beside ``tim_jax.flops``' model FLOPs, XLA's roofline
   time (``optimal_seconds``; where XLA gives none, max(FLOPs / peak, bytes /
   HBM bandwidth)), never below the model FLOPs' compute bound (XLA counts a
@@ -425,7 +425,11 @@ def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
         row = dict(row, **{k: v for k, v in extrapolated_roofline(
             c, devices, batch=b, **kw).items() if k != "compile_seconds"})
     except DoesNotFit as e:
-      print(f"mesh {mesh} batch {b}: {e}", flush=True)
+      # Kept in the ranking (last) and in --out, so a sweep's file shows
+      # which meshes the compiler refused and why.
+      results.append(dict(mesh=mesh, batch=b, fits=False,
+                          seconds_per_example=None, refused=str(e)))
+      print(_sweep_line(results[-1]), flush=True)
       continue
     except Exception as e:  # pylint: disable=broad-except
       print(f"mesh {mesh} batch {b}: failed: {str(e)[:200]}", flush=True)
@@ -440,12 +444,16 @@ def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
     if extrapolate:
       results[-1]["hbm_unrolled_gib"] = row["hbm_bytes"] / GIB
     print(_sweep_line(results[-1]), flush=True)
-  results.sort(key=lambda r: (not r["fits"], r["seconds_per_example"]))
+  results.sort(key=lambda r: (not r["fits"], "refused" in r,
+                              r["seconds_per_example"] or 0.0))
   return results
 
 
 def _sweep_line(r) -> str:
   m = r["mesh"]
+  if "refused" in r:
+    return (f"data {m['data']:3d} fsdp {m['fsdp']:3d} tensor {m['tensor']} "
+            f"batch {r['batch']:5d}: {r['refused']}")
   return (f"data {m['data']:3d} fsdp {m['fsdp']:3d} tensor {m['tensor']} "
           f"batch {r['batch']:5d}: {r['hbm_gib']:7.2f} GiB "
           f"{'fits' if r['fits'] else 'DOES NOT FIT':12s} roofline "
@@ -498,7 +506,8 @@ def main(argv):
                    mesh_choices=parse_meshes(f.sweep_meshes, len(devices)),
                    unroll_teacher=f.unroll_teacher,
                    caption_len=f.caption_len)
-    print("\nranked (fitting first, by roofline time per example):")
+    print("\nranked (fitting first, by roofline time per example; meshes "
+          "the compiler refused last):")
     for r in ranked:
       print("  " + _sweep_line(r))
     result = dict(topology=f.topology, sweep=ranked)

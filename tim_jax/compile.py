@@ -451,11 +451,11 @@ def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
 
 def _sweep_line(r) -> str:
   m = r["mesh"]
+  head = (f"data {m['data']:3d} fsdp {m['fsdp']:3d} tensor {m['tensor']} "
+          f"batch {r['batch']:5d}: ")
   if "refused" in r:
-    return (f"data {m['data']:3d} fsdp {m['fsdp']:3d} tensor {m['tensor']} "
-            f"batch {r['batch']:5d}: {r['refused']}")
-  return (f"data {m['data']:3d} fsdp {m['fsdp']:3d} tensor {m['tensor']} "
-          f"batch {r['batch']:5d}: {r['hbm_gib']:7.2f} GiB "
+    return head + r["refused"]
+  return (head + f"{r['hbm_gib']:7.2f} GiB "
           f"{'fits' if r['fits'] else 'DOES NOT FIT':12s} roofline "
           f"{r['roofline_seconds'] * 1e3:9.1f} ms  MFU<= "
           f"{(r['mfu'] or 0):6.1%}  compile {r['compile_seconds']:.1f} s"

@@ -157,7 +157,7 @@ class Attention(nnx.Module):
         q, k, v, mask=mask, scale=c.query_pre_attn_scalar ** -0.5)
     # FlashAttention-2's unpadding: pad query rows get a zero output.
     out = jnp.where(valid[:, :, None, None], out, 0).astype(x.dtype)
-    return batch_rows(self.o_proj(batch_rows(out.reshape(b, n, h * d))))
+    return self.o_proj(batch_rows(out.reshape(b, n, h * d)))
 
 
 class MLP(nnx.Module):
@@ -173,7 +173,7 @@ class MLP(nnx.Module):
   def __call__(self, x):
     hidden = (jax.nn.gelu(batch_rows(self.gate_proj(x)), approximate=True)
               * batch_rows(self.up_proj(x)))
-    return batch_rows(self.down_proj(hidden))
+    return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):

@@ -92,7 +92,7 @@ class Attention(nnx.Module):
     qkv = batch_rows(self.qkv(x)).reshape(b, n, 3, self.heads, d // self.heads)
     out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1],
                                        qkv[:, :, 2])
-    return batch_rows(self.proj(batch_rows(out.reshape(b, n, d))))
+    return self.proj(batch_rows(out.reshape(b, n, d)))
 
 
 class LayerScale(nnx.Module):
@@ -111,8 +111,7 @@ class Mlp(nnx.Module):
     self.fc2 = nnx.Linear(c.mlp_hidden, c.embed_dim, **kw)
 
   def __call__(self, x):
-    return batch_rows(self.fc2(batch_rows(jax.nn.gelu(self.fc1(x),
-                                            approximate=False))))
+    return self.fc2(batch_rows(jax.nn.gelu(self.fc1(x), approximate=False)))
 
 
 class Block(nnx.Module):

@@ -268,11 +268,18 @@ def test_bench_runs_and_reports(tmp_path):
   c.model.network.depth = 1
   c.model.network.lora_hidden_size = 8
   c.data.image_size = 16
-  out = bench.run(c, batch=4, repeats=1, nfes=[2],
-                  rows=("forward", "tim_dde_step", "sample_nfe2_cfg"))
+  out = bench.run(c, batch=4, repeats=1, nfes=[2], matmul_size=64,
+                  rows=("matmul", "forward", "tim_dde_step",
+                        "sample_nfe2_cfg"))
   names = [r["name"] for r in out["rows"]]
-  assert names == ["forward", "tim_dde_step", "sample_nfe2_cfg"]
-  fwd, step, smp = out["rows"]
+  assert names == ["matmul", "forward", "tim_dde_step", "sample_nfe2_cfg"]
+  mm, fwd, step, smp = out["rows"]
+  # The reference row: 2 n^3 FLOPs; every row's share is against it.
+  assert mm["model_flops"] == 2 * 64 ** 3
+  assert mm["flops_per_s"] == pytest.approx(mm["model_flops"] / mm["seconds"])
+  for row in (fwd, step, smp):
+    assert row["of_matmul"] == pytest.approx(
+        row["flops_per_s"] / mm["flops_per_s"])
   assert fwd["model_flops"] > 0 and fwd["seconds"] > 0
   assert smp["model_flops"] == pytest.approx(4 * fwd["model_flops"])
   assert step["model_flops"] > 3 * fwd["model_flops"]

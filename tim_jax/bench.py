@@ -6,7 +6,13 @@ Every function is compiled and warmed up first, then timed as the median of
 ``--repeats`` runs, each ending in ``block_until_ready``. Reported per row:
 seconds, images/s, tokens/s, model FLOPs (``tim_jax.flops``), achieved FLOP/s
 and, where the device's peak is known and the compute dtype is bfloat16, the
-model FLOPs utilisation (MFU).
+model FLOPs utilisation (MFU), and the share of the ``matmul`` row's rate.
+
+``matmul`` (first, unless ``--matmul_size=0``) times one square matmul of
+``--matmul_size`` in the compute dtype: the device's practical FLOP/s
+ceiling, which a step built of smaller matmuls, attention and elementwise
+work approaches but does not reach; every other row prints its achieved
+FLOP/s as a share of it.
 
 Rows: ``forward``, ``forward_2x`` (doubled batch, what a CFG step costs),
 ``tim_dde_step`` and ``tim_jvp_step`` (the full train step: loss, gradient,
@@ -36,6 +42,8 @@ flags.DEFINE_integer("repeats", 10, "Timed runs per row (median reported).")
 flags.DEFINE_list("nfe", ["1", "4", "16"], "Sampler step counts.")
 flags.DEFINE_list("rows", [], "Only these rows (default: all).")
 flags.DEFINE_string("out", "", "Also write the results as JSON here.")
+flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul whose "
+                     "rate is the reference row 'matmul' (0: no such row).")
 flags.mark_flags_as_required(["config"])
 
 def time_fn(fn, *args, repeats=10):
@@ -50,9 +58,17 @@ def time_fn(fn, *args, repeats=10):
   return statistics.median(times)
 
 
-def run(config, batch, repeats, nfes, rows=()):
+def matmul_time(size: int, dtype, repeats: int = 10) -> float:
+  """Median seconds of one (size x size) @ (size x size) matmul in
+  ``dtype`` on the default device."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  return time_fn(jax.jit(jnp.matmul), a, b, repeats=repeats)
+
+
+def run(config, batch, repeats, nfes, rows=(), matmul_size: int = 2048):
+  from tim_jax import builders, sharding, train
   from tim_jax import flops as flops_lib
-  from tim_jax import sharding, train
   from tim_jax.data import kinds
   want = lambda name: not rows or name in rows
 
@@ -61,7 +77,6 @@ def run(config, batch, repeats, nfes, rows=()):
   # given; the projector's width follows the teacher's.
   teacher = None
   if config.loss_extras.get("repa_encoder", "none") != "none":
-    from tim_jax import builders  # pylint: disable=g-import-not-at-top
     from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
     dtype = builders.compute_dtype(config)
     teacher = (radio.load(config.loss_extras.repa_encoder_path, dtype=dtype)
@@ -95,6 +110,7 @@ def run(config, batch, repeats, nfes, rows=()):
   share = trainer.loss_config.counts(batch)[0] / (
       batch // trainer.loss_config.groups)
   results = []
+  ceiling = {}
 
   def record(name, seconds, images, model_flops):
     row = {"name": name, "seconds": seconds, "images_per_s": images / seconds,
@@ -104,10 +120,27 @@ def run(config, batch, repeats, nfes, rows=()):
     peak = flops_lib.peak_flops(jax.devices()[0])
     if peak and row["flops_per_s"] and config.model.dtype == "bfloat16":
       row["mfu"] = row["flops_per_s"] / (peak * jax.device_count())
+    if ceiling and row["flops_per_s"]:
+      row["of_matmul"] = row["flops_per_s"] / (
+          ceiling["flops_per_s"] * jax.device_count())
     results.append(row)
     print(f"{name:22s} {seconds * 1e3:10.2f} ms  {row['images_per_s']:9.1f} "
           f"img/s  {(row['flops_per_s'] or 0) / 1e12:8.3f} TFLOP/s"
-          + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
+          + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "")
+          + (f"  {row['of_matmul']:.0%} of matmul" if "of_matmul" in row
+             else ""), flush=True)
+
+  if matmul_size and want("matmul"):
+    seconds = matmul_time(matmul_size, builders.compute_dtype(config),
+                          repeats)
+    flops = 2.0 * matmul_size ** 3
+    # One device's rate; the steps run on all of them.
+    ceiling.update(name="matmul", size=matmul_size, seconds=seconds,
+                   model_flops=flops, flops_per_s=flops / seconds)
+    results.append(dict(ceiling))
+    print(f"{'matmul':22s} {seconds * 1e3:10.2f} ms  {matmul_size}^2 "
+          f"{flops / seconds / 1e12:8.3f} TFLOP/s (the reference rate)",
+          flush=True)
 
   count = lambda step, **kw: flops_lib.step_flops(
       mc, batch, size, size, cap_len, step=step, diffusion_share=share, **kw)
@@ -181,7 +214,8 @@ def main(argv):
         f"{jax.devices()[0].device_kind}, batch {flags.FLAGS.batch}, "
         f"dtype {config.model.dtype}", flush=True)
   result = run(config, flags.FLAGS.batch, flags.FLAGS.repeats,
-               [int(n) for n in flags.FLAGS.nfe], flags.FLAGS.rows)
+               [int(n) for n in flags.FLAGS.nfe], flags.FLAGS.rows,
+               matmul_size=flags.FLAGS.matmul_size)
   result["command"] = " ".join(["python -m tim_jax.bench"] + sys.argv[1:])
   if flags.FLAGS.out:
     with open(flags.FLAGS.out, "w") as f:
@@ -190,6 +224,8 @@ def main(argv):
   if "forward" in rows:
     print("relative to one forward pass:")
     for name, sec in rows.items():
+      if name == "matmul":
+        continue
       print(f"  {name:22s} {sec / rows['forward']:6.2f}x")
 
 

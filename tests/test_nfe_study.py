@@ -74,8 +74,13 @@ def test_study_refuses_models_of_other_data(tmp_path, monkeypatch):
   from tim_jax import inference
   config = train_utils.tiny_t2i()
   config.data.name = "latents"
-  monkeypatch.setattr(inference, "load", lambda path, config_=None:
-                      types.SimpleNamespace(config=config, kind="t2i"))
+  asked = []
+
+  def load(path, config_=None, weights="ema"):
+    asked.append(weights)
+    return types.SimpleNamespace(config=config, kind="t2i")
+  monkeypatch.setattr(inference, "load", load)
   with pytest.raises(ValueError, match="reads only the built-in shapes"):
     nfe_study.run_study({"x": "somewhere"}, [1], num=2, progress=False,
-                          reference_num=2)
+                          reference_num=2, weights="params")
+  assert asked == ["params"]  # The study reads the weights it is asked.

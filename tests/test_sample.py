@@ -68,6 +68,12 @@ def test_loads_the_ema_weights(workdir, loaded):
   # And not the raw parameters (EMA differs after 2 steps).
   assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
       jax.tree.leaves(params), jax.tree.leaves(state.params)))
+  # weights="params" reads those instead.
+  raw = inference.load(workdir, weights="params").params
+  for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="weights must be one of"):
+    inference.load(workdir, weights="opt_state")
 
 
 def test_generate_is_independent_of_batch_size(loaded):
@@ -130,6 +136,8 @@ def test_official_checkpoint_samples_like_the_tim_jax_one(tmp_path, loaded):
   np.testing.assert_allclose(a, b, atol=1e-6)
   with pytest.raises(ValueError, match="needs a config"):
     inference.load(path)
+  with pytest.raises(ValueError, match="holds one set of weights"):
+    inference.load(path, loaded.config, weights="params")
   other = train_utils.tiny_t2i()
   other.model.network.depth = 2
   with pytest.raises(ValueError, match="lacks"):

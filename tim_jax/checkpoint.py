@@ -80,6 +80,9 @@ def all_finite(tree) -> bool:
   return bool(_ALL_FINITE(leaves))
 
 
+# The weight sets a train state holds, as inference may read them.
+WEIGHT_SETS = ("ema", "params")
+
 class CheckpointWriteError(RuntimeError):
   """The checkpoint directory cannot be written."""
 
@@ -246,12 +249,21 @@ class Checkpointer:
     """The EMA parameters alone, into ``abstract_params``' shapes, dtypes
     and shardings (ShapeDtypeStructs with ``sharding``): no optimizer state
     is read or built (inference)."""
-    item = {"ema": abstract_params}
+    return self.restore_weights(step, abstract_params, "ema")
+
+  def restore_weights(self, step: int, abstract_params: Any,
+                      which: str = "ema"):
+    """One weight set of the train state alone: ``"ema"`` or the trained
+    ``"params"`` (as ``restore_ema``, no optimizer state)."""
+    if which not in WEIGHT_SETS:
+      raise ValueError(f"weights must be one of {WEIGHT_SETS}, got "
+                       f"{which!r}")
+    item = {which: abstract_params}
     args = ocp.args.PyTreeRestore(
         item=item, partial_restore=True,
         restore_args=ocp.checkpoint_utils.construct_restore_args(item))
     restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
-    return restored["state"]["ema"]
+    return restored["state"][which]
 
   def wait(self):
     self.manager.wait_until_finished()

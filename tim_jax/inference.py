@@ -113,18 +113,27 @@ def _single_device(abstract):
 
 def load(checkpoint_path: str, config=None,
          autoencoder_path: Optional[str] = None,
-         text_encoder_path: Optional[str] = None) -> "Pipeline":
+         text_encoder_path: Optional[str] = None,
+         weights: str = "ema") -> "Pipeline":
   """A pipeline with a checkpoint's weights.
 
-  A tim_jax checkpoint gives its EMA weights and, when ``config`` is None,
-  its saved config; an official file (``.safetensors``, ``.pt``, ``.pth``,
+  A tim_jax checkpoint gives its EMA weights (``weights="params"``: the
+  trained weights the EMA follows) and, when ``config`` is None, its saved
+  config; an official file (``.safetensors``, ``.pt``, ``.pth``,
   ``.bin``) needs ``config`` for the architecture. ``autoencoder_path``
   replaces the config's ``autoencoder.path`` (where the decoder's diffusers
   directory is on this machine), ``text_encoder_path`` its
   ``text_encoder.path`` (the Gemma-3 directory of models trained on
   captions). Raises ValueError when the weights do not fit the config.
   """
+  if weights not in checkpoint.WEIGHT_SETS:
+    raise ValueError(f"weights must be one of {checkpoint.WEIGHT_SETS}, got "
+                     f"{weights!r}")
   ref = resolve(checkpoint_path)
+  if ref.format == "official" and weights != "ema":
+    raise ValueError(f"{ref.path} is an official file, which holds one set "
+                     "of weights; weights='params' reads tim_jax "
+                     "checkpoints only")
   if config is None:
     if ref.format == "official":
       raise ValueError("an official checkpoint needs a config (the "
@@ -156,8 +165,8 @@ def load(checkpoint_path: str, config=None,
                      f" fit this config: {'; '.join(problems)}")
   reader = _reader(ref)
   try:
-    pipe.params = reader.restore_ema(ref.step,
-                                     _single_device(pipe.abstract_params))
+    pipe.params = reader.restore_weights(
+        ref.step, _single_device(pipe.abstract_params), weights)
   finally:
     reader.close()
   return pipe

@@ -39,21 +39,22 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
               batch_size: int = 250, seed: int = 0, cfg_scale=None,
               reference_num: int = 5000, mode=None,
               judge: oracle.Oracle | None = None, progress: bool = True,
-              on_row=None):
+              on_row=None, weights: str = "ema"):
   """Rows of scores (dicts) and the sample strips: per run, ``images``
   (the first 8 prompts' samples, row-major with one column per NFE) and
   their ``captions``.
 
   ``cfg_scale`` and ``mode`` (``transition`` or ``diffusion``: plain Euler
   steps of the model's flow, r = t) replace every run's saved sampler
-  setting when given.
+  setting when given. ``weights``: each checkpoint's ``"ema"`` weights
+  (the default) or its trained ``"params"``.
   ``on_row(rows)`` is called after every new row (the command writes the
   partial CSV there, so an interrupted study keeps what it measured).
   """
   rows, strips = [], {}
   scorer = None
   for name, path in runs.items():
-    pipe = inference.load(path)
+    pipe = inference.load(path, weights=weights)
     config = pipe.config
     if config.data.name != "shapes":
       raise ValueError(f"run {name} ({path}) was trained on "
@@ -196,6 +197,7 @@ def _main(argv):
   rows, strips = run_study(runs, nfes, num=f.num, batch_size=f.batch_size,
                            seed=f.seed, cfg_scale=f.cfg,
                            reference_num=f.reference_num, mode=f.mode,
+                           weights=f.weights,
                            on_row=lambda rows: write_csv(rows, partial))
   write_outputs(rows, strips, f.out, nfes)
   print(markdown(rows))
@@ -219,5 +221,7 @@ if __name__ == "__main__":
   flags.DEFINE_enum("mode", None, ["transition", "diffusion"], "Sampler "
                     "mode for every run (default: each run's sample.mode); "
                     "diffusion = Euler steps of the model's flow (r = t).")
+  flags.DEFINE_enum("weights", "ema", ["ema", "params"], "Each "
+                    "checkpoint's EMA weights or its trained weights.")
   flags.DEFINE_string("out", "nfe_study", "Output directory.")
   app.run(_main)

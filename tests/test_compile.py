@@ -230,6 +230,29 @@ def test_command_prints_and_writes_the_report(tmp_path):
   assert lonely.returncode == 1 and "add --sweep" in lonely.stderr
 
 
+def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
+  # XLA counts a loop body once, the microbatch loop's too: the two small
+  # compiles run the batch in one pass, and grow from what they report.
+  seen = []
+
+  def fake(c, devs, **kw):
+    seen.append((c.microbatches, c.model.network.depth))
+    d = c.model.network.depth
+    return {"rows": [dict(model_flops=10.0 * d, roofline_seconds=1.0 * d,
+                          memory=dict(total=100 * d),
+                          xla_flops_per_device=5.0 * d,
+                          compile_seconds=1.0)]}
+  monkeypatch.setattr(compile_lib, "compile_steps", fake)
+  c = tiny(data=4)
+  c.unlock()
+  c.microbatches = 2
+  c.model.network.depth = 5
+  c.lock()
+  ext = compile_lib.extrapolated_roofline(c, devices)
+  assert seen == [(1, 1), (1, 2)]
+  assert ext["roofline_seconds"] == 5.0 and ext["model_flops"] == 50.0
+
+
 def test_extrapolated_roofline_matches_the_unrolled_depth(devices):
   # Depths 1 and 2 predict depth 3's XLA cost (one more block), and the
   # scanned compile's own count (one body) would fall short of it.

@@ -32,9 +32,9 @@ heads) and each ``--sweep_batches`` choice and ranks those that fit by
 roofline time per example.
 
 ``--extrapolate`` adds the train step's roofline at full depth from two
-small unrolled compiles (depth 1 and 2; their difference is one block):
-XLA counts a scanned body once, and compiling the unrolled depth takes
-minutes. With ``--sweep`` the ranking uses it. ``--sweep_meshes=4x4x1,1x16x1``
+small unrolled compiles (depth 1 and 2, one microbatch; their difference
+is one block): XLA counts a loop body once (scanned blocks, microbatches),
+and compiling the unrolled depth takes minutes. With ``--sweep`` the ranking uses it. ``--sweep_meshes=4x4x1,1x16x1``
 limits the sweep to those meshes (data x fsdp x tensor).
 
 ``--unroll_teacher`` loops the REPA teacher's blocks (the trainer scans
@@ -326,7 +326,7 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
   the MFU upper bound at full depth, the per-device HBM the unrolled model
   would take (argument and temp bytes grown the same way: a guide for
   choosing meshes; the full compile is the measurement), and the two
-  compiles' seconds."""
+  compiles' seconds. The two compiles run the batch as one microbatch."""
   depth = int(config.model.network.depth)
   costs = []
   for d in (1, 2):
@@ -335,6 +335,9 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
     c.model.network.depth = d
     c.model.network.encoder_depth = 1
     c.model.scan_blocks = False
+    # The microbatch loop is a scan too, counted once: the same rows in one
+    # pass are the same work (one optimizer update either way).
+    c.microbatches = 1
     c.lock()
     row = compile_steps(c, devices, batch=batch, caption_len=caption_len,
                         sampler=False, model_floor=False,

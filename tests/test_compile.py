@@ -232,11 +232,11 @@ def test_command_prints_and_writes_the_report(tmp_path):
 
 def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
   # XLA counts a loop body once, the microbatch loop's too: the two small
-  # compiles run the batch in one pass, and grow from what they report.
+  # compiles run one microbatch in one pass, counted k times.
   seen = []
 
   def fake(c, devs, **kw):
-    seen.append((c.microbatches, c.model.network.depth))
+    seen.append((c.microbatches, c.model.network.depth, kw["batch"]))
     d = c.model.network.depth
     return {"rows": [dict(model_flops=10.0 * d, roofline_seconds=1.0 * d,
                           memory=dict(total=100 * d),
@@ -248,9 +248,12 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
   c.microbatches = 2
   c.model.network.depth = 5
   c.lock()
-  ext = compile_lib.extrapolated_roofline(c, devices)
-  assert seen == [(1, 1), (1, 2)]
-  assert ext["roofline_seconds"] == 5.0 and ext["model_flops"] == 50.0
+  ext = compile_lib.extrapolated_roofline(c, devices, batch=64)
+  # One microbatch's 32 rows in one pass, at depths 1 and 2 ...
+  assert seen == [(1, 1, 32), (1, 2, 32)]
+  # ... grown to depth 5 and counted twice; the memory is one microbatch's.
+  assert ext["roofline_seconds"] == 10.0 and ext["model_flops"] == 100.0
+  assert ext["xla_flops_per_device"] == 50.0 and ext["hbm_bytes"] == 500
 
 
 def test_extrapolated_roofline_matches_the_unrolled_depth(devices):

@@ -32,9 +32,10 @@ heads) and each ``--sweep_batches`` choice and ranks those that fit by
 roofline time per example.
 
 ``--extrapolate`` adds the train step's roofline at full depth from two
-small unrolled compiles (depth 1 and 2, one microbatch; their difference
-is one block): XLA counts a loop body once (scanned blocks, microbatches),
-and compiling the unrolled depth takes minutes. With ``--sweep`` the ranking uses it. ``--sweep_meshes=4x4x1,1x16x1``
+small unrolled compiles (depth 1 and 2; their difference is one block;
+with microbatches, one microbatch's rows counted k times): XLA counts a
+loop body once (scanned blocks, microbatches), and compiling the unrolled
+depth takes minutes. With ``--sweep`` the ranking uses it. ``--sweep_meshes=4x4x1,1x16x1``
 limits the sweep to those meshes (data x fsdp x tensor).
 
 ``--unroll_teacher`` loops the REPA teacher's blocks (the trainer scans
@@ -326,8 +327,15 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
   the MFU upper bound at full depth, the per-device HBM the unrolled model
   would take (argument and temp bytes grown the same way: a guide for
   choosing meshes; the full compile is the measurement), and the two
-  compiles' seconds. The two compiles run the batch as one microbatch."""
+  compiles' seconds. With ``microbatches`` = k the two compiles run one
+  microbatch's rows in one pass and the time and FLOPs count k of them."""
   depth = int(config.model.network.depth)
+  # XLA counts the microbatch loop's body once too: compile one
+  # microbatch's rows in one pass (the memory of the microbatched step) and
+  # count it k times (the optimizer update then k times as well: a slight
+  # overestimate of the step).
+  k = int(config.get("microbatches", 1))
+  rows = int(batch or config.batch_size) // k
   costs = []
   for d in (1, 2):
     c = config.copy_and_resolve_references()
@@ -335,28 +343,27 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
     c.model.network.depth = d
     c.model.network.encoder_depth = 1
     c.model.scan_blocks = False
-    # The microbatch loop is a scan too, counted once: the same rows in one
-    # pass are the same work (one optimizer update either way).
     c.microbatches = 1
     c.lock()
-    row = compile_steps(c, devices, batch=batch, caption_len=caption_len,
+    row = compile_steps(c, devices, batch=rows, caption_len=caption_len,
                         sampler=False, model_floor=False,
                         unroll_teacher=True)["rows"][0]
     costs.append(row)
-  def grow(get):
-    return get(costs[0]) + (depth - 1) * (get(costs[1]) - get(costs[0]))
+  def grow(get, times=k):
+    return times * (get(costs[0]) + (depth - 1) * (
+        get(costs[1]) - get(costs[0])))
   chip = chip_info(devices)
   model = grow(lambda r: r["model_flops"])
   seconds = grow(lambda r: r["roofline_seconds"])
-  hbm = grow(lambda r: r["memory"]["total"])
-  return dict(depth=depth,
+  hbm = grow(lambda r: r["memory"]["total"], times=1)
+  return dict(depth=depth, microbatches=k,
               xla_flops_per_device=grow(lambda r: r["xla_flops_per_device"]),
               hbm_bytes=hbm, hbm_fits=bool(hbm <= chip.hbm_per_device),
               roofline_seconds=seconds, model_flops=model,
               roofline_mfu_upper_bound=model / (
                   seconds * chip.devices * chip.peak_per_device),
-              per_block_seconds=costs[1]["roofline_seconds"] -
-              costs[0]["roofline_seconds"],
+              per_block_seconds=k * (costs[1]["roofline_seconds"] -
+                                     costs[0]["roofline_seconds"]),
               compile_seconds=sum(r["compile_seconds"] for r in costs))
 
 

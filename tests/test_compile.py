@@ -254,6 +254,9 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
   # ... grown to depth 5 and counted twice; the memory is one microbatch's.
   assert ext["roofline_seconds"] == 10.0 and ext["model_flops"] == 100.0
   assert ext["xla_flops_per_device"] == 50.0 and ext["hbm_bytes"] == 500
+  assert ext["per_block_seconds"] == 2.0 and ext["microbatches"] == 2
+  with pytest.raises(ValueError, match="divide the batch"):
+    compile_lib.extrapolated_roofline(c, devices, batch=63)
 
 
 def test_extrapolated_roofline_matches_the_unrolled_depth(devices):

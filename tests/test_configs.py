@@ -279,7 +279,7 @@ def test_bench_runs_and_reports(tmp_path):
   assert mm["flops_per_s"] == pytest.approx(mm["model_flops"] / mm["seconds"])
   for row in (fwd, step, smp):
     assert row["of_matmul"] == pytest.approx(
-        row["flops_per_s"] / mm["flops_per_s"])
+        row["flops_per_s"] / (mm["flops_per_s"] * out["num_devices"]))
   assert fwd["model_flops"] > 0 and fwd["seconds"] > 0
   assert smp["model_flops"] == pytest.approx(4 * fwd["model_flops"])
   assert step["model_flops"] > 3 * fwd["model_flops"]

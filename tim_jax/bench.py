@@ -8,8 +8,9 @@ seconds, images/s, tokens/s, model FLOPs (``tim_jax.flops``), achieved FLOP/s
 and, where the device's peak is known and the compute dtype is bfloat16, the
 model FLOPs utilisation (MFU), and the share of the ``matmul`` row's rate.
 
-``matmul`` (first, unless ``--matmul_size=0``) times one square matmul of
-``--matmul_size`` in the compute dtype: the device's practical FLOP/s
+``matmul`` (first, unless ``--matmul_size=0`` or ``--rows`` leaves it
+out) times one square matmul of ``--matmul_size`` (2048 suits CPUs; give
+accelerators 8192 or more, or dispatch dominates) in the compute dtype: the device's practical FLOP/s
 ceiling, which a step built of smaller matmuls, attention and elementwise
 work approaches but does not reach; every other row prints its achieved
 FLOP/s as a share of it.

@@ -331,11 +331,15 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
   microbatch's rows in one pass and the time and FLOPs count k of them."""
   depth = int(config.model.network.depth)
   # XLA counts the microbatch loop's body once too: compile one
-  # microbatch's rows in one pass (the memory of the microbatched step) and
-  # count it k times (the optimizer update then k times as well: a slight
-  # overestimate of the step).
+  # microbatch's rows in one pass (about the microbatched step's memory,
+  # less its gradient accumulator) and count it k times (the optimizer
+  # update then k times as well: a slight overestimate of the step).
   k = int(config.get("microbatches", 1))
-  rows = int(batch or config.batch_size) // k
+  total = int(batch or config.batch_size)
+  if k < 1 or total % k:
+    raise ValueError(f"microbatches must be >= 1 and divide the batch "
+                     f"{total}, got {k}")
+  rows = total // k
   costs = []
   for d in (1, 2):
     c = config.copy_and_resolve_references()
@@ -531,8 +535,12 @@ def main(argv):
       ext = extrapolated_roofline(config, devices, batch=f.batch,
                                   caption_len=f.caption_len)
       result["extrapolated"] = ext
+      micro = (f", one of {ext['microbatches']} microbatches counted "
+               f"{ext['microbatches']} times" if ext["microbatches"] > 1
+               else "")
       print(f"\ntrain step at depth {ext['depth']}, extrapolated from "
-            f"unrolled depths 1 and 2 ({ext['compile_seconds']:.0f} s): "
+            f"unrolled depths 1 and 2{micro} "
+            f"({ext['compile_seconds']:.0f} s): "
             f"roofline {ext['roofline_seconds'] * 1e3:.1f} ms "
             f"({ext['per_block_seconds'] * 1e3:.2f} ms per block), MFU upper "
             f"bound {ext['roofline_mfu_upper_bound']:.1%}; HBM unrolled "

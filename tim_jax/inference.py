@@ -4,7 +4,7 @@ Everything sampling needs and nothing of training (no optimizer, no train
 state)::
 
     from tim_jax import inference
-    pipe = inference.load("/tmp/tim_t2i")          # a tim_jax run: EMA + config
+    pipe = inference.load("RUN_DIR")              # a tim_jax run: EMA + config
     pipe = inference.load("TiM-XL-2-256.pt",       # an official file
                           config_base.load_file("configs/c2i.py:xl2_256"))
     cond, names = pipe.conditions(prompts=["a red circle at the top left"])

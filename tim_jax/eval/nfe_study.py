@@ -1,7 +1,7 @@
 """Quality against the number of steps, for one or more shapes-world models.
 
-    python -m tim_jax.eval.nfe_study --run=TiM=/tmp/tim_t2i \\
-        --run=FM=/tmp/fm_t2i --nfe=1,2,4,8,16,32,64 --num=500 --out=DIR
+    python -m tim_jax.eval.nfe_study --run=TiM=RUN_DIR \\
+        --run=FM=FM_RUN_DIR --nfe=1,2,4,8,16,32,64 --num=500 --out=DIR
 
 For every run (a tim_jax workdir or checkpoint; its saved config says how to
 sample it: guidance, interval, sampler mode) and every NFE, the study samples

@@ -10,8 +10,8 @@ model FLOPs utilisation (MFU), and the share of the ``matmul`` row's rate.
 
 ``matmul`` (first, unless ``--matmul_size=0`` or ``--rows`` leaves it
 out) times one square matmul of ``--matmul_size`` (2048 suits CPUs; give
-accelerators 8192 or more, or dispatch dominates) in the compute dtype: the device's practical FLOP/s
-ceiling, which a step built of smaller matmuls, attention and elementwise
+accelerators 8192 or more, or dispatch dominates) in the compute dtype:
+the device's practical FLOP/s ceiling, which a step built of smaller matmuls, attention and elementwise
 work approaches but does not reach; every other row prints its achieved
 FLOP/s as a share of it.
 

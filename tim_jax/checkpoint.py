@@ -83,6 +83,7 @@ def all_finite(tree) -> bool:
 # The weight sets a train state holds, as inference may read them.
 WEIGHT_SETS = ("ema", "params")
 
+
 class CheckpointWriteError(RuntimeError):
   """The checkpoint directory cannot be written."""
 
@@ -245,16 +246,12 @@ class Checkpointer:
           "from a copy). Nothing was changed on disk.")
     return None, None
 
-  def restore_ema(self, step: int, abstract_params: Any):
-    """The EMA parameters alone, into ``abstract_params``' shapes, dtypes
-    and shardings (ShapeDtypeStructs with ``sharding``): no optimizer state
-    is read or built (inference)."""
-    return self.restore_weights(step, abstract_params, "ema")
-
   def restore_weights(self, step: int, abstract_params: Any,
                       which: str = "ema"):
-    """One weight set of the train state alone: ``"ema"`` or the trained
-    ``"params"`` (as ``restore_ema``, no optimizer state)."""
+    """One weight set of the train state alone, the EMA (``"ema"``) or the
+    trained ``"params"``, into ``abstract_params``' shapes, dtypes and
+    shardings (ShapeDtypeStructs with ``sharding``): no optimizer state is
+    read or built (inference)."""
     if which not in WEIGHT_SETS:
       raise ValueError(f"weights must be one of {WEIGHT_SETS}, got "
                        f"{which!r}")

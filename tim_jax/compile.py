@@ -35,8 +35,9 @@ roofline time per example.
 small unrolled compiles (depth 1 and 2; their difference is one block;
 with microbatches, one microbatch's rows counted k times): XLA counts a
 loop body once (scanned blocks, microbatches), and compiling the unrolled
-depth takes minutes. With ``--sweep`` the ranking uses it. ``--sweep_meshes=4x4x1,1x16x1``
-limits the sweep to those meshes (data x fsdp x tensor).
+depth takes minutes. With ``--sweep`` the ranking uses it.
+``--sweep_meshes=4x4x1,1x16x1`` limits the sweep to those meshes (data x
+fsdp x tensor).
 
 ``--unroll_teacher`` loops the REPA teacher's blocks (the trainer scans
 them), so that with ``model.scan_blocks=False`` XLA's cost covers the whole

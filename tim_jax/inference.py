@@ -126,13 +126,10 @@ def load(checkpoint_path: str, config=None,
   ``text_encoder.path`` (the Gemma-3 directory of models trained on
   captions). Raises ValueError when the weights do not fit the config.
   """
-  if weights not in checkpoint.WEIGHT_SETS:
-    raise ValueError(f"weights must be one of {checkpoint.WEIGHT_SETS}, got "
-                     f"{weights!r}")
   ref = resolve(checkpoint_path)
   if ref.format == "official" and weights != "ema":
     raise ValueError(f"{ref.path} is an official file, which holds one set "
-                     "of weights; weights='params' reads tim_jax "
+                     f"of weights; weights={weights!r} reads tim_jax "
                      "checkpoints only")
   if config is None:
     if ref.format == "official":

@@ -29,7 +29,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from tim_jax import images, inference
+from tim_jax import checkpoint, images, inference
 from tim_jax.eval import oracle, shapes_scores
 
 SCORES = shapes_scores.SCORES
@@ -221,7 +221,7 @@ if __name__ == "__main__":
   flags.DEFINE_enum("mode", None, ["transition", "diffusion"], "Sampler "
                     "mode for every run (default: each run's sample.mode); "
                     "diffusion = Euler steps of the model's flow (r = t).")
-  flags.DEFINE_enum("weights", "ema", ["ema", "params"], "Each "
+  flags.DEFINE_enum("weights", "ema", list(checkpoint.WEIGHT_SETS), "Each "
                     "checkpoint's EMA weights or its trained weights.")
   flags.DEFINE_string("out", "nfe_study", "Output directory.")
   app.run(_main)

@@ -160,6 +160,28 @@ def test_rope_rotation_is_interleaved_and_relative():
   assert logit(5, 0) != pytest.approx(logit(6, 0), rel=1e-3)
 
 
+def test_layernorm_written_derivative_equals_autodiff():
+  # The hand-written derivative of the standardisation must be the one
+  # autodiff takes through the plain formula, in both modes.
+  def plain(x, eps=1e-6):
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (5, 16))
+  dx = jax.random.normal(jax.random.key(1), (5, 16))
+  ct = jax.random.normal(jax.random.key(2), (5, 16))
+  mine = lambda a: layers.standardize(a, 1e-6)
+  np.testing.assert_allclose(mine(x), plain(x), atol=1e-6)
+  np.testing.assert_allclose(jax.jvp(mine, (x,), (dx,))[1],
+                             jax.jvp(plain, (x,), (dx,))[1], atol=1e-5)
+  np.testing.assert_allclose(jax.vjp(mine, x)[1](ct)[0],
+                             jax.vjp(plain, x)[1](ct)[0], atol=1e-5)
+  # Second order (a gradient of the forward-mode derivative) also agrees.
+  second = lambda f: jax.grad(
+      lambda a: jnp.sum(jax.jvp(f, (a,), (dx,))[1] * ct))(x)
+  np.testing.assert_allclose(second(mine), second(plain), atol=1e-4)
+
+
 @pytest.mark.parametrize("condition", ["t-r", "r", "t,r", "t,t-r", "r,t-r",
                                        "t,r,t-r"])
 def test_new_condition_options(condition):

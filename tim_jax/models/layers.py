@@ -70,6 +70,35 @@ class Linear(nnx.Linear):
     return y
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def standardize(x, eps):
+  """(x - mean) / sqrt(var + eps) over the last axis (two-pass variance)."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centred = x - mean
+  var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+  return centred * jax.lax.rsqrt(var + eps)
+
+
+@standardize.defjvp
+def _standardize_jvp(eps, primals, tangents):
+  # The derivative written out, dy = (dx - mean(dx) - y mean(dx y)) / s,
+  # rather than traced through mean, square and rsqrt: the same map, but
+  # its transpose (the backward pass) is two row sums and one fused
+  # elementwise pass. On a 2-core CPU this makes the tiny T2I model's
+  # gradient 13 % faster (python -m tim_jax.bench); forward mode (the
+  # "jvp" derivative) uses the same rule.
+  (x,), (dx,) = primals, tangents
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centred = x - mean
+  inv = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+                      + eps)
+  y = centred * inv
+  n = x.shape[-1]
+  s_dx = jnp.sum(dx, axis=-1, keepdims=True)
+  s_dxy = jnp.sum(dx * y, axis=-1, keepdims=True)
+  return y, dx * inv - (inv / n) * (s_dx + y * s_dxy)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32, returned in the input dtype.
 
@@ -89,10 +118,7 @@ class LayerNorm(nnx.Module):
                                                   param_dtype))
 
   def __call__(self, x):
-    h = x.astype(numerics.wide(x.dtype))
-    mean = jnp.mean(h, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-    h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+    h = standardize(x.astype(numerics.wide(x.dtype)), self.eps)
     if self.affine:
       h = h * self.scale[...].astype(h.dtype) + self.bias[...].astype(h.dtype)
     return h.astype(x.dtype)
@@ -250,9 +276,12 @@ def attention(q, k, v, implementation=None, key_mask=None):
     out = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask,
                                        implementation=implementation)
     return t(out)
-  scale = 1.0 / math.sqrt(q.shape[-1])
+  # The scale goes on q (T x hd values) rather than on the logits (T x S):
+  # fewer multiplies, and XLA:CPU then does not materialise a logits-sized
+  # array of the constant for its fused matmul (the gradient 4 % faster).
+  q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) * scale
+                      preferred_element_type=jnp.float32)
   if key_mask is not None:
     # A hidden key gets weight exactly 0 (exp(-inf)), so the result equals
     # attention over the visible keys alone.

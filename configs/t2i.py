@@ -60,6 +60,21 @@ def get_config(arg=None):
   if variant in ("tiny", "tiny_fm"):
     c.model.network = architectures.network("tiny-t2i")
     config_base.tiny_training(c)
+    # Training times concentrated on the middle of the path (logit-normal
+    # std 1.0 rather than the T2I-XL recipe's 1.6), in batches of 24 for
+    # twice the steps (the same images, the same minutes): at 4 NFE on 500
+    # held-out captions, shape on one-object captions 82 % against 74 %,
+    # all correct on two-object captions 55 % against 43 % (README,
+    # "Quality for the budget").
+    c.transport.params.P_std = 1.0
+    c.batch_size = 24
+    c.optimizer.base_batch = 24
+    c.num_steps = 3000
+    c.optimizer.warmup_steps = 200
+    c.checkpoint_every = 1000
+    c.sample.every = 1000
+    c.evals.holdout_loss.every = 1000
+    c.evals.shapes_oracle.every = 1000
     c.data.max_caption_len = 20
     # Each word carries the words before it, as a real text encoder's
     # features do: at 1500 steps (4 NFE, 500 held-out captions) all-correct

@@ -59,13 +59,19 @@ def plot(rows, path, nfe=4):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-  for recipe in dict.fromkeys(r["recipe"] for r in rows):
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+  recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+  # Twenty colours and three markers: no two recipes drawn alike.
+  colours = plt.get_cmap("tab20").colors
+  for i, recipe in enumerate(recipes):
     mine = [r for r in rows if r["recipe"] == recipe and r["nfe"] == nfe]
     x = [r["minutes"] for r in mine]
+    style = dict(color=colours[i % 20], marker="osD"[i // 20 % 3],
+                 label=recipe,
+                 lw=2.5 if "(the default)" in recipe else 1.2)
     for ax, key, scale in zip(axes, ("shape_one", "overall_two", "fd"),
                               (100, 100, 1)):
-      ax.plot(x, [scale * r[key] for r in mine], "o-", label=recipe)
+      ax.plot(x, [scale * r[key] for r in mine], **style)
   axes[0].axhline(100 * TARGET_SHAPE_ONE, color="gray", ls="--",
                   label="target")
   axes[1].axhline(100 * TARGET_OVERALL_TWO, color="gray", ls="--",
@@ -80,9 +86,11 @@ def plot(rows, path, nfe=4):
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
   axes[2].set_yscale("log")
-  axes[0].legend(fontsize=8)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+             fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 

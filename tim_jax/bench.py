@@ -11,9 +11,9 @@ model FLOPs utilisation (MFU), and the share of the ``matmul`` row's rate.
 ``matmul`` (first, unless ``--matmul_size=0`` or ``--rows`` leaves it
 out) times one square matmul of ``--matmul_size`` (2048 suits CPUs; give
 accelerators 8192 or more, or dispatch dominates) in the compute dtype:
-the device's practical FLOP/s ceiling, which a step built of smaller matmuls, attention and elementwise
-work approaches but does not reach; every other row prints its achieved
-FLOP/s as a share of it.
+the device's practical FLOP/s ceiling, which a step built of smaller
+matmuls, attention and elementwise work approaches but does not reach;
+every other row prints its achieved FLOP/s as a share of it.
 
 Rows: ``forward``, ``forward_2x`` (doubled batch, what a CFG step costs),
 ``tim_dde_step`` and ``tim_jvp_step`` (the full train step: loss, gradient,

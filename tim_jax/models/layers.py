@@ -70,13 +70,19 @@ class Linear(nnx.Linear):
     return y
 
 
+def _centred_and_scale(x, eps):
+  """x - mean and 1 / sqrt(var + eps) over the last axis (two-pass
+  variance)."""
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+  return centred, jax.lax.rsqrt(var + eps)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def standardize(x, eps):
-  """(x - mean) / sqrt(var + eps) over the last axis (two-pass variance)."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  centred = x - mean
-  var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-  return centred * jax.lax.rsqrt(var + eps)
+  """(x - mean) / sqrt(var + eps) over the last axis."""
+  centred, inv = _centred_and_scale(x, eps)
+  return centred * inv
 
 
 @standardize.defjvp
@@ -84,19 +90,15 @@ def _standardize_jvp(eps, primals, tangents):
   # The derivative written out, dy = (dx - mean(dx) - y mean(dx y)) / s,
   # rather than traced through mean, square and rsqrt: the same map, but
   # its transpose (the backward pass) is two row sums and one fused
-  # elementwise pass. On a 2-core CPU this makes the tiny T2I model's
-  # gradient 13 % faster (python -m tim_jax.bench); forward mode (the
-  # "jvp" derivative) uses the same rule.
+  # elementwise pass. On a 2-core CPU the tiny T2I train step runs ~10 %
+  # faster with it and the attention scale on q (launch/benchmarks.md);
+  # forward mode (the "jvp" derivative) uses the same rule.
   (x,), (dx,) = primals, tangents
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  centred = x - mean
-  inv = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-                      + eps)
+  centred, inv = _centred_and_scale(x, eps)
   y = centred * inv
-  n = x.shape[-1]
   s_dx = jnp.sum(dx, axis=-1, keepdims=True)
   s_dxy = jnp.sum(dx * y, axis=-1, keepdims=True)
-  return y, dx * inv - (inv / n) * (s_dx + y * s_dxy)
+  return y, dx * inv - (inv / x.shape[-1]) * (s_dx + y * s_dxy)
 
 
 class LayerNorm(nnx.Module):
@@ -278,7 +280,7 @@ def attention(q, k, v, implementation=None, key_mask=None):
     return t(out)
   # The scale goes on q (T x hd values) rather than on the logits (T x S):
   # fewer multiplies, and XLA:CPU then does not materialise a logits-sized
-  # array of the constant for its fused matmul (the gradient 4 % faster).
+  # array of the constant for its fused matmul (launch/benchmarks.md).
   q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k,
                       preferred_element_type=jnp.float32)

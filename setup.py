@@ -1,6 +1,12 @@
 """tim_jax: Transition Models (TiM) in JAX/Flax."""
 
+import re
+
 import setuptools
+
+# The version lives in tim_jax/__init__.py alone.
+with open("tim_jax/__init__.py", encoding="utf-8") as f:
+  VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 INSTALL_REQUIRES = [
     "jax>=0.6",
@@ -35,10 +41,11 @@ EXTRAS_REQUIRE = {
     # diffusers' autoencoders at the version the official TiM code pins,
     # transformers' Gemma-3, on the CPU build of torch.
     # libtpu (through jax[tpu], the version matching jax) gives
-    # tim_jax.compile the TPU compiler on CPU-only hosts.
+    # tim_jax.commands.compile the TPU compiler on CPU-only hosts.
+    # ruff formats and lints (the version pins its rules).
     "test": ["pytest>=8", "pytest-xdist>=3", "nbformat", "nbclient",
              "ipykernel", "torch==2.13.0", "diffusers==0.33.1",
-             "transformers==4.57.6", "jax[tpu]"],
+             "transformers==4.57.6", "jax[tpu]", "ruff==0.17.6"],
     # Reading torch-pickled official checkpoints (.bin / .pt) needs torch;
     # .safetensors files do not.
     "torch": ["torch"],
@@ -46,18 +53,40 @@ EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]"],
 }
 
+# The command-line programs (each is also `python -m tim_jax.commands.NAME`).
+CONSOLE_SCRIPTS = [
+    "tim-train = tim_jax.main:entry",
+    "tim-sample = tim_jax.commands.sample:entry",
+    "tim-generate = tim_jax.commands.generate:entry",
+    "tim-prepare = tim_jax.commands.prepare:entry",
+    "tim-latents = tim_jax.commands.latents:entry",
+    "tim-fid = tim_jax.commands.fid:entry",
+    "tim-nfe-study = tim_jax.commands.nfe_study:entry",
+    "tim-train-oracle = tim_jax.commands.train_oracle:entry",
+    "tim-bench = tim_jax.commands.bench:entry",
+    "tim-bench-autoencoders = tim_jax.commands.bench_autoencoders:entry",
+    "tim-bench-encoders = tim_jax.commands.bench_encoders:entry",
+    "tim-compile = tim_jax.commands.compile:entry",
+]
+
 setuptools.setup(
     name="tim_jax",
-    version="0.1.0",
+    version=VERSION,
     description="Transition Models (TiM) in JAX/Flax: any-step generative "
     "models, TPU-first.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["tim_jax", "tim_jax.*"]),
-    # The shapes oracle's weights ship with the package.
-    package_data={"tim_jax.eval": ["oracle.safetensors"]},
+    # The configs ship inside the package as tim_jax.configs, so that
+    # --config=configs/t2i.py also works after a non-editable install.
+    packages=setuptools.find_packages(include=["tim_jax", "tim_jax.*"]) +
+    ["tim_jax.configs"],
+    package_dir={"tim_jax.configs": "configs"},
+    # The shapes oracle's weights; py.typed: the package has type hints.
+    package_data={"tim_jax": ["py.typed"],
+                  "tim_jax.shapes": ["oracle.safetensors"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     license="Apache-2.0",
 )

@@ -2,7 +2,7 @@
 
 `--config=configs/c2i.py:VARIANT[,OPTION...]`
 
-Variants (networks from `tim_jax.architectures`):
+Variants (networks from `tim_jax.models.architectures`):
 
   tiny (default)  a small pixel-space model on the built-in shapes data,
                   one object per image, label = shape x colour:
@@ -23,13 +23,16 @@ Options:
   smoke           any variant shrunk to run a few steps on a CPU in seconds
                   with the same code path (data kind, REPA, guidance, dtype)
 
-The paper variants train on latents written with `python -m
-tim_jax.data.latents` (with REPA features, `--repa_shape`):
+The paper variants train on latents of ImageNet written by
+`python -m tim_jax.commands.prepare` (docs/paper_c2i.md):
       python -m tim_jax.main --config=configs/c2i.py:xl2_256,mg \
-          --workdir=DIR --config.data.data_dir=LATENTS
+          --workdir=DIR --config.data.data_dir=LATENTS \
+          --config.autoencoder.path=sd-vae-ft-ema \
+          --config.loss_extras.repa_encoder_path=radio-v2.5-b_half.pth.tar
 """
 
-from tim_jax import architectures, config_base
+from tim_jax.config import config_base
+from tim_jax.models import architectures
 
 # variant: the architecture, its latents and autoencoder, batch and steps.
 PAPER = {

@@ -11,15 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-workdir/nfe_study}"
-out="${2:-launch/nfe_study}"
-# The recipe the study was measured with: words without context, training
-# times of logit-normal std 1.6, 1500 steps of 48, lr 1e-3, EMA decay 0.998.
-recipe=(--config.data.caption_context=0 --config.transport.params.P_std=1.6
-        --config.batch_size=48 --config.optimizer.base_batch=48
-        --config.num_steps=1500 --config.optimizer.warmup_steps=100
-        --config.ema_decay=0.998 --config.optimizer.base_lr=1e-3)
-
-python -m tim_jax.main --config=configs/t2i.py --workdir="$runs/tim" "${recipe[@]}"
-python -m tim_jax.main --config=configs/t2i.py:tiny_fm --workdir="$runs/fm" "${recipe[@]}"
-python -m tim_jax.eval.nfe_study --run=TiM="$runs/tim" --run=FM="$runs/fm" \
-  --nfe=1,2,4,8,16,32,64 --num=500 --out="$out"
+out="${2:-docs/results/nfe_study}"
+# The recipe the study was measured with (configs/t2i.py: words without
+# context, training times of logit-normal std 1.6, 1500 steps of 48, lr
+# 1e-3, EMA decay 0.998) and its flow-matching twin.
+python -m tim_jax.main --config=configs/t2i.py:tiny_b48_words --workdir="$runs/tim"
+python -m tim_jax.main --config=configs/t2i.py:tiny_b48_words_fm --workdir="$runs/fm"
+python -m tim_jax.commands.nfe_study --run=TiM="$runs/tim" --run=FM="$runs/fm" \
+  --num_steps=1,2,4,8,16,32,64 --num_images=500 --out="$out"

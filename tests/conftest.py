@@ -1,9 +1,20 @@
 import os
 import sys
+import tempfile
 
-# libtpu (for tim_jax.compile's TPU compiler) takes a host-wide lock file
-# when it loads; test processes (xdist workers, subprocesses) share it.
+# libtpu (for tim_jax.commands.compile's TPU compiler) takes a host-wide
+# lock file when it loads; test processes (xdist workers, subprocesses)
+# share it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The suite runs on the CPU: no process tries to start a TPU runtime (the
+# TPU compiler still compiles for topologies: tests/test_compile.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for every test process and the commands
+# they start: the same small steps compile once per suite, not once per
+# test. Entries are keyed by the program and the JAX version.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "tim_jax_test_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
@@ -25,7 +36,7 @@ def x64():
 def tiny_t2i_workdir(tmp_path_factory):
   """A workdir holding a 2-step run of train_utils.tiny_t2i."""
   import train_utils
-  from tim_jax import train
+  from tim_jax import training
   path = str(tmp_path_factory.mktemp("tiny_t2i_run"))
-  train.train_and_evaluate(train_utils.tiny_t2i(), path)
+  training.train_and_evaluate(train_utils.tiny_t2i(), path)
   return path

@@ -11,7 +11,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from golden_utils import CASES, Golden, nchw, rel_err  # noqa: E402
-from tim_jax import sampling, transition  # noqa: E402
+from tim_jax.method import sampling, transition  # noqa: E402
 
 
 def errors(name, precision):

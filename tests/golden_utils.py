@@ -6,7 +6,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax import convert, transports
+from tim_jax.method import transports
+from tim_jax.weights import convert
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden")
 CASES = ("c2i_tiny", "t2i_tiny")

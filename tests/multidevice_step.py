@@ -15,7 +15,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tim_jax import config_base, sharding, train  # noqa: E402
+from tim_jax import training  # noqa: E402
+from tim_jax.config import config_base
+from tim_jax.core import sharding
 
 
 def tiny_config():
@@ -58,7 +60,7 @@ def main():
       ref = None  # JVP runs compare with the one-device JVP run.
     devices = jax.devices()[:int(np.prod(list(shape.values())))]
     mesh = sharding.make_mesh(shape, devices)
-    trainer = train.Trainer(cfg, mesh)
+    trainer = training.Trainer(cfg, mesh)
     state = trainer.init_state()
     state, metrics = trainer.train_step(state, sharding.global_batch(batch,
                                                                      mesh))
@@ -86,10 +88,11 @@ def main():
 
   # Save on the last mesh (data 2 x fsdp 2 x tensor 2), restore onto others.
   import tempfile
-  from tim_jax import checkpoint
-  from tim_jax.data import pipeline, shapes
+  from tim_jax.weights import checkpoint
+  from tim_jax.data import pipeline
+  from tim_jax.shapes import world
   trainer, state, params = last
-  it = pipeline.make_iterator(shapes.ShapesSource(size=8, kind="c2i"),
+  it = pipeline.make_iterator(world.ShapesSource(size=8, kind="c2i"),
                               global_batch_size=16, seed=0)
   directory = tempfile.mkdtemp()
   ck = checkpoint.Checkpointer(directory)
@@ -99,7 +102,7 @@ def main():
   for name in ("data8", "1"):
     shape = meshes[name]
     devices = jax.devices()[:int(np.prod(list(shape.values())))]
-    other = train.Trainer(config, sharding.make_mesh(shape, devices))
+    other = training.Trainer(config, sharding.make_mesh(shape, devices))
     ck = checkpoint.Checkpointer(directory)
     back = ck.restore(1, other.abstract_with_shardings(), it)
     ck.close()

@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tim_jax import sharding, train  # noqa: E402
+from tim_jax import training  # noqa: E402
+from tim_jax.core import sharding
 from tim_jax.data import kinds  # noqa: E402
 from train_utils import tiny_c2i  # noqa: E402
 
@@ -31,7 +32,7 @@ def main():
   assert jax.process_count() == 2 and jax.device_count() == 2
   config = tiny_c2i()
   config.loss.groups = 2
-  trainer = train.Trainer(config, sharding.make_mesh({"data": 2}))
+  trainer = training.Trainer(config, sharding.make_mesh({"data": 2}))
   source = kinds.source(config)
   it = kinds.iterator(config, source)
   local = next(it)

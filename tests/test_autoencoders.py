@@ -13,7 +13,8 @@ import pytest
 import torch
 from flax import nnx
 
-from tim_jax import autoencoders, torch_weights
+from tim_jax import autoencoders
+from tim_jax.weights import torch_weights
 import autoencoder_utils as au
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "autoencoders")
@@ -182,11 +183,12 @@ def test_bad_inputs_are_clear(tmp_path, written):
 
 
 def test_speed_benchmark_runs_beside_diffusers(tmp_path, written, capsys):
-  from tim_jax.autoencoders import bench
+  from tim_jax.commands import bench_autoencoders, cli
   src, _ = written["kl"]
   out = tmp_path / "bench.json"
-  assert bench.main([f"--config={src}", "--resolution=32", "--batch=2",
-                     "--repeats=1", "--torch", f"--out={out}"]) == 0
+  assert cli.call(bench_autoencoders, [
+      f"--config_json={src}", "--resolution=32", "--batch_size=2",
+      "--repeats=1", "--torch", f"--out={out}"]) == 0
   result = json.loads(out.read_text())
   for side in ("tim_jax", "diffusers"):
     assert result[side]["encode_images_per_s"] > 0

@@ -1,18 +1,16 @@
-"""tim_jax.compile: the real train step compiled for a small TPU topology on
+"""tim_jax.commands.compile: the real train step compiled for a small TPU topology on
 this CPU host (libtpu's compiler through jax.experimental.topologies); the
 memory report and the collectives follow from the mesh."""
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
 from flax import nnx
 
-from tim_jax import compile as compile_lib
-from tim_jax import config_base
+from tim_jax.commands import compile as compile_lib
+from tim_jax.config import config_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5e:2x2"  # Four v5e chips.
@@ -119,7 +117,7 @@ def _rows_of_the_whole_batch(fn, args, mesh, rows, tokens):
   """How many (rows, tokens, width) arrays of the compiled ``fn`` hold every
   row and how many one device's share (of 4), in the optimized HLO."""
   import re  # pylint: disable=g-import-not-at-top
-  from tim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
   with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
     text = jax.jit(fn).lower(*args).compile().as_text()
   return (len(re.findall(rf"\[{rows},{tokens},[0-9]+\]", text)),
@@ -132,7 +130,7 @@ def test_frozen_encoders_keep_the_rows_split_inside_a_step(devices):
   # gathered the whole batch onto each device: twice the XL/2 step's HBM).
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from tim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from tim_jax.encoders import gemma, radio  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=devices)
   put = lambda t: jax.tree.map(
@@ -203,31 +201,28 @@ def test_a_step_too_big_for_the_chip_is_refused_plainly(devices, capsys,
   assert "fsdp   4 tensor 1 batch    48: the train step DOES NOT FIT" in out
 
 
-def test_command_prints_and_writes_the_report(tmp_path):
+def test_command_prints_and_writes_the_report(tmp_path, capsys):
+  from tim_jax.commands import cli
   out = str(tmp_path / "report.json")
-  done = subprocess.run(
-      [sys.executable, "-m", "tim_jax.compile",
-       f"--config={ROOT}/configs/c2i.py", f"--topology={TOPOLOGY}",
-       "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--out={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert "train_step: lowered in" in done.stdout
-  assert "fits" in done.stdout and "MFU upper bound" in done.stdout
+  assert cli.call(compile_lib, [
+      f"--config={ROOT}/configs/c2i.py", f"--topology={TOPOLOGY}",
+      "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--out={out}"]) == 0
+  printed = capsys.readouterr().out
+  assert "train_step: lowered in" in printed
+  assert "fits" in printed and "MFU upper bound" in printed
   import json
   with open(out) as f:
     rep = json.load(f)
   assert rep["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
-  bad = subprocess.run(
-      [sys.executable, "-m", "tim_jax.compile",
-       f"--config={ROOT}/configs/c2i.py", "--topology=v5e:banana"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 1 and "unknown TPU topology" in bad.stderr
-  lonely = subprocess.run(
-      [sys.executable, "-m", "tim_jax.compile",
-       f"--config={ROOT}/configs/c2i.py", f"--topology={TOPOLOGY}",
-       "--sweep_meshes=2x2x1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert lonely.returncode == 1 and "add --sweep" in lonely.stderr
+  assert cli.call(compile_lib, [f"--config={ROOT}/configs/c2i.py",
+                                "--topology=v5e:banana"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "unknown TPU topology" in err
+  assert len(err.strip().splitlines()) == 1
+  assert cli.call(compile_lib, [
+      f"--config={ROOT}/configs/c2i.py", f"--topology={TOPOLOGY}",
+      "--sweep_meshes=2x2x1"]) == 2
+  assert "add --sweep" in capsys.readouterr().err
 
 
 def test_extrapolation_counts_every_microbatch(devices, monkeypatch):

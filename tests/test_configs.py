@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from tim_jax import architectures, config_base, sharding, train
+from tim_jax import training
+from tim_jax.config import config_base
+from tim_jax.core import sharding
+from tim_jax.models import architectures
 from tim_jax.data import kinds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +108,7 @@ def test_tiny_defaults_build(family):
   c = load(family)
   assert c.data.name == "shapes"
   assert c.model.network.to_dict() == architectures.network(f"tiny-{family}")
-  trainer = train.Trainer(c)
+  trainer = training.Trainer(c)
   assert trainer.model_config.kind == family
 
 
@@ -243,7 +246,7 @@ def test_every_variant_trains_two_steps_as_smoke(spec, latent_datasets):
     c.loss_extras.repa_encoder_path = SMOKE_TEACHER
     c.model.network.z_dim = SMOKE_TEACHER_DIM
   c.lock()
-  trainer = train.Trainer(c)
+  trainer = training.Trainer(c)
   it = kinds.iterator(c, kinds.source(c), trainer.conditioner,
                       sharding.data_shards(trainer.mesh))
   state = trainer.init_state()
@@ -261,7 +264,7 @@ def test_every_variant_trains_two_steps_as_smoke(spec, latent_datasets):
 
 
 def test_bench_runs_and_reports(tmp_path):
-  from tim_jax import bench
+  from tim_jax.commands import bench
   c = load("c2i")
   c.unlock()
   c.model.network.hidden_size = 32

@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from golden_utils import CASES, GOLDEN, Golden, nchw, rel_err
-from tim_jax import convert, models, torch_weights
+from tim_jax import models
+from tim_jax.weights import convert, torch_weights
 
 
 def _official(name):
@@ -121,7 +122,7 @@ def test_wrapped_and_prefixed_state_dicts_unwrap():
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".npz"])
 def test_a_damaged_weight_file_is_named(tmp_path, suffix):
-  from tim_jax import torch_weights
+  from tim_jax.weights import torch_weights
   path = tmp_path / f"weights{suffix}"
   path.write_bytes(b"this is not a weight file")
   with pytest.raises(ValueError, match="cannot read the weight file") as e:

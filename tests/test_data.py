@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from tim_jax.data import pipeline
-from tim_jax.data import shapes
-from tim_jax.data import text
+from tim_jax.shapes import world
+from tim_jax.shapes import text
 
-NC = len(shapes.COLOURS)
+NC = len(world.COLOURS)
 # The grammar as a reader knows it, written out rather than taken from
-# shapes.POSITIONS, so a wrong name-to-cell table in shapes is caught.
+# world.POSITIONS, so a wrong name-to-cell table in shapes is caught.
 POSITION_CELL = {
     "top left": (0, 0), "top": (0, 1), "top right": (0, 2),
     "left": (1, 0), "center": (1, 1), "right": (1, 2),
@@ -29,26 +29,26 @@ def _cell_slice(row, col, size):
 # --- shapes ------------------------------------------------------------------
 
 def test_scene_is_a_function_of_seed_and_index():
-  src = shapes.ShapesSource(seed=3)
+  src = world.ShapesSource(seed=3)
   a, b = src[17], src[17]
   np.testing.assert_array_equal(a["image"], b["image"])
   assert a["caption"] == b["caption"]
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
   # A fresh source (e.g. in another process) agrees.
-  np.testing.assert_array_equal(shapes.ShapesSource(seed=3)[17]["image"],
+  np.testing.assert_array_equal(world.ShapesSource(seed=3)[17]["image"],
                                 a["image"])
   captions = [src[i]["caption"] for i in range(60)]
   assert len(set(captions)) > 50
   assert not np.array_equal(src[18]["image"], a["image"])
-  other = shapes.ShapesSource(seed=4)
+  other = world.ShapesSource(seed=4)
   assert sum(other[i]["caption"] == captions[i] for i in range(60)) < 5
 
 
 def test_render_colour_at_cell_centre_and_background_elsewhere():
   size = 32
   for i in range(300):
-    s = shapes.scene(i, seed=1)
-    image = shapes.render(s, size)
+    s = world.scene(i, seed=1)
+    image = world.render(s, size)
     assert image.shape == (size, size, 3) and image.dtype == np.float32
     assert image.min() >= -1 and image.max() <= 1
     used = set()
@@ -56,31 +56,31 @@ def test_render_colour_at_cell_centre_and_background_elsewhere():
       used.add((o.row, o.col))
       cy, cx = int((o.row + 0.5) * size / 3), int((o.col + 0.5) * size / 3)
       np.testing.assert_array_equal(image[cy, cx],
-                                    shapes.COLOUR_RGB[o.colour])
+                                    world.COLOUR_RGB[o.colour])
       # Shapes stay inside their cell: its corner pixels are background.
       rows, cols = _cell_slice(o.row, o.col, size)
       for y in (rows.start, rows.stop - 1):
         for x in (cols.start, cols.stop - 1):
-          np.testing.assert_array_equal(image[y, x], shapes.BACKGROUND_RGB)
+          np.testing.assert_array_equal(image[y, x], world.BACKGROUND_RGB)
     for cell in range(9):
       if divmod(cell, 3) not in used:
         patch = image[_cell_slice(*divmod(cell, 3), size)]
         np.testing.assert_array_equal(
-            patch, np.broadcast_to(shapes.BACKGROUND_RGB, patch.shape))
+            patch, np.broadcast_to(world.BACKGROUND_RGB, patch.shape))
 
 
-@pytest.mark.parametrize("shape", shapes.SHAPES)
+@pytest.mark.parametrize("shape", world.SHAPES)
 def test_render_draws_the_named_shape(shape):
   size, row, col = 96, 1, 1
-  obj = shapes.SceneObject(colour=2, shape=shapes.SHAPES.index(shape),
+  obj = world.SceneObject(colour=2, shape=world.SHAPES.index(shape),
                            size=1, row=row, col=col, mention_size=False)
-  image = shapes.render(shapes.Scene((obj,)), size)
+  image = world.render(world.Scene((obj,)), size)
   patch = image[_cell_slice(row, col, size)]
-  bg = shapes.BACKGROUND_RGB
-  fg = shapes.COLOUR_RGB[2]
+  bg = world.BACKGROUND_RGB
+  fg = world.COLOUR_RGB[2]
   # Per-pixel coverage, read back from the colour blend.
   cover = ((patch - bg) / (fg - bg)).mean(-1)
-  r = shapes.SIZE_RADIUS[1] * size / 3
+  r = world.SIZE_RADIUS[1] * size / 3
   area = {"circle": np.pi * r**2, "square": (2 * 0.9 * r)**2,
           "triangle": 2 * r * (2 * r / np.sqrt(3))}[shape]
   np.testing.assert_allclose(cover.sum(), area, rtol=0.03)
@@ -98,15 +98,15 @@ def test_render_draws_the_named_shape(shape):
 def test_two_objects_never_share_a_cell():
   counts = set()
   for i in range(2000):
-    s = shapes.scene(i, seed=0)
+    s = world.scene(i, seed=0)
     counts.add(len(s.objects))
     cells = [(o.row, o.col) for o in s.objects]
     assert len(set(cells)) == len(cells)
   assert counts == {1, 2}
-  assert all(len(shapes.scene(i, 0, num_objects=(1,)).objects) == 1
+  assert all(len(world.scene(i, 0, num_objects=(1,)).objects) == 1
              for i in range(200))
   with pytest.raises(ValueError, match="num_objects"):
-    shapes.scene(0, 0, num_objects=(3,))
+    world.scene(0, 0, num_objects=(3,))
 
 
 _OBJECT = re.compile(r"^a (?:(small|large) )?(\w+) (\w+) (?:at|in) the (.+)$")
@@ -119,14 +119,14 @@ def _parse(caption):
     m = _OBJECT.match(phrase)
     assert m, f"caption {caption!r} is outside the grammar"
     size, colour, shape, position = m.groups()
-    out.append((shapes.COLOURS.index(colour), shapes.SHAPES.index(shape),
-                None if size is None else shapes.SIZES.index(size),
+    out.append((world.COLOURS.index(colour), world.SHAPES.index(shape),
+                None if size is None else world.SIZES.index(size),
                 *POSITION_CELL[position]))
   return out
 
 
 def test_captions_parse_back_to_the_attributes():
-  src = shapes.ShapesSource(seed=5)
+  src = world.ShapesSource(seed=5)
   mentioned = 0
   for i in range(400):
     ex = src[i]
@@ -143,28 +143,28 @@ def test_captions_parse_back_to_the_attributes():
       assert (a == -1).all()
   assert 100 < mentioned < 500  # The size word is sometimes said.
   assert max(len(src[i]["caption"].split()) for i in range(400)) <= (
-      shapes.MAX_CAPTION_WORDS)
+      world.MAX_CAPTION_WORDS)
 
 
 def test_attributes_match_the_image():
-  src = shapes.ShapesSource(seed=2)
+  src = world.ShapesSource(seed=2)
   for i in range(100):
     ex = src[i]
     for present, colour, _, size, row, col in ex["attributes"]:
       if present == 1:
         cy, cx = int((row + 0.5) * 32 / 3), int((col + 0.5) * 32 / 3)
         np.testing.assert_array_equal(ex["image"][cy, cx],
-                                      shapes.COLOUR_RGB[colour])
+                                      world.COLOUR_RGB[colour])
         patch = ex["image"][_cell_slice(row, col, 32)]
-        fg, bg = shapes.COLOUR_RGB[colour], shapes.BACKGROUND_RGB
+        fg, bg = world.COLOUR_RGB[colour], world.BACKGROUND_RGB
         ch = np.argmax(np.abs(fg - bg))  # Coverage from the clearest channel.
         area = ((patch[..., ch] - bg[ch]) / (fg[ch] - bg[ch])).sum()
         # Small shapes cover 13-18 pixels at 32x32, large ones 34-48.
-        assert (area > 25) == (shapes.SIZES[size] == "large"), area
+        assert (area > 25) == (world.SIZES[size] == "large"), area
 
 
 def test_colour_names_match_their_rgb():
-  rgb = dict(zip(shapes.COLOURS, shapes.COLOUR_RGB))
+  rgb = dict(zip(world.COLOURS, world.COLOUR_RGB))
   r, g, b = rgb["red"]
   assert r > max(g, b) + 1
   r, g, b = rgb["green"]
@@ -178,51 +178,51 @@ def test_colour_names_match_their_rgb():
   r, g, b = rgb["cyan"]
   assert min(g, b) > r + 1
   # Well separated from each other and from the background.
-  table = np.concatenate([shapes.COLOUR_RGB, shapes.BACKGROUND_RGB[None]])
+  table = np.concatenate([world.COLOUR_RGB, world.BACKGROUND_RGB[None]])
   dist = np.linalg.norm(table[:, None] - table[None], axis=-1)
   assert dist[~np.eye(len(table), dtype=bool)].min() > 0.8
 
 
 def test_c2i_labels():
-  src = shapes.ShapesSource(kind="c2i", seed=0)
-  assert shapes.num_classes() == len(shapes.SHAPES) * NC
+  src = world.ShapesSource(kind="c2i", seed=0)
+  assert world.num_classes() == len(world.SHAPES) * NC
   seen = set()
   for i in range(500):
     ex = src[i]
     assert "caption" not in ex and "tokens" not in ex
     label = int(ex["label"])
-    assert 0 <= label < shapes.num_classes()
+    assert 0 <= label < world.num_classes()
     a = ex["attributes"]
     assert a[0, 0] == 1 and (a[1] == -1).all()
     assert label == a[0, 2] * NC + a[0, 1]
-    assert shapes.label_name(label) == (
-        f"{shapes.COLOURS[a[0, 1]]} {shapes.SHAPES[a[0, 2]]}")
+    assert world.label_name(label) == (
+        f"{world.COLOURS[a[0, 1]]} {world.SHAPES[a[0, 2]]}")
     seen.add(label)
-  assert seen == set(range(shapes.num_classes()))
+  assert seen == set(range(world.num_classes()))
   with pytest.raises(ValueError, match="label"):
-    shapes.label_name(shapes.num_classes())
+    world.label_name(world.num_classes())
 
 
 def test_source_rejects_bad_arguments():
   with pytest.raises(ValueError, match="kind"):
-    shapes.ShapesSource(kind="t2v")
+    world.ShapesSource(kind="t2v")
   # Too short a caption length would cut "bottom right" to "bottom".
   with pytest.raises(ValueError, match="max_caption_len"):
-    shapes.ShapesSource(max_caption_len=shapes.MAX_CAPTION_WORDS - 1)
+    world.ShapesSource(max_caption_len=world.MAX_CAPTION_WORDS - 1)
   with pytest.raises(IndexError):
-    shapes.ShapesSource(length=10)[10]
+    world.ShapesSource(length=10)[10]
 
 
 # --- text --------------------------------------------------------------------
 
 def test_tokenizer_round_trip_unknown_words_and_truncation():
-  tok = shapes.tokenizer()
-  assert tok.vocab_size == len(shapes.VOCABULARY) + 2
-  src = shapes.ShapesSource(seed=7)
+  tok = world.tokenizer()
+  assert tok.vocab_size == len(world.VOCABULARY) + 2
+  src = world.ShapesSource(seed=7)
   captions = [src[i]["caption"] for i in range(200)]
-  ids = tok.encode(captions, shapes.MAX_CAPTION_WORDS)
+  ids = tok.encode(captions, world.MAX_CAPTION_WORDS)
   assert ids.dtype == np.int32
-  assert ids.shape == (200, shapes.MAX_CAPTION_WORDS)
+  assert ids.shape == (200, world.MAX_CAPTION_WORDS)
   assert (ids != text.UNK_ID).all()  # The vocabulary covers the grammar.
   assert tok.decode(ids) == captions
   np.testing.assert_array_equal(src[3]["tokens"], ids[3])
@@ -242,8 +242,8 @@ def test_tokenizer_round_trip_unknown_words_and_truncation():
 
 
 def test_caption_encoder_context_carries_the_words_before():
-  tok = shapes.tokenizer()
-  L, D = shapes.MAX_CAPTION_WORDS, 32
+  tok = world.tokenizer()
+  L, D = world.MAX_CAPTION_WORDS, 32
   plain = text.CaptionEncoder(tok.vocab_size, L, D, seed=0)
   enc = text.CaptionEncoder(tok.vocab_size, L, D, seed=0, context=0.7)
   captions = ["a red square at the left and a blue circle at the right",
@@ -270,8 +270,8 @@ def test_caption_encoder_context_carries_the_words_before():
 
 
 def test_caption_encoder():
-  tok = shapes.tokenizer()
-  L, D = shapes.MAX_CAPTION_WORDS, 32
+  tok = world.tokenizer()
+  L, D = world.MAX_CAPTION_WORDS, 32
   enc = text.CaptionEncoder(tok.vocab_size, L, D, seed=0)
   captions = ["a red circle at the top left",
               "a blue circle at the top left",
@@ -322,14 +322,14 @@ def _indices(it):
 
 @pytest.mark.parametrize("kind", ["t2i", "c2i"])
 def test_pipeline_batches(kind):
-  src = shapes.ShapesSource(kind=kind, seed=0)
+  src = world.ShapesSource(kind=kind, seed=0)
   it = pipeline.make_iterator(src, global_batch_size=8, seed=0,
                               process_index=0, process_count=1)
   batch = next(it)
   want = {"image": ((8, 32, 32, 3), np.float32),
-          "attributes": ((8, shapes.MAX_OBJECTS, 6), np.int32)}
+          "attributes": ((8, world.MAX_OBJECTS, 6), np.int32)}
   if kind == "t2i":
-    want["tokens"] = ((8, shapes.MAX_CAPTION_WORDS), np.int32)
+    want["tokens"] = ((8, world.MAX_CAPTION_WORDS), np.int32)
   else:
     want["label"] = ((8,), np.int32)
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
@@ -370,7 +370,7 @@ def test_pipeline_process_shards_are_disjoint_and_cover(n):
 
 
 def test_pipeline_state_resumes_exactly():
-  src = shapes.ShapesSource(seed=0)
+  src = world.ShapesSource(seed=0)
   kw = dict(global_batch_size=4, seed=9, process_index=0, process_count=1)
   it = pipeline.make_iterator(src, **kw)
   for _ in range(3):
@@ -387,7 +387,7 @@ def test_pipeline_state_resumes_exactly():
 
 def test_pipeline_worker_processes_give_the_same_batches():
   # Also shows the source pickles into grain's worker processes.
-  src = shapes.ShapesSource(seed=0)
+  src = world.ShapesSource(seed=0)
   kw = dict(global_batch_size=4, seed=2, process_index=0, process_count=1)
   inline = pipeline.make_iterator(src, **kw)
   want = [next(inline)["tokens"] for _ in range(4)]
@@ -491,9 +491,12 @@ def test_latents_captions_and_errors(tmp_path, capsys):
   import tim_jax.data.latents as latents
   rng = np.random.default_rng(1)
   shards = _write_shards(tmp_path / "in", rng, [3], cap_shape=(5, 8))
-  rc = latents.main([f"--input_dir={tmp_path / 'in'}",
-                     f"--data_dir={tmp_path / 'out'}", "--latent_shape=4,4,3",
-                     "--cond=caption", "--cap_shape=5,8"])
+  from tim_jax.commands import cli
+  from tim_jax.commands import latents as command
+  rc = cli.call(command, [f"--input_dir={tmp_path / 'in'}",
+                          f"--data_dir={tmp_path / 'out'}",
+                          "--latent_shape=4,4,3", "--cond=caption",
+                          "--cap_shape=5,8"])
   assert rc == 0 and "wrote 3 examples" in capsys.readouterr().out
   src = latents.LatentSource(tmp_path / "out")
   assert sorted(src[2]) == ["caption_features", "image"]
@@ -520,9 +523,11 @@ def test_latents_with_repa_features(tmp_path, capsys):
   shards = _write_shards(tmp_path / "in", rng, [4])
   repa = rng.normal(size=(4, 6, 5)).astype(np.float32)
   np.savez(tmp_path / "in" / "shard00.npz", repa_features=repa, **shards[0])
-  rc = latents.main([f"--input_dir={tmp_path / 'in'}",
-                     f"--data_dir={tmp_path / 'out'}", "--latent_shape=4,4,3",
-                     "--repa_shape=6,5"])
+  from tim_jax.commands import cli
+  from tim_jax.commands import latents as command
+  rc = cli.call(command, [f"--input_dir={tmp_path / 'in'}",
+                          f"--data_dir={tmp_path / 'out'}",
+                          "--latent_shape=4,4,3", "--repa_shape=6,5"])
   assert rc == 0, capsys.readouterr().err
   path = latents.find_dataset(tmp_path / "out")
   assert "label_4x4x3_repa6x5" in path

@@ -1,4 +1,4 @@
-"""Evaluators declared in the config (tim_jax.eval.evaluators)."""
+"""Evaluators declared in the config (tim_jax.training.evaluators)."""
 
 import os
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import train_utils
-from tim_jax import train
-from tim_jax.eval import evaluators, shapes_scores
+from tim_jax import training
+from tim_jax.shapes import scoring
+from tim_jax.training import evaluators
 
 
 def _oracle_config():
@@ -19,7 +20,7 @@ def _oracle_config():
 
 
 def test_the_tiny_configs_turn_the_oracle_on():
-  from tim_jax import config_base
+  from tim_jax.config import config_base
   for spec in ("configs/t2i.py", "configs/c2i.py"):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     c = config_base.load_file(os.path.join(root, spec))
@@ -29,13 +30,13 @@ def test_the_tiny_configs_turn_the_oracle_on():
 
 def test_oracle_scores_samples_of_the_ema_model():
   config = _oracle_config()
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   evals = evaluators.build(config, trainer)
   assert sorted(evals) == ["holdout_loss", "shapes_oracle"]
   state = trainer.init_state()
   scores = evals["shapes_oracle"](trainer, state)
   assert sorted(k for k in scores if k.startswith("oracle/nfe1/")) == sorted(
-      f"oracle/nfe1/{s}" for s in shapes_scores.SCORES)
+      f"oracle/nfe1/{s}" for s in scoring.SCORES)
   assert set(k.split("/")[1] for k in scores) == {"nfe1", "nfe2"}
   real = evals["shapes_oracle"].scorer.real_scores()
   # An untrained model draws noise: nothing right, far from real images.
@@ -51,7 +52,7 @@ def test_evaluators_write_to_tensorboard_on_their_schedule(tmp_path):
   config.evals.holdout_loss.every = 1
   config.evals.shapes_oracle.nfe = (1,)
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   events = [f for f in os.listdir(workdir) if f.startswith("events.out")]
   data = b"".join(open(os.path.join(workdir, f), "rb").read()
                   for f in events)
@@ -63,7 +64,7 @@ def test_evaluators_write_to_tensorboard_on_their_schedule(tmp_path):
 
 def test_misconfigured_evaluators_are_named():
   config = train_utils.tiny_t2i()
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   config.evals.fid.every = 10
   with pytest.raises(ValueError, match="evals.fid needs reference"):
     evaluators.build(config, trainer)
@@ -81,7 +82,7 @@ def test_fid_evaluator_against_reference_statistics(tmp_path):
   inception.save_state_dict(_random_state_dict(0), weights)
   extractor = inception.FeatureExtractor(inception.load_fid_weights(weights),
                                          batch_size=4)
-  real = shapes_scores.real_images("c2i", 4, 16, seed=3)
+  real = scoring.real_images("c2i", 4, 16, seed=3)
   reference = str(tmp_path / "ref.npz")
   fid.Statistics.from_features(extractor(real)).save(reference)
 
@@ -89,13 +90,13 @@ def test_fid_evaluator_against_reference_statistics(tmp_path):
   f = config.evals.fid
   f.every, f.nfe, f.num, f.batch_size = 1, (1,), 4, 4
   f.reference, f.inception_weights = reference, weights
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   evaluator = evaluators.build(config, trainer)["fid"]
   score = evaluator(trainer, trainer.init_state())
   assert list(score) == ["fid/nfe1"]
   # Real images of other scenes are closer to the reference than an
   # untrained model's samples.
   other = fid.Statistics.from_features(extractor(
-      shapes_scores.real_images("c2i", 4, 16, seed=4)))
+      scoring.real_images("c2i", 4, 16, seed=4)))
   assert 0 < other.frechet_distance(fid.Statistics.load(reference)) < (
       score["fid/nfe1"])

@@ -352,8 +352,11 @@ def test_weight_files_round_trip(tmp_path, random_sd):
     for key, value in random_sd.items():
       np.testing.assert_array_equal(back[key], value, err_msg=key)
   # The converter command, and loading the converted file into a model.
-  inc.main(["convert", str(tmp_path / "w.npz"),
-             str(tmp_path / "c.safetensors")])
+  from tim_jax.commands import cli
+  from tim_jax.commands import fid as fid_command
+  assert cli.call(fid_command, [
+      "convert", f"--inception_weights={tmp_path / 'w.npz'}",
+      f"--out={tmp_path / 'c.safetensors'}"]) == 0
   loaded = inc.load_fid_weights(tmp_path / "c.safetensors", resize_to=None)
   np.testing.assert_array_equal(
       inc.state_dict(loaded)["Mixed_7c.branch_pool.bn.running_var"],
@@ -560,7 +563,6 @@ def _torch_fid_inception(sd, x):
 
 
 def test_matches_a_pytorch_forward(model, random_sd):
-  import torch  # pylint: disable=unused-import
   import torch  # pylint: disable=g-import-not-at-top
   # 139x139 leaves 3x3 maps in the Mixed_7 blocks, so the padding, the
   # valid-only average and the max pool of Mixed_7c all matter there too.

@@ -1,4 +1,4 @@
-"""tim_jax.flops against XLA's own count of the compiled programs.
+"""tim_jax.models.flops against XLA's own count of the compiled programs.
 
 Every check compiles the real function (the model, ``transition.target``,
 ``transition.loss``, ``sampling.sample``) with ``jax.jit(f).lower(...)
@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from tim_jax import flops, models, sampling, transition, transports
+from tim_jax import models
+from tim_jax.method import sampling, transition, transports
+from tim_jax.models import flops
 
 TOL = 0.12  # |XLA / ours - 1| must stay below this.
 B = 8

@@ -18,7 +18,7 @@ from flax import nnx
 
 import gemma_utils
 
-from tim_jax import torch_weights
+from tim_jax.weights import torch_weights
 from tim_jax.encoders import gemma
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "gemma")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from golden_utils import CASES, Golden, nchw, rel_err
-from tim_jax import sampling, transition
+from tim_jax.method import sampling, transition
 
 TOL = {
     "float64": dict(fwd=1e-5, tgt=1e-5, smp=1e-5),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tim_jax import images
+from tim_jax.core import images
 
 
 def _tiles(n, h=16, w=24, value=200):

@@ -12,9 +12,13 @@ import pytest
 from PIL import Image
 
 import autoencoder_utils as au
-from tim_jax import config_base, generate, inference, train
+from tim_jax import inference, training
+from tim_jax.config import config_base
+from tim_jax.inference import generate
 from tim_jax.data import latents, pipeline, prepare
-from tim_jax.eval import fid
+from tim_jax.commands import cli
+from tim_jax.commands import fid as fid_command
+from tim_jax.commands import prepare as prepare_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +56,7 @@ def prepared_kl_dataset(tmp_path, per_class):
   ae_dir = tmp_path / "ae"
   au.write(au.KL_SMALL, ae_dir)
   data_dir = str(tmp_path / "latents")
-  assert prepare.main([f"--images={folder}", "--autoencoder=sd_vae_ft_ema",
+  assert cli.call(prepare_command, [f"--images={folder}", "--autoencoder=sd_vae_ft_ema",
                        f"--autoencoder_path={ae_dir}", "--resolution=64",
                        f"--data_dir={data_dir}"]) == 0
   return data_dir, ae_dir
@@ -66,7 +70,7 @@ def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
     ae_dir = tmp_path / f"{case}_ae"
     au.write(ae_cfg, ae_dir)
     data_dir = str(tmp_path / f"{case}_latents")
-    assert prepare.main([f"--images={folder}", f"--autoencoder={name}",
+    assert cli.call(prepare_command, [f"--images={folder}", f"--autoencoder={name}",
                          f"--autoencoder_path={ae_dir}",
                          f"--resolution={size}", f"--data_dir={data_dir}",
                          "--shard_size=10", "--batch_size=8"]) == 0
@@ -79,7 +83,7 @@ def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
 
     config = smoke_config(variant, name, data_dir, str(ae_dir))
     workdir = str(tmp_path / f"{case}_run")
-    state = train.train_and_evaluate(config, workdir)
+    state = training.train_and_evaluate(config, workdir)
     assert int(state.step) == 3
     grids = sorted(os.listdir(os.path.join(workdir, "samples")))
     assert grids, "no decoded sample grid"
@@ -98,11 +102,11 @@ def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
         0, np.arange(64), 1000))
 
     ref = str(tmp_path / f"{case}_ref.npz")
-    assert fid.main(["stats", f"--images={folder}", f"--resolution={size}",
+    assert cli.call(fid_command, ["stats", f"--images={folder}", f"--resolution={size}",
                      f"--inception_weights={weights}", f"--out={ref}",
                      "--batch_size=32"]) == 0
     capsys.readouterr()
-    assert fid.main(["score", out, f"--reference={ref}",
+    assert cli.call(fid_command, ["score", f"--samples={out}", f"--reference={ref}",
                      f"--inception_weights={weights}",
                      "--batch_size=32"]) == 0
     printed = capsys.readouterr().out
@@ -120,7 +124,7 @@ def test_generation_resumes_from_its_parts(tmp_path):
   config.batch_size = 8
   config.lock()
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   pipe = inference.load(workdir)
   whole = str(tmp_path / "whole.npz")
   generate.generate(pipe, num=12, out=whole, num_steps=1, batch_size=4,
@@ -190,19 +194,19 @@ def test_prepare_errors_are_clear(tmp_path, capsys):
   empty.mkdir()
   args = [f"--autoencoder_path={ae_dir}", "--autoencoder=sd_vae_ft_ema",
           f"--data_dir={tmp_path / 'out'}"]
-  assert prepare.main([f"--images={empty}"] + args) == 1
+  assert cli.call(prepare_command, [f"--images={empty}"] + args) == 2
   assert "no class subfolders" in capsys.readouterr().err
   folder = au.write_image_folder(tmp_path / "imgs", per_class=2)
   (folder / "n01" / "broken.jpg").write_bytes(b"not an image")
-  assert prepare.main([f"--images={folder}", "--resolution=64"] + args) == 1
+  assert cli.call(prepare_command, [f"--images={folder}", "--resolution=64"] + args) == 2
   assert "cannot read image" in capsys.readouterr().err
   os.remove(folder / "n01" / "broken.jpg")
-  assert prepare.main([f"--images={folder}", "--resolution=63"] + args) == 1
+  assert cli.call(prepare_command, [f"--images={folder}", "--resolution=63"] + args) == 2
   assert "multiple of 2" in capsys.readouterr().err
-  assert prepare.main([f"--images={folder}", "--resolution=64",
+  assert cli.call(prepare_command, [f"--images={folder}", "--resolution=64",
                        "--autoencoder=dc_ae_f32c32_sana_1.1",
                        f"--autoencoder_path={ae_dir}",
-                       f"--data_dir={tmp_path / 'out'}"]) == 1
+                       f"--data_dir={tmp_path / 'out'}"]) == 2
   assert "expects an AutoencoderDC" in capsys.readouterr().err
 
 
@@ -240,14 +244,14 @@ def test_latent_run_with_flips_resumes_exactly(tmp_path):
   # Sample grids of a latent run need the decoder's directory: said at once.
   no_decoder = smoke_config("xl2_256", "sd_vae_ft_ema", data_dir, "")
   with pytest.raises(ValueError, match="autoencoder.path"):
-    train.train_and_evaluate(no_decoder, str(tmp_path / "none"))
+    training.train_and_evaluate(no_decoder, str(tmp_path / "none"))
   assert not os.path.exists(tmp_path / "none" / "checkpoints" / "2")
 
   leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(
       (s.params, s.ema))]
-  straight = train.train_and_evaluate(config(4), str(tmp_path / "a"))
-  train.train_and_evaluate(config(2), str(tmp_path / "b"))
-  resumed = train.train_and_evaluate(config(4), str(tmp_path / "b"))
+  straight = training.train_and_evaluate(config(4), str(tmp_path / "a"))
+  training.train_and_evaluate(config(2), str(tmp_path / "b"))
+  resumed = training.train_and_evaluate(config(4), str(tmp_path / "b"))
   for a, b in zip(leaves(straight), leaves(resumed)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tim_jax import transition
+from tim_jax.method import transition
 from transition_utils import (FAST, OT, P0, S0, SHAPE, all_diffusion, col,
                               first_call, hand_rows, jit_run, normal,
                               perturbed_state, sqrt_weight, student,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tim_jax import transition
+from tim_jax.method import transition
 from transition_utils import (OT, P0, S0, SHAPE, all_diffusion, col,
                               first_call, hand_rows, jit_run, normal,
                               sqrt_weight, student, velocity_student)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tim_jax import transition, transports
+from tim_jax.method import transition, transports
 from transition_utils import EDM, OT, P0, jit_run, normal, student
 
 TRIG = transports.TrigFlow()  # sigma_d = 0.5.

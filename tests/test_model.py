@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tim_jax import architectures, models
+from tim_jax import models
+from tim_jax.models import architectures
 from tim_jax.models import layers
 
 TINY = dict(patch_size=2, in_channels=4, hidden_size=32, depth=2,
@@ -17,7 +18,7 @@ TINY_T2I.pop("num_classes")
 
 # Parameter counts of the official ``TiM`` classes built with the settings of
 # ``configs/c2i/*.yaml`` and ``configs/t2i/tim_xl_p1_t2i.yaml`` (the
-# architectures of tim_jax.architectures): in all and without the REPA
+# architectures of tim_jax.models.architectures): in all and without the REPA
 # projector. The official README reports the latter as 664M (XL) and 865M
 # (T2I).
 EXPECTED_COUNTS = {
@@ -301,7 +302,7 @@ def test_caption_dict_is_checked():
 @pytest.mark.parametrize("kind,net", [("c2i", TINY), ("t2i", TINY_T2I)])
 @pytest.mark.parametrize("remat", [False, "full", "dots_saveable"])
 def test_scanned_blocks_equal_the_unrolled_model(kind, net, remat):
-  from tim_jax import convert
+  from tim_jax.weights import convert
   net = dict(net, depth=3, encoder_depth=2)
   unrolled = _perturb(models.build(kind, net))
   scanned = models.build(kind, dict(net, scan_blocks=True, remat=remat))

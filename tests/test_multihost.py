@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 
-from tim_jax import sharding, train
+from tim_jax import training
+from tim_jax.core import sharding
 from tim_jax.data import kinds, pipeline
 from train_utils import tiny_c2i
 
@@ -47,7 +48,7 @@ def test_two_processes_equal_one(tmp_path):
   # One process, the same global batch and partition: the same step.
   config = tiny_c2i()
   config.loss.groups = 2
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   whole = next(pipeline.make_iterator(
       kinds.source(config), global_batch_size=config.batch_size,
       seed=config.data.seed, process_index=0, process_count=1))

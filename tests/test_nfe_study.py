@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tim_jax.eval import nfe_study
+from tim_jax.shapes import nfe_study
 
 
 def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path,
@@ -24,7 +24,8 @@ def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path,
   rows, strips = nfe_study.run_study({"tiny": tiny_t2i_workdir}, [1, 2],
                                      reference_num=200,
                                      num=6, batch_size=4, progress=False,
-                                     on_row=lambda r: seen.append(len(r)))
+                                     on_row=lambda r: seen.append(len(r)),
+                                     load=inference.load)
   assert seen == [1, 2, 3]  # Partial results after every row.
   assert [(r["run"], r["nfe"]) for r in rows] == [
       ("real", 0), ("tiny", 1), ("tiny", 2)]
@@ -36,7 +37,8 @@ def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path,
   # The run's own sampler mode, then the override (Euler steps of the
   # flow, r = t) for every run.
   nfe_study.run_study({"tiny": tiny_t2i_workdir}, [1], reference_num=20,
-                      num=2, batch_size=2, progress=False, mode="diffusion")
+                      num=2, batch_size=2, progress=False, mode="diffusion",
+                      load=inference.load)
   assert modes == ["transition", "transition", "diffusion"]
   # 6 prompts x 2 NFE shown, with the prompts.
   assert strips["tiny"]["images"].shape == (12, 32, 32, 3)
@@ -61,17 +63,20 @@ def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path,
 
 
 def test_run_arguments_are_checked():
-  assert nfe_study.parse_runs(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
+  from tim_jax.commands import nfe_study as command
+  assert command.parse_runs(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
   for bad in (["a"], ["=x"], ["a=/x", "a=/y"], ["real=/x"], []):
     with pytest.raises(ValueError):
-      nfe_study.parse_runs(bad)
+      command.parse_runs(bad)
 
 
-def test_study_refuses_models_of_other_data(tmp_path, monkeypatch):
+def test_study_refuses_models_of_other_data(tmp_path, monkeypatch, capsys):
   import types
 
   import train_utils
   from tim_jax import inference
+  from tim_jax.commands import cli
+  from tim_jax.commands import nfe_study as command
   config = train_utils.tiny_t2i()
   config.data.name = "latents"
   asked = []
@@ -79,8 +84,16 @@ def test_study_refuses_models_of_other_data(tmp_path, monkeypatch):
   def load(path, config_=None, weights="ema"):
     asked.append(weights)
     return types.SimpleNamespace(config=config, kind="t2i")
-  monkeypatch.setattr(inference, "load", load)
   with pytest.raises(ValueError, match="reads only the built-in shapes"):
     nfe_study.run_study({"x": "somewhere"}, [1], num=2, progress=False,
-                          reference_num=2, weights="params")
-  assert asked == ["params"]  # The study reads the weights it is asked.
+                        reference_num=2, load=load)
+  # The command reads the weights it is asked for, and refuses bad flags in
+  # one line before any work.
+  monkeypatch.setattr(inference, "load", load)
+  with pytest.raises(ValueError, match="reads only the built-in shapes"):
+    cli.call(command, ["--run=x=somewhere", "--weights=params",
+                       "--num_images=2", "--num_reference=2",
+                       f"--out={tmp_path}"])
+  assert asked == ["ema", "params"]
+  assert cli.call(command, ["--run=x=y", "--num_steps=0,2"]) == 2
+  assert "--num_steps" in capsys.readouterr().err

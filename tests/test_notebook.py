@@ -70,10 +70,11 @@ def test_notebook_samples_at_1_4_16_steps(tiny_t2i_workdir, tmp_path):
 
 def test_notebook_decodes_an_official_c2i_checkpoint(tmp_path):
   """An official-format C2I file (here a smoke-sized XL/2 written by
-  tim_jax.convert) plus an SD-VAE directory (a small random one in
+  tim_jax.weights.convert) plus an SD-VAE directory (a small random one in
   diffusers' layout): the notebook shows decoded grids of the labels."""
   import autoencoder_utils as au
-  from tim_jax import builders, config_base, convert
+  from tim_jax.config import builders, config_base
+  from tim_jax.weights import convert
   spec = os.path.join(ROOT, "configs", "c2i.py") + ":xl2_256,smoke"
   model = builders.new_model(config_base.load_file(spec))
   official = str(tmp_path / "c2i_model.safetensors")
@@ -99,7 +100,8 @@ def test_notebook_draws_prompts_with_an_official_t2i_checkpoint(tmp_path):
   import torch
   import autoencoder_utils as au
   import gemma_utils
-  from tim_jax import builders, config_base, convert
+  from tim_jax.config import builders, config_base
+  from tim_jax.weights import convert
   spec = os.path.join(ROOT, "configs", "t2i.py") + ":xl,smoke"
   model = builders.new_model(config_base.load_file(spec))
   official = str(tmp_path / "t2i_model.bin")

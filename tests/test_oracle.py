@@ -4,8 +4,8 @@ never saw (a seed of their own)."""
 import numpy as np
 import pytest
 
-from tim_jax.data import shapes
-from tim_jax.eval import oracle, train_oracle
+from tim_jax.shapes import world
+from tim_jax.shapes import oracle, train_oracle
 
 SEED = 6_000_001  # Neither the oracle's training nor its own validation.
 N = 400
@@ -18,8 +18,8 @@ def judge():
 
 @pytest.fixture(scope="module")
 def real():
-  scenes = [shapes.scene(i, SEED) for i in range(N)]
-  images = np.stack([shapes.render(s, 32) for s in scenes])
+  scenes = [world.scene(i, SEED) for i in range(N)]
+  images = np.stack([world.render(s, 32) for s in scenes])
   targets = oracle.targets_from_scenes(scenes)
   # Check sizes on every object, not only where a caption names them.
   targets.size_mentioned[:] = targets.attributes[..., 0] == 1
@@ -34,9 +34,9 @@ def test_real_images_score_at_least_98_percent(judge, real):
 
 
 def test_real_class_conditional_images_score_at_least_98_percent(judge):
-  scenes = [shapes.scene(i, SEED, (1,)) for i in range(200)]
-  images = np.stack([shapes.render(s, 32) for s in scenes])
-  labels = [shapes.label_of(s.objects[0]) for s in scenes]
+  scenes = [world.scene(i, SEED, (1,)) for i in range(200)]
+  images = np.stack([world.render(s, 32) for s in scenes])
+  labels = [world.label_of(s.objects[0]) for s in scenes]
   scores = judge.score(images, oracle.targets_from_labels(labels))
   for name in ("overall", "colour", "shape", "count"):
     assert scores[name] >= 0.98, (name, scores)
@@ -44,8 +44,8 @@ def test_real_class_conditional_images_score_at_least_98_percent(judge):
 
 def test_larger_real_images_are_read_after_resizing(judge, real):
   _, targets = real
-  scenes = [shapes.scene(i, SEED) for i in range(100)]
-  images = np.stack([shapes.render(s, 64) for s in scenes])
+  scenes = [world.scene(i, SEED) for i in range(100)]
+  images = np.stack([world.render(s, 64) for s in scenes])
   scores = judge.score(images, targets[:100])
   assert scores["overall"] >= 0.95, scores
 
@@ -74,7 +74,7 @@ def test_frechet_distance_near_zero_for_real_and_grows(judge):
   washing out the colours moves a set away, the more the further."""
   from tim_jax.eval import fid
   def render(seed, n):
-    return np.stack([shapes.render(shapes.scene(i, seed), 32)
+    return np.stack([world.render(world.scene(i, seed), 32)
                      for i in range(n)])
   images, reference = render(SEED + 2, 2000), render(SEED + 3, 4000)
   ref = judge.features(reference)
@@ -112,9 +112,9 @@ def test_training_is_deterministic():
 
 
 def test_cell_targets():
-  s = shapes.Scene((shapes.SceneObject(2, 1, 0, 0, 2, True),
-                    shapes.SceneObject(4, 2, 1, 2, 1, False)))
-  occ, shp, sz = oracle.cell_targets(shapes.attributes(s)[None])
+  s = world.Scene((world.SceneObject(2, 1, 0, 0, 2, True),
+                    world.SceneObject(4, 2, 1, 2, 1, False)))
+  occ, shp, sz = oracle.cell_targets(world.attributes(s)[None])
   assert occ[0].tolist() == [0, 0, 3, 0, 0, 0, 0, 5, 0]
   assert shp[0, 2] == 1 and shp[0, 7] == 2 and shp[0, 0] == -1
   assert sz[0, 2] == 0 and sz[0, 7] == 1
@@ -122,8 +122,8 @@ def test_cell_targets():
 
 def test_parse_caption_inverts_caption():
   for i in range(300):
-    s = shapes.scene(i, 11)
-    parsed = oracle.parse_caption(shapes.caption(s))
+    s = world.scene(i, 11)
+    parsed = oracle.parse_caption(world.caption(s))
     assert len(parsed.objects) == len(s.objects)
     for a, b in zip(parsed.objects, s.objects):
       assert (a.colour, a.shape, a.row, a.col, a.mention_size) == (
@@ -139,8 +139,8 @@ def test_parse_caption_inverts_caption():
 
 
 def test_accuracy_rules_on_constructed_predictions():
-  targets = oracle.targets_from_scenes([shapes.Scene((
-      shapes.SceneObject(1, 0, 1, 1, 1, True),))])
+  targets = oracle.targets_from_scenes([world.Scene((
+      world.SceneObject(1, 0, 1, 1, 1, True),))])
   def pred(colour, shape, size, occupied):
     p = np.zeros((1, 9))
     p[0, occupied] = 0.9
@@ -165,9 +165,9 @@ def test_accuracy_rules_on_constructed_predictions():
 def test_split_scores_by_the_number_of_requested_objects():
   # Image 0 asks one object (shape right, colour wrong), image 1 two (both
   # right), image 2 two (the second's shape wrong).
-  one = shapes.Scene((shapes.SceneObject(1, 0, 1, 0, 0, False),))
-  two = shapes.Scene((shapes.SceneObject(1, 0, 1, 0, 0, False),
-                      shapes.SceneObject(2, 1, 1, 2, 2, False)))
+  one = world.Scene((world.SceneObject(1, 0, 1, 0, 0, False),))
+  two = world.Scene((world.SceneObject(1, 0, 1, 0, 0, False),
+                      world.SceneObject(2, 1, 1, 2, 2, False)))
   targets = oracle.targets_from_scenes([one, two, two])
   occ = np.zeros((3, 9))
   occ[:, 0] = 0.9

@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from tim_jax import convert, sharding, train, transition
+from tim_jax import training
+from tim_jax.core import sharding
+from tim_jax.method import transition
+from tim_jax.weights import convert
 from tim_jax.data import kinds
 from tim_jax.encoders import radio
 from train_utils import tiny_c2i, tiny_t2i
@@ -27,7 +30,7 @@ def with_teacher(c):
 
 def test_teacher_runs_inside_the_step_on_the_batch_pixels():
   c = with_teacher(tiny_c2i(num_steps=2))
-  trainer = train.Trainer(c)
+  trainer = training.Trainer(c)
   host = next(kinds.iterator(c, kinds.source(c)))
   batch = sharding.global_batch(host, trainer.mesh)
   # The targets are the teacher's features of the (pixel-space) images at
@@ -46,19 +49,19 @@ def test_teacher_configuration_errors_say_what_to_do():
   c = with_teacher(tiny_c2i())
   c.loss_extras.repa_encoder_path = ""
   with pytest.raises(ValueError, match="repa_encoder_path=FILE"):
-    train.Trainer(c)
+    training.Trainer(c)
   c = with_teacher(tiny_c2i())
   c.model.network.z_dim = 16
   with pytest.raises(ValueError, match="64 wide but model.network.z_dim"):
-    train.Trainer(c)
+    training.Trainer(c)
   c = with_teacher(tiny_c2i())
   c.loss_extras.repa_feature_key = "repa_features"
   with pytest.raises(ValueError, match="two sources of REPA targets"):
-    train.Trainer(c)
+    training.Trainer(c)
   c = tiny_c2i()
   c.loss_extras.repa_encoder = "dinov3"
   with pytest.raises(ValueError, match="radio_v2_5_b"):
-    train.Trainer(c)
+    training.Trainer(c)
 
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
@@ -70,7 +73,7 @@ def test_model_guidance_teacher_sees_what_the_official_trainer_gives(
   c.loss.enhance_target = True
   c.loss.w_cond = 0.75
   c.conditioning.drop_prob = 1.0  # Every condition dropped.
-  trainer = train.Trainer(c)
+  trainer = training.Trainer(c)
   batch = sharding.global_batch(next(kinds.iterator(c, kinds.source(c))),
                                 trainer.mesh)
   seen = {}
@@ -91,12 +94,12 @@ def test_model_guidance_teacher_sees_what_the_official_trainer_gives(
 
 
 def test_holdout_loss_works_for_model_guidance():
-  from tim_jax.eval import evaluators
+  from tim_jax.training import evaluators
   c = tiny_c2i(num_steps=2)
   c.loss.enhance_target = True
   c.loss.w_cond = 0.75
   c.evals.holdout_loss.every = 1
-  trainer = train.Trainer(c)
+  trainer = training.Trainer(c)
   state = trainer.init_state()
   out = evaluators.build(c, trainer)["holdout_loss"](trainer, state)
   assert np.isfinite(out["holdout/loss"]) and out["holdout/loss"] > 0
@@ -104,7 +107,7 @@ def test_holdout_loss_works_for_model_guidance():
 
 def test_init_from_a_checkpoint_with_ignored_keys(tmp_path):
   c = tiny_c2i(num_steps=2)
-  source = train.Trainer(c)
+  source = training.Trainer(c)
   src_state = source.init_state()
   src_state = src_state.replace(params=jax.tree.map(
       lambda p: p + 0.5, src_state.params))
@@ -114,7 +117,7 @@ def test_init_from_a_checkpoint_with_ignored_keys(tmp_path):
 
   c2 = tiny_c2i(num_steps=2)
   c2.seed = 7
-  trainer = train.Trainer(c2)
+  trainer = training.Trainer(c2)
   fresh = trainer.init_state()
   state = trainer.initialise_from(fresh, path, ("t_embedder",))
   names = lambda st: {convert.official_name(p): np.asarray(v.get_value())
@@ -133,6 +136,6 @@ def test_init_from_a_checkpoint_with_ignored_keys(tmp_path):
   c3.init_from = path
   c3.optimizer.base_lr = 0.0
   c3.ema_decay = 1.0
-  out = train.train_and_evaluate(c3, str(tmp_path / "run"))
+  out = training.train_and_evaluate(c3, str(tmp_path / "run"))
   for k, v in names(out).items():
     np.testing.assert_allclose(v, want[k], atol=1e-6, err_msg=k)

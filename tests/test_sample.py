@@ -1,8 +1,7 @@
 """Sampling: the library (tim_jax.inference) and the command
-(tim_jax.sample)."""
+(tim_jax.commands.sample)."""
 
 import os
-import re
 import subprocess
 import sys
 
@@ -12,7 +11,10 @@ import pytest
 from PIL import Image
 
 import train_utils
-from tim_jax import convert, inference
+from tim_jax import inference
+from tim_jax.commands import cli
+from tim_jax.commands import sample as sample_command
+from tim_jax.weights import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +48,21 @@ def test_resolve_errors(tmp_path):
     inference.resolve(str(bad))
 
 
+def test_one_call_from_prompts_to_pictures(loaded):
+  from tim_jax.core import images
+  prompts = ["a red circle at the top left", "a blue square in the center"]
+  pictures = loaded(prompts, num_steps=2, num_per_prompt=2, seed=3)
+  assert pictures.shape == (4, 32, 32, 3) and pictures.dtype == np.uint8
+  cond, _ = loaded.conditions(prompts)
+  x = loaded.generate(cond, num_steps=2, num=2, seed=3)
+  np.testing.assert_array_equal(
+      pictures, images.to_uint8(loaded.decode(x), loaded.kind))
+  wide = loaded(prompts[:1], num_steps=1, height=32, width=48)
+  assert wide.shape == (1, 32, 48, 3)
+  with pytest.raises(ValueError, match="vocabulary|know|word"):
+    loaded(["a zebra"], num_steps=1)
+
+
 def test_config_comes_from_the_checkpoint(loaded):
   config = loaded.config
   want = train_utils.tiny_t2i()
@@ -56,9 +73,10 @@ def test_config_comes_from_the_checkpoint(loaded):
 
 def test_loads_the_ema_weights(workdir, loaded):
   params = loaded.params
-  from tim_jax import checkpoint, train
+  from tim_jax import training
+  from tim_jax.weights import checkpoint
   from tim_jax.data import kinds
-  trainer = train.Trainer(loaded.config)
+  trainer = training.Trainer(loaded.config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   it = kinds.iterator(trainer.config, kinds.source(trainer.config))
   state = ckpt.restore(2, trainer.abstract_with_shardings(), it)
@@ -121,8 +139,8 @@ def test_prompt_on_a_class_model_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"labels must be in \[0, 18\)"):
     pipe.conditions(labels=[-1])
   cond, names = pipe.conditions(labels=[0, 5])
-  from tim_jax.data import shapes
-  assert names == ["0: " + shapes.label_name(0), "5: " + shapes.label_name(5)]
+  from tim_jax.shapes import world
+  assert names == ["0: " + world.label_name(0), "5: " + world.label_name(5)]
   assert names[0] == "0: red circle"
 
 
@@ -147,7 +165,7 @@ def test_official_checkpoint_samples_like_the_tim_jax_one(tmp_path, loaded):
 def test_progress_follows_every_step(loaded):
   cond, _ = loaded.conditions(["a red circle at the top left"])
   seen = []
-  from tim_jax import sampling
+  from tim_jax.method import sampling
   noise = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
   out = sampling.sample(loaded.network(), noise, cond, loaded.null_like(cond),
                         transport=loaded.transport, num_steps=3,
@@ -157,44 +175,56 @@ def test_progress_follows_every_step(loaded):
   assert sorted(seen) == [0, 1, 2]
 
 
-def test_command_writes_the_grid(workdir, tmp_path):
+def test_command_writes_the_grid(workdir, tmp_path, capsys):
   out = tmp_path / "grid.png"
   latents = tmp_path / "x.npy"
-  cmd = [sys.executable, "-m", "tim_jax.sample", f"--checkpoint={workdir}",
-         "--prompt=a red circle at the top left",
-         "--prompt=a blue square in the center", "--steps=2", "--num=3",
-         "--cfg=1.5", "--guidance-interval=0.1,0.9", f"--out={out}",
-         f"--latents_out={latents}"]
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert "wrote" in done.stdout and "row 1: a blue square" in done.stdout
-  assert "sampling" in done.stderr  # The progress bar.
+  argv = [f"--checkpoint={workdir}", "--prompt=a red circle at the top left",
+          "--prompt=a blue square in the center", "--num_steps=2",
+          "--num_per_prompt=3", "--cfg_scale=1.5",
+          "--guidance_interval=0.1,0.9", f"--out={out}",
+          f"--latents_out={latents}"]
+  assert cli.call(sample_command, argv) == 0
+  done = capsys.readouterr()
+  assert "wrote" in done.out and "row 1: a blue square" in done.out
+  assert "sampling" in done.err  # The progress bar.
   # 2 rows (one per prompt) x 3 columns of 32 px enlarged 4x to 128 px,
   # 4 px gaps, the prompts in a 220 px column on the left, a title on top.
   labelled = np.asarray(Image.open(out))
   assert labelled.shape[1] == 220 + 3 * 132 + 4
   assert labelled.shape[0] > 2 * 132 + 4
   assert (labelled[-(2 * 132 + 4):, :220] < 128).any()  # The prompts.
-  raw = subprocess.run(cmd + ["--raw_size", f"--out={tmp_path / 'raw.png'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert raw.returncode == 0, raw.stderr[-3000:]
+  assert cli.call(sample_command, argv + [
+      "--raw_size", f"--out={tmp_path / 'raw.png'}"]) == 0
   # --raw_size: 2 rows x 3 columns of 32 px with 1 px gaps.
   assert Image.open(tmp_path / "raw.png").size == (3 * 33 + 1, 2 * 33 + 1)
   assert np.load(latents).shape == (6, 32, 32, 3)
-  bad = subprocess.run(cmd[:4] + ["--steps=0"], cwd=ROOT,
+
+
+def test_the_command_runs_as_a_program(workdir, tmp_path):
+  # The process entry point: absl's app, the exit status, one-line errors.
+  cmd = [sys.executable, "-m", "tim_jax.commands.sample",
+         f"--checkpoint={workdir}", "--prompt=a red circle at the top left",
+         "--num_steps=1", f"--out={tmp_path / 'one.png'}"]
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert (tmp_path / "one.png").exists()
+  bad = subprocess.run(cmd + ["--num_steps=0"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and "--steps must be >= 1, got 0" in bad.stderr
+  assert bad.returncode == 2
+  assert bad.stderr.startswith("error: flag --num_steps=0")
+  assert "Traceback" not in bad.stderr
 
 
 def test_inference_builds_no_trainer_or_optimizer(workdir):
   # In a fresh process: loading and sampling import nothing of training
   # (optax itself comes with flax.nnx, so the trainer's modules are named).
-  script = ("import sys; from tim_jax import inference, sample; "
+  script = ("import sys; from tim_jax import inference; "
+            "from tim_jax.commands import sample; "
             f"p = inference.load({workdir!r}); "
             "c, _ = p.conditions(['a red circle at the top left']); "
             "p.generate(c, num_steps=1); "
-            "bad = [m for m in ('tim_jax.train', 'tim_jax.optim') "
+            "bad = [m for m in ('tim_jax.training', 'tim_jax.training.optim') "
             "if m in sys.modules]; print('imported', bad)")
   done = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
@@ -239,51 +269,33 @@ def test_any_size_the_patch_and_autoencoder_allow(tiny_t2i_workdir):
   assert x.shape == (1, 32, 48, 3) and np.isfinite(x).all()
 
 
-def _flags(**kw):
-  import types
-  base = dict(num=1, batch_size=4, steps=2, cols=0, min_side=128,
-              height=None, width=None,
-              cfg=None, stochasticity=0.0, prompt_set=None, out="",
-              latents_out="")
-  base.update(kw)
-  return types.SimpleNamespace(**base)
+@pytest.mark.parametrize("flag", [
+    "--batch_size=0", "--num_per_prompt=0", "--cols=-3", "--cfg_scale=-1",
+    "--cfg_scale=0.5", "--height=-32", "--num_steps=0", "--stochasticity=-1",
+    "--guidance_interval=0.1", "--guidance_interval=a,b", "--labels=x"])
+def test_sampler_flags_are_checked_before_loading(flag, tmp_path, capsys):
+  # The checkpoint does not exist: the flag is refused before any loading.
+  argv = ["--checkpoint=/nowhere", "--labels=1", f"--out={tmp_path / 'a.png'}"]
+  assert cli.call(sample_command, argv + [flag]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and flag.split("=")[0] in err, err
+  assert len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(batch_size=0), "--batch_size must be >= 1, got 0"),
-    (dict(num=0), "--num must be >= 1"),
-    (dict(cols=-3), "--cols must be >= 0"),
-    (dict(cfg=-1.0), "--cfg must be >= 1"),
-    (dict(cfg=0.5), "--cfg must be >= 1"),
-    (dict(height=-32), "--height must be >= 1"),
-])
-def test_sampler_flags_are_checked_before_loading(kw, message, tmp_path):
-  from tim_jax import sample
-  with pytest.raises(ValueError, match=re.escape(message)):
-    sample.check_flags(_flags(out=str(tmp_path / "a.png"), **kw))
-  sample.check_flags(_flags(out=str(tmp_path / "new" / "a.png")))
-
-
-def test_unwritable_outputs_fail_before_sampling(tmp_path, workdir):
-  from tim_jax import sample
+def test_unwritable_outputs_fail_before_sampling(tmp_path, workdir, capsys):
   blocker = tmp_path / "file.txt"
   blocker.write_text("a file, not a folder")
-  with pytest.raises(ValueError, match="cannot write --out"):
-    sample.check_flags(_flags(out=str(blocker / "grid.png")))
-  with pytest.raises(ValueError, match="cannot write --latents_out"):
-    sample.check_flags(_flags(out=str(tmp_path / "g.png"),
-                              latents_out=str(blocker / "x.npy")))
-  with pytest.raises(ValueError, match="is a directory"):
-    sample.check_flags(_flags(out=str(tmp_path)))
-  # The command stops before any sampling (no progress bar) and says why.
-  done = subprocess.run(
-      [sys.executable, "-m", "tim_jax.sample", f"--checkpoint={workdir}",
-       "--prompt=a red circle at the top left", "--steps=2",
-       f"--out={blocker / 'grid.png'}"], cwd=ROOT, capture_output=True,
-      text=True, timeout=300)
-  assert done.returncode != 0
-  assert "cannot write --out" in done.stderr
-  assert "sampling" not in done.stderr.replace("tim_jax.sample", "")
+  argv = [f"--checkpoint={workdir}", "--prompt=a red circle at the top left",
+          "--num_steps=2"]
+  for extra, message in [
+      ([f"--out={blocker / 'grid.png'}"], "cannot write --out"),
+      ([f"--out={tmp_path / 'g.png'}", f"--latents_out={blocker / 'x.npy'}"],
+       "cannot write --latents_out"),
+      ([f"--out={tmp_path}"], "is a directory")]:
+    assert cli.call(sample_command, argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "sampling" not in err  # Stopped before any sampling.
 
 
 def test_generate_draws_noise_batch_by_batch(loaded, monkeypatch):

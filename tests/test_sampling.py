@@ -1,4 +1,4 @@
-"""Tests for tim_jax.sampling (the official ``TransitionSchedule.sample``).
+"""Tests for tim_jax.method.sampling (the official ``TransitionSchedule.sample``).
 
 The main check is training-free: with Gaussian data N(MU, S^2) the marginals
 of every transport are Gaussian, the probability-flow map between two times is
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tim_jax import sampling
-from tim_jax import transports
+from tim_jax.method import sampling
+from tim_jax.method import transports
 
 MU, S = 0.7, 0.3
 NOISE_SHAPE = (4096, 2, 2, 1)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tim_jax import sharding
+from tim_jax.core import sharding
 
 HERE = os.path.dirname(__file__)
 
@@ -79,7 +79,7 @@ def abstract_params(hidden_size):
   import train_utils
   from flax import nnx
 
-  from tim_jax import builders
+  from tim_jax.config import builders
   config = train_utils.tiny_t2i()
   config.model.network.hidden_size = hidden_size
   config.model.network.num_heads = 1  # RoPE: head_dim divisible by 4.
@@ -107,7 +107,7 @@ import os, sys
 sys.path.insert(0, {tests!r})
 import jax
 import test_sharding
-from tim_jax import sharding
+from tim_jax.core import sharding
 mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
 params = test_sharding.abstract_params({hidden})
 for _ in range(2):  # Logged once, however often the shardings are built.

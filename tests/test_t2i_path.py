@@ -8,8 +8,6 @@ resume."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +17,13 @@ from PIL import Image
 
 import autoencoder_utils as au
 import gemma_utils
-from tim_jax import (conditioning, config_base, inference, models,
-                     prompt_sets, train)
-from tim_jax.data import captioned, kinds, prepare
+from tim_jax import inference, models, training
+from tim_jax.commands import cli
+from tim_jax.commands import prepare as prepare_command
+from tim_jax.config import config_base
+from tim_jax.data import conditioning
+from tim_jax.inference import prompt_sets
+from tim_jax.data import captioned, kinds
 from tim_jax.encoders import gemma
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +65,7 @@ def world(tmp_path_factory):
   au.write(DC_AE, ae_dir)
   folder = write_captioned_folder(str(root / "images"))
   data_dir = str(root / "data")
-  assert prepare.main([f"--captioned={folder}",
+  assert cli.call(prepare_command, [f"--captioned={folder}",
                        "--autoencoder=dc_ae_f32c32_sana_1.1",
                        f"--autoencoder_path={ae_dir}", "--resolution=64",
                        f"--data_dir={data_dir}", "--batch_size=4",
@@ -232,7 +234,7 @@ def test_captions_to_png_end_to_end(world, tmp_path, caplog):
   config = smoke_config(gemma_dir, ae_dir, data_dir)
   workdir = str(tmp_path / "run")
   caplog.set_level("INFO")
-  state = train.train_and_evaluate(config, workdir)
+  state = training.train_and_evaluate(config, workdir)
   assert int(state.step) == 3
   compiles = [r.getMessage() for r in caplog.records
               if "compiling the train step" in r.getMessage()]
@@ -242,13 +244,11 @@ def test_captions_to_png_end_to_end(world, tmp_path, caplog):
   assert os.listdir(os.path.join(workdir, "samples"))
 
   out = str(tmp_path / "bus.png")
-  done = subprocess.run(
-      [sys.executable, "-m", "tim_jax.sample", f"--checkpoint={workdir}",
-       f"--text_encoder={gemma_dir}", "--prompt=a red bus at night",
-       "--height=64", "--width=96", "--steps=2", "--cfg=2.0", f"--out={out}",
-       "--raw_size"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
+  from tim_jax.commands import sample as sample_command
+  assert cli.call(sample_command, [
+      f"--checkpoint={workdir}", f"--text_encoder_path={gemma_dir}",
+      "--prompt=a red bus at night", "--height=64", "--width=96",
+      "--num_steps=2", "--cfg_scale=2.0", f"--out={out}", "--raw_size"]) == 0
   picture = np.asarray(Image.open(out))
   # --raw_size: one image at its own size, 1px frame.
   assert picture.shape == (64 + 2, 96 + 2, 3)
@@ -288,12 +288,12 @@ def test_captioned_config_errors_are_clear(world):
   c.text_encoder.path = ""
   c.lock()
   with pytest.raises(ValueError, match="text_encoder.path=DIR"):
-    train.Trainer(c)
+    training.Trainer(c)
   c.unlock()
   c.text_encoder.path = gemma_dir
   c.model.network.cap_feat_dim = 24
   c.lock()
   with pytest.raises(ValueError, match="cap_feat_dim"):
-    train.Trainer(c)
+    training.Trainer(c)
   with pytest.raises(ValueError, match="only a train split"):
     kinds.source(c, "eval")

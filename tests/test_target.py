@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tim_jax import transition, transports
+from tim_jax.method import transition, transports
 from transition_utils import EDM, FAST, OT, SHAPE, col, normal, perturbed_state
 
 

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tim_jax import checkpoint, sharding, train
+from tim_jax import training
+from tim_jax.core import sharding
+from tim_jax.weights import checkpoint
 from tim_jax.data import kinds
 from train_utils import tiny_c2i
 
@@ -24,12 +26,12 @@ def _params(state):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-  straight = train.train_and_evaluate(tiny_c2i(num_steps=6, every=3),
+  straight = training.train_and_evaluate(tiny_c2i(num_steps=6, every=3),
                                       str(tmp_path / "a"))
-  first = train.train_and_evaluate(tiny_c2i(num_steps=3, every=3),
+  first = training.train_and_evaluate(tiny_c2i(num_steps=3, every=3),
                                    str(tmp_path / "b"))
   assert int(first.step) == 3
-  resumed = train.train_and_evaluate(tiny_c2i(num_steps=6, every=3),
+  resumed = training.train_and_evaluate(tiny_c2i(num_steps=6, every=3),
                                      str(tmp_path / "b"))
   assert int(resumed.step) == int(straight.step) == 6
   for a, b in zip(_params(straight), _params(resumed)):
@@ -41,7 +43,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_other_architecture_is_refused_and_files_untouched(tmp_path):
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
+  training.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
   before = {}
   for root, _, files in os.walk(workdir):
     for f in files:
@@ -50,7 +52,7 @@ def test_other_architecture_is_refused_and_files_untouched(tmp_path):
   other = tiny_c2i(num_steps=4, every=2)
   other.model.network.depth = 3
   with pytest.raises(ValueError, match="model.network.depth"):
-    train.train_and_evaluate(other, workdir)
+    training.train_and_evaluate(other, workdir)
   after = {}
   for root, _, files in os.walk(workdir):
     for f in files:
@@ -96,12 +98,12 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
   monkeypatch.setattr(kinds, "source",
                       lambda c, split="train": Poisoned(real(c, split)))
   workdir = str(tmp_path / "nan")
-  with pytest.raises(train.NonFiniteError, match="bad steps in a row"):
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(training.NonFiniteError, match="bad steps in a row"):
+    training.train_and_evaluate(config, workdir)
   ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   steps = ck.manager.all_steps()
   assert steps, "the finite steps before the NaNs were checkpointed"
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   from tim_jax.data import pipeline
   it = pipeline.make_iterator(real(config), global_batch_size=8, seed=0)
   state = ck.restore(max(steps), trainer.abstract_with_shardings(), it)
@@ -111,7 +113,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
 
 def test_guarded_step_keeps_parameters(tmp_path):
   config = tiny_c2i()
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   state = trainer.init_state()
   before = _params(state)
   batch = {"image": np.full((8, 16, 16, 3), np.nan, np.float32),
@@ -126,7 +128,7 @@ def test_guarded_step_keeps_parameters(tmp_path):
 
 def test_checkpoint_refuses_nonfinite_state(tmp_path):
   config = tiny_c2i()
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   state = trainer.init_state()
   bad = state.replace(params=jax.tree.map(lambda x: x * jnp.nan,
                                           state.params))
@@ -145,13 +147,14 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     sys.path.insert(0, {root!r})
     import jax, numpy as np
-    from tim_jax import checkpoint, train
+    from tim_jax import training
+    from tim_jax.weights import checkpoint
     from tim_jax.data import kinds, pipeline
     from train_utils import tiny_c2i
     config = tiny_c2i()
     config.model.network.hidden_size = 256  # A state that takes a while.
     config.model.network.depth = 6
-    trainer = train.Trainer(config)
+    trainer = training.Trainer(config)
     state = trainer.init_state()
     it = pipeline.make_iterator(kinds.source(config),
                                 global_batch_size=8, seed=0)
@@ -176,7 +179,7 @@ def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
   config = tiny_c2i()
   config.model.network.hidden_size = 256
   config.model.network.depth = 6
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   from tim_jax.data import pipeline
   it = pipeline.make_iterator(kinds.source(config), global_batch_size=8,
                               seed=0)
@@ -195,7 +198,7 @@ def test_sample_grids_and_tensorboard(tmp_path):
   config.sample.num = 4
   config.evals.holdout_loss.every = 2
   workdir = str(tmp_path / "s")
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   from PIL import Image
   image = np.asarray(Image.open(os.path.join(workdir, "samples",
                                              "step_0000002.png")))
@@ -209,23 +212,30 @@ def test_sample_grids_and_tensorboard(tmp_path):
   assert events
 
 
-def _main(args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "tim_jax.main", *args],
-                        capture_output=True, text=True, cwd=ROOT,
-                        timeout=timeout)
+def _main(args, capsys, monkeypatch):
+  """The training command in this process: (exit status, stderr)."""
+  from tim_jax import main
+  from tim_jax.commands import cli
+  monkeypatch.chdir(ROOT)
+  rc = cli.call(main, args)
+  err = capsys.readouterr().err
+  assert rc == 0 or (err.startswith("error: ") and
+                     len(err.strip().splitlines()) == 1), err
+  return rc, err
 
 
-def test_unknown_config_key_is_named(tmp_path):
-  out = _main(["--config=configs/t2i.py", f"--workdir={tmp_path}",
-               "--config.modle.depth=2"])
-  assert out.returncode != 0
-  assert "modle" in out.stderr
+def test_unknown_config_key_is_named(tmp_path, capsys, monkeypatch):
+  rc, err = _main(["--config=configs/t2i.py", f"--workdir={tmp_path}",
+                   "--config.modle.depth=2"], capsys, monkeypatch)
+  assert rc == 2 and "modle" in err
 
 
-def test_paper_config_without_data_stops_early(tmp_path):
-  out = _main(["--config=configs/c2i.py:xl2_256", f"--workdir={tmp_path}"])
-  assert out.returncode != 0
-  assert "data.data_dir" in out.stderr and "does not exist" in out.stderr
+def test_paper_config_without_data_stops_early(tmp_path, capsys,
+                                               monkeypatch):
+  rc, err = _main(["--config=configs/c2i.py:xl2_256",
+                   f"--workdir={tmp_path}"], capsys, monkeypatch)
+  assert rc == 2
+  assert "data.data_dir" in err and "does not exist" in err
 
 
 @pytest.mark.parametrize("derivative", ["dde", "jvp"])
@@ -235,7 +245,7 @@ def test_microbatches_give_the_full_batch_gradient(derivative):
   # and noise from its id.
   import jax.numpy as jnp
   import optax
-  from tim_jax import sharding
+  from tim_jax.core import sharding
   from tim_jax.data import kinds
 
   def trainer(micro, groups):
@@ -244,7 +254,7 @@ def test_microbatches_give_the_full_batch_gradient(derivative):
     c.loss.groups = groups
     c.loss.derivative = derivative
     c.conditioning.drop_prob = 0.0  # Dropout draws per microbatch.
-    return train.Trainer(c)
+    return training.Trainer(c)
 
   full, micro = trainer(1, 3), trainer(3, 0)
   state = full.init_state()
@@ -296,9 +306,9 @@ def test_architecture_check_covers_fields_that_change_the_weights():
 
 def test_run_already_at_num_steps_says_so(tmp_path, caplog):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
+  training.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
   caplog.set_level("INFO")
-  state = train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
+  state = training.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
   assert int(state.step) == 2
   text = caplog.text
   assert "nothing to train: the checkpoint is at step 2" in text
@@ -327,7 +337,7 @@ def test_every_transport_trains_with_its_defaults(name):
   # VE's noise levels (negative for many sigma) and made every step NaN.
   config = tiny_c2i(batch=8)
   config.transport.name = name  # The config's P_mean/P_std stay.
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   state = trainer.init_state()
   rng = np.random.default_rng(0)
   for _ in range(3):
@@ -344,7 +354,7 @@ def test_every_transport_trains_with_its_defaults(name):
 
 
 def test_tangent_warp_of_noise_level_transports_is_the_noise_level():
-  from tim_jax import transition, transports
+  from tim_jax.method import transition, transports
   lc = transition.LossConfig(groups=1)
   t, r = np.array([40.0, 3.0]), np.array([1.0, 0.5])
   for name in ("edm", "ve"):
@@ -367,8 +377,8 @@ def test_divergence_stops_and_says_which_checkpoint_is_suspect(tmp_path):
   config.optimizer.base_lr = 1e6
   config.max_nonfinite_steps = 3
   workdir = str(tmp_path / "diverged")
-  with pytest.raises(train.NonFiniteError) as err:
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(training.NonFiniteError) as err:
+    training.train_and_evaluate(config, workdir)
   text = str(err.value)
   assert "3 bad steps in a row (steps 2-4" in text, text
   assert "Checkpoints on disk: steps [1]" in text, text
@@ -382,7 +392,7 @@ def test_mse_explosion_is_a_bad_step_and_no_checkpoint_is_said(tmp_path):
   config = tiny_c2i(num_steps=30, every=2)
   config.guard_max_mse = 1e-3  # Every step's MSE (~2) counts as diverged.
   config.max_nonfinite_steps = 2
-  trainer = train.Trainer(config)
+  trainer = training.Trainer(config)
   state = trainer.init_state()
   before = _params(state)
   batch = {"image": np.ones((8, 16, 16, 3), np.float32),
@@ -393,8 +403,8 @@ def test_mse_explosion_is_a_bad_step_and_no_checkpoint_is_said(tmp_path):
   assert int(metrics["nonfinite_streak"]) == 1  # Finite, yet rejected.
   for a, b in zip(before, _params(state)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(train.NonFiniteError) as err:
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+  with pytest.raises(training.NonFiniteError) as err:
+    training.train_and_evaluate(config, str(tmp_path / "w"))
   text = str(err.value)
   assert "above guard_max_mse=0.001" in text, text
   assert "No checkpoint was written" in text, text
@@ -406,7 +416,7 @@ def test_unwritable_checkpoints_fail_at_start_and_at_save(tmp_path):
   (workdir / "checkpoints").write_text("a file where the folder goes")
   with pytest.raises(checkpoint.CheckpointWriteError,
                      match="cannot write checkpoints to"):
-    train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), str(workdir))
+    training.train_and_evaluate(tiny_c2i(num_steps=2, every=2), str(workdir))
   # The folder breaking during a run: orbax's save thread fails and the
   # save waited forever; now the save raises at once, naming the latest
   # saved step (run in a child so that a regression cannot hang the suite).
@@ -414,10 +424,11 @@ def test_unwritable_checkpoints_fail_at_start_and_at_save(tmp_path):
       import os, shutil, sys
       sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
       from train_utils import tiny_c2i
-      from tim_jax import checkpoint, train
+      from tim_jax import training
+      from tim_jax.weights import checkpoint
       from tim_jax.data import kinds, pipeline
       c = tiny_c2i()
-      state = train.Trainer(c).init_state()
+      state = training.Trainer(c).init_state()
       it = pipeline.make_iterator(kinds.source(c), global_batch_size=8,
                                   seed=0)
       d = {str(tmp_path / "ck")!r}
@@ -454,13 +465,13 @@ def _damage(step_dir, how):
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
                                                            caplog):
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
+  training.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
   ckdir = os.path.join(workdir, "checkpoints")
   _damage(os.path.join(ckdir, "4"), how)
   # A step 4 damaged once before is kept too: the new one goes beside it.
   os.makedirs(os.path.join(ckdir, "damaged-step-4"))
   caplog.set_level("INFO")
-  state = train.train_and_evaluate(tiny_c2i(num_steps=6, every=2), workdir)
+  state = training.train_and_evaluate(tiny_c2i(num_steps=6, every=2), workdir)
   assert int(state.step) == 6
   text = caplog.text
   assert "checkpoint step 4 in" in text and "cannot be read" in text
@@ -475,12 +486,12 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
 
 def test_every_checkpoint_damaged_is_refused_untouched(tmp_path):
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
+  training.train_and_evaluate(tiny_c2i(num_steps=2, every=2), workdir)
   step_dir = os.path.join(workdir, "checkpoints", "2")
   _damage(step_dir, "missing_state")
   before = sorted(os.listdir(os.path.dirname(step_dir)))
   with pytest.raises(checkpoint.CheckpointReadError) as err:
-    train.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
+    training.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
   text = str(err.value)
   assert f"step 2 ({step_dir})" in text and "delete those step" in text, text
   assert "run with the config the checkpoints were made with" in text
@@ -488,12 +499,12 @@ def test_every_checkpoint_damaged_is_refused_untouched(tmp_path):
   assert sorted(os.listdir(os.path.dirname(step_dir))) == before
 
 
-def test_missing_config_file_is_named(tmp_path):
-  out = _main(["--config=configs/nope.py:xl", f"--workdir={tmp_path}"],
-              timeout=300)
-  assert out.returncode != 0
-  assert "no config file 'configs/nope.py'" in out.stderr
-  assert "config_config" not in out.stderr
+def test_missing_config_file_is_named(tmp_path, capsys, monkeypatch):
+  rc, err = _main(["--config=configs/nope.py:xl", f"--workdir={tmp_path}"],
+                  capsys, monkeypatch)
+  assert rc == 2
+  assert "no config file 'configs/nope.py'" in err
+  assert "config_config" not in err
 
 
 def test_garbage_dataset_info_names_the_file(tmp_path):
@@ -502,4 +513,4 @@ def test_garbage_dataset_info_names_the_file(tmp_path):
   with pytest.raises(ValueError) as err:
     latents.LatentSource(str(tmp_path))
   assert str(tmp_path / "dataset_info.json") in str(err.value)
-  assert "python -m tim_jax.data.prepare" in str(err.value)
+  assert "python -m tim_jax.commands.prepare" in str(err.value)

@@ -1,4 +1,4 @@
-"""Tests for tim_jax.transports: the state-transition identity of Wang et al.
+"""Tests for tim_jax.method.transports: the state-transition identity of Wang et al.
 (arXiv 2509.04394) and the per-transport closed forms (official
 ``tim/schedulers/transports.py``, with EDM corrected).
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tim_jax import transports
+from tim_jax.method import transports
 
 
 # --------------------------------------------------------------------------

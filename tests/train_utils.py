@@ -1,16 +1,16 @@
 """Small configs for trainer tests."""
 
-from tim_jax import config_base
+from tim_jax.config import config_base
 
 
 def tiny_c2i(num_steps=4, batch=8, every=2):
-  from tim_jax.data import shapes
+  from tim_jax.shapes import world
   c = config_base.base_config()
   c.model.kind = "c2i"
   c.model.network = dict(patch_size=4, in_channels=3, depth=2,
                          hidden_size=32, num_heads=2, encoder_depth=1,
                          z_dim=16, projector_dim=32, lora_hidden_size=8,
-                         num_classes=shapes.num_classes())
+                         num_classes=world.num_classes())
   c.model.use_projector = False
   c.data.image_size = 16
   c.batch_size = batch

@@ -1,4 +1,4 @@
-"""Hand-written helpers shared by the tests of ``tim_jax.transition``.
+"""Hand-written helpers shared by the tests of ``tim_jax.method.transition``.
 
 Transports, a tiny network and its perturbed state, NumPy helpers, and the
 analytic "students" (networks whose output and time derivative are known in
@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tim_jax import models, transition, transports
+from tim_jax import models
+from tim_jax.method import transition, transports
 
 OT = transports.OTFM()
 EDM = transports.EDM()  # sigma_d = 0.5, c_noise = ln(t) / 4.

@@ -6,45 +6,45 @@ Re-running with the same workdir resumes from its latest checkpoint.
 """
 
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-config_flags.DEFINE_config_file(
-    "config", None, "A config file (configs/t2i.py, configs/c2i.py), with an "
-    "optional ':variant'.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, sample grids and "
-                    "TensorBoard logs go.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
-                  "first (multi-host TPU pods and GPU clusters).")
-flags.mark_flags_as_required(["config", "workdir"])
+from tim_jax.commands import cli
+from tim_jax.core.errors import UserError
 
 
-class _QuietLibraries:
-  """Keeps orbax's and grain's per-save INFO chatter out of the console."""
+def define_flags(fv: flags.FlagValues) -> None:
+  cli.define_config(fv, "A config file (configs/t2i.py, configs/c2i.py), "
+                    "with an optional ':variant'.")
+  flags.DEFINE_string("workdir", None, "Where checkpoints, sample grids and "
+                      "TensorBoard logs go.", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
+                    "first (multi-host TPU pods and GPU clusters).",
+                    flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
-  def filter(self, record):
-    noisy = ("orbax" in record.pathname or "/grain/" in record.pathname)
-    return not (noisy and record.levelno < 30)
 
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tim_jax import config_base
-  config = config_base.flag_config(flags.FLAGS)  # A bad file stops first.
-  import logging as std_logging
-  std_logging.getLogger("absl").addFilter(_QuietLibraries())
-  import jax
-  if flags.FLAGS.distributed:
+def main(fv: flags.FlagValues, args) -> None:
+  if args:
+    raise UserError(f"unexpected arguments: {args}")
+  from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
+  config = config_base.flag_config(fv)  # A bad file stops first.
+  import jax  # pylint: disable=g-import-not-at-top
+  if fv.distributed:
     jax.distributed.initialize()
-  from tim_jax import train
+  from tim_jax import training  # pylint: disable=g-import-not-at-top
   logging.info("JAX %s on %d %s device(s), %d process(es)", jax.__version__,
                jax.device_count(), jax.devices()[0].platform,
                jax.process_count())
   logging.info("config:\n%s", config)
-  train.train_and_evaluate(config, os.path.abspath(flags.FLAGS.workdir))
+  training.train_and_evaluate(config, os.path.abspath(fv.workdir))
+
+
+def entry() -> None:
+  """The console script ``tim-train``."""
+  cli.run(sys.modules[__name__])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry()

@@ -22,10 +22,10 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from tim_jax import sharding, torch_weights
+from tim_jax.core import sharding
+from tim_jax.weights import torch_weights
 from tim_jax.autoencoders import dc, kl
 from tim_jax.autoencoders import layers as L
 
@@ -86,6 +86,7 @@ class Autoencoder:
 
   @property
   def is_identity(self) -> bool:
+    """Whether this is the pixel-space identity (no network)."""
     return self._graph is None
 
   def latent_shape(self, height: int, width: int) -> Tuple[int, int, int]:
@@ -143,6 +144,7 @@ def identity(channels: int = 3) -> Autoencoder:
 
 
 def read_config(directory: str) -> dict:
+  """The ``config.json`` of a diffusers directory, with errors that name the file."""
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(

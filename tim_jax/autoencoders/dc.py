@@ -58,6 +58,7 @@ class DCConfig:
 
   @classmethod
   def from_json(cls, cfg: Mapping) -> "DCConfig":
+    """The config from a diffusers ``config.json`` dict, with ``AutoencoderDC``'s defaults."""
     defaults = dict(  # AutoencoderDC.__init__'s defaults.
         encoder_block_types="ResBlock", decoder_block_types="ResBlock",
         encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
@@ -100,6 +101,7 @@ class DCConfig:
 
   @property
   def downsample(self) -> int:
+    """Pixels per latent position along each side."""
     return 2 ** (len(self.encoder_block_out_channels) - 1)
 
 
@@ -327,8 +329,10 @@ class AutoencoderDC(nnx.Module):
     self.decoder = Decoder(c, o)
 
   def moments(self, images):
+    """The encoder's output and a zero std (DC-AE is deterministic), unscaled."""
     z = self.encoder(images)
     return z, jnp.zeros_like(z)
 
   def decode(self, z):
+    """Unscaled latents to images in [-1, 1]."""
     return self.decoder(z)

@@ -44,6 +44,7 @@ class KLConfig:
 
   @classmethod
   def from_json(cls, cfg: Mapping) -> "KLConfig":
+    """The config from a diffusers ``config.json`` dict (unknown keys ignored, block types checked)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {k: (tuple(v) if isinstance(v, list) else v)
           for k, v in cfg.items() if k in fields}
@@ -69,6 +70,7 @@ class KLConfig:
 
   @property
   def downsample(self) -> int:
+    """Pixels per latent position along each side."""
     return 2 ** (len(self.block_out_channels) - 1)
 
 
@@ -224,6 +226,7 @@ class AutoencoderKL(nnx.Module):
                             if c.use_post_quant_conv else None)
 
   def moments(self, images):
+    """The posterior's mean and std (log-variance clipped as diffusers does), unscaled."""
     h = self.encoder(images)
     if self.quant_conv is not None:
       h = self.quant_conv(h)
@@ -233,6 +236,7 @@ class AutoencoderKL(nnx.Module):
     return mean, jnp.exp(0.5 * logvar)
 
   def decode(self, z):
+    """Unscaled latents to images in [-1, 1]."""
     if self.post_quant_conv is not None:
       z = self.post_quant_conv(z)
     return self.decoder(z)

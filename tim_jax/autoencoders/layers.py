@@ -1,7 +1,7 @@
 """Layers shared by the autoencoders, in NHWC with PyTorch's numerics.
 
 Every module here is named and shaped like its diffusers counterpart so a
-diffusers state dict maps onto it key for key (``tim_jax.torch_weights``).
+diffusers state dict maps onto it key for key (``tim_jax.weights.torch_weights``).
 The channel orderings of ``pixel_shuffle``/``pixel_unshuffle`` and
 ``repeat_interleave`` are PyTorch's, written for NHWC.
 """
@@ -22,6 +22,7 @@ ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
 
 
 def activation(name: str):
+  """The activation function of a diffusers name (``silu``, ``relu``, ...)."""
   if name not in ACTIVATIONS:
     raise ValueError(f"activation {name!r} is not one diffusers' autoencoders "
                      f"accept; expected one of {sorted(ACTIVATIONS)}")
@@ -55,12 +56,14 @@ def conv(cin: int, cout: int, kernel: int, o: Options, *, stride: int = 1,
 
 
 def linear(cin: int, cout: int, o: Options, *, bias: bool = True):
+  """A linear layer with the options' dtypes and precision."""
   return nnx.Linear(cin, cout, use_bias=bias, dtype=o.dtype,
                     param_dtype=o.param_dtype, precision=o.precision,
                     rngs=o.rngs)
 
 
 def group_norm(channels: int, groups: int, eps: float, o: Options):
+  """GroupNorm with PyTorch's variance formula."""
   # use_fast_variance=False: E[(x - mean)^2] as PyTorch computes it.
   return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps,
                        use_fast_variance=False, dtype=o.dtype,

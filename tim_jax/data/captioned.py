@@ -13,7 +13,7 @@ of the image's captions at random. tim_jax does the same from latents:
   captions (one caption per non-empty line) or a JSONL manifest
   (``image_file`` or ``path``; ``captions`` list or ``caption``; optional
   ``bucket``): the official ``data_info.jsonl`` is such a manifest.
-* ``python -m tim_jax.data.prepare --captioned=DIR`` (or ``--manifest``)
+* ``python -m tim_jax.commands.prepare --captioned=DIR`` (or ``--manifest``)
   writes one ``tim_latents`` dataset per bucket (``text_HxWxC_img``: the
   latents, the captions, the resized image for REPA) under one data_dir;
   ``CaptionedSource`` reads them all as one source.
@@ -177,7 +177,7 @@ class CaptionedSource:
     if not names:
       raise FileNotFoundError(
           f"no captioned buckets ({latents_lib.NAME}/text_*) under "
-          f"{data_dir!r}; write them with python -m tim_jax.data.prepare "
+          f"{data_dir!r}; write them with python -m tim_jax.commands.prepare "
           "--captioned=DIR (or --manifest=FILE)")
     self.parts = [latents_lib.LatentSource(data_dir, config=n,
                                            with_images=with_images)

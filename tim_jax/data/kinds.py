@@ -19,7 +19,8 @@ import os
 import numpy as np
 from absl import logging
 
-from tim_jax import conditioning
+from tim_jax.core.errors import UserError
+from tim_jax.data import conditioning
 
 NAMES = ("shapes", "latents", "captions")
 EVAL_SEED_OFFSET = 1_000_003  # The eval split's scenes: other seeds.
@@ -36,9 +37,9 @@ def label_names(config, labels) -> list:
   """What people read beside class-conditional samples: the shapes world's
   class names ("3: blue square"), else "class N"."""
   if config.data.get("name", "") == "shapes":
-    from tim_jax.data import shapes
-    return [f"{int(l)}: {shapes.label_name(l)}"
-            if 0 <= int(l) < shapes.num_classes() else f"class {int(l)}"
+    from tim_jax.shapes import world
+    return [f"{int(l)}: {world.label_name(l)}"
+            if 0 <= int(l) < world.num_classes() else f"class {int(l)}"
             for l in labels]
   return [f"class {int(l)}" for l in labels]
 
@@ -47,16 +48,16 @@ def source(config, split: str = "train"):
   """The random-access source of ``split`` ("train" or "eval")."""
   d = config.data
   if _check(config) == "shapes":
-    from tim_jax.data import shapes
+    from tim_jax.shapes import world
     seed = d.seed if split == "train" else d.seed + EVAL_SEED_OFFSET
-    return shapes.ShapesSource(size=d.image_size, seed=seed,
+    return world.ShapesSource(size=d.image_size, seed=seed,
                                kind=config.model.kind,
                                max_caption_len=d.max_caption_len)
   if not d.data_dir or not os.path.isdir(d.data_dir):
-    raise FileNotFoundError(
+    raise UserError(
         f"data.data_dir={d.data_dir!r} does not exist: this config trains "
         "on a latent dataset. Write one with `python -m "
-        "tim_jax.data.prepare` and pass --config.data.data_dir=DIR")
+        "tim_jax.commands.prepare` and pass --config.data.data_dir=DIR")
   teacher = config.loss_extras.get("repa_encoder", "none") != "none"
   if d.name == "captions":
     from tim_jax.data import captioned
@@ -121,7 +122,7 @@ def conditioner(config, text_encoder=None):
         int(config.model.network.num_classes), drop)
   d = config.data
   if _check(config) == "captions":
-    from tim_jax import builders
+    from tim_jax.config import builders
     encoder = text_encoder or builders.text_encoder(config)
     if encoder.dim != int(config.model.network.cap_feat_dim):
       raise ValueError(f"the text encoder's features are {encoder.dim} wide "
@@ -130,8 +131,8 @@ def conditioner(config, text_encoder=None):
     return conditioning.TextConditioner(
         encoder, drop, tuple(config.text_encoder.length_buckets))
   if _check(config) == "shapes":
-    from tim_jax.data import shapes, text
-    tokenizer = shapes.tokenizer()
+    from tim_jax.shapes import world, text
+    tokenizer = world.tokenizer()
     encoder = text.CaptionEncoder(tokenizer.vocab_size, d.max_caption_len,
                                   int(config.model.network.cap_feat_dim),
                                   seed=d.caption_seed,

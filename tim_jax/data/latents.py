@@ -12,12 +12,12 @@ Input: a directory of ``.npz`` shards, each holding
 * ``caption``: (N, M, D) float caption features (``cond="caption"``), or
 * ``text_bytes`` (uint8) and ``text_offsets`` (N + 1,) int64: each
   example's captions as a UTF-8 JSON list of strings, end to end
-  (``cond="text"``; written by ``tim_jax.data.prepare --captioned``);
+  (``cond="text"``; written by ``python -m tim_jax.commands.prepare --captioned``);
 * optionally ``repa_features``: (N, T, D) float token features of a frozen
   vision encoder for the REPA loss (``repa_shape=(T, D)``), returned as the
   batch key ``repa_features`` that the paper configs' REPA loss reads;
 * optionally ``latent_flip``: (N, H, W, C), the latent of each image's
-  horizontal flip (``flip=True``; written by ``tim_jax.data.prepare``).
+  horizontal flip (``flip=True``; written by ``python -m tim_jax.commands.prepare``).
   Training then takes the original or the flip with probability 1/2 per
   visit, as the official C2I loader does;
 * optionally ``image_bytes`` (uint8, all images' encoded bytes end to end)
@@ -27,7 +27,7 @@ Input: a directory of ``.npz`` shards, each holding
 Write (nothing is downloaded; shards are read in file-name order and their
 rows keep that order in the dataset)::
 
-    python -m tim_jax.data.latents --input_dir=SHARDS --data_dir=LATENTS \
+    python -m tim_jax.commands.latents --input_dir=SHARDS --data_dir=LATENTS \
         --latent_shape=32,32,4 --cond=label
 
 Read::
@@ -38,11 +38,9 @@ Read::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import os
-import sys
 import tempfile
 from typing import Sequence
 
@@ -85,6 +83,7 @@ def make_config(latent_shape: Sequence[int], cond: str = "label",
                 cap_shape: Sequence[int] | None = None,
                 repa_shape: Sequence[int] | None = None, flip: bool = False,
                 images: bool = False) -> TimLatentsConfig:
+  """The TFDS builder config of a latent dataset's shapes and extras (checked)."""
   latent_shape = tuple(int(n) for n in latent_shape)
   if len(latent_shape) != 3 or min(latent_shape) < 1:
     raise ValueError(f"latent_shape must be (H, W, C) positive, got "
@@ -350,7 +349,7 @@ def find_dataset(data_dir, config: str | None = None) -> str:
   if not found:
     what = f"config {config!r}" if config else "any config"
     raise FileNotFoundError(f"no {NAME} dataset ({what}) under {data_dir!r}; "
-                            "write one with python -m tim_jax.data.latents")
+                            "write one with python -m tim_jax.commands.latents")
   if len(found) > 1:
     raise ValueError(f"several {NAME} datasets under {data_dir!r}: "
                      f"{[os.path.basename(os.path.dirname(f)) for f in found]}"
@@ -386,7 +385,7 @@ class LatentSource:
           f"{os.path.join(self.path, 'dataset_info.json')} (or its "
           f"features.json) is damaged ({type(e).__name__}: "
           f"{str(e)[:200]}); write the dataset again with "
-          "python -m tim_jax.data.prepare") from None
+          "python -m tim_jax.commands.prepare") from None
     if split not in builder.info.splits:
       raise ValueError(f"split {split!r} not in {self.path} (has "
                        f"{sorted(builder.info.splits)})")
@@ -403,7 +402,7 @@ class LatentSource:
     self.has_images = "image" in features
     if with_images and not self.has_images:
       raise ValueError(f"{self.path} holds no images (write it with "
-                       "python -m tim_jax.data.prepare)")
+                       "python -m tim_jax.commands.prepare)")
     self.with_images = with_images
     self._source = None
 
@@ -448,49 +447,3 @@ class LatentSource:
   def __repr__(self):
     return (f"LatentSource({self.path!r}, split={self.split!r}, "
             f"n={self._num_examples})")
-
-
-def _shape(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(n) for n in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected comma-separated integers like 32,32,4, got {text!r}"
-    ) from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  # argparse, not absl flags: absl flags are process-global, and defining
-  # --data_dir here on import would clash with the trainer's own flags.
-  p = argparse.ArgumentParser(
-      prog="python -m tim_jax.data.latents",
-      description="Write .npz latent shards as an array_record TFDS dataset.")
-  p.add_argument("--input_dir", required=True,
-                 help=".npz shards with 'latent' and 'label' or 'caption'")
-  p.add_argument("--data_dir", required=True, help="TFDS data_dir to write")
-  p.add_argument("--latent_shape", required=True, type=_shape, help="H,W,C")
-  p.add_argument("--cond", default="label", choices=CONDS)
-  p.add_argument("--cap_shape", default=None, type=_shape,
-                 help="M,D (for --cond=caption)")
-  p.add_argument("--repa_shape", default=None, type=_shape,
-                 help="T,D: the shards also hold 'repa_features' (N, T, D)")
-  args = p.parse_args(argv)
-  try:
-    path = write_latents(args.input_dir, args.data_dir,
-                         latent_shape=args.latent_shape, cond=args.cond,
-                         cap_shape=args.cap_shape,
-                         repa_shape=args.repa_shape)
-  except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-    return 1
-  source = LatentSource(path)
-  print(f"wrote {len(source)} examples (train) to {path}")
-  print(f"  latent {source.latent_shape} float32, "
-        + ("label int64" if source.cond == "label"
-           else f"caption {source.cap_shape} float32"))
-  print(f"  read with tim_jax.data.latents.LatentSource({path!r})")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,12 +1,9 @@
-"""Images -> the latent dataset TiM trains on: ``python -m tim_jax.data.prepare``.
-
-    python -m tim_jax.data.prepare --images=imagenet/train \\
-        --autoencoder=sd_vae_ft_ema --autoencoder_path=sd-vae-ft-ema \\
-        --resolution=256 --data_dir=latents/imagenet256
+"""Images -> the latent dataset TiM trains on (the command:
+``python -m tim_jax.commands.prepare``).
 
 Reads an ImageNet-style folder (``<class>/<image>``, classes numbered in
 sorted order as torchvision's ``ImageFolder`` numbers them) or a TFDS image
-dataset (``--tfds=imagenet2012``, with ``image`` and ``label`` features),
+dataset (e.g. ``imagenet2012``, with ``image`` and ``label`` features),
 centre-crops each image as ADM does (``center_crop_arr`` of the official
 ``tim/data/c2i_data.py``), encodes the crop and its horizontal flip with the
 autoencoder (the posterior *sample*, as the official preprocessing
@@ -14,27 +11,24 @@ autoencoder (the posterior *sample*, as the official preprocessing
 ``tim_latents`` TFDS dataset (array_record) with ``latent``,
 ``latent_flip``, ``label`` and the crop as PNG (``image``).
 
-Text-to-image corpora (``--captioned=DIR``: images with same-named ``.txt``
-captions; ``--manifest=FILE.jsonl``, e.g. the official ``data_info.jsonl``)
+Text-to-image corpora (a folder of images with same-named ``.txt``
+captions, or a JSONL manifest such as the official ``data_info.jsonl``)
 are resized to aspect buckets (``tim_jax.data.captioned``) and written as one
 dataset per bucket with the latents, the captions and the resized image.
 
-Work is cut into shards of ``--shard_size`` images written to
+Work is cut into shards of ``shard_size`` images written to
 ``DATA_DIR/shards/`` as they finish, so an interrupted run resumes where it
-stopped. With ``--distributed`` every process of a multi-host job
-(``jax.distributed``) encodes its share of the shards on its own devices
-and process 0 writes the dataset once all are done.
+stopped. In a multi-host job (``jax.distributed``) every process encodes
+its share of the shards on its own devices and process 0 writes the
+dataset once all are done.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import io
 import json
 import os
-import sys
-import time
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -138,6 +132,7 @@ def to_unit(crops: np.ndarray) -> np.ndarray:
 
 
 def png_bytes(crop: np.ndarray) -> bytes:
+  """A crop as PNG bytes."""
   buf = io.BytesIO()
   Image.fromarray(crop).save(buf, format="PNG")
   return buf.getvalue()
@@ -185,7 +180,7 @@ def prepare(images, ae, data_dir: str, *, batch_size: int = 32,
   """Encodes ``images`` into ``data_dir``; returns the dataset directory
   (on process 0; None elsewhere). Finished shards are kept and skipped."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tim_jax import resumable  # pylint: disable=g-import-not-at-top
+  from tim_jax.core import resumable  # pylint: disable=g-import-not-at-top
   from tim_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
   n = len(images)
   if n == 0:
@@ -294,7 +289,7 @@ def prepare_captioned(images: CaptionedImages, ae, data_dir: str, *,
   ``data_dir``; returns their directories (on process 0; [] elsewhere).
   Finished shards, and buckets already written, are kept and skipped."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tim_jax import resumable  # pylint: disable=g-import-not-at-top
+  from tim_jax.core import resumable  # pylint: disable=g-import-not-at-top
   from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
   from tim_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
   if not len(images):
@@ -334,102 +329,3 @@ def prepare_captioned(images: CaptionedImages, ae, data_dir: str, *,
           work.directory, data_dir, latent_shape=shapes[bucket], cond="text",
           images=True))
   return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m tim_jax.data.prepare",
-      description="Centre-crop and encode images (and their flips) into a "
-                  "tim_latents dataset.")
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--images", help="an ImageFolder-style directory: "
-                   "<class>/<image>")
-  src.add_argument("--captioned", help="text-to-image: a folder of images, "
-                   "each with a same-named .txt of captions (one per line)")
-  src.add_argument("--manifest", help="text-to-image: a JSONL file, one "
-                   "image per line: image_file (or path), captions (or "
-                   "caption), optional bucket (the official "
-                   "data_info.jsonl is one)")
-  p.add_argument("--manifest_root", default=None,
-                 help="folder the manifest's paths are relative to "
-                      "(default: the manifest's folder)")
-  src.add_argument("--tfds", help="a TFDS image dataset name, e.g. "
-                   "imagenet2012 (already prepared in --tfds_data_dir)")
-  p.add_argument("--tfds_split", default="train")
-  p.add_argument("--tfds_data_dir", default=None)
-  p.add_argument("--autoencoder", required=True,
-                 choices=["sd_vae_ft_ema", "dc_ae_f32c32_sana_1.1"])
-  p.add_argument("--autoencoder_path", required=True,
-                 help="the autoencoder's diffusers directory")
-  p.add_argument("--resolution", type=int, default=256,
-                 help="crop size in pixels (256 or 512 for the paper); for "
-                      "captioned images the side of the nominal square: "
-                      "buckets have about its area, sides multiples of 32")
-  p.add_argument("--data_dir", required=True,
-                 help="where the shards and the TFDS dataset go")
-  p.add_argument("--batch_size", type=int, default=32,
-                 help="images per encoder call (per process)")
-  p.add_argument("--shard_size", type=int, default=1000,
-                 help="images per resumable shard")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of the posterior samples")
-  p.add_argument("--workers", type=int, default=8,
-                 help="threads that read and crop images")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() and share the work "
-                      "among the job's processes")
-  args = p.parse_args(argv)
-  try:
-    if args.resolution < 1 or args.batch_size < 1 or args.shard_size < 1:
-      raise ValueError("--resolution, --batch_size and --shard_size must be "
-                       ">= 1")
-    import jax  # pylint: disable=g-import-not-at-top
-    from tim_jax import autoencoders, sharding  # pylint: disable=g-import-not-at-top
-    barrier = None
-    if args.distributed:
-      jax.distributed.initialize()
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      barrier = multihost_utils.sync_global_devices
-    mesh = sharding.make_mesh({"data": jax.local_device_count()},
-                              devices=jax.local_devices())
-    ae = autoencoders.from_diffusers(args.autoencoder_path, mesh=mesh,
-                                     name=args.autoencoder)
-    ae.latent_shape(args.resolution, args.resolution)  # Fails if no fit.
-    kw = dict(batch_size=args.batch_size, shard_size=args.shard_size,
-              seed=args.seed, process_index=jax.process_index(),
-              process_count=jax.process_count(), workers=args.workers,
-              barrier=barrier)
-    start = time.time()
-    if args.captioned or args.manifest:
-      from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
-      items = (captioned.read_folder(args.captioned) if args.captioned else
-               captioned.read_manifest(args.manifest, args.manifest_root))
-      images = CaptionedImages(items, args.resolution)
-      paths = prepare_captioned(images, ae, args.data_dir, **kw)
-      if paths:
-        print(f"wrote {len(images)} captioned images' latents ({ae.name}) "
-              f"in {len(paths)} buckets to {args.data_dir} in "
-              f"{time.time() - start:.0f} s:")
-        for path in paths:
-          print(f"  {path}")
-        print(f"  train with --config.data.name=captions "
-              f"--config.data.data_dir={args.data_dir}")
-      return 0
-    images = (FolderImages(args.images, args.resolution) if args.images else
-              TfdsImages(args.tfds, args.tfds_split, args.tfds_data_dir,
-                         args.resolution))
-    path = prepare(images, ae, args.data_dir, **kw)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError,
-          RuntimeError) as e:
-    print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-    return 1
-  if path:
-    print(f"wrote {len(images)} images' latents ({ae.name}, "
-          f"{args.resolution}px -> {ae.latent_shape(args.resolution, args.resolution)}"
-          f") to {path} in {time.time() - start:.0f} s")
-    print(f"  train with --config.data.data_dir={args.data_dir}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -13,10 +13,10 @@ def layer_kwargs(dtype, param_dtype, precision, rngs=None) -> dict:
 
 def batch_rows(h):
   """``h`` with its rows split over the batch axes when traced inside a
-  train step (``tim_jax.sharding.activation_sharding``; a no-op outside
+  train step (``tim_jax.core.sharding.activation_sharding``; a no-op outside
   one). A frozen encoder's weights are split over ``fsdp`` on their
   largest axis; left to itself the partitioner then gathered the whole
   batch onto every device instead of the weights (twice the XL/2 step's
-  HBM on a v5p-32 slice, measured with ``tim_jax.compile``)."""
-  from tim_jax import sharding  # pylint: disable=g-import-not-at-top
+  HBM on a v5p-32 slice, measured with ``tim_jax.commands.compile``)."""
+  from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
   return sharding.constrain(h, "batch", *([None] * (h.ndim - 1)))

@@ -31,14 +31,14 @@ import dataclasses
 import json
 import math
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tim_jax import torch_weights
+from tim_jax.weights import torch_weights
 from tim_jax.encoders import batch_rows, layer_kwargs
 
 MAX_LENGTH = 256  # The official max_seq_length.
@@ -257,6 +257,7 @@ class GemmaEncoder:
 
   @property
   def dim(self) -> int:
+    """The feature width (hidden size)."""
     return self.config.hidden_size
 
   def tokenize(self, prompts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
@@ -363,7 +364,7 @@ def abstract_encoder(c: GemmaConfig = ONE_B, *, dtype=jnp.bfloat16,
                      max_length: int = MAX_LENGTH) -> GemmaEncoder:
   """An encoder of ``c``'s architecture holding shapes only (parameters as
   ``jax.ShapeDtypeStruct``): for compiling train steps for devices this host
-  does not have (``tim_jax.compile``). It cannot encode real captions."""
+  does not have (``tim_jax.commands.compile``). It cannot encode real captions."""
   model = nnx.eval_shape(lambda: Gemma3TextModel(c, dtype=dtype,
                                                  param_dtype=dtype))
   return GemmaEncoder(model, _EmptyCaptionTokenizer(max_length),

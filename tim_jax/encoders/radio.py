@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tim_jax import torch_weights
+from tim_jax.weights import torch_weights
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 
 PATCH_PIXELS_PER_TOKEN = 16  # The trainers resize to 16 x the TiM grid.
@@ -282,7 +282,7 @@ class RadioEncoder:
                scan_blocks: bool = True):
     self.config = model.patch_generator.c
     # The blocks as one scan (compiles once) or a loop (XLA's cost analysis
-    # then counts every block: tim_jax.compile's roofline).
+    # then counts every block: tim_jax.commands.compile's roofline).
     self.scan_blocks = scan_blocks
     self.graphdef, params = nnx.split(model)
     consts = dict(mean=jnp.asarray(np.asarray(mean, np.float32).reshape(3)),
@@ -295,9 +295,11 @@ class RadioEncoder:
 
   @property
   def dim(self) -> int:
+    """The feature width (embedding size)."""
     return self.config.embed_dim
 
   def apply(self, state, images, grid: Tuple[int, int]):
+    """The features of ``images`` (NHWC in [-1, 1]) at token grid ``grid``, from a ``state`` of parameters and constants; pure, for use inside a jitted step."""
     h, w = (int(g) for g in grid)
     model = nnx.merge(self.graphdef, state["params"])
     c = state["consts"]
@@ -326,7 +328,7 @@ def random_encoder(config: RadioConfig = V2_5_B, *, dtype=jnp.float32,
                    scan_blocks: bool = True) -> RadioEncoder:
   """An encoder of ``config``'s architecture with random weights (for
   benchmarks and tests; REPA needs the trained ones); ``abstract``: shapes
-  only, for compiling (``tim_jax.compile``)."""
+  only, for compiling (``tim_jax.commands.compile``)."""
   build = lambda: VisionTransformer(config, dtype=dtype, rngs=nnx.Rngs(seed))
   model = nnx.eval_shape(build) if abstract else build()
   return RadioEncoder(model, CLIP_MEAN, CLIP_STD, scan_blocks=scan_blocks)

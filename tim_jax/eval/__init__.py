@@ -1,2 +1,2 @@
-"""Evaluation: the shapes oracle, Fréchet distances, InceptionV3 for FID,
-and the NFE study."""
+"""FID for real datasets: Fréchet distances and Inception Score (``fid``),
+the FID InceptionV3 in Flax (``inception``)."""

@@ -6,15 +6,8 @@ covariance of their InceptionV3 pool3 features (``tim_jax.eval.inception``):
   FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}).
 
 The statistics here are plain float64 numpy and know nothing about images,
-so they serve any feature extractor; only the command (``main``) reads
-images, with the FID InceptionV3 (``tim_jax.eval.inception``):
-
-    # Reference statistics of an image folder (ADM centre crop) or .npz.
-    python -m tim_jax.eval.fid stats --images=imagenet/val --resolution=256 \
-        --inception_weights=pt_inception-2015-12-05.pth --out=ref.npz
-    # FID and Inception Score of generated samples (arr_0 uint8).
-    python -m tim_jax.eval.fid score samples.npz --reference=ref.npz \
-        --inception_weights=pt_inception-2015-12-05.pth Statistics are stored as ``.npz`` files with the
+so they serve any feature extractor (the command that reads images is
+``python -m tim_jax.commands.fid``). Statistics are stored as ``.npz`` files with the
 keys ``mu`` and ``sigma``, the layout of pytorch-fid's ``--save-stats`` output
 and of the reference batches of OpenAI's guided-diffusion evaluation suite
 (which carry extra arrays that are ignored here), so published reference
@@ -125,10 +118,12 @@ class Statistics:
 
   @property
   def dim(self) -> int:
+    """The feature width."""
     return int(self.mu.shape[0])
 
   @classmethod
   def from_features(cls, features) -> "Statistics":
+    """The statistics of an (N, D) feature array."""
     return cls(*statistics(features))
 
   def save(self, path: PathLike) -> None:
@@ -151,6 +146,7 @@ class Statistics:
       return cls(f["mu"], f["sigma"])
 
   def frechet_distance(self, other: "Statistics") -> float:
+    """The Fréchet distance to ``other``."""
     return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
 
@@ -178,9 +174,11 @@ class RunningStatistics:
 
   @property
   def dim(self) -> int | None:
+    """The feature width, once the first batch is in."""
     return self._dim
 
   def update(self, batch_features) -> "RunningStatistics":
+    """Adds a (n, D) batch of features; returns self."""
     x = np.asarray(batch_features, dtype=np.float64)
     if x.ndim != 2:
       raise ValueError(f"batch_features must be (n, D), got shape {x.shape}")
@@ -208,6 +206,7 @@ class RunningStatistics:
     return self
 
   def finalize(self) -> Statistics:
+    """The mean and covariance so far (at least 2 samples)."""
     if self.count < 2:
       raise ValueError(f"a covariance needs at least 2 samples, got "
                        f"{self.count}")
@@ -237,82 +236,3 @@ def inception_score(logits, split_size: int = 5000) -> float:
     kl = (part * (log_part - marginal)).sum(axis=1).mean()
     scores.append(np.exp(kl))
   return float(np.mean(scores))
-
-
-def _load_images(path: str, resolution: int | None = None) -> np.ndarray:
-  """uint8 (N, H, W, 3): an .npz's ``arr_0`` or a folder's images (ADM
-  centre crop to ``resolution``)."""
-  if os.path.isdir(path):
-    if not resolution:
-      raise ValueError("a folder of images needs --resolution")
-    from tim_jax.data import prepare  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    files = [p for p, _ in prepare.image_folder(path)[0]]
-    out = []
-    for f in files:
-      with Image.open(f) as im:
-        out.append(prepare.center_crop(im.convert("RGB"), resolution))
-    return np.stack(out)
-  with np.load(path) as z:
-    if "arr_0" not in z:
-      raise ValueError(f"{path} has no 'arr_0' images (has {z.files})")
-    images = z["arr_0"]
-  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got "
-                     f"{images.dtype} {images.shape}")
-  return images
-
-
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  p = argparse.ArgumentParser(prog="python -m tim_jax.eval.fid",
-                              description="FID and Inception Score.")
-  sub = p.add_subparsers(dest="command", required=True)
-  st = sub.add_parser("stats", help="reference statistics (mu, sigma)")
-  st.add_argument("--images", required=True,
-                  help="an image folder (<class>/<image>) or an .npz (arr_0)")
-  st.add_argument("--resolution", type=int, default=None,
-                  help="centre-crop size for a folder")
-  st.add_argument("--out", required=True)
-  sc = sub.add_parser("score", help="FID (and IS) of a samples .npz")
-  sc.add_argument("samples", help="an .npz with arr_0 uint8 images")
-  sc.add_argument("--reference", required=True,
-                  help=".npz with mu and sigma (or arr_0 images)")
-  for q in (st, sc):
-    q.add_argument("--inception_weights", required=True,
-                   help="pytorch-fid's pt_inception-2015-12-05 (.pth or "
-                        "converted .safetensors)")
-    q.add_argument("--batch_size", type=int, default=50)
-  args = p.parse_args(argv)
-  from tim_jax.eval import inception  # pylint: disable=g-import-not-at-top
-  try:
-    model = inception.load_fid_weights(args.inception_weights)
-    extract = inception.FeatureExtractor(model, batch_size=args.batch_size)
-    if args.command == "stats":
-      images = _load_images(args.images, args.resolution)
-      stats = extract.statistics(images, progress=True)
-      stats.save(args.out)
-      print(f"wrote {args.out}: statistics of {len(images)} images")
-      return 0
-    images = _load_images(args.samples)
-    out = np.concatenate(list(extract.iter_features(
-        images, progress=True, logits=True)))
-    ref_path = args.reference
-    with np.load(ref_path) as z:
-      has_stats = "mu" in z and "sigma" in z
-    ref = (Statistics.load(ref_path) if has_stats else extract.statistics(
-        _load_images(ref_path)))
-    dim = ref.dim
-    fd = Statistics.from_features(out[:, :dim]).frechet_distance(ref)
-    score = inception_score(out[:, dim:])
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-    return 1
-  print(f"FID {fd:.4f}  IS {score:.4f}  ({len(images)} samples vs "
-        f"{ref_path})")
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -23,11 +23,10 @@ are the 2048 channels of the global average pool after Mixed_7c ("pool3").
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 from typing import (Any, Dict, Iterable, Iterator, Mapping, Optional,
-                    Sequence, Tuple, Union)
+                    Tuple, Union)
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ from flax import nnx
 from safetensors import numpy as safetensors_numpy
 from tqdm.auto import tqdm
 
-from tim_jax import torch_weights
+from tim_jax.weights import torch_weights
 from tim_jax.eval import fid
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
@@ -451,12 +450,13 @@ def read_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
   """A state dict of numpy arrays from a weight file.
 
   ``.pth``/``.pt``/``.bin`` are read with torch (``weights_only=True``),
-  ``.safetensors`` and ``.npz`` without it (``tim_jax.torch_weights``).
+  ``.safetensors`` and ``.npz`` without it (``tim_jax.weights.torch_weights``).
   ``num_batches_tracked`` entries are dropped.
   """
   hint = ("Without it, convert the file once where torch is installed: "
-          "python -m tim_jax.eval.inception convert "
-          f"{os.path.basename(os.fspath(path))} fid_inception.safetensors")
+          "python -m tim_jax.commands.fid convert --inception_weights="
+          f"{os.path.basename(os.fspath(path))} "
+          "--out=fid_inception.safetensors")
   out = torch_weights.read(path, missing_torch_hint=hint)
   return {k: v for k, v in out.items() if not k.endswith(torch_weights.IGNORED_SUFFIXES)}
 
@@ -628,29 +628,3 @@ class FeatureExtractor:
     for feats in self.iter_features(images, progress=progress):
       running.update(feats)
     return running.finalize()
-
-
-# --------------------------------------------------------------------------
-# Command line: convert the .pth once where torch is installed.
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  """The command: ``python -m tim_jax.eval.inception convert SRC DST``."""
-  parser = argparse.ArgumentParser(
-      prog="python -m tim_jax.eval.inception",
-      description="Convert pytorch-fid's InceptionV3 weights "
-      f"({os.path.basename(FID_WEIGHTS_URL)}) to .safetensors or .npz, so "
-      "that they load without PyTorch.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  conv = sub.add_parser("convert", help="SRC (.pth/.safetensors/.npz) -> DST")
-  conv.add_argument("src")
-  conv.add_argument("dst", help="a .safetensors or .npz path")
-  args = parser.parse_args(argv)
-  sd = read_state_dict(args.src)
-  check_state_dict(sd)
-  save_state_dict(sd, args.dst)
-  print(f"wrote {len(sd)} arrays to {args.dst}")
-
-
-if __name__ == "__main__":
-  main()

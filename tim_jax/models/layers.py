@@ -3,7 +3,7 @@
 They mirror the modules of ``tim/models/c2i/tim_model.py`` and
 ``tim/models/t2i/tim_model.py`` (github.com/WZDTHU/TiM).
 
-Every parameter carries logical axis names (see ``tim_jax.sharding``); the
+Every parameter carries logical axis names (see ``tim_jax.core.sharding``); the
 attribute names follow the official PyTorch modules so that the converter is a
 table, not a puzzle.
 
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tim_jax import numerics
-from tim_jax.sharding import constrain
+from tim_jax.core import numerics
+from tim_jax.core.sharding import constrain
 
 Array = jax.Array
 
@@ -34,6 +34,7 @@ ones = nnx.initializers.ones_init()
 
 
 def normal(std):
+  """A normal initializer of standard deviation ``std``."""
   return nnx.initializers.normal(std)
 
 
@@ -59,8 +60,9 @@ class Linear(nnx.Linear):
 
   def __call__(self, x):
     # One 2D matmul over all leading axes: XLA:CPU runs the backward of a
-    # (B, T, D) x (D, E) contraction ~1.7x slower than the same work as
-    # (B*T, D) x (D, E); accelerators are indifferent.
+    # (B, T, D) x (D, E) contraction slower than the same work as
+    # (B*T, D) x (D, E) (docs/results/benchmarks.md); accelerators are
+    # indifferent.
     kernel = self.kernel[...].astype(self.dtype)
     lead = x.shape[:-1]
     y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel)
@@ -90,9 +92,8 @@ def _standardize_jvp(eps, primals, tangents):
   # The derivative written out, dy = (dx - mean(dx) - y mean(dx y)) / s,
   # rather than traced through mean, square and rsqrt: the same map, but
   # its transpose (the backward pass) is two row sums and one fused
-  # elementwise pass. On a 2-core CPU the tiny T2I train step runs ~10 %
-  # faster with it and the attention scale on q (launch/benchmarks.md);
-  # forward mode (the "jvp" derivative) uses the same rule.
+  # elementwise pass: a faster CPU train step (docs/results/benchmarks.md).
+  # Forward mode (the "jvp" derivative) uses the same rule.
   (x,), (dx,) = primals, tangents
   centred, inv = _centred_and_scale(x, eps)
   y = centred * inv
@@ -146,6 +147,7 @@ class SwiGLU(nnx.Module):
 
 
 def modulate(u, shift, scale):
+  """adaLN modulation: ``u * (1 + scale) + shift``."""
   return u * (1 + scale) + shift
 
 
@@ -164,6 +166,7 @@ class TimestepEmbedder(nnx.Module):
 
   @classmethod
   def features(cls, t):
+    """The sinusoidal features (cos, sin) of times ``t``, in float32."""
     # The official code forms these in float32 even under float64.
     half = cls.freq_dim // 2
     freqs = jnp.exp(-math.log(10000.0)
@@ -250,9 +253,9 @@ def apply_rope(u, cos, sin):
   The pair swap is a product with a signed permutation matrix rather than
   a reshape to (..., hd/2, 2): on TPU that reshape puts a size-2 axis in
   the minor (lane) dimension and XLA materialises the float32 q and k
-  around it; the product fuses (the TPU compiler's cost estimate of an
-  XL block's forward and backward: 21 % fewer bytes, 15 % less time). At
-  precision "highest" each output is one input times +-1: exact.
+  around it; the product fuses (fewer bytes and less time in the TPU
+  compiler's cost estimate of an XL block; docs/results/benchmarks.md).
+  At precision "highest" each output is one input times +-1: exact.
   """
   rotation = jnp.asarray(_pair_rotation(u.shape[-1]), u.dtype)
   rotated = jnp.einsum("...d,de->...e", u, rotation, precision="highest")
@@ -280,7 +283,7 @@ def attention(q, k, v, implementation=None, key_mask=None):
     return t(out)
   # The scale goes on q (T x hd values) rather than on the logits (T x S):
   # fewer multiplies, and XLA:CPU then does not materialise a logits-sized
-  # array of the constant for its fused matmul (launch/benchmarks.md).
+  # array of the constant for its fused matmul (docs/results/benchmarks.md).
   q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k,
                       preferred_element_type=jnp.float32)

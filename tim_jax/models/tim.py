@@ -24,7 +24,7 @@ from einops import rearrange
 from flax import nnx
 
 from tim_jax.models import layers
-from tim_jax.sharding import constrain
+from tim_jax.core.sharding import constrain
 
 NEW_CONDITIONS = ("t-r", "r", "t,r", "t,t-r", "r,t-r", "t,r,t-r")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -83,7 +83,7 @@ class TiMConfig:
   remat: Union[bool, str] = False
   # Run the depth as one nnx.scan over blocks stacked on a leading "layers"
   # axis (one block compiled, not `depth`); official checkpoints convert
-  # to and from this layout (tim_jax.convert).
+  # to and from this layout (tim_jax.weights.convert).
   scan_blocks: bool = False
 
   @classmethod
@@ -123,12 +123,14 @@ class TiMConfig:
 
   @property
   def remat_policy(self) -> str:
+    """``remat`` as a name: ``none``, ``full`` or ``dots_saveable``."""
     if isinstance(self.remat, bool):
       return "full" if self.remat else "none"
     return str(self.remat)
 
   @property
   def num_label_rows(self):
+    """Rows of the label table: the classes, plus the null class when labels are dropped."""
     return self.num_classes + (1 if self.class_dropout_prob > 0 else 0)
 
 
@@ -222,7 +224,7 @@ class TiM(nnx.Module):
     _, height, width, _ = x.shape
     gh, gw = height // c.patch_size, width // c.patch_size
     # Tokens (B, N, D): rows over the batch axes (see
-    # tim_jax.sharding.activation_sharding).
+    # tim_jax.core.sharding.activation_sharding).
     x = constrain(x, "batch", None, None, None)
     u = constrain(self.x_embedder(x.astype(self.dtype)), "batch", None, None)
 

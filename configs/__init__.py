@@ -1,0 +1,1 @@
+"""The run configs; installed with the package as ``tim_jax.configs``."""

@@ -1,0 +1,1 @@
+"""The command-line programs (``python -m tim_jax.commands.NAME``)."""

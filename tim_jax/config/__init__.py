@@ -1,0 +1,1 @@
+"""Configs: every knob with its default, and the objects a config builds."""

@@ -1,0 +1,2 @@
+"""Foundations every layer uses: numerics, sharding, images, errors,
+resumable work, timing."""

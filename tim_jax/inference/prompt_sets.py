@@ -1,0 +1,128 @@
+"""Benchmark prompt sets -> the folders their evaluators read.
+
+``python -m tim_jax.commands.sample --prompt_set=geneval:evaluation_metadata.jsonl
+--out=DIR`` (or ``dpg:PROMPTS_DIR``) samples four images per prompt and
+writes them as the official samplers do (``projects/sample/
+sample_t2i_{geneval,dpgbench}_ddp.py``):
+
+* GenEval: one JSON object per line with a ``prompt``; the prompt goes
+  through ``unicode-escape`` as the official GenEval sampler sends it;
+  ``DIR/<index:05d>/metadata.jsonl`` (the line's object),
+  ``DIR/<index:05d>/samples/<k:05d>.png`` (k = 0..3) and a 2x2
+  ``grid.png``.
+* DPG-Bench: a folder of ``<name>.txt`` prompts (read as they are);
+  ``DIR/<name>.png``, the four images as one 2x2 grid.
+
+Pixels become uint8 as the T2I samplers convert them
+(``clamp(127.5 x + 128)``). Prompts are sampled in batches of
+``batch_size``; a batch whose outputs all exist is skipped, so a killed run
+resumes where it stopped, and a batch's images depend only on the seed and
+the batch's index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Tuple
+
+import numpy as np
+
+from tim_jax.core import images
+from tim_jax.data import conditioning
+
+LAYOUTS = ("geneval", "dpg")
+PER_PROMPT = 4  # Both evaluators read four images per prompt.
+
+
+def read(spec: str) -> Tuple[str, List[dict]]:
+  """``"geneval:FILE"`` or ``"dpg:DIR"`` -> (layout, items); each item has
+  ``prompt`` (as the model receives it), ``name`` (its output) and, for
+  GenEval, ``metadata``."""
+  layout, sep, path = spec.partition(":")
+  if not sep or layout not in LAYOUTS:
+    raise ValueError(f"--prompt_set must be LAYOUT:PATH with LAYOUT one of "
+                     f"{LAYOUTS}, got {spec!r}")
+  items = []
+  if layout == "geneval":
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"GenEval metadata {path!r} does not exist "
+                              "(evaluation_metadata.jsonl)")
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(l for l in f if l.strip()):
+        meta = json.loads(line)
+        if not isinstance(meta.get("prompt"), str):
+          raise ValueError(f"{path}: entry {n} has no 'prompt'")
+        items.append(dict(prompt=conditioning.escape_unicode(meta["prompt"]),
+                          name=f"{n:05d}", metadata=meta))
+  else:
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"DPG-Bench prompts {path!r} is not a folder")
+    for f in sorted(os.listdir(path)):
+      if f.endswith(".txt"):
+        with open(os.path.join(path, f), encoding="utf-8") as fh:
+          items.append(dict(prompt=fh.read(), name=os.path.splitext(f)[0]))
+  if not items:
+    raise ValueError(f"no prompts in {path!r}")
+  return layout, items
+
+
+def done(layout: str, out_dir: str, item: dict) -> bool:
+  """Whether a prompt's images are already in ``out_dir``."""
+  if layout == "geneval":
+    return os.path.exists(os.path.join(out_dir, item["name"], "grid.png"))
+  return os.path.exists(os.path.join(out_dir, item["name"] + ".png"))
+
+
+def write(layout: str, out_dir: str, item: dict, pictures: np.ndarray):
+  """``pictures``: this prompt's PER_PROMPT images, uint8 (4, H, W, 3).
+  Every file is written under a temporary name and renamed, and the file
+  that marks the prompt done comes last."""
+  two_by_two = images.grid(pictures, cols=2, gap=0)
+  if layout == "dpg":
+    images.save_png(os.path.join(out_dir, item["name"] + ".png"), two_by_two)
+    return
+  folder = os.path.join(out_dir, item["name"])
+  os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+  with open(os.path.join(folder, "metadata.jsonl"), "w",
+            encoding="utf-8") as f:
+    json.dump(item["metadata"], f)
+  for k, picture in enumerate(pictures):
+    images.save_png(os.path.join(folder, "samples", f"{k:05d}.png"), picture)
+  images.save_png(os.path.join(folder, "grid.png"), two_by_two)
+
+
+def run(pipe, spec: str, out_dir: str, *, num_steps: int,
+        cfg_scale=None, guidance_interval=None, stochasticity: float = 0.0,
+        seed: int = 0, batch_size: int = 32, height=None, width=None,
+        mode=None) -> Tuple[int, int]:
+  """Samples the prompt set into ``out_dir``; returns (prompts written,
+  prompts already there)."""
+  if pipe.kind != "t2i":
+    raise ValueError("--prompt_set is for text-to-image models")
+  layout, items = read(spec)
+  os.makedirs(out_dir, exist_ok=True)
+  if not os.access(out_dir, os.W_OK):
+    raise ValueError(f"cannot write to {out_dir}")
+  batches = [items[s:s + batch_size] for s in range(0, len(items),
+                                                    batch_size)]
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  written = skipped = 0
+  for b, batch in enumerate(tqdm(batches, desc=f"{layout} prompts",
+                                 unit="batch")):
+    if all(done(layout, out_dir, item) for item in batch):
+      skipped += len(batch)
+      continue
+    cond, _ = pipe.conditions([item["prompt"] for item in batch])
+    latents = pipe.generate(
+        cond, num_steps=num_steps, num=PER_PROMPT, cfg_scale=cfg_scale,
+        guidance_interval=guidance_interval, stochasticity=stochasticity,
+        seed=seed * 1_000_003 + b, batch_size=len(batch) * PER_PROMPT,
+        mode=mode, height=height, width=width)
+    pictures = images.to_uint8(pipe.decode(latents), "t2i")
+    for i, item in enumerate(batch):
+      write(layout, out_dir, item,
+            pictures[i * PER_PROMPT:(i + 1) * PER_PROMPT])
+      written += 1
+  return written, skipped
+

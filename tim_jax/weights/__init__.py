@@ -1,0 +1,1 @@
+"""Weight files: official checkpoints, PyTorch files, orbax checkpoints."""

@@ -36,15 +36,30 @@ from tim_jax.models import architectures
 
 # variant: the architecture, its latents and autoencoder, batch and steps.
 PAPER = {
-    "b4": dict(architecture="B/4", latent_size=32,
-               autoencoder="sd_vae_ft_ema", batch_size=1024,
-               num_steps=100_000, guidance_high=0.7),
-    "xl2_256": dict(architecture="XL/2", latent_size=32,
-                    autoencoder="sd_vae_ft_ema", batch_size=512,
-                    num_steps=750_000, guidance_high=0.6),
-    "xl1_512": dict(architecture="XL/1", latent_size=16,
-                    autoencoder="dc_ae_f32c32_sana_1.1", batch_size=512,
-                    num_steps=750_000, guidance_high=0.7),
+  "b4": dict(
+    architecture="B/4",
+    latent_size=32,
+    autoencoder="sd_vae_ft_ema",
+    batch_size=1024,
+    num_steps=100_000,
+    guidance_high=0.7,
+  ),
+  "xl2_256": dict(
+    architecture="XL/2",
+    latent_size=32,
+    autoencoder="sd_vae_ft_ema",
+    batch_size=512,
+    num_steps=750_000,
+    guidance_high=0.6,
+  ),
+  "xl1_512": dict(
+    architecture="XL/1",
+    latent_size=16,
+    autoencoder="dc_ae_f32c32_sana_1.1",
+    batch_size=512,
+    num_steps=750_000,
+    guidance_high=0.7,
+  ),
 }
 VARIANTS = ("tiny",) + tuple(PAPER)
 OPTIONS = ("mg", "smoke")
@@ -87,8 +102,7 @@ def get_config(arg=None):
     c.sample.guidance_interval = (0.0, paper["guidance_high"])
   if "mg" in options:
     if variant not in ("xl2_256", "xl1_512"):
-      raise ValueError(f"option mg is for xl2_256 and xl1_512, not "
-                       f"{variant!r}")
+      raise ValueError(f"option mg is for xl2_256 and xl1_512, not {variant!r}")
     c.loss.enhance_target = True
     c.loss.w_gt = 1.0
     c.loss.w_cond = 0.75

@@ -61,17 +61,23 @@ from tim_jax.config import config_base
 from tim_jax.models import architectures
 
 TINY_PROMPTS = (
-    "a red circle at the top left",
-    "a blue square in the center",
-    "a green triangle at the bottom right",
-    "a yellow circle at the top right",
-    "a large purple square at the bottom left",
-    "a small cyan triangle at the top",
-    "a red square at the left and a blue circle at the right",
-    "a green circle at the top and a yellow triangle at the bottom",
+  "a red circle at the top left",
+  "a blue square in the center",
+  "a green triangle at the bottom right",
+  "a yellow circle at the top right",
+  "a large purple square at the bottom left",
+  "a small cyan triangle at the top",
+  "a red square at the left and a blue circle at the right",
+  "a green circle at the top and a yellow triangle at the bottom",
 )
-TINY = ("tiny", "tiny_fm", "tiny_b48", "tiny_b48_words", "tiny_b48_words_fm",
-        "tiny_b24")
+TINY = (
+  "tiny",
+  "tiny_fm",
+  "tiny_b48",
+  "tiny_b48_words",
+  "tiny_b48_words_fm",
+  "tiny_b24",
+)
 VARIANTS = TINY + ("xl",)
 OPTIONS = ("smoke",)
 

@@ -12,8 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for every test process and the commands
 # they start: the same small steps compile once per suite, not once per
 # test. Entries are keyed by the program and the JAX version.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), "tim_jax_test_compilation_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(tempfile.gettempdir(), "tim_jax_test_compilation_cache"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -36,7 +38,9 @@ def x64():
 def tiny_t2i_workdir(tmp_path_factory):
   """A workdir holding a 2-step run of train_utils.tiny_t2i."""
   import train_utils
+
   from tim_jax import training
+
   path = str(tmp_path_factory.mktemp("tiny_t2i_run"))
   training.train_and_evaluate(train_utils.tiny_t2i(), path)
   return path

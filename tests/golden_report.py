@@ -1,6 +1,6 @@
 """Prints the relative error of every golden output, in float64 and float32.
 
-    python tests/golden_report.py
+python tests/golden_report.py
 """
 
 import os
@@ -11,6 +11,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from golden_utils import CASES, Golden, nchw, rel_err  # noqa: E402
+
 from tim_jax.method import sampling, transition  # noqa: E402
 
 
@@ -18,30 +19,53 @@ def errors(name, precision):
   g = Golden(name, np.float64 if precision == "float64" else np.float32)
   a = g.arrays
   out = {}
-  fwd, proj = g.model(g.x("fwd_x"), g.a("fwd_t"), g.a("fwd_r"), g.a("fwd_y"),
-                      return_projection=True)
+  fwd, proj = g.model(
+    g.x("fwd_x"),
+    g.a("fwd_t"),
+    g.a("fwd_r"),
+    g.a("fwd_y"),
+    return_projection=True,
+  )
   out["fwd_out"] = rel_err(nchw(fwd), a["fwd_out"])
   out["fwd_proj"] = rel_err(proj, a["fwd_proj"])
   args = (g.x("tgt_x"), g.x("tgt_z"), g.a("tgt_t"), g.a("tgt_r"))
   for d in ("dde", "jvp"):
-    tgt = transition.target(g.fn, *args, g.transport, d,
-                            g.meta["differential_epsilon"], cond=g.a("tgt_y"))
+    tgt = transition.target(
+      g.fn,
+      *args,
+      g.transport,
+      d,
+      g.meta["differential_epsilon"],
+      cond=g.a("tgt_y"),
+    )
     out[f"tgt_{d}"] = rel_err(nchw(tgt), a[f"tgt_{d}"])
     dfdt = transition.time_derivative(
-        g.fn, *args, transport=g.transport, derivative=d,
-        epsilon=g.meta["differential_epsilon"], cond=g.a("tgt_y"))
-    out[f"tgt_dFdt_{d} (rows 1:)"] = rel_err(nchw(dfdt)[1:],
-                                             a[f"tgt_dFdt_{d}"][1:])
+      g.fn,
+      *args,
+      transport=g.transport,
+      derivative=d,
+      epsilon=g.meta["differential_epsilon"],
+      cond=g.a("tgt_y"),
+    )
+    out[f"tgt_dFdt_{d} (rows 1:)"] = rel_err(
+      nchw(dfdt)[1:], a[f"tgt_dFdt_{d}"][1:]
+    )
   s = g.meta["sample"]
   final, traj = sampling.sample(
-      g.fn, g.x("smp_noise"), g.a("smp_y"), g.a("smp_y_null"),
-      transport=g.transport, num_steps=s["num_steps"],
-      cfg_scale=s["cfg_scale"], guidance_interval=(s["cfg_low"],
-                                                   s["cfg_high"]),
-      return_trajectory=True)
+    g.fn,
+    g.x("smp_noise"),
+    g.a("smp_y"),
+    g.a("smp_y_null"),
+    transport=g.transport,
+    num_steps=s["num_steps"],
+    cfg_scale=s["cfg_scale"],
+    guidance_interval=(s["cfg_low"], s["cfg_high"]),
+    return_trajectory=True,
+  )
   out["smp_out"] = rel_err(nchw(final), a["smp_out"])
   out["smp_traj (worst state)"] = max(
-      rel_err(nchw(traj[i]), a["smp_traj"][i]) for i in range(traj.shape[0]))
+    rel_err(nchw(traj[i]), a["smp_traj"][i]) for i in range(traj.shape[0])
+  )
   return out
 
 

@@ -38,12 +38,16 @@ class Golden:
     self.weights = os.path.join(folder, "model.safetensors")
     self.arrays = dict(np.load(os.path.join(folder, "cases.npz")))
     self.kind = self.meta["kind"]
-    self.transport = transports.get(self.meta["transport"],
-                                    T_max=self.meta["T_max"],
-                                    T_min=self.meta["T_min"])
-    self.model = convert.load_official(self.weights, self.kind,
-                                       self.meta["network"], dtype=dtype,
-                                       param_dtype=dtype)
+    self.transport = transports.get(
+      self.meta["transport"], T_max=self.meta["T_max"], T_min=self.meta["T_min"]
+    )
+    self.model = convert.load_official(
+      self.weights,
+      self.kind,
+      self.meta["network"],
+      dtype=dtype,
+      param_dtype=dtype,
+    )
 
   def x(self, key):
     """An image array in NHWC and the test dtype."""

@@ -32,15 +32,24 @@ import numpy as np
 # patches, here 32 x 32; one class token per teacher, registers to a
 # multiple of 8).
 CASES = {
-    # No LayerScale, no final norm, plain state_dict.
-    "radio_plain": dict(layer_scale=None, model_norm=False, ema=False,
-                        teachers=("clip", "siglip", "dino"),
-                        grids=((4, 4), (3, 5))),
-    # LayerScale, the final norm, an EMA state dict that must win, and a
-    # feature normalizer.
-    "radio_ls_ema": dict(layer_scale=0.1, model_norm=True, ema=True,
-                         teachers=("clip", "dino"), feature_normalizer=True,
-                         grids=((4, 4), (2, 3))),
+  # No LayerScale, no final norm, plain state_dict.
+  "radio_plain": dict(
+    layer_scale=None,
+    model_norm=False,
+    ema=False,
+    teachers=("clip", "siglip", "dino"),
+    grids=((4, 4), (3, 5)),
+  ),
+  # LayerScale, the final norm, an EMA state dict that must win, and a
+  # feature normalizer.
+  "radio_ls_ema": dict(
+    layer_scale=0.1,
+    model_norm=True,
+    ema=True,
+    teachers=("clip", "dino"),
+    feature_normalizer=True,
+    grids=((4, 4), (2, 3)),
+  ),
 }
 EMBED, DEPTH, HEADS, CPE_MAX = 64, 2, 2, 512
 
@@ -52,6 +61,7 @@ def _stub_modules():
   try:
     import torchvision  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
   except ImportError:
+
     class _Any(type):
       def __getattr__(cls, name):
         if name.startswith("__"):
@@ -72,32 +82,50 @@ def _stub_modules():
           if name.startswith("__"):
             raise AttributeError(name)
           return _Any(name, (object,), {})
+
         m.__getattr__ = attr
         return m
 
       def exec_module(self, module):
         pass
+
     sys.meta_path.insert(0, _Finder())
 
 
 def make_checkpoint(case, path, torch, seed):
   import timm  # noqa: F401  (registers the ViT the checkpoint names)
+
   kwargs = dict(depth=DEPTH, embed_dim=EMBED, num_heads=HEADS)
   if case["layer_scale"]:
     kwargs["init_values"] = case["layer_scale"]
   args = argparse.Namespace(
-      model="vit_base_patch16_224", model_kwargs=dict(kwargs),
-      in_chans=None, input_size=None, pretrained=False, num_classes=0,
-      drop=0.0, drop_path=0.0, drop_block=None, gp=None, bn_momentum=None,
-      bn_eps=None, torchscript=False, initial_checkpoint=None,
-      model_norm=case["model_norm"], cpe_max_size=CPE_MAX,
-      teachers=[dict(name=t, type="generic") for t in case["teachers"]],
-      cls_token_per_teacher=True, register_multiple=8,
-      spectral_reparam=False, dtype=torch.float32)
+    model="vit_base_patch16_224",
+    model_kwargs=dict(kwargs),
+    in_chans=None,
+    input_size=None,
+    pretrained=False,
+    num_classes=0,
+    drop=0.0,
+    drop_path=0.0,
+    drop_block=None,
+    gp=None,
+    bn_momentum=None,
+    bn_eps=None,
+    torchscript=False,
+    initial_checkpoint=None,
+    model_norm=case["model_norm"],
+    cpe_max_size=CPE_MAX,
+    teachers=[dict(name=t, type="generic") for t in case["teachers"]],
+    cls_token_per_teacher=True,
+    register_multiple=8,
+    spectral_reparam=False,
+    dtype=torch.float32,
+  )
   gen = torch.Generator().manual_seed(seed)
 
   def random_state():
     from tim.models.nvidia_radio.radio.radio_model import create_model_from_args  # pylint: disable=import-outside-toplevel
+
     a = argparse.Namespace(**vars(args))
     a.model_kwargs = dict(kwargs)
     a.support_packing = False
@@ -105,8 +133,11 @@ def make_checkpoint(case, path, torch, seed):
     state = {}
     for k, v in model.state_dict().items():
       noise = torch.randn(v.shape, generator=gen)
-      if k.endswith("norm1.weight") or k.endswith("norm2.weight") or (
-          k == "norm.weight"):
+      if (
+        k.endswith("norm1.weight")
+        or k.endswith("norm2.weight")
+        or (k == "norm.weight")
+      ):
         v = 1.0 + 0.1 * noise
       elif k.endswith("gamma"):
         v = case["layer_scale"] * (1.0 + 0.5 * noise)
@@ -114,14 +145,18 @@ def make_checkpoint(case, path, torch, seed):
         v = 0.05 * noise if v.ndim == 1 else noise * v.shape[-1] ** -0.5
       state["base_model." + k] = v.float()
     state["input_conditioner.norm_mean"] = torch.tensor(
-        [0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+      [0.48145466, 0.4578275, 0.40821073]
+    ).view(3, 1, 1)
     state["input_conditioner.norm_std"] = torch.tensor(
-        [0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+      [0.26862954, 0.26130258, 0.27577711]
+    ).view(3, 1, 1)
     if case.get("feature_normalizer"):
-      state["_feature_normalizer.mean"] = 0.1 * torch.randn(EMBED,
-                                                             generator=gen)
-      state["_feature_normalizer.tx"] = (torch.eye(EMBED) + 0.1 * torch.randn(
-          EMBED, EMBED, generator=gen))
+      state["_feature_normalizer.mean"] = 0.1 * torch.randn(
+        EMBED, generator=gen
+      )
+      state["_feature_normalizer.tx"] = torch.eye(EMBED) + 0.1 * torch.randn(
+        EMBED, EMBED, generator=gen
+      )
     return state
 
   chk = dict(args=args, state_dict=random_state())
@@ -132,28 +167,36 @@ def make_checkpoint(case, path, torch, seed):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--official", required=True,
-                 help="a checkout of github.com/WZDTHU/TiM")
-  p.add_argument("--out", default=os.path.join(os.path.dirname(
-      os.path.abspath(__file__)), "data", "radio"))
+  p.add_argument(
+    "--official", required=True, help="a checkout of github.com/WZDTHU/TiM"
+  )
+  p.add_argument(
+    "--out",
+    default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "data", "radio"
+    ),
+  )
   a = p.parse_args()
   _stub_modules()
   sys.path.insert(0, os.path.abspath(a.official))
+  from tim.models.nvidia_radio.hubconf import radio_model  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
-  from tim.models.nvidia_radio.hubconf import radio_model  # pylint: disable=import-outside-toplevel
+
   os.makedirs(a.out, exist_ok=True)
   for seed, (name, case) in enumerate(sorted(CASES.items())):
     ckpt = os.path.join(a.out, f"{name}.pth")
     make_checkpoint(case, ckpt, torch, seed)
-    encoder = radio_model(version=ckpt, progress=False,
-                          support_packing=False).eval()
+    encoder = radio_model(
+      version=ckpt, progress=False, support_packing=False
+    ).eval()
     arrays = {}
     rng = np.random.default_rng(seed)
     for i, (h, w) in enumerate(case["grids"]):
       # The TiM latent grid (h, w) comes from 8x larger pixel images.
       images = rng.uniform(-1, 1, (2, 8 * h + 3, 8 * w + 1, 3)).astype(
-          np.float32)
+        np.float32
+      )
       x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
       with torch.no_grad():
         raw = (x + 1.0) / 2.0

@@ -7,15 +7,15 @@ counts."""
 import json
 import os
 
+import autoencoder_utils as au
+from flax import nnx
 import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from tim_jax import autoencoders
 from tim_jax.weights import torch_weights
-import autoencoder_utils as au
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "autoencoders")
 
@@ -66,37 +66,50 @@ def test_parity_with_diffusers(name, precision, written):
     rng = jax.random.key(3)
     h, w, c = ae.latent_shape(32, 32)
     noise = np.asarray(jax.random.normal(rng, (2, h, w, c), dt))
-    ref = reference(model.to(torch.float64 if dt is np.float64
-                             else torch.float32), images, noise)
+    ref = reference(
+      model.to(torch.float64 if dt is np.float64 else torch.float32),
+      images,
+      noise,
+    )
     mean, std = ae.moments(images)
     sample = ae.encode(images, rng=rng)
     decoded = ae.decode(ref[2].astype(dt))
     assert np.asarray(sample).dtype == dt
     assert rel(mean, ref[0]) < tol
-    assert rel(std, ref[1]) < tol if np.abs(ref[1]).max() > 0 else (
-        np.abs(np.asarray(std)).max() == 0)
+    assert (
+      rel(std, ref[1]) < tol
+      if np.abs(ref[1]).max() > 0
+      else (np.abs(np.asarray(std)).max() == 0)
+    )
     assert rel(sample, ref[2]) < tol
     assert rel(decoded, ref[3]) < tol
     # rng=None: the posterior mean, scaled.
-    np.testing.assert_allclose(np.asarray(ae.encode(images)),
-                               np.asarray(mean) * ae.scaling_factor,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(ae.encode(images)),
+      np.asarray(mean) * ae.scaling_factor,
+      rtol=1e-6,
+      atol=1e-6,
+    )
 
 
 def test_dc_configs_exercise_both_attention_branches():
   """The small DC-AE's last stages see maps with more and with fewer
   positions than a head has channels (linear vs quadratic attention)."""
   cfg = au.DC_PIXEL
-  maps = [32 // 2 ** i for i in range(len(cfg["encoder_block_out_channels"]))]
+  maps = [32 // 2**i for i in range(len(cfg["encoder_block_out_channels"]))]
   d = cfg["attention_head_dim"]
-  vit = [m * m for m, t in zip(maps, cfg["encoder_block_types"])
-         if t == "EfficientViTBlock"]
+  vit = [
+    m * m
+    for m, t in zip(maps, cfg["encoder_block_types"])
+    if t == "EfficientViTBlock"
+  ]
   assert max(vit) > d and min(vit) <= d
 
 
 @pytest.mark.parametrize("name", ["sd_vae_ft_ema", "dc_ae_f32c32_sana_1.1"])
 def test_real_configs_have_diffusers_names_shapes_and_count(name):
   import diffusers
+
   with open(os.path.join(DATA, name, "config.json")) as f:
     cfg = json.load(f)
   cls = getattr(diffusers, cfg["_class_name"])
@@ -107,8 +120,8 @@ def test_real_configs_have_diffusers_names_shapes_and_count(name):
   got = torch_weights.expected_shapes(module)
   assert got == want
   assert sum(int(np.prod(s)) for s in got.values()) == sum(
-      p.numel() for p in ref.parameters()) + sum(
-          b.numel() for b in ref.buffers())
+    p.numel() for p in ref.parameters()
+  ) + sum(b.numel() for b in ref.buffers())
 
 
 def test_real_sd_vae_geometry():
@@ -116,14 +129,14 @@ def test_real_sd_vae_geometry():
   c = autoencoders.architecture(ae_cfg)
   assert c.downsample == 8 and c.latent_channels == 4
   assert c.scaling_factor == 0.18215
-  dc_cfg = autoencoders.read_config(os.path.join(DATA,
-                                                 "dc_ae_f32c32_sana_1.1"))
+  dc_cfg = autoencoders.read_config(os.path.join(DATA, "dc_ae_f32c32_sana_1.1"))
   c = autoencoders.architecture(dc_cfg)
   assert c.downsample == 32 and c.latent_channels == 32
 
 
 def test_strict_loading_names_the_key(tmp_path, written):
   from safetensors.numpy import load_file, save_file
+
   src, _ = written["kl"]
   weights = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
   cfg = json.load(open(os.path.join(src, "config.json")))
@@ -131,15 +144,19 @@ def test_strict_loading_names_the_key(tmp_path, written):
   missing.mkdir()
   json.dump(cfg, open(missing / "config.json", "w"))
   gone = "decoder.conv_out.bias"
-  save_file({k: v for k, v in weights.items() if k != gone},
-            str(missing / "diffusion_pytorch_model.safetensors"))
+  save_file(
+    {k: v for k, v in weights.items() if k != gone},
+    str(missing / "diffusion_pytorch_model.safetensors"),
+  )
   with pytest.raises(ValueError, match=gone):
     autoencoders.from_diffusers(missing)
   extra = tmp_path / "extra"
   extra.mkdir()
   json.dump(cfg, open(extra / "config.json", "w"))
-  save_file({**weights, "encoder.surplus.weight": np.zeros(3, np.float32)},
-            str(extra / "diffusion_pytorch_model.safetensors"))
+  save_file(
+    {**weights, "encoder.surplus.weight": np.zeros(3, np.float32)},
+    str(extra / "diffusion_pytorch_model.safetensors"),
+  )
   with pytest.raises(ValueError, match="encoder.surplus.weight"):
     autoencoders.from_diffusers(extra)
 
@@ -148,19 +165,26 @@ def test_deprecated_attention_names_load(tmp_path, written):
   """Older files (sd-vae-ft-ema's) name the attention query/key/value/
   proj_attn; they load to the same model."""
   from safetensors.numpy import load_file, save_file
+
   src, _ = written["kl"]
   weights = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
   old = {}
   for k, v in weights.items():
-    for new, dep in ((".to_q.", ".query."), (".to_k.", ".key."),
-                     (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+    for new, dep in (
+      (".to_q.", ".query."),
+      (".to_k.", ".key."),
+      (".to_v.", ".value."),
+      (".to_out.0.", ".proj_attn."),
+    ):
       k = k.replace(new, dep)
     old[k] = v
   assert any(".proj_attn." in k for k in old)
   d = tmp_path / "old"
   d.mkdir()
-  json.dump(json.load(open(os.path.join(src, "config.json"))),
-            open(d / "config.json", "w"))
+  json.dump(
+    json.load(open(os.path.join(src, "config.json"))),
+    open(d / "config.json", "w"),
+  )
   save_file(old, str(d / "diffusion_pytorch_model.safetensors"))
   images = au.images(1)
   a = autoencoders.from_diffusers(src).encode(images)
@@ -184,11 +208,23 @@ def test_bad_inputs_are_clear(tmp_path, written):
 
 def test_speed_benchmark_runs_beside_diffusers(tmp_path, written, capsys):
   from tim_jax.commands import bench_autoencoders, cli
+
   src, _ = written["kl"]
   out = tmp_path / "bench.json"
-  assert cli.call(bench_autoencoders, [
-      f"--config_json={src}", "--resolution=32", "--batch_size=2",
-      "--repeats=1", "--torch", f"--out={out}"]) == 0
+  assert (
+    cli.call(
+      bench_autoencoders,
+      [
+        f"--config_json={src}",
+        "--resolution=32",
+        "--batch_size=2",
+        "--repeats=1",
+        "--torch",
+        f"--out={out}",
+      ],
+    )
+    == 0
+  )
   result = json.loads(out.read_text())
   for side in ("tim_jax", "diffusers"):
     assert result[side]["encode_images_per_s"] > 0

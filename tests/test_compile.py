@@ -5,16 +5,16 @@ memory report and the collectives follow from the mesh."""
 import importlib.util
 import os
 
+from flax import nnx
 import jax
 import pytest
-from flax import nnx
 
 from tim_jax.commands import compile as compile_lib
 from tim_jax.config import config_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5e:2x2"  # Four v5e chips.
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def tiny(**mesh):
@@ -32,16 +32,18 @@ def devices():
 
 @pytest.fixture(scope="module")
 def reports(devices):
-  return {name: compile_lib.compile_steps(tiny(**mesh), devices,
-                                          sampler=name == "data")
-          for name, mesh in (("data", dict(data=4)),
-                             ("fsdp", dict(data=1, fsdp=4)))}
+  return {
+    name: compile_lib.compile_steps(
+      tiny(**mesh), devices, sampler=name == "data"
+    )
+    for name, mesh in (("data", dict(data=4)), ("fsdp", dict(data=1, fsdp=4)))
+  }
 
 
 def test_topology_and_chip(devices):
   chip = compile_lib.chip_info(devices)
   assert chip.kind == "TPU v5 lite" and chip.devices == 4 and chip.chips == 4
-  assert chip.hbm_per_device == 16 * 2 ** 30
+  assert chip.hbm_per_device == 16 * 2**30
 
 
 def test_collectives_follow_the_mesh(reports):
@@ -76,13 +78,23 @@ def test_memory_report_follows_the_mesh(reports):
 def test_meshes_divide_the_devices():
   got = compile_lib.meshes(8, num_heads=4)
   assert {(m["data"], m["fsdp"], m["tensor"]) for m in got} == {
-      (8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (4, 1, 2), (2, 2, 2),
-      (1, 4, 2), (2, 1, 4), (1, 2, 4)}
+    (8, 1, 1),
+    (4, 2, 1),
+    (2, 4, 1),
+    (1, 8, 1),
+    (4, 1, 2),
+    (2, 2, 2),
+    (1, 4, 2),
+    (2, 1, 4),
+    (1, 2, 4),
+  }
 
 
 def test_sweep_meshes_are_parsed_and_checked():
   assert compile_lib.parse_meshes(["4x4x1", "1X16x1"], 16) == [
-      dict(data=4, fsdp=4, tensor=1), dict(data=1, fsdp=16, tensor=1)]
+    dict(data=4, fsdp=4, tensor=1),
+    dict(data=1, fsdp=16, tensor=1),
+  ]
   with pytest.raises(ValueError, match="has 8 devices, the topology 16"):
     compile_lib.parse_meshes(["4x2x1"], 16)
   with pytest.raises(ValueError, match="is not DATAxFSDPxTENSOR"):
@@ -90,13 +102,16 @@ def test_sweep_meshes_are_parsed_and_checked():
 
 
 def test_collective_parsing():
-  hlo = "\n".join([
+  hlo = "\n".join(
+    [
       "%a = f32[8,4]{1,0} all-reduce(%x), replica_groups={}",
       "%b = (bf16[2]{0}, f32[16]{0:T(128)S(1)}, /*index=2*/f32[4]{0}) "
       "all-reduce(%y, %z, %w)",
       "%c = (f32[2,2]{1,0}, f32[8,2]{1,0}) all-gather-start(%p)",
       "%d = f32[8,2]{1,0} all-gather-done(%c)",
-      "%e = f32[3]{0} add(%q, %r)"])
+      "%e = f32[3]{0} add(%q, %r)",
+    ]
+  )
   got = compile_lib.collectives(hlo)
   assert got["all-reduce"] == dict(count=2, bytes=8 * 4 * 4 + 4 + 64 + 16)
   assert got["all-gather"] == dict(count=1, bytes=8 * 2 * 4)
@@ -107,8 +122,11 @@ def test_errors_are_clear(monkeypatch):
   with pytest.raises(ValueError, match="unknown TPU topology 'v9:2x2'"):
     compile_lib.topology_devices("v9:2x2")
   real = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda n, *a: None if n == "libtpu" else real(n, *a))
+  monkeypatch.setattr(
+    importlib.util,
+    "find_spec",
+    lambda n, *a: None if n == "libtpu" else real(n, *a),
+  )
   with pytest.raises(RuntimeError, match="libtpu is not installed"):
     compile_lib.topology_devices(TOPOLOGY)
 
@@ -117,11 +135,15 @@ def _rows_of_the_whole_batch(fn, args, mesh, rows, tokens):
   """How many (rows, tokens, width) arrays of the compiled ``fn`` hold every
   row and how many one device's share (of 4), in the optimized HLO."""
   import re  # pylint: disable=g-import-not-at-top
+
   from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
+
   with sharding.activation_sharding(mesh, sharding.DEFAULT_RULES):
     text = jax.jit(fn).lower(*args).compile().as_text()
-  return (len(re.findall(rf"\[{rows},{tokens},[0-9]+\]", text)),
-          len(re.findall(rf"\[{rows // 4},{tokens},[0-9]+\]", text)))
+  return (
+    len(re.findall(rf"\[{rows},{tokens},[0-9]+\]", text)),
+    len(re.findall(rf"\[{rows // 4},{tokens},[0-9]+\]", text)),
+  )
 
 
 def test_frozen_encoders_keep_the_rows_split_inside_a_step(devices):
@@ -129,30 +151,49 @@ def test_frozen_encoders_keep_the_rows_split_inside_a_step(devices):
   # their activations must stay split by rows (the partitioner otherwise
   # gathered the whole batch onto each device: twice the XL/2 step's HBM).
   import dataclasses  # pylint: disable=g-import-not-at-top
+
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from tim_jax.encoders import gemma, radio  # pylint: disable=g-import-not-at-top
+
   mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=devices)
   put = lambda t: jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), t,
-      sharding.frozen_shardings(t, mesh))
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    t,
+    sharding.frozen_shardings(t, mesh),
+  )
   rows = lambda shape, dtype: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+    shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
+  )
   teacher = radio.random_encoder(dtype=jnp.bfloat16, abstract=True)
   whole, share = _rows_of_the_whole_batch(
-      lambda s, x: teacher.apply(s, x, (4, 4)),
-      (put(teacher.state), rows((8, 64, 64, 3), jnp.float32)), mesh,
-      8, 24)  # 16 patches + 8 class/register tokens
+    lambda s, x: teacher.apply(s, x, (4, 4)),
+    (put(teacher.state), rows((8, 64, 64, 3), jnp.float32)),
+    mesh,
+    8,
+    24,
+  )  # 16 patches + 8 class/register tokens
   assert whole == 0 and share > 0, (whole, share)
-  two = dataclasses.replace(gemma.ONE_B, num_hidden_layers=2,
-                            layer_types=gemma.ONE_B.layer_types[:2])
+  two = dataclasses.replace(
+    gemma.ONE_B, num_hidden_layers=2, layer_types=gemma.ONE_B.layer_types[:2]
+  )
   text = gemma.GemmaEncoder(
-      nnx.eval_shape(lambda: gemma.Gemma3TextModel(
-          two, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)),
-      gemma._EmptyCaptionTokenizer(16), max_length=16)  # pylint: disable=protected-access
+    nnx.eval_shape(
+      lambda: gemma.Gemma3TextModel(
+        two, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
+      )
+    ),
+    gemma._EmptyCaptionTokenizer(16),
+    max_length=16,
+  )  # pylint: disable=protected-access
   whole, share = _rows_of_the_whole_batch(
-      text.apply, (put(text.params), rows((8, 16), jnp.int32),
-                   rows((8, 16), jnp.bool_)), mesh, 8, 16)
+    text.apply,
+    (put(text.params), rows((8, 16), jnp.int32), rows((8, 16), jnp.bool_)),
+    mesh,
+    8,
+    16,
+  )
   # Only the embedding lookup (a vocabulary-sharded table) gathers rows.
   assert whole <= 16 and share > 100, (whole, share)
 
@@ -168,32 +209,53 @@ class _Refused:
     raise jax.errors.JaxRuntimeError(self.message)
 
 
-def test_a_step_too_big_for_the_chip_is_refused_plainly(devices, capsys,
-                                                        monkeypatch):
+def test_a_step_too_big_for_the_chip_is_refused_plainly(
+  devices, capsys, monkeypatch
+):
   chip = compile_lib.chip_info(devices)
-  oom = _Refused("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
-                 "memory required for HLO temporaries (18.77G) exceeds "
-                 "available HBM (15.25G).\nmore lines")
-  with pytest.raises(compile_lib.DoesNotFit,
-                     match=r"^the train step DOES NOT FIT on TPU v5 lite "
-                           r"\(16.0 GiB per device\); the compiler: Ran out "
-                           r"of memory on HBM.*\(18.77G\).*\(15.25G\)\. Less "
-                           r"memory: model\.remat=full.*scan_blocks=False"):
+  oom = _Refused(
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+    "memory required for HLO temporaries (18.77G) exceeds "
+    "available HBM (15.25G).\nmore lines"
+  )
+  with pytest.raises(
+    compile_lib.DoesNotFit,
+    match=r"^the train step DOES NOT FIT on TPU v5 lite "
+    r"\(16.0 GiB per device\); the compiler: Ran out "
+    r"of memory on HBM.*\(18.77G\).*\(15.25G\)\. Less "
+    r"memory: model\.remat=full.*scan_blocks=False",
+  ):
     compile_lib._compile(oom, "train step", chip)  # pylint: disable=protected-access
   # Other compiler errors (and other memories) pass through unchanged.
   for other in ("INTERNAL: boom", "RESOURCE_EXHAUSTED: Ran out of VMEM"):
     with pytest.raises(jax.errors.JaxRuntimeError, match=other):
       compile_lib._compile(_Refused(other), "train step", chip)  # pylint: disable=protected-access
+
   # A sweep prints the refusal and ranks the meshes that compiled.
   def steps(c, devs, **kw):
     del devs, kw
     if c.mesh.fsdp == 4:
       compile_lib._compile(oom, "train step", chip)  # pylint: disable=protected-access
-    return dict(rows=[dict(memory=dict(fits=True, total=GIB),
-                           roofline_seconds=0.01, compile_seconds=1.0)])
+    return dict(
+      rows=[
+        dict(
+          memory=dict(fits=True, total=GIB),
+          roofline_seconds=0.01,
+          compile_seconds=1.0,
+        )
+      ]
+    )
+
   monkeypatch.setattr(compile_lib, "compile_steps", steps)
-  ranked = compile_lib.sweep(tiny(), devices, [48], mesh_choices=[
-      dict(data=1, fsdp=4, tensor=1), dict(data=4, fsdp=1, tensor=1)])
+  ranked = compile_lib.sweep(
+    tiny(),
+    devices,
+    [48],
+    mesh_choices=[
+      dict(data=1, fsdp=4, tensor=1),
+      dict(data=4, fsdp=1, tensor=1),
+    ],
+  )
   # The refused mesh ranks last and keeps the compiler's reason.
   assert [r["mesh"]["data"] for r in ranked] == [4, 1]
   assert not ranked[1]["fits"] and "(18.77G)" in ranked[1]["refused"]
@@ -203,25 +265,49 @@ def test_a_step_too_big_for_the_chip_is_refused_plainly(devices, capsys,
 
 def test_command_prints_and_writes_the_report(tmp_path, capsys):
   from tim_jax.commands import cli
+
   out = str(tmp_path / "report.json")
-  assert cli.call(compile_lib, [
-      f"--config={ROOT}/configs/c2i.py", f"--topology={TOPOLOGY}",
-      "--config.mesh.data=2", "--config.mesh.fsdp=2", f"--out={out}"]) == 0
+  assert (
+    cli.call(
+      compile_lib,
+      [
+        f"--config={ROOT}/configs/c2i.py",
+        f"--topology={TOPOLOGY}",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=2",
+        f"--out={out}",
+      ],
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   assert "train_step: lowered in" in printed
   assert "fits" in printed and "MFU upper bound" in printed
   import json
+
   with open(out) as f:
     rep = json.load(f)
   assert rep["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
-  assert cli.call(compile_lib, [f"--config={ROOT}/configs/c2i.py",
-                                "--topology=v5e:banana"]) == 2
+  assert (
+    cli.call(
+      compile_lib, [f"--config={ROOT}/configs/c2i.py", "--topology=v5e:banana"]
+    )
+    == 2
+  )
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "unknown TPU topology" in err
   assert len(err.strip().splitlines()) == 1
-  assert cli.call(compile_lib, [
-      f"--config={ROOT}/configs/c2i.py", f"--topology={TOPOLOGY}",
-      "--sweep_meshes=2x2x1"]) == 2
+  assert (
+    cli.call(
+      compile_lib,
+      [
+        f"--config={ROOT}/configs/c2i.py",
+        f"--topology={TOPOLOGY}",
+        "--sweep_meshes=2x2x1",
+      ],
+    )
+    == 2
+  )
   assert "add --sweep" in capsys.readouterr().err
 
 
@@ -233,10 +319,18 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
   def fake(c, devs, **kw):
     seen.append((c.microbatches, c.model.network.depth, kw["batch"]))
     d = c.model.network.depth
-    return {"rows": [dict(model_flops=10.0 * d, roofline_seconds=1.0 * d,
-                          memory=dict(total=100 * d),
-                          xla_flops_per_device=5.0 * d,
-                          compile_seconds=1.0)]}
+    return {
+      "rows": [
+        dict(
+          model_flops=10.0 * d,
+          roofline_seconds=1.0 * d,
+          memory=dict(total=100 * d),
+          xla_flops_per_device=5.0 * d,
+          compile_seconds=1.0,
+        )
+      ]
+    }
+
   monkeypatch.setattr(compile_lib, "compile_steps", fake)
   c = tiny(data=4)
   c.unlock()
@@ -263,13 +357,16 @@ def test_extrapolated_roofline_matches_the_unrolled_depth(devices):
   c.model.scan_blocks = False
   c.lock()
   ext = compile_lib.extrapolated_roofline(c, devices)
-  real = compile_lib.compile_steps(c, devices, sampler=False,
-                                   model_floor=False)["rows"][0]
+  real = compile_lib.compile_steps(
+    c, devices, sampler=False, model_floor=False
+  )["rows"][0]
   assert ext["depth"] == 3
   assert ext["xla_flops_per_device"] == pytest.approx(
-      real["xla_flops_per_device"], rel=0.03)
-  assert ext["roofline_seconds"] == pytest.approx(real["roofline_seconds"],
-                                                  rel=0.1)
+    real["xla_flops_per_device"], rel=0.03
+  )
+  assert ext["roofline_seconds"] == pytest.approx(
+    real["roofline_seconds"], rel=0.1
+  )
   assert ext["per_block_seconds"] > 0
   # The extrapolated HBM is the unrolled depth-3 program's, within 10 %.
   assert ext["hbm_bytes"] == pytest.approx(real["memory"]["total"], rel=0.1)

@@ -3,12 +3,12 @@
 import builtins
 import os
 
+from golden_utils import CASES, GOLDEN, Golden, nchw, rel_err
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from golden_utils import CASES, GOLDEN, Golden, nchw, rel_err
 from tim_jax import models
 from tim_jax.weights import convert, torch_weights
 
@@ -35,15 +35,20 @@ def test_export_round_trips_exactly(name, tmp_path):
 
 
 def test_released_checkpoints_without_projector_load(tmp_path):
-  sd = {k: v for k, v in _official("c2i_tiny").items()
-        if not k.startswith("projector.")}
+  sd = {
+    k: v
+    for k, v in _official("c2i_tiny").items()
+    if not k.startswith("projector.")
+  }
   path = str(tmp_path / "released.safetensors")
   save_file(sd, path)
   g = Golden("c2i_tiny", jnp.float32)
-  model, report = convert.load_official(path, "c2i", g.meta["network"],
-                                        return_report=True)
-  assert report.missing and all(m.startswith("projector.")
-                                for m in report.missing)
+  model, report = convert.load_official(
+    path, "c2i", g.meta["network"], return_report=True
+  )
+  assert report.missing and all(
+    m.startswith("projector.") for m in report.missing
+  )
   assert report.unexpected == []
   out = model(g.x("fwd_x"), g.a("fwd_t"), g.a("fwd_r"), g.a("fwd_y"))
   assert rel_err(nchw(out), g.arrays["fwd_out"]) < 2e-4
@@ -58,8 +63,9 @@ def test_unexpected_and_missing_keys_are_reported(tmp_path):
   net = Golden("c2i_tiny", jnp.float32).meta["network"]
   with pytest.raises(ValueError, match="blocks.1.attn.qkv.bias"):
     convert.load_official(path, "c2i", net)
-  _, report = convert.load_official(path, "c2i", net, strict=False,
-                                    return_report=True)
+  _, report = convert.load_official(
+    path, "c2i", net, strict=False, return_report=True
+  )
   assert report.missing == ["blocks.1.attn.qkv.bias"]
   assert report.unexpected == ["extra.weight"]
 
@@ -68,8 +74,9 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
   net = dict(Golden("c2i_tiny", jnp.float32).meta["network"])
   net["lora_hidden_size"] = 8  # The checkpoint has 16.
   with pytest.raises(ValueError) as err:
-    convert.load_official(os.path.join(GOLDEN, "c2i_tiny",
-                                       "model.safetensors"), "c2i", net)
+    convert.load_official(
+      os.path.join(GOLDEN, "c2i_tiny", "model.safetensors"), "c2i", net
+    )
   msg = str(err.value)
   # The first mismatching tensor is the low-rank adaLN's bias.
   assert "'blocks.0.adaLN_modulation.fc1_g.bias'" in msg
@@ -103,6 +110,7 @@ def test_missing_file_is_named():
 
 def test_torch_pickle_is_read_when_torch_is_present(tmp_path):
   import torch
+
   sd = {k: torch.from_numpy(v) for k, v in _official("c2i_tiny").items()}
   path = str(tmp_path / "model.pt")
   torch.save({"ema": sd}, path)
@@ -114,8 +122,7 @@ def test_torch_pickle_is_read_when_torch_is_present(tmp_path):
 
 def test_wrapped_and_prefixed_state_dicts_unwrap():
   sd = {"module.a.weight": np.ones(2), "module.b.bias": np.zeros(1)}
-  assert sorted(torch_weights.unwrap({"model": sd})) == ["a.weight",
-                                                         "b.bias"]
+  assert sorted(torch_weights.unwrap({"model": sd})) == ["a.weight", "b.bias"]
   with pytest.raises(ValueError, match="no state_dict"):
     torch_weights.unwrap({"optimizer": {"lr": {"x": 1}}})
 
@@ -123,6 +130,7 @@ def test_wrapped_and_prefixed_state_dicts_unwrap():
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin", ".npz"])
 def test_a_damaged_weight_file_is_named(tmp_path, suffix):
   from tim_jax.weights import torch_weights
+
   path = tmp_path / f"weights{suffix}"
   path.write_bytes(b"this is not a weight file")
   with pytest.raises(ValueError, match="cannot read the weight file") as e:

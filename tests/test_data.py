@@ -8,16 +8,22 @@ import numpy as np
 import pytest
 
 from tim_jax.data import pipeline
-from tim_jax.shapes import world
-from tim_jax.shapes import text
+from tim_jax.shapes import text, world
 
 NC = len(world.COLOURS)
 # The grammar as a reader knows it, written out rather than taken from
 # world.POSITIONS, so a wrong name-to-cell table in shapes is caught.
 POSITION_CELL = {
-    "top left": (0, 0), "top": (0, 1), "top right": (0, 2),
-    "left": (1, 0), "center": (1, 1), "right": (1, 2),
-    "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
+  "top left": (0, 0),
+  "top": (0, 1),
+  "top right": (0, 2),
+  "left": (1, 0),
+  "center": (1, 1),
+  "right": (1, 2),
+  "bottom left": (2, 0),
+  "bottom": (2, 1),
+  "bottom right": (2, 2),
+}
 
 
 def _cell_slice(row, col, size):
@@ -28,6 +34,7 @@ def _cell_slice(row, col, size):
 
 # --- shapes ------------------------------------------------------------------
 
+
 def test_scene_is_a_function_of_seed_and_index():
   src = world.ShapesSource(seed=3)
   a, b = src[17], src[17]
@@ -35,8 +42,9 @@ def test_scene_is_a_function_of_seed_and_index():
   assert a["caption"] == b["caption"]
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
   # A fresh source (e.g. in another process) agrees.
-  np.testing.assert_array_equal(world.ShapesSource(seed=3)[17]["image"],
-                                a["image"])
+  np.testing.assert_array_equal(
+    world.ShapesSource(seed=3)[17]["image"], a["image"]
+  )
   captions = [src[i]["caption"] for i in range(60)]
   assert len(set(captions)) > 50
   assert not np.array_equal(src[18]["image"], a["image"])
@@ -55,8 +63,7 @@ def test_render_colour_at_cell_centre_and_background_elsewhere():
     for o in s.objects:
       used.add((o.row, o.col))
       cy, cx = int((o.row + 0.5) * size / 3), int((o.col + 0.5) * size / 3)
-      np.testing.assert_array_equal(image[cy, cx],
-                                    world.COLOUR_RGB[o.colour])
+      np.testing.assert_array_equal(image[cy, cx], world.COLOUR_RGB[o.colour])
       # Shapes stay inside their cell: its corner pixels are background.
       rows, cols = _cell_slice(o.row, o.col, size)
       for y in (rows.start, rows.stop - 1):
@@ -66,14 +73,21 @@ def test_render_colour_at_cell_centre_and_background_elsewhere():
       if divmod(cell, 3) not in used:
         patch = image[_cell_slice(*divmod(cell, 3), size)]
         np.testing.assert_array_equal(
-            patch, np.broadcast_to(world.BACKGROUND_RGB, patch.shape))
+          patch, np.broadcast_to(world.BACKGROUND_RGB, patch.shape)
+        )
 
 
 @pytest.mark.parametrize("shape", world.SHAPES)
 def test_render_draws_the_named_shape(shape):
   size, row, col = 96, 1, 1
-  obj = world.SceneObject(colour=2, shape=world.SHAPES.index(shape),
-                           size=1, row=row, col=col, mention_size=False)
+  obj = world.SceneObject(
+    colour=2,
+    shape=world.SHAPES.index(shape),
+    size=1,
+    row=row,
+    col=col,
+    mention_size=False,
+  )
   image = world.render(world.Scene((obj,)), size)
   patch = image[_cell_slice(row, col, size)]
   bg = world.BACKGROUND_RGB
@@ -81,8 +95,11 @@ def test_render_draws_the_named_shape(shape):
   # Per-pixel coverage, read back from the colour blend.
   cover = ((patch - bg) / (fg - bg)).mean(-1)
   r = world.SIZE_RADIUS[1] * size / 3
-  area = {"circle": np.pi * r**2, "square": (2 * 0.9 * r)**2,
-          "triangle": 2 * r * (2 * r / np.sqrt(3))}[shape]
+  area = {
+    "circle": np.pi * r**2,
+    "square": (2 * 0.9 * r) ** 2,
+    "triangle": 2 * r * (2 * r / np.sqrt(3)),
+  }[shape]
   np.testing.assert_allclose(cover.sum(), area, rtol=0.03)
   top, bottom = np.split(cover, 2)
   if shape == "triangle":  # Apex up.
@@ -103,8 +120,9 @@ def test_two_objects_never_share_a_cell():
     cells = [(o.row, o.col) for o in s.objects]
     assert len(set(cells)) == len(cells)
   assert counts == {1, 2}
-  assert all(len(world.scene(i, 0, num_objects=(1,)).objects) == 1
-             for i in range(200))
+  assert all(
+    len(world.scene(i, 0, num_objects=(1,)).objects) == 1 for i in range(200)
+  )
   with pytest.raises(ValueError, match="num_objects"):
     world.scene(0, 0, num_objects=(3,))
 
@@ -119,9 +137,14 @@ def _parse(caption):
     m = _OBJECT.match(phrase)
     assert m, f"caption {caption!r} is outside the grammar"
     size, colour, shape, position = m.groups()
-    out.append((world.COLOURS.index(colour), world.SHAPES.index(shape),
-                None if size is None else world.SIZES.index(size),
-                *POSITION_CELL[position]))
+    out.append(
+      (
+        world.COLOURS.index(colour),
+        world.SHAPES.index(shape),
+        None if size is None else world.SIZES.index(size),
+        *POSITION_CELL[position],
+      )
+    )
   return out
 
 
@@ -139,11 +162,12 @@ def test_captions_parse_back_to_the_attributes():
       if size is not None:
         mentioned += 1
         assert size == a[3]
-    for a in attrs[len(parsed):]:
+    for a in attrs[len(parsed) :]:
       assert (a == -1).all()
   assert 100 < mentioned < 500  # The size word is sometimes said.
   assert max(len(src[i]["caption"].split()) for i in range(400)) <= (
-      world.MAX_CAPTION_WORDS)
+    world.MAX_CAPTION_WORDS
+  )
 
 
 def test_attributes_match_the_image():
@@ -153,8 +177,9 @@ def test_attributes_match_the_image():
     for present, colour, _, size, row, col in ex["attributes"]:
       if present == 1:
         cy, cx = int((row + 0.5) * 32 / 3), int((col + 0.5) * 32 / 3)
-        np.testing.assert_array_equal(ex["image"][cy, cx],
-                                      world.COLOUR_RGB[colour])
+        np.testing.assert_array_equal(
+          ex["image"][cy, cx], world.COLOUR_RGB[colour]
+        )
         patch = ex["image"][_cell_slice(row, col, 32)]
         fg, bg = world.COLOUR_RGB[colour], world.BACKGROUND_RGB
         ch = np.argmax(np.abs(fg - bg))  # Coverage from the clearest channel.
@@ -196,7 +221,8 @@ def test_c2i_labels():
     assert a[0, 0] == 1 and (a[1] == -1).all()
     assert label == a[0, 2] * NC + a[0, 1]
     assert world.label_name(label) == (
-        f"{world.COLOURS[a[0, 1]]} {world.SHAPES[a[0, 2]]}")
+      f"{world.COLOURS[a[0, 1]]} {world.SHAPES[a[0, 2]]}"
+    )
     seen.add(label)
   assert seen == set(range(world.num_classes()))
   with pytest.raises(ValueError, match="label"):
@@ -214,6 +240,7 @@ def test_source_rejects_bad_arguments():
 
 
 # --- text --------------------------------------------------------------------
+
 
 def test_tokenizer_round_trip_unknown_words_and_truncation():
   tok = world.tokenizer()
@@ -246,8 +273,10 @@ def test_caption_encoder_context_carries_the_words_before():
   L, D = world.MAX_CAPTION_WORDS, 32
   plain = text.CaptionEncoder(tok.vocab_size, L, D, seed=0)
   enc = text.CaptionEncoder(tok.vocab_size, L, D, seed=0, context=0.7)
-  captions = ["a red square at the left and a blue circle at the right",
-              "a blue square at the left and a blue circle at the right"]
+  captions = [
+    "a red square at the left and a blue circle at the right",
+    "a blue square at the left and a blue circle at the right",
+  ]
   ids = tok.encode(captions, L)
   f, p = np.asarray(enc(ids)), np.asarray(plain(ids))
   n = len(captions[0].split())
@@ -273,17 +302,19 @@ def test_caption_encoder():
   tok = world.tokenizer()
   L, D = world.MAX_CAPTION_WORDS, 32
   enc = text.CaptionEncoder(tok.vocab_size, L, D, seed=0)
-  captions = ["a red circle at the top left",
-              "a blue circle at the top left",
-              "a small green square at the bottom right and a red triangle "
-              "in the center"]
+  captions = [
+    "a red circle at the top left",
+    "a blue circle at the top left",
+    "a small green square at the bottom right and a red triangle in the center",
+  ]
   ids = tok.encode(captions, L)
   f = enc(ids)
   assert f.shape == (3, L, D) and f.dtype == jnp.float32
   np.testing.assert_array_equal(jax.jit(enc.__call__)(ids), f)
   # Same seed, same features (a fresh encoder, e.g. at sampling time).
   np.testing.assert_array_equal(
-      text.CaptionEncoder(tok.vocab_size, L, D, seed=0)(ids), f)
+    text.CaptionEncoder(tok.vocab_size, L, D, seed=0)(ids), f
+  )
   assert not np.allclose(text.CaptionEncoder(tok.vocab_size, L, D, 1)(ids), f)
   # Only the changed word differs ("red" -> "blue" at position 1) ...
   diff = np.abs(np.asarray(f[0] - f[1])).max(-1)
@@ -302,6 +333,7 @@ def test_caption_encoder():
 
 
 # --- pipeline ----------------------------------------------------------------
+
 
 class _Indexed:
   """Example i is {"index": i, "name": "i"}: shows which rows were read."""
@@ -323,33 +355,45 @@ def _indices(it):
 @pytest.mark.parametrize("kind", ["t2i", "c2i"])
 def test_pipeline_batches(kind):
   src = world.ShapesSource(kind=kind, seed=0)
-  it = pipeline.make_iterator(src, global_batch_size=8, seed=0,
-                              process_index=0, process_count=1)
+  it = pipeline.make_iterator(
+    src, global_batch_size=8, seed=0, process_index=0, process_count=1
+  )
   batch = next(it)
-  want = {"image": ((8, 32, 32, 3), np.float32),
-          "attributes": ((8, world.MAX_OBJECTS, 6), np.int32)}
+  want = {
+    "image": ((8, 32, 32, 3), np.float32),
+    "attributes": ((8, world.MAX_OBJECTS, 6), np.int32),
+  }
   if kind == "t2i":
     want["tokens"] = ((8, world.MAX_CAPTION_WORDS), np.int32)
   else:
     want["label"] = ((8,), np.int32)
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
-  again = next(pipeline.make_iterator(src, global_batch_size=8, seed=0,
-                                      process_index=0, process_count=1))
+  again = next(
+    pipeline.make_iterator(
+      src, global_batch_size=8, seed=0, process_index=0, process_count=1
+    )
+  )
   np.testing.assert_array_equal(again["image"], batch["image"])
-  other = next(pipeline.make_iterator(src, global_batch_size=8, seed=1,
-                                      process_index=0, process_count=1))
+  other = next(
+    pipeline.make_iterator(
+      src, global_batch_size=8, seed=1, process_index=0, process_count=1
+    )
+  )
   assert not np.array_equal(other["image"], batch["image"])
 
 
 @pytest.mark.parametrize("n", [24, 27])
 def test_pipeline_process_shards_are_disjoint_and_cover(n):
   kw = dict(global_batch_size=4, seed=0, num_epochs=1)
-  p0 = _indices(pipeline.make_iterator(_Indexed(n), process_index=0,
-                                       process_count=2, **kw))
-  p1 = _indices(pipeline.make_iterator(_Indexed(n), process_index=1,
-                                       process_count=2, **kw))
-  single = _indices(pipeline.make_iterator(_Indexed(n), process_index=0,
-                                           process_count=1, **kw))
+  p0 = _indices(
+    pipeline.make_iterator(_Indexed(n), process_index=0, process_count=2, **kw)
+  )
+  p1 = _indices(
+    pipeline.make_iterator(_Indexed(n), process_index=1, process_count=2, **kw)
+  )
+  single = _indices(
+    pipeline.make_iterator(_Indexed(n), process_index=0, process_count=1, **kw)
+  )
   # Same number of steps on every process; 2 examples per process per step.
   assert len(p0) == len(p1) == len(single) == n // 4
   assert all(len(b) == 2 for b in p0 + p1)
@@ -361,9 +405,16 @@ def test_pipeline_process_shards_are_disjoint_and_cover(n):
     assert sorted(a + b) == sorted(s)
   assert sum(single, []) != sorted(sum(single, []))  # It was shuffled.
   # A second epoch is a new order of the same examples.
-  two = _indices(pipeline.make_iterator(_Indexed(24), global_batch_size=4,
-                                        seed=0, num_epochs=2,
-                                        process_index=0, process_count=1))
+  two = _indices(
+    pipeline.make_iterator(
+      _Indexed(24),
+      global_batch_size=4,
+      seed=0,
+      num_epochs=2,
+      process_index=0,
+      process_count=1,
+    )
+  )
   first, second = sum(two[:6], []), sum(two[6:], [])
   assert sorted(first) == sorted(second) == list(range(24))
   assert first != second
@@ -404,37 +455,62 @@ def test_pipeline_worker_processes_give_the_same_batches():
 def test_pipeline_state_through_orbax(tmp_path):
   import grain
   import orbax.checkpoint as ocp
+
   kw = dict(global_batch_size=4, seed=1)
   it = pipeline.make_iterator(_Indexed(100), **kw)
   next(it), next(it)
   with ocp.CheckpointManager(tmp_path) as mngr:
-    mngr.save(2, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointSave(it)))
+    mngr.save(
+      2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it))
+    )
     mngr.wait_until_finished()
   want = _indices([next(it) for _ in range(2)])
   fresh = pipeline.make_iterator(_Indexed(100), **kw)
   with ocp.CheckpointManager(tmp_path) as mngr:
-    mngr.restore(2, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(fresh)))
+    mngr.restore(
+      2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh))
+    )
   assert _indices([next(fresh) for _ in range(2)]) == want
 
 
 def test_pipeline_rejects_bad_batch_sizes():
   with pytest.raises(ValueError, match="global_batch_size=6"):
-    pipeline.make_iterator(_Indexed(100), global_batch_size=6, seed=0,
-                           process_index=0, process_count=4)
+    pipeline.make_iterator(
+      _Indexed(100),
+      global_batch_size=6,
+      seed=0,
+      process_index=0,
+      process_count=4,
+    )
   with pytest.raises(ValueError, match="global_batch_size=0"):
-    pipeline.make_iterator(_Indexed(100), global_batch_size=0, seed=0,
-                           process_index=0, process_count=1)
+    pipeline.make_iterator(
+      _Indexed(100),
+      global_batch_size=0,
+      seed=0,
+      process_index=0,
+      process_count=1,
+    )
   with pytest.raises(ValueError, match="process_index"):
-    pipeline.make_iterator(_Indexed(100), global_batch_size=4, seed=0,
-                           process_index=2, process_count=2)
+    pipeline.make_iterator(
+      _Indexed(100),
+      global_batch_size=4,
+      seed=0,
+      process_index=2,
+      process_count=2,
+    )
   with pytest.raises(ValueError, match="one global batch"):
-    pipeline.make_iterator(_Indexed(3), global_batch_size=4, seed=0,
-                           num_epochs=1, process_index=0, process_count=1)
+    pipeline.make_iterator(
+      _Indexed(3),
+      global_batch_size=4,
+      seed=0,
+      num_epochs=1,
+      process_index=0,
+      process_count=1,
+    )
 
 
 # --- latents -----------------------------------------------------------------
+
 
 def _write_shards(directory, rng, sizes, cap_shape=None):
   directory.mkdir()
@@ -453,81 +529,122 @@ def _write_shards(directory, rng, sizes, cap_shape=None):
 
 def test_latents_array_record_round_trip(tmp_path):
   import tim_jax.data.latents as latents
+
   rng = np.random.default_rng(0)
   shards = _write_shards(tmp_path / "in", rng, [6, 4])
-  path = latents.write_latents(tmp_path / "in", tmp_path / "out",
-                               latent_shape=(4, 4, 3), cond="label")
-  assert any(f.startswith("tim_latents-train.array_record")
-             for f in __import__("os").listdir(path))
+  path = latents.write_latents(
+    tmp_path / "in", tmp_path / "out", latent_shape=(4, 4, 3), cond="label"
+  )
+  assert any(
+    f.startswith("tim_latents-train.array_record")
+    for f in __import__("os").listdir(path)
+  )
   src = latents.LatentSource(tmp_path / "out")
   assert len(src) == 10
-  rows = [(s["latent"][i], s["label"][i]) for s in shards
-          for i in range(len(s["label"]))]
+  rows = [
+    (s["latent"][i], s["label"][i])
+    for s in shards
+    for i in range(len(s["label"]))
+  ]
   for i, (latent, label) in enumerate(rows):  # Rows keep the shards' order.
     ex = src[i]
     np.testing.assert_array_equal(ex["image"], latent)
     assert ex["image"].dtype == np.float32
     assert ex["label"] == label and ex["label"].dtype == np.int32
 
-  it = pipeline.make_iterator(src, global_batch_size=5, seed=0, num_epochs=1,
-                              process_index=0, process_count=1)
+  it = pipeline.make_iterator(
+    src,
+    global_batch_size=5,
+    seed=0,
+    num_epochs=1,
+    process_index=0,
+    process_count=1,
+  )
   batches = list(it)
   assert len(batches) == 2
   assert batches[0]["image"].shape == (5, 4, 4, 3)
-  by_label = {int(l): x for l, x in zip(
+  by_label = {
+    int(l): x
+    for l, x in zip(
       np.concatenate([b["label"] for b in batches]),
-      np.concatenate([b["image"] for b in batches]))}
+      np.concatenate([b["image"] for b in batches]),
+    )
+  }
   assert sorted(by_label) == sorted(int(l) for _, l in rows)
   for latent, label in rows:
     np.testing.assert_array_equal(by_label[int(label)], latent)
 
   # Never overwrite or silently reuse what is there.
   with pytest.raises(FileExistsError, match="already exists"):
-    latents.write_latents(tmp_path / "in", tmp_path / "out",
-                          latent_shape=(4, 4, 3))
+    latents.write_latents(
+      tmp_path / "in", tmp_path / "out", latent_shape=(4, 4, 3)
+    )
 
 
 def test_latents_captions_and_errors(tmp_path, capsys):
   import tim_jax.data.latents as latents
+
   rng = np.random.default_rng(1)
   shards = _write_shards(tmp_path / "in", rng, [3], cap_shape=(5, 8))
   from tim_jax.commands import cli
   from tim_jax.commands import latents as command
-  rc = cli.call(command, [f"--input_dir={tmp_path / 'in'}",
-                          f"--data_dir={tmp_path / 'out'}",
-                          "--latent_shape=4,4,3", "--cond=caption",
-                          "--cap_shape=5,8"])
+
+  rc = cli.call(
+    command,
+    [
+      f"--input_dir={tmp_path / 'in'}",
+      f"--data_dir={tmp_path / 'out'}",
+      "--latent_shape=4,4,3",
+      "--cond=caption",
+      "--cap_shape=5,8",
+    ],
+  )
   assert rc == 0 and "wrote 3 examples" in capsys.readouterr().out
   src = latents.LatentSource(tmp_path / "out")
   assert sorted(src[2]) == ["caption_features", "image"]
-  np.testing.assert_array_equal(src[2]["caption_features"],
-                                shards[0]["caption"][2])
+  np.testing.assert_array_equal(
+    src[2]["caption_features"], shards[0]["caption"][2]
+  )
   np.testing.assert_array_equal(src[2]["image"], shards[0]["latent"][2])
 
   with pytest.raises(ValueError, match=r"shard00\.npz.*'latent'"):
-    latents.write_latents(tmp_path / "in", tmp_path / "bad",
-                          latent_shape=(4, 4, 2), cond="caption",
-                          cap_shape=(5, 8))
+    latents.write_latents(
+      tmp_path / "in",
+      tmp_path / "bad",
+      latent_shape=(4, 4, 2),
+      cond="caption",
+      cap_shape=(5, 8),
+    )
   with pytest.raises(KeyError, match="'label'"):
-    latents.write_latents(tmp_path / "in", tmp_path / "bad",
-                          latent_shape=(4, 4, 3))
+    latents.write_latents(
+      tmp_path / "in", tmp_path / "bad", latent_shape=(4, 4, 3)
+    )
   with pytest.raises(ValueError, match="cap_shape"):
-    latents.write_latents(tmp_path / "in", tmp_path / "bad",
-                          latent_shape=(4, 4, 3), cond="caption")
+    latents.write_latents(
+      tmp_path / "in", tmp_path / "bad", latent_shape=(4, 4, 3), cond="caption"
+    )
   assert not (tmp_path / "bad").exists()  # Nothing written on failure.
 
 
 def test_latents_with_repa_features(tmp_path, capsys):
   import tim_jax.data.latents as latents
+
   rng = np.random.default_rng(2)
   shards = _write_shards(tmp_path / "in", rng, [4])
   repa = rng.normal(size=(4, 6, 5)).astype(np.float32)
   np.savez(tmp_path / "in" / "shard00.npz", repa_features=repa, **shards[0])
   from tim_jax.commands import cli
   from tim_jax.commands import latents as command
-  rc = cli.call(command, [f"--input_dir={tmp_path / 'in'}",
-                          f"--data_dir={tmp_path / 'out'}",
-                          "--latent_shape=4,4,3", "--repa_shape=6,5"])
+
+  rc = cli.call(
+    command,
+    [
+      f"--input_dir={tmp_path / 'in'}",
+      f"--data_dir={tmp_path / 'out'}",
+      "--latent_shape=4,4,3",
+      "--repa_shape=6,5",
+    ],
+  )
   assert rc == 0, capsys.readouterr().err
   path = latents.find_dataset(tmp_path / "out")
   assert "label_4x4x3_repa6x5" in path
@@ -537,9 +654,17 @@ def test_latents_with_repa_features(tmp_path, capsys):
   np.testing.assert_array_equal(src[3]["repa_features"], repa[3])
   # A shard without the features, or with the wrong shape, is refused.
   with pytest.raises(ValueError, match="'repa_features' must be"):
-    latents.write_latents(tmp_path / "in", tmp_path / "bad",
-                          latent_shape=(4, 4, 3), repa_shape=(6, 4))
+    latents.write_latents(
+      tmp_path / "in",
+      tmp_path / "bad",
+      latent_shape=(4, 4, 3),
+      repa_shape=(6, 4),
+    )
   np.savez(tmp_path / "in" / "shard00.npz", **shards[0])
   with pytest.raises(KeyError, match="'repa_features'"):
-    latents.write_latents(tmp_path / "in", tmp_path / "bad",
-                          latent_shape=(4, 4, 3), repa_shape=(6, 5))
+    latents.write_latents(
+      tmp_path / "in",
+      tmp_path / "bad",
+      latent_shape=(4, 4, 3),
+      repa_shape=(6, 5),
+    )

@@ -14,8 +14,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 def _pages():
   out = [os.path.join(ROOT, "README.md")]
   for folder, _, files in os.walk(os.path.join(ROOT, "docs")):
-    out += [os.path.join(folder, f) for f in sorted(files)
-            if f.endswith(".md")]
+    out += [os.path.join(folder, f) for f in sorted(files) if f.endswith(".md")]
   return out
 
 
@@ -53,8 +52,11 @@ def test_every_relative_link_resolves(page):
     if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
       continue
     path, _, anchor = target.partition("#")
-    full = (os.path.normpath(os.path.join(os.path.dirname(page), path))
-            if path else page)
+    full = (
+      os.path.normpath(os.path.join(os.path.dirname(page), path))
+      if path
+      else page
+    )
     if not os.path.exists(full):
       broken.append(target)
     elif anchor and full.endswith(".md") and anchor not in _anchors(full):
@@ -65,9 +67,10 @@ def test_every_relative_link_resolves(page):
 def test_the_readme_is_short_and_names_the_two_commands():
   text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
   assert len(text.splitlines()) <= 200
-  assert ("pip install -e . && python -m tim_jax.main "
-          "--config=configs/t2i.py") in text
-  assert 'python -m pytest -q -n auto tests' in text
+  assert (
+    "pip install -e . && python -m tim_jax.main --config=configs/t2i.py"
+  ) in text
+  assert "python -m pytest -q -n auto tests" in text
 
 
 def test_the_ci_runs_the_readme_test_command():
@@ -79,33 +82,38 @@ def test_the_ci_runs_the_readme_test_command():
 
 def test_the_api_page_is_current_and_complete():
   from tim_jax.commands import api_reference
+
   page, missing = api_reference.reference()
   assert not missing, f"public names without a docstring: {missing}"
   with open(os.path.join(ROOT, "docs", "api.md"), encoding="utf-8") as f:
     assert f.read() == page, (
-        "docs/api.md is stale: python -m tim_jax.commands.api_reference "
-        "--out=docs/api.md")
+      "docs/api.md is stale: python -m tim_jax.commands.api_reference "
+      "--out=docs/api.md"
+    )
 
 
 def _setup_scripts():
-  tree = ast.parse(open(os.path.join(ROOT, "setup.py"),
-                        encoding="utf-8").read())
+  tree = ast.parse(
+    open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
+  )
   for node in ast.walk(tree):
     if isinstance(node, ast.Assign) and any(
-        getattr(t, "id", "") == "CONSOLE_SCRIPTS" for t in node.targets):
+      getattr(t, "id", "") == "CONSOLE_SCRIPTS" for t in node.targets
+    ):
       return [ast.literal_eval(e) for e in node.value.elts]
   raise AssertionError("no CONSOLE_SCRIPTS in setup.py")
 
 
 def test_every_command_is_a_console_script_and_documented():
   commands = sorted(
-      f[:-3] for f in os.listdir(os.path.join(ROOT, "tim_jax", "commands"))
-      if f.endswith(".py") and f not in ("__init__.py", "cli.py",
-                                         "api_reference.py"))
+    f[:-3]
+    for f in os.listdir(os.path.join(ROOT, "tim_jax", "commands"))
+    if f.endswith(".py")
+    and f not in ("__init__.py", "cli.py", "api_reference.py")
+  )
   scripts = {s.split("=")[1].strip() for s in _setup_scripts()}
   docs = "".join(open(p, encoding="utf-8").read() for p in PAGES)
   for name in commands:
     assert f"tim_jax.commands.{name}:entry" in scripts, name
     assert f"python -m tim_jax.commands.{name}" in docs, name
   assert "tim_jax.main:entry" in scripts
-

@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 import pytest
-
 import train_utils
+
 from tim_jax import training
 from tim_jax.shapes import scoring
 from tim_jax.training import evaluators
@@ -21,6 +21,7 @@ def _oracle_config():
 
 def test_the_tiny_configs_turn_the_oracle_on():
   from tim_jax.config import config_base
+
   for spec in ("configs/t2i.py", "configs/c2i.py"):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     c = config_base.load_file(os.path.join(root, spec))
@@ -36,7 +37,8 @@ def test_oracle_scores_samples_of_the_ema_model():
   state = trainer.init_state()
   scores = evals["shapes_oracle"](trainer, state)
   assert sorted(k for k in scores if k.startswith("oracle/nfe1/")) == sorted(
-      f"oracle/nfe1/{s}" for s in scoring.SCORES)
+    f"oracle/nfe1/{s}" for s in scoring.SCORES
+  )
   assert set(k.split("/")[1] for k in scores) == {"nfe1", "nfe2"}
   real = evals["shapes_oracle"].scorer.real_scores()
   # An untrained model draws noise: nothing right, far from real images.
@@ -54,8 +56,7 @@ def test_evaluators_write_to_tensorboard_on_their_schedule(tmp_path):
   workdir = str(tmp_path / "run")
   training.train_and_evaluate(config, workdir)
   events = [f for f in os.listdir(workdir) if f.startswith("events.out")]
-  data = b"".join(open(os.path.join(workdir, f), "rb").read()
-                  for f in events)
+  data = b"".join(open(os.path.join(workdir, f), "rb").read() for f in events)
   # holdout every step (twice), the oracle every 2 steps (once).
   assert data.count(b"holdout/loss") == 2
   assert data.count(b"oracle/nfe1/fd") == 1
@@ -76,12 +77,15 @@ def test_misconfigured_evaluators_are_named():
 
 
 def test_fid_evaluator_against_reference_statistics(tmp_path):
-  from tim_jax.eval import fid, inception
   from test_fid import _random_state_dict
+
+  from tim_jax.eval import fid, inception
+
   weights = str(tmp_path / "inception.safetensors")
   inception.save_state_dict(_random_state_dict(0), weights)
-  extractor = inception.FeatureExtractor(inception.load_fid_weights(weights),
-                                         batch_size=4)
+  extractor = inception.FeatureExtractor(
+    inception.load_fid_weights(weights), batch_size=4
+  )
   real = scoring.real_images("c2i", 4, 16, seed=3)
   reference = str(tmp_path / "ref.npz")
   fid.Statistics.from_features(extractor(real)).save(reference)
@@ -96,7 +100,11 @@ def test_fid_evaluator_against_reference_statistics(tmp_path):
   assert list(score) == ["fid/nfe1"]
   # Real images of other scenes are closer to the reference than an
   # untrained model's samples.
-  other = fid.Statistics.from_features(extractor(
-      scoring.real_images("c2i", 4, 16, seed=4)))
-  assert 0 < other.frechet_distance(fid.Statistics.load(reference)) < (
-      score["fid/nfe1"])
+  other = fid.Statistics.from_features(
+    extractor(scoring.real_images("c2i", 4, 16, seed=4))
+  )
+  assert (
+    0
+    < other.frechet_distance(fid.Statistics.load(reference))
+    < (score["fid/nfe1"])
+  )

@@ -9,13 +9,12 @@ with pytorch-fid's FID patches.
 from __future__ import annotations
 
 import builtins
-
-import jax.numpy as jnp
 import os
 
+from flax import nnx
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from tim_jax.eval import fid
 from tim_jax.eval import inception as inc
@@ -46,8 +45,9 @@ def test_diagonal_covariances_match_closed_form():
   mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
   a, b = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
   got = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
-  np.testing.assert_allclose(got, _closed_form_commuting(mu1, a, mu2, b),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    got, _closed_form_commuting(mu1, a, mu2, b), rtol=1e-12
+  )
 
 
 def test_commuting_covariances_match_closed_form():
@@ -58,8 +58,9 @@ def test_commuting_covariances_match_closed_form():
   s1, s2 = (q * a) @ q.T, (q * b) @ q.T
   mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
   got = fid.frechet_distance(mu1, s1, mu2, s2)
-  np.testing.assert_allclose(got, _closed_form_commuting(mu1, a, mu2, b),
-                             rtol=1e-10)
+  np.testing.assert_allclose(
+    got, _closed_form_commuting(mu1, a, mu2, b), rtol=1e-10
+  )
 
 
 def test_singular_covariances():
@@ -75,8 +76,9 @@ def test_singular_covariances():
   got = fid.frechet_distance(mu, s1, mu, s2)
   # Zero eigenvalues come out as +-1e-16 and their square roots as ~1e-8:
   # the sqrt is not Lipschitz at 0, so the tolerance is looser than above.
-  np.testing.assert_allclose(got, _closed_form_commuting(mu, a, mu, b),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    got, _closed_form_commuting(mu, a, mu, b), rtol=1e-6
+  )
 
 
 def test_identical_is_zero_and_distance_is_symmetric():
@@ -90,6 +92,7 @@ def test_identical_is_zero_and_distance_is_symmetric():
   np.testing.assert_allclose(ab, ba, rtol=1e-10)
   # A generic (non-commuting) pair against scipy's matrix square root.
   import scipy.linalg as scipy_linalg
+
   root = scipy_linalg.sqrtm(s1 @ s2)
   d_mu = mu1 - mu2
   reference = d_mu @ d_mu + np.trace(s1 + s2 - 2 * np.real(root))
@@ -111,15 +114,20 @@ def test_sample_statistics_approach_closed_form():
   np.testing.assert_allclose(s, (q * a) @ q.T, atol=0.05)
 
 
-@pytest.mark.parametrize("args, match", [
+@pytest.mark.parametrize(
+  "args, match",
+  [
     ((np.zeros((2, 2)), np.eye(2), np.zeros(2), np.eye(2)), "mu1 must be"),
     ((np.zeros(3), np.eye(2), np.zeros(3), np.eye(3)), r"sigma1 must be \(3"),
     ((np.zeros(2), np.eye(2), np.zeros(2), np.eye(3)), r"sigma2 must be \(2"),
     ((np.zeros(2), np.eye(2), np.zeros(3), np.eye(3)), "different dimensions"),
-    ((np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), np.zeros(2),
-      np.eye(2)), "not symmetric"),
+    (
+      (np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]), np.zeros(2), np.eye(2)),
+      "not symmetric",
+    ),
     ((np.array([np.nan, 0.0]), np.eye(2), np.zeros(2), np.eye(2)), "NaN"),
-])
+  ],
+)
 def test_bad_gaussians_raise(args, match):
   with pytest.raises(ValueError, match=match):
     fid.frechet_distance(*args)
@@ -131,8 +139,9 @@ def test_statistics_and_bad_features():
   mu, sigma = fid.statistics(x)
   assert mu.dtype == sigma.dtype == np.float64
   np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
-  np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64),
-                                           rowvar=False), rtol=1e-12)
+  np.testing.assert_allclose(
+    sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-12
+  )
   with pytest.raises(ValueError, match="at least 2 samples"):
     fid.statistics(x[:1])
   with pytest.raises(ValueError, match=r"\(N, D\)"):
@@ -150,20 +159,24 @@ def test_statistics_file_round_trip(tmp_path):
   np.testing.assert_array_equal(again.mu, stats.mu)
   np.testing.assert_array_equal(again.sigma, stats.sigma)
   # Reference batches carry images and spatial statistics next to mu/sigma.
-  np.savez_compressed(tmp_path / "ref.npz", arr_0=np.zeros((2, 4, 4, 3),
-                                                           np.uint8),
-                      mu=stats.mu.astype(np.float32),
-                      sigma=stats.sigma.astype(np.float32),
-                      mu_s=np.zeros(3), sigma_s=np.eye(3))
+  np.savez_compressed(
+    tmp_path / "ref.npz",
+    arr_0=np.zeros((2, 4, 4, 3), np.uint8),
+    mu=stats.mu.astype(np.float32),
+    sigma=stats.sigma.astype(np.float32),
+    mu_s=np.zeros(3),
+    sigma_s=np.eye(3),
+  )
   ref = fid.Statistics.load(tmp_path / "ref.npz")
   assert ref.dim == 5 and ref.mu.dtype == np.float64
   np.savez(tmp_path / "bad.npz", mean=stats.mu)
   with pytest.raises(ValueError, match=r"no \['mu', 'sigma'\].*'mean'"):
     fid.Statistics.load(tmp_path / "bad.npz")
   np.testing.assert_allclose(
-      fid.fid_from_features(feats_a, feats_b),
-      fid.frechet_distance(*fid.statistics(feats_a),
-                           *fid.statistics(feats_b)), rtol=1e-12)
+    fid.fid_from_features(feats_a, feats_b),
+    fid.frechet_distance(*fid.statistics(feats_a), *fid.statistics(feats_b)),
+    rtol=1e-12,
+  )
 
 
 def test_running_statistics_equal_batch_statistics():
@@ -173,7 +186,7 @@ def test_running_statistics_equal_batch_statistics():
   running = fid.RunningStatistics()
   start = 0
   for size in (1, 40, 0, 2, 60):
-    running.update(x[start:start + size])
+    running.update(x[start : start + size])
     start += size
   assert running.count == 103
   got = running.finalize()
@@ -212,35 +225,77 @@ FID_INCEPTION_NUM_CONVS = 94  # 5 stem + 3*7 A + 4 B + 4*10 C + 6 D + 2*9 E
 
 def _block_numel():
   """The same count from per-block formulas, independent of the module."""
+
   def conv(cin, cout, kh, kw=None):
     return cout * cin * kh * (kh if kw is None else kw) + 4 * cout
 
   def a(c, p):
-    return (conv(c, 64, 1) + conv(c, 48, 1) + conv(48, 64, 5) + conv(c, 64, 1)
-            + conv(64, 96, 3) + conv(96, 96, 3) + conv(c, p, 1))
+    return (
+      conv(c, 64, 1)
+      + conv(c, 48, 1)
+      + conv(48, 64, 5)
+      + conv(c, 64, 1)
+      + conv(64, 96, 3)
+      + conv(96, 96, 3)
+      + conv(c, p, 1)
+    )
 
   def b(c):
     return conv(c, 384, 3) + conv(c, 64, 1) + conv(64, 96, 3) + conv(96, 96, 3)
 
   def c_(c, c7):
-    return (conv(c, 192, 1) + 2 * conv(c, c7, 1) + conv(c7, 192, 7, 1)
-            + conv(c7, 192, 1, 7) + 2 * conv(c7, c7, 1, 7)
-            + 2 * conv(c7, c7, 7, 1) + conv(c, 192, 1))
+    return (
+      conv(c, 192, 1)
+      + 2 * conv(c, c7, 1)
+      + conv(c7, 192, 7, 1)
+      + conv(c7, 192, 1, 7)
+      + 2 * conv(c7, c7, 1, 7)
+      + 2 * conv(c7, c7, 7, 1)
+      + conv(c, 192, 1)
+    )
 
   def d(c):
-    return (2 * conv(c, 192, 1) + conv(192, 320, 3) + conv(192, 192, 1, 7)
-            + conv(192, 192, 7, 1) + conv(192, 192, 3))
+    return (
+      2 * conv(c, 192, 1)
+      + conv(192, 320, 3)
+      + conv(192, 192, 1, 7)
+      + conv(192, 192, 7, 1)
+      + conv(192, 192, 3)
+    )
 
   def e(c):
-    return (conv(c, 320, 1) + conv(c, 384, 1) + 2 * conv(384, 384, 1, 3)
-            + 2 * conv(384, 384, 3, 1) + conv(c, 448, 1) + conv(448, 384, 3)
-            + conv(c, 192, 1))
+    return (
+      conv(c, 320, 1)
+      + conv(c, 384, 1)
+      + 2 * conv(384, 384, 1, 3)
+      + 2 * conv(384, 384, 3, 1)
+      + conv(c, 448, 1)
+      + conv(448, 384, 3)
+      + conv(c, 192, 1)
+    )
 
-  stem = (conv(3, 32, 3) + conv(32, 32, 3) + conv(32, 64, 3) + conv(64, 80, 1)
-          + conv(80, 192, 3))
-  return (stem + a(192, 32) + a(256, 64) + a(288, 64) + b(288)
-          + c_(768, 128) + 2 * c_(768, 160) + c_(768, 192) + d(768)
-          + e(1280) + e(2048) + 2048 * 1008 + 1008)
+  stem = (
+    conv(3, 32, 3)
+    + conv(32, 32, 3)
+    + conv(32, 64, 3)
+    + conv(64, 80, 1)
+    + conv(80, 192, 3)
+  )
+  return (
+    stem
+    + a(192, 32)
+    + a(256, 64)
+    + a(288, 64)
+    + b(288)
+    + c_(768, 128)
+    + 2 * c_(768, 160)
+    + c_(768, 192)
+    + d(768)
+    + e(1280)
+    + e(2048)
+    + 2048 * 1008
+    + 1008
+  )
 
 
 def test_expected_table_matches_hand_count():
@@ -249,19 +304,19 @@ def test_expected_table_matches_hand_count():
   assert sum(int(np.prod(s)) for s in table.values()) == FID_INCEPTION_NUMEL
   assert len(table) == 5 * FID_INCEPTION_NUM_CONVS + 2
   spot = {
-      "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
-      "Conv2d_1a_3x3.bn.running_var": (32,),
-      "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
-      "Mixed_5d.branch5x5_2.conv.weight": (64, 48, 5, 5),
-      "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
-      "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
-      "Mixed_6e.branch7x7dbl_2.conv.weight": (192, 192, 7, 1),
-      "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
-      "Mixed_7b.branch3x3_2a.conv.weight": (384, 384, 1, 3),
-      "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
-      "Mixed_7c.branch_pool.bn.weight": (192,),
-      "fc.weight": (1008, 2048),
-      "fc.bias": (1008,),
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+    "Conv2d_1a_3x3.bn.running_var": (32,),
+    "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+    "Mixed_5d.branch5x5_2.conv.weight": (64, 48, 5, 5),
+    "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+    "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+    "Mixed_6e.branch7x7dbl_2.conv.weight": (192, 192, 7, 1),
+    "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+    "Mixed_7b.branch3x3_2a.conv.weight": (384, 384, 1, 3),
+    "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+    "Mixed_7c.branch_pool.bn.weight": (192,),
+    "fc.weight": (1008, 2048),
+    "fc.bias": (1008,),
   }
   for key, shape in spot.items():
     assert table[key] == shape, key
@@ -271,8 +326,10 @@ def test_expected_table_matches_hand_count():
 def _random_state_dict(seed=0, tmp=None):
   """Random weights that keep activations O(1) through the ReLU stack."""
   import tempfile
-  from safetensors.numpy import load_file
+
   from autoencoder_utils import random_inception_weights
+  from safetensors.numpy import load_file
+
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "w.safetensors")
     random_inception_weights(path, seed)
@@ -293,8 +350,11 @@ def model(random_sd):
 
 @pytest.fixture(scope="module")
 def images():
-  return np.random.default_rng(1).uniform(
-      -1, 1, (5, inc.MIN_INPUT_SIZE, inc.MIN_INPUT_SIZE, 3)).astype(np.float32)
+  return (
+    np.random.default_rng(1)
+    .uniform(-1, 1, (5, inc.MIN_INPUT_SIZE, inc.MIN_INPUT_SIZE, 3))
+    .astype(np.float32)
+  )
 
 
 def test_state_dict_round_trip_is_exact(model, random_sd):
@@ -305,7 +365,11 @@ def test_state_dict_round_trip_is_exact(model, random_sd):
     np.testing.assert_array_equal(exported[key], random_sd[key], err_msg=key)
   # The NHWC side: (kh, kw, I, O) kernels, (in, out) dense weights.
   assert model.Mixed_6b.branch7x7_2.conv.kernel.get_value().shape == (
-      1, 7, 128, 128)
+    1,
+    7,
+    128,
+    128,
+  )
   assert model.fc.kernel.get_value().shape == (2048, 1008)
 
 
@@ -313,17 +377,24 @@ def test_model_from_constructor_has_the_table_layout():
   # The plain constructor (random init) is slow on CPU; its abstract twin
   # has the same variables.
   abstract = nnx.eval_shape(inc.InceptionV3)
-  flat = nnx.to_flat_state(nnx.state(abstract, nnx.Any(nnx.Param,
-                                                        nnx.BatchStat)))
+  flat = nnx.to_flat_state(
+    nnx.state(abstract, nnx.Any(nnx.Param, nnx.BatchStat))
+  )
   assert len(list(flat)) == len(inc.FID_INCEPTION_SHAPES)
 
 
-@pytest.mark.parametrize("edit, match", [
+@pytest.mark.parametrize(
+  "edit, match",
+  [
     ("missing", "lacks 1 key.*Mixed_6c.branch7x7_3.bn.running_mean"),
     ("extra", "does not: AuxLogits.fc.weight"),
-    ("shape", r"'Mixed_7b.branch3x3_2a.conv.weight': the state dict has "
-              r"\(384, 384, 3, 1\), the model expects \(384, 384, 1, 3\)"),
-])
+    (
+      "shape",
+      r"'Mixed_7b.branch3x3_2a.conv.weight': the state dict has "
+      r"\(384, 384, 3, 1\), the model expects \(384, 384, 1, 3\)",
+    ),
+  ],
+)
 def test_bad_state_dicts_raise_naming_the_key(model, random_sd, edit, match):
   bad = dict(random_sd)
   if edit == "missing":
@@ -338,8 +409,9 @@ def test_bad_state_dicts_raise_naming_the_key(model, random_sd, edit, match):
   with pytest.raises(ValueError, match=match):
     inc.load_state_dict(model, bad)
   # Nothing is written unless everything checks out.
-  np.testing.assert_array_equal(model.Conv2d_1a_3x3.conv.kernel.get_value(),
-                                before)
+  np.testing.assert_array_equal(
+    model.Conv2d_1a_3x3.conv.kernel.get_value(), before
+  )
 
 
 def test_weight_files_round_trip(tmp_path, random_sd):
@@ -354,13 +426,23 @@ def test_weight_files_round_trip(tmp_path, random_sd):
   # The converter command, and loading the converted file into a model.
   from tim_jax.commands import cli
   from tim_jax.commands import fid as fid_command
-  assert cli.call(fid_command, [
-      "convert", f"--inception_weights={tmp_path / 'w.npz'}",
-      f"--out={tmp_path / 'c.safetensors'}"]) == 0
+
+  assert (
+    cli.call(
+      fid_command,
+      [
+        "convert",
+        f"--inception_weights={tmp_path / 'w.npz'}",
+        f"--out={tmp_path / 'c.safetensors'}",
+      ],
+    )
+    == 0
+  )
   loaded = inc.load_fid_weights(tmp_path / "c.safetensors", resize_to=None)
   np.testing.assert_array_equal(
-      inc.state_dict(loaded)["Mixed_7c.branch_pool.bn.running_var"],
-      random_sd["Mixed_7c.branch_pool.bn.running_var"])
+    inc.state_dict(loaded)["Mixed_7c.branch_pool.bn.running_var"],
+    random_sd["Mixed_7c.branch_pool.bn.running_var"],
+  )
   with pytest.raises(ValueError, match="unknown weight file type '.ckpt'"):
     inc.read_state_dict(tmp_path / "w.ckpt")
   with pytest.raises(ValueError, match="use .safetensors or .npz"):
@@ -385,8 +467,11 @@ def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_features_at_299_are_finite_nonnegative_and_deterministic(model):
-  x = np.random.default_rng(2).uniform(
-      -1, 1, (2, inc.INPUT_SIZE, inc.INPUT_SIZE, 3)).astype(np.float32)
+  x = (
+    np.random.default_rng(2)
+    .uniform(-1, 1, (2, inc.INPUT_SIZE, inc.INPUT_SIZE, 3))
+    .astype(np.float32)
+  )
   extract = inc.FeatureExtractor(model, batch_size=2)
   a, b = extract(x), extract(x)
   assert a.shape == (2, inc.FEATURE_DIM) and a.dtype == np.float32
@@ -428,7 +513,8 @@ def test_value_ranges_and_uint8_agree(model, images):
   reference = inc.FeatureExtractor(model, batch_size=4)(as_float)
   from_uint8 = inc.FeatureExtractor(model, batch_size=4)(uint8)
   unit = inc.FeatureExtractor(model, batch_size=4, value_range=(0.0, 1.0))(
-      uint8.astype(np.float32) / 255.0)
+    uint8.astype(np.float32) / 255.0
+  )
   # Same images up to float rounding of the input scaling, which the random
   # network amplifies a little.
   tol = 1e-5 * np.abs(reference).max()
@@ -468,6 +554,7 @@ def test_preprocess_resizes_and_scales():
 
 def test_load_fid_weights_reads_a_torch_pth(tmp_path, random_sd):
   import torch
+
   sd = {k: torch.from_numpy(v.copy()) for k, v in random_sd.items()}
   # Like a real BatchNorm2d state dict: counters next to the statistics.
   sd["Conv2d_1a_3x3.bn.num_batches_tracked"] = torch.tensor(0)
@@ -483,34 +570,53 @@ def _torch_fid_inception(sd, x):
   """pytorch-fid's FID InceptionV3 forward, functional, NCHW -> (pool3, fc)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   w = {k: torch.from_numpy(v) for k, v in sd.items()}
 
   def bc(name, x, stride=1, padding=0):
     x = F.conv2d(x, w[f"{name}.conv.weight"], stride=stride, padding=padding)
-    x = F.batch_norm(x, w[f"{name}.bn.running_mean"],
-                     w[f"{name}.bn.running_var"], w[f"{name}.bn.weight"],
-                     w[f"{name}.bn.bias"], training=False, eps=1e-3)
+    x = F.batch_norm(
+      x,
+      w[f"{name}.bn.running_mean"],
+      w[f"{name}.bn.running_var"],
+      w[f"{name}.bn.weight"],
+      w[f"{name}.bn.bias"],
+      training=False,
+      eps=1e-3,
+    )
     return F.relu(x)
 
   def avg(x):
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
   def block_a(p, x):
-    return torch.cat([
+    return torch.cat(
+      [
         bc(f"{p}.branch1x1", x),
         bc(f"{p}.branch5x5_2", bc(f"{p}.branch5x5_1", x), padding=2),
-        bc(f"{p}.branch3x3dbl_3", bc(f"{p}.branch3x3dbl_2",
-                                     bc(f"{p}.branch3x3dbl_1", x),
-                                     padding=1), padding=1),
-        bc(f"{p}.branch_pool", avg(x))], 1)
+        bc(
+          f"{p}.branch3x3dbl_3",
+          bc(f"{p}.branch3x3dbl_2", bc(f"{p}.branch3x3dbl_1", x), padding=1),
+          padding=1,
+        ),
+        bc(f"{p}.branch_pool", avg(x)),
+      ],
+      1,
+    )
 
   def block_b(p, x):
-    return torch.cat([
+    return torch.cat(
+      [
         bc(f"{p}.branch3x3", x, stride=2),
-        bc(f"{p}.branch3x3dbl_3", bc(f"{p}.branch3x3dbl_2",
-                                     bc(f"{p}.branch3x3dbl_1", x),
-                                     padding=1), stride=2),
-        F.max_pool2d(x, 3, stride=2)], 1)
+        bc(
+          f"{p}.branch3x3dbl_3",
+          bc(f"{p}.branch3x3dbl_2", bc(f"{p}.branch3x3dbl_1", x), padding=1),
+          stride=2,
+        ),
+        F.max_pool2d(x, 3, stride=2),
+      ],
+      1,
+    )
 
   def block_c(p, x):
     b7 = bc(f"{p}.branch7x7_1", x)
@@ -519,8 +625,9 @@ def _torch_fid_inception(sd, x):
     bd = bc(f"{p}.branch7x7dbl_1", x)
     for i, pad in zip(range(2, 6), [(3, 0), (0, 3), (3, 0), (0, 3)]):
       bd = bc(f"{p}.branch7x7dbl_{i}", bd, padding=pad)
-    return torch.cat([bc(f"{p}.branch1x1", x), b7, bd,
-                      bc(f"{p}.branch_pool", avg(x))], 1)
+    return torch.cat(
+      [bc(f"{p}.branch1x1", x), b7, bd, bc(f"{p}.branch_pool", avg(x))], 1
+    )
 
   def block_d(p, x):
     b3 = bc(f"{p}.branch3x3_2", bc(f"{p}.branch3x3_1", x), stride=2)
@@ -534,13 +641,17 @@ def _torch_fid_inception(sd, x):
     b3 = bc(f"{p}.branch3x3_1", x)
     bd = bc(f"{p}.branch3x3dbl_2", bc(f"{p}.branch3x3dbl_1", x), padding=1)
     pooled = pool(x)
-    return torch.cat([
+    return torch.cat(
+      [
         bc(f"{p}.branch1x1", x),
         bc(f"{p}.branch3x3_2a", b3, padding=(0, 1)),
         bc(f"{p}.branch3x3_2b", b3, padding=(1, 0)),
         bc(f"{p}.branch3x3dbl_3a", bd, padding=(0, 1)),
         bc(f"{p}.branch3x3dbl_3b", bd, padding=(1, 0)),
-        bc(f"{p}.branch_pool", pooled)], 1)
+        bc(f"{p}.branch_pool", pooled),
+      ],
+      1,
+    )
 
   with torch.no_grad():
     x = bc("Conv2d_1a_3x3", x, stride=2)
@@ -564,30 +675,44 @@ def _torch_fid_inception(sd, x):
 
 def test_matches_a_pytorch_forward(model, random_sd):
   import torch  # pylint: disable=g-import-not-at-top
+
   # 139x139 leaves 3x3 maps in the Mixed_7 blocks, so the padding, the
   # valid-only average and the max pool of Mixed_7c all matter there too.
-  x = np.random.default_rng(3).uniform(-1, 1, (2, 139, 139, 3)).astype(
-      np.float32)
+  x = (
+    np.random.default_rng(3).uniform(-1, 1, (2, 139, 139, 3)).astype(np.float32)
+  )
   feats, logits = nnx.jit(lambda m, v: m(v, return_logits=True))(
-      model, jnp.asarray(x))
+    model, jnp.asarray(x)
+  )
   ref_feats, ref_logits = _torch_fid_inception(
-      random_sd, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    random_sd, torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  )
   assert logits.shape == (2, inc.NUM_CLASSES)
-  np.testing.assert_allclose(feats, ref_feats, rtol=1e-4,
-                             atol=1e-4 * np.abs(ref_feats).max())
-  np.testing.assert_allclose(logits, ref_logits, rtol=1e-4,
-                             atol=1e-4 * np.abs(ref_logits).max())
+  np.testing.assert_allclose(
+    feats, ref_feats, rtol=1e-4, atol=1e-4 * np.abs(ref_feats).max()
+  )
+  np.testing.assert_allclose(
+    logits, ref_logits, rtol=1e-4, atol=1e-4 * np.abs(ref_logits).max()
+  )
 
 
 def test_resize_matches_pytorch_bilinear():
   import torch
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(4)
   for h, w in [(64, 48), (256, 256), (512, 400)]:  # up and down
     x = rng.uniform(-1, 1, (1, h, w, 3)).astype(np.float32)
     ours = np.asarray(inc.preprocess(jnp.asarray(x)))
-    theirs = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2),
-                           size=(299, 299), mode="bilinear",
-                           align_corners=False).permute(0, 2, 3, 1).numpy()
+    theirs = (
+      F.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2),
+        size=(299, 299),
+        mode="bilinear",
+        align_corners=False,
+      )
+      .permute(0, 2, 3, 1)
+      .numpy()
+    )
     # Agreement to float rounding, not bit for bit.
     np.testing.assert_allclose(ours, theirs, atol=1e-6, err_msg=f"{h}x{w}")

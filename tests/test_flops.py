@@ -29,10 +29,10 @@ compiles are ~3x faster.
 import dataclasses
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from tim_jax import models
 from tim_jax.method import sampling, transition, transports
@@ -45,29 +45,47 @@ OT_FM = transports.get("ot_fm")
 
 
 def _config(kind, d, depth, p, **kw):
-  base = dict(kind=kind, patch_size=p, in_channels=4, hidden_size=d,
-              depth=depth, num_heads=4, encoder_depth=1, z_dim=32,
-              projector_dim=64, num_classes=10, cap_feat_dim=d,
-              use_projector=False)
+  base = dict(
+    kind=kind,
+    patch_size=p,
+    in_channels=4,
+    hidden_size=d,
+    depth=depth,
+    num_heads=4,
+    encoder_depth=1,
+    z_dim=32,
+    projector_dim=64,
+    num_classes=10,
+    cap_feat_dim=d,
+    use_projector=False,
+  )
   base.update(kw)
   return models.TiMConfig(**base)
 
 
 # name -> (config, height = width, caption_len). Tokens N = (hw / p)^2.
 CASES = {
-    # The widest elementwise share (D 64); exercises the 3-embedder
-    # new_condition (t_embedder(t) twice in the code, once after CSE) and a
-    # LoRA width.
-    "c2i-D64-L2-p2-N16": (_config("c2i", 64, 2, 2, new_condition="t,r,t-r",
-                                  lora_hidden_size=32), 8, 0),
-    "c2i-D128-L4-p2-N64": (_config("c2i", 128, 4, 2), 16, 0),
-    "c2i-D256-L2-p4-N64": (_config("c2i", 256, 2, 4,
-                                   distance_aware=False), 32, 0),
-    # t2i without the delta embedder: t_embedder on t and on r.
-    "t2i-D128-L3-p2-N16": (_config("t2i", 128, 3, 2, use_new_embed=False,
-                                   new_condition="t,r"), 8, 8),
-    "t2i-D256-L2-p4-N36": (_config("t2i", 256, 2, 4, cap_feat_dim=192),
-                           24, 8),
+  # The widest elementwise share (D 64); exercises the 3-embedder
+  # new_condition (t_embedder(t) twice in the code, once after CSE) and a
+  # LoRA width.
+  "c2i-D64-L2-p2-N16": (
+    _config("c2i", 64, 2, 2, new_condition="t,r,t-r", lora_hidden_size=32),
+    8,
+    0,
+  ),
+  "c2i-D128-L4-p2-N64": (_config("c2i", 128, 4, 2), 16, 0),
+  "c2i-D256-L2-p4-N64": (
+    _config("c2i", 256, 2, 4, distance_aware=False),
+    32,
+    0,
+  ),
+  # t2i without the delta embedder: t_embedder on t and on r.
+  "t2i-D128-L3-p2-N16": (
+    _config("t2i", 128, 3, 2, use_new_embed=False, new_condition="t,r"),
+    8,
+    8,
+  ),
+  "t2i-D256-L2-p4-N36": (_config("t2i", 256, 2, 4, cap_feat_dim=192), 24, 8),
 }
 C2I, T2I = "c2i-D128-L4-p2-N64", "t2i-D128-L3-p2-N16"
 SMALL_C2I = "c2i-D64-L2-p2-N16"
@@ -82,13 +100,14 @@ def xla_flops(f, *args, options=FAST):
   return float(cost["flops"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(name):
   """(config, graphdef, abstract params, abstract inputs): nothing is
   initialised, XLA sees only shapes."""
   config, hw, m = CASES[name]
   graphdef, params = nnx.split(
-      nnx.eval_shape(lambda: models.TiM(config, rngs=nnx.Rngs(0))))
+    nnx.eval_shape(lambda: models.TiM(config, rngs=nnx.Rngs(0)))
+  )
   s = jax.ShapeDtypeStruct
   x = s((B, hw, hw, config.in_channels), jnp.float32)
   t = s((B,), jnp.float32)
@@ -112,8 +131,10 @@ def _geometry(name):
 
 def _check(name, what, ours, counted):
   ratio = counted / ours
-  print(f"\n{name:22s} {what:28s} ours {ours:14.4e}  XLA {counted:14.4e}  "
-        f"XLA/ours {ratio:.3f}")
+  print(
+    f"\n{name:22s} {what:28s} ours {ours:14.4e}  XLA {counted:14.4e}  "
+    f"XLA/ours {ratio:.3f}"
+  )
   assert abs(ratio - 1.0) < TOL, (name, what, ours, counted, ratio)
 
 
@@ -121,8 +142,13 @@ def _check(name, what, ours, counted):
 def test_forward(name):
   _, graphdef, params, a = _setup(name)
   counted = xla_flops(
-      lambda p, x, t, r, y: _network(graphdef, p)(x, t, r, y),
-      params, a["x"], a["t"], a["t"], a["y"])
+    lambda p, x, t, r, y: _network(graphdef, p)(x, t, r, y),
+    params,
+    a["x"],
+    a["t"],
+    a["t"],
+    a["y"],
+  )
   ours = flops.forward_flops(*_geometry(name))
   assert ours["total"] == sum(v for k, v in ours.items() if k != "total")
   _check(name, "forward", ours["total"], counted)
@@ -130,14 +156,23 @@ def test_forward(name):
 
 def test_forward_with_projection():
   config, hw, m = CASES[C2I]
-  config = dataclasses.replace(config, use_projector=True, encoder_depth=2,
-                               projector_dim=256, z_dim=128)
+  config = dataclasses.replace(
+    config, use_projector=True, encoder_depth=2, projector_dim=256, z_dim=128
+  )
   graphdef, params = nnx.split(
-      nnx.eval_shape(lambda: models.TiM(config, rngs=nnx.Rngs(0))))
+    nnx.eval_shape(lambda: models.TiM(config, rngs=nnx.Rngs(0)))
+  )
   _, _, _, a = _setup(C2I)
   counted = xla_flops(
-      lambda p, x, t, r, y: _network(graphdef, p, return_projection=True)(
-          x, t, r, y), params, a["x"], a["t"], a["t"], a["y"])
+    lambda p, x, t, r, y: _network(graphdef, p, return_projection=True)(
+      x, t, r, y
+    ),
+    params,
+    a["x"],
+    a["t"],
+    a["t"],
+    a["y"],
+  )
   ours = flops.forward_flops(config, B, hw, hw, m, projection=True)
   assert ours["projector"] > 0.1 * ours["total"]  # Visible at 10 %.
   _check(C2I + "+proj", "forward, projection", ours["total"], counted)
@@ -152,17 +187,24 @@ def test_timestep_embedders_counted_once():
   for cond in ("t-r", "t,r,t-r"):
     c = dataclasses.replace(config, new_condition=cond)
     graphdef, params = nnx.split(
-        nnx.eval_shape(lambda: models.TiM(c, rngs=nnx.Rngs(0))))
+      nnx.eval_shape(lambda: models.TiM(c, rngs=nnx.Rngs(0)))
+    )
     _, _, _, a = _setup(SMALL_C2I)
     counted[cond] = xla_flops(
-        lambda p, x, t, r, y: _network(graphdef, p)(x, t, r, y),
-        params, a["x"], a["t"], a["t"], a["y"])
+      lambda p, x, t, r, y: _network(graphdef, p)(x, t, r, y),
+      params,
+      a["x"],
+      a["t"],
+      a["t"],
+      a["y"],
+    )
     ours = flops.forward_flops(c, B, hw, hw, m)["embedders"]
     counted[cond, "ours"] = ours
-  one_mlp = 2 * B * (256 * config.hidden_size + config.hidden_size ** 2)
+  one_mlp = 2 * B * (256 * config.hidden_size + config.hidden_size**2)
   assert counted["t,r,t-r", "ours"] - counted["t-r", "ours"] == one_mlp
-  _check(SMALL_C2I, "t,r,t-r minus t-r", one_mlp,
-         counted["t,r,t-r"] - counted["t-r"])
+  _check(
+    SMALL_C2I, "t,r,t-r minus t-r", one_mlp, counted["t,r,t-r"] - counted["t-r"]
+  )
 
 
 def test_backend_level_does_not_change_the_count():
@@ -180,18 +222,32 @@ def test_flow_matching_step(name):
 
   def loss(p, x, t, r, y):
     return jnp.sum(jnp.square(_network(graphdef, p)(x, t, r, y)))
-  counted = xla_flops(jax.grad(loss), params, a["x"], a["t"], a["t"],
-                      a["y"])
-  _check(name, "fm_step (grad)", flops.step_flops(*_geometry(name),
-                                                  step="fm_step"), counted)
+
+  counted = xla_flops(jax.grad(loss), params, a["x"], a["t"], a["t"], a["y"])
+  _check(
+    name,
+    "fm_step (grad)",
+    flops.step_flops(*_geometry(name), step="fm_step"),
+    counted,
+  )
 
 
 def _target(name, derivative, n):
   _, graphdef, params, a = _setup(name)
 
   def f(p, x, t, r, y):
-    return transition.target(_network(graphdef, p), x, x, t, r, OT_FM,
-                             derivative, cond=y, num_diffusion=n)
+    return transition.target(
+      _network(graphdef, p),
+      x,
+      x,
+      t,
+      r,
+      OT_FM,
+      derivative,
+      cond=y,
+      num_diffusion=n,
+    )
+
   return xla_flops(f, params, a["x"], a["t"], a["t"], a["y"])
 
 
@@ -223,8 +279,9 @@ def test_jvp_target(name):
   _check(name, f"JVP target (n={n})", ours, counted)
 
 
-@pytest.mark.parametrize("name,derivative", [
-    (C2I, "dde"), (T2I, "dde"), (C2I, "jvp")])
+@pytest.mark.parametrize(
+  "name,derivative", [(C2I, "dde"), (T2I, "dde"), (C2I, "jvp")]
+)
 def test_tim_loss_step(name, derivative):
   """value_and_grad of the full ``transition.loss`` (default LossConfig:
   half the rows are diffusion rows) against ``step_flops``. (At D 64 this
@@ -237,10 +294,19 @@ def test_tim_loss_step(name, derivative):
     network = _network(graphdef, p)
     fn = lambda *args: (network(*args), None)
     return transition.loss(fn, x, y, key, transport=OT_FM, config=config)
-  counted = xla_flops(jax.value_and_grad(loss, has_aux=True), params,
-                      a["x"], a["y"], jax.random.key(0))
-  ours = flops.step_flops(*_geometry(name), step=f"tim_{derivative}_step",
-                          diffusion_share=config.diffusion_ratio)
+
+  counted = xla_flops(
+    jax.value_and_grad(loss, has_aux=True),
+    params,
+    a["x"],
+    a["y"],
+    jax.random.key(0),
+  )
+  ours = flops.step_flops(
+    *_geometry(name),
+    step=f"tim_{derivative}_step",
+    diffusion_share=config.diffusion_ratio,
+  )
   _check(name, f"tim_{derivative}_step (loss+grad)", ours, counted)
 
 
@@ -248,9 +314,17 @@ def _sampler_flops(name, num_steps, guidance_interval):
   _, graphdef, params, a = _setup(name)
 
   def f(p, noise, y, null):
-    return sampling.sample(_network(graphdef, p), noise, y, null,
-                           transport=OT_FM, num_steps=num_steps,
-                           cfg_scale=2.0, guidance_interval=guidance_interval)
+    return sampling.sample(
+      _network(graphdef, p),
+      noise,
+      y,
+      null,
+      transport=OT_FM,
+      num_steps=num_steps,
+      cfg_scale=2.0,
+      guidance_interval=guidance_interval,
+    )
+
   return xla_flops(f, params, a["x"], a["y"], a["null"])
 
 
@@ -275,21 +349,31 @@ def test_sampler(name):
   assert plan["guided"].tolist() == [False, False, True, True]
 
   whole = _sampler_flops(name, 4, (0.0, 0.7))
-  one_body = flops.step_flops(config, b, h, w, m, step="sample", num_steps=1,
-                              guided_steps=1)
+  one_body = flops.step_flops(
+    config, b, h, w, m, step="sample", num_steps=1, guided_steps=1
+  )
   _check(name, "sample x4 as XLA counts it", one_body, whole)
 
-  plain_step = _sampler_flops(name, 1, (0.0, 0.7))   # t = 1: unguided.
+  plain_step = _sampler_flops(name, 1, (0.0, 0.7))  # t = 1: unguided.
   guided_step = _sampler_flops(name, 1, (0.0, 1.5))  # 1 < 1.5: guided.
-  _check(name, "sampler step, plain",
-         flops.step_flops(config, b, h, w, m, step="sample"), plain_step)
-  _check(name, "sampler step, guided",
-         flops.step_flops(config, b, h, w, m, step="sample", guided_steps=1),
-         guided_step)
-  ours = flops.step_flops(config, b, h, w, m, step="sample", num_steps=4,
-                          guided_steps=2)
-  _check(name, "sample x4, sum of steps", ours,
-         2 * plain_step + 2 * guided_step)
+  _check(
+    name,
+    "sampler step, plain",
+    flops.step_flops(config, b, h, w, m, step="sample"),
+    plain_step,
+  )
+  _check(
+    name,
+    "sampler step, guided",
+    flops.step_flops(config, b, h, w, m, step="sample", guided_steps=1),
+    guided_step,
+  )
+  ours = flops.step_flops(
+    config, b, h, w, m, step="sample", num_steps=4, guided_steps=2
+  )
+  _check(
+    name, "sample x4, sum of steps", ours, 2 * plain_step + 2 * guided_step
+  )
 
 
 # --- the formula alone ------------------------------------------------------
@@ -303,9 +387,11 @@ def test_step_kinds():
   assert count(step="fm_step") == 3 * f
   assert count(step="sample", num_steps=4, guided_steps=2) == 6 * f
   assert count(step="tim_dde_step") == 3 * f + flops.dde_flops(
-      config, b // 2, h, w, m)
+    config, b // 2, h, w, m
+  )
   assert count(step="tim_jvp_step") == 3 * f + flops.jvp_flops(
-      config, b // 2, h, w, m)
+    config, b // 2, h, w, m
+  )
   # All rows diffusion rows: no derivative pass.
   assert count(step="tim_dde_step", diffusion_share=1.0) == 3 * f
   # ~2 forwards per derivative pass.
@@ -332,13 +418,22 @@ def test_xl2_256_forward():
   vector per sample.
   """
   config = models.TiMConfig(
-      kind="c2i", patch_size=2, in_channels=4, hidden_size=1152, depth=28,
-      num_heads=16, encoder_depth=8, lora_hidden_size=384)
+    kind="c2i",
+    patch_size=2,
+    in_channels=4,
+    hidden_size=1152,
+    depth=28,
+    num_heads=16,
+    encoder_depth=8,
+    lora_hidden_size=384,
+  )
   out = flops.forward_flops(config, 1, 32, 32)
   total = out["total"]
-  print(f"\nTiM-XL/2 256px forward: {total / 1e9:.1f} GFLOPs "
-        f"({total / 2e9:.1f} G multiply-adds); "
-        + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in out.items()))
+  print(
+    f"\nTiM-XL/2 256px forward: {total / 1e9:.1f} GFLOPs "
+    f"({total / 2e9:.1f} G multiply-adds); "
+    + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in out.items())
+  )
   assert 200e9 < total < 300e9
   # DiT-XL/2 in multiply-adds, from its architecture: per block qkv + proj
   # (4 D^2) and the MLP (8 D^2) per token, QK^T and AV (2 N^2 D), adaLN
@@ -351,26 +446,46 @@ def test_xl2_256_forward():
   # step with half the rows diffusion rows adds 2 forwards of half a batch.
   assert flops.step_flops(config, 1, 32, 32, step="fm_step") == 3 * total
   assert flops.step_flops(config, 2, 32, 32, step="tim_dde_step") == (
-      pytest.approx(8 * total))
+    pytest.approx(8 * total)
+  )
   # With the REPA projector (2 x 2048 hidden, 768 out) on the 256 tokens.
   proj = flops.forward_flops(config, 1, 32, 32, projection=True)["projector"]
   assert proj == 2 * 256 * (1152 * 2048 + 2048 * 2048 + 2048 * 768)
 
 
-@pytest.mark.parametrize("grid,image_hw,table", [((4, 4), (40, 36), (8, 8)),
-                                                  ((3, 5), (24, 40), (6, 6))])
+@pytest.mark.parametrize(
+  "grid,image_hw,table",
+  [((4, 4), (40, 36), (8, 8)), ((3, 5), (24, 40), (6, 6))],
+)
 def test_repa_teacher(grid, image_hw, table):
   from tim_jax.encoders import radio
-  c = dataclasses.replace(radio.V2_5_B, embed_dim=128, depth=2, num_heads=4,
-                          mlp_hidden=512, table=table)
+
+  c = dataclasses.replace(
+    radio.V2_5_B,
+    embed_dim=128,
+    depth=2,
+    num_heads=4,
+    mlp_hidden=512,
+    table=table,
+  )
   # Looped blocks: XLA counts a scanned body once.
   enc = radio.random_encoder(c, scan_blocks=False)
   images = jnp.zeros((B,) + image_hw + (3,))
-  compiled = jax.jit(enc.apply, static_argnums=(2,)).lower(
-      enc.state, images, grid).compile(compiler_options=FAST)
+  compiled = (
+    jax.jit(enc.apply, static_argnums=(2,))
+    .lower(enc.state, images, grid)
+    .compile(compiler_options=FAST)
+  )
   xla = compiled.cost_analysis()["flops"]
   ours = flops.repa_teacher_flops(
-      embed_dim=c.embed_dim, depth=c.depth, mlp_hidden=c.mlp_hidden,
-      patch_size=c.patch_size, num_skip=c.num_skip, table=c.table, batch=B,
-      grid=grid, image_hw=image_hw)
+    embed_dim=c.embed_dim,
+    depth=c.depth,
+    mlp_hidden=c.mlp_hidden,
+    patch_size=c.patch_size,
+    num_skip=c.num_skip,
+    table=c.table,
+    batch=B,
+    grid=grid,
+    image_hw=image_hw,
+  )
   assert abs(xla / ours - 1) < TOL, (xla, ours)

@@ -9,17 +9,16 @@ import dataclasses
 import json
 import os
 
+from flax import nnx
+import gemma_utils
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
-import gemma_utils
-
-from tim_jax.weights import torch_weights
 from tim_jax.encoders import gemma
+from tim_jax.weights import torch_weights
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "gemma")
 SENTENCES = gemma_utils.SENTENCES
@@ -38,19 +37,24 @@ def reference(model, ids, mask):
   from transformers import AttentionInterface
   from transformers.masking_utils import AttentionMaskInterface, eager_mask
   from transformers.models.gemma3 import modeling_gemma3
+
   rows = torch.from_numpy(mask).float()
 
   def zero_pad(module, query, key, value, attention_mask, **kw):
     out, weights = modeling_gemma3.eager_attention_forward(
-        module, query, key, value, attention_mask, **kw)
+      module, query, key, value, attention_mask, **kw
+    )
     return out * rows[:, :, None, None], weights
+
   AttentionInterface.register("zero_pad_rows", zero_pad)
   # The same (additive) masks as eager attention.
   AttentionMaskInterface.register("zero_pad_rows", eager_mask)
   model.config._attn_implementation = "zero_pad_rows"  # pylint: disable=protected-access
   with torch.no_grad():
-    out = model.model(input_ids=torch.from_numpy(ids).long(),
-                      attention_mask=torch.from_numpy(mask).long())
+    out = model.model(
+      input_ids=torch.from_numpy(ids).long(),
+      attention_mask=torch.from_numpy(mask).long(),
+    )
   return out.last_hidden_state.numpy()
 
 
@@ -58,7 +62,9 @@ def test_features_match_transformers(small):
   d, model = small
   enc = gemma.load(d, max_length=MAX_LEN)
   assert [t for t in enc.config.layer_types] == [
-      "sliding_attention", "full_attention"] * 2
+    "sliding_attention",
+    "full_attention",
+  ] * 2
   prompts = SENTENCES[:4]
   ids, mask = enc.tokenize(prompts)
   assert (ids[:, 0] == 2).all()  # BOS first
@@ -74,7 +80,7 @@ def test_features_match_transformers(small):
   # encode: cut to the longest caption, as the trainers do.
   cut, lengths = enc.encode(prompts)
   assert cut.shape == (4, int(lengths.max()), SMALL["hidden_size"])
-  np.testing.assert_allclose(np.asarray(cut), got[:, :int(lengths.max())])
+  np.testing.assert_allclose(np.asarray(cut), got[:, : int(lengths.max())])
 
 
 def test_truncation_to_max_length(small):
@@ -87,9 +93,9 @@ def test_truncation_to_max_length(small):
 def test_real_config_has_the_checkpoint_names_shapes_and_count():
   with open(os.path.join(DATA, "config.json")) as f:
     cfg = json.load(f)
-  hf_cfg = transformers.Gemma3TextConfig(**{
-      k: v for k, v in cfg.items() if k not in ("architectures",
-                                                 "model_type")})
+  hf_cfg = transformers.Gemma3TextConfig(
+    **{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+  )
   with torch.device("meta"):
     ref = transformers.Gemma3ForCausalLM(hf_cfg).model
   want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -104,9 +110,16 @@ def test_real_config_has_the_checkpoint_names_shapes_and_count():
 
 
 def test_bfloat16_embedding_scale_is_rounded():
-  c = dataclasses.replace(gemma.ONE_B, vocab_size=8, intermediate_size=8,
-                          num_hidden_layers=0, num_attention_heads=1,
-                          num_key_value_heads=1, head_dim=8, layer_types=())
+  c = dataclasses.replace(
+    gemma.ONE_B,
+    vocab_size=8,
+    intermediate_size=8,
+    num_hidden_layers=0,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=8,
+    layer_types=(),
+  )
   bf16 = jax.numpy.bfloat16
   model = gemma.Gemma3TextModel(c, dtype=bf16, param_dtype=bf16)
   model.embed_tokens.weight.set_value(jax.numpy.ones((8, 1152), bf16))
@@ -114,5 +127,8 @@ def test_bfloat16_embedding_scale_is_rounded():
   assert float(out[0, 0, 0]) == 34.0  # sqrt(1152) = 33.94 in float32
   f32 = gemma.Gemma3TextModel(c)
   f32.embed_tokens.weight.set_value(jax.numpy.ones((8, 1152)))
-  np.testing.assert_allclose(float(f32.embed(jax.numpy.asarray([[3]]))[
-      0, 0, 0]), np.sqrt(1152), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(f32.embed(jax.numpy.asarray([[3]]))[0, 0, 0]),
+    np.sqrt(1152),
+    rtol=1e-6,
+  )

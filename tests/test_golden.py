@@ -7,17 +7,17 @@ the forward pass and the projection, 2e-3 for the targets and the sampler.
 
 import functools
 
+from golden_utils import CASES, Golden, nchw, rel_err
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golden_utils import CASES, Golden, nchw, rel_err
 from tim_jax.method import sampling, transition
 
 TOL = {
-    "float64": dict(fwd=1e-5, tgt=1e-5, smp=1e-5),
-    "float32": dict(fwd=2e-4, tgt=2e-3, smp=2e-3),
+  "float64": dict(fwd=1e-5, tgt=1e-5, smp=1e-5),
+  "float32": dict(fwd=2e-4, tgt=2e-3, smp=2e-3),
 }
 
 
@@ -34,8 +34,13 @@ def _golden(name, precision):
 @pytest.mark.parametrize("name", CASES)
 def test_forward_and_projection(name, precision):
   g = _golden(name, precision)
-  out, proj = g.model(g.x("fwd_x"), g.a("fwd_t"), g.a("fwd_r"), g.a("fwd_y"),
-                      return_projection=True)
+  out, proj = g.model(
+    g.x("fwd_x"),
+    g.a("fwd_t"),
+    g.a("fwd_r"),
+    g.a("fwd_y"),
+    return_projection=True,
+  )
   assert out.dtype == g.dtype
   assert rel_err(nchw(out), g.arrays["fwd_out"]) < TOL[precision]["fwd"]
   assert rel_err(proj, g.arrays["fwd_proj"]) < TOL[precision]["fwd"]
@@ -47,14 +52,27 @@ def test_target_and_derivative(name, derivative, precision):
   g = _golden(name, precision)
   eps = g.meta["differential_epsilon"]
   args = (g.x("tgt_x"), g.x("tgt_z"), g.a("tgt_t"), g.a("tgt_r"))
-  target = jax.jit(functools.partial(
-      transition.target, g.fn, transport=g.transport, derivative=derivative,
-      epsilon=eps))(*args, cond=g.a("tgt_y"))
-  assert rel_err(nchw(target), g.arrays[f"tgt_{derivative}"]) < (
-      TOL[precision]["tgt"])
+  target = jax.jit(
+    functools.partial(
+      transition.target,
+      g.fn,
+      transport=g.transport,
+      derivative=derivative,
+      epsilon=eps,
+    )
+  )(*args, cond=g.a("tgt_y"))
+  assert (
+    rel_err(nchw(target), g.arrays[f"tgt_{derivative}"])
+    < (TOL[precision]["tgt"])
+  )
   d_f = transition.time_derivative(
-      g.fn, *args, transport=g.transport, derivative=derivative,
-      epsilon=eps, cond=g.a("tgt_y"))
+    g.fn,
+    *args,
+    transport=g.transport,
+    derivative=derivative,
+    epsilon=eps,
+    cond=g.a("tgt_y"),
+  )
   ref = g.arrays[f"tgt_dFdt_{derivative}"]
   # Row 0 is a diffusion row (r == t): the official derivative is 0 there,
   # and so is ours after masking inside `target`. Compare the others.
@@ -70,11 +88,18 @@ def test_target_and_derivative(name, derivative, precision):
 def test_sampler_trajectory(name, precision):
   g = _golden(name, precision)
   s = g.meta["sample"]
-  run = jax.jit(functools.partial(
-      sampling.sample, g.fn, transport=g.transport,
-      num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
+  run = jax.jit(
+    functools.partial(
+      sampling.sample,
+      g.fn,
+      transport=g.transport,
+      num_steps=s["num_steps"],
+      cfg_scale=s["cfg_scale"],
       guidance_interval=(s["cfg_low"], s["cfg_high"]),
-      stochasticity=s["stochasticity_ratio"], return_trajectory=True))
+      stochasticity=s["stochasticity_ratio"],
+      return_trajectory=True,
+    )
+  )
   final, traj = run(g.x("smp_noise"), g.a("smp_y"), g.a("smp_y_null"))
   assert traj.shape[0] == s["num_steps"] + 1
   ref_traj = g.arrays["smp_traj"]

@@ -21,16 +21,22 @@ def test_upscale_reaches_the_minimum_side_with_square_pixels():
 
 def test_annotated_grid_writes_each_rows_label_beside_it():
   tiles = _tiles(6)  # Two rows of three 16x24 images -> 128x192.
-  out = images.annotated_grid(tiles, 3, row_labels=["a red circle", ""],
-                              col_labels=["1 NFE", "2 NFE", "4 NFE"],
-                              title="step 10", label_width=200, gap=4)
+  out = images.annotated_grid(
+    tiles,
+    3,
+    row_labels=["a red circle", ""],
+    col_labels=["1 NFE", "2 NFE", "4 NFE"],
+    title="step 10",
+    label_width=200,
+    gap=4,
+  )
   assert out.dtype == np.uint8 and out.shape[2] == 3
   assert out.shape[1] == 200 + 3 * (192 + 4) + 4
-  body = out[-(2 * 132 + 4):]
+  body = out[-(2 * 132 + 4) :]
   first_row, second_row = body[4:132, :200], body[136:264, :200]
   assert (first_row < 100).any()  # The label's text.
   assert (second_row == 255).all()  # No label: blank.
-  header = out[:-(2 * 132 + 4), 200:]
+  header = out[: -(2 * 132 + 4), 200:]
   assert (header < 100).any()  # Column labels and the title.
   np.testing.assert_array_equal(body[4:132, 204:396], 200)  # The image.
 
@@ -42,8 +48,7 @@ def test_long_labels_wrap_and_titles_grow_the_header():
   assert long.shape[0] > short.shape[0]
   assert long.shape[1] == short.shape[1]
   label = "a red circle at the top left and a blue square at the bottom"
-  out = images.annotated_grid(tiles[:1], 1, row_labels=[label],
-                              label_width=120)
+  out = images.annotated_grid(tiles[:1], 1, row_labels=[label], label_width=120)
   rows_with_ink = np.where((out[:, :120] < 100).any(axis=(1, 2)))[0]
   assert rows_with_ink.max() - rows_with_ink.min() > 30  # Several lines.
 

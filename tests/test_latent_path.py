@@ -6,19 +6,19 @@ Also: the flip choice is part of the resumable data state."""
 
 import os
 
+import autoencoder_utils as au
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-import autoencoder_utils as au
 from tim_jax import inference, training
-from tim_jax.config import config_base
-from tim_jax.inference import generate
-from tim_jax.data import latents, pipeline, prepare
 from tim_jax.commands import cli
 from tim_jax.commands import fid as fid_command
 from tim_jax.commands import prepare as prepare_command
+from tim_jax.config import config_base
+from tim_jax.data import latents, pipeline, prepare
+from tim_jax.inference import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,15 +26,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # autoencoder maps the crop to the variant's latent shape (32x32x4 for
 # xl2_256; 16x16x32 for xl1_512).
 CASES = {
-    "kl": ("xl2_256", "sd_vae_ft_ema", au.KL_SMALL, 64),
-    "dc": ("xl1_512", "dc_ae_f32c32_sana_1.1",
-           dict(au.DC_CONV, latent_channels=32), 128),
+  "kl": ("xl2_256", "sd_vae_ft_ema", au.KL_SMALL, 64),
+  "dc": (
+    "xl1_512",
+    "dc_ae_f32c32_sana_1.1",
+    dict(au.DC_CONV, latent_channels=32),
+    128,
+  ),
 }
 
 
 def smoke_config(variant, name, data_dir, ae_dir, num_steps=3):
-  c = config_base.load_file(os.path.join(ROOT, "configs", "c2i.py") +
-                            f":{variant},smoke")
+  c = config_base.load_file(
+    os.path.join(ROOT, "configs", "c2i.py") + f":{variant},smoke"
+  )
   c.unlock()
   c.data.data_dir = data_dir
   c.autoencoder.name = name
@@ -56,24 +61,46 @@ def prepared_kl_dataset(tmp_path, per_class):
   ae_dir = tmp_path / "ae"
   au.write(au.KL_SMALL, ae_dir)
   data_dir = str(tmp_path / "latents")
-  assert cli.call(prepare_command, [f"--images={folder}", "--autoencoder=sd_vae_ft_ema",
-                       f"--autoencoder_path={ae_dir}", "--resolution=64",
-                       f"--data_dir={data_dir}"]) == 0
+  assert (
+    cli.call(
+      prepare_command,
+      [
+        f"--images={folder}",
+        "--autoencoder=sd_vae_ft_ema",
+        f"--autoencoder_path={ae_dir}",
+        "--resolution=64",
+        f"--data_dir={data_dir}",
+      ],
+    )
+    == 0
+  )
   return data_dir, ae_dir
 
 
 def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
-  folder = au.write_image_folder(tmp_path / "images", min_side=130,
-                                 max_side=180)
+  folder = au.write_image_folder(
+    tmp_path / "images", min_side=130, max_side=180
+  )
   weights = au.random_inception_weights(tmp_path / "inception.safetensors")
   for case, (variant, name, ae_cfg, size) in CASES.items():
     ae_dir = tmp_path / f"{case}_ae"
     au.write(ae_cfg, ae_dir)
     data_dir = str(tmp_path / f"{case}_latents")
-    assert cli.call(prepare_command, [f"--images={folder}", f"--autoencoder={name}",
-                         f"--autoencoder_path={ae_dir}",
-                         f"--resolution={size}", f"--data_dir={data_dir}",
-                         "--shard_size=10", "--batch_size=8"]) == 0
+    assert (
+      cli.call(
+        prepare_command,
+        [
+          f"--images={folder}",
+          f"--autoencoder={name}",
+          f"--autoencoder_path={ae_dir}",
+          f"--resolution={size}",
+          f"--data_dir={data_dir}",
+          "--shard_size=10",
+          "--batch_size=8",
+        ],
+      )
+      == 0
+    )
     source = latents.LatentSource(data_dir, with_images=True)
     assert len(source) == 24 and source.has_flips
     ex = source[0]
@@ -92,23 +119,49 @@ def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
 
     pipe = inference.load(workdir)
     out = str(tmp_path / f"{case}_samples.npz")
-    assert generate.generate(pipe, num=64, out=out, num_steps=1,
-                             batch_size=32, progress=False) == out
+    assert (
+      generate.generate(
+        pipe, num=64, out=out, num_steps=1, batch_size=32, progress=False
+      )
+      == out
+    )
     with np.load(out) as z:
       images, labels = z["arr_0"], z["arr_1"]
     assert images.shape == (64, size, size, 3) and images.dtype == np.uint8
     assert labels.min() >= 0 and labels.max() < 1000
-    np.testing.assert_array_equal(labels, generate.labels_for(
-        0, np.arange(64), 1000))
+    np.testing.assert_array_equal(
+      labels, generate.labels_for(0, np.arange(64), 1000)
+    )
 
     ref = str(tmp_path / f"{case}_ref.npz")
-    assert cli.call(fid_command, ["stats", f"--images={folder}", f"--resolution={size}",
-                     f"--inception_weights={weights}", f"--out={ref}",
-                     "--batch_size=32"]) == 0
+    assert (
+      cli.call(
+        fid_command,
+        [
+          "stats",
+          f"--images={folder}",
+          f"--resolution={size}",
+          f"--inception_weights={weights}",
+          f"--out={ref}",
+          "--batch_size=32",
+        ],
+      )
+      == 0
+    )
     capsys.readouterr()
-    assert cli.call(fid_command, ["score", f"--samples={out}", f"--reference={ref}",
-                     f"--inception_weights={weights}",
-                     "--batch_size=32"]) == 0
+    assert (
+      cli.call(
+        fid_command,
+        [
+          "score",
+          f"--samples={out}",
+          f"--reference={ref}",
+          f"--inception_weights={weights}",
+          "--batch_size=32",
+        ],
+      )
+      == 0
+    )
     printed = capsys.readouterr().out
     value = float(printed.split("FID ")[1].split()[0])
     score = float(printed.split("IS ")[1].split()[0])
@@ -117,8 +170,9 @@ def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
 
 def test_generation_resumes_from_its_parts(tmp_path):
   data_dir, ae_dir = prepared_kl_dataset(tmp_path, per_class=3)
-  config = smoke_config("xl2_256", "sd_vae_ft_ema", data_dir, str(ae_dir),
-                        num_steps=2)
+  config = smoke_config(
+    "xl2_256", "sd_vae_ft_ema", data_dir, str(ae_dir), num_steps=2
+  )
   config.unlock()
   config.sample.every = 0
   config.batch_size = 8
@@ -127,24 +181,29 @@ def test_generation_resumes_from_its_parts(tmp_path):
   training.train_and_evaluate(config, workdir)
   pipe = inference.load(workdir)
   whole = str(tmp_path / "whole.npz")
-  generate.generate(pipe, num=12, out=whole, num_steps=1, batch_size=4,
-                    progress=False)
+  generate.generate(
+    pipe, num=12, out=whole, num_steps=1, batch_size=4, progress=False
+  )
   # An interrupted run: one part was lost; the rerun redoes only that one.
   part = str(tmp_path / "part.npz")
-  generate.generate(pipe, num=12, out=part, num_steps=1, batch_size=4,
-                    progress=False)
+  generate.generate(
+    pipe, num=12, out=part, num_steps=1, batch_size=4, progress=False
+  )
   os.remove(os.path.join(part + ".parts", "batch_0000001.npz"))
   kept = os.path.getmtime(os.path.join(part + ".parts", "batch_0000000.npz"))
   os.remove(part)
-  generate.generate(pipe, num=12, out=part, num_steps=1, batch_size=4,
-                    progress=False)
-  assert os.path.getmtime(os.path.join(part + ".parts",
-                                       "batch_0000000.npz")) == kept
+  generate.generate(
+    pipe, num=12, out=part, num_steps=1, batch_size=4, progress=False
+  )
+  assert (
+    os.path.getmtime(os.path.join(part + ".parts", "batch_0000000.npz")) == kept
+  )
   with np.load(whole) as a, np.load(part) as b:
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
   with pytest.raises(ValueError, match="another job"):
-    generate.generate(pipe, num=13, out=part, num_steps=1, batch_size=4,
-                      progress=False)
+    generate.generate(
+      pipe, num=13, out=part, num_steps=1, batch_size=4, progress=False
+    )
 
 
 def test_flip_choice_is_random_per_visit_and_resumes_exactly(tmp_path):
@@ -153,17 +212,20 @@ def test_flip_choice_is_random_per_visit_and_resumes_exactly(tmp_path):
   shards = tmp_path / "shards"
   shards.mkdir()
   lat = rng.normal(size=(n, 2, 2, 1)).astype(np.float32)
-  np.savez(shards / "s.npz", latent=lat, latent_flip=-lat,
-           label=np.arange(n) % 3)
-  path = latents.write_latents(shards, tmp_path / "out",
-                               latent_shape=(2, 2, 1), flip=True)
+  np.savez(
+    shards / "s.npz", latent=lat, latent_flip=-lat, label=np.arange(n) % 3
+  )
+  path = latents.write_latents(
+    shards, tmp_path / "out", latent_shape=(2, 2, 1), flip=True
+  )
   source = latents.LatentSource(path)
 
   def take(it, k):
     return [next(it)["image"].copy() for _ in range(k)]
 
-  it = pipeline.make_iterator(source, global_batch_size=4, seed=7,
-                              process_index=0, process_count=1)
+  it = pipeline.make_iterator(
+    source, global_batch_size=4, seed=7, process_index=0, process_count=1
+  )
   batches = take(it, 8)  # Two epochs.
   flipped = []
   for b in batches:
@@ -175,13 +237,15 @@ def test_flip_choice_is_random_per_visit_and_resumes_exactly(tmp_path):
   # Both kinds occur, in about equal numbers.
   assert 8 <= sum(flipped) <= 24
   # Resume: the iterator restored from its state continues identically.
-  it = pipeline.make_iterator(source, global_batch_size=4, seed=7,
-                              process_index=0, process_count=1)
+  it = pipeline.make_iterator(
+    source, global_batch_size=4, seed=7, process_index=0, process_count=1
+  )
   take(it, 3)
   saved = it.get_state()
   rest = take(it, 5)
-  again = pipeline.make_iterator(source, global_batch_size=4, seed=7,
-                                 process_index=0, process_count=1)
+  again = pipeline.make_iterator(
+    source, global_batch_size=4, seed=7, process_index=0, process_count=1
+  )
   again.set_state(saved)
   for a, b in zip(rest, take(again, 5)):
     np.testing.assert_array_equal(a, b)
@@ -192,27 +256,46 @@ def test_prepare_errors_are_clear(tmp_path, capsys):
   au.write(au.KL_SMALL, ae_dir)
   empty = tmp_path / "empty"
   empty.mkdir()
-  args = [f"--autoencoder_path={ae_dir}", "--autoencoder=sd_vae_ft_ema",
-          f"--data_dir={tmp_path / 'out'}"]
+  args = [
+    f"--autoencoder_path={ae_dir}",
+    "--autoencoder=sd_vae_ft_ema",
+    f"--data_dir={tmp_path / 'out'}",
+  ]
   assert cli.call(prepare_command, [f"--images={empty}"] + args) == 2
   assert "no class subfolders" in capsys.readouterr().err
   folder = au.write_image_folder(tmp_path / "imgs", per_class=2)
   (folder / "n01" / "broken.jpg").write_bytes(b"not an image")
-  assert cli.call(prepare_command, [f"--images={folder}", "--resolution=64"] + args) == 2
+  assert (
+    cli.call(prepare_command, [f"--images={folder}", "--resolution=64"] + args)
+    == 2
+  )
   assert "cannot read image" in capsys.readouterr().err
   os.remove(folder / "n01" / "broken.jpg")
-  assert cli.call(prepare_command, [f"--images={folder}", "--resolution=63"] + args) == 2
+  assert (
+    cli.call(prepare_command, [f"--images={folder}", "--resolution=63"] + args)
+    == 2
+  )
   assert "multiple of 2" in capsys.readouterr().err
-  assert cli.call(prepare_command, [f"--images={folder}", "--resolution=64",
-                       "--autoencoder=dc_ae_f32c32_sana_1.1",
-                       f"--autoencoder_path={ae_dir}",
-                       f"--data_dir={tmp_path / 'out'}"]) == 2
+  assert (
+    cli.call(
+      prepare_command,
+      [
+        f"--images={folder}",
+        "--resolution=64",
+        "--autoencoder=dc_ae_f32c32_sana_1.1",
+        f"--autoencoder_path={ae_dir}",
+        f"--data_dir={tmp_path / 'out'}",
+      ],
+    )
+    == 2
+  )
   assert "expects an AutoencoderDC" in capsys.readouterr().err
 
 
 def test_center_crop_and_folder_order(tmp_path):
-  im = Image.fromarray(np.arange(300 * 200 * 3, dtype=np.uint8).reshape(
-      300, 200, 3) % 251)
+  im = Image.fromarray(
+    np.arange(300 * 200 * 3, dtype=np.uint8).reshape(300, 200, 3) % 251
+  )
   crop = prepare.center_crop(im, 64)
   assert crop.shape == (64, 64, 3)
   # The short side was halved once (200 -> 100, box), then resized to 64.
@@ -223,7 +306,10 @@ def test_center_crop_and_folder_order(tmp_path):
   items, classes = prepare.image_folder(str(tmp_path))
   assert classes == ["a", "b"]
   assert [(os.path.relpath(p, tmp_path), l) for p, l in items] == [
-      ("a/z.jpeg", 0), ("b/1.PNG", 1), ("b/2.png", 1)]
+    ("a/z.jpeg", 0),
+    ("b/1.PNG", 1),
+    ("b/2.png", 1),
+  ]
 
 
 def test_latent_run_with_flips_resumes_exactly(tmp_path):
@@ -232,8 +318,9 @@ def test_latent_run_with_flips_resumes_exactly(tmp_path):
   data_dir, ae_dir = prepared_kl_dataset(tmp_path, per_class=4)
 
   def config(steps):
-    c = smoke_config("xl2_256", "sd_vae_ft_ema", data_dir, str(ae_dir),
-                     num_steps=steps)
+    c = smoke_config(
+      "xl2_256", "sd_vae_ft_ema", data_dir, str(ae_dir), num_steps=steps
+    )
     c.unlock()
     c.sample.every = 0
     c.checkpoint_every = 2
@@ -247,8 +334,7 @@ def test_latent_run_with_flips_resumes_exactly(tmp_path):
     training.train_and_evaluate(no_decoder, str(tmp_path / "none"))
   assert not os.path.exists(tmp_path / "none" / "checkpoints" / "2")
 
-  leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(
-      (s.params, s.ema))]
+  leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves((s.params, s.ema))]
   straight = training.train_and_evaluate(config(4), str(tmp_path / "a"))
   training.train_and_evaluate(config(2), str(tmp_path / "b"))
   resumed = training.train_and_evaluate(config(4), str(tmp_path / "b"))
@@ -262,19 +348,24 @@ def test_prepare_reads_a_tfds_image_dataset(tmp_path):
   import tensorflow_datasets as tfds
 
   rng = np.random.default_rng(0)
-  pictures = [(rng.random((90 + 5 * i, 80, 3)) * 255).astype(np.uint8)
-              for i in range(6)]
+  pictures = [
+    (rng.random((90 + 5 * i, 80, 3)) * 255).astype(np.uint8) for i in range(6)
+  ]
 
   class TinyImages(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     url_infos = None
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features
-                                   .FeaturesDict({
-                                       "image": tfds.features.Image(),
-                                       "label": tfds.features.ClassLabel(
-                                           names=["a", "b"])}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(),
+            "label": tfds.features.ClassLabel(names=["a", "b"]),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -283,13 +374,16 @@ def test_prepare_reads_a_tfds_image_dataset(tmp_path):
       for i, p in enumerate(pictures):
         yield i, {"image": p, "label": i % 2}
 
-  builder = TinyImages(data_dir=str(tmp_path / "tfds"),
-                       file_format="array_record")
+  builder = TinyImages(
+    data_dir=str(tmp_path / "tfds"), file_format="array_record"
+  )
   builder.download_and_prepare()
-  images = prepare.TfdsImages("tiny_images", "train", str(tmp_path / "tfds"),
-                              64)
+  images = prepare.TfdsImages(
+    "tiny_images", "train", str(tmp_path / "tfds"), 64
+  )
   assert len(images) == 6 and images.classes == ["a", "b"]
   crop, label = images[3]
   assert label == 1
   np.testing.assert_array_equal(
-      crop, prepare.center_crop(Image.fromarray(pictures[3]), 64))
+    crop, prepare.center_crop(Image.fromarray(pictures[3]), 64)
+  )

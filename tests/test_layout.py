@@ -18,19 +18,19 @@ PACKAGE = os.path.join(ROOT, "tim_jax")
 
 # Bottom-up. Folders on one line share a layer and may not import each other.
 LAYERS = (
-    ("core",),  # numerics, sharding, images, errors, resumable work
-    ("method",),  # transports, the TiM target and loss, the sampler
-    ("models",),  # the TiM backbone, its layers, named networks, FLOPs
-    ("weights",),  # official files, PyTorch files, orbax checkpoints
-    ("autoencoders", "encoders"),  # frozen networks: SD-VAE, DC-AE, RADIO
-    ("eval",),  # FID: Fréchet statistics, InceptionV3
-    ("shapes",),  # the built-in world, its oracle, scores, NFE study
-    ("config",),  # every knob; the objects a config builds
-    ("data",),  # data kinds, conditioning, latent datasets, preparation
-    ("inference",),  # checkpoint -> samples, prompt sets, generation
-    ("training",),  # trainer, loop, optimizer, evaluators
-    ("commands",),  # the command-line programs
-    ("main",),  # python -m tim_jax.main
+  ("core",),  # numerics, sharding, images, errors, resumable work
+  ("method",),  # transports, the TiM target and loss, the sampler
+  ("models",),  # the TiM backbone, its layers, named networks, FLOPs
+  ("weights",),  # official files, PyTorch files, orbax checkpoints
+  ("autoencoders", "encoders"),  # frozen networks: SD-VAE, DC-AE, RADIO
+  ("eval",),  # FID: Fréchet statistics, InceptionV3
+  ("shapes",),  # the built-in world, its oracle, scores, NFE study
+  ("config",),  # every knob; the objects a config builds
+  ("data",),  # data kinds, conditioning, latent datasets, preparation
+  ("inference",),  # checkpoint -> samples, prompt sets, generation
+  ("training",),  # trainer, loop, optimizer, evaluators
+  ("commands",),  # the command-line programs
+  ("main",),  # python -m tim_jax.main
 )
 RANK = {folder: i for i, layer in enumerate(LAYERS) for folder in layer}
 
@@ -60,8 +60,11 @@ def _imports(path):
   tree = ast.parse(open(path, encoding="utf-8").read())
   found, aliases = [], {}
   for node in ast.walk(tree):
-    if isinstance(node, ast.ImportFrom) and node.module and (
-        node.module.startswith("tim_jax")):
+    if (
+      isinstance(node, ast.ImportFrom)
+      and node.module
+      and (node.module.startswith("tim_jax"))
+    ):
       for a in node.names:
         full = f"{node.module}.{a.name}"
         if full in MODULES:  # `from tim_jax import training`: a module.
@@ -75,10 +78,14 @@ def _imports(path):
           found.append((a.name, ()))
           aliases[a.asname or a.name] = a.name
   private_uses = [
-      f"{aliases[n.value.id]}.{n.attr}" for n in ast.walk(tree)
-      if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
-      and n.value.id in aliases and n.attr.startswith("_")
-      and not n.attr.startswith("__")]
+    f"{aliases[n.value.id]}.{n.attr}"
+    for n in ast.walk(tree)
+    if isinstance(n, ast.Attribute)
+    and isinstance(n.value, ast.Name)
+    and n.value.id in aliases
+    and n.attr.startswith("_")
+    and not n.attr.startswith("__")
+  ]
   return found, private_uses
 
 
@@ -87,9 +94,13 @@ def _edges(module):
 
 
 def test_the_package_is_found():
-  assert {"tim_jax.training.loop", "tim_jax.inference.pipeline",
-          "tim_jax.commands.sample", "tim_jax.shapes.nfe_study",
-          "tim_jax.main"} <= set(MODULES)
+  assert {
+    "tim_jax.training.loop",
+    "tim_jax.inference.pipeline",
+    "tim_jax.commands.sample",
+    "tim_jax.shapes.nfe_study",
+    "tim_jax.main",
+  } <= set(MODULES)
 
 
 def test_every_folder_has_a_layer():
@@ -103,16 +114,22 @@ def test_imports_go_down_the_layers(module):
   if here is None:  # tim_jax/__init__.py: the version, nothing else.
     assert not _edges(module)
     return
-  upward = [m for m in _edges(module) if _folder(m) is not None  # The version.
-            and _folder(m) != here and RANK[_folder(m)] >= RANK[here]]
+  upward = [
+    m
+    for m in _edges(module)
+    if _folder(m) is not None  # The version.
+    and _folder(m) != here
+    and RANK[_folder(m)] >= RANK[here]
+  ]
   assert not upward, f"{module} ({here}) imports {upward}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_private_names_of_other_modules(module):
   found, private_uses = _imports(MODULES[module])
-  private = [f"{m}.{n}" for m, names in found for n in names
-             if n.startswith("_")]
+  private = [
+    f"{m}.{n}" for m, names in found for n in names if n.startswith("_")
+  ]
   assert not private + private_uses
 
 
@@ -125,7 +142,7 @@ def test_no_import_cycles():
       if target == module:
         continue
       if state.get(target) == "open":
-        cycles.append(stack[stack.index(target):] + [target])
+        cycles.append(stack[stack.index(target) :] + [target])
       elif target not in state:
         visit(target, stack + [target])
     state[module] = "done"
@@ -134,4 +151,3 @@ def test_no_import_cycles():
     if module not in state:
       visit(module, [module])
   assert not cycles
-

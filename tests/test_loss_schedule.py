@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from transition_utils import EDM, OT, P0, jit_run, normal, student
 
 from tim_jax.method import transition, transports
-from transition_utils import EDM, OT, P0, jit_run, normal, student
 
 TRIG = transports.TrigFlow()  # sigma_d = 0.5.
 
@@ -41,21 +41,24 @@ def test_counts_round_half_even_and_groups():
   with pytest.raises(ValueError, match="groups=3"):
     transition.LossConfig(groups=3).counts(64)
   with pytest.raises(ValueError, match="overlap"):
-    transition.LossConfig(diffusion_ratio=0.6,
-                          consistency_ratio=0.5).counts(10)
+    transition.LossConfig(diffusion_ratio=0.6, consistency_ratio=0.5).counts(10)
   # Touching is fine.
-  assert transition.LossConfig(diffusion_ratio=0.5,
-                               consistency_ratio=0.5).counts(10) == (5, 5)
+  assert transition.LossConfig(
+    diffusion_ratio=0.5, consistency_ratio=0.5
+  ).counts(10) == (5, 5)
 
 
-@pytest.mark.parametrize("kwargs, word", [
+@pytest.mark.parametrize(
+  "kwargs, word",
+  [
     (dict(derivative="fd"), "'fd'"),
     (dict(weight_time_type="linear"), "'linear'"),
     (dict(diffusion_ratio=1.5), "1.5"),
     (dict(consistency_ratio=-0.1), "-0.1"),
     (dict(epsilon=0.0), "epsilon"),
     (dict(groups=0), "groups"),
-])
+  ],
+)
 def test_config_rejects_bad_values(kwargs, word):
   with pytest.raises(ValueError, match=word):
     transition.LossConfig(**kwargs)
@@ -90,14 +93,13 @@ def test_sample_t_and_r(groups):
   tol = 4.0 / math.sqrt(mid.sum())
   for s in (0.2, 0.4, 0.5, 0.6, 0.8):
     phi = _phi(math.log(s / (1 - s)))
-    assert abs(np.mean(t <= s) - phi ** 2) < 4.0 / math.sqrt(b)
+    assert abs(np.mean(t <= s) - phi**2) < 4.0 / math.sqrt(b)
     assert abs(np.mean(r[mid] <= s) - (1 - (1 - phi) ** 2)) < tol
 
 
 def test_sample_t_and_r_edm_dtype(x64):
   cfg = transition.LossConfig(diffusion_ratio=0.25, consistency_ratio=0.25)
-  t, r = transition.sample_t_and_r(jax.random.key(0), 16, EDM, cfg,
-                                   jnp.float64)
+  t, r = transition.sample_t_and_r(jax.random.key(0), 16, EDM, cfg, jnp.float64)
   assert t.dtype == r.dtype == jnp.float64
   t, r = np.asarray(t), np.asarray(r)
   np.testing.assert_array_equal(r[:4], t[:4])
@@ -115,11 +117,11 @@ def _hand_weight(t, r, sd, kind, tangent, sigmoid, t_and_r):
     t, r = t / (1 - t), r / (1 - r)
   d = t - r if t_and_r else t
   return {
-      "constant": np.ones_like(d),
-      "reciprocal": 1 / (d + sd),
-      "sqrt": 1 / np.sqrt(d + sd),
-      "square": 1 / (d + sd) ** 2,
-      "Soft-Min-SNR": 1 / (d * d + sd * sd),
+    "constant": np.ones_like(d),
+    "reciprocal": 1 / (d + sd),
+    "sqrt": 1 / np.sqrt(d + sd),
+    "square": 1 / (d + sd) ** 2,
+    "Soft-Min-SNR": 1 / (d * d + sd * sd),
   }[kind]
 
 
@@ -135,27 +137,35 @@ def test_time_weight(kind, warp, t_and_r, transport):
   r[-4:] = 0.0
   tangent = warp in ("tangent", "both")
   sigmoid = warp in ("sigmoid", "both")
-  cfg = transition.LossConfig(weight_time_type=kind,
-                              weight_time_tangent=tangent,
-                              weight_time_sigmoid=sigmoid,
-                              weight_t_and_r=t_and_r)
-  got = transition.time_weight(jnp.asarray(t, jnp.float32),
-                               jnp.asarray(r, jnp.float32), transport, cfg)
+  cfg = transition.LossConfig(
+    weight_time_type=kind,
+    weight_time_tangent=tangent,
+    weight_time_sigmoid=sigmoid,
+    weight_t_and_r=t_and_r,
+  )
+  got = transition.time_weight(
+    jnp.asarray(t, jnp.float32), jnp.asarray(r, jnp.float32), transport, cfg
+  )
   # Tangent wins when both warps are set, as in the official
   # ``TransitionSchedule.time_weighting``.
-  expected = _hand_weight(t, r, transport.sigma_d, kind, tangent,
-                          sigmoid and not tangent, t_and_r)
+  expected = _hand_weight(
+    t, r, transport.sigma_d, kind, tangent, sigmoid and not tangent, t_and_r
+  )
   np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-5)
 
 
 def test_time_weight_default_is_paper_weight():
   t = np.array([0.2, 0.5, 0.9, 1.0])
   r = np.array([0.2, 0.1, 0.0, 0.5])
-  got = transition.time_weight(jnp.asarray(t, jnp.float32),
-                               jnp.asarray(r, jnp.float32), OT,
-                               transition.LossConfig())
-  np.testing.assert_allclose(np.asarray(got),
-                             (1 + np.tan(t) - np.tan(r)) ** -0.5, rtol=1e-5)
+  got = transition.time_weight(
+    jnp.asarray(t, jnp.float32),
+    jnp.asarray(r, jnp.float32),
+    OT,
+    transition.LossConfig(),
+  )
+  np.testing.assert_allclose(
+    np.asarray(got), (1 + np.tan(t) - np.tan(r)) ** -0.5, rtol=1e-5
+  )
   assert float(got[0]) == 1.0
 
 
@@ -165,15 +175,25 @@ def test_time_weight_default_is_paper_weight():
 def test_share_metrics():
   def body(x64_rows, x_grouped):
     cond = jnp.zeros((64,))
-    return [transition.loss(student(P0), x, cond, jax.random.key(0),
-                            transport=OT,
-                            config=transition.LossConfig(groups=g))[1]
-            for x, g in ((x64_rows, 1), (x_grouped, 2))]
+    return [
+      transition.loss(
+        student(P0),
+        x,
+        cond,
+        jax.random.key(0),
+        transport=OT,
+        config=transition.LossConfig(groups=g),
+      )[1]
+      for x, g in ((x64_rows, 1), (x_grouped, 2))
+    ]
 
   x = jnp.asarray(normal(35, (64, 2, 2, 3)), jnp.float32)
   plain, grouped = jit_run(body, x, x)
-  for m, shares in ((plain, (32 / 64, 6 / 64, 26 / 64)),
-                    (grouped, (16 / 32, 3 / 32, 13 / 32))):
-    got = tuple(m[k] for k in ("share_diffusion", "share_consistency",
-                               "share_interval"))
+  for m, shares in (
+    (plain, (32 / 64, 6 / 64, 26 / 64)),
+    (grouped, (16 / 32, 3 / 32, 13 / 32)),
+  ):
+    got = tuple(
+      m[k] for k in ("share_diffusion", "share_consistency", "share_interval")
+    )
     np.testing.assert_allclose(got, shares, rtol=1e-6)

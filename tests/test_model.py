@@ -1,18 +1,26 @@
 """The TiM backbone: structure, sizes, options and invariances."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from tim_jax import models
-from tim_jax.models import architectures
-from tim_jax.models import layers
+from tim_jax.models import architectures, layers
 
-TINY = dict(patch_size=2, in_channels=4, hidden_size=32, depth=2,
-            num_heads=2, encoder_depth=1, z_dim=16, projector_dim=32,
-            lora_hidden_size=8, num_classes=10)
+TINY = dict(
+  patch_size=2,
+  in_channels=4,
+  hidden_size=32,
+  depth=2,
+  num_heads=2,
+  encoder_depth=1,
+  z_dim=16,
+  projector_dim=32,
+  lora_hidden_size=8,
+  num_classes=10,
+)
 TINY_T2I = dict(TINY, cap_feat_dim=24)
 TINY_T2I.pop("num_classes")
 
@@ -22,10 +30,10 @@ TINY_T2I.pop("num_classes")
 # projector. The official README reports the latter as 664M (XL) and 865M
 # (T2I).
 EXPECTED_COUNTS = {
-    "B/4": dict(total=136_173_120, without_projector=128_828_224),
-    "XL/2": dict(total=672_259_344, without_projector=664_128_016),
-    "XL/1": dict(total=672_296_224, without_projector=664_164_896),
-    "T2I-XL": dict(total=873_109_408, without_projector=864_978_080),
+  "B/4": dict(total=136_173_120, without_projector=128_828_224),
+  "XL/2": dict(total=672_259_344, without_projector=664_128_016),
+  "XL/1": dict(total=672_296_224, without_projector=664_164_896),
+  "T2I-XL": dict(total=873_109_408, without_projector=864_978_080),
 }
 
 
@@ -48,8 +56,10 @@ def _perturb(model, scale=0.05, seed=1):
   state = nnx.state(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  leaves = [v + scale * jax.random.normal(k, v.shape, v.dtype)
-            for v, k in zip(leaves, keys)]
+  leaves = [
+    v + scale * jax.random.normal(k, v.shape, v.dtype)
+    for v, k in zip(leaves, keys)
+  ]
   nnx.update(model, jax.tree.unflatten(treedef, leaves))
   return model
 
@@ -126,17 +136,23 @@ def test_rope_official_index_rule():
   cos, _ = layers.rope_tables(2, 3, 8, "official")
   cos_xy, _ = layers.rope_tables(2, 3, 8, "xy")
   # With head_dim 8 the first frequency is 1: angle = position.
-  np.testing.assert_allclose(np.arccos(cos[:, 0]), [0, 1, 0, 1, 0, 1],
-                             atol=1e-6)
-  np.testing.assert_allclose(np.arccos(cos[:, 4]), [0, 0, 1, 1, 2, 2],
-                             atol=1e-6)
-  np.testing.assert_allclose(np.arccos(cos_xy[:, 0]), [0, 1, 2, 0, 1, 2],
-                             atol=1e-6)
-  np.testing.assert_allclose(np.arccos(cos_xy[:, 4]), [0, 0, 0, 1, 1, 1],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.arccos(cos[:, 0]), [0, 1, 0, 1, 0, 1], atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.arccos(cos[:, 4]), [0, 0, 1, 1, 2, 2], atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.arccos(cos_xy[:, 0]), [0, 1, 2, 0, 1, 2], atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.arccos(cos_xy[:, 4]), [0, 0, 0, 1, 1, 1], atol=1e-6
+  )
   # Square grids: both rules agree.
-  np.testing.assert_array_equal(layers.rope_tables(4, 4, 8, "official")[0],
-                                layers.rope_tables(4, 4, 8, "xy")[0])
+  np.testing.assert_array_equal(
+    layers.rope_tables(4, 4, 8, "official")[0],
+    layers.rope_tables(4, 4, 8, "xy")[0],
+  )
 
 
 def test_rope_rotation_is_interleaved_and_relative():
@@ -146,16 +162,17 @@ def test_rope_rotation_is_interleaved_and_relative():
   sin = jnp.sin(jnp.asarray([[0.3, 0.3, 0.7, 0.7]]))
   out = np.asarray(layers.apply_rope(u, cos, sin))[0, 0, 0]
   c, s = np.cos(0.3), np.sin(0.3)
-  np.testing.assert_allclose(out[:2], [1 * c - 2 * s, 2 * c + 1 * s],
-                             rtol=1e-6)
+  np.testing.assert_allclose(out[:2], [1 * c - 2 * s, 2 * c + 1 * s], rtol=1e-6)
   # Attention logits depend only on relative positions.
   cos_t, sin_t = layers.rope_tables(4, 4, 8, "xy")
   q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
   k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+
   def logit(i, j):
-    qi = layers.apply_rope(q, cos_t[i:i + 1], sin_t[i:i + 1])
-    kj = layers.apply_rope(k, cos_t[j:j + 1], sin_t[j:j + 1])
+    qi = layers.apply_rope(q, cos_t[i : i + 1], sin_t[i : i + 1])
+    kj = layers.apply_rope(k, cos_t[j : j + 1], sin_t[j : j + 1])
     return float(jnp.sum(qi * kj))
+
   # Token 5 = (x1, y1), 0 = (0, 0); 10 = (2, 2), 5 = (1, 1): same offset.
   assert logit(5, 0) == pytest.approx(logit(10, 5), rel=1e-5)
   assert logit(5, 0) != pytest.approx(logit(6, 0), rel=1e-3)
@@ -168,23 +185,28 @@ def test_layernorm_written_derivative_equals_autodiff():
     mean = jnp.mean(x, -1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps)
+
   x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (5, 16))
   dx = jax.random.normal(jax.random.key(1), (5, 16))
   ct = jax.random.normal(jax.random.key(2), (5, 16))
   mine = lambda a: layers.standardize(a, 1e-6)
   np.testing.assert_allclose(mine(x), plain(x), atol=1e-6)
-  np.testing.assert_allclose(jax.jvp(mine, (x,), (dx,))[1],
-                             jax.jvp(plain, (x,), (dx,))[1], atol=1e-5)
-  np.testing.assert_allclose(jax.vjp(mine, x)[1](ct)[0],
-                             jax.vjp(plain, x)[1](ct)[0], atol=1e-5)
+  np.testing.assert_allclose(
+    jax.jvp(mine, (x,), (dx,))[1], jax.jvp(plain, (x,), (dx,))[1], atol=1e-5
+  )
+  np.testing.assert_allclose(
+    jax.vjp(mine, x)[1](ct)[0], jax.vjp(plain, x)[1](ct)[0], atol=1e-5
+  )
   # Second order (a gradient of the forward-mode derivative) also agrees.
   second = lambda f: jax.grad(
-      lambda a: jnp.sum(jax.jvp(f, (a,), (dx,))[1] * ct))(x)
+    lambda a: jnp.sum(jax.jvp(f, (a,), (dx,))[1] * ct)
+  )(x)
   np.testing.assert_allclose(second(mine), second(plain), atol=1e-4)
 
 
-@pytest.mark.parametrize("condition", ["t-r", "r", "t,r", "t,t-r", "r,t-r",
-                                       "t,r,t-r"])
+@pytest.mark.parametrize(
+  "condition", ["t-r", "r", "t,r", "t,t-r", "r,t-r", "t,r,t-r"]
+)
 def test_new_condition_options(condition):
   model = _perturb(models.build("c2i", dict(TINY, new_condition=condition)))
   x, t, r, y = _inputs("c2i")
@@ -196,8 +218,13 @@ def test_new_condition_options(condition):
 
 
 def test_variants_without_optional_parts():
-  net = dict(TINY, qk_norm=False, distance_aware=False, use_new_embed=False,
-             class_dropout_prob=0.0)
+  net = dict(
+    TINY,
+    qk_norm=False,
+    distance_aware=False,
+    use_new_embed=False,
+    class_dropout_prob=0.0,
+  )
   model = _perturb(models.build("c2i", net))
   assert model.blocks[0].attn.qkv_d is None
   assert model.blocks[0].attn.q_norm is None
@@ -218,8 +245,9 @@ def test_remat_and_jit_compute_the_same_function():
   g1 = nnx.grad(loss)(model)
   g2 = nnx.jit(nnx.grad(loss))(remat)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6
+    )
 
 
 def test_remat_runs_under_vmap_inside_a_gradient():
@@ -231,13 +259,14 @@ def test_remat_runs_under_vmap_inside_a_gradient():
 
   def loss(m):
     both = jax.vmap(lambda tt: m(x, tt, r, y))(jnp.stack([t, 0.9 * t]))
-    return jnp.sum(both ** 2)
+    return jnp.sum(both**2)
 
   g1 = nnx.grad(loss)(model)
   g2 = nnx.jit(nnx.grad(loss))(remat)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6
+    )
 
 
 def test_bfloat16_compute_keeps_float32_params_and_output():
@@ -246,8 +275,9 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
   x, t, r, y = _inputs("t2i")
   out = low(x, t, r, y)
   assert out.dtype == jnp.float32  # The output layer runs in float32.
-  assert all(v.dtype == jnp.float32
-             for v in jax.tree.leaves(nnx.state(low, nnx.Param)))
+  assert all(
+    v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(low, nnx.Param))
+  )
   want = np.asarray(ref(x, t, r, y))
   err = np.linalg.norm(np.asarray(out) - want) / np.linalg.norm(want)
   assert 1e-5 < err < 5e-2  # bf16-level error, not float32-exact.
@@ -257,9 +287,12 @@ def test_library_attention_path_matches_the_einsum_path():
   ref = _perturb(models.build("t2i", TINY_T2I))
   lib = _perturb(models.build("t2i", TINY_T2I, attention_impl="xla"))
   x, t, r, y = _inputs("t2i")
-  np.testing.assert_allclose(np.asarray(lib(x, t, r, y)),
-                             np.asarray(ref(x, t, r, y)), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(lib(x, t, r, y)),
+    np.asarray(ref(x, t, r, y)),
+    rtol=1e-4,
+    atol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("impl", [None, "xla"])
@@ -268,15 +301,15 @@ def test_caption_length_mask_equals_the_official_truncation(impl, remat):
   # The official T2I code cuts a batch's caption features to its longest
   # caption (L) and gives them unmasked. Padding them to a longer bucket (M)
   # with anything past L and hiding those keys must give the same output.
-  model = _perturb(models.build(
-      "t2i", dict(TINY_T2I, attention_impl=impl, remat=remat)))
+  model = _perturb(
+    models.build("t2i", dict(TINY_T2I, attention_impl=impl, remat=remat))
+  )
   x, t, r, _ = _inputs("t2i", b=3)
   length, bucket = 5, 16
   feats = jax.random.normal(jax.random.key(7), (3, bucket, 24))
   want = np.asarray(model(x, t, r, feats[:, :length]))
   garbage = feats.at[:, length:].set(1e3)  # Must not leak through.
-  got = model(x, t, r, {"features": garbage,
-                        "length": jnp.full((3,), length)})
+  got = model(x, t, r, {"features": garbage, "length": jnp.full((3,), length)})
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
   # Unmasked, the padded positions change the output: the mask is doing it.
   plain = np.asarray(model(x, t, r, garbage))
@@ -285,9 +318,8 @@ def test_caption_length_mask_equals_the_official_truncation(impl, remat):
   lengths = jnp.asarray([2, 5, 9])
   got = np.asarray(model(x, t, r, {"features": feats, "length": lengths}))
   for b, n in enumerate([2, 5, 9]):
-    one = model(x[b:b + 1], t[b:b + 1], r[b:b + 1], feats[b:b + 1, :n])
-    np.testing.assert_allclose(got[b], np.asarray(one)[0], rtol=1e-5,
-                               atol=1e-6)
+    one = model(x[b : b + 1], t[b : b + 1], r[b : b + 1], feats[b : b + 1, :n])
+    np.testing.assert_allclose(got[b], np.asarray(one)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_caption_dict_is_checked():
@@ -303,6 +335,7 @@ def test_caption_dict_is_checked():
 @pytest.mark.parametrize("remat", [False, "full", "dots_saveable"])
 def test_scanned_blocks_equal_the_unrolled_model(kind, net, remat):
   from tim_jax.weights import convert
+
   net = dict(net, depth=3, encoder_depth=2)
   unrolled = _perturb(models.build(kind, net))
   scanned = models.build(kind, dict(net, scan_blocks=True, remat=remat))
@@ -320,15 +353,17 @@ def test_scanned_blocks_equal_the_unrolled_model(kind, net, remat):
   x, t, r, y = _inputs(kind)
   want, want_proj = unrolled(x, t, r, y, return_projection=True)
   got, got_proj = nnx.jit(lambda m: m(x, t, r, y, return_projection=True))(
-      scanned)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6,
-                             atol=1e-6)
-  np.testing.assert_allclose(np.asarray(got_proj), np.asarray(want_proj),
-                             rtol=1e-6, atol=1e-6)
+    scanned
+  )
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(got_proj), np.asarray(want_proj), rtol=1e-6, atol=1e-6
+  )
   # Gradients through the scan (and its remat policy) match too.
   loss = lambda m: jnp.sum(m(x, t, r, y) ** 2)
-  g1 = convert.to_official(_grads_as_model(unrolled, nnx.grad(loss)(
-      unrolled)))
+  g1 = convert.to_official(_grads_as_model(unrolled, nnx.grad(loss)(unrolled)))
   g2 = convert.to_official(_grads_as_model(scanned, nnx.grad(loss)(scanned)))
   for k in g1:
     np.testing.assert_allclose(g2[k], g1[k], rtol=1e-4, atol=1e-6)

@@ -4,31 +4,42 @@ import csv
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from tim_jax.shapes import nfe_study
 
 
-def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path,
-                                            monkeypatch):
+def test_study_writes_table_plot_and_strips(
+  tiny_t2i_workdir, tmp_path, monkeypatch
+):
   from tim_jax import inference
+
   modes = []
   generate = inference.Pipeline.generate
 
   def recording(self, *a, **kw):
     modes.append(self.settings(1, mode=kw.get("mode")).mode)
     return generate(self, *a, **kw)
+
   monkeypatch.setattr(inference.Pipeline, "generate", recording)
   seen = []
-  rows, strips = nfe_study.run_study({"tiny": tiny_t2i_workdir}, [1, 2],
-                                     reference_num=200,
-                                     num=6, batch_size=4, progress=False,
-                                     on_row=lambda r: seen.append(len(r)),
-                                     load=inference.load)
+  rows, strips = nfe_study.run_study(
+    {"tiny": tiny_t2i_workdir},
+    [1, 2],
+    reference_num=200,
+    num=6,
+    batch_size=4,
+    progress=False,
+    on_row=lambda r: seen.append(len(r)),
+    load=inference.load,
+  )
   assert seen == [1, 2, 3]  # Partial results after every row.
   assert [(r["run"], r["nfe"]) for r in rows] == [
-      ("real", 0), ("tiny", 1), ("tiny", 2)]
+    ("real", 0),
+    ("tiny", 1),
+    ("tiny", 2),
+  ]
   real = rows[0]
   assert real["overall"] == 1.0  # The requested scenes themselves.
   for r in rows[1:]:
@@ -36,9 +47,16 @@ def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path,
     assert 0.0 <= r["overall"] <= 1.0
   # The run's own sampler mode, then the override (Euler steps of the
   # flow, r = t) for every run.
-  nfe_study.run_study({"tiny": tiny_t2i_workdir}, [1], reference_num=20,
-                      num=2, batch_size=2, progress=False, mode="diffusion",
-                      load=inference.load)
+  nfe_study.run_study(
+    {"tiny": tiny_t2i_workdir},
+    [1],
+    reference_num=20,
+    num=2,
+    batch_size=2,
+    progress=False,
+    mode="diffusion",
+    load=inference.load,
+  )
   assert modes == ["transition", "transition", "diffusion"]
   # 6 prompts x 2 NFE shown, with the prompts.
   assert strips["tiny"]["images"].shape == (12, 32, 32, 3)
@@ -59,11 +77,12 @@ def test_study_writes_table_plot_and_strips(tiny_t2i_workdir, tmp_path,
   # A row per prompt (its caption beside it), a column per NFE, 128 px.
   assert strip.shape[1] == 220 + 2 * 132 + 4
   assert strip.shape[0] > 6 * 132 + 4
-  assert (strip[-(6 * 132 + 4):, :220] < 128).any()
+  assert (strip[-(6 * 132 + 4) :, :220] < 128).any()
 
 
 def test_run_arguments_are_checked():
   from tim_jax.commands import nfe_study as command
+
   assert command.parse_runs(["a=/x", "b=/y=z"]) == {"a": "/x", "b": "/y=z"}
   for bad in (["a"], ["=x"], ["a=/x", "a=/y"], ["real=/x"], []):
     with pytest.raises(ValueError):
@@ -74,9 +93,11 @@ def test_study_refuses_models_of_other_data(tmp_path, monkeypatch, capsys):
   import types
 
   import train_utils
+
   from tim_jax import inference
   from tim_jax.commands import cli
   from tim_jax.commands import nfe_study as command
+
   config = train_utils.tiny_t2i()
   config.data.name = "latents"
   asked = []
@@ -84,16 +105,25 @@ def test_study_refuses_models_of_other_data(tmp_path, monkeypatch, capsys):
   def load(path, config_=None, weights="ema"):
     asked.append(weights)
     return types.SimpleNamespace(config=config, kind="t2i")
+
   with pytest.raises(ValueError, match="reads only the built-in shapes"):
-    nfe_study.run_study({"x": "somewhere"}, [1], num=2, progress=False,
-                        reference_num=2, load=load)
+    nfe_study.run_study(
+      {"x": "somewhere"}, [1], num=2, progress=False, reference_num=2, load=load
+    )
   # The command reads the weights it is asked for, and refuses bad flags in
   # one line before any work.
   monkeypatch.setattr(inference, "load", load)
   with pytest.raises(ValueError, match="reads only the built-in shapes"):
-    cli.call(command, ["--run=x=somewhere", "--weights=params",
-                       "--num_images=2", "--num_reference=2",
-                       f"--out={tmp_path}"])
+    cli.call(
+      command,
+      [
+        "--run=x=somewhere",
+        "--weights=params",
+        "--num_images=2",
+        "--num_reference=2",
+        f"--out={tmp_path}",
+      ],
+    )
   assert asked == ["ema", "params"]
   assert cli.call(command, ["--run=x=y", "--num_steps=0,2"]) == 2
   assert "--num_steps" in capsys.readouterr().err

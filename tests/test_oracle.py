@@ -4,8 +4,7 @@ never saw (a seed of their own)."""
 import numpy as np
 import pytest
 
-from tim_jax.shapes import world
-from tim_jax.shapes import oracle, train_oracle
+from tim_jax.shapes import oracle, train_oracle, world
 
 SEED = 6_000_001  # Neither the oracle's training nor its own validation.
 N = 400
@@ -73,9 +72,10 @@ def test_frechet_distance_near_zero_for_real_and_grows(judge):
   ~1 % of the features' total variance at these sizes); blurring or
   washing out the colours moves a set away, the more the further."""
   from tim_jax.eval import fid
+
   def render(seed, n):
-    return np.stack([world.render(world.scene(i, seed), 32)
-                     for i in range(n)])
+    return np.stack([world.render(world.scene(i, seed), 32) for i in range(n)])
+
   images, reference = render(SEED + 2, 2000), render(SEED + 3, 4000)
   ref = judge.features(reference)
   fd = lambda x: fid.fid_from_features(judge.features(np.asarray(x)), ref)
@@ -84,8 +84,10 @@ def test_frechet_distance_near_zero_for_real_and_grows(judge):
   grey = images.mean(axis=-1, keepdims=True)
   washed = [fd((1 - a) * images + a * grey) for a in (0.3, 0.5)]
   scale = float(np.trace(np.cov(ref, rowvar=False)))
-  print(f"FD real {same:.1f} (total variance {scale:.0f}), blurred "
-        f"{blurred}, washed out {washed}")
+  print(
+    f"FD real {same:.1f} (total variance {scale:.0f}), blurred "
+    f"{blurred}, washed out {washed}"
+  )
   assert same < 0.02 * scale
   assert same < 0.2 * blurred[0]
   assert blurred[0] < blurred[1] < blurred[2]
@@ -107,13 +109,18 @@ def test_training_is_deterministic():
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k])
   c = train_oracle.train(steps=3, batch=8, seed=1, progress=False)
-  assert not np.array_equal(oracle.flat_params(c)["head.kernel"],
-                            pa["head.kernel"])
+  assert not np.array_equal(
+    oracle.flat_params(c)["head.kernel"], pa["head.kernel"]
+  )
 
 
 def test_cell_targets():
-  s = world.Scene((world.SceneObject(2, 1, 0, 0, 2, True),
-                    world.SceneObject(4, 2, 1, 2, 1, False)))
+  s = world.Scene(
+    (
+      world.SceneObject(2, 1, 0, 0, 2, True),
+      world.SceneObject(4, 2, 1, 2, 1, False),
+    )
+  )
   occ, shp, sz = oracle.cell_targets(world.attributes(s)[None])
   assert occ[0].tolist() == [0, 0, 3, 0, 0, 0, 0, 5, 0]
   assert shp[0, 2] == 1 and shp[0, 7] == 2 and shp[0, 0] == -1
@@ -127,31 +134,50 @@ def test_parse_caption_inverts_caption():
     assert len(parsed.objects) == len(s.objects)
     for a, b in zip(parsed.objects, s.objects):
       assert (a.colour, a.shape, a.row, a.col, a.mention_size) == (
-          b.colour, b.shape, b.row, b.col, b.mention_size)
+        b.colour,
+        b.shape,
+        b.row,
+        b.col,
+        b.mention_size,
+      )
       if b.mention_size:
         assert a.size == b.size
-  for bad in ("a red dog at the top", "a red circle at the middle",
-              "red circle at the top",
-              "a red circle at the top and a red circle at the left and a "
-              "red circle at the right"):
+  for bad in (
+    "a red dog at the top",
+    "a red circle at the middle",
+    "red circle at the top",
+    "a red circle at the top and a red circle at the left and a "
+    "red circle at the right",
+  ):
     with pytest.raises(ValueError):
       oracle.parse_caption(bad)
 
 
 def test_accuracy_rules_on_constructed_predictions():
-  targets = oracle.targets_from_scenes([world.Scene((
-      world.SceneObject(1, 0, 1, 1, 1, True),))])
+  targets = oracle.targets_from_scenes(
+    [world.Scene((world.SceneObject(1, 0, 1, 1, 1, True),))]
+  )
+
   def pred(colour, shape, size, occupied):
     p = np.zeros((1, 9))
     p[0, occupied] = 0.9
     mk = lambda v: np.full((1, 9), v)
-    return oracle.Predictions(p, mk(colour), mk(shape), mk(size),
-                              np.zeros((1, 4)))
+    return oracle.Predictions(
+      p, mk(colour), mk(shape), mk(size), np.zeros((1, 4))
+    )
+
   right = oracle.attribute_accuracy(pred(1, 0, 1, [4]), targets)
   nan = right.pop("overall_two")
   assert np.isnan(nan)  # No two-object request.
-  assert right == dict(overall=1.0, position=1.0, colour=1.0, shape=1.0,
-                       size=1.0, count=1.0, shape_one=1.0)
+  assert right == dict(
+    overall=1.0,
+    position=1.0,
+    colour=1.0,
+    shape=1.0,
+    size=1.0,
+    count=1.0,
+    shape_one=1.0,
+  )
   extra = oracle.attribute_accuracy(pred(1, 0, 1, [4, 0]), targets)
   assert extra["count"] == 0.0 and extra["overall"] == 0.0
   assert extra["colour"] == 1.0
@@ -166,8 +192,12 @@ def test_split_scores_by_the_number_of_requested_objects():
   # Image 0 asks one object (shape right, colour wrong), image 1 two (both
   # right), image 2 two (the second's shape wrong).
   one = world.Scene((world.SceneObject(1, 0, 1, 0, 0, False),))
-  two = world.Scene((world.SceneObject(1, 0, 1, 0, 0, False),
-                      world.SceneObject(2, 1, 1, 2, 2, False)))
+  two = world.Scene(
+    (
+      world.SceneObject(1, 0, 1, 0, 0, False),
+      world.SceneObject(2, 1, 1, 2, 2, False),
+    )
+  )
   targets = oracle.targets_from_scenes([one, two, two])
   occ = np.zeros((3, 9))
   occ[:, 0] = 0.9
@@ -178,8 +208,7 @@ def test_split_scores_by_the_number_of_requested_objects():
   shape = np.zeros((3, 9))
   shape[1, 8] = 1
   shape[2, 8] = 2
-  p = oracle.Predictions(occ, colour, shape, np.ones((3, 9)),
-                         np.zeros((3, 4)))
+  p = oracle.Predictions(occ, colour, shape, np.ones((3, 9)), np.zeros((3, 4)))
   got = oracle.attribute_accuracy(p, targets)
   assert got["shape_one"] == 1.0  # Shape alone, not all-correct.
   assert got["overall_two"] == 0.5
@@ -188,6 +217,7 @@ def test_split_scores_by_the_number_of_requested_objects():
 
 def test_load_refuses_other_files(tmp_path):
   from safetensors.numpy import save_file
+
   path = str(tmp_path / "x.safetensors")
   save_file({"w": np.zeros(3, np.float32)}, path)
   with pytest.raises(ValueError, match="does not hold oracle weights"):

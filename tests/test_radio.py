@@ -30,8 +30,7 @@ def test_features_match_the_official_encoder(case):
 
 def test_the_ema_weights_are_the_ones_used():
   enc = radio.load(os.path.join(DATA, "radio_ls_ema.pth"))
-  chk = torch.load(os.path.join(DATA, "radio_ls_ema.pth"),
-                   weights_only=False)
+  chk = torch.load(os.path.join(DATA, "radio_ls_ema.pth"), weights_only=False)
   ema = chk["state_dict_ema"]["base_model.blocks.0.ls1.gamma"].numpy()
   got = np.asarray(enc.state["params"]["blocks"][0]["ls1"]["gamma"][...])
   np.testing.assert_array_equal(got, ema)
@@ -39,14 +38,22 @@ def test_the_ema_weights_are_the_ones_used():
   assert enc.config.cpe_mode and enc.config.num_skip == 8
 
 
-@pytest.mark.parametrize("n_in,n_out", [(13, 32), (37, 16), (16, 16),
-                                         (5, 7)])
+@pytest.mark.parametrize("n_in,n_out", [(13, 32), (37, 16), (16, 16), (5, 7)])
 def test_bicubic_is_pytorchs(n_in, n_out):
-  x = np.random.default_rng(0).normal(size=(2, n_in, n_in + 3, 3)).astype(
-      np.float32)
-  want = torch.nn.functional.interpolate(
+  x = (
+    np.random.default_rng(0)
+    .normal(size=(2, n_in, n_in + 3, 3))
+    .astype(np.float32)
+  )
+  want = (
+    torch.nn.functional.interpolate(
       torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-      (n_out, n_out + 1), mode="bicubic").numpy().transpose(0, 2, 3, 1)
+      (n_out, n_out + 1),
+      mode="bicubic",
+    )
+    .numpy()
+    .transpose(0, 2, 3, 1)
+  )
   got = np.asarray(resize.bicubic(x, (n_out, n_out + 1)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -65,11 +72,17 @@ def test_resizing_to_the_same_size_is_no_work():
 
 @pytest.mark.parametrize("n_in,n_out", [(32, 16), (8, 21), (4, 4)])
 def test_align_corners_bilinear_is_pytorchs(n_in, n_out):
-  x = np.random.default_rng(1).normal(size=(n_in, n_in, 5)).astype(
-      np.float32)
-  want = torch.nn.functional.interpolate(
-      torch.from_numpy(x.transpose(2, 0, 1)[None].copy()), (n_out, 3),
-      mode="bilinear", align_corners=True)[0].numpy().transpose(1, 2, 0)
+  x = np.random.default_rng(1).normal(size=(n_in, n_in, 5)).astype(np.float32)
+  want = (
+    torch.nn.functional.interpolate(
+      torch.from_numpy(x.transpose(2, 0, 1)[None].copy()),
+      (n_out, 3),
+      mode="bilinear",
+      align_corners=True,
+    )[0]
+    .numpy()
+    .transpose(1, 2, 0)
+  )
   got = np.asarray(resize.bilinear_align_corners(x, (n_out, 3)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -88,12 +101,21 @@ def test_bad_checkpoints_are_named(tmp_path):
 
 def test_scanned_blocks_equal_the_loop():
   import dataclasses
+
+  from flax import nnx
   import jax
   import jax.numpy as jnp
-  from flax import nnx
-  c = dataclasses.replace(radio.V2_5_B, embed_dim=32, depth=3, num_heads=2,
-                          mlp_hidden=64, table=(8, 8), num_skip=2,
-                          layer_scale=True)
+
+  c = dataclasses.replace(
+    radio.V2_5_B,
+    embed_dim=32,
+    depth=3,
+    num_heads=2,
+    mlp_hidden=64,
+    table=(8, 8),
+    num_skip=2,
+    layer_scale=True,
+  )
   model = radio.VisionTransformer(c, rngs=nnx.Rngs(3))
   # Distinct blocks (random LayerScale), so a scan reusing one block's
   # weights would differ.
@@ -104,6 +126,9 @@ def test_scanned_blocks_equal_the_loop():
   scanned = np.asarray(model(x, scan=True))
   # Float32 rounding of differently fused ops only.
   np.testing.assert_allclose(scanned, looped, rtol=1e-5, atol=1e-5)
-  single = np.asarray(radio.VisionTransformer(
-      dataclasses.replace(c, depth=1), rngs=nnx.Rngs(3))(x))
+  single = np.asarray(
+    radio.VisionTransformer(dataclasses.replace(c, depth=1), rngs=nnx.Rngs(3))(
+      x
+    )
+  )
   assert not np.allclose(single, looped, atol=1e-3)

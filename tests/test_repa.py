@@ -7,17 +7,18 @@ import os
 import jax
 import numpy as np
 import pytest
+from train_utils import tiny_c2i, tiny_t2i
 
 from tim_jax import training
 from tim_jax.core import sharding
-from tim_jax.method import transition
-from tim_jax.weights import convert
 from tim_jax.data import kinds
 from tim_jax.encoders import radio
-from train_utils import tiny_c2i, tiny_t2i
+from tim_jax.method import transition
+from tim_jax.weights import convert
 
-TEACHER = os.path.join(os.path.dirname(__file__), "data", "radio",
-                       "radio_plain.pth")
+TEACHER = os.path.join(
+  os.path.dirname(__file__), "data", "radio", "radio_plain.pth"
+)
 
 
 def with_teacher(c):
@@ -37,8 +38,9 @@ def test_teacher_runs_inside_the_step_on_the_batch_pixels():
   # the TiM token grid.
   want = radio.load(TEACHER)(host["image"], grid=(4, 4))
   got = trainer.repa_target(batch, trainer.frozen)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6
+  )
   state = trainer.init_state()
   state, metrics = trainer.train_step(state, batch)
   assert float(metrics["proj_loss"]) > 0
@@ -66,7 +68,8 @@ def test_teacher_configuration_errors_say_what_to_do():
 
 @pytest.mark.parametrize("kind", ["c2i", "t2i"])
 def test_model_guidance_teacher_sees_what_the_official_trainer_gives(
-    kind, monkeypatch):
+  kind, monkeypatch
+):
   """C2I: the undropped labels (trainer_c2i.py); T2I: the dropped caption
   features (trainer_t2i.py)."""
   c = tiny_c2i() if kind == "c2i" else tiny_t2i()
@@ -74,13 +77,15 @@ def test_model_guidance_teacher_sees_what_the_official_trainer_gives(
   c.loss.w_cond = 0.75
   c.conditioning.drop_prob = 1.0  # Every condition dropped.
   trainer = training.Trainer(c)
-  batch = sharding.global_batch(next(kinds.iterator(c, kinds.source(c))),
-                                trainer.mesh)
+  batch = sharding.global_batch(
+    next(kinds.iterator(c, kinds.source(c))), trainer.mesh
+  )
   seen = {}
 
   def spy(model_fn, x, y, key, **kw):
     seen.update(y=y, teacher_cond=kw["teacher_cond"], null=kw["null_cond"])
     return real(model_fn, x, y, key, **kw)
+
   real = transition.loss
   monkeypatch.setattr(transition, "loss", spy)
   state = trainer.init_state()
@@ -88,13 +93,16 @@ def test_model_guidance_teacher_sees_what_the_official_trainer_gives(
   leaves = lambda t: [np.asarray(a) for a in jax.tree.leaves(t)]
   for a, b in zip(leaves(seen["y"]), leaves(seen["null"])):
     np.testing.assert_array_equal(a, b)  # The student's: all dropped.
-  same = all(np.array_equal(a, b) for a, b in
-             zip(leaves(seen["teacher_cond"]), leaves(seen["y"])))
+  same = all(
+    np.array_equal(a, b)
+    for a, b in zip(leaves(seen["teacher_cond"]), leaves(seen["y"]))
+  )
   assert same == (kind == "t2i")
 
 
 def test_holdout_loss_works_for_model_guidance():
   from tim_jax.training import evaluators
+
   c = tiny_c2i(num_steps=2)
   c.loss.enhance_target = True
   c.loss.w_cond = 0.75
@@ -109,8 +117,9 @@ def test_init_from_a_checkpoint_with_ignored_keys(tmp_path):
   c = tiny_c2i(num_steps=2)
   source = training.Trainer(c)
   src_state = source.init_state()
-  src_state = src_state.replace(params=jax.tree.map(
-      lambda p: p + 0.5, src_state.params))
+  src_state = src_state.replace(
+    params=jax.tree.map(lambda p: p + 0.5, src_state.params)
+  )
   model = source.pipeline.model(src_state.params)
   path = str(tmp_path / "official.safetensors")
   convert.save_official(model, path)
@@ -120,9 +129,10 @@ def test_init_from_a_checkpoint_with_ignored_keys(tmp_path):
   trainer = training.Trainer(c2)
   fresh = trainer.init_state()
   state = trainer.initialise_from(fresh, path, ("t_embedder",))
-  names = lambda st: {convert.official_name(p): np.asarray(v.get_value())
-                      for p, v in __import__("flax").nnx.to_flat_state(
-                          st.params)}
+  names = lambda st: {
+    convert.official_name(p): np.asarray(v.get_value())
+    for p, v in __import__("flax").nnx.to_flat_state(st.params)
+  }
   got, want, init = names(state), names(src_state), names(fresh)
   assert any("t_embedder" in k for k in got)
   for k, v in got.items():

@@ -7,10 +7,10 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
-
+import pytest
 import train_utils
+
 from tim_jax import inference
 from tim_jax.commands import cli
 from tim_jax.commands import sample as sample_command
@@ -50,13 +50,15 @@ def test_resolve_errors(tmp_path):
 
 def test_one_call_from_prompts_to_pictures(loaded):
   from tim_jax.core import images
+
   prompts = ["a red circle at the top left", "a blue square in the center"]
   pictures = loaded(prompts, num_steps=2, num_per_prompt=2, seed=3)
   assert pictures.shape == (4, 32, 32, 3) and pictures.dtype == np.uint8
   cond, _ = loaded.conditions(prompts)
   x = loaded.generate(cond, num_steps=2, num=2, seed=3)
   np.testing.assert_array_equal(
-      pictures, images.to_uint8(loaded.decode(x), loaded.kind))
+    pictures, images.to_uint8(loaded.decode(x), loaded.kind)
+  )
   wide = loaded(prompts[:1], num_steps=1, height=32, width=48)
   assert wide.shape == (1, 32, 48, 3)
   with pytest.raises(ValueError, match="vocabulary|know|word"):
@@ -74,8 +76,9 @@ def test_config_comes_from_the_checkpoint(loaded):
 def test_loads_the_ema_weights(workdir, loaded):
   params = loaded.params
   from tim_jax import training
-  from tim_jax.weights import checkpoint
   from tim_jax.data import kinds
+  from tim_jax.weights import checkpoint
+
   trainer = training.Trainer(loaded.config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   it = kinds.iterator(trainer.config, kinds.source(trainer.config))
@@ -84,8 +87,10 @@ def test_loads_the_ema_weights(workdir, loaded):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # And not the raw parameters (EMA differs after 2 steps).
-  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
-      jax.tree.leaves(params), jax.tree.leaves(state.params)))
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params))
+  )
   # weights="params" reads those instead.
   raw = inference.load(workdir, weights="params").params
   for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(state.params)):
@@ -95,10 +100,13 @@ def test_loads_the_ema_weights(workdir, loaded):
 
 
 def test_generate_is_independent_of_batch_size(loaded):
-  cond, names = loaded.conditions(["a red circle at the top left",
-                                   "a blue square in the center"])
-  assert names == ["a red circle at the top left",
-                   "a blue square in the center"]
+  cond, names = loaded.conditions(
+    ["a red circle at the top left", "a blue square in the center"]
+  )
+  assert names == [
+    "a red circle at the top left",
+    "a blue square in the center",
+  ]
   a = loaded.generate(cond, num_steps=2, num=3, batch_size=6)
   b = loaded.generate(cond, num_steps=2, num=3, batch_size=4)
   assert a.shape == (6, 32, 32, 3)
@@ -124,15 +132,13 @@ def test_bad_input_is_refused_clearly(loaded):
 def test_checkpoint_of_another_architecture_is_refused(workdir):
   other = train_utils.tiny_t2i()
   other.model.network.hidden_size = 64
-  with pytest.raises(ValueError, match="does not fit this config.*"
-                     "hidden_size"):
+  with pytest.raises(ValueError, match="does not fit this config.*hidden_size"):
     inference.load(workdir, other)
 
 
 def test_prompt_on_a_class_model_is_refused(tmp_path):
   pipe = inference.Pipeline(train_utils.tiny_c2i())
-  with pytest.raises(ValueError, match="class-conditional model: use "
-                     "--labels"):
+  with pytest.raises(ValueError, match="class-conditional model: use --labels"):
     pipe.conditions(prompts=["a red circle at the top"])
   with pytest.raises(ValueError, match=r"labels must be in \[0, 18\)"):
     pipe.conditions(labels=[18])
@@ -140,6 +146,7 @@ def test_prompt_on_a_class_model_is_refused(tmp_path):
     pipe.conditions(labels=[-1])
   cond, names = pipe.conditions(labels=[0, 5])
   from tim_jax.shapes import world
+
   assert names == ["0: " + world.label_name(0), "5: " + world.label_name(5)]
   assert names[0] == "0: red circle"
 
@@ -166,10 +173,17 @@ def test_progress_follows_every_step(loaded):
   cond, _ = loaded.conditions(["a red circle at the top left"])
   seen = []
   from tim_jax.method import sampling
+
   noise = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
-  out = sampling.sample(loaded.network(), noise, cond, loaded.null_like(cond),
-                        transport=loaded.transport, num_steps=3,
-                        progress=lambda i: seen.append(int(i)))
+  out = sampling.sample(
+    loaded.network(),
+    noise,
+    cond,
+    loaded.null_like(cond),
+    transport=loaded.transport,
+    num_steps=3,
+    progress=lambda i: seen.append(int(i)),
+  )
   jax.block_until_ready(out)
   jax.effects_barrier()
   assert sorted(seen) == [0, 1, 2]
@@ -178,11 +192,17 @@ def test_progress_follows_every_step(loaded):
 def test_command_writes_the_grid(workdir, tmp_path, capsys):
   out = tmp_path / "grid.png"
   latents = tmp_path / "x.npy"
-  argv = [f"--checkpoint={workdir}", "--prompt=a red circle at the top left",
-          "--prompt=a blue square in the center", "--num_steps=2",
-          "--num_per_prompt=3", "--cfg_scale=1.5",
-          "--guidance_interval=0.1,0.9", f"--out={out}",
-          f"--latents_out={latents}"]
+  argv = [
+    f"--checkpoint={workdir}",
+    "--prompt=a red circle at the top left",
+    "--prompt=a blue square in the center",
+    "--num_steps=2",
+    "--num_per_prompt=3",
+    "--cfg_scale=1.5",
+    "--guidance_interval=0.1,0.9",
+    f"--out={out}",
+    f"--latents_out={latents}",
+  ]
   assert cli.call(sample_command, argv) == 0
   done = capsys.readouterr()
   assert "wrote" in done.out and "row 1: a blue square" in done.out
@@ -192,9 +212,13 @@ def test_command_writes_the_grid(workdir, tmp_path, capsys):
   labelled = np.asarray(Image.open(out))
   assert labelled.shape[1] == 220 + 3 * 132 + 4
   assert labelled.shape[0] > 2 * 132 + 4
-  assert (labelled[-(2 * 132 + 4):, :220] < 128).any()  # The prompts.
-  assert cli.call(sample_command, argv + [
-      "--raw_size", f"--out={tmp_path / 'raw.png'}"]) == 0
+  assert (labelled[-(2 * 132 + 4) :, :220] < 128).any()  # The prompts.
+  assert (
+    cli.call(
+      sample_command, argv + ["--raw_size", f"--out={tmp_path / 'raw.png'}"]
+    )
+    == 0
+  )
   # --raw_size: 2 rows x 3 columns of 32 px with 1 px gaps.
   assert Image.open(tmp_path / "raw.png").size == (3 * 33 + 1, 2 * 33 + 1)
   assert np.load(latents).shape == (6, 32, 32, 3)
@@ -202,15 +226,27 @@ def test_command_writes_the_grid(workdir, tmp_path, capsys):
 
 def test_the_command_runs_as_a_program(workdir, tmp_path):
   # The process entry point: absl's app, the exit status, one-line errors.
-  cmd = [sys.executable, "-m", "tim_jax.commands.sample",
-         f"--checkpoint={workdir}", "--prompt=a red circle at the top left",
-         "--num_steps=1", f"--out={tmp_path / 'one.png'}"]
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+  cmd = [
+    sys.executable,
+    "-m",
+    "tim_jax.commands.sample",
+    f"--checkpoint={workdir}",
+    "--prompt=a red circle at the top left",
+    "--num_steps=1",
+    f"--out={tmp_path / 'one.png'}",
+  ]
+  done = subprocess.run(
+    cmd, cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert (tmp_path / "one.png").exists()
-  bad = subprocess.run(cmd + ["--num_steps=0"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+    cmd + ["--num_steps=0"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode == 2
   assert bad.stderr.startswith("error: flag --num_steps=0")
   assert "Traceback" not in bad.stderr
@@ -219,21 +255,29 @@ def test_the_command_runs_as_a_program(workdir, tmp_path):
 def test_inference_builds_no_trainer_or_optimizer(workdir):
   # In a fresh process: loading and sampling import nothing of training
   # (optax itself comes with flax.nnx, so the trainer's modules are named).
-  script = ("import sys; from tim_jax import inference; "
-            "from tim_jax.commands import sample; "
-            f"p = inference.load({workdir!r}); "
-            "c, _ = p.conditions(['a red circle at the top left']); "
-            "p.generate(c, num_steps=1); "
-            "bad = [m for m in ('tim_jax.training', 'tim_jax.training.optim') "
-            "if m in sys.modules]; print('imported', bad)")
-  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  script = (
+    "import sys; from tim_jax import inference; "
+    "from tim_jax.commands import sample; "
+    f"p = inference.load({workdir!r}); "
+    "c, _ = p.conditions(['a red circle at the top left']); "
+    "p.generate(c, num_steps=1); "
+    "bad = [m for m in ('tim_jax.training', 'tim_jax.training.optim') "
+    "if m in sys.modules]; print('imported', bad)"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "imported []" in done.stdout
 
 
 def test_progress_hooks_of_concurrent_callers_stay_apart(loaded):
   import threading
+
   cond, _ = loaded.conditions(["a red circle at the top left"] * 2)
   noise = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   seen = {"a": [], "b": []}
@@ -243,8 +287,10 @@ def test_progress_hooks_of_concurrent_callers_stay_apart(loaded):
 
   def call(name):
     for _ in range(3):
-      loaded.sample(noise, cond, num_steps=5,
-                    progress=lambda i: seen[name].append(i))
+      loaded.sample(
+        noise, cond, num_steps=5, progress=lambda i: seen[name].append(i)
+      )
+
   threads = [threading.Thread(target=call, args=(n,)) for n in seen]
   for t in threads:
     t.start()
@@ -269,10 +315,22 @@ def test_any_size_the_patch_and_autoencoder_allow(tiny_t2i_workdir):
   assert x.shape == (1, 32, 48, 3) and np.isfinite(x).all()
 
 
-@pytest.mark.parametrize("flag", [
-    "--batch_size=0", "--num_per_prompt=0", "--cols=-3", "--cfg_scale=-1",
-    "--cfg_scale=0.5", "--height=-32", "--num_steps=0", "--stochasticity=-1",
-    "--guidance_interval=0.1", "--guidance_interval=a,b", "--labels=x"])
+@pytest.mark.parametrize(
+  "flag",
+  [
+    "--batch_size=0",
+    "--num_per_prompt=0",
+    "--cols=-3",
+    "--cfg_scale=-1",
+    "--cfg_scale=0.5",
+    "--height=-32",
+    "--num_steps=0",
+    "--stochasticity=-1",
+    "--guidance_interval=0.1",
+    "--guidance_interval=a,b",
+    "--labels=x",
+  ],
+)
 def test_sampler_flags_are_checked_before_loading(flag, tmp_path, capsys):
   # The checkpoint does not exist: the flag is refused before any loading.
   argv = ["--checkpoint=/nowhere", "--labels=1", f"--out={tmp_path / 'a.png'}"]
@@ -285,13 +343,19 @@ def test_sampler_flags_are_checked_before_loading(flag, tmp_path, capsys):
 def test_unwritable_outputs_fail_before_sampling(tmp_path, workdir, capsys):
   blocker = tmp_path / "file.txt"
   blocker.write_text("a file, not a folder")
-  argv = [f"--checkpoint={workdir}", "--prompt=a red circle at the top left",
-          "--num_steps=2"]
+  argv = [
+    f"--checkpoint={workdir}",
+    "--prompt=a red circle at the top left",
+    "--num_steps=2",
+  ]
   for extra, message in [
-      ([f"--out={blocker / 'grid.png'}"], "cannot write --out"),
-      ([f"--out={tmp_path / 'g.png'}", f"--latents_out={blocker / 'x.npy'}"],
-       "cannot write --latents_out"),
-      ([f"--out={tmp_path}"], "is a directory")]:
+    ([f"--out={blocker / 'grid.png'}"], "cannot write --out"),
+    (
+      [f"--out={tmp_path / 'g.png'}", f"--latents_out={blocker / 'x.npy'}"],
+      "cannot write --latents_out",
+    ),
+    ([f"--out={tmp_path}"], "is a directory"),
+  ]:
     assert cli.call(sample_command, argv + extra) == 2
     err = capsys.readouterr().err
     assert message in err
@@ -322,8 +386,9 @@ def test_generate_draws_noise_batch_by_batch(loaded, monkeypatch):
 def test_non_finite_samples_fail(loaded):
   cond, _ = loaded.conditions(["a red circle at the top left"])
   nan = jax.tree.map(lambda a: a * np.nan, loaded.params)
-  with pytest.raises(inference.NonFiniteSamplesError,
-                     match="1 of the 1 samples"):
+  with pytest.raises(
+    inference.NonFiniteSamplesError, match="1 of the 1 samples"
+  ):
     loaded.generate(cond, num_steps=2, params=nan)
   with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
     loaded.generate(cond, num_steps=2, cfg_scale=-1.0)

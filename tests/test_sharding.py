@@ -16,20 +16,31 @@ HERE = os.path.dirname(__file__)
 @pytest.fixture(scope="module")
 def report():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.join(HERE,
-                                                     "multidevice_step.py")],
-                       capture_output=True, text=True, env=env, timeout=900)
+  out = subprocess.run(
+    [sys.executable, os.path.join(HERE, "multidevice_step.py")],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=900,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1]
-  return json.loads(line[len("REPORT "):])
+  return json.loads(line[len("REPORT ") :])
 
 
 def test_one_step_is_the_same_on_every_mesh(report):
   # Data, FSDP and tensor parallelism (activations pinned: rows over the
   # batch axes, heads and MLP units over `tensor`), and the exact JVP
   # derivative on FSDP meshes against its one-device run.
-  meshes = {"1", "data8", "data4_fsdp2", "data2_fsdp2_tensor2",
-            "data4_tensor2", "jvp_data2_fsdp4", "jvp_fsdp8"}
+  meshes = {
+    "1",
+    "data8",
+    "data4_fsdp2",
+    "data2_fsdp2_tensor2",
+    "data4_tensor2",
+    "jvp_data2_fsdp4",
+    "jvp_fsdp8",
+  }
   assert meshes <= set(report)
   for name in meshes:
     entry = report[name]
@@ -47,7 +58,8 @@ def test_parameters_are_sharded_as_the_rules_say(report):
   assert report["data2_fsdp2_tensor2"]["mlp_kernel_shard_shape"] == [24, 64]
   entry = report["data2_fsdp2_tensor2"]
   assert entry["mlp_kernel_spec"] == "PartitionSpec('fsdp', 'tensor')" or (
-      entry["mlp_kernel_spec"] == "P('fsdp', 'tensor')")
+    entry["mlp_kernel_spec"] == "P('fsdp', 'tensor')"
+  )
   # Optimizer moments follow their parameters.
   assert entry["adam_mu_spec"] == entry["mlp_kernel_spec"]
 
@@ -64,6 +76,7 @@ def test_checkpoint_restores_onto_another_mesh(report):
 
 def test_mesh_shapes():
   import jax
+
   n = jax.device_count()
   mesh = sharding.make_mesh({"data": -1})
   assert dict(mesh.shape) == {"data": n, "fsdp": 1, "tensor": 1}
@@ -76,24 +89,31 @@ def test_mesh_shapes():
 
 
 def abstract_params(hidden_size):
-  import train_utils
   from flax import nnx
+  import train_utils
 
   from tim_jax.config import builders
+
   config = train_utils.tiny_t2i()
   config.model.network.hidden_size = hidden_size
   config.model.network.num_heads = 1  # RoPE: head_dim divisible by 4.
-  return nnx.state(nnx.eval_shape(lambda: builders.new_model(config)),
-                   nnx.Param)
+  return nnx.state(
+    nnx.eval_shape(lambda: builders.new_model(config)), nnx.Param
+  )
 
 
 def test_rules_cover_every_logical_axis_of_the_model():
-  import jax
   from flax import nnx
+  import jax
+
   params = abstract_params(32)
-  names = {n for v in jax.tree.leaves(
-      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-           for n in sharding.logical_names(v)}
+  names = {
+    n
+    for v in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    for n in sharding.logical_names(v)
+  }
   assert {"embed", "mlp", "heads", "adaln"} <= names
   rules = sharding.complete_rules(sharding.DEFAULT_RULES, names)
   assert {r[0] for r in rules} >= names
@@ -119,12 +139,18 @@ print("SPEC", kernel.spec)
 
 @pytest.mark.parametrize("hidden", [32, 36])
 def test_sharding_fallbacks_are_logged_once_by_name(hidden):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  )
   out = subprocess.run(
-      [sys.executable, "-c", FALLBACK_SCRIPT.format(tests=HERE,
-                                                    hidden=hidden)],
-      capture_output=True, text=True, env=env, timeout=300)
+    [sys.executable, "-c", FALLBACK_SCRIPT.format(tests=HERE, hidden=hidden)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [l for l in out.stderr.splitlines() if "sharding fallback" in l]
   spec = [l for l in out.stdout.splitlines() if l.startswith("SPEC")][0]
@@ -140,15 +166,24 @@ def test_sharding_fallbacks_are_logged_once_by_name(hidden):
 
 def test_frozen_weights_split_their_largest_divisible_axis_over_fsdp():
   import jax
-  import numpy as np
   from jax.sharding import PartitionSpec as P
+  import numpy as np
+
   mesh = jax.sharding.AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"))
-  tree = {"embed": np.zeros((262, 1152)), "odd": np.zeros((6, 7)),
-          "vector": np.zeros((12,)), "scalar": np.zeros(())}
-  specs = {k: v.spec for k, v in sharding.frozen_shardings(tree,
-                                                           mesh).items()}
-  assert specs == {"embed": P(None, "fsdp"), "odd": P(), "vector": P("fsdp"),
-                   "scalar": P()}
+  tree = {
+    "embed": np.zeros((262, 1152)),
+    "odd": np.zeros((6, 7)),
+    "vector": np.zeros((12,)),
+    "scalar": np.zeros(()),
+  }
+  specs = {k: v.spec for k, v in sharding.frozen_shardings(tree, mesh).items()}
+  assert specs == {
+    "embed": P(None, "fsdp"),
+    "odd": P(),
+    "vector": P("fsdp"),
+    "scalar": P(),
+  }
   flat = jax.sharding.AbstractMesh((8, 1, 1), ("data", "fsdp", "tensor"))
-  assert all(s.spec == P() for s in
-             sharding.frozen_shardings(tree, flat).values())
+  assert all(
+    s.spec == P() for s in sharding.frozen_shardings(tree, flat).values()
+  )

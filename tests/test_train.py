@@ -10,35 +10,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_utils import tiny_c2i
 
 from tim_jax import training
 from tim_jax.core import sharding
-from tim_jax.weights import checkpoint
 from tim_jax.data import kinds
-from train_utils import tiny_c2i
+from tim_jax.weights import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _params(state):
-  return [np.asarray(x) for x in jax.tree.leaves(
-      (state.params, state.ema, state.opt_state))]
+  return [
+    np.asarray(x)
+    for x in jax.tree.leaves((state.params, state.ema, state.opt_state))
+  ]
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-  straight = training.train_and_evaluate(tiny_c2i(num_steps=6, every=3),
-                                      str(tmp_path / "a"))
-  first = training.train_and_evaluate(tiny_c2i(num_steps=3, every=3),
-                                   str(tmp_path / "b"))
+  straight = training.train_and_evaluate(
+    tiny_c2i(num_steps=6, every=3), str(tmp_path / "a")
+  )
+  first = training.train_and_evaluate(
+    tiny_c2i(num_steps=3, every=3), str(tmp_path / "b")
+  )
   assert int(first.step) == 3
-  resumed = training.train_and_evaluate(tiny_c2i(num_steps=6, every=3),
-                                     str(tmp_path / "b"))
+  resumed = training.train_and_evaluate(
+    tiny_c2i(num_steps=6, every=3), str(tmp_path / "b")
+  )
   assert int(resumed.step) == int(straight.step) == 6
   for a, b in zip(_params(straight), _params(resumed)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
   # The resumed run really restored rather than re-initialising.
-  assert not all(np.array_equal(a, b) for a, b in
-                 zip(_params(first), _params(resumed)))
+  assert not all(
+    np.array_equal(a, b) for a, b in zip(_params(first), _params(resumed))
+  )
 
 
 def test_other_architecture_is_refused_and_files_untouched(tmp_path):
@@ -82,21 +88,24 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
   # The indices of the first two shuffled batches stay finite; every other
   # example is NaN.
   from tim_jax.data import pipeline
-  probe = pipeline.make_iterator(_Indexed(real(config)), global_batch_size=8,
-                                 seed=config.data.seed)
+
+  probe = pipeline.make_iterator(
+    _Indexed(real(config)), global_batch_size=8, seed=config.data.seed
+  )
   finite = set(next(probe)["index"].tolist()) | set(
-      next(probe)["index"].tolist())
+    next(probe)["index"].tolist()
+  )
 
   class Poisoned(_Indexed):
-
     def __getitem__(self, i):
       ex = super().__getitem__(i)
       if int(i) not in finite:
         ex["image"] = np.full_like(ex["image"], np.nan)
       return ex
 
-  monkeypatch.setattr(kinds, "source",
-                      lambda c, split="train": Poisoned(real(c, split)))
+  monkeypatch.setattr(
+    kinds, "source", lambda c, split="train": Poisoned(real(c, split))
+  )
   workdir = str(tmp_path / "nan")
   with pytest.raises(training.NonFiniteError, match="bad steps in a row"):
     training.train_and_evaluate(config, workdir)
@@ -105,6 +114,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
   assert steps, "the finite steps before the NaNs were checkpointed"
   trainer = training.Trainer(config)
   from tim_jax.data import pipeline
+
   it = pipeline.make_iterator(real(config), global_batch_size=8, seed=0)
   state = ck.restore(max(steps), trainer.abstract_with_shardings(), it)
   assert checkpoint.all_finite((state.params, state.ema))
@@ -116,10 +126,13 @@ def test_guarded_step_keeps_parameters(tmp_path):
   trainer = training.Trainer(config)
   state = trainer.init_state()
   before = _params(state)
-  batch = {"image": np.full((8, 16, 16, 3), np.nan, np.float32),
-           "label": np.zeros((8,), np.int32)}
-  state, metrics = trainer.train_step(state, sharding.global_batch(
-      batch, trainer.mesh))
+  batch = {
+    "image": np.full((8, 16, 16, 3), np.nan, np.float32),
+    "label": np.zeros((8,), np.int32),
+  }
+  state, metrics = trainer.train_step(
+    state, sharding.global_batch(batch, trainer.mesh)
+  )
   assert int(metrics["nonfinite_streak"]) == 1
   assert int(state.step) == 1
   for a, b in zip(before, _params(state)):
@@ -130,12 +143,11 @@ def test_checkpoint_refuses_nonfinite_state(tmp_path):
   config = tiny_c2i()
   trainer = training.Trainer(config)
   state = trainer.init_state()
-  bad = state.replace(params=jax.tree.map(lambda x: x * jnp.nan,
-                                          state.params))
+  bad = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
   ck = checkpoint.Checkpointer(str(tmp_path / "c"))
   from tim_jax.data import pipeline
-  it = pipeline.make_iterator(kinds.source(config), global_batch_size=8,
-                              seed=0)
+
+  it = pipeline.make_iterator(kinds.source(config), global_batch_size=8, seed=0)
   assert ck.save(1, bad, it, {"model": {}}) is False
   assert ck.save(2, state, it, {"model": {}}) is True
   ck.close()
@@ -169,10 +181,12 @@ KILL_SCRIPT = textwrap.dedent("""
 
 def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
   ckdir = str(tmp_path / "ck")
-  script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), root=ROOT,
-                              ckdir=ckdir)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                        text=True, timeout=600)
+  script = KILL_SCRIPT.format(
+    tests=os.path.dirname(__file__), root=ROOT, ckdir=ckdir
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   ck = checkpoint.Checkpointer(ckdir)
   assert ck.latest_step() in (1, 2)
@@ -181,8 +195,8 @@ def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
   config.model.network.depth = 6
   trainer = training.Trainer(config)
   from tim_jax.data import pipeline
-  it = pipeline.make_iterator(kinds.source(config), global_batch_size=8,
-                              seed=0)
+
+  it = pipeline.make_iterator(kinds.source(config), global_batch_size=8, seed=0)
   state = ck.restore(ck.latest_step(), trainer.abstract_with_shardings(), it)
   assert int(state.step) == ck.latest_step() - 1
   fresh = trainer.init_state()
@@ -200,13 +214,15 @@ def test_sample_grids_and_tensorboard(tmp_path):
   workdir = str(tmp_path / "s")
   training.train_and_evaluate(config, workdir)
   from PIL import Image
-  image = np.asarray(Image.open(os.path.join(workdir, "samples",
-                                             "step_0000002.png")))
+
+  image = np.asarray(
+    Image.open(os.path.join(workdir, "samples", "step_0000002.png"))
+  )
   # 4 labels x 2 NFE columns of 16 px images enlarged 8x to 128 px, 4 px
   # gaps, a 220 px label column on the left and a title and NFE row on top.
   assert image.shape[1] == 220 + 2 * (128 + 4) + 4
   assert image.shape[0] > 4 * (128 + 4) + 4
-  label_column = image[-(4 * 132 + 4):, :220]
+  label_column = image[-(4 * 132 + 4) :, :220]
   assert (label_column < 128).any(), "no class names were written"
   events = [f for f in os.listdir(workdir) if f.startswith("events.out")]
   assert events
@@ -216,24 +232,35 @@ def _main(args, capsys, monkeypatch):
   """The training command in this process: (exit status, stderr)."""
   from tim_jax import main
   from tim_jax.commands import cli
+
   monkeypatch.chdir(ROOT)
   rc = cli.call(main, args)
   err = capsys.readouterr().err
-  assert rc == 0 or (err.startswith("error: ") and
-                     len(err.strip().splitlines()) == 1), err
+  assert rc == 0 or (
+    err.startswith("error: ") and len(err.strip().splitlines()) == 1
+  ), err
   return rc, err
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys, monkeypatch):
-  rc, err = _main(["--config=configs/t2i.py", f"--workdir={tmp_path}",
-                   "--config.modle.depth=2"], capsys, monkeypatch)
+  rc, err = _main(
+    [
+      "--config=configs/t2i.py",
+      f"--workdir={tmp_path}",
+      "--config.modle.depth=2",
+    ],
+    capsys,
+    monkeypatch,
+  )
   assert rc == 2 and "modle" in err
 
 
-def test_paper_config_without_data_stops_early(tmp_path, capsys,
-                                               monkeypatch):
-  rc, err = _main(["--config=configs/c2i.py:xl2_256",
-                   f"--workdir={tmp_path}"], capsys, monkeypatch)
+def test_paper_config_without_data_stops_early(tmp_path, capsys, monkeypatch):
+  rc, err = _main(
+    ["--config=configs/c2i.py:xl2_256", f"--workdir={tmp_path}"],
+    capsys,
+    monkeypatch,
+  )
   assert rc == 2
   assert "data.data_dir" in err and "does not exist" in err
 
@@ -245,6 +272,7 @@ def test_microbatches_give_the_full_batch_gradient(derivative):
   # and noise from its id.
   import jax.numpy as jnp
   import optax
+
   from tim_jax.core import sharding
   from tim_jax.data import kinds
 
@@ -258,18 +286,21 @@ def test_microbatches_give_the_full_batch_gradient(derivative):
 
   full, micro = trainer(1, 3), trainer(3, 0)
   state = full.init_state()
-  batch = sharding.global_batch(kinds.synthetic_batch(full.config, 12),
-                                full.mesh)
+  batch = sharding.global_batch(
+    kinds.synthetic_batch(full.config, 12), full.mesh
+  )
   key = jax.random.key(5)
-  loss_ids = full.loss(state.params, state.ema, batch, key,
-                       row_ids=jnp.arange(12))[0]
+  loss_ids = full.loss(
+    state.params, state.ema, batch, key, row_ids=jnp.arange(12)
+  )[0]
   # The full pass that equals them draws per row too.
   (want_loss, _), want = jax.value_and_grad(
-      lambda p: full.loss(p, state.ema, batch, key,
-                          row_ids=jnp.arange(12)), has_aux=True)(
-                              state.params)
+    lambda p: full.loss(p, state.ema, batch, key, row_ids=jnp.arange(12)),
+    has_aux=True,
+  )(state.params)
   got_loss, metrics, got = jax.jit(micro.gradients)(
-      state.params, state.ema, batch, key)
+    state.params, state.ema, batch, key
+  )
   np.testing.assert_allclose(float(got_loss), float(loss_ids), rtol=1e-5)
   np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
   assert float(optax.tree.norm(want)) > 0
@@ -288,20 +319,30 @@ def test_architecture_check_covers_fields_that_change_the_weights():
   base = {"model": {"kind": "c2i", "network": {"depth": 2}}, "data": {}}
   old = {"model": {"kind": "c2i", "network": {"depth": 2}}}  # Before them.
   assert checkpoint.architecture_differences(old, base) == []
-  for key, value in (("scan_blocks", True), ("use_projector", False),
-                     ("rope_positions", "xy")):
+  for key, value in (
+    ("scan_blocks", True),
+    ("use_projector", False),
+    ("rope_positions", "xy"),
+  ):
     other = {"model": dict(base["model"], **{key: value}), "data": {}}
     problems = checkpoint.architecture_differences(base, other)
     assert len(problems) == 1 and f"model.{key}" in problems[0], problems
   other = dict(base, data={"caption_seed": 3})
-  assert "data.caption_seed" in checkpoint.architecture_differences(
-      base, other)[0]
+  assert (
+    "data.caption_seed" in checkpoint.architecture_differences(base, other)[0]
+  )
   # A checkpoint from before caption_context was plain word + position.
   other = dict(base, data={"caption_context": 0.7})
-  assert "data.caption_context" in checkpoint.architecture_differences(
-      base, other)[0]
-  assert checkpoint.architecture_differences(
-      base, dict(base, data={"caption_context": 0.0})) == []
+  assert (
+    "data.caption_context"
+    in checkpoint.architecture_differences(base, other)[0]
+  )
+  assert (
+    checkpoint.architecture_differences(
+      base, dict(base, data={"caption_context": 0.0})
+    )
+    == []
+  )
 
 
 def test_run_already_at_num_steps_says_so(tmp_path, caplog):
@@ -323,8 +364,11 @@ def test_all_finite_compiles_once_per_layout(caplog):
     nan = jnp.full((3,), jnp.nan, jnp.float32)
     assert not checkpoint.all_finite({"a": nan, "b": jnp.zeros((2, 2))})
     assert checkpoint.all_finite(tree)
-  compiles = [r.getMessage() for r in caplog.records
-              if "ompil" in r.getMessage() and "lambda" in r.getMessage()]
+  compiles = [
+    r.getMessage()
+    for r in caplog.records
+    if "ompil" in r.getMessage() and "lambda" in r.getMessage()
+  ]
   assert not compiles, compiles
   with jax.log_compiles(True):  # A new layout does compile (and logs it).
     checkpoint.all_finite({"c": jnp.ones((5,))})
@@ -341,32 +385,39 @@ def test_every_transport_trains_with_its_defaults(name):
   state = trainer.init_state()
   rng = np.random.default_rng(0)
   for _ in range(3):
-    batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
-             "label": rng.integers(0, 4, size=(8,)).astype(np.int32)}
+    batch = {
+      "image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+      "label": rng.integers(0, 4, size=(8,)).astype(np.int32),
+    }
     state, metrics = trainer.train_step(
-        state, sharding.global_batch(batch, trainer.mesh))
+      state, sharding.global_batch(batch, trainer.mesh)
+    )
     assert np.isfinite(float(metrics["loss"])), (name, metrics)
   assert int(state.nonfinite_total) == 0
   assert checkpoint.all_finite((state.params, state.ema))
   before = jax.tree.leaves(trainer.init_state().params)
-  assert any(not np.array_equal(a, b) for a, b in
-             zip(before, jax.tree.leaves(state.params))), "nothing trained"
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(before, jax.tree.leaves(state.params))
+  ), "nothing trained"
 
 
 def test_tangent_warp_of_noise_level_transports_is_the_noise_level():
   from tim_jax.method import transition, transports
+
   lc = transition.LossConfig(groups=1)
   t, r = np.array([40.0, 3.0]), np.array([1.0, 0.5])
   for name in ("edm", "ve"):
     tr = transports.get(name)
     w = np.asarray(transition.time_weight(t, r, tr, lc))
-    np.testing.assert_allclose(w, 1.0 / np.sqrt(t - r + tr.sigma_d),
-                               rtol=1e-6)
+    np.testing.assert_allclose(w, 1.0 / np.sqrt(t - r + tr.sigma_d), rtol=1e-6)
   otfm = transports.get("ot_fm")
-  w = np.asarray(transition.time_weight(np.array([0.9]), np.array([0.2]),
-                                        otfm, lc))
-  np.testing.assert_allclose(w, 1 / np.sqrt(np.tan(0.9) - np.tan(0.2) + 1),
-                             rtol=1e-6)
+  w = np.asarray(
+    transition.time_weight(np.array([0.9]), np.array([0.2]), otfm, lc)
+  )
+  np.testing.assert_allclose(
+    w, 1 / np.sqrt(np.tan(0.9) - np.tan(0.2) + 1), rtol=1e-6
+  )
 
 
 def test_divergence_stops_and_says_which_checkpoint_is_suspect(tmp_path):
@@ -395,10 +446,13 @@ def test_mse_explosion_is_a_bad_step_and_no_checkpoint_is_said(tmp_path):
   trainer = training.Trainer(config)
   state = trainer.init_state()
   before = _params(state)
-  batch = {"image": np.ones((8, 16, 16, 3), np.float32),
-           "label": np.zeros((8,), np.int32)}
-  state, metrics = trainer.train_step(state, sharding.global_batch(
-      batch, trainer.mesh))
+  batch = {
+    "image": np.ones((8, 16, 16, 3), np.float32),
+    "label": np.zeros((8,), np.int32),
+  }
+  state, metrics = trainer.train_step(
+    state, sharding.global_batch(batch, trainer.mesh)
+  )
   assert np.isfinite(float(metrics["loss"]))
   assert int(metrics["nonfinite_streak"]) == 1  # Finite, yet rejected.
   for a, b in zip(before, _params(state)):
@@ -414,8 +468,9 @@ def test_unwritable_checkpoints_fail_at_start_and_at_save(tmp_path):
   workdir = tmp_path / "w"
   workdir.mkdir()
   (workdir / "checkpoints").write_text("a file where the folder goes")
-  with pytest.raises(checkpoint.CheckpointWriteError,
-                     match="cannot write checkpoints to"):
+  with pytest.raises(
+    checkpoint.CheckpointWriteError, match="cannot write checkpoints to"
+  ):
     training.train_and_evaluate(tiny_c2i(num_steps=2, every=2), str(workdir))
   # The folder breaking during a run: orbax's save thread fails and the
   # save waited forever; now the save raises at once, naming the latest
@@ -443,18 +498,29 @@ def test_unwritable_checkpoints_fail_at_start_and_at_save(tmp_path):
       except checkpoint.CheckpointWriteError as e:
         print("RAISED", e)
       """)
-  done = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                        text=True, timeout=300, cwd=ROOT)
+  done = subprocess.run(
+    [sys.executable, "-c", script],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
   assert "RAISED step 2 was not saved: cannot write checkpoints" in (
-      done.stdout), done.stdout + done.stderr[-2000:]
+    done.stdout
+  ), done.stdout + done.stderr[-2000:]
 
 
 def _damage(step_dir, how):
   import glob
   import shutil
+
   if how == "truncated":
-    blobs = sorted(glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
-                             recursive=True), key=os.path.getsize)
+    blobs = sorted(
+      glob.glob(
+        os.path.join(step_dir, "state", "**", "d", "*"), recursive=True
+      ),
+      key=os.path.getsize,
+    )
     with open(blobs[-1], "r+b") as f:
       f.truncate(os.path.getsize(blobs[-1]) // 3)
   else:  # The `state` item is missing.
@@ -462,8 +528,9 @@ def _damage(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["truncated", "missing_state"])
-def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, how,
-                                                           caplog):
+def test_damaged_checkpoint_falls_back_to_the_previous_one(
+  tmp_path, how, caplog
+):
   workdir = str(tmp_path / "w")
   training.train_and_evaluate(tiny_c2i(num_steps=4, every=2), workdir)
   ckdir = os.path.join(workdir, "checkpoints")
@@ -500,8 +567,11 @@ def test_every_checkpoint_damaged_is_refused_untouched(tmp_path):
 
 
 def test_missing_config_file_is_named(tmp_path, capsys, monkeypatch):
-  rc, err = _main(["--config=configs/nope.py:xl", f"--workdir={tmp_path}"],
-                  capsys, monkeypatch)
+  rc, err = _main(
+    ["--config=configs/nope.py:xl", f"--workdir={tmp_path}"],
+    capsys,
+    monkeypatch,
+  )
   assert rc == 2
   assert "no config file 'configs/nope.py'" in err
   assert "config_config" not in err
@@ -509,6 +579,7 @@ def test_missing_config_file_is_named(tmp_path, capsys, monkeypatch):
 
 def test_garbage_dataset_info_names_the_file(tmp_path):
   from tim_jax.data import latents
+
   (tmp_path / "dataset_info.json").write_bytes(b"\xff\xfe\x00garbage{")
   with pytest.raises(ValueError) as err:
     latents.LatentSource(str(tmp_path))

@@ -16,7 +16,6 @@ import pytest
 
 from tim_jax.method import transports
 
-
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
@@ -25,12 +24,12 @@ from tim_jax.method import transports
 # name -> factory. EDM is checked with its default sigma_d = 0.5 (where the
 # official formulas were wrong) and with sigma_d = 1.
 CASES = {
-    "ot_fm": lambda: transports.get("ot_fm"),
-    "trigflow": lambda: transports.get("trigflow"),
-    "edm": lambda: transports.get("edm"),
-    "edm_sd1": lambda: transports.get("edm", sigma_d=1.0),
-    "vp": lambda: transports.get("vp"),
-    "ve": lambda: transports.get("ve"),
+  "ot_fm": lambda: transports.get("ot_fm"),
+  "trigflow": lambda: transports.get("trigflow"),
+  "edm": lambda: transports.get("edm"),
+  "edm_sd1": lambda: transports.get("edm", sigma_d=1.0),
+  "vp": lambda: transports.get("vp"),
+  "ve": lambda: transports.get("ve"),
 }
 ALL = list(CASES)
 
@@ -47,7 +46,9 @@ def assert_close(got, want, rel=1e-12, what=""):
   assert np.all(np.isfinite(got)), f"{what}: non-finite values"
   scale = max(1.0, float(np.max(np.abs(want))))
   err = float(np.max(np.abs(got - want)))
-  assert err <= rel * scale, f"{what}: max abs error {err:.3e} (scale {scale:.3e})"
+  assert err <= rel * scale, (
+    f"{what}: max abs error {err:.3e} (scale {scale:.3e})"
+  )
 
 
 def time_pairs(tr, include_equal=True, seed=0):
@@ -55,16 +56,29 @@ def time_pairs(tr, include_equal=True, seed=0):
   lo, hi = float(tr.T_min), float(tr.T_max)
   lin = lambda u: lo + u * (hi - lo)
   pairs = [
-      (hi, lo), (hi, lin(0.5)), (lin(0.7), lin(0.3)), (lin(0.3), lo),
-      (lin(0.05), lin(0.01)), (lin(0.9), lin(0.89)), (hi, lin(0.999)),
+    (hi, lo),
+    (hi, lin(0.5)),
+    (lin(0.7), lin(0.3)),
+    (lin(0.3), lo),
+    (lin(0.05), lin(0.01)),
+    (lin(0.9), lin(0.89)),
+    (hi, lin(0.999)),
   ]
   if lo > 0:  # Wide ranges (EDM, VE): also sample the small-t end densely.
     geo = lambda u: lo * (hi / lo) ** u
-    pairs += [(geo(0.5), geo(0.2)), (geo(0.2), lo), (geo(0.9), geo(0.1)),
-              (geo(0.1), geo(0.05))]
+    pairs += [
+      (geo(0.5), geo(0.2)),
+      (geo(0.2), lo),
+      (geo(0.9), geo(0.1)),
+      (geo(0.1), geo(0.05)),
+    ]
   else:  # Same count for every transport (shares eager-op compilations).
-    pairs += [(lin(0.02), lo), (lin(0.01), lin(0.005)), (lin(0.6), lin(0.59)),
-              (lin(0.99), lin(0.5))]
+    pairs += [
+      (lin(0.02), lo),
+      (lin(0.01), lin(0.005)),
+      (lin(0.6), lin(0.59)),
+      (lin(0.99), lin(0.5)),
+    ]
   rng = np.random.default_rng(seed)
   for _ in range(4):
     u = np.sort(rng.uniform(size=2))
@@ -91,15 +105,18 @@ def batch(tr, include_equal=True, seed=0, shape=(3, 3, 2)):
 
 def dF_dt_ideal(tr, x, eps, t):
   """Total time derivative of F*(t) = alpha_hat x + sigma_hat eps (x, eps fixed)."""
-  _, tangent = jax.jvp(lambda tt: tr.diffusion_target(x, eps, tt), (t,),
-                       (jnp.ones_like(t),))
+  _, tangent = jax.jvp(
+    lambda tt: tr.diffusion_target(x, eps, tt), (t,), (jnp.ones_like(t),)
+  )
   return tangent
 
 
 def generic_ratio(tr, t, r):
   """B / dB/dt with B from the *generic* base-class formula (no closed forms)."""
+
   def b_of_t(tt):
     return transports.Transport.transition_coefficients(tr, tt, r)[1]
+
   b, db = jax.jvp(b_of_t, (t,), (jnp.ones_like(t),))
   return b / db
 
@@ -142,15 +159,24 @@ def test_schedules_match_spec(case, x64):
   alpha, sigma, _, _ = tr.interpolant(jnp.asarray(t))
   a_hat, s_hat, _, _ = tr.prediction(jnp.asarray(t))
   want = spec_schedules(case, t)
-  for got, w, name in zip((alpha, sigma, a_hat, s_hat), want,
-                          ("alpha", "sigma", "alpha_hat", "sigma_hat")):
+  for got, w, name in zip(
+    (alpha, sigma, a_hat, s_hat),
+    want,
+    ("alpha", "sigma", "alpha_hat", "sigma_hat"),
+  ):
     assert jnp.asarray(got).dtype == jnp.float64, name
     assert_close(jnp.broadcast_to(got, t.shape), w, 1e-13, f"{case} {name}")
 
 
 def test_defaults_match_spec():
-  assert (transports.get("ot_fm").T_max, transports.get("ot_fm").T_min) == (1.0, 0.0)
-  assert (transports.get("trigflow").T_max, transports.get("trigflow").T_min) == (1.57, 0.0)
+  assert (transports.get("ot_fm").T_max, transports.get("ot_fm").T_min) == (
+    1.0,
+    0.0,
+  )
+  assert (
+    transports.get("trigflow").T_max,
+    transports.get("trigflow").T_min,
+  ) == (1.57, 0.0)
   edm = transports.get("edm")
   assert (edm.T_max, edm.T_min, edm.sigma_d) == (80.0, 0.01, 0.5)
   assert (edm.P_mean, edm.P_std) == (-1.2, 1.2)
@@ -226,10 +252,15 @@ def test_closed_forms_match_generic(case, x64):
   assert_close(jnp.broadcast_to(a, t.shape), a_gen, 1e-12, "A")
   assert_close(jnp.broadcast_to(b, t.shape), b_gen, 1e-12, "B")
   ratio = jnp.broadcast_to(tr.target_ratio(t, r), t.shape)
-  assert_close(ratio, transports.Transport.target_ratio(tr, t, r), 1e-11,
-               "target_ratio vs base class")
-  assert_close(ratio, generic_ratio(tr, t, r), 1e-11,
-               "target_ratio vs fully generic")
+  assert_close(
+    ratio,
+    transports.Transport.target_ratio(tr, t, r),
+    1e-11,
+    "target_ratio vs base class",
+  )
+  assert_close(
+    ratio, generic_ratio(tr, t, r), 1e-11, "target_ratio vs fully generic"
+  )
 
 
 @pytest.mark.parametrize("case", ALL)
@@ -240,8 +271,12 @@ def test_closed_forms_at_r_equals_t(case, x64):
   a, b = tr.transition_coefficients(t, t)
   assert_close(jnp.broadcast_to(a, t.shape), np.ones(11), 1e-13, "A(t,t)")
   assert_close(jnp.broadcast_to(b, t.shape), np.zeros(11), 1e-13, "B(t,t)")
-  assert_close(jnp.broadcast_to(tr.target_ratio(t, t), t.shape), np.zeros(11),
-               1e-13, "ratio(t,t)")
+  assert_close(
+    jnp.broadcast_to(tr.target_ratio(t, t), t.shape),
+    np.zeros(11),
+    1e-13,
+    "ratio(t,t)",
+  )
 
 
 @pytest.mark.parametrize("case", ALL)
@@ -272,8 +307,12 @@ def test_derivatives_match_autodiff(case, x64):
     values = fn(t)
     for k in (0, 1):
       grad = jax.vmap(jax.grad(lambda s, k=k: fn(s)[k]))(t)
-      assert_close(jnp.broadcast_to(values[k + 2], t.shape), grad, 1e-10,
-                   f"{case} {fn_name}[{k}]'")
+      assert_close(
+        jnp.broadcast_to(values[k + 2], t.shape),
+        grad,
+        1e-10,
+        f"{case} {fn_name}[{k}]'",
+      )
 
 
 @pytest.mark.parametrize("case", ALL)
@@ -352,8 +391,13 @@ def test_ot_fm_target_closed_form(x64):
   got, x, eps, t, r, dfdt = _target_setup("ot_fm")
   assert_close(got, (eps - x) - (t - r) * dfdt, 1e-13)
   tr = transports.get("ot_fm")
-  assert_close(tr.transition(jnp.asarray(x), jnp.asarray(t), jnp.asarray(r),
-                             jnp.asarray(eps)), x - (t - r) * eps, 1e-14)
+  assert_close(
+    tr.transition(
+      jnp.asarray(x), jnp.asarray(t), jnp.asarray(r), jnp.asarray(eps)
+    ),
+    x - (t - r) * eps,
+    1e-14,
+  )
 
 
 def test_trigflow_target_closed_form(x64):
@@ -381,7 +425,7 @@ def test_edm_target_closed_form(case, x64):
   sd = 0.5 if case == "edm" else 1.0
   s = np.sqrt(t * t + sd * sd)
   f_star = t / (sd * s) * x - sd / s * eps
-  d_f_star = sd / s ** 3 * x + sd * t / s ** 3 * eps
+  d_f_star = sd / s**3 * x + sd * t / s**3 * eps
   ratio = (t - r) * s * s / (sd * sd + t * r)
   assert_close(got, f_star + ratio * (d_f_star - dfdt), 1e-12)
 
@@ -423,11 +467,14 @@ def _mean_std_ok(z, mean, std, n=N_DRAWS):
   assert abs(z.std() - std) < 5 * std / math.sqrt(2 * n), (z.std(), std)
 
 
-@pytest.mark.parametrize("params,mean,std", [
+@pytest.mark.parametrize(
+  "params,mean,std",
+  [
     ({}, 0.0, 1.0),
     ({"P_mean": -0.4, "P_std": 1.0}, -0.4, 1.0),
     ({"P_mean": 0.0, "P_std": 1.6}, 0.0, 1.6),
-])
+  ],
+)
 def test_ot_fm_sample_t_is_logit_normal(params, mean, std, x64):
   tr = transports.get("ot_fm", **params)
   t = _draws(tr, seed=1, dtype=jnp.float64)
@@ -474,14 +521,17 @@ def test_sample_t_depends_on_key():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case,formula", [
+@pytest.mark.parametrize(
+  "case,formula",
+  [
     ("ot_fm", lambda t: t),
     ("trigflow", lambda t: t),
     ("edm", lambda t: np.log(t) / 4),
     ("edm_sd1", lambda t: np.log(t) / 4),
     ("vp", lambda t: 999 * t),
     ("ve", lambda t: np.log(t / 2)),
-])
+  ],
+)
 def test_c_noise(case, formula, x64):
   tr = make(case)
   t = np.linspace(max(tr.T_min, 1e-3), tr.T_max, 17)
@@ -494,13 +544,21 @@ def test_c_noise(case, formula, x64):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,cls", [
-    ("ot_fm", transports.OTFM), ("OT_FM", transports.OTFM),
-    ("trigflow", transports.TrigFlow), ("TrigFlow", transports.TrigFlow),
-    ("edm", transports.EDM), ("EDM", transports.EDM),
-    ("vp", transports.VP), ("VP_SDE", transports.VP),
-    ("ve", transports.VE), ("VE_SDE", transports.VE),
-])
+@pytest.mark.parametrize(
+  "name,cls",
+  [
+    ("ot_fm", transports.OTFM),
+    ("OT_FM", transports.OTFM),
+    ("trigflow", transports.TrigFlow),
+    ("TrigFlow", transports.TrigFlow),
+    ("edm", transports.EDM),
+    ("EDM", transports.EDM),
+    ("vp", transports.VP),
+    ("VP_SDE", transports.VP),
+    ("ve", transports.VE),
+    ("VE_SDE", transports.VE),
+  ],
+)
 def test_get_names(name, cls):
   tr = transports.get(name)
   assert type(tr) is cls  # pylint: disable=unidiomatic-typecheck
@@ -538,8 +596,9 @@ def test_get_rejects_unknown_parameter():
     transports.get("ve", epsilon_t=1e-3)
 
 
-@pytest.mark.parametrize("param", ["w_gt", "w_cond", "w_start", "w_end",
-                                   "enhance_target"])
+@pytest.mark.parametrize(
+  "param", ["w_gt", "w_cond", "w_start", "w_end", "enhance_target"]
+)
 def test_get_rejects_loss_params_with_hint(param):
   with pytest.raises(ValueError, match=param) as info:
     transports.get("ot_fm", **{param: 0.5})
@@ -549,8 +608,10 @@ def test_get_rejects_loss_params_with_hint(param):
 def test_transports_are_hashable_static_args():
   a, b = transports.get("ot_fm"), transports.get("OT_FM")
   assert a is not b and a == b and hash(a) == hash(b)
-  assert len({transports.get(n) for n in ("ot_fm", "trigflow", "edm", "vp",
-                                          "ve")}) == 5
+  assert (
+    len({transports.get(n) for n in ("ot_fm", "trigflow", "edm", "vp", "ve")})
+    == 5
+  )
   assert transports.get("edm") != transports.get("edm", sigma_d=1.0)
   traces = []
 
@@ -567,8 +628,9 @@ def test_transports_are_hashable_static_args():
   np.testing.assert_array_equal(out_a, out_b)
   out_tf = jf(transports.get("trigflow"), x)  # different transport: retrace
   assert len(traces) == 2
-  np.testing.assert_allclose(out_tf, np.cos(0.5) * x - np.sin(0.5) * x,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    out_tf, np.cos(0.5) * x - np.sin(0.5) * x, rtol=1e-6
+  )
 
 
 def test_transports_are_frozen():
@@ -591,8 +653,9 @@ def test_stochastic_transition_ratio_zero_is_deterministic(x64):
   assert_close(got, tr.transition(x_t, t, r, f), 1e-15)
 
 
-@pytest.mark.parametrize("t,r,ratio", [(0.8, 0.6, 0.3), (0.5, 0.45, 1.0),
-                                       (0.3, 0.05, 0.2)])
+@pytest.mark.parametrize(
+  "t,r,ratio", [(0.8, 0.6, 0.3), (0.5, 0.45, 1.0), (0.3, 0.05, 0.2)]
+)
 def test_stochastic_transition_moments(t, r, ratio, x64):
   """Per element mean and variance over many xi match the EM step of the
   official ``OT_FM.from_x_t_to_x_r`` with ``s_ratio > 0``."""
@@ -604,12 +667,17 @@ def test_stochastic_transition_moments(t, r, ratio, x64):
   x_t = (1 - t) * x + t * eps
   f = eps - x  # the ideal velocity
   big = lambda v: jnp.broadcast_to(jnp.asarray(v), (m, k))
-  out = np.asarray(tr.stochastic_transition(big(x_t), jnp.float64(t),
-                                            jnp.float64(r), big(f), ratio, kxi))
+  out = np.asarray(
+    tr.stochastic_transition(
+      big(x_t), jnp.float64(t), jnp.float64(r), big(f), ratio, kxi
+    )
+  )
   assert out.shape == (m, k) and out.dtype == np.float64
   h = t - r
   eps_hat = x_t + (1 - t) * f
-  np.testing.assert_allclose(eps_hat, eps, atol=1e-14)  # ideal F => eps_hat = eps
+  np.testing.assert_allclose(
+    eps_hat, eps, atol=1e-14
+  )  # ideal F => eps_hat = eps
   mean = x_t - h * f - ratio * eps_hat * h
   var = 2 * ratio * t * h
   se = math.sqrt(var / m)

@@ -15,13 +15,24 @@ from tim_jax.core.errors import UserError
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  cli.define_config(fv, "A config file (configs/t2i.py, configs/c2i.py), "
-                    "with an optional ':variant'.")
-  flags.DEFINE_string("workdir", None, "Where checkpoints, sample grids and "
-                      "TensorBoard logs go.", flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
-                    "first (multi-host TPU pods and GPU clusters).",
-                    flag_values=fv)
+  cli.define_config(
+    fv,
+    "A config file (configs/t2i.py, configs/c2i.py), "
+    "with an optional ':variant'.",
+  )
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Where checkpoints, sample grids and TensorBoard logs go.",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() "
+    "first (multi-host TPU pods and GPU clusters).",
+    flag_values=fv,
+  )
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
@@ -29,14 +40,21 @@ def main(fv: flags.FlagValues, args) -> None:
   if args:
     raise UserError(f"unexpected arguments: {args}")
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
+
   config = config_base.flag_config(fv)  # A bad file stops first.
   import jax  # pylint: disable=g-import-not-at-top
+
   if fv.distributed:
     jax.distributed.initialize()
   from tim_jax import training  # pylint: disable=g-import-not-at-top
-  logging.info("JAX %s on %d %s device(s), %d process(es)", jax.__version__,
-               jax.device_count(), jax.devices()[0].platform,
-               jax.process_count())
+
+  logging.info(
+    "JAX %s on %d %s device(s), %d process(es)",
+    jax.__version__,
+    jax.device_count(),
+    jax.devices()[0].platform,
+    jax.process_count(),
+  )
   logging.info("config:\n%s", config)
   training.train_and_evaluate(config, os.path.abspath(fv.workdir))
 

@@ -18,27 +18,34 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from tim_jax.core import sharding
-from tim_jax.weights import torch_weights
 from tim_jax.autoencoders import dc, kl
 from tim_jax.autoencoders import layers as L
+from tim_jax.core import sharding
+from tim_jax.weights import torch_weights
 
 # config.autoencoder.name -> the diffusers class its directory must hold.
-NAMES = {"identity": None, "sd_vae_ft_ema": "AutoencoderKL",
-         "dc_ae_f32c32_sana_1.1": "AutoencoderDC"}
+NAMES = {
+  "identity": None,
+  "sd_vae_ft_ema": "AutoencoderKL",
+  "dc_ae_f32c32_sana_1.1": "AutoencoderDC",
+}
 # Their spatial downsampling (known without reading the directory).
 DOWNSAMPLE = {"identity": 1, "sd_vae_ft_ema": 8, "dc_ae_f32c32_sana_1.1": 32}
 CLASSES = ("AutoencoderKL", "AutoencoderDC")
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors",
-                "diffusion_pytorch_model.bin")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "float64": jnp.float64}
+WEIGHT_FILES = (
+  "diffusion_pytorch_model.safetensors",
+  "diffusion_pytorch_model.bin",
+)
+DTYPES = {
+  "float32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "float64": jnp.float64,
+}
 
 
 class Autoencoder:
@@ -50,9 +57,15 @@ class Autoencoder:
   replicated.
   """
 
-  def __init__(self, name: str, module: Optional[nnx.Module],
-               scaling_factor: float, downsample: int, latent_channels: int,
-               mesh=None):
+  def __init__(
+    self,
+    name: str,
+    module: nnx.Module | None,
+    scaling_factor: float,
+    downsample: int,
+    latent_channels: int,
+    mesh=None,
+  ):
     self.name, self.scaling_factor = name, float(scaling_factor)
     self.downsample, self.latent_channels = downsample, latent_channels
     self.mesh = mesh
@@ -80,35 +93,43 @@ class Autoencoder:
     self._decode = jax.jit(decode)
 
   def __repr__(self):
-    return (f"Autoencoder({self.name!r}, downsample={self.downsample}, "
-            f"latent_channels={self.latent_channels}, "
-            f"scaling_factor={self.scaling_factor})")
+    return (
+      f"Autoencoder({self.name!r}, downsample={self.downsample}, "
+      f"latent_channels={self.latent_channels}, "
+      f"scaling_factor={self.scaling_factor})"
+    )
 
   @property
   def is_identity(self) -> bool:
     """Whether this is the pixel-space identity (no network)."""
     return self._graph is None
 
-  def latent_shape(self, height: int, width: int) -> Tuple[int, int, int]:
+  def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
     """The latent (H, W, C) of an image of this size; ValueError when the
     autoencoder's downsampling does not divide it."""
     f = self.downsample
     if height % f or width % f or height < f or width < f:
-      raise ValueError(f"{self.name} downsamples by {f}: image size "
-                       f"{height}x{width} must be a positive multiple of {f}")
+      raise ValueError(
+        f"{self.name} downsamples by {f}: image size "
+        f"{height}x{width} must be a positive multiple of {f}"
+      )
     return height // f, width // f, self.latent_channels
 
   def _put(self, x):
     x = jnp.asarray(x)
-    if self.mesh is not None and x.shape[0] % sharding.data_shards(
-        self.mesh) == 0:
+    if (
+      self.mesh is not None
+      and x.shape[0] % sharding.data_shards(self.mesh) == 0
+    ):
       return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
     return x
 
   def _check(self, x, channels: int, what: str):
     if x.ndim != 4 or x.shape[-1] != channels:
-      raise ValueError(f"{self.name}.{what} takes NHWC arrays with "
-                       f"{channels} channels, got shape {tuple(x.shape)}")
+      raise ValueError(
+        f"{self.name}.{what} takes NHWC arrays with "
+        f"{channels} channels, got shape {tuple(x.shape)}"
+      )
 
   def moments(self, images):
     """The unscaled posterior (mean, std); std is zero for DC-AE."""
@@ -125,8 +146,11 @@ class Autoencoder:
     self._check(images, 3, "encode")
     h, w, c = self.latent_shape(*images.shape[1:3])
     shape = (images.shape[0], h, w, c)
-    noise = (jnp.zeros(shape, images.dtype) if rng is None else
-             jax.random.normal(rng, shape, images.dtype))
+    noise = (
+      jnp.zeros(shape, images.dtype)
+      if rng is None
+      else jax.random.normal(rng, shape, images.dtype)
+    )
     return self._encode(self._state, images, self._put(noise))
 
   def decode(self, latents):
@@ -148,9 +172,10 @@ def read_config(directory: str) -> dict:
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"no config.json in {directory!r}: expected a diffusers "
-        "save_pretrained directory (config.json and "
-        "diffusion_pytorch_model.safetensors)")
+      f"no config.json in {directory!r}: expected a diffusers "
+      "save_pretrained directory (config.json and "
+      "diffusion_pytorch_model.safetensors)"
+    )
   try:
     with open(path, encoding="utf-8") as f:
       cfg = json.load(f)
@@ -158,8 +183,9 @@ def read_config(directory: str) -> dict:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
   name = cfg.get("_class_name")
   if name not in CLASSES:
-    raise ValueError(f"{path}: _class_name is {name!r}; tim_jax reads "
-                     f"{' and '.join(CLASSES)}")
+    raise ValueError(
+      f"{path}: _class_name is {name!r}; tim_jax reads {' and '.join(CLASSES)}"
+    )
   return cfg
 
 
@@ -169,24 +195,33 @@ def architecture(cfg: dict):
     return kl.KLConfig.from_json(cfg)
   if cfg.get("_class_name") == "AutoencoderDC":
     return dc.DCConfig.from_json(cfg)
-  raise ValueError(f"_class_name {cfg.get('_class_name')!r} is not one of "
-                   f"{CLASSES}")
+  raise ValueError(
+    f"_class_name {cfg.get('_class_name')!r} is not one of {CLASSES}"
+  )
 
 
 def build(cfg: dict, dtype: str = "float32", rngs=None) -> nnx.Module:
   """The NNX module of a diffusers ``config.json`` (random weights)."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-  o = L.Options(dtype=DTYPES[dtype], param_dtype=jnp.float64
-                if dtype == "float64" else jnp.float32, rngs=rngs)
+  o = L.Options(
+    dtype=DTYPES[dtype],
+    param_dtype=jnp.float64 if dtype == "float64" else jnp.float32,
+    rngs=rngs,
+  )
   c = architecture(cfg)
   if isinstance(c, kl.KLConfig):
     return kl.AutoencoderKL(c, o)
   return dc.AutoencoderDC(c, o)
 
 
-def from_diffusers(directory: str, *, dtype: str = "float32", mesh=None,
-                   name: Optional[str] = None) -> Autoencoder:
+def from_diffusers(
+  directory: str,
+  *,
+  dtype: str = "float32",
+  mesh=None,
+  name: str | None = None,
+) -> Autoencoder:
   """An ``Autoencoder`` from a diffusers ``save_pretrained`` directory.
 
   Strict: a key the file lacks or has beyond the architecture, or a shape
@@ -199,28 +234,39 @@ def from_diffusers(directory: str, *, dtype: str = "float32", mesh=None,
   cfg = read_config(directory)
   want = NAMES.get(name)
   if want and cfg["_class_name"] != want:  # Before reading any weight.
-    raise ValueError(f"autoencoder {name!r} expects an {want} directory; "
-                     f"{directory} holds an {cfg['_class_name']}")
-  files = [os.path.join(directory, f) for f in WEIGHT_FILES
-           if os.path.isfile(os.path.join(directory, f))]
+    raise ValueError(
+      f"autoencoder {name!r} expects an {want} directory; "
+      f"{directory} holds an {cfg['_class_name']}"
+    )
+  files = [
+    os.path.join(directory, f)
+    for f in WEIGHT_FILES
+    if os.path.isfile(os.path.join(directory, f))
+  ]
   if not files:
-    raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in "
-                            f"{directory!r}")
+    raise FileNotFoundError(f"no {' or '.join(WEIGHT_FILES)} in {directory!r}")
   try:
     state_dict = torch_weights.read(files[0])
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"cannot read the autoencoder weights {files[0]}: "
-                     f"{e}") from e
+    raise ValueError(
+      f"cannot read the autoencoder weights {files[0]}: {e}"
+    ) from e
   if cfg["_class_name"] == "AutoencoderKL":
     state_dict = kl.deprecated_names(state_dict)
   c = architecture(cfg)
   module = nnx.eval_shape(lambda: build(cfg, dtype, nnx.Rngs(0)))
-  torch_weights.load_module(module, state_dict,
-                            f"{cfg['_class_name']} of {directory}")
+  torch_weights.load_module(
+    module, state_dict, f"{cfg['_class_name']} of {directory}"
+  )
   channels = c.latent_channels
-  return Autoencoder(name or os.path.basename(os.path.normpath(directory)),
-                     module, c.scaling_factor, c.downsample, channels,
-                     mesh=mesh)
+  return Autoencoder(
+    name or os.path.basename(os.path.normpath(directory)),
+    module,
+    c.scaling_factor,
+    c.downsample,
+    channels,
+    mesh=mesh,
+  )
 
 
 def from_config(config, mesh=None) -> Autoencoder:
@@ -228,20 +274,31 @@ def from_config(config, mesh=None) -> Autoencoder:
   ``dtype``); pixel-space configs get ``identity()``."""
   a = config.autoencoder
   if a.name not in NAMES:
-    raise ValueError(f"autoencoder.name {a.name!r} is not one of "
-                     f"{sorted(NAMES)}")
+    raise ValueError(
+      f"autoencoder.name {a.name!r} is not one of {sorted(NAMES)}"
+    )
   if a.name == "identity":
     return identity(config.model.network.in_channels)
   path = a.get("path")
   if not path:
     raise ValueError(
-        f"autoencoder {a.name!r} needs --config.autoencoder.path=DIR, a "
-        "diffusers save_pretrained directory (see the README's 'Files' "
-        "section for where to get it)")
-  return from_diffusers(path, dtype=a.get("dtype", "float32"), mesh=mesh,
-                        name=a.name)
+      f"autoencoder {a.name!r} needs --config.autoencoder.path=DIR, a "
+      "diffusers save_pretrained directory (see the README's 'Files' "
+      "section for where to get it)"
+    )
+  return from_diffusers(
+    path, dtype=a.get("dtype", "float32"), mesh=mesh, name=a.name
+  )
 
 
-__all__ = ["Autoencoder", "from_diffusers", "from_config", "identity",
-           "build", "architecture", "read_config", "NAMES",
-           "DOWNSAMPLE"]
+__all__ = [
+  "Autoencoder",
+  "from_diffusers",
+  "from_config",
+  "identity",
+  "build",
+  "architecture",
+  "read_config",
+  "NAMES",
+  "DOWNSAMPLE",
+]

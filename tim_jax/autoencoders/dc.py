@@ -13,12 +13,12 @@ TiM code uses it for ``dc-ae-f32c32-sana-1.1`` (``tim/models/vae/dc_ae.py``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
-from typing import Mapping, Tuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from tim_jax.autoencoders import layers as L
 
@@ -27,7 +27,7 @@ NORM_EPS = 1e-5  # diffusers' get_normalization default.
 ATTENTION_EPS = 1e-15  # SanaMultiscaleLinearAttention's eps.
 
 
-def _per_stage(value, n: int, name: str) -> Tuple:
+def _per_stage(value, n: int, name: str) -> tuple:
   if isinstance(value, str):
     return (value,) * n
   value = tuple(value)
@@ -39,58 +39,74 @@ def _per_stage(value, n: int, name: str) -> Tuple:
 @dataclasses.dataclass(frozen=True)
 class DCConfig:
   """``AutoencoderDC``'s ``config.json`` fields (per-stage tuples)."""
+
   in_channels: int = 3
   latent_channels: int = 32
   attention_head_dim: int = 32
-  encoder_block_types: Tuple[str, ...] = ("ResBlock",)
-  decoder_block_types: Tuple[str, ...] = ("ResBlock",)
-  encoder_block_out_channels: Tuple[int, ...] = (128,)
-  decoder_block_out_channels: Tuple[int, ...] = (128,)
-  encoder_layers_per_block: Tuple[int, ...] = (2,)
-  decoder_layers_per_block: Tuple[int, ...] = (3,)
-  encoder_qkv_multiscales: Tuple[Tuple[int, ...], ...] = ((),)
-  decoder_qkv_multiscales: Tuple[Tuple[int, ...], ...] = ((),)
+  encoder_block_types: tuple[str, ...] = ("ResBlock",)
+  decoder_block_types: tuple[str, ...] = ("ResBlock",)
+  encoder_block_out_channels: tuple[int, ...] = (128,)
+  decoder_block_out_channels: tuple[int, ...] = (128,)
+  encoder_layers_per_block: tuple[int, ...] = (2,)
+  decoder_layers_per_block: tuple[int, ...] = (3,)
+  encoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((),)
+  decoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((),)
   upsample_block_type: str = "pixel_shuffle"
   downsample_block_type: str = "pixel_unshuffle"
-  decoder_norm_types: Tuple[str, ...] = ("rms_norm",)
-  decoder_act_fns: Tuple[str, ...] = ("silu",)
+  decoder_norm_types: tuple[str, ...] = ("rms_norm",)
+  decoder_act_fns: tuple[str, ...] = ("silu",)
   scaling_factor: float = 1.0
 
   @classmethod
-  def from_json(cls, cfg: Mapping) -> "DCConfig":
+  def from_json(cls, cfg: Mapping) -> DCConfig:
     """The config from a diffusers ``config.json`` dict, with ``AutoencoderDC``'s defaults."""
     defaults = dict(  # AutoencoderDC.__init__'s defaults.
-        encoder_block_types="ResBlock", decoder_block_types="ResBlock",
-        encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-        decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-        encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
-        decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
-        encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-        decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
-        decoder_norm_types="rms_norm", decoder_act_fns="silu")
+      encoder_block_types="ResBlock",
+      decoder_block_types="ResBlock",
+      encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+      decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+      encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
+      decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+      encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+      decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+      decoder_norm_types="rms_norm",
+      decoder_act_fns="silu",
+    )
     fields = {f.name for f in dataclasses.fields(cls)}
     raw = {**defaults, **{k: v for k, v in cfg.items() if k in fields}}
     ne = len(raw["encoder_block_out_channels"])
     nd = len(raw["decoder_block_out_channels"])
     kw = dict(raw)
-    for name, n in (("encoder_block_types", ne), ("decoder_block_types", nd),
-                    ("decoder_norm_types", nd), ("decoder_act_fns", nd)):
+    for name, n in (
+      ("encoder_block_types", ne),
+      ("decoder_block_types", nd),
+      ("decoder_norm_types", nd),
+      ("decoder_act_fns", nd),
+    ):
       kw[name] = _per_stage(raw[name], n, name)
-    for name in ("encoder_block_out_channels", "decoder_block_out_channels",
-                 "encoder_layers_per_block", "decoder_layers_per_block"):
+    for name in (
+      "encoder_block_out_channels",
+      "decoder_block_out_channels",
+      "encoder_layers_per_block",
+      "decoder_layers_per_block",
+    ):
       kw[name] = tuple(int(v) for v in raw[name])
-    for name, n in (("encoder_qkv_multiscales", ne),
-                    ("decoder_qkv_multiscales", nd)):
-      kw[name] = tuple(tuple(int(k) for k in s)
-                       for s in _per_stage(raw[name], n, name))
+    for name, n in (
+      ("encoder_qkv_multiscales", ne),
+      ("decoder_qkv_multiscales", nd),
+    ):
+      kw[name] = tuple(
+        tuple(int(k) for k in s) for s in _per_stage(raw[name], n, name)
+      )
     c = cls(**kw)
     for t in c.encoder_block_types + c.decoder_block_types:
       if t not in BLOCK_TYPES:
         raise ValueError(f"block type {t!r} is not one of {BLOCK_TYPES}")
     for t in c.decoder_norm_types:
       if t not in ("rms_norm", "batch_norm"):
-        raise ValueError(f"decoder norm type {t!r} is not rms_norm or "
-                         "batch_norm")
+        raise ValueError(
+          f"decoder norm type {t!r} is not rms_norm or batch_norm"
+        )
     for a in c.decoder_act_fns:
       L.activation(a)
     if c.upsample_block_type not in ("pixel_shuffle", "interpolate"):
@@ -106,8 +122,11 @@ class DCConfig:
 
 
 def _norm(kind: str, ch: int, o: L.Options):
-  return (L.RMSNorm(ch, NORM_EPS, o) if kind == "rms_norm"
-          else L.BatchNorm(ch, NORM_EPS, o))
+  return (
+    L.RMSNorm(ch, NORM_EPS, o)
+    if kind == "rms_norm"
+    else L.BatchNorm(ch, NORM_EPS, o)
+  )
 
 
 class ResBlock(nnx.Module):
@@ -142,16 +161,16 @@ class LinearAttention(nnx.Module):
   when the map has more positions than a head has channels, else the
   quadratic form; output projection, norm and residual."""
 
-  def __init__(self, ch: int, head_dim: int, scales, norm: str,
-               o: L.Options):
+  def __init__(self, ch: int, head_dim: int, scales, norm: str, o: L.Options):
     heads = ch // head_dim
     inner = heads * head_dim
     self.head_dim, self.precision = head_dim, o.precision
     self.to_q = L.linear(ch, inner, o, bias=False)
     self.to_k = L.linear(ch, inner, o, bias=False)
     self.to_v = L.linear(ch, inner, o, bias=False)
-    self.to_qkv_multiscale = nnx.List([
-        MultiscaleProjection(inner, heads, k, o) for k in scales])
+    self.to_qkv_multiscale = nnx.List(
+      [MultiscaleProjection(inner, heads, k, o) for k in scales]
+    )
     self.to_out = L.linear(inner * (1 + len(scales)), ch, o, bias=False)
     self.norm_out = _norm(norm, ch, o)
 
@@ -159,8 +178,7 @@ class LinearAttention(nnx.Module):
     b, h, w, _ = x.shape
     n, d = h * w, self.head_dim
     qkv = jnp.concatenate([self.to_q(x), self.to_k(x), self.to_v(x)], -1)
-    qkv = jnp.concatenate([qkv] + [p(qkv) for p in self.to_qkv_multiscale],
-                          -1)
+    qkv = jnp.concatenate([qkv] + [p(qkv) for p in self.to_qkv_multiscale], -1)
     linear = n > d
     if linear:
       qkv = qkv.astype(jnp.promote_types(qkv.dtype, jnp.float32))
@@ -178,7 +196,8 @@ class LinearAttention(nnx.Module):
       out = out.astype(x.dtype)
     else:
       scores = mm("bhdn,bhdm->bhnm", k, q).astype(
-          jnp.promote_types(q.dtype, jnp.float32))
+        jnp.promote_types(q.dtype, jnp.float32)
+      )
       scores = scores / (scores.sum(axis=2, keepdims=True) + ATTENTION_EPS)
       out = mm("bhdn,bhnm->bhdm", v, scores.astype(v.dtype))
     # (B, heads, d, N) -> NHWC with channel = head * d + i.
@@ -204,9 +223,7 @@ class GLUMBConv(nnx.Module):
 
 
 class EfficientViTBlock(nnx.Module):
-
-  def __init__(self, ch: int, head_dim: int, scales, norm: str,
-               o: L.Options):
+  def __init__(self, ch: int, head_dim: int, scales, norm: str, o: L.Options):
     self.attn = LinearAttention(ch, head_dim, scales, norm, o)
     self.conv_out = GLUMBConv(ch, o)
 
@@ -214,8 +231,9 @@ class EfficientViTBlock(nnx.Module):
     return self.conv_out(self.attn(x))
 
 
-def _block(kind: str, ch: int, c: DCConfig, norm: str, act: str, scales,
-           o: L.Options):
+def _block(
+  kind: str, ch: int, c: DCConfig, norm: str, act: str, scales, o: L.Options
+):
   if kind == "ResBlock":
     return ResBlock(ch, norm, act, o)
   return EfficientViTBlock(ch, c.attention_head_dim, scales, norm, o)
@@ -226,12 +244,23 @@ class DownBlock(nnx.Module):
   1 then pixel-unshuffle), plus the pixel-unshuffled input averaged over
   channel groups when ``shortcut``."""
 
-  def __init__(self, cin: int, cout: int, pixel_unshuffle: bool,
-               shortcut: bool, o: L.Options):
+  def __init__(
+    self,
+    cin: int,
+    cout: int,
+    pixel_unshuffle: bool,
+    shortcut: bool,
+    o: L.Options,
+  ):
     self.unshuffle, self.shortcut = pixel_unshuffle, shortcut
     self.group_size = cin * 4 // cout
-    self.conv = L.conv(cin, cout // 4 if pixel_unshuffle else cout, 3, o,
-                       stride=1 if pixel_unshuffle else 2)
+    self.conv = L.conv(
+      cin,
+      cout // 4 if pixel_unshuffle else cout,
+      3,
+      o,
+      stride=1 if pixel_unshuffle else 2,
+    )
 
   def __call__(self, x):
     y = self.conv(x)
@@ -247,8 +276,9 @@ class UpBlock(nnx.Module):
   pixel-shuffle; plus the channel-repeated, pixel-shuffled input when
   ``shortcut``."""
 
-  def __init__(self, cin: int, cout: int, interpolate: bool, shortcut: bool,
-               o: L.Options):
+  def __init__(
+    self, cin: int, cout: int, interpolate: bool, shortcut: bool, o: L.Options
+  ):
     self.interpolate, self.shortcut = interpolate, shortcut
     self.repeats = cout * 4 // cin
     self.conv = L.conv(cin, cout if interpolate else cout * 4, 3, o)
@@ -264,17 +294,29 @@ class UpBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-
   def __init__(self, c: DCConfig, o: L.Options):
     chs, layers = c.encoder_block_out_channels, c.encoder_layers_per_block
     unshuffle = c.downsample_block_type == "pixel_unshuffle"
     first = chs[0] if layers[0] > 0 else chs[1]
-    self.conv_in = (L.conv(c.in_channels, first, 3, o) if layers[0] > 0 else
-                    DownBlock(c.in_channels, first, unshuffle, False, o))
+    self.conv_in = (
+      L.conv(c.in_channels, first, 3, o)
+      if layers[0] > 0
+      else DownBlock(c.in_channels, first, unshuffle, False, o)
+    )
     stages = []
     for i, (ch, n) in enumerate(zip(chs, layers)):
-      blocks = [_block(c.encoder_block_types[i], ch, c, "rms_norm", "silu",
-                       c.encoder_qkv_multiscales[i], o) for _ in range(n)]
+      blocks = [
+        _block(
+          c.encoder_block_types[i],
+          ch,
+          c,
+          "rms_norm",
+          "silu",
+          c.encoder_qkv_multiscales[i],
+          o,
+        )
+        for _ in range(n)
+      ]
       if i < len(chs) - 1 and n > 0:
         blocks.append(DownBlock(ch, chs[i + 1], unshuffle, True, o))
       stages.append(nnx.List(blocks))
@@ -291,7 +333,6 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-
   def __init__(self, c: DCConfig, o: L.Options):
     chs, layers = c.decoder_block_out_channels, c.decoder_layers_per_block
     interpolate = c.upsample_block_type == "interpolate"
@@ -302,15 +343,27 @@ class Decoder(nnx.Module):
       blocks = []
       if i < len(chs) - 1 and n > 0:
         blocks.append(UpBlock(chs[i + 1], ch, interpolate, True, o))
-      blocks += [_block(c.decoder_block_types[i], ch, c,
-                        c.decoder_norm_types[i], c.decoder_act_fns[i],
-                        c.decoder_qkv_multiscales[i], o) for _ in range(n)]
+      blocks += [
+        _block(
+          c.decoder_block_types[i],
+          ch,
+          c,
+          c.decoder_norm_types[i],
+          c.decoder_act_fns[i],
+          c.decoder_qkv_multiscales[i],
+          o,
+        )
+        for _ in range(n)
+      ]
       stages.append(nnx.List(blocks))
     self.up_blocks = nnx.List(stages)
     last = chs[0] if layers[0] > 0 else chs[1]
     self.norm_out = L.RMSNorm(last, NORM_EPS, o)
-    self.conv_out = (L.conv(last, c.in_channels, 3, o) if layers[0] > 0 else
-                     UpBlock(last, c.in_channels, interpolate, False, o))
+    self.conv_out = (
+      L.conv(last, c.in_channels, 3, o)
+      if layers[0] > 0
+      else UpBlock(last, c.in_channels, interpolate, False, o)
+    )
 
   def __call__(self, z):
     x = self.conv_in(z) + L.repeat_channels(z, self.in_repeats)

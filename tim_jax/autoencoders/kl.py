@@ -10,12 +10,12 @@ quant and post-quant 1x1 convolutions). The official TiM code uses it for
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
-from typing import Mapping, Sequence, Tuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from tim_jax.autoencoders import layers as L
 
@@ -27,9 +27,10 @@ UP_BLOCK = "UpDecoderBlock2D"
 @dataclasses.dataclass(frozen=True)
 class KLConfig:
   """``AutoencoderKL``'s ``config.json`` fields that shape the network."""
+
   in_channels: int = 3
   out_channels: int = 3
-  block_out_channels: Tuple[int, ...] = (64,)
+  block_out_channels: tuple[int, ...] = (64,)
   layers_per_block: int = 1
   act_fn: str = "silu"
   latent_channels: int = 4
@@ -39,32 +40,39 @@ class KLConfig:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
-  down_block_types: Tuple[str, ...] = (DOWN_BLOCK,)
-  up_block_types: Tuple[str, ...] = (UP_BLOCK,)
+  down_block_types: tuple[str, ...] = (DOWN_BLOCK,)
+  up_block_types: tuple[str, ...] = (UP_BLOCK,)
 
   @classmethod
-  def from_json(cls, cfg: Mapping) -> "KLConfig":
+  def from_json(cls, cfg: Mapping) -> KLConfig:
     """The config from a diffusers ``config.json`` dict (unknown keys ignored, block types checked)."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v)
-          for k, v in cfg.items() if k in fields}
+    kw = {
+      k: (tuple(v) if isinstance(v, list) else v)
+      for k, v in cfg.items()
+      if k in fields
+    }
     c = cls(**kw)
     n = len(c.block_out_channels)
-    for name, blocks, want in (("down_block_types", c.down_block_types,
-                                DOWN_BLOCK),
-                               ("up_block_types", c.up_block_types,
-                                UP_BLOCK)):
+    for name, blocks, want in (
+      ("down_block_types", c.down_block_types, DOWN_BLOCK),
+      ("up_block_types", c.up_block_types, UP_BLOCK),
+    ):
       if len(blocks) != n or any(b != want for b in blocks):
-        raise ValueError(f"{name} must be {n} x {want!r} (the only block "
-                         f"AutoencoderKL's encoder/decoder build), got "
-                         f"{list(blocks)}")
+        raise ValueError(
+          f"{name} must be {n} x {want!r} (the only block "
+          f"AutoencoderKL's encoder/decoder build), got "
+          f"{list(blocks)}"
+        )
     if c.shift_factor:
       raise ValueError("shift_factor is not supported (SD-VAE has none)")
     for ch in c.block_out_channels:
       if ch % c.norm_num_groups:
-        raise ValueError(f"block_out_channels {list(c.block_out_channels)} "
-                         f"must be divisible by norm_num_groups="
-                         f"{c.norm_num_groups}")
+        raise ValueError(
+          f"block_out_channels {list(c.block_out_channels)} "
+          f"must be divisible by norm_num_groups="
+          f"{c.norm_num_groups}"
+        )
     L.activation(c.act_fn)
     return c
 
@@ -109,8 +117,7 @@ class Attention(nnx.Module):
     t = self.group_norm(x).reshape(b, h * w, 1, ch)
     # One head; jax.nn.dot_product_attention's softmax runs in float32 or
     # wider, as diffusers' upcast_softmax does.
-    out = jax.nn.dot_product_attention(self.to_q(t), self.to_k(t),
-                                       self.to_v(t))
+    out = jax.nn.dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))
     return x + self.to_out[0](out.reshape(b, h, w, ch))
 
 
@@ -118,10 +125,12 @@ class MidBlock(nnx.Module):
   """``UNetMidBlock2D``: resnet, (attention), resnet."""
 
   def __init__(self, ch: int, c: KLConfig, o: L.Options):
-    self.resnets = nnx.List([ResnetBlock2D(ch, ch, c, o),
-                             ResnetBlock2D(ch, ch, c, o)])
-    self.attentions = (nnx.List([Attention(ch, c, o)])
-                       if c.mid_block_add_attention else None)
+    self.resnets = nnx.List(
+      [ResnetBlock2D(ch, ch, c, o), ResnetBlock2D(ch, ch, c, o)]
+    )
+    self.attentions = (
+      nnx.List([Attention(ch, c, o)]) if c.mid_block_add_attention else None
+    )
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -155,12 +164,27 @@ class Stage(nnx.Module):
   ``UpDecoderBlock2D`` (resnets, then ``upsamplers``); the last stage has
   no resampler."""
 
-  def __init__(self, cin, cout, layers: int, up: bool, last: bool,
-               c: KLConfig, o: L.Options):
-    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, c,
-                                           o) for i in range(layers)])
-    resample = None if last else nnx.List(
-        [Upsample(cout, o) if up else Downsample(cout, o)])
+  def __init__(
+    self,
+    cin,
+    cout,
+    layers: int,
+    up: bool,
+    last: bool,
+    c: KLConfig,
+    o: L.Options,
+  ):
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(cin if i == 0 else cout, cout, c, o)
+        for i in range(layers)
+      ]
+    )
+    resample = (
+      None
+      if last
+      else nnx.List([Upsample(cout, o) if up else Downsample(cout, o)])
+    )
     self.upsamplers = resample if up else None
     self.downsamplers = None if up else resample
 
@@ -172,14 +196,24 @@ class Stage(nnx.Module):
 
 
 class Encoder(nnx.Module):
-
   def __init__(self, c: KLConfig, o: L.Options):
     chs = c.block_out_channels
     self.act = L.activation(c.act_fn)
     self.conv_in = L.conv(c.in_channels, chs[0], 3, o)
-    self.down_blocks = nnx.List([
-        Stage(chs[max(i - 1, 0)], chs[i], c.layers_per_block, False,
-              i == len(chs) - 1, c, o) for i in range(len(chs))])
+    self.down_blocks = nnx.List(
+      [
+        Stage(
+          chs[max(i - 1, 0)],
+          chs[i],
+          c.layers_per_block,
+          False,
+          i == len(chs) - 1,
+          c,
+          o,
+        )
+        for i in range(len(chs))
+      ]
+    )
     self.mid_block = MidBlock(chs[-1], c, o)
     self.conv_norm_out = L.group_norm(chs[-1], c.norm_num_groups, GN_EPS, o)
     self.conv_out = L.conv(chs[-1], 2 * c.latent_channels, 3, o)
@@ -193,15 +227,25 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-
   def __init__(self, c: KLConfig, o: L.Options):
     chs = tuple(reversed(c.block_out_channels))
     self.act = L.activation(c.act_fn)
     self.conv_in = L.conv(c.latent_channels, chs[0], 3, o)
     self.mid_block = MidBlock(chs[0], c, o)
-    self.up_blocks = nnx.List([
-        Stage(chs[max(i - 1, 0)], chs[i], c.layers_per_block + 1, True,
-              i == len(chs) - 1, c, o) for i in range(len(chs))])
+    self.up_blocks = nnx.List(
+      [
+        Stage(
+          chs[max(i - 1, 0)],
+          chs[i],
+          c.layers_per_block + 1,
+          True,
+          i == len(chs) - 1,
+          c,
+          o,
+        )
+        for i in range(len(chs))
+      ]
+    )
     self.conv_norm_out = L.group_norm(chs[-1], c.norm_num_groups, GN_EPS, o)
     self.conv_out = L.conv(chs[-1], c.out_channels, 3, o)
 
@@ -222,8 +266,11 @@ class AutoencoderKL(nnx.Module):
     self.decoder = Decoder(c, o)
     n = 2 * c.latent_channels
     self.quant_conv = L.conv(n, n, 1, o) if c.use_quant_conv else None
-    self.post_quant_conv = (L.conv(c.latent_channels, c.latent_channels, 1, o)
-                            if c.use_post_quant_conv else None)
+    self.post_quant_conv = (
+      L.conv(c.latent_channels, c.latent_channels, 1, o)
+      if c.use_post_quant_conv
+      else None
+    )
 
   def moments(self, images):
     """The posterior's mean and std (log-variance clipped as diffusers does), unscaled."""
@@ -247,16 +294,23 @@ def deprecated_names(state_dict: Mapping) -> dict:
   attention ``query``/``key``/``value``/``proj_attn``; diffusers renames
   them on load to ``to_q``/``to_k``/``to_v``/``to_out.0``, and so do we.
   1x1-convolution-shaped attention weights are squeezed to Linear ones."""
-  rename = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.",
-            ".proj_attn.": ".to_out.0."}
+  rename = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+  }
   out = {}
   for key, value in state_dict.items():
     new = key
     if ".attentions." in key:
       for old, repl in rename.items():
         new = new.replace(old, repl)
-      if new.endswith(".weight") and getattr(value, "ndim", 0) == 4 and (
-          ".to_" in new):
+      if (
+        new.endswith(".weight")
+        and getattr(value, "ndim", 0) == 4
+        and (".to_" in new)
+      ):
         value = value[:, :, 0, 0]
     out[new] = value
   return out

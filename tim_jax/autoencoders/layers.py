@@ -8,24 +8,27 @@ The channel orderings of ``pixel_shuffle``/``pixel_unshuffle`` and
 
 from __future__ import annotations
 
-from typing import Optional
-
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 # diffusers' get_activation names (diffusers/models/activations.py).
-ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
-               "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-               "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-               "relu": jax.nn.relu}
+ACTIVATIONS = {
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "relu": jax.nn.relu,
+}
 
 
 def activation(name: str):
   """The activation function of a diffusers name (``silu``, ``relu``, ...)."""
   if name not in ACTIVATIONS:
-    raise ValueError(f"activation {name!r} is not one diffusers' autoencoders "
-                     f"accept; expected one of {sorted(ACTIVATIONS)}")
+    raise ValueError(
+      f"activation {name!r} is not one diffusers' autoencoders "
+      f"accept; expected one of {sorted(ACTIVATIONS)}"
+    )
   return ACTIVATIONS[name]
 
 
@@ -34,14 +37,28 @@ class Options:
   precision (``highest`` keeps float32 float32 on TPUs), and the rngs that
   initialise parameters (replaced when weights load)."""
 
-  def __init__(self, dtype=jnp.float32, param_dtype=jnp.float32,
-               precision: Optional[str] = "highest", rngs=None):
+  def __init__(
+    self,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    precision: str | None = "highest",
+    rngs=None,
+  ):
     self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
     self.rngs = rngs if rngs is not None else nnx.Rngs(0)
 
 
-def conv(cin: int, cout: int, kernel: int, o: Options, *, stride: int = 1,
-         padding=None, groups: int = 1, bias: bool = True) -> nnx.Conv:
+def conv(
+  cin: int,
+  cout: int,
+  kernel: int,
+  o: Options,
+  *,
+  stride: int = 1,
+  padding=None,
+  groups: int = 1,
+  bias: bool = True,
+) -> nnx.Conv:
   """``torch.nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups,
   bias=bias)``; ``padding`` defaults to ``kernel // 2`` on every side, or a
   ((top, bottom), (left, right)) pair."""
@@ -49,38 +66,66 @@ def conv(cin: int, cout: int, kernel: int, o: Options, *, stride: int = 1,
     padding = kernel // 2
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
-                  padding=padding, feature_group_count=groups, use_bias=bias,
-                  dtype=o.dtype, param_dtype=o.param_dtype,
-                  precision=o.precision, rngs=o.rngs)
+  return nnx.Conv(
+    cin,
+    cout,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=padding,
+    feature_group_count=groups,
+    use_bias=bias,
+    dtype=o.dtype,
+    param_dtype=o.param_dtype,
+    precision=o.precision,
+    rngs=o.rngs,
+  )
 
 
 def linear(cin: int, cout: int, o: Options, *, bias: bool = True):
   """A linear layer with the options' dtypes and precision."""
-  return nnx.Linear(cin, cout, use_bias=bias, dtype=o.dtype,
-                    param_dtype=o.param_dtype, precision=o.precision,
-                    rngs=o.rngs)
+  return nnx.Linear(
+    cin,
+    cout,
+    use_bias=bias,
+    dtype=o.dtype,
+    param_dtype=o.param_dtype,
+    precision=o.precision,
+    rngs=o.rngs,
+  )
 
 
 def group_norm(channels: int, groups: int, eps: float, o: Options):
   """GroupNorm with PyTorch's variance formula."""
   # use_fast_variance=False: E[(x - mean)^2] as PyTorch computes it.
-  return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps,
-                       use_fast_variance=False, dtype=o.dtype,
-                       param_dtype=o.param_dtype, rngs=o.rngs)
+  return nnx.GroupNorm(
+    channels,
+    num_groups=groups,
+    epsilon=eps,
+    use_fast_variance=False,
+    dtype=o.dtype,
+    param_dtype=o.param_dtype,
+    rngs=o.rngs,
+  )
 
 
 class RMSNorm(nnx.Module):
   """diffusers' ``RMSNorm`` over the last (channel) axis: the mean square in
   float32, ``x * rsqrt(ms + eps) * weight + bias``."""
 
-  def __init__(self, dim: int, eps: float, o: Options, *,
-               affine: bool = True, bias: bool = True):
+  def __init__(
+    self,
+    dim: int,
+    eps: float,
+    o: Options,
+    *,
+    affine: bool = True,
+    bias: bool = True,
+  ):
     self.eps = eps
-    self.weight = (nnx.Param(jnp.ones((dim,), o.param_dtype))
-                   if affine else None)
-    self.bias = (nnx.Param(jnp.zeros((dim,), o.param_dtype))
-                 if affine and bias else None)
+    self.weight = nnx.Param(jnp.ones((dim,), o.param_dtype)) if affine else None
+    self.bias = (
+      nnx.Param(jnp.zeros((dim,), o.param_dtype)) if affine and bias else None
+    )
 
   def __call__(self, x):
     wide = jnp.promote_types(x.dtype, jnp.float32)

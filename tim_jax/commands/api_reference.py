@@ -13,12 +13,12 @@ and that every public name has a docstring.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import importlib
 import inspect
 import os
 import pkgutil
 import sys
-from typing import Iterator
 
 from absl import flags
 
@@ -26,8 +26,20 @@ from tim_jax.commands import cli
 from tim_jax.core.errors import UserError
 
 # The folders in layer order (tests/test_layout.py holds the rule).
-LAYERS = ("core", "method", "models", "weights", "autoencoders", "encoders",
-          "eval", "shapes", "config", "data", "inference", "training")
+LAYERS = (
+  "core",
+  "method",
+  "models",
+  "weights",
+  "autoencoders",
+  "encoders",
+  "eval",
+  "shapes",
+  "config",
+  "data",
+  "inference",
+  "training",
+)
 HEADER = """# Public API
 
 Generated from the docstrings by
@@ -42,12 +54,14 @@ package's layers ([architecture.md](architecture.md)).
 def modules() -> Iterator[str]:
   """The library modules' names, layer by layer (no commands, no main)."""
   import tim_jax  # pylint: disable=g-import-not-at-top
+
   root = os.path.dirname(tim_jax.__file__)
   for folder in LAYERS:
     package = f"tim_jax.{folder}"
     yield package
-    names = sorted(m.name for m in pkgutil.iter_modules(
-        [os.path.join(root, folder)]))
+    names = sorted(
+      m.name for m in pkgutil.iter_modules([os.path.join(root, folder)])
+    )
     for name in names:
       if not name.startswith("_"):
         yield f"{package}.{name}"
@@ -65,10 +79,12 @@ def public_names(module) -> list[str]:
   if hasattr(module, "__all__"):
     return list(module.__all__)
   return sorted(
-      name for name, obj in vars(module).items()
-      if not name.startswith("_") and (inspect.isfunction(obj) or
-                                       inspect.isclass(obj))
-      and getattr(obj, "__module__", None) == module.__name__)
+    name
+    for name, obj in vars(module).items()
+    if not name.startswith("_")
+    and (inspect.isfunction(obj) or inspect.isclass(obj))
+    and getattr(obj, "__module__", None) == module.__name__
+  )
 
 
 def public_methods(cls) -> list[str]:
@@ -106,9 +122,12 @@ def signature(obj) -> str:
     return _Written(a) if isinstance(a, str) else a
 
   sig = sig.replace(
-      parameters=[p.replace(annotation=written(p.annotation))
-                  for p in sig.parameters.values()],
-      return_annotation=written(sig.return_annotation))
+    parameters=[
+      p.replace(annotation=written(p.annotation))
+      for p in sig.parameters.values()
+    ],
+    return_annotation=written(sig.return_annotation),
+  )
   text = str(sig)
   return text if len(text) <= 160 else text[:157] + "..."
 
@@ -148,15 +167,19 @@ def reference() -> tuple[str, list[str]]:
           text = first_paragraph(doc_of(obj, method))
           if not text:
             missing.append(f"{name}.{public}.{method}")
-          sig = "" if isinstance(member, property) else signature(
-              getattr(obj, method))
+          sig = (
+            ""
+            if isinstance(member, property)
+            else signature(getattr(obj, method))
+          )
           lines.append(f"  - `{method}{sig}`: {text}")
   return "\n".join(lines).rstrip() + "\n", missing
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("out", "docs/api.md", "Where to write the page.",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "out", "docs/api.md", "Where to write the page.", flag_values=fv
+  )
 
 
 def main(fv: flags.FlagValues, args) -> None:
@@ -164,8 +187,9 @@ def main(fv: flags.FlagValues, args) -> None:
     raise UserError(f"unexpected arguments: {args}")
   page, missing = reference()
   if missing:
-    raise UserError(f"{len(missing)} public names have no docstring: "
-                    + ", ".join(missing))
+    raise UserError(
+      f"{len(missing)} public names have no docstring: " + ", ".join(missing)
+    )
   cli.check_writable(fv.out, "--out")
   with open(fv.out, "w", encoding="utf-8") as f:
     f.write(page)

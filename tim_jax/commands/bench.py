@@ -32,9 +32,9 @@ import statistics
 import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
-from absl import flags
 
 from tim_jax.commands import cli
 from tim_jax.core.errors import UserError
@@ -42,19 +42,34 @@ from tim_jax.core.errors import UserError
 
 def define_flags(fv: flags.FlagValues) -> None:
   cli.define_config(fv, "A config file with an optional ':variant'.")
-  flags.DEFINE_integer("batch_size", 64, "Global batch size.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("repeats", 10, "Timed runs per row (median "
-                       "reported).", lower_bound=1, flag_values=fv)
-  flags.DEFINE_list("num_steps", ["1", "4", "16"], "Sampler step counts.",
-                    flag_values=fv)
-  flags.DEFINE_list("rows", [], "Only these rows (default: all).",
-                    flag_values=fv)
-  flags.DEFINE_string("out", "", "Also write the results as JSON here.",
-                      flag_values=fv)
-  flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul "
-                       "whose rate is the reference row 'matmul' (0: no "
-                       "such row).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer(
+    "batch_size", 64, "Global batch size.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "repeats",
+    10,
+    "Timed runs per row (median reported).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "num_steps", ["1", "4", "16"], "Sampler step counts.", flag_values=fv
+  )
+  flags.DEFINE_list(
+    "rows", [], "Only these rows (default: all).", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "out", "", "Also write the results as JSON here.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "matmul_size",
+    2048,
+    "Side of the square matmul "
+    "whose rate is the reference row 'matmul' (0: no "
+    "such row).",
+    lower_bound=0,
+    flag_values=fv,
+  )
   flags.mark_flags_as_required(["config"], flag_values=fv)
 
 
@@ -82,8 +97,9 @@ def run(config, batch, repeats, nfes, rows=(), matmul_size: int = 2048):
   from tim_jax import training
   from tim_jax.config import builders
   from tim_jax.core import sharding
-  from tim_jax.models import flops as flops_lib
   from tim_jax.data import kinds
+  from tim_jax.models import flops as flops_lib
+
   want = lambda name: not rows or name in rows
 
   # The REPA teacher, when the config has one: the file's, or RADIO
@@ -92,10 +108,13 @@ def run(config, batch, repeats, nfes, rows=(), matmul_size: int = 2048):
   teacher = None
   if config.loss_extras.get("repa_encoder", "none") != "none":
     from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
+
     dtype = builders.compute_dtype(config)
-    teacher = (radio.load(config.loss_extras.repa_encoder_path, dtype=dtype)
-               if config.loss_extras.repa_encoder_path else
-               radio.random_encoder(dtype=dtype))
+    teacher = (
+      radio.load(config.loss_extras.repa_encoder_path, dtype=dtype)
+      if config.loss_extras.repa_encoder_path
+      else radio.random_encoder(dtype=dtype)
+    )
 
   def variant(**loss):
     c = config.copy_and_resolve_references()
@@ -122,67 +141,97 @@ def run(config, batch, repeats, nfes, rows=(), matmul_size: int = 2048):
   t = jnp.full((batch,), 0.7)
   r = jnp.full((batch,), 0.3)
   share = trainer.loss_config.counts(batch)[0] / (
-      batch // trainer.loss_config.groups)
+    batch // trainer.loss_config.groups
+  )
   results = []
   ceiling = {}
 
   def record(name, seconds, images, model_flops):
-    row = {"name": name, "seconds": seconds, "images_per_s": images / seconds,
-           "tokens_per_s": images * tokens / seconds,
-           "model_flops": model_flops,
-           "flops_per_s": model_flops / seconds if model_flops else None}
+    row = {
+      "name": name,
+      "seconds": seconds,
+      "images_per_s": images / seconds,
+      "tokens_per_s": images * tokens / seconds,
+      "model_flops": model_flops,
+      "flops_per_s": model_flops / seconds if model_flops else None,
+    }
     peak = flops_lib.peak_flops(jax.devices()[0])
     if peak and row["flops_per_s"] and config.model.dtype == "bfloat16":
       row["mfu"] = row["flops_per_s"] / (peak * jax.device_count())
     if ceiling and row["flops_per_s"]:
       row["of_matmul"] = row["flops_per_s"] / (
-          ceiling["flops_per_s"] * jax.device_count())
+        ceiling["flops_per_s"] * jax.device_count()
+      )
     results.append(row)
-    print(f"{name:22s} {seconds * 1e3:10.2f} ms  {row['images_per_s']:9.1f} "
-          f"img/s  {(row['flops_per_s'] or 0) / 1e12:8.3f} TFLOP/s"
-          + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "")
-          + (f"  {row['of_matmul']:.0%} of matmul" if "of_matmul" in row
-             else ""), flush=True)
+    print(
+      f"{name:22s} {seconds * 1e3:10.2f} ms  {row['images_per_s']:9.1f} "
+      f"img/s  {(row['flops_per_s'] or 0) / 1e12:8.3f} TFLOP/s"
+      + (f"  MFU {row['mfu']:.1%}" if "mfu" in row else "")
+      + (f"  {row['of_matmul']:.0%} of matmul" if "of_matmul" in row else ""),
+      flush=True,
+    )
 
   if matmul_size and want("matmul"):
-    seconds = matmul_time(matmul_size, builders.compute_dtype(config),
-                          repeats)
-    flops = 2.0 * matmul_size ** 3
+    seconds = matmul_time(matmul_size, builders.compute_dtype(config), repeats)
+    flops = 2.0 * matmul_size**3
     # One device's rate; the steps run on all of them.
-    ceiling.update(name="matmul", size=matmul_size, seconds=seconds,
-                   model_flops=flops, flops_per_s=flops / seconds)
+    ceiling.update(
+      name="matmul",
+      size=matmul_size,
+      seconds=seconds,
+      model_flops=flops,
+      flops_per_s=flops / seconds,
+    )
     results.append(dict(ceiling))
-    print(f"{'matmul':22s} {seconds * 1e3:10.2f} ms  {matmul_size}^2 "
-          f"{flops / seconds / 1e12:8.3f} TFLOP/s (the reference rate)",
-          flush=True)
+    print(
+      f"{'matmul':22s} {seconds * 1e3:10.2f} ms  {matmul_size}^2 "
+      f"{flops / seconds / 1e12:8.3f} TFLOP/s (the reference rate)",
+      flush=True,
+    )
 
   count = lambda step, **kw: flops_lib.step_flops(
-      mc, batch, size, size, cap_len, step=step, diffusion_share=share, **kw)
+    mc, batch, size, size, cap_len, step=step, diffusion_share=share, **kw
+  )
 
   fwd = jax.jit(lambda p, x, t, r, y: pipe.network(p)(x, t, r, y))
   if want("forward"):
-    record("forward", time_fn(fwd, state.params, x, t, r, y,
-                              repeats=repeats), batch, count("forward"))
+    record(
+      "forward",
+      time_fn(fwd, state.params, x, t, r, y, repeats=repeats),
+      batch,
+      count("forward"),
+    )
   if want("forward_2x"):
     x2, t2, r2 = (jnp.concatenate([a, a]) for a in (x, t, r))
     y2 = jnp.concatenate([y, y])
-    record("forward_2x", time_fn(fwd, state.params, x2, t2, r2, y2,
-                                 repeats=repeats), 2 * batch,
-           2 * count("forward"))
+    record(
+      "forward_2x",
+      time_fn(fwd, state.params, x2, t2, r2, y2, repeats=repeats),
+      2 * batch,
+      2 * count("forward"),
+    )
 
   teacher_flops = 0.0
   if teacher is not None:
     c = teacher.config
     pixels_hw = data.get("pixels", x).shape[1:3]
     teacher_flops = flops_lib.repa_teacher_flops(
-        embed_dim=c.embed_dim, depth=c.depth, mlp_hidden=c.mlp_hidden,
-        patch_size=c.patch_size, num_skip=c.num_skip, table=c.table,
-        batch=batch, grid=(size // mc.patch_size, size // mc.patch_size),
-        image_hw=pixels_hw)
+      embed_dim=c.embed_dim,
+      depth=c.depth,
+      mlp_hidden=c.mlp_hidden,
+      patch_size=c.patch_size,
+      num_skip=c.num_skip,
+      table=c.table,
+      batch=batch,
+      grid=(size // mc.patch_size, size // mc.patch_size),
+      image_hw=pixels_hw,
+    )
 
-  steps = {"tim_dde_step": dict(derivative="dde"),
-           "tim_jvp_step": dict(derivative="jvp"),
-           "fm_step": dict(diffusion_ratio=1.0, consistency_ratio=0.0)}
+  steps = {
+    "tim_dde_step": dict(derivative="dde"),
+    "tim_jvp_step": dict(derivative="jvp"),
+    "fm_step": dict(diffusion_ratio=1.0, consistency_ratio=0.0),
+  }
   for name, loss in steps.items():
     if not want(name):
       continue
@@ -190,15 +239,24 @@ def run(config, batch, repeats, nfes, rows=(), matmul_size: int = 2048):
     st = tr.init_state()
     # Not donated: the same state is timed again and again.
     step = tr.jit_step(data, donate=False)
-    record(name, time_fn(step, st, data, repeats=repeats), batch,
-           count(name) + teacher_flops)
+    record(
+      name,
+      time_fn(step, st, data, repeats=repeats),
+      batch,
+      count(name) + teacher_flops,
+    )
 
   if teacher is not None and want("repa_teacher"):
     pixels = data.get("pixels", x)
-    run_teacher = jax.jit(lambda s, px: trainer.repa_target({
-        "image": x, "pixels": px}, s))
-    record("repa_teacher", time_fn(run_teacher, trainer.frozen, pixels,
-                                   repeats=repeats), batch, teacher_flops)
+    run_teacher = jax.jit(
+      lambda s, px: trainer.repa_target({"image": x, "pixels": px}, s)
+    )
+    record(
+      "repa_teacher",
+      time_fn(run_teacher, trainer.frozen, pixels, repeats=repeats),
+      batch,
+      teacher_flops,
+    )
 
   noise = jax.random.normal(jax.random.key(0), x.shape)
   for n in nfes:
@@ -207,37 +265,58 @@ def run(config, batch, repeats, nfes, rows=(), matmul_size: int = 2048):
       if not want(name):
         continue
       sampler = lambda p, z: pipe.sample(
-          z, y, num_steps=n, cfg_scale=2.0 if cfg else 1.0,
-          guidance_interval=(0.0, 2.0), params=p)
-      record(name, time_fn(sampler, state.params, noise, repeats=repeats),
-             batch, count("sample", num_steps=n,
-                          guided_steps=n if cfg else 0))
-  return {"device": jax.devices()[0].device_kind,
-          "num_devices": jax.device_count(), "batch": batch,
-          "image_size": size, "tokens": tokens,
-          "dtype": config.model.dtype, "network": dict(config.model.network),
-          "date": time.strftime("%Y-%m-%d"), "rows": results}
+        z,
+        y,
+        num_steps=n,
+        cfg_scale=2.0 if cfg else 1.0,
+        guidance_interval=(0.0, 2.0),
+        params=p,
+      )
+      record(
+        name,
+        time_fn(sampler, state.params, noise, repeats=repeats),
+        batch,
+        count("sample", num_steps=n, guided_steps=n if cfg else 0),
+      )
+  return {
+    "device": jax.devices()[0].device_kind,
+    "num_devices": jax.device_count(),
+    "batch": batch,
+    "image_size": size,
+    "tokens": tokens,
+    "dtype": config.model.dtype,
+    "network": dict(config.model.network),
+    "date": time.strftime("%Y-%m-%d"),
+    "rows": results,
+  }
 
 
 def main(fv: flags.FlagValues, args) -> None:
   if args:
     raise UserError(f"unexpected arguments: {args}")
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
+
   config = config_base.flag_config(fv)
   try:
     nfes = [int(n) for n in fv.num_steps]
   except ValueError:
-    raise UserError(f"--num_steps must be integers, got {fv.num_steps}"
-                    ) from None
+    raise UserError(
+      f"--num_steps must be integers, got {fv.num_steps}"
+    ) from None
   if fv.out:
     cli.check_writable(fv.out, "--out")
-  print(f"JAX {jax.__version__}, {jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}, batch {fv.batch_size}, "
-        f"dtype {config.model.dtype}", flush=True)
-  result = run(config, fv.batch_size, fv.repeats, nfes, fv.rows,
-               matmul_size=fv.matmul_size)
-  result["command"] = " ".join(["python -m tim_jax.commands.bench"] +
-                               sys.argv[1:])
+  print(
+    f"JAX {jax.__version__}, {jax.device_count()} x "
+    f"{jax.devices()[0].device_kind}, batch {fv.batch_size}, "
+    f"dtype {config.model.dtype}",
+    flush=True,
+  )
+  result = run(
+    config, fv.batch_size, fv.repeats, nfes, fv.rows, matmul_size=fv.matmul_size
+  )
+  result["command"] = " ".join(
+    ["python -m tim_jax.commands.bench"] + sys.argv[1:]
+  )
   if fv.out:
     with open(fv.out, "w") as f:
       json.dump(result, f, indent=1)

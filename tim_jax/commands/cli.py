@@ -12,11 +12,11 @@ traceback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
 import sys
 import tempfile
 from types import ModuleType
-from typing import Sequence
 
 from absl import app, flags
 
@@ -47,8 +47,13 @@ def parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   ``--config=configs/X.py`` falls back to the installed package's configs
   when there is no such file here."""
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
-  argv = [f"--config={config_base.resolve_path(a[len('--config='):])}"
-          if a.startswith("--config=") else a for a in argv]
+
+  argv = [
+    f"--config={config_base.resolve_path(a[len('--config=') :])}"
+    if a.startswith("--config=")
+    else a
+    for a in argv
+  ]
   # ml_collections reads the --config.KEY overrides from sys.argv.
   saved, sys.argv = sys.argv, list(argv)
   try:
@@ -56,14 +61,16 @@ def parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
   except flags.Error as e:
     raise UserError(flag_error_message(e)) from None
   except SyntaxError as e:  # A config file that is not Python.
-    raise UserError(f"--config: {e.filename}, line {e.lineno}: {e.msg}"
-                    ) from None
+    raise UserError(
+      f"--config: {e.filename}, line {e.lineno}: {e.msg}"
+    ) from None
   finally:
     sys.argv = saved
 
 
-def execute(module: ModuleType, fv: flags.FlagValues,
-            args: Sequence[str]) -> int:
+def execute(
+  module: ModuleType, fv: flags.FlagValues, args: Sequence[str]
+) -> int:
   """``module.main(fv, args)``, with a user's mistake as one line."""
   try:
     return int(module.main(fv, list(args)) or 0)
@@ -92,7 +99,7 @@ class _QuietLibraries:
   """Keeps orbax's and grain's per-save INFO chatter out of the console."""
 
   def filter(self, record):
-    noisy = ("orbax" in record.pathname or "/grain/" in record.pathname)
+    noisy = "orbax" in record.pathname or "/grain/" in record.pathname
     return not (noisy and record.levelno < 30)
 
 
@@ -100,6 +107,7 @@ def run(module: ModuleType) -> None:
   """The command's process entry point (``python -m`` and console script):
   absl's app (logging, --helpfull) on the global flags."""
   import logging  # pylint: disable=g-import-not-at-top
+
   logging.getLogger("absl").addFilter(_QuietLibraries())
   fv = flags.FLAGS
   module.define_flags(fv)
@@ -133,50 +141,104 @@ def check_writable(path: str, flag: str) -> None:
 def define_config(fv: flags.FlagValues, help_text: str) -> None:
   """``--config=FILE[:VARIANT]``, locked (unknown overrides are refused)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv,
-                                  lock_config=True)
+
+  config_flags.DEFINE_config_file(
+    "config", None, help_text, flag_values=fv, lock_config=True
+  )
 
 
 def define_model_flags(fv: flags.FlagValues) -> None:
   """Where the model comes from: ``--checkpoint``, ``--config`` and the
   frozen networks' files."""
-  define_config(fv, "Config file (+ ':variant'); optional for tim_jax "
-                "checkpoints, which store theirs.")
-  flags.DEFINE_string("checkpoint", None, "A tim_jax workdir, checkpoints "
-                      "dir or step dir, or an official .safetensors/.pt/"
-                      ".pth/.bin file.", flag_values=fv)
-  flags.DEFINE_string("autoencoder_path", None, "The autoencoder's diffusers "
-                      "directory (latent models; replaces the config's "
-                      "autoencoder.path).", flag_values=fv)
-  flags.DEFINE_string("text_encoder_path", None, "The Gemma-3 directory of "
-                      "models trained on captions (replaces the config's "
-                      "text_encoder.path).", flag_values=fv)
+  define_config(
+    fv,
+    "Config file (+ ':variant'); optional for tim_jax "
+    "checkpoints, which store theirs.",
+  )
+  flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "A tim_jax workdir, checkpoints "
+    "dir or step dir, or an official .safetensors/.pt/"
+    ".pth/.bin file.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "autoencoder_path",
+    None,
+    "The autoencoder's diffusers "
+    "directory (latent models; replaces the config's "
+    "autoencoder.path).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "text_encoder_path",
+    None,
+    "The Gemma-3 directory of "
+    "models trained on captions (replaces the config's "
+    "text_encoder.path).",
+    flag_values=fv,
+  )
   flags.mark_flag_as_required("checkpoint", flag_values=fv)
 
 
 def define_sampler_flags(fv: flags.FlagValues, num_steps: int) -> None:
   """The sampler's settings; None means the config's ``sample.*``."""
-  flags.DEFINE_integer("num_steps", num_steps, "Sampling steps (NFE without "
-                       "guidance).", lower_bound=1, flag_values=fv)
-  flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the "
-                     "config's sample.cfg_scale; 1 = no guidance).",
-                     lower_bound=1.0, flag_values=fv)
-  flags.DEFINE_list("guidance_interval", None, "low,high: guide where "
-                    "low*T_max < t < high*T_max (default: the config's).",
-                    flag_values=fv)
-  flags.DEFINE_float("stochasticity", 0.0, "OT-FM stochastic ratio.",
-                     lower_bound=0.0, flag_values=fv)
-  flags.DEFINE_enum("mode", None, ["transition", "diffusion"], "Sampler mode "
-                    "(default: the config's sample.mode).", flag_values=fv)
+  flags.DEFINE_integer(
+    "num_steps",
+    num_steps,
+    "Sampling steps (NFE without guidance).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "cfg_scale",
+    None,
+    "Guidance scale (default: the config's sample.cfg_scale; 1 = no guidance).",
+    lower_bound=1.0,
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "guidance_interval",
+    None,
+    "low,high: guide where low*T_max < t < high*T_max (default: the config's).",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "stochasticity",
+    0.0,
+    "OT-FM stochastic ratio.",
+    lower_bound=0.0,
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "mode",
+    None,
+    ["transition", "diffusion"],
+    "Sampler mode (default: the config's sample.mode).",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("seed", 0, "Noise seed.", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 64, "Images per sampler call.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("height", None, "Image height in pixels (default: "
-                       "the config's sample.image_size, decoded); a multiple "
-                       "of the autoencoder's downsampling times the patch "
-                       "size.", lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("width", None, "Image width in pixels (as --height).",
-                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer(
+    "batch_size", 64, "Images per sampler call.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "height",
+    None,
+    "Image height in pixels (default: "
+    "the config's sample.image_size, decoded); a multiple "
+    "of the autoencoder's downsampling times the patch "
+    "size.",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "width",
+    None,
+    "Image width in pixels (as --height).",
+    lower_bound=1,
+    flag_values=fv,
+  )
 
   def two_numbers(value):
     if value is None:
@@ -187,8 +249,11 @@ def define_sampler_flags(fv: flags.FlagValues, num_steps: int) -> None:
       return False
 
   flags.register_validator(
-      "guidance_interval", two_numbers, "must be two numbers low,high",
-      flag_values=fv)
+    "guidance_interval",
+    two_numbers,
+    "must be two numbers low,high",
+    flag_values=fv,
+  )
 
 
 def guidance_interval(fv: flags.FlagValues):
@@ -201,5 +266,10 @@ def load_pipeline(fv: flags.FlagValues):
   """The ``inference.Pipeline`` the model flags name."""
   from tim_jax import inference  # pylint: disable=g-import-not-at-top
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
-  return inference.load(fv.checkpoint, config_base.flag_config(fv),
-                        fv.autoencoder_path, fv.text_encoder_path)
+
+  return inference.load(
+    fv.checkpoint,
+    config_base.flag_config(fv),
+    fv.autoencoder_path,
+    fv.text_encoder_path,
+  )

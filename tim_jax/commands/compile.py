@@ -46,6 +46,7 @@ step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import importlib.util
 import itertools
@@ -54,7 +55,6 @@ import os
 import re
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
 
 # Compiling needs libtpu's compiler, not the chips: let it load beside other
 # processes that hold libtpu's host lock file (set before JAX starts).
@@ -67,21 +67,42 @@ import numpy as np
 from tim_jax.commands import cli
 from tim_jax.core.errors import UserError
 
-GIB = 2 ** 30
+GIB = 2**30
 # Per chip, by device_kind: HBM bytes and bytes/s (the peak FLOP/s come
 # from tim_jax.models.flops.peak_flops, as the benchmark's).
 CHIPS = {
-    "TPU v4": (32 * GIB, 1.2e12),
-    "TPU v5 lite": (16 * GIB, 0.819e12),
-    "TPU v5": (95 * GIB, 2.765e12),  # v5p
-    "TPU v6 lite": (32 * GIB, 1.64e12),
+  "TPU v4": (32 * GIB, 1.2e12),
+  "TPU v5 lite": (16 * GIB, 0.819e12),
+  "TPU v5": (95 * GIB, 2.765e12),  # v5p
+  "TPU v6 lite": (32 * GIB, 1.64e12),
 }
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-               "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
-                "f64": 8, "c64": 8, "c128": 16}
-_OP = re.compile(r"\s(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
+COLLECTIVES = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+)
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
+_OP = re.compile(
+  r"\s(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\("
+)
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 
@@ -90,17 +111,21 @@ def topology_devices(name: str) -> list:
   host."""
   if importlib.util.find_spec("libtpu") is None:
     raise RuntimeError(
-        "libtpu is not installed, so the TPU compiler is not available: pip "
-        f"install 'jax[tpu]=={jax.__version__}' (it works on CPU-only hosts)")
+      "libtpu is not installed, so the TPU compiler is not available: pip "
+      f"install 'jax[tpu]=={jax.__version__}' (it works on CPU-only hosts)"
+    )
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
-    return list(topologies.get_topology_desc(
-        platform="tpu", topology_name=name).devices)
+    return list(
+      topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    )
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
-        f"unknown TPU topology {name!r} ({str(e).splitlines()[0][:200]}); "
-        "use GENERATION:SHAPE, e.g. v4:2x2x4, v5e:8x8, v5p:4x4x2, "
-        "v6e:4x8") from None
+      f"unknown TPU topology {name!r} ({str(e).splitlines()[0][:200]}); "
+      "use GENERATION:SHAPE, e.g. v4:2x2x4, v5e:8x8, v5p:4x4x2, "
+      "v6e:4x8"
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +143,20 @@ def chip_info(devices) -> Chip:
   chips = len({tuple(getattr(d, "coords", (d.id,))) for d in devices})
   per_chip = len(devices) // max(chips, 1)
   from tim_jax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
+
   hbm, bandwidth = CHIPS.get(kind, (float("nan"),) * 2)
   peak = flops_lib.peak_flops(devices[0]) or float("nan")
-  return Chip(kind, len(devices), chips, hbm / per_chip, peak / per_chip,
-              bandwidth / per_chip)
+  return Chip(
+    kind,
+    len(devices),
+    chips,
+    hbm / per_chip,
+    peak / per_chip,
+    bandwidth / per_chip,
+  )
 
 
-def collectives(hlo_text: str) -> Dict[str, dict]:
+def collectives(hlo_text: str) -> dict[str, dict]:
   """Count and result bytes of each collective kind in optimized HLO (an
   async ``-start`` counts once, by its largest buffer)."""
   out = {k: dict(count=0, bytes=0) for k in COLLECTIVES}
@@ -134,13 +166,16 @@ def collectives(hlo_text: str) -> Dict[str, dict]:
     if m is None:
       continue
     # The result type: everything between "=" and the op's name.
-    sizes = [_DTYPE_BYTES.get(t, 4) * int(np.prod(
-        [int(d) for d in dims.split(",") if d] or [1]))
-             for t, dims in _SHAPE.findall(rest[:m.start()])]
+    sizes = [
+      _DTYPE_BYTES.get(t, 4)
+      * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+      for t, dims in _SHAPE.findall(rest[: m.start()])
+    ]
     out[m.group("op")]["count"] += 1
     if sizes:
-      out[m.group("op")]["bytes"] += (max(sizes) if m.group("start")
-                                      else sum(sizes))
+      out[m.group("op")]["bytes"] += (
+        max(sizes) if m.group("start") else sum(sizes)
+      )
   return out
 
 
@@ -160,12 +195,13 @@ def _compile(lowered, what: str, chip: Chip):
       raise
     detail = message.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
     raise DoesNotFit(
-        f"the {what} DOES NOT FIT on {chip.kind} "
-        f"({chip.hbm_per_device / GIB:.1f} GiB per device); the compiler: "
-        f"{(detail.splitlines() or [''])[0]} Less memory: model.remat=full "
-        f"(or dots_saveable), model.scan_blocks=False (a scan keeps every "
-        f"block's residuals), a larger mesh.fsdp, microbatches, or a "
-        f"smaller batch.") from None
+      f"the {what} DOES NOT FIT on {chip.kind} "
+      f"({chip.hbm_per_device / GIB:.1f} GiB per device); the compiler: "
+      f"{(detail.splitlines() or [''])[0]} Less memory: model.remat=full "
+      f"(or dots_saveable), model.scan_blocks=False (a scan keeps every "
+      f"block's residuals), a larger mesh.fsdp, microbatches, or a "
+      f"smaller batch."
+    ) from None
 
 
 def _cost(compiled) -> dict:
@@ -180,22 +216,36 @@ def _memory(compiled, chip: Chip) -> dict:
   arg, out = m.argument_size_in_bytes, m.output_size_in_bytes
   temp, alias = m.temp_size_in_bytes, m.alias_size_in_bytes
   total = arg + out + temp - alias
-  return dict(argument=arg, output=out, temp=temp, alias=alias, total=total,
-              capacity=chip.hbm_per_device,
-              fits=bool(total <= chip.hbm_per_device))
+  return dict(
+    argument=arg,
+    output=out,
+    temp=temp,
+    alias=alias,
+    total=total,
+    capacity=chip.hbm_per_device,
+    fits=bool(total <= chip.hbm_per_device),
+  )
 
 
-def _report(name, compiled, lower_s, compile_s, chip: Chip,
-            model_flops: Optional[float], floor: bool = True) -> dict:
+def _report(
+  name,
+  compiled,
+  lower_s,
+  compile_s,
+  chip: Chip,
+  model_flops: float | None,
+  floor: bool = True,
+) -> dict:
   cost = _cost(compiled)
   seconds = float(cost.get("optimal_seconds", -1.0))
   flops = float(cost.get("flops", float("nan")))
   if not seconds > 0:
     # XLA gives no estimate for some programs (-1): the plain roofline of
     # its FLOP and byte counts instead.
-    seconds = max(flops / chip.peak_per_device,
-                  float(cost.get("bytes accessed", 0.0)) /
-                  chip.bandwidth_per_device)
+    seconds = max(
+      flops / chip.peak_per_device,
+      float(cost.get("bytes accessed", 0.0)) / chip.bandwidth_per_device,
+    )
   source = "xla"
   if model_flops and floor:
     # XLA's cost analysis counts a loop body once (scanned blocks, the
@@ -205,38 +255,55 @@ def _report(name, compiled, lower_s, compile_s, chip: Chip,
     if bound > seconds:
       seconds, source = bound, "model_flops_compute_bound"
   text = compiled.as_text()
-  row = dict(name=name, lower_seconds=lower_s, compile_seconds=compile_s,
-             memory=_memory(compiled, chip),
-             xla_flops_per_device=flops,
-             model_flops=model_flops, roofline_seconds=seconds,
-             roofline_source=source, collectives=collectives(text),
-             hlo_chars=len(text),
-             while_loops=len(re.findall(r"\swhile\(", text)))
+  row = dict(
+    name=name,
+    lower_seconds=lower_s,
+    compile_seconds=compile_s,
+    memory=_memory(compiled, chip),
+    xla_flops_per_device=flops,
+    model_flops=model_flops,
+    roofline_seconds=seconds,
+    roofline_source=source,
+    collectives=collectives(text),
+    hlo_chars=len(text),
+    while_loops=len(re.findall(r"\swhile\(", text)),
+  )
   if model_flops and seconds > 0:
     row["roofline_mfu_upper_bound"] = model_flops / (
-        seconds * chip.devices * chip.peak_per_device)
+      seconds * chip.devices * chip.peak_per_device
+    )
   return row
 
 
 def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(
-      np.shape(a), a.dtype, sharding=s), tree, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s),
+    tree,
+    shardings,
+  )
 
 
-def compile_steps(config, devices, *, batch: Optional[int] = None,
-                  caption_len: int = 128, sampler: bool = True,
-                  model_floor: bool = True, unroll_teacher: bool = False
-                  ) -> dict:
+def compile_steps(
+  config,
+  devices,
+  *,
+  batch: int | None = None,
+  caption_len: int = 128,
+  sampler: bool = True,
+  model_floor: bool = True,
+  unroll_teacher: bool = False,
+) -> dict:
   """Compiles the train step (and sampler steps) of ``config`` for
   ``devices``; returns the report (see the module docstring).
   ``model_floor=False`` reports XLA's roofline as is, even below the model
   FLOPs' compute bound; ``unroll_teacher`` loops over the REPA teacher's
   blocks instead of scanning them, so that XLA counts all of them."""
+  from tim_jax import training  # pylint: disable=g-import-not-at-top
   from tim_jax.config import builders  # pylint: disable=g-import-not-at-top
   from tim_jax.core import sharding
-  from tim_jax.models import flops as flops_lib
-  from tim_jax import training  # pylint: disable=g-import-not-at-top
   from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
+  from tim_jax.models import flops as flops_lib
+
   c = config.copy_and_resolve_references()
   c.unlock()
   if batch:
@@ -247,64 +314,99 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
   dtype = builders.compute_dtype(c)
   if c.loss_extras.get("repa_encoder", "none") != "none":
     from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
-    teacher = radio.random_encoder(dtype=dtype, abstract=True,
-                                   scan_blocks=not unroll_teacher)
+
+    teacher = radio.random_encoder(
+      dtype=dtype, abstract=True, scan_blocks=not unroll_teacher
+    )
     c.model.network.z_dim = teacher.dim
   if c.data.name == "captions":
     from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
+
     text = gemma.abstract_encoder(
-        dtype=builders.DTYPES[c.text_encoder.dtype],
-        max_length=int(c.text_encoder.max_length))
+      dtype=builders.DTYPES[c.text_encoder.dtype],
+      max_length=int(c.text_encoder.max_length),
+    )
   c.lock()
-  trainer = training.Trainer(c, mesh, repa_encoder=teacher, text_encoder=text,
-                          abstract=True)
+  trainer = training.Trainer(
+    c, mesh, repa_encoder=teacher, text_encoder=text, abstract=True
+  )
   mc = trainer.model_config
   b = c.batch_size
   host = kinds.synthetic_batch(c, 1, caption_len=caption_len)
-  batch_sds = {k: jax.ShapeDtypeStruct((b,) + v.shape[1:], v.dtype,
-                                       sharding=sharding.batch_sharding(
-                                           mesh, v.ndim))
-               for k, v in host.items()}
+  batch_sds = {
+    k: jax.ShapeDtypeStruct(
+      (b,) + v.shape[1:],
+      v.dtype,
+      sharding=sharding.batch_sharding(mesh, v.ndim),
+    )
+    for k, v in host.items()
+  }
   size = c.data.image_size
   share = trainer.loss_config.counts(b)[0] / (b // trainer.loss_config.groups)
   loss = c.loss
-  step = ("fm_step" if loss.diffusion_ratio >= 1.0 and
-          loss.consistency_ratio == 0 else
-          "tim_jvp_step" if loss.derivative == "jvp" else "tim_dde_step")
+  step = (
+    "fm_step"
+    if loss.diffusion_ratio >= 1.0 and loss.consistency_ratio == 0
+    else "tim_jvp_step"
+    if loss.derivative == "jvp"
+    else "tim_dde_step"
+  )
   cap = kinds.caption_length(c, caption_len)
-  model_flops = flops_lib.step_flops(mc, b, size, size, cap, step=step,
-                                     diffusion_share=share)
+  model_flops = flops_lib.step_flops(
+    mc, b, size, size, cap, step=step, diffusion_share=share
+  )
   if teacher is not None:
     t = teacher.config
     px = host.get("pixels", host["image"]).shape[1:3]
     model_flops += flops_lib.repa_teacher_flops(
-        embed_dim=t.embed_dim, depth=t.depth, mlp_hidden=t.mlp_hidden,
-        patch_size=t.patch_size, num_skip=t.num_skip, table=t.table,
-        batch=b, grid=(size // mc.patch_size, size // mc.patch_size),
-        image_hw=px)
+      embed_dim=t.embed_dim,
+      depth=t.depth,
+      mlp_hidden=t.mlp_hidden,
+      patch_size=t.patch_size,
+      num_skip=t.num_skip,
+      table=t.table,
+      batch=b,
+      grid=(size // mc.patch_size, size // mc.patch_size),
+      image_hw=px,
+    )
   rows = []
   t0 = time.perf_counter()
   lowered = trainer.jitted_step(batch_sds).lower(
-      trainer.abstract_with_shardings(), batch_sds, trainer.frozen)
+    trainer.abstract_with_shardings(), batch_sds, trainer.frozen
+  )
   t1 = time.perf_counter()
   compiled = _compile(lowered, "train step", chip)
   t2 = time.perf_counter()
-  rows.append(_report("train_step", compiled, t1 - t0, t2 - t1, chip,
-                      model_flops, floor=model_floor))
+  rows.append(
+    _report(
+      "train_step",
+      compiled,
+      t1 - t0,
+      t2 - t1,
+      chip,
+      model_flops,
+      floor=model_floor,
+    )
+  )
   if sampler:
     pipe = trainer.pipeline
     params = trainer.abstract_with_shardings().ema
     noise = jax.ShapeDtypeStruct(
-        (b, size, size, mc.in_channels), jnp.float32,
-        sharding=sharding.batch_sharding(mesh, 4))
+      (b, size, size, mc.in_channels),
+      jnp.float32,
+      sharding=sharding.batch_sharding(mesh, 4),
+    )
     cond = _abstract_cond(c, trainer, b, caption_len, mesh)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
-                               sharding=sharding.replicated(mesh))
-    call = jax.ShapeDtypeStruct((), jnp.int32,
-                                sharding=sharding.replicated(mesh))
+    key = jax.ShapeDtypeStruct(
+      (), jax.random.key(0).dtype, sharding=sharding.replicated(mesh)
+    )
+    call = jax.ShapeDtypeStruct(
+      (), jnp.int32, sharding=sharding.replicated(mesh)
+    )
     for guided in (False, True):
-      settings = pipe.settings(1, 2.0 if guided else 1.0,
-                               (0.0, 2.0) if guided else None)
+      settings = pipe.settings(
+        1, 2.0 if guided else 1.0, (0.0, 2.0) if guided else None
+      )
       fn = pipe.compiled_sampler(settings)
       t0 = time.perf_counter()
       with sharding.activation_sharding(mesh, trainer.rules):
@@ -312,18 +414,42 @@ def compile_steps(config, devices, *, batch: Optional[int] = None,
       t1 = time.perf_counter()
       compiled = _compile(lowered, "sampler step", chip)
       t2 = time.perf_counter()
-      flops = flops_lib.step_flops(mc, b, size, size, cap, step="sample",
-                                   num_steps=1, guided_steps=int(guided))
-      rows.append(_report("sampler_step_cfg" if guided else "sampler_step",
-                          compiled, t1 - t0, t2 - t1, chip, flops))
-  return dict(topology_kind=chip.kind, devices=chip.devices,
-              chips=chip.chips, mesh=dict(mesh.shape), batch=b,
-              batch_per_device=b / chip.devices, dtype=c.model.dtype,
-              caption_len=cap, rows=rows)
+      flops = flops_lib.step_flops(
+        mc,
+        b,
+        size,
+        size,
+        cap,
+        step="sample",
+        num_steps=1,
+        guided_steps=int(guided),
+      )
+      rows.append(
+        _report(
+          "sampler_step_cfg" if guided else "sampler_step",
+          compiled,
+          t1 - t0,
+          t2 - t1,
+          chip,
+          flops,
+        )
+      )
+  return dict(
+    topology_kind=chip.kind,
+    devices=chip.devices,
+    chips=chip.chips,
+    mesh=dict(mesh.shape),
+    batch=b,
+    batch_per_device=b / chip.devices,
+    dtype=c.model.dtype,
+    caption_len=cap,
+    rows=rows,
+  )
 
 
-def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
-                          caption_len: int = 128) -> dict:
+def extrapolated_roofline(
+  config, devices, *, batch: int | None = None, caption_len: int = 128
+) -> dict:
   """The train step's XLA cost at the config's depth, from two small
   unrolled compiles (depth 1 and 2: the per-block cost is their
   difference): XLA's cost analysis counts a loop body once, so a scanned
@@ -343,8 +469,9 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
   k = int(config.get("microbatches", 1))
   total = int(batch or config.batch_size)
   if k < 1 or total % k:
-    raise ValueError(f"microbatches must be >= 1 and divide the batch "
-                     f"{total}, got {k}")
+    raise ValueError(
+      f"microbatches must be >= 1 and divide the batch {total}, got {k}"
+    )
   rows = total // k
   costs = []
   for d in (1, 2):
@@ -355,32 +482,48 @@ def extrapolated_roofline(config, devices, *, batch: Optional[int] = None,
     c.model.scan_blocks = False
     c.microbatches = 1
     c.lock()
-    row = compile_steps(c, devices, batch=rows, caption_len=caption_len,
-                        sampler=False, model_floor=False,
-                        unroll_teacher=True)["rows"][0]
+    row = compile_steps(
+      c,
+      devices,
+      batch=rows,
+      caption_len=caption_len,
+      sampler=False,
+      model_floor=False,
+      unroll_teacher=True,
+    )["rows"][0]
     costs.append(row)
+
   def grow(get, times=k):
-    return times * (get(costs[0]) + (depth - 1) * (
-        get(costs[1]) - get(costs[0])))
+    return times * (
+      get(costs[0]) + (depth - 1) * (get(costs[1]) - get(costs[0]))
+    )
+
   chip = chip_info(devices)
   model = grow(lambda r: r["model_flops"])
   seconds = grow(lambda r: r["roofline_seconds"])
   hbm = grow(lambda r: r["memory"]["total"], times=1)
-  return dict(depth=depth, microbatches=k,
-              xla_flops_per_device=grow(lambda r: r["xla_flops_per_device"]),
-              hbm_bytes=hbm, hbm_fits=bool(hbm <= chip.hbm_per_device),
-              roofline_seconds=seconds, model_flops=model,
-              roofline_mfu_upper_bound=model / (
-                  seconds * chip.devices * chip.peak_per_device),
-              per_block_seconds=k * (costs[1]["roofline_seconds"] -
-                                     costs[0]["roofline_seconds"]),
-              compile_seconds=sum(r["compile_seconds"] for r in costs))
+  return dict(
+    depth=depth,
+    microbatches=k,
+    xla_flops_per_device=grow(lambda r: r["xla_flops_per_device"]),
+    hbm_bytes=hbm,
+    hbm_fits=bool(hbm <= chip.hbm_per_device),
+    roofline_seconds=seconds,
+    model_flops=model,
+    roofline_mfu_upper_bound=model
+    / (seconds * chip.devices * chip.peak_per_device),
+    per_block_seconds=k
+    * (costs[1]["roofline_seconds"] - costs[0]["roofline_seconds"]),
+    compile_seconds=sum(r["compile_seconds"] for r in costs),
+  )
 
 
 def _abstract_cond(c, trainer, b, caption_len, mesh):
   from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
+
   put = lambda shape, dtype: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+    shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
+  )
   mc = trainer.model_config
   if mc.kind == "c2i":
     return put((b,), jnp.int32)
@@ -390,7 +533,7 @@ def _abstract_cond(c, trainer, b, caption_len, mesh):
   return feats
 
 
-def meshes(n: int, num_heads: int, tensors=(1, 2, 4, 8)) -> List[dict]:
+def meshes(n: int, num_heads: int, tensors=(1, 2, 4, 8)) -> list[dict]:
   """Every (data, fsdp, tensor) with data x fsdp x tensor = n, tensor
   dividing the heads, fsdp a power of two."""
   out = []
@@ -398,33 +541,41 @@ def meshes(n: int, num_heads: int, tensors=(1, 2, 4, 8)) -> List[dict]:
     if n % t or num_heads % t:
       continue
     rest = n // t
-    for f in (2 ** i for i in range(int(np.log2(rest)) + 1)):
+    for f in (2**i for i in range(int(np.log2(rest)) + 1)):
       if rest % f == 0:
         out.append(dict(data=rest // f, fsdp=f, tensor=t))
   return out
 
 
-def parse_meshes(items: Sequence[str], n: int) -> List[dict]:
+def parse_meshes(items: Sequence[str], n: int) -> list[dict]:
   """["4x4x1", ...] -> [dict(data=4, fsdp=4, tensor=1), ...], each checked
   to multiply to the ``n`` devices."""
   out = []
   for item in items:
     parts = item.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-      raise ValueError(f"--sweep_meshes: {item!r} is not DATAxFSDPxTENSOR "
-                       "(e.g. 4x4x1)")
+      raise ValueError(
+        f"--sweep_meshes: {item!r} is not DATAxFSDPxTENSOR (e.g. 4x4x1)"
+      )
     mesh = dict(zip(("data", "fsdp", "tensor"), map(int, parts)))
     size = int(np.prod(list(mesh.values())))
     if size != n:
-      raise ValueError(f"--sweep_meshes: {item} has {size} devices, the "
-                       f"topology {n}")
+      raise ValueError(
+        f"--sweep_meshes: {item} has {size} devices, the topology {n}"
+      )
     out.append(mesh)
   return out
 
 
-def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
-          mesh_choices: Optional[Sequence[dict]] = None,
-          unroll_teacher: bool = False, **kw) -> List[dict]:
+def sweep(
+  config,
+  devices,
+  batches: Sequence[int],
+  extrapolate: bool = False,
+  mesh_choices: Sequence[dict] | None = None,
+  unroll_teacher: bool = False,
+  **kw,
+) -> list[dict]:
   """``compile_steps`` for every mesh and batch; fitting ones first, by
   roofline seconds per example (with ``extrapolate``, the depth-extrapolated
   roofline: trustworthy for scanned blocks, two more small compiles
@@ -438,74 +589,127 @@ def sweep(config, devices, batches: Sequence[int], extrapolate: bool = False,
     c.mesh.update(mesh)
     c.lock()
     try:
-      rep = compile_steps(c, devices, batch=b, sampler=False,
-                          unroll_teacher=unroll_teacher, **kw)
+      rep = compile_steps(
+        c, devices, batch=b, sampler=False, unroll_teacher=unroll_teacher, **kw
+      )
       row = rep["rows"][0]
       if extrapolate:
-        row = dict(row, **{k: v for k, v in extrapolated_roofline(
-            c, devices, batch=b, **kw).items() if k != "compile_seconds"})
+        row = dict(
+          row,
+          **{
+            k: v
+            for k, v in extrapolated_roofline(c, devices, batch=b, **kw).items()
+            if k != "compile_seconds"
+          },
+        )
     except DoesNotFit as e:
       # Kept in the ranking (last) and in --out, so a sweep's file shows
       # which meshes the compiler refused and why.
-      results.append(dict(mesh=mesh, batch=b, fits=False,
-                          seconds_per_example=None, refused=str(e)))
+      results.append(
+        dict(
+          mesh=mesh,
+          batch=b,
+          fits=False,
+          seconds_per_example=None,
+          refused=str(e),
+        )
+      )
       print(_sweep_line(results[-1]), flush=True)
       continue
     except Exception as e:  # pylint: disable=broad-except
       print(f"mesh {mesh} batch {b}: failed: {str(e)[:200]}", flush=True)
       continue
     per_example = row["roofline_seconds"] / b
-    results.append(dict(mesh=mesh, batch=b, fits=row["memory"]["fits"],
-                        hbm_gib=row["memory"]["total"] / GIB,
-                        roofline_seconds=row["roofline_seconds"],
-                        seconds_per_example=per_example,
-                        mfu=row.get("roofline_mfu_upper_bound"),
-                        compile_seconds=row["compile_seconds"]))
+    results.append(
+      dict(
+        mesh=mesh,
+        batch=b,
+        fits=row["memory"]["fits"],
+        hbm_gib=row["memory"]["total"] / GIB,
+        roofline_seconds=row["roofline_seconds"],
+        seconds_per_example=per_example,
+        mfu=row.get("roofline_mfu_upper_bound"),
+        compile_seconds=row["compile_seconds"],
+      )
+    )
     if extrapolate:
       results[-1]["hbm_unrolled_gib"] = row["hbm_bytes"] / GIB
     print(_sweep_line(results[-1]), flush=True)
-  results.sort(key=lambda r: (not r["fits"], "refused" in r,
-                              r["seconds_per_example"] or 0.0))
+  results.sort(
+    key=lambda r: (
+      not r["fits"],
+      "refused" in r,
+      r["seconds_per_example"] or 0.0,
+    )
+  )
   return results
 
 
 def _sweep_line(r) -> str:
   m = r["mesh"]
-  head = (f"data {m['data']:3d} fsdp {m['fsdp']:3d} tensor {m['tensor']} "
-          f"batch {r['batch']:5d}: ")
+  head = (
+    f"data {m['data']:3d} fsdp {m['fsdp']:3d} tensor {m['tensor']} "
+    f"batch {r['batch']:5d}: "
+  )
   if "refused" in r:
     return head + r["refused"]
-  return (head + f"{r['hbm_gib']:7.2f} GiB "
-          f"{'fits' if r['fits'] else 'DOES NOT FIT':12s} roofline "
-          f"{r['roofline_seconds'] * 1e3:9.1f} ms  MFU<= "
-          f"{(r['mfu'] or 0):6.1%}  compile {r['compile_seconds']:.1f} s"
-          + (f"  (unrolled ~{r['hbm_unrolled_gib']:.1f} GiB)"
-             if "hbm_unrolled_gib" in r else ""))
+  return (
+    head + f"{r['hbm_gib']:7.2f} GiB "
+    f"{'fits' if r['fits'] else 'DOES NOT FIT':12s} roofline "
+    f"{r['roofline_seconds'] * 1e3:9.1f} ms  MFU<= "
+    f"{(r['mfu'] or 0):6.1%}  compile {r['compile_seconds']:.1f} s"
+    + (
+      f"  (unrolled ~{r['hbm_unrolled_gib']:.1f} GiB)"
+      if "hbm_unrolled_gib" in r
+      else ""
+    )
+  )
 
 
 def print_report(rep: dict) -> None:
-  print(f"{rep['devices']} x {rep['topology_kind']} ({rep['chips']} chips), "
-        f"mesh {rep['mesh']}, batch {rep['batch']} "
-        f"({rep['batch_per_device']:g} per device), {rep['dtype']}")
+  print(
+    f"{rep['devices']} x {rep['topology_kind']} ({rep['chips']} chips), "
+    f"mesh {rep['mesh']}, batch {rep['batch']} "
+    f"({rep['batch_per_device']:g} per device), {rep['dtype']}"
+  )
   for row in rep["rows"]:
     m = row["memory"]
-    print(f"\n{row['name']}: lowered in {row['lower_seconds']:.1f} s, "
-          f"compiled in {row['compile_seconds']:.1f} s")
-    print(f"  HBM per device: argument {m['argument'] / GIB:.2f} GiB, output "
-          f"{m['output'] / GIB:.2f}, temp {m['temp'] / GIB:.2f}, total "
-          f"{m['total'] / GIB:.2f} of {m['capacity'] / GIB:.2f} GiB: "
-          + ("fits" if m["fits"] else "DOES NOT FIT"))
+    print(
+      f"\n{row['name']}: lowered in {row['lower_seconds']:.1f} s, "
+      f"compiled in {row['compile_seconds']:.1f} s"
+    )
+    print(
+      f"  HBM per device: argument {m['argument'] / GIB:.2f} GiB, output "
+      f"{m['output'] / GIB:.2f}, temp {m['temp'] / GIB:.2f}, total "
+      f"{m['total'] / GIB:.2f} of {m['capacity'] / GIB:.2f} GiB: "
+      + ("fits" if m["fits"] else "DOES NOT FIT")
+    )
     model = row["model_flops"]
-    print(f"  FLOPs: XLA {row['xla_flops_per_device'] * rep['devices']:.3e}"
-          f" (all devices), model {model:.3e}" if model else "")
+    print(
+      f"  FLOPs: XLA {row['xla_flops_per_device'] * rep['devices']:.3e}"
+      f" (all devices), model {model:.3e}"
+      if model
+      else ""
+    )
     mfu = row.get("roofline_mfu_upper_bound")
-    print(f"  roofline step {row['roofline_seconds'] * 1e3:.2f} ms"
-          + (" (the model FLOPs' compute bound: XLA counts a loop body "
-             "once)" if row["roofline_source"] != "xla" else "")
-          + (f", MFU upper bound {mfu:.1%} (the roofline is optimistic)"
-             if mfu else ""))
-    parts = [f"{k} {v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
-             for k, v in row["collectives"].items() if v["count"]]
+    print(
+      f"  roofline step {row['roofline_seconds'] * 1e3:.2f} ms"
+      + (
+        " (the model FLOPs' compute bound: XLA counts a loop body once)"
+        if row["roofline_source"] != "xla"
+        else ""
+      )
+      + (
+        f", MFU upper bound {mfu:.1%} (the roofline is optimistic)"
+        if mfu
+        else ""
+      )
+    )
+    parts = [
+      f"{k} {v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
+      for k, v in row["collectives"].items()
+      if v["count"]
+    ]
     print("  collectives: " + (", ".join(parts) or "none"))
 
 
@@ -523,44 +727,67 @@ def _main(f, args) -> None:
   if args:
     raise UserError(f"unexpected arguments: {args}")
   if (f.sweep_meshes or f.sweep_batches) and not f.sweep:
-    raise UserError("--sweep_meshes and --sweep_batches choose what --sweep "
-                     "compiles; add --sweep (one mesh: --config.mesh.*)")
+    raise UserError(
+      "--sweep_meshes and --sweep_batches choose what --sweep "
+      "compiles; add --sweep (one mesh: --config.mesh.*)"
+    )
   devices = topology_devices(f.topology)
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
+
   config = config_base.flag_config(f)
   if f.sweep:
     batches = [int(b) for b in f.sweep_batches] or [config.batch_size]
-    ranked = sweep(config, devices, batches, extrapolate=f.extrapolate,
-                   mesh_choices=parse_meshes(f.sweep_meshes, len(devices)),
-                   unroll_teacher=f.unroll_teacher,
-                   caption_len=f.caption_len)
-    print("\nranked (fitting first, by roofline time per example; meshes "
-          "the compiler refused last):")
+    ranked = sweep(
+      config,
+      devices,
+      batches,
+      extrapolate=f.extrapolate,
+      mesh_choices=parse_meshes(f.sweep_meshes, len(devices)),
+      unroll_teacher=f.unroll_teacher,
+      caption_len=f.caption_len,
+    )
+    print(
+      "\nranked (fitting first, by roofline time per example; meshes "
+      "the compiler refused last):"
+    )
     for r in ranked:
       print("  " + _sweep_line(r))
     result = dict(topology=f.topology, sweep=ranked)
   else:
-    result = compile_steps(config, devices, batch=f.batch_size,
-                           caption_len=f.caption_len,
-                           unroll_teacher=f.unroll_teacher)
+    result = compile_steps(
+      config,
+      devices,
+      batch=f.batch_size,
+      caption_len=f.caption_len,
+      unroll_teacher=f.unroll_teacher,
+    )
     result["topology"] = f.topology
     print_report(result)
     if f.extrapolate:
-      ext = extrapolated_roofline(config, devices, batch=f.batch_size,
-                                  caption_len=f.caption_len)
+      ext = extrapolated_roofline(
+        config, devices, batch=f.batch_size, caption_len=f.caption_len
+      )
       result["extrapolated"] = ext
-      micro = (f", one of {ext['microbatches']} microbatches counted "
-               f"{ext['microbatches']} times" if ext["microbatches"] > 1
-               else "")
-      print(f"\ntrain step at depth {ext['depth']}, extrapolated from "
-            f"unrolled depths 1 and 2{micro} "
-            f"({ext['compile_seconds']:.0f} s): "
-            f"roofline {ext['roofline_seconds'] * 1e3:.1f} ms "
-            f"({ext['per_block_seconds'] * 1e3:.2f} ms per block), MFU upper "
-            f"bound {ext['roofline_mfu_upper_bound']:.1%}; HBM unrolled "
-            f"about {ext['hbm_bytes'] / GIB:.1f} GiB per device ("
-            + ("fits" if ext["hbm_fits"] else "DOES NOT FIT") + ")")
-  result["command"] = " ".join(["python -m tim_jax.commands.compile"] + sys.argv[1:])
+      micro = (
+        f", one of {ext['microbatches']} microbatches counted "
+        f"{ext['microbatches']} times"
+        if ext["microbatches"] > 1
+        else ""
+      )
+      print(
+        f"\ntrain step at depth {ext['depth']}, extrapolated from "
+        f"unrolled depths 1 and 2{micro} "
+        f"({ext['compile_seconds']:.0f} s): "
+        f"roofline {ext['roofline_seconds'] * 1e3:.1f} ms "
+        f"({ext['per_block_seconds'] * 1e3:.2f} ms per block), MFU upper "
+        f"bound {ext['roofline_mfu_upper_bound']:.1%}; HBM unrolled "
+        f"about {ext['hbm_bytes'] / GIB:.1f} GiB per device ("
+        + ("fits" if ext["hbm_fits"] else "DOES NOT FIT")
+        + ")"
+      )
+  result["command"] = " ".join(
+    ["python -m tim_jax.commands.compile"] + sys.argv[1:]
+  )
   if f.out:
     with open(f.out, "w", encoding="utf-8") as fh:
       json.dump(result, fh, indent=1)
@@ -568,30 +795,59 @@ def _main(f, args) -> None:
 
 def define_flags(fv) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   cli.define_config(fv, "Config file (+ ':variant').")
-  flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x2.",
-                      flag_values=fv)
-  flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's).",
-                       lower_bound=0, flag_values=fv)
-  flags.DEFINE_integer("caption_len", 128, "Caption tokens (t2i).",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_bool("sweep", False, "Compile every mesh and rank them.",
-                    flag_values=fv)
-  flags.DEFINE_list("sweep_batches", [], "Global batches for --sweep "
-                    "(default: the config's).", flag_values=fv)
-  flags.DEFINE_list("sweep_meshes", [], "Meshes for --sweep as "
-                    "DATAxFSDPxTENSOR (default: every one that divides the "
-                    "devices).", flag_values=fv)
-  flags.DEFINE_bool("extrapolate", False, "Also (with --sweep: rank by) "
-                    "the train step's roofline at full depth from unrolled "
-                    "depth-1 and depth-2 compiles; trustworthy where XLA "
-                    "counts scanned blocks once.", flag_values=fv)
-  flags.DEFINE_bool("unroll_teacher", False, "Loop the REPA teacher's "
-                    "blocks instead of scanning them, so that XLA's cost "
-                    "counts all of them (with model.scan_blocks=False: the "
-                    "whole step's roofline).", flag_values=fv)
-  flags.DEFINE_string("out", "", "Also write the report as JSON.",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "topology", None, "TPU topology, e.g. v5p:4x4x2.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    0,
+    "Global batch (0: the config's).",
+    lower_bound=0,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "caption_len", 128, "Caption tokens (t2i).", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "sweep", False, "Compile every mesh and rank them.", flag_values=fv
+  )
+  flags.DEFINE_list(
+    "sweep_batches",
+    [],
+    "Global batches for --sweep (default: the config's).",
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "sweep_meshes",
+    [],
+    "Meshes for --sweep as "
+    "DATAxFSDPxTENSOR (default: every one that divides the "
+    "devices).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "extrapolate",
+    False,
+    "Also (with --sweep: rank by) "
+    "the train step's roofline at full depth from unrolled "
+    "depth-1 and depth-2 compiles; trustworthy where XLA "
+    "counts scanned blocks once.",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "unroll_teacher",
+    False,
+    "Loop the REPA teacher's "
+    "blocks instead of scanning them, so that XLA's cost "
+    "counts all of them (with model.scan_blocks=False: the "
+    "whole step's roofline).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "out", "", "Also write the report as JSON.", flag_values=fv
+  )
   flags.mark_flags_as_required(["config", "topology"], flag_values=fv)
 
 

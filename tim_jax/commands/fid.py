@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 from absl import flags
+import numpy as np
 
 from tim_jax.commands import cli
 from tim_jax.core.errors import UserError
@@ -37,7 +37,9 @@ def load_images(path: str, resolution: int | None = None) -> np.ndarray:
     if not resolution:
       raise UserError(f"{path} is a folder of images: give --resolution")
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     from tim_jax.data import prepare  # pylint: disable=g-import-not-at-top
+
     files = [p for p, _ in prepare.image_folder(path)[0]]
     out = []
     for f in files:
@@ -49,27 +51,57 @@ def load_images(path: str, resolution: int | None = None) -> np.ndarray:
       raise UserError(f"{path} has no 'arr_0' images (has {z.files})")
     images = z["arr_0"]
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise UserError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got "
-                    f"{images.dtype} {images.shape}")
+    raise UserError(
+      f"{path}: arr_0 must be uint8 (N, H, W, 3), got "
+      f"{images.dtype} {images.shape}"
+    )
   return images
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("images", None, "stats: an image folder "
-                      "(<class>/<image>) or an .npz (arr_0).", flag_values=fv)
-  flags.DEFINE_integer("resolution", None, "stats: the centre-crop size for "
-                       "a folder.", lower_bound=1, flag_values=fv)
-  flags.DEFINE_string("samples", None, "score: an .npz with arr_0 uint8 "
-                      "images.", flag_values=fv)
-  flags.DEFINE_string("reference", None, "score: an .npz with mu and sigma "
-                      "(or arr_0 images).", flag_values=fv)
-  flags.DEFINE_string("inception_weights", None, "pytorch-fid's "
-                      "pt_inception-2015-12-05 (.pth, or converted "
-                      ".safetensors/.npz).", flag_values=fv)
-  flags.DEFINE_string("out", None, "stats: the statistics .npz; convert: "
-                      "the .safetensors or .npz to write.", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 50, "Images per InceptionV3 call.",
-                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_string(
+    "images",
+    None,
+    "stats: an image folder (<class>/<image>) or an .npz (arr_0).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "resolution",
+    None,
+    "stats: the centre-crop size for a folder.",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "samples", None, "score: an .npz with arr_0 uint8 images.", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "reference",
+    None,
+    "score: an .npz with mu and sigma (or arr_0 images).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "inception_weights",
+    None,
+    "pytorch-fid's "
+    "pt_inception-2015-12-05 (.pth, or converted "
+    ".safetensors/.npz).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "out",
+    None,
+    "stats: the statistics .npz; convert: the .safetensors or .npz to write.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    50,
+    "Images per InceptionV3 call.",
+    lower_bound=1,
+    flag_values=fv,
+  )
   flags.mark_flag_as_required("inception_weights", flag_values=fv)
 
 
@@ -81,6 +113,7 @@ def _require(fv, action, names):
 
 def main(fv: flags.FlagValues, args) -> None:
   from tim_jax.eval import fid, inception  # pylint: disable=g-import-not-at-top
+
   if len(args) != 1 or args[0] not in ACTIONS:
     raise UserError(f"give one action: {' | '.join(ACTIONS)} (got {args})")
   action = args[0]
@@ -91,8 +124,11 @@ def main(fv: flags.FlagValues, args) -> None:
     inception.save_state_dict(sd, fv.out)
     print(f"wrote {len(sd)} arrays to {fv.out}")
     return
-  _require(fv, action, ["images", "out"] if action == "stats"
-           else ["samples", "reference"])
+  _require(
+    fv,
+    action,
+    ["images", "out"] if action == "stats" else ["samples", "reference"],
+  )
   if action == "stats":
     cli.check_writable(fv.out, "--out")
   model = inception.load_fid_weights(fv.inception_weights)
@@ -103,17 +139,23 @@ def main(fv: flags.FlagValues, args) -> None:
     print(f"wrote {fv.out}: statistics of {len(images)} images")
     return
   images = load_images(fv.samples)
-  out = np.concatenate(list(extract.iter_features(
-      images, progress=True, logits=True)))
+  out = np.concatenate(
+    list(extract.iter_features(images, progress=True, logits=True))
+  )
   with np.load(fv.reference) as z:
     has_stats = "mu" in z and "sigma" in z
-  ref = (fid.Statistics.load(fv.reference) if has_stats else
-         extract.statistics(load_images(fv.reference)))
+  ref = (
+    fid.Statistics.load(fv.reference)
+    if has_stats
+    else extract.statistics(load_images(fv.reference))
+  )
   dim = ref.dim
   distance = fid.Statistics.from_features(out[:, :dim]).frechet_distance(ref)
   score = fid.inception_score(out[:, dim:])
-  print(f"FID {distance:.4f}  IS {score:.4f}  ({len(images)} samples vs "
-        f"{fv.reference})")
+  print(
+    f"FID {distance:.4f}  IS {score:.4f}  ({len(images)} samples vs "
+    f"{fv.reference})"
+  )
 
 
 def entry() -> None:

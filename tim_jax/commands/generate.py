@@ -24,38 +24,58 @@ from tim_jax.core.errors import UserError
 def define_flags(fv: flags.FlagValues) -> None:
   cli.define_model_flags(fv)
   cli.define_sampler_flags(fv, num_steps=1)
-  flags.DEFINE_integer("num_images", 50_000, "Images to generate.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_string("out", "samples.npz", "The .npz to write.",
-                      flag_values=fv)
-  flags.DEFINE_multi_string("prompt", [], "Prompts (t2i), cycled.",
-                            flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() and "
-                    "share the batches among the job's processes.",
-                    flag_values=fv)
+  flags.DEFINE_integer(
+    "num_images", 50_000, "Images to generate.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_string(
+    "out", "samples.npz", "The .npz to write.", flag_values=fv
+  )
+  flags.DEFINE_multi_string(
+    "prompt", [], "Prompts (t2i), cycled.", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "distributed",
+    False,
+    "jax.distributed.initialize() and "
+    "share the batches among the job's processes.",
+    flag_values=fv,
+  )
 
 
 def main(fv: flags.FlagValues, args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   from tim_jax.inference import generate  # pylint: disable=g-import-not-at-top
+
   if args:
     raise UserError(f"unexpected arguments: {args}")
   barrier = None
   if fv.distributed:
     jax.distributed.initialize()
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     barrier = multihost_utils.sync_global_devices
   pipe = cli.load_pipeline(fv)
   path = generate.generate(
-      pipe, num=fv.num_images, out=fv.out, num_steps=fv.num_steps,
-      seed=fv.seed, batch_size=fv.batch_size, prompts=fv.prompt,
-      cfg_scale=fv.cfg_scale, guidance_interval=cli.guidance_interval(fv),
-      stochasticity=fv.stochasticity, mode=fv.mode, height=fv.height,
-      width=fv.width, process_index=jax.process_index(),
-      process_count=jax.process_count(), barrier=barrier)
+    pipe,
+    num=fv.num_images,
+    out=fv.out,
+    num_steps=fv.num_steps,
+    seed=fv.seed,
+    batch_size=fv.batch_size,
+    prompts=fv.prompt,
+    cfg_scale=fv.cfg_scale,
+    guidance_interval=cli.guidance_interval(fv),
+    stochasticity=fv.stochasticity,
+    mode=fv.mode,
+    height=fv.height,
+    width=fv.width,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    barrier=barrier,
+  )
   if path:
-    print(f"wrote {path}: {fv.num_images} images (arr_0 uint8, arr_1 "
-          "labels)")
+    print(f"wrote {path}: {fv.num_images} images (arr_0 uint8, arr_1 labels)")
 
 
 def entry() -> None:

@@ -12,11 +12,11 @@ the built-in shapes world and scores them with the shapes oracle
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 import os
 import sys
 import time
-from typing import Dict, Sequence
 
 from absl import flags
 
@@ -25,7 +25,7 @@ from tim_jax.core.errors import UserError
 from tim_jax.weights import checkpoint
 
 
-def parse_runs(items: Sequence[str]) -> Dict[str, str]:
+def parse_runs(items: Sequence[str]) -> dict[str, str]:
   """["NAME=PATH", ...] -> {NAME: PATH}, refusing bad or repeated names."""
   runs = {}
   for item in items:
@@ -41,30 +41,59 @@ def parse_runs(items: Sequence[str]) -> Dict[str, str]:
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_multi_string("run", [], "NAME=PATH of a tim_jax run "
-                            "(repeatable).", flag_values=fv)
-  flags.DEFINE_list("num_steps", ["1", "2", "4", "8", "16", "32", "64"],
-                    "Step counts, one study row each.", flag_values=fv)
-  flags.DEFINE_integer("num_images", 500, "Images per run and step count.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("num_reference", 5000, "Real images the distance "
-                       "is measured to.", lower_bound=2, flag_values=fv)
-  flags.DEFINE_integer("batch_size", 250, "Images per sampler call.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "Noise seed (the same for every run).",
-                       flag_values=fv)
-  flags.DEFINE_float("cfg_scale", None, "Guidance scale for every run "
-                     "(default: each run's sample.cfg_scale).",
-                     lower_bound=1.0, flag_values=fv)
-  flags.DEFINE_enum("mode", None, ["transition", "diffusion"], "Sampler "
-                    "mode for every run (default: each run's sample.mode); "
-                    "diffusion = Euler steps of the model's flow (r = t).",
-                    flag_values=fv)
-  flags.DEFINE_enum("weights", "ema", list(checkpoint.WEIGHT_SETS), "Each "
-                    "checkpoint's EMA weights or its trained weights.",
-                    flag_values=fv)
-  flags.DEFINE_string("out", "nfe_study", "Output directory.",
-                      flag_values=fv)
+  flags.DEFINE_multi_string(
+    "run", [], "NAME=PATH of a tim_jax run (repeatable).", flag_values=fv
+  )
+  flags.DEFINE_list(
+    "num_steps",
+    ["1", "2", "4", "8", "16", "32", "64"],
+    "Step counts, one study row each.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_images",
+    500,
+    "Images per run and step count.",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_reference",
+    5000,
+    "Real images the distance is measured to.",
+    lower_bound=2,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "batch_size", 250, "Images per sampler call.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "seed", 0, "Noise seed (the same for every run).", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "cfg_scale",
+    None,
+    "Guidance scale for every run (default: each run's sample.cfg_scale).",
+    lower_bound=1.0,
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "mode",
+    None,
+    ["transition", "diffusion"],
+    "Sampler "
+    "mode for every run (default: each run's sample.mode); "
+    "diffusion = Euler steps of the model's flow (r = t).",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "weights",
+    "ema",
+    list(checkpoint.WEIGHT_SETS),
+    "Each checkpoint's EMA weights or its trained weights.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string("out", "nfe_study", "Output directory.", flag_values=fv)
 
   def step_counts(value):
     try:
@@ -72,13 +101,15 @@ def define_flags(fv: flags.FlagValues) -> None:
     except ValueError:
       return False
 
-  flags.register_validator("num_steps", step_counts, "must be integers >= 1",
-                           flag_values=fv)
+  flags.register_validator(
+    "num_steps", step_counts, "must be integers >= 1", flag_values=fv
+  )
 
 
 def main(fv: flags.FlagValues, args) -> None:
   from tim_jax import inference  # pylint: disable=g-import-not-at-top
   from tim_jax.shapes import nfe_study  # pylint: disable=g-import-not-at-top
+
   if args:
     raise UserError(f"unexpected arguments: {args}")
   runs = parse_runs(fv.run)
@@ -87,14 +118,23 @@ def main(fv: flags.FlagValues, args) -> None:
   os.makedirs(fv.out, exist_ok=True)
   partial = os.path.join(fv.out, "results.csv")
   rows, strips = nfe_study.run_study(
-      runs, nfes, num=fv.num_images, batch_size=fv.batch_size, seed=fv.seed,
-      cfg_scale=fv.cfg_scale, reference_num=fv.num_reference, mode=fv.mode,
-      load=functools.partial(inference.load, weights=fv.weights),
-      on_row=lambda rows: nfe_study.write_csv(rows, partial))
+    runs,
+    nfes,
+    num=fv.num_images,
+    batch_size=fv.batch_size,
+    seed=fv.seed,
+    cfg_scale=fv.cfg_scale,
+    reference_num=fv.num_reference,
+    mode=fv.mode,
+    load=functools.partial(inference.load, weights=fv.weights),
+    on_row=lambda rows: nfe_study.write_csv(rows, partial),
+  )
   nfe_study.write_outputs(rows, strips, fv.out, nfes)
   print(nfe_study.markdown(rows))
-  print(f"wrote {fv.out}/results.csv, results.md, nfe_study.png and "
-        f"samples_*.png in {time.time() - t0:.0f} s")
+  print(
+    f"wrote {fv.out}/results.csv, results.md, nfe_study.png and "
+    f"samples_*.png in {time.time() - t0:.0f} s"
+  )
 
 
 def entry() -> None:

@@ -30,58 +30,119 @@ AUTOENCODERS = ("sd_vae_ft_ema", "dc_ae_f32c32_sana_1.1")
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("images", None, "An ImageFolder-style directory: "
-                      "<class>/<image>.", flag_values=fv)
-  flags.DEFINE_string("captioned", None, "Text-to-image: a folder of "
-                      "images, each with a same-named .txt of captions (one "
-                      "per line).", flag_values=fv)
-  flags.DEFINE_string("manifest", None, "Text-to-image: a JSONL file, one "
-                      "image per line: image_file (or path), captions (or "
-                      "caption), optional bucket (the official "
-                      "data_info.jsonl is one).", flag_values=fv)
-  flags.DEFINE_string("manifest_root", None, "The folder the manifest's "
-                      "paths are relative to (default: the manifest's "
-                      "folder).", flag_values=fv)
-  flags.DEFINE_string("tfds", None, "A TFDS image dataset name, e.g. "
-                      "imagenet2012 (already prepared in --tfds_data_dir).",
-                      flag_values=fv)
-  flags.DEFINE_string("tfds_split", "train", "The TFDS split.",
-                      flag_values=fv)
-  flags.DEFINE_string("tfds_data_dir", None, "The TFDS data_dir.",
-                      flag_values=fv)
-  flags.DEFINE_enum("autoencoder", None, list(AUTOENCODERS), "The "
-                    "autoencoder.", flag_values=fv)
-  flags.DEFINE_string("autoencoder_path", None, "The autoencoder's "
-                      "diffusers directory.", flag_values=fv)
-  flags.DEFINE_integer("resolution", 256, "Crop size in pixels (256 or 512 "
-                       "for the paper); for captioned images the side of "
-                       "the nominal square: buckets have about its area, "
-                       "sides multiples of 32.", lower_bound=1,
-                       flag_values=fv)
-  flags.DEFINE_string("data_dir", None, "Where the shards and the TFDS "
-                      "dataset go.", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 32, "Images per encoder call (per "
-                       "process).", lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("shard_size", 1000, "Images per resumable shard.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "Seed of the posterior samples.",
-                       flag_values=fv)
-  flags.DEFINE_integer("workers", 8, "Threads that read and crop images.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize()"
-                    " and share the work among the job's processes.",
-                    flag_values=fv)
-  flags.mark_flags_as_required(["autoencoder", "autoencoder_path",
-                                "data_dir"], flag_values=fv)
-  flags.mark_flags_as_mutual_exclusive(list(SOURCES), required=True,
-                                       flag_values=fv)
+  flags.DEFINE_string(
+    "images",
+    None,
+    "An ImageFolder-style directory: <class>/<image>.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "captioned",
+    None,
+    "Text-to-image: a folder of "
+    "images, each with a same-named .txt of captions (one "
+    "per line).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "manifest",
+    None,
+    "Text-to-image: a JSONL file, one "
+    "image per line: image_file (or path), captions (or "
+    "caption), optional bucket (the official "
+    "data_info.jsonl is one).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "manifest_root",
+    None,
+    "The folder the manifest's "
+    "paths are relative to (default: the manifest's "
+    "folder).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "tfds",
+    None,
+    "A TFDS image dataset name, e.g. "
+    "imagenet2012 (already prepared in --tfds_data_dir).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string("tfds_split", "train", "The TFDS split.", flag_values=fv)
+  flags.DEFINE_string(
+    "tfds_data_dir", None, "The TFDS data_dir.", flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "autoencoder", None, list(AUTOENCODERS), "The autoencoder.", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "autoencoder_path",
+    None,
+    "The autoencoder's diffusers directory.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "resolution",
+    256,
+    "Crop size in pixels (256 or 512 "
+    "for the paper); for captioned images the side of "
+    "the nominal square: buckets have about its area, "
+    "sides multiples of 32.",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Where the shards and the TFDS dataset go.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    32,
+    "Images per encoder call (per process).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "shard_size",
+    1000,
+    "Images per resumable shard.",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "seed", 0, "Seed of the posterior samples.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "workers",
+    8,
+    "Threads that read and crop images.",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize()"
+    " and share the work among the job's processes.",
+    flag_values=fv,
+  )
+  flags.mark_flags_as_required(
+    ["autoencoder", "autoencoder_path", "data_dir"], flag_values=fv
+  )
+  flags.mark_flags_as_mutual_exclusive(
+    list(SOURCES), required=True, flag_values=fv
+  )
 
 
 def main(fv: flags.FlagValues, args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   from tim_jax import autoencoders  # pylint: disable=g-import-not-at-top
   from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from tim_jax.data import prepare  # pylint: disable=g-import-not-at-top
+
   if args:
     raise UserError(f"unexpected arguments: {args}")
   try:
@@ -89,46 +150,73 @@ def main(fv: flags.FlagValues, args) -> None:
     if fv.distributed:
       jax.distributed.initialize()
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       barrier = multihost_utils.sync_global_devices
-    mesh = sharding.make_mesh({"data": jax.local_device_count()},
-                              devices=jax.local_devices())
-    ae = autoencoders.from_diffusers(fv.autoencoder_path, mesh=mesh,
-                                     name=fv.autoencoder)
+    mesh = sharding.make_mesh(
+      {"data": jax.local_device_count()}, devices=jax.local_devices()
+    )
+    ae = autoencoders.from_diffusers(
+      fv.autoencoder_path, mesh=mesh, name=fv.autoencoder
+    )
     ae.latent_shape(fv.resolution, fv.resolution)  # Fails if no fit.
-    kw = dict(batch_size=fv.batch_size, shard_size=fv.shard_size,
-              seed=fv.seed, process_index=jax.process_index(),
-              process_count=jax.process_count(), workers=fv.workers,
-              barrier=barrier)
+    kw = dict(
+      batch_size=fv.batch_size,
+      shard_size=fv.shard_size,
+      seed=fv.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      workers=fv.workers,
+      barrier=barrier,
+    )
     start = time.time()
     if fv.captioned or fv.manifest:
       from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
-      items = (captioned.read_folder(fv.captioned) if fv.captioned else
-               captioned.read_manifest(fv.manifest, fv.manifest_root))
+
+      items = (
+        captioned.read_folder(fv.captioned)
+        if fv.captioned
+        else captioned.read_manifest(fv.manifest, fv.manifest_root)
+      )
       images = prepare.CaptionedImages(items, fv.resolution)
       paths = prepare.prepare_captioned(images, ae, fv.data_dir, **kw)
       if paths:
-        print(f"wrote {len(images)} captioned images' latents ({ae.name}) "
-              f"in {len(paths)} buckets to {fv.data_dir} in "
-              f"{time.time() - start:.0f} s:")
+        print(
+          f"wrote {len(images)} captioned images' latents ({ae.name}) "
+          f"in {len(paths)} buckets to {fv.data_dir} in "
+          f"{time.time() - start:.0f} s:"
+        )
         for path in paths:
           print(f"  {path}")
-        print(f"  train with --config.data.name=captions "
-              f"--config.data.data_dir={fv.data_dir}")
+        print(
+          f"  train with --config.data.name=captions "
+          f"--config.data.data_dir={fv.data_dir}"
+        )
       return
-    images = (prepare.FolderImages(fv.images, fv.resolution) if fv.images
-              else prepare.TfdsImages(fv.tfds, fv.tfds_split,
-                                      fv.tfds_data_dir, fv.resolution))
+    images = (
+      prepare.FolderImages(fv.images, fv.resolution)
+      if fv.images
+      else prepare.TfdsImages(
+        fv.tfds, fv.tfds_split, fv.tfds_data_dir, fv.resolution
+      )
+    )
     path = prepare.prepare(images, ae, fv.data_dir, **kw)
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError,
-          RuntimeError) as e:
+  except (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    KeyError,
+    RuntimeError,
+  ) as e:
     if isinstance(e, UserError):
       raise
     raise UserError(e.args[0] if e.args else str(e)) from None
   if path:
     latent = ae.latent_shape(fv.resolution, fv.resolution)
-    print(f"wrote {len(images)} images' latents ({ae.name}, "
-          f"{fv.resolution}px -> {latent}) to {path} in "
-          f"{time.time() - start:.0f} s")
+    print(
+      f"wrote {len(images)} images' latents ({ae.name}, "
+      f"{fv.resolution}px -> {latent}) to {path} in "
+      f"{time.time() - start:.0f} s"
+    )
     print(f"  train with --config.data.data_dir={fv.data_dir}")
 
 

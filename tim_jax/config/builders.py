@@ -8,31 +8,40 @@ from __future__ import annotations
 
 import logging
 
-import jax.numpy as jnp
 from flax import nnx
+import jax.numpy as jnp
 
 from tim_jax import models
 from tim_jax.method import transition, transports
 from tim_jax.models import TiMConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
-          "float16": jnp.float16}
+DTYPES = {
+  "float32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "float16": jnp.float16,
+}
 
 
 def model_config(config) -> TiMConfig:
   """The backbone's configuration from ``config.model``."""
   m = config.model
   return TiMConfig.from_official(
-      m.kind, dict(m.network), rope_positions=m.rope_positions,
-      attention_impl=m.attention_impl or None, remat=m.remat,
-      scan_blocks=m.scan_blocks, use_projector=m.use_projector)
+    m.kind,
+    dict(m.network),
+    rope_positions=m.rope_positions,
+    attention_impl=m.attention_impl or None,
+    remat=m.remat,
+    scan_blocks=m.scan_blocks,
+    use_projector=m.use_projector,
+  )
 
 
 def compute_dtype(config):
   """``config.model.dtype`` as a jnp dtype."""
   if config.model.dtype not in DTYPES:
-    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got "
-                     f"{config.model.dtype!r}")
+    raise ValueError(
+      f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}"
+    )
   return DTYPES[config.model.dtype]
 
 
@@ -40,8 +49,9 @@ def new_model(config, seed=None) -> models.TiM:
   """A freshly initialised (unsharded) backbone; ``seed`` defaults to
   ``config.seed``. Under ``nnx.eval_shape`` it allocates nothing."""
   seed = config.seed if seed is None else seed
-  return models.TiM(model_config(config), rngs=nnx.Rngs(seed),
-                    dtype=compute_dtype(config))
+  return models.TiM(
+    model_config(config), rngs=nnx.Rngs(seed), dtype=compute_dtype(config)
+  )
 
 
 def graphdef(config):
@@ -62,11 +72,16 @@ def transport(config) -> transports.Transport:
   error."""
   name, params = config.transport.name, dict(config.transport.params)
   fields = transports.field_names(name)
-  unused = [k for k in TIME_DISTRIBUTION_PARAMS
-            if k in params and k not in fields]
+  unused = [
+    k for k in TIME_DISTRIBUTION_PARAMS if k in params and k not in fields
+  ]
   if unused:
-    logging.warning("transport %s does not draw log-normal times: ignoring "
-                    "transport.params %s", name, ", ".join(unused))
+    logging.warning(
+      "transport %s does not draw log-normal times: ignoring "
+      "transport.params %s",
+      name,
+      ", ".join(unused),
+    )
     for k in unused:
       del params[k]
   return transports.get(name, **params)
@@ -89,29 +104,36 @@ def repa_encoder(config, encoder=None):
   le = config.loss_extras
   name = le.get("repa_encoder", "none")
   if name not in REPA_ENCODERS:
-    raise ValueError(f"loss_extras.repa_encoder must be one of "
-                     f"{REPA_ENCODERS}, got {name!r}")
+    raise ValueError(
+      f"loss_extras.repa_encoder must be one of {REPA_ENCODERS}, got {name!r}"
+    )
   if name == "none":
     return None
   if le.repa_feature_key:
-    raise ValueError("loss_extras.repa_encoder and repa_feature_key are two "
-                     "sources of REPA targets: set one (the other to "
-                     "'none' / '')")
+    raise ValueError(
+      "loss_extras.repa_encoder and repa_feature_key are two "
+      "sources of REPA targets: set one (the other to "
+      "'none' / '')"
+    )
   path = le.get("repa_encoder_path", "")
   if not path and encoder is None:
     raise ValueError(
-        f"loss_extras.repa_encoder={name!r} needs "
-        "--config.loss_extras.repa_encoder_path=FILE (RADIO's checkpoint, "
-        "radio-v2.5-b_half.pth.tar from NVIDIA's RADIO release; see the "
-        "README's REPA section), or --config.loss_extras.repa_encoder=none")
+      f"loss_extras.repa_encoder={name!r} needs "
+      "--config.loss_extras.repa_encoder_path=FILE (RADIO's checkpoint, "
+      "radio-v2.5-b_half.pth.tar from NVIDIA's RADIO release; see the "
+      "README's REPA section), or --config.loss_extras.repa_encoder=none"
+    )
   if not config.model.use_projector:
     raise ValueError("REPA needs the projector: model.use_projector=True")
   from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
+
   enc = encoder or radio.load(path, dtype=compute_dtype(config))
   z_dim = int(config.model.network.z_dim)
   if enc.dim != z_dim:
-    raise ValueError(f"the REPA teacher's features are {enc.dim} wide but "
-                     f"model.network.z_dim is {z_dim}: they must match")
+    raise ValueError(
+      f"the REPA teacher's features are {enc.dim} wide but "
+      f"model.network.z_dim is {z_dim}: they must match"
+    )
   return enc
 
 
@@ -123,17 +145,22 @@ def text_encoder(config):
   ``tim_jax.encoders.gemma.GemmaEncoder`` in ``text_encoder.dtype``)."""
   te = config.text_encoder
   if te.name not in TEXT_ENCODERS:
-    raise ValueError(f"text_encoder.name must be one of {TEXT_ENCODERS}, got "
-                     f"{te.name!r}")
+    raise ValueError(
+      f"text_encoder.name must be one of {TEXT_ENCODERS}, got {te.name!r}"
+    )
   if te.name == "none" or not te.path:
     raise ValueError(
-        "data.name='captions' encodes captions in the train step: set "
-        "--config.text_encoder.name=gemma3 --config.text_encoder.path=DIR "
-        "(a Hugging Face download of google/gemma-3-1b-it; see the README's "
-        "'Files' section)")
+      "data.name='captions' encodes captions in the train step: set "
+      "--config.text_encoder.name=gemma3 --config.text_encoder.path=DIR "
+      "(a Hugging Face download of google/gemma-3-1b-it; see the README's "
+      "'Files' section)"
+    )
   if te.dtype not in DTYPES:
-    raise ValueError(f"text_encoder.dtype must be one of {sorted(DTYPES)}, "
-                     f"got {te.dtype!r}")
+    raise ValueError(
+      f"text_encoder.dtype must be one of {sorted(DTYPES)}, got {te.dtype!r}"
+    )
   from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
-  return gemma.load(te.path, dtype=DTYPES[te.dtype],
-                    max_length=int(te.max_length))
+
+  return gemma.load(
+    te.path, dtype=DTYPES[te.dtype], max_length=int(te.max_length)
+  )

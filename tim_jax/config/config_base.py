@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_steps = 1000
 
   # The backbone; `network` holds the official YAML network.params names.
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       kind="t2i",
       network=ml_collections.ConfigDict(),
       dtype="float32",  # Compute dtype: float32 | bfloat16 | float16.
@@ -37,18 +38,38 @@ def base_config() -> ml_collections.ConfigDict:
       # the layout; official files convert to either).
       scan_blocks=False,
       use_projector=True,
-  ))
-  c.transport = ml_collections.ConfigDict(dict(
-      name="ot_fm", params=ml_collections.ConfigDict(
-          dict(P_mean=0.0, P_std=1.6))))
+    )
+  )
+  c.transport = ml_collections.ConfigDict(
+    dict(
+      name="ot_fm",
+      params=ml_collections.ConfigDict(dict(P_mean=0.0, P_std=1.6)),
+    )
+  )
   # transition.LossConfig; groups 0 = one per data shard.
-  c.loss = ml_collections.ConfigDict(dict(
-      diffusion_ratio=0.5, consistency_ratio=0.1, derivative="dde",
-      epsilon=0.005, weight_time_type="sqrt", weight_time_tangent=True,
-      weight_time_sigmoid=False, weight_t_and_r=True, adaptive_eps=1e-5,
-      directional_loss=True, proj_coeff=1.0, enhance_target=False, w_gt=1.0,
-      w_cond=0.0, w_start=0.0, w_end=1.0, groups=0))
-  c.loss_extras = ml_collections.ConfigDict(dict(
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      diffusion_ratio=0.5,
+      consistency_ratio=0.1,
+      derivative="dde",
+      epsilon=0.005,
+      weight_time_type="sqrt",
+      weight_time_tangent=True,
+      weight_time_sigmoid=False,
+      weight_t_and_r=True,
+      adaptive_eps=1e-5,
+      directional_loss=True,
+      proj_coeff=1.0,
+      enhance_target=False,
+      w_gt=1.0,
+      w_cond=0.0,
+      w_start=0.0,
+      w_end=1.0,
+      groups=0,
+    )
+  )
+  c.loss_extras = ml_collections.ConfigDict(
+    dict(
       # REPA from precomputed features: the batch key holding a frozen
       # encoder's token features (B, N, z_dim); "" = none.
       repa_feature_key="",
@@ -57,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
       # (RADIO's checkpoint, e.g. radio-v2.5-b_half.pth.tar).
       repa_encoder="none",
       repa_encoder_path="",
-  ))
+    )
+  )
   # Initialise the network from a checkpoint before training (the official
   # configs' `ckpt` + init_from_ckpt): an official .safetensors/.pt/.bin or
   # a tim_jax run; parameters whose official name contains any of
@@ -66,7 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_ignore_keys = ()
   c.conditioning = ml_collections.ConfigDict(dict(drop_prob=0.1))
 
-  c.data = ml_collections.ConfigDict(dict(
+  c.data = ml_collections.ConfigDict(
+    dict(
       # "shapes" (built in), "latents" (array_record latents with labels or
       # stored caption features) or "captions" (latents in aspect buckets
       # with caption text, from `python -m tim_jax.commands.prepare
@@ -92,11 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
       # "captions": captions pass through encode('unicode-escape') as the
       # official T2I loader does.
       escape_unicode=True,
-  ))
+    )
+  )
   # The frozen caption encoder of data.name="captions" (run inside the train
   # step, never stored): "none" or "gemma3" (the official
   # google/gemma-3-1b-it: a Hugging Face directory at `path`).
-  c.text_encoder = ml_collections.ConfigDict(dict(
+  c.text_encoder = ml_collections.ConfigDict(
+    dict(
       name="none",
       path="",
       dtype="bfloat16",  # Weights and compute (the official: bfloat16).
@@ -104,8 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Caption batches are cut to the smallest of these that holds their
       # longest caption (few compiled shapes; see TextConditioner).
       length_buckets=(32, 64, 128, 256),
-  ))
-  c.autoencoder = ml_collections.ConfigDict(dict(
+    )
+  )
+  c.autoencoder = ml_collections.ConfigDict(
+    dict(
       # "identity" (pixel space), "sd_vae_ft_ema" or "dc_ae_f32c32_sana_1.1".
       name="identity",
       # A diffusers save_pretrained directory of that autoencoder (config.json
@@ -115,14 +142,25 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",
       # Images per decoder call (fixed, so the decoder compiles once).
       batch_size=16,
-  ))
+    )
+  )
 
   # AdamW (the official optimizer); lr = base_lr * batch_size / base_batch
   # when scale_lr.
-  c.optimizer = ml_collections.ConfigDict(dict(
-      base_lr=1e-4, base_batch=256, scale_lr=True,
-      schedule="constant", warmup_steps=0, b1=0.9, b2=0.95, eps=1e-6,
-      weight_decay=0.01, grad_clip=1.0))
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      base_lr=1e-4,
+      base_batch=256,
+      scale_lr=True,
+      schedule="constant",
+      warmup_steps=0,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-6,
+      weight_decay=0.01,
+      grad_clip=1.0,
+    )
+  )
   c.ema_decay = 0.9999
   c.ema_warmup = False  # decay_t = min(decay, (1 + t) / (10 + t)).
 
@@ -144,35 +182,55 @@ def base_config() -> ml_collections.ConfigDict:
   # are scaled so); 0 turns the check off.
   c.guard_max_mse = 1e4
 
-  c.sample = ml_collections.ConfigDict(dict(
-      every=1000, nfe=(1, 2, 4, 8), cfg_scale=1.0,
-      guidance_interval=(0.0, 1.0), image_size=32, seed=0, num=8, cols=0,
+  c.sample = ml_collections.ConfigDict(
+    dict(
+      every=1000,
+      nfe=(1, 2, 4, 8),
+      cfg_scale=1.0,
+      guidance_interval=(0.0, 1.0),
+      image_size=32,
+      seed=0,
+      num=8,
+      cols=0,
       # Grids for people: images enlarged (nearest) to at least this many
       # pixels a side, with their prompts or class names beside them.
       min_side=128,
-      prompts=(), labels=(),
+      prompts=(),
+      labels=(),
       # "transition" (r = t_next, the TiM sampler) or "diffusion" (r = t_cur:
       # Euler steps of the flow, for models trained with diffusion_ratio=1).
-      mode="transition"))
+      mode="transition",
+    )
+  )
   # Evaluators (tim_jax.training.evaluators), each on its own schedule: it runs
   # every `every` steps and at the last step; every=0 turns it off.
-  c.evals = ml_collections.ConfigDict(dict(
+  c.evals = ml_collections.ConfigDict(
+    dict(
       # The loss of the EMA parameters on one fixed held-out batch.
       holdout_loss=ml_collections.ConfigDict(dict(every=0)),
       # Built-in shapes data only: the shapes oracle's attribute accuracy
       # and Frechet distance (in its features, to `reference_num` real
       # images) of the EMA model's samples for `num` held-out scenes, at
       # each NFE of `nfe`, with the sample.* guidance settings.
-      shapes_oracle=ml_collections.ConfigDict(dict(
-          every=0, nfe=(1, 4), num=64, batch_size=64, reference_num=1000)),
+      shapes_oracle=ml_collections.ConfigDict(
+        dict(every=0, nfe=(1, 4), num=64, batch_size=64, reference_num=1000)
+      ),
       # FID of `num` EMA samples at each NFE of `nfe` (labels or prompts
       # from sample.*, cycled) against `reference`, an .npz of mu/sigma
       # (tim_jax.eval.fid.Statistics); `inception_weights` is the FID
       # InceptionV3 (.pth or .safetensors). Runs when both are given.
-      fid=ml_collections.ConfigDict(dict(
-          every=0, nfe=(4,), num=5000, batch_size=64, reference="",
-          inception_weights="")),
-  ))
+      fid=ml_collections.ConfigDict(
+        dict(
+          every=0,
+          nfe=(4,),
+          num=5000,
+          batch_size=64,
+          reference="",
+          inception_weights="",
+        )
+      ),
+    )
+  )
   return c
 
 
@@ -207,13 +265,17 @@ def parse_variant(arg, variants, options=(), default="tiny"):
   parts = [p.strip() for p in (arg or default).split(",") if p.strip()]
   variant, chosen = (parts[0] if parts else default), set(parts[1:])
   if variant not in variants:
-    raise UserError(f"unknown variant {variant!r}; use one of "
-                     f"{', '.join(variants)} (then options: "
-                     f"{', '.join(options) or 'none'})")
+    raise UserError(
+      f"unknown variant {variant!r}; use one of "
+      f"{', '.join(variants)} (then options: "
+      f"{', '.join(options) or 'none'})"
+    )
   unknown = chosen - set(options)
   if unknown:
-    raise UserError(f"unknown option(s) {sorted(unknown)} in {arg!r}; the "
-                     f"options are {', '.join(options)}")
+    raise UserError(
+      f"unknown option(s) {sorted(unknown)} in {arg!r}; the "
+      f"options are {', '.join(options)}"
+    )
   return variant, chosen
 
 
@@ -253,6 +315,7 @@ def packaged_configs() -> str | None:
   """The folder of the configs installed with the package
   (``tim_jax.configs``), or None in a checkout that is not installed."""
   import importlib.util
+
   try:
     spec = importlib.util.find_spec("tim_jax.configs")
   except ModuleNotFoundError:
@@ -266,14 +329,17 @@ def resolve_path(spec: str) -> str:
   the same file from the installed package, so that the documented
   commands work after a non-editable install, from any folder."""
   import os
+
   path, sep, variant = spec.partition(":")
-  if os.path.isfile(path) or os.path.normpath(
-      os.path.dirname(path)) != "configs":
+  if (
+    os.path.isfile(path) or os.path.normpath(os.path.dirname(path)) != "configs"
+  ):
     return spec
   folder = packaged_configs()
   packaged = folder and os.path.join(folder, os.path.basename(path))
-  return packaged + sep + variant if packaged and os.path.isfile(
-      packaged) else spec
+  return (
+    packaged + sep + variant if packaged and os.path.isfile(packaged) else spec
+  )
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
@@ -281,6 +347,7 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   it (for notebooks and scripts, where there are no flags)."""
   import importlib.util
   import os
+
   path, _, variant = resolve_path(spec).partition(":")
   if not os.path.isfile(path):
     raise UserError(f"no config file {path!r}")
@@ -295,16 +362,19 @@ def flag_config(flag_values, name: str = "config"):
   with a plain error for a missing file: ml_collections reports it as
   "Failed loading config file config_config"."""
   import os
+
   from ml_collections import config_flags
+
   holder = flag_values[name]
   if not holder.present:
     return holder.value
   path = config_flags.get_config_filename(holder)
   if path and not os.path.isfile(path.partition(":")[0]):
     raise UserError(
-        f"--{name}: no config file {path.partition(':')[0]!r} (looked in "
-        f"{os.getcwd()}); the configs are configs/c2i.py and configs/t2i.py, "
-        "given as --config=configs/t2i.py[:variant]")
+      f"--{name}: no config file {path.partition(':')[0]!r} (looked in "
+      f"{os.getcwd()}); the configs are configs/c2i.py and configs/t2i.py, "
+      "given as --config=configs/t2i.py[:variant]"
+    )
   return flag_values[name].value
 
 
@@ -327,8 +397,11 @@ def merge(config: ml_collections.ConfigDict, saved: dict) -> None:
   """Writes a JSON dict (``to_json``'s form) into an unlocked config;
   JSON lists become tuples, as the configs write them."""
   for key, value in saved.items():
-    if isinstance(value, dict) and key in config and isinstance(
-        config[key], ml_collections.ConfigDict):
+    if (
+      isinstance(value, dict)
+      and key in config
+      and isinstance(config[key], ml_collections.ConfigDict)
+    ):
       merge(config[key], value)
     else:
       config[key] = _tuples(value)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
-from typing import Sequence
 
 import numpy as np
 
@@ -26,12 +26,13 @@ def grid(images, cols: int, gap: int = 1) -> np.ndarray:
   benchmark grids)."""
   n, h, w, c = images.shape
   rows = -(-n // cols)
-  out = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, c), 255,
-                np.uint8)
+  out = np.full(
+    (rows * (h + gap) + gap, cols * (w + gap) + gap, c), 255, np.uint8
+  )
   for i in range(n):
     r, q = divmod(i, cols)
     top, left = gap + r * (h + gap), gap + q * (w + gap)
-    out[top:top + h, left:left + w] = images[i]
+    out[top : top + h, left : left + w] = images[i]
   return out
 
 
@@ -48,6 +49,7 @@ def upscale(images, min_side: int = 128) -> np.ndarray:
 
 def _font(size: int):
   from PIL import ImageFont
+
   try:
     return ImageFont.load_default(size=size)  # FreeType builds of Pillow.
   except (TypeError, ImportError, OSError):
@@ -68,17 +70,25 @@ def _wrap(text: str, width_px: int, font, draw) -> list:
   return lines + ([line] if line else [])
 
 
-def annotated_grid(images, cols: int, *, row_labels: Sequence[str] = (),
-                   col_labels: Sequence[str] = (), title: str = "",
-                   min_side: int = 128, gap: int = 4,
-                   label_width: int = 220, font_size: int = 14
-                   ) -> np.ndarray:
+def annotated_grid(
+  images,
+  cols: int,
+  *,
+  row_labels: Sequence[str] = (),
+  col_labels: Sequence[str] = (),
+  title: str = "",
+  min_side: int = 128,
+  gap: int = 4,
+  label_width: int = 220,
+  font_size: int = 14,
+) -> np.ndarray:
   """A grid for people: ``images`` (N, H, W, C) uint8 in rows of ``cols``,
   each enlarged to at least ``min_side`` pixels (``upscale``), with
   ``row_labels`` (one per row: the prompt or class name) in a column on
   the left, ``col_labels`` above the columns (e.g. the NFE) and ``title``
   on top; long labels wrap. Returns (H', W', 3) uint8."""
   from PIL import Image, ImageDraw
+
   images = np.asarray(images)
   if images.ndim != 4:
     raise ValueError(f"images must be (N, H, W, C), got {images.shape}")
@@ -93,12 +103,14 @@ def annotated_grid(images, cols: int, *, row_labels: Sequence[str] = (),
   probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   left = label_width if len(row_labels) else 0
   col_lines = [_wrap(t, cell_w - gap, font, probe) for t in col_labels]
-  top_cols = (max(map(len, col_lines), default=0) * line_h + gap
-              if col_lines else 0)
+  top_cols = (
+    max(map(len, col_lines), default=0) * line_h + gap if col_lines else 0
+  )
   title_lines = _wrap(title, left + body.shape[1] - 2 * gap, font, probe)
   top = len(title_lines) * line_h + (gap if title_lines else 0) + top_cols
-  canvas = Image.new("RGB", (left + body.shape[1], top + body.shape[0]),
-                     "white")
+  canvas = Image.new(
+    "RGB", (left + body.shape[1], top + body.shape[0]), "white"
+  )
   canvas.paste(Image.fromarray(body), (left, top))
   draw = ImageDraw.Draw(canvas)
   for i, line in enumerate(title_lines):
@@ -112,9 +124,10 @@ def annotated_grid(images, cols: int, *, row_labels: Sequence[str] = (),
   for r, label in enumerate(row_labels[:n_rows]):
     lines = _wrap(label, left - 2 * gap, font, probe)
     if len(lines) > max_lines:
-      lines = lines[:max_lines - 1] + [lines[max_lines - 1] + " ..."]
-    y = top + gap + r * cell_h + max(0, (cell_h - gap - len(lines) * line_h)
-                                     // 2)
+      lines = lines[: max_lines - 1] + [lines[max_lines - 1] + " ..."]
+    y = (
+      top + gap + r * cell_h + max(0, (cell_h - gap - len(lines) * line_h) // 2)
+    )
     for i, line in enumerate(lines):
       draw.text((gap, y + i * line_h), line, fill="black", font=font)
   return np.asarray(canvas)
@@ -124,6 +137,7 @@ def save_png(path: str, image: np.ndarray) -> None:
   """Writes ``image`` (H, W, C) uint8 as PNG, creating the directory; the
   file appears whole or not at all (written, then renamed)."""
   from PIL import Image
+
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = path + ".tmp"

@@ -15,9 +15,9 @@ process 0 collects them once every process has passed the barrier.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 import json
 import os
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -29,18 +29,29 @@ class Parts:
   ``meta`` or sizes are refused (ValueError) rather than mixed in.
   """
 
-  def __init__(self, directory: str, prefix: str, sizes: Sequence[int], *,
-               meta: Optional[dict] = None, process_index: int = 0,
-               process_count: int = 1, desc: str = "",
-               progress: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    prefix: str,
+    sizes: Sequence[int],
+    *,
+    meta: dict | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    desc: str = "",
+    progress: bool = True,
+  ):
     if process_count < 1 or not 0 <= process_index < process_count:
-      raise ValueError(f"need 0 <= process_index < process_count, got "
-                       f"{process_index} and {process_count}")
+      raise ValueError(
+        f"need 0 <= process_index < process_count, got "
+        f"{process_index} and {process_count}"
+      )
     self.directory, self.prefix = directory, prefix
     self.sizes = list(sizes)
     self.process_index = process_index
-    self.mine = [i for i in range(len(self.sizes))
-                 if i % process_count == process_index]
+    self.mine = [
+      i for i in range(len(self.sizes)) if i % process_count == process_index
+    ]
     self.desc, self.progress = desc, progress
     self._bar, self._advanced = None, 0
     os.makedirs(directory, exist_ok=True)
@@ -52,11 +63,16 @@ class Parts:
       with open(path, encoding="utf-8") as f:
         old = json.load(f)
       if old != json.loads(json.dumps(meta)):
-        diff = sorted(k for k in set(old) | set(meta)
-                      if old.get(k) != json.loads(json.dumps(meta)).get(k))
-        raise ValueError(f"{self.directory} holds parts of another job "
-                         f"(differing in {diff}); delete it or write "
-                         "elsewhere")
+        diff = sorted(
+          k
+          for k in set(old) | set(meta)
+          if old.get(k) != json.loads(json.dumps(meta)).get(k)
+        )
+        raise ValueError(
+          f"{self.directory} holds parts of another job "
+          f"(differing in {diff}); delete it or write "
+          "elsewhere"
+        )
     elif self.process_index == 0:
       tmp = path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
@@ -77,10 +93,15 @@ class Parts:
     bar = None
     if self.progress:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
       total = sum(self.sizes[i] for i in self.mine)
-      bar = tqdm(total=total, unit="img", smoothing=0.1,
-                 initial=total - sum(self.sizes[i] for i in todo),
-                 desc=f"{self.desc} (process {self.process_index})")
+      bar = tqdm(
+        total=total,
+        unit="img",
+        smoothing=0.1,
+        initial=total - sum(self.sizes[i] for i in todo),
+        desc=f"{self.desc} (process {self.process_index})",
+      )
     self._bar = bar
     try:
       for i in todo:
@@ -107,7 +128,7 @@ class Parts:
       np.savez(f, **arrays)
     os.replace(tmp, self.path(i))
 
-  def finish(self, barrier: Optional[Callable[[str], None]] = None) -> bool:
+  def finish(self, barrier: Callable[[str], None] | None = None) -> bool:
     """Waits for every process (``barrier``); on process 0 checks that all
     parts exist and returns True, elsewhere returns False."""
     if barrier is not None:
@@ -116,6 +137,8 @@ class Parts:
       return False
     missing = [i for i in range(len(self.sizes)) if not self.done(i)]
     if missing:
-      raise RuntimeError(f"parts {missing[:5]} of {self.directory} are "
-                         "missing; run the command again to finish them")
+      raise RuntimeError(
+        f"parts {missing[:5]} of {self.directory} are "
+        "missing; run the command again to finish them"
+      )
     return True

@@ -9,15 +9,16 @@ many hosts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 import contextlib
 import threading
-from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
-import jax
 from absl import logging
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -26,18 +27,19 @@ BATCH_AXES = ("data", "fsdp")
 # activations: rows over the batch axes, attention heads and the MLP's
 # hidden units over `tensor` (the same names as the weights' outputs).
 DEFAULT_RULES = (
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("qkv", "tensor"),
-    ("kv", "tensor"),
-    ("modulation", "tensor"),
-    ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("qkv", "tensor"),
+  ("kv", "tensor"),
+  ("modulation", "tensor"),
+  ("batch", ("data", "fsdp")),
 )
 
 
-def make_mesh(shape: Mapping[str, int],
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(
+  shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A mesh with axes (data, fsdp, tensor); one size may be -1 (fills)."""
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(shape) - set(MESH_AXES)
@@ -49,15 +51,19 @@ def make_mesh(shape: Mapping[str, int],
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh "
-                       f"{dict(shape)}")
+      raise ValueError(
+        f"{len(devices)} devices do not divide into mesh {dict(shape)}"
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs "
-                     f"{int(np.prod(sizes))} devices, there are "
-                     f"{len(devices)}")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs "
+      f"{int(np.prod(sizes))} devices, there are "
+      f"{len(devices)}"
+    )
   try:
     from jax.experimental import mesh_utils
+
     grid = mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # Non-TPU topologies mesh_utils cannot lay out.
     grid = np.asarray(devices).reshape(sizes)
@@ -78,8 +84,9 @@ def _is_variable(x):
   return isinstance(x, nnx.Variable)
 
 
-def complete_rules(rules: Iterable[Tuple[str, object]],
-                   names: Iterable[str] = ()):
+def complete_rules(
+  rules: Iterable[tuple[str, object]], names: Iterable[str] = ()
+):
   """The config's rules plus ``(name, None)`` for every logical name in
   ``names`` they leave out, so no logical name survives into a
   PartitionSpec. Rules naming an unknown mesh axis are refused."""
@@ -88,11 +95,14 @@ def complete_rules(rules: Iterable[Tuple[str, object]],
     targets = target if isinstance(target, (tuple, list)) else (target,)
     for t in targets:
       if t is not None and t not in MESH_AXES:
-        raise ValueError(f"rule ({name!r}, {target!r}) names an unknown mesh"
-                         f" axis; use {MESH_AXES}")
+        raise ValueError(
+          f"rule ({name!r}, {target!r}) names an unknown mesh"
+          f" axis; use {MESH_AXES}"
+        )
   named = {r[0] for r in rules}
-  return tuple(rules) + tuple((n, None) for n in sorted(set(names) - named)
-                              if n is not None)
+  return tuple(rules) + tuple(
+    (n, None) for n in sorted(set(names) - named) if n is not None
+  )
 
 
 _ACTIVATIONS = threading.local()
@@ -158,9 +168,16 @@ def _log_fallback(path: str, shape, names, dropped, mesh: Mesh):
     _LOGGED_FALLBACKS.add(key)
     logical = names[dim] if dim < len(names) else None
     logging.warning(
-        "sharding fallback: %s %s dimension %d (logical %r) is not divisible "
-        "by mesh axis %r of size %d (mesh %s); it is replicated", path,
-        tuple(shape), dim, logical, axis, size, dict(mesh.shape))
+      "sharding fallback: %s %s dimension %d (logical %r) is not divisible "
+      "by mesh axis %r of size %d (mesh %s); it is replicated",
+      path,
+      tuple(shape),
+      dim,
+      logical,
+      axis,
+      size,
+      dict(mesh.shape),
+    )
 
 
 def state_shardings(abstract_tree, mesh: Mesh, rules):
@@ -176,19 +193,25 @@ def state_shardings(abstract_tree, mesh: Mesh, rules):
     specs = nnx.get_partition_spec(abstract_tree)
   flat_specs = jax.tree.leaves(specs, is_leaf=_is_spec)
   with_paths = jax.tree_util.tree_flatten_with_path(
-      abstract_tree, is_leaf=_is_variable)[0]
+    abstract_tree, is_leaf=_is_variable
+  )[0]
   if len(flat_specs) != len(with_paths):
     raise AssertionError("partition specs do not match the state's leaves")
   shardings = []
   for spec, (path, leaf) in zip(flat_specs, with_paths):
     fitted, dropped = _fit(spec, leaf.shape, mesh)
     if dropped:
-      _log_fallback(jax.tree_util.keystr(path, simple=True, separator="/"),
-                    leaf.shape, logical_names(leaf) if _is_variable(leaf)
-                    else (), dropped, mesh)
+      _log_fallback(
+        jax.tree_util.keystr(path, simple=True, separator="/"),
+        leaf.shape,
+        logical_names(leaf) if _is_variable(leaf) else (),
+        dropped,
+        mesh,
+      )
     shardings.append(NamedSharding(mesh, fitted))
-  return jax.tree.unflatten(jax.tree.structure(specs, is_leaf=_is_spec),
-                            shardings)
+  return jax.tree.unflatten(
+    jax.tree.structure(specs, is_leaf=_is_spec), shardings
+  )
 
 
 def frozen_shardings(tree, mesh: Mesh):
@@ -208,6 +231,7 @@ def frozen_shardings(tree, mesh: Mesh):
         spec[int(axes[0])] = "fsdp"
         return NamedSharding(mesh, P(*spec))
     return NamedSharding(mesh, P())
+
   return jax.tree.map(one, tree)
 
 
@@ -224,10 +248,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local_batch, mesh: Mesh):
   """Assembles per-process numpy batches into global jax.Arrays sharded over
   the batch axes (each process contributes its own rows)."""
+
   def put(a):
     a = np.asarray(a)
     return jax.make_array_from_process_local_data(
-        batch_sharding(mesh, a.ndim), a)
+      batch_sharding(mesh, a.ndim), a
+    )
+
   return jax.tree.map(put, local_batch)
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import statistics
 import time
-from typing import Callable
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -24,6 +24,7 @@ def read_config_json(path: str) -> tuple:
   holding one (the benchmarks' ``--config``)."""
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
   with open(path, encoding="utf-8") as f:

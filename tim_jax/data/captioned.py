@@ -26,11 +26,11 @@ of the image's captions at random. tim_jax does the same from latents:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
 import json
 import math
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
@@ -42,14 +42,16 @@ MAX_RATIO = 4.0  # Longest side / shortest side of the widest bucket.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def aspect_buckets(resolution: int, multiple: int = MULTIPLE,
-                   max_ratio: float = MAX_RATIO) -> List[Tuple[int, int]]:
+def aspect_buckets(
+  resolution: int, multiple: int = MULTIPLE, max_ratio: float = MAX_RATIO
+) -> list[tuple[int, int]]:
   """(height, width) pairs, sides multiples of ``multiple``, area at most
   ``resolution``^2 and as close to it as the multiple allows, aspect
   ratios from 1/``max_ratio`` to ``max_ratio``; sorted by height / width."""
   if resolution < multiple or resolution % multiple:
-    raise ValueError(f"resolution {resolution} must be a positive multiple "
-                     f"of {multiple}")
+    raise ValueError(
+      f"resolution {resolution} must be a positive multiple of {multiple}"
+    )
   area = resolution * resolution
   out = set()
   h = multiple
@@ -61,14 +63,15 @@ def aspect_buckets(resolution: int, multiple: int = MULTIPLE,
   return sorted(out, key=lambda hw: hw[0] / hw[1])
 
 
-def nearest_bucket(height: int, width: int,
-                   buckets: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
+def nearest_bucket(
+  height: int, width: int, buckets: Sequence[tuple[int, int]]
+) -> tuple[int, int]:
   """The bucket whose aspect ratio is nearest (in log ratio) the image's."""
   r = math.log(height / width)
   return min(buckets, key=lambda hw: abs(math.log(hw[0] / hw[1]) - r))
 
 
-def parse_bucket(text: str) -> Tuple[int, int]:
+def parse_bucket(text: str) -> tuple[int, int]:
   """An official ``bucket`` string (last ``-`` field ``HxW``) -> (h, w)
   floored to multiples of 32, as ``T2IDatasetMS.get_one_data`` does."""
   try:
@@ -83,23 +86,30 @@ def parse_bucket(text: str) -> Tuple[int, int]:
 
 class Item(tuple):
   """(path, captions, bucket or None)."""
+
   __slots__ = ()
 
-  def __new__(cls, path: str, captions: List[str],
-              bucket: Optional[Tuple[int, int]]):
+  def __new__(
+    cls, path: str, captions: list[str], bucket: tuple[int, int] | None
+  ):
     return super().__new__(cls, (path, captions, bucket))
 
 
-def _captions(value, where: str) -> List[str]:
+def _captions(value, where: str) -> list[str]:
   caps = [value] if isinstance(value, str) else value
-  if (not isinstance(caps, list) or not caps
-      or not all(isinstance(c, str) and c.strip() for c in caps)):
-    raise ValueError(f"{where}: captions must be a non-empty string or list "
-                     f"of non-empty strings, got {value!r}")
+  if (
+    not isinstance(caps, list)
+    or not caps
+    or not all(isinstance(c, str) and c.strip() for c in caps)
+  ):
+    raise ValueError(
+      f"{where}: captions must be a non-empty string or list "
+      f"of non-empty strings, got {value!r}"
+    )
   return caps
 
 
-def read_folder(root: str) -> List[Item]:
+def read_folder(root: str) -> list[Item]:
   """Images under ``root`` (walked in sorted order) with a ``.txt`` of the
   same stem beside each: one caption per non-empty line."""
   if not os.path.isdir(root):
@@ -118,16 +128,20 @@ def read_folder(root: str) -> List[Item]:
         lines = [l.strip() for l in fh.read().splitlines() if l.strip()]
       items.append(Item(path, _captions(lines, txt), None))
   if missing:
-    raise ValueError(f"{len(missing)} image(s) in {root!r} have no caption "
-                     f"file beside them, e.g. {missing[0]!r} (expected "
-                     f"{os.path.splitext(missing[0])[0] + '.txt'!r})")
+    raise ValueError(
+      f"{len(missing)} image(s) in {root!r} have no caption "
+      f"file beside them, e.g. {missing[0]!r} (expected "
+      f"{os.path.splitext(missing[0])[0] + '.txt'!r})"
+    )
   if not items:
-    raise ValueError(f"--captioned {root!r} holds no images "
-                     f"({', '.join(IMAGE_EXTENSIONS)}) with .txt captions")
+    raise ValueError(
+      f"--captioned {root!r} holds no images "
+      f"({', '.join(IMAGE_EXTENSIONS)}) with .txt captions"
+    )
   return items
 
 
-def read_manifest(path: str, root: Optional[str] = None) -> List[Item]:
+def read_manifest(path: str, root: str | None = None) -> list[Item]:
   """A JSONL file, one image per line: ``image_file`` (or ``path``),
   relative to ``root`` (default: the manifest's folder), ``captions`` (a
   list; or ``caption``, one string) and optionally the official
@@ -150,8 +164,9 @@ def read_manifest(path: str, root: Optional[str] = None) -> List[Item]:
         raise ValueError(f"{where}: needs 'image_file' (or 'path')")
       caps = rec.get("captions", rec.get("caption"))
       bucket = parse_bucket(rec["bucket"]) if rec.get("bucket") else None
-      items.append(Item(os.path.join(root, image), _captions(caps, where),
-                        bucket))
+      items.append(
+        Item(os.path.join(root, image), _captions(caps, where), bucket)
+      )
   if not items:
     raise ValueError(f"--manifest {path!r} lists no images")
   return items
@@ -172,16 +187,21 @@ class CaptionedSource:
 
   def __init__(self, data_dir: str, with_images: bool = False):
     root = os.path.join(os.fspath(data_dir), latents_lib.NAME)
-    names = sorted(n for n in os.listdir(root)
-                   if n.startswith("text_")) if os.path.isdir(root) else []
+    names = (
+      sorted(n for n in os.listdir(root) if n.startswith("text_"))
+      if os.path.isdir(root)
+      else []
+    )
     if not names:
       raise FileNotFoundError(
-          f"no captioned buckets ({latents_lib.NAME}/text_*) under "
-          f"{data_dir!r}; write them with python -m tim_jax.commands.prepare "
-          "--captioned=DIR (or --manifest=FILE)")
-    self.parts = [latents_lib.LatentSource(data_dir, config=n,
-                                           with_images=with_images)
-                  for n in names]
+        f"no captioned buckets ({latents_lib.NAME}/text_*) under "
+        f"{data_dir!r}; write them with python -m tim_jax.commands.prepare "
+        "--captioned=DIR (or --manifest=FILE)"
+      )
+    self.parts = [
+      latents_lib.LatentSource(data_dir, config=n, with_images=with_images)
+      for n in names
+    ]
     self.buckets, start = [], 0
     for part in self.parts:
       self.buckets.append((part.latent_shape, start, len(part)))
@@ -199,19 +219,25 @@ class CaptionedSource:
     raise IndexError(f"index {index} out of range of {self._len}")
 
   def __repr__(self):
-    return (f"CaptionedSource({len(self.buckets)} buckets, "
-            f"n={self._len})")
+    return f"CaptionedSource({len(self.buckets)} buckets, n={self._len})"
 
 
-def bucket_batch_sizes(buckets, *, batch_size: int, image_size: int,
-                       multiple: int, mode: str = "area") -> List[int]:
+def bucket_batch_sizes(
+  buckets,
+  *,
+  batch_size: int,
+  image_size: int,
+  multiple: int,
+  mode: str = "area",
+) -> list[int]:
   """Each bucket's global batch: ``batch_size`` ("fixed"), or
   ``batch_size * image_size^2 / (h * w)`` ("area": about the same tokens
   per step), rounded down to a multiple of ``multiple`` (the data shards
   and processes), at least ``multiple``."""
   if mode not in ("area", "fixed"):
-    raise ValueError(f"data.bucket_batch must be 'area' or 'fixed', got "
-                     f"{mode!r}")
+    raise ValueError(
+      f"data.bucket_batch must be 'area' or 'fixed', got {mode!r}"
+    )
   out = []
   for shape, _, _ in buckets:
     b = batch_size
@@ -229,22 +255,27 @@ class BatchPlan:
   def __init__(self, buckets, batch_sizes: Sequence[int], seed: int):
     self.buckets, self.batch_sizes = list(buckets), list(batch_sizes)
     self.seed = seed
-    self.per_epoch = sum(count // bs for (_, _, count), bs
-                         in zip(self.buckets, self.batch_sizes))
+    self.per_epoch = sum(
+      count // bs for (_, _, count), bs in zip(self.buckets, self.batch_sizes)
+    )
     if self.per_epoch == 0:
-      sizes = {str(tuple(s)): (c, bs) for (s, _, c), bs
-               in zip(self.buckets, self.batch_sizes)}
-      raise ValueError(f"no bucket fills one batch ((examples, batch) per "
-                       f"bucket: {sizes}); lower batch_size")
+      sizes = {
+        str(tuple(s)): (c, bs)
+        for (s, _, c), bs in zip(self.buckets, self.batch_sizes)
+      }
+      raise ValueError(
+        f"no bucket fills one batch ((examples, batch) per "
+        f"bucket: {sizes}); lower batch_size"
+      )
     # Reader threads ask for batches of neighbouring epochs at once.
     self.epoch_plan = functools.lru_cache(maxsize=4)(self._epoch_plan)
 
-  def _epoch_plan(self, epoch: int) -> List[np.ndarray]:
+  def _epoch_plan(self, epoch: int) -> list[np.ndarray]:
     rng = np.random.default_rng([self.seed, epoch])
     batches = []
     for (_, start, count), bs in zip(self.buckets, self.batch_sizes):
       rows = start + rng.permutation(count)
-      batches += [rows[i:i + bs] for i in range(0, count - bs + 1, bs)]
+      batches += [rows[i : i + bs] for i in range(0, count - bs + 1, bs)]
     order = rng.permutation(len(batches))
     return [batches[i] for i in order]
 
@@ -256,11 +287,18 @@ class BatchPlan:
     return self.epoch_plan(epoch)[j]
 
 
-def make_iterator(source: CaptionedSource, *, batch_sizes: Sequence[int],
-                  seed: int, tokenize: Callable[[List[str]], dict],
-                  escape: Optional[Callable[[str], str]] = None,
-                  process_index: int = 0, process_count: int = 1,
-                  num_threads: int = 4, prefetch: int = 2):
+def make_iterator(
+  source: CaptionedSource,
+  *,
+  batch_sizes: Sequence[int],
+  seed: int,
+  tokenize: Callable[[list[str]], dict],
+  escape: Callable[[str], str] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_threads: int = 4,
+  prefetch: int = 2,
+):
   """A checkpointable grain iterator of this process's share of each global
   batch (rows ``process_index::process_count``): ``image`` (B, h, w, C),
   ``caption_ids`` / ``caption_mask`` from ``tokenize`` and, when the
@@ -268,8 +306,9 @@ def make_iterator(source: CaptionedSource, *, batch_sizes: Sequence[int],
   ``seed``, the batch's position and the row."""
   for bs in batch_sizes:
     if bs % process_count:
-      raise ValueError(f"bucket batch {bs} is not divisible by "
-                       f"{process_count} processes")
+      raise ValueError(
+        f"bucket batch {bs} is not divisible by {process_count} processes"
+      )
   plan = BatchPlan(source.buckets, batch_sizes, seed)
 
   def load(position, rows):
@@ -289,6 +328,7 @@ def make_iterator(source: CaptionedSource, *, batch_sizes: Sequence[int],
   # Positions 0, 1, ... (a million epochs): the plan maps each to its rows.
   ds = grain.MapDataset.range(len(plan) * 1_000_000)
   ds = ds.map(lambda i: load(i, plan[i]))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=prefetch))
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  )
   return iter(ds)

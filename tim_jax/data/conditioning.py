@@ -8,7 +8,7 @@ drops conditioning to null with the configured probability during training
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,10 @@ class LabelConditioner:
 
   def __call__(self, batch):
     if "label" not in batch:
-      raise KeyError(f"a class-conditional model needs 'label' in the batch;"
-                     f" it has {sorted(batch)}")
+      raise KeyError(
+        f"a class-conditional model needs 'label' in the batch;"
+        f" it has {sorted(batch)}"
+      )
     return batch["label"].astype(jnp.int32)
 
   def null(self, batch_size: int):
@@ -55,11 +57,14 @@ class LabelConditioner:
   def from_labels(self, labels: Sequence[int]):
     """Requested classes; the null class is not one (use ``null``)."""
     labels = np.asarray(labels)
-    bad = [int(l) for l in labels.reshape(-1)
-           if not 0 <= int(l) < self.num_classes]
+    bad = [
+      int(l) for l in labels.reshape(-1) if not 0 <= int(l) < self.num_classes
+    ]
     if labels.ndim != 1 or not labels.size or bad:
-      raise ValueError(f"labels must be in [0, {self.num_classes}), got "
-                       f"{bad or labels.tolist()}")
+      raise ValueError(
+        f"labels must be in [0, {self.num_classes}), got "
+        f"{bad or labels.tolist()}"
+      )
     return jnp.asarray(labels, jnp.int32)
 
 
@@ -73,27 +78,38 @@ class CaptionConditioner:
 
   kind = "t2i"
 
-  def __init__(self, encoder=None, tokenizer=None, drop_prob: float = 0.1,
-               null_features: Optional[np.ndarray] = None,
-               max_len: Optional[int] = None):
+  def __init__(
+    self,
+    encoder=None,
+    tokenizer=None,
+    drop_prob: float = 0.1,
+    null_features: np.ndarray | None = None,
+    max_len: int | None = None,
+  ):
     if encoder is None and null_features is None:
-      raise ValueError("a caption conditioner needs an encoder or the null "
-                       "caption features")
+      raise ValueError(
+        "a caption conditioner needs an encoder or the null caption features"
+      )
     self.encoder = encoder
     self.tokenizer = tokenizer
     self.drop_prob = drop_prob
     self.max_len = max_len
-    self._null = (jnp.asarray(null_features, jnp.float32)
-                  if null_features is not None else None)
+    self._null = (
+      jnp.asarray(null_features, jnp.float32)
+      if null_features is not None
+      else None
+    )
 
   def __call__(self, batch):
     if "caption_features" in batch:
       return batch["caption_features"].astype(jnp.float32)
     if "tokens" in batch and self.encoder is not None:
       return self.encoder(batch["tokens"])
-    raise KeyError("a text-to-image model needs 'tokens' (with a caption "
-                   "encoder) or 'caption_features' in the batch; it has "
-                   f"{sorted(batch)}")
+    raise KeyError(
+      "a text-to-image model needs 'tokens' (with a caption "
+      "encoder) or 'caption_features' in the batch; it has "
+      f"{sorted(batch)}"
+    )
 
   def null_single(self):
     """The empty caption's features, (1, M, D)."""
@@ -123,14 +139,18 @@ class CaptionConditioner:
   def from_prompts(self, prompts: Sequence[str]):
     """The features of prompts; refuses words the tokenizer does not know."""
     if self.tokenizer is None or self.encoder is None:
-      raise ValueError("this model's captions come as precomputed features; "
-                       "prompts need a tokenizer and a caption encoder")
+      raise ValueError(
+        "this model's captions come as precomputed features; "
+        "prompts need a tokenizer and a caption encoder"
+      )
     for p in prompts:
       unknown = self.tokenizer.unknown_words(p)
       if unknown:
-        raise ValueError(f"prompt {p!r} has words the model never saw: "
-                         f"{unknown}; its vocabulary is "
-                         f"{sorted(self.tokenizer.vocabulary)}")
+        raise ValueError(
+          f"prompt {p!r} has words the model never saw: "
+          f"{unknown}; its vocabulary is "
+          f"{sorted(self.tokenizer.vocabulary)}"
+        )
     tokens = self.tokenizer.encode(list(prompts), self.max_len)
     return self.encoder(jnp.asarray(tokens))
 
@@ -147,8 +167,9 @@ def length_bucket(length: int, buckets: Sequence[int]) -> int:
   for b in buckets:
     if length <= b:
       return int(b)
-  raise ValueError(f"{length} tokens exceed the largest caption length "
-                   f"bucket {buckets[-1]}")
+  raise ValueError(
+    f"{length} tokens exceed the largest caption length bucket {buckets[-1]}"
+  )
 
 
 class TextConditioner:
@@ -171,12 +192,17 @@ class TextConditioner:
   them (``Trainer.frozen["text"]``); None uses the encoder's own.
   """
 
-  def __init__(self, encoder, drop_prob: float = 0.1,
-               length_buckets: Sequence[int] = (32, 64, 128, 256)):
+  def __init__(
+    self,
+    encoder,
+    drop_prob: float = 0.1,
+    length_buckets: Sequence[int] = (32, 64, 128, 256),
+  ):
     self.encoder = encoder
     self.drop_prob = drop_prob
-    buckets = sorted({int(b) for b in length_buckets if
-                      0 < int(b) < encoder.max_length})
+    buckets = sorted(
+      {int(b) for b in length_buckets if 0 < int(b) < encoder.max_length}
+    )
     self.length_buckets = tuple(buckets) + (int(encoder.max_length),)
     self.null_ids = np.asarray(encoder.null_ids, np.int32)
     self.null_mask = np.asarray(encoder.null_mask, np.int32)
@@ -195,10 +221,12 @@ class TextConditioner:
   def tokenize(self, captions: Sequence[str]) -> dict:
     """``caption_ids`` and ``caption_mask`` (B, max_length) int32."""
     ids, mask = self.encoder.tokenize(list(captions))
-    return {"caption_ids": ids.astype(np.int32),
-            "caption_mask": mask.astype(np.int32)}
+    return {
+      "caption_ids": ids.astype(np.int32),
+      "caption_mask": mask.astype(np.int32),
+    }
 
-  def cut(self, batch: dict, longest: Optional[int] = None) -> dict:
+  def cut(self, batch: dict, longest: int | None = None) -> dict:
     """``batch`` with its caption tokens cut to the length bucket of its
     longest caption (``longest``, when given, is that length over all
     processes of a multi-host batch)."""
@@ -226,18 +254,23 @@ class TextConditioner:
     # traced there with the step's activation sharding (jit's cache of
     # self._apply does not see that context and would reuse an eager
     # trace without it, or pin eager calls to the training mesh).
-    apply = (self.encoder.apply if isinstance(ids, jax.core.Tracer)
-             else self._apply)
+    apply = (
+      self.encoder.apply if isinstance(ids, jax.core.Tracer) else self._apply
+    )
     feats = apply(self._params(frozen), ids, mask)
     longest = jnp.max(jnp.sum(mask, axis=-1)).astype(jnp.int32)
-    return {"features": feats.astype(jnp.float32),
-            "length": jnp.full((ids.shape[0],), longest, jnp.int32)}
+    return {
+      "features": feats.astype(jnp.float32),
+      "length": jnp.full((ids.shape[0],), longest, jnp.int32),
+    }
 
   def __call__(self, batch, frozen=None):
     for key in ("caption_ids", "caption_mask"):
       if key not in batch:
-        raise KeyError(f"a text-encoder conditioner needs {key!r} in the "
-                       f"batch; it has {sorted(batch)}")
+        raise KeyError(
+          f"a text-encoder conditioner needs {key!r} in the "
+          f"batch; it has {sorted(batch)}"
+        )
     return self.encode(batch["caption_ids"], batch["caption_mask"], frozen)
 
   def drop_captions(self, key, batch):
@@ -259,20 +292,23 @@ class TextConditioner:
     b, m = feats.shape[0], feats.shape[1]
     if frozen is None:
       if m not in self._null_cache:
-        self._null_cache[m] = self.encode(self.null_ids[None, :m],
-                                          self.null_mask[None, :m])
+        self._null_cache[m] = self.encode(
+          self.null_ids[None, :m], self.null_mask[None, :m]
+        )
       one = self._null_cache[m]["features"]
     else:
-      one = self.encode(self.null_ids[None, :m], self.null_mask[None, :m],
-                        frozen)["features"]
-    return {"features": jnp.broadcast_to(one, (b,) + one.shape[1:]),
-            "length": y["length"]}
+      one = self.encode(
+        self.null_ids[None, :m], self.null_mask[None, :m], frozen
+      )["features"]
+    return {
+      "features": jnp.broadcast_to(one, (b,) + one.shape[1:]),
+      "length": y["length"],
+    }
 
   def training_conditions(self, batch, key, frozen=None, drop=True):
     """(y with captions dropped for guidance, y undropped, null y)."""
     y_true = self(batch, frozen)
-    y = (self(self.drop_captions(key, batch), frozen) if drop
-         else y_true)
+    y = self(self.drop_captions(key, batch), frozen) if drop else y_true
     return y, y_true, self.null_like(y, frozen)
 
   def from_prompts(self, prompts: Sequence[str]):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 from absl import logging
+import numpy as np
 
 from tim_jax.core.errors import UserError
 from tim_jax.data import conditioning
@@ -28,8 +28,9 @@ EVAL_SEED_OFFSET = 1_000_003  # The eval split's scenes: other seeds.
 
 def _check(config):
   if config.data.name not in NAMES:
-    raise ValueError(f"data.name must be one of {NAMES}, got "
-                     f"{config.data.name!r}")
+    raise ValueError(
+      f"data.name must be one of {NAMES}, got {config.data.name!r}"
+    )
   return config.data.name
 
 
@@ -38,9 +39,13 @@ def label_names(config, labels) -> list:
   class names ("3: blue square"), else "class N"."""
   if config.data.get("name", "") == "shapes":
     from tim_jax.shapes import world
-    return [f"{int(l)}: {world.label_name(l)}"
-            if 0 <= int(l) < world.num_classes() else f"class {int(l)}"
-            for l in labels]
+
+    return [
+      f"{int(l)}: {world.label_name(l)}"
+      if 0 <= int(l) < world.num_classes()
+      else f"class {int(l)}"
+      for l in labels
+    ]
   return [f"class {int(l)}" for l in labels]
 
 
@@ -49,23 +54,32 @@ def source(config, split: str = "train"):
   d = config.data
   if _check(config) == "shapes":
     from tim_jax.shapes import world
+
     seed = d.seed if split == "train" else d.seed + EVAL_SEED_OFFSET
-    return world.ShapesSource(size=d.image_size, seed=seed,
-                               kind=config.model.kind,
-                               max_caption_len=d.max_caption_len)
+    return world.ShapesSource(
+      size=d.image_size,
+      seed=seed,
+      kind=config.model.kind,
+      max_caption_len=d.max_caption_len,
+    )
   if not d.data_dir or not os.path.isdir(d.data_dir):
     raise UserError(
-        f"data.data_dir={d.data_dir!r} does not exist: this config trains "
-        "on a latent dataset. Write one with `python -m "
-        "tim_jax.commands.prepare` and pass --config.data.data_dir=DIR")
+      f"data.data_dir={d.data_dir!r} does not exist: this config trains "
+      "on a latent dataset. Write one with `python -m "
+      "tim_jax.commands.prepare` and pass --config.data.data_dir=DIR"
+    )
   teacher = config.loss_extras.get("repa_encoder", "none") != "none"
   if d.name == "captions":
     from tim_jax.data import captioned
+
     if split != "train":
-      raise ValueError("a captioned dataset has only a train split: turn "
-                       "the held-out loss off (evals.holdout_loss.every=0)")
+      raise ValueError(
+        "a captioned dataset has only a train split: turn "
+        "the held-out loss off (evals.holdout_loss.every=0)"
+      )
     return captioned.CaptionedSource(d.data_dir, with_images=teacher)
   from tim_jax.data import latents
+
   return latents.LatentSource(d.data_dir, split=split, with_images=teacher)
 
 
@@ -74,27 +88,43 @@ def iterator(config, src, conditioner=None, data_shards: int = 1):
   data needs the ``conditioner`` (its tokenizer) and the mesh's
   ``data_shards`` (each bucket's batch divides over them)."""
   import jax
+
   if config.data.name == "captions":
     from tim_jax.data import captioned
+
     multiple = math.lcm(int(data_shards), jax.process_count())
     sizes = captioned.bucket_batch_sizes(
-        src.buckets, batch_size=config.batch_size,
-        image_size=config.data.image_size, multiple=multiple,
-        mode=config.data.bucket_batch)
-    logging.info("caption buckets (latent shape: examples, global batch): "
-                 "%s", ", ".join(f"{tuple(s)}: {n}, {b}" for (s, _, n), b
-                                 in zip(src.buckets, sizes)))
+      src.buckets,
+      batch_size=config.batch_size,
+      image_size=config.data.image_size,
+      multiple=multiple,
+      mode=config.data.bucket_batch,
+    )
+    logging.info(
+      "caption buckets (latent shape: examples, global batch): %s",
+      ", ".join(
+        f"{tuple(s)}: {n}, {b}" for (s, _, n), b in zip(src.buckets, sizes)
+      ),
+    )
     return captioned.make_iterator(
-        src, batch_sizes=sizes, seed=config.data.seed,
-        tokenize=conditioner.tokenize,
-        escape=(conditioning.escape_unicode if config.data.escape_unicode
-                else None),
-        process_index=jax.process_index(),
-        process_count=jax.process_count())
+      src,
+      batch_sizes=sizes,
+      seed=config.data.seed,
+      tokenize=conditioner.tokenize,
+      escape=(
+        conditioning.escape_unicode if config.data.escape_unicode else None
+      ),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
   from tim_jax.data import pipeline
+
   return pipeline.make_iterator(
-      src, global_batch_size=config.batch_size, seed=config.data.seed,
-      worker_count=config.data.worker_count)
+    src,
+    global_batch_size=config.batch_size,
+    seed=config.data.seed,
+    worker_count=config.data.worker_count,
+  )
 
 
 def host_batch(config, conditioner, batch: dict) -> dict:
@@ -106,10 +136,11 @@ def host_batch(config, conditioner, batch: dict) -> dict:
     return batch
   longest = int(np.asarray(batch["caption_mask"]).sum(-1).max())
   import jax
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    longest = int(np.max(multihost_utils.process_allgather(
-        np.int32(longest))))
+
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
   return conditioner.cut(batch, longest)
 
 
@@ -119,60 +150,84 @@ def conditioner(config, text_encoder=None):
   drop = float(config.conditioning.drop_prob)
   if config.model.kind == "c2i":
     return conditioning.LabelConditioner(
-        int(config.model.network.num_classes), drop)
+      int(config.model.network.num_classes), drop
+    )
   d = config.data
   if _check(config) == "captions":
     from tim_jax.config import builders
+
     encoder = text_encoder or builders.text_encoder(config)
     if encoder.dim != int(config.model.network.cap_feat_dim):
-      raise ValueError(f"the text encoder's features are {encoder.dim} wide "
-                       "but model.network.cap_feat_dim is "
-                       f"{config.model.network.cap_feat_dim}: they must match")
+      raise ValueError(
+        f"the text encoder's features are {encoder.dim} wide "
+        "but model.network.cap_feat_dim is "
+        f"{config.model.network.cap_feat_dim}: they must match"
+      )
     return conditioning.TextConditioner(
-        encoder, drop, tuple(config.text_encoder.length_buckets))
+      encoder, drop, tuple(config.text_encoder.length_buckets)
+    )
   if _check(config) == "shapes":
-    from tim_jax.shapes import world, text
+    from tim_jax.shapes import text, world
+
     tokenizer = world.tokenizer()
-    encoder = text.CaptionEncoder(tokenizer.vocab_size, d.max_caption_len,
-                                  int(config.model.network.cap_feat_dim),
-                                  seed=d.caption_seed,
-                                  context=float(d.get("caption_context", 0.0)))
-    return conditioning.CaptionConditioner(encoder, tokenizer, drop,
-                                           max_len=d.max_caption_len)
+    encoder = text.CaptionEncoder(
+      tokenizer.vocab_size,
+      d.max_caption_len,
+      int(config.model.network.cap_feat_dim),
+      seed=d.caption_seed,
+      context=float(d.get("caption_context", 0.0)),
+    )
+    return conditioning.CaptionConditioner(
+      encoder, tokenizer, drop, max_len=d.max_caption_len
+    )
   null_path = d.get("null_caption_features")
   if not null_path or not os.path.exists(null_path):
-    raise ValueError("data.null_caption_features must point at a .npy file of"
-                     " the empty caption's features (M, D) for a latent t2i "
-                     f"dataset; got {null_path!r}")
+    raise ValueError(
+      "data.null_caption_features must point at a .npy file of"
+      " the empty caption's features (M, D) for a latent t2i "
+      f"dataset; got {null_path!r}"
+    )
   return conditioning.CaptionConditioner(
-      drop_prob=drop, null_features=np.load(null_path))
+    drop_prob=drop, null_features=np.load(null_path)
+  )
 
 
-def synthetic_batch(config, batch: int, seed: int = 0,
-                    caption_len: int = 32) -> dict:
+def synthetic_batch(
+  config, batch: int, seed: int = 0, caption_len: int = 32
+) -> dict:
   """A host batch with this dataset's keys and shapes, random values."""
   rng = np.random.default_rng(seed)
   net = config.model.network
   size = config.data.image_size
-  out = {"image": rng.standard_normal(
-      (batch, size, size, int(net.in_channels))).astype(np.float32)}
+  out = {
+    "image": rng.standard_normal(
+      (batch, size, size, int(net.in_channels))
+    ).astype(np.float32)
+  }
   if config.model.kind == "c2i":
-    out["label"] = rng.integers(0, int(net.num_classes),
-                                (batch,)).astype(np.int32)
+    out["label"] = rng.integers(0, int(net.num_classes), (batch,)).astype(
+      np.int32
+    )
   elif _check(config) == "shapes":
     out["tokens"] = rng.integers(
-        2, 10, (batch, config.data.max_caption_len)).astype(np.int32)
+      2, 10, (batch, config.data.max_caption_len)
+    ).astype(np.int32)
   elif _check(config) == "captions":
-    out["caption_ids"] = rng.integers(
-        2, 100, (batch, caption_len)).astype(np.int32)
+    out["caption_ids"] = rng.integers(2, 100, (batch, caption_len)).astype(
+      np.int32
+    )
     out["caption_mask"] = np.ones((batch, caption_len), np.int32)
   else:
     out["caption_features"] = rng.standard_normal(
-        (batch, caption_len, int(net.cap_feat_dim))).astype(np.float32)
-  if (_check(config) in ("latents", "captions") and
-      config.loss_extras.get("repa_encoder", "none") != "none"):
+      (batch, caption_len, int(net.cap_feat_dim))
+    ).astype(np.float32)
+  if (
+    _check(config) in ("latents", "captions")
+    and config.loss_extras.get("repa_encoder", "none") != "none"
+  ):
     # The crops the REPA teacher reads, at the autoencoder's pixel size.
     from tim_jax import autoencoders  # pylint: disable=g-import-not-at-top
+
     px = size * autoencoders.DOWNSAMPLE[config.autoencoder.name]
     out["pixels"] = rng.integers(0, 256, (batch, px, px, 3)).astype(np.uint8)
   return out
@@ -182,5 +237,6 @@ def caption_length(config, default: int = 32) -> int:
   """Caption tokens per example (0 for class-conditional models)."""
   if config.model.kind == "c2i":
     return 0
-  return (int(config.data.max_caption_len)
-          if _check(config) == "shapes" else default)
+  return (
+    int(config.data.max_caption_len) if _check(config) == "shapes" else default
+  )

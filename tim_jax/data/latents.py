@@ -38,11 +38,11 @@ Read::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import io
 import os
 import tempfile
-from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -51,9 +51,14 @@ CONDS = ("label", "caption", "text")
 NAME = "tim_latents"
 
 
-def config_name(latent_shape, cond: str = "label", cap_shape=None,
-                repa_shape=None, flip: bool = False,
-                images: bool = False) -> str:
+def config_name(
+  latent_shape,
+  cond: str = "label",
+  cap_shape=None,
+  repa_shape=None,
+  flip: bool = False,
+  images: bool = False,
+) -> str:
   """e.g. ``label_32x32x4``, ``caption_32x32x4_77x768``,
   ``label_32x32x4_repa256x768`` or ``label_32x32x4_flip_img``."""
   name = f"{cond}_" + "x".join(str(int(n)) for n in latent_shape)
@@ -71,6 +76,7 @@ def config_name(latent_shape, cond: str = "label", cap_shape=None,
 @dataclasses.dataclass
 class TimLatentsConfig(tfds.core.BuilderConfig):
   """What one latent dataset holds; the name is ``config_name(...)``."""
+
   latent_shape: tuple[int, int, int] = (32, 32, 4)
   cond: str = "label"
   cap_shape: tuple[int, int] | None = None
@@ -79,15 +85,20 @@ class TimLatentsConfig(tfds.core.BuilderConfig):
   images: bool = False
 
 
-def make_config(latent_shape: Sequence[int], cond: str = "label",
-                cap_shape: Sequence[int] | None = None,
-                repa_shape: Sequence[int] | None = None, flip: bool = False,
-                images: bool = False) -> TimLatentsConfig:
+def make_config(
+  latent_shape: Sequence[int],
+  cond: str = "label",
+  cap_shape: Sequence[int] | None = None,
+  repa_shape: Sequence[int] | None = None,
+  flip: bool = False,
+  images: bool = False,
+) -> TimLatentsConfig:
   """The TFDS builder config of a latent dataset's shapes and extras (checked)."""
   latent_shape = tuple(int(n) for n in latent_shape)
   if len(latent_shape) != 3 or min(latent_shape) < 1:
-    raise ValueError(f"latent_shape must be (H, W, C) positive, got "
-                     f"{latent_shape}")
+    raise ValueError(
+      f"latent_shape must be (H, W, C) positive, got {latent_shape}"
+    )
   if cond not in CONDS:
     raise ValueError(f"cond must be one of {CONDS}, got {cond!r}")
   if cond == "caption":
@@ -101,15 +112,18 @@ def make_config(latent_shape: Sequence[int], cond: str = "label",
   if repa_shape is not None:
     repa_shape = tuple(int(n) for n in repa_shape)
     if len(repa_shape) != 2 or min(repa_shape) < 1:
-      raise ValueError(f"repa_shape must be (T, D) positive, got "
-                       f"{repa_shape}")
+      raise ValueError(f"repa_shape must be (T, D) positive, got {repa_shape}")
   return TimLatentsConfig(
-      name=config_name(latent_shape, cond, cap_shape, repa_shape, flip,
-                       images),
-      version="1.0.0", latent_shape=latent_shape, cond=cond,
-      cap_shape=cap_shape, repa_shape=repa_shape, flip=bool(flip),
-      images=bool(images),
-      description=f"latents {latent_shape}, conditioned on {cond}")
+    name=config_name(latent_shape, cond, cap_shape, repa_shape, flip, images),
+    version="1.0.0",
+    latent_shape=latent_shape,
+    cond=cond,
+    cap_shape=cap_shape,
+    repa_shape=repa_shape,
+    flip=bool(flip),
+    images=bool(images),
+    description=f"latents {latent_shape}, conditioned on {cond}",
+  )
 
 
 class TimLatents(tfds.core.GeneratorBasedBuilder):
@@ -119,24 +133,29 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First version."}
   # The common cases; any other shape is a config made by make_config.
   BUILDER_CONFIGS = [
-      make_config((32, 32, 4), "label"),   # ImageNet 256, SD-VAE.
-      make_config((16, 16, 32), "label"),  # ImageNet 512, DC-AE f32c32.
+    make_config((32, 32, 4), "label"),  # ImageNet 256, SD-VAE.
+    make_config((16, 16, 32), "label"),  # ImageNet 512, DC-AE f32c32.
   ]
   # Nothing is downloaded, so there are no URL checksums to look up. Saying
   # so also skips tfds 4.9.10's checksum-file lookup, which imports the
   # `importlib_resources` backport (not installed on Python >= 3.9).
   url_infos = None
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Put .npz shards in the manual directory, each with 'latent' "
-      "(N, H, W, C) and 'label' (N,) or 'caption' (N, M, D).")
+    "Put .npz shards in the manual directory, each with 'latent' "
+    "(N, H, W, C) and 'label' (N,) or 'caption' (N, M, D)."
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
     # Encoding.BYTES stores raw array bytes: reading is a frombuffer, where
     # the default (a float list in a tf.train.Example) parses every number.
-    features = {"latent": tfds.features.Tensor(
-        shape=c.latent_shape, dtype=np.float32,
-        encoding=tfds.features.Encoding.BYTES)}
+    features = {
+      "latent": tfds.features.Tensor(
+        shape=c.latent_shape,
+        dtype=np.float32,
+        encoding=tfds.features.Encoding.BYTES,
+      )
+    }
     if c.cond == "label":
       features["label"] = tfds.features.Tensor(shape=(), dtype=np.int64)
     elif c.cond == "text":
@@ -144,25 +163,33 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
       features["captions"] = tfds.features.Tensor(shape=(), dtype=np.object_)
     else:
       features["caption"] = tfds.features.Tensor(
-          shape=c.cap_shape, dtype=np.float32,
-          encoding=tfds.features.Encoding.BYTES)
+        shape=c.cap_shape,
+        dtype=np.float32,
+        encoding=tfds.features.Encoding.BYTES,
+      )
     if c.repa_shape is not None:
       features["repa_features"] = tfds.features.Tensor(
-          shape=c.repa_shape, dtype=np.float32,
-          encoding=tfds.features.Encoding.BYTES)
+        shape=c.repa_shape,
+        dtype=np.float32,
+        encoding=tfds.features.Encoding.BYTES,
+      )
     if c.flip:
       features["latent_flip"] = tfds.features.Tensor(
-          shape=c.latent_shape, dtype=np.float32,
-          encoding=tfds.features.Encoding.BYTES)
+        shape=c.latent_shape,
+        dtype=np.float32,
+        encoding=tfds.features.Encoding.BYTES,
+      )
     if c.images:
       # The encoded file as it was written (PNG or JPEG), undecoded.
       features["image"] = tfds.features.Tensor(shape=(), dtype=np.object_)
     return tfds.core.DatasetInfo(
-        builder=self, description=__doc__.split("\n\n")[0],
-        features=tfds.features.FeaturesDict(features),
-        # Keep the shards' order: grain shuffles at read time, and an
-        # ordered dataset lets anyone map row i back to its input file.
-        disable_shuffling=True)
+      builder=self,
+      description=__doc__.split("\n\n")[0],
+      features=tfds.features.FeaturesDict(features),
+      # Keep the shards' order: grain shuffles at read time, and an
+      # ordered dataset lets anyone map row i back to its input file.
+      disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     files = _shard_files(dl_manager.manual_dir)
@@ -175,8 +202,10 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
       flips, crops = _read_extras(path, c, latent.shape[0])
       stem = os.path.splitext(os.path.basename(path))[0]
       for i in range(latent.shape[0]):
-        example = {"latent": latent[i],
-                   ("captions" if c.cond == "text" else c.cond): cond[i]}
+        example = {
+          "latent": latent[i],
+          ("captions" if c.cond == "text" else c.cond): cond[i],
+        }
         if repa is not None:
           example["repa_features"] = repa[i]
         if flips is not None:
@@ -190,8 +219,11 @@ def _shard_files(input_dir) -> list[str]:
   input_dir = os.fspath(input_dir)
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f"input_dir {input_dir!r} is not a directory")
-  files = sorted(os.path.join(input_dir, f) for f in os.listdir(input_dir)
-                 if f.endswith(".npz"))
+  files = sorted(
+    os.path.join(input_dir, f)
+    for f in os.listdir(input_dir)
+    if f.endswith(".npz")
+  )
   if not files:
     raise FileNotFoundError(f"no .npz shards in input_dir {input_dir!r}")
   return files
@@ -200,30 +232,39 @@ def _shard_files(input_dir) -> list[str]:
 def _read_shard(path: str, c: TimLatentsConfig):
   """(latent float32 (N, H, W, C), cond (N,) int64 or (N, M, D) float32,
   REPA features float32 (N, T, D) or None)."""
-  keys = ("latent",) + (
-      ("text_bytes", "text_offsets") if c.cond == "text" else (c.cond,)) + (
-      ("repa_features",) if c.repa_shape is not None else ())
+  keys = (
+    ("latent",)
+    + (("text_bytes", "text_offsets") if c.cond == "text" else (c.cond,))
+    + (("repa_features",) if c.repa_shape is not None else ())
+  )
   with np.load(path) as z:
     for key in keys:
       if key not in z:
         raise KeyError(f"{path}: no array {key!r} (has {sorted(z.files)})")
     latent = z["latent"]
-    cond = (_texts(path, z["text_bytes"], z["text_offsets"])
-            if c.cond == "text" else z[c.cond])
+    cond = (
+      _texts(path, z["text_bytes"], z["text_offsets"])
+      if c.cond == "text"
+      else z[c.cond]
+    )
     repa = z["repa_features"] if c.repa_shape is not None else None
   if latent.ndim != 4 or latent.shape[1:] != c.latent_shape:
-    raise ValueError(f"{path}: 'latent' must be (N, *{c.latent_shape}), got "
-                     f"{latent.shape}")
+    raise ValueError(
+      f"{path}: 'latent' must be (N, *{c.latent_shape}), got {latent.shape}"
+    )
   if not np.issubdtype(latent.dtype, np.floating):
     raise ValueError(f"{path}: 'latent' must be floating, got {latent.dtype}")
   n = latent.shape[0]
   if c.cond == "label":
     if cond.shape != (n,) or not np.issubdtype(cond.dtype, np.integer):
-      raise ValueError(f"{path}: 'label' must be integers of shape ({n},), "
-                       f"got {cond.dtype} {cond.shape}")
+      raise ValueError(
+        f"{path}: 'label' must be integers of shape ({n},), "
+        f"got {cond.dtype} {cond.shape}"
+      )
     if n and cond.min() < 0:
-      raise ValueError(f"{path}: 'label' has negative values "
-                       f"(min {cond.min()})")
+      raise ValueError(
+        f"{path}: 'label' has negative values (min {cond.min()})"
+      )
     cond = cond.astype(np.int64)
   elif c.cond == "text":
     if len(cond) != n:
@@ -243,19 +284,23 @@ def _read_extras(path: str, c: TimLatentsConfig, n: int):
   with np.load(path) as z:
     if c.flip:
       if "latent_flip" not in z:
-        raise KeyError(f"{path}: no array 'latent_flip' (has "
-                       f"{sorted(z.files)})")
-      flips = _features(path, "latent_flip", z["latent_flip"],
-                        (n,) + c.latent_shape)
+        raise KeyError(
+          f"{path}: no array 'latent_flip' (has {sorted(z.files)})"
+        )
+      flips = _features(
+        path, "latent_flip", z["latent_flip"], (n,) + c.latent_shape
+      )
     if c.images:
       for key in ("image_bytes", "image_offsets"):
         if key not in z:
           raise KeyError(f"{path}: no array {key!r} (has {sorted(z.files)})")
       data, offsets = z["image_bytes"], z["image_offsets"]
       if offsets.shape != (n + 1,) or offsets[-1] != data.size:
-        raise ValueError(f"{path}: 'image_offsets' must be ({n + 1},) "
-                         f"ending at len(image_bytes)")
-      crops = [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(n)]
+        raise ValueError(
+          f"{path}: 'image_offsets' must be ({n + 1},) "
+          f"ending at len(image_bytes)"
+        )
+      crops = [data[offsets[i] : offsets[i + 1]].tobytes() for i in range(n)]
   return flips, crops
 
 
@@ -263,22 +308,30 @@ def _texts(path, data, offsets) -> list:
   """Each example's captions (JSON bytes), checked: a non-empty list of
   strings."""
   import json  # pylint: disable=g-import-not-at-top
+
   n = offsets.shape[0] - 1
   if offsets.ndim != 1 or n < 0 or offsets[-1] != data.size:
-    raise ValueError(f"{path}: 'text_offsets' must be (N + 1,) ending at "
-                     "len(text_bytes)")
+    raise ValueError(
+      f"{path}: 'text_offsets' must be (N + 1,) ending at len(text_bytes)"
+    )
   out = []
   for i in range(n):
-    raw = data[offsets[i]:offsets[i + 1]].tobytes()
+    raw = data[offsets[i] : offsets[i + 1]].tobytes()
     try:
       caps = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: captions of example {i} are not UTF-8 "
-                       f"JSON: {e}") from e
-    if (not isinstance(caps, list) or not caps or
-        not all(isinstance(t, str) for t in caps)):
-      raise ValueError(f"{path}: captions of example {i} must be a non-empty"
-                       f" list of strings, got {caps!r}")
+      raise ValueError(
+        f"{path}: captions of example {i} are not UTF-8 JSON: {e}"
+      ) from e
+    if (
+      not isinstance(caps, list)
+      or not caps
+      or not all(isinstance(t, str) for t in caps)
+    ):
+      raise ValueError(
+        f"{path}: captions of example {i} must be a non-empty"
+        f" list of strings, got {caps!r}"
+      )
     out.append(raw)
   return out
 
@@ -286,40 +339,51 @@ def _texts(path, data, offsets) -> list:
 def _features(path, name, array, shape):
   """``array`` as float32, or a ValueError naming the shard and the key."""
   if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
-    raise ValueError(f"{path}: {name!r} must be floating of shape {shape}, "
-                     f"got {array.dtype} {array.shape}")
+    raise ValueError(
+      f"{path}: {name!r} must be floating of shape {shape}, "
+      f"got {array.dtype} {array.shape}"
+    )
   return array.astype(np.float32)
 
 
-def write_latents(input_dir, data_dir, *, latent_shape: Sequence[int],
-                  cond: str = "label",
-                  cap_shape: Sequence[int] | None = None,
-                  repa_shape: Sequence[int] | None = None,
-                  flip: bool = False, images: bool = False) -> str:
+def write_latents(
+  input_dir,
+  data_dir,
+  *,
+  latent_shape: Sequence[int],
+  cond: str = "label",
+  cap_shape: Sequence[int] | None = None,
+  repa_shape: Sequence[int] | None = None,
+  flip: bool = False,
+  images: bool = False,
+) -> str:
   """Builds the dataset from ``input_dir``'s shards into ``data_dir``.
 
   Returns the dataset's directory
   (``data_dir/tim_latents/<config>/<version>``). An existing dataset there
   is never overwritten or silently reused: that raises FileExistsError.
   """
-  config = make_config(latent_shape, cond, cap_shape, repa_shape, flip,
-                       images)
+  config = make_config(latent_shape, cond, cap_shape, repa_shape, flip, images)
   files = _shard_files(input_dir)  # Fail before tfds makes any directory.
   for path in files:  # Check every shard before writing anything.
     n = _read_shard(path, config)[0].shape[0]
     _read_extras(path, config, n)
-  builder = TimLatents(config=config, data_dir=os.fspath(data_dir),
-                       file_format="array_record")
+  builder = TimLatents(
+    config=config, data_dir=os.fspath(data_dir), file_format="array_record"
+  )
   if os.path.exists(builder.data_dir):
     raise FileExistsError(
-        f"a {NAME}/{config.name} dataset already exists at "
-        f"{builder.data_dir}; delete it or choose another data_dir")
+      f"a {NAME}/{config.name} dataset already exists at "
+      f"{builder.data_dir}; delete it or choose another data_dir"
+    )
   # tfds makes (empty) download folders; keep them out of data_dir.
   with tempfile.TemporaryDirectory() as scratch:
     builder.download_and_prepare(
-        download_dir=scratch,
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=os.fspath(input_dir), try_download_gcs=False))
+      download_dir=scratch,
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=os.fspath(input_dir), try_download_gcs=False
+      ),
+    )
   return os.fspath(builder.data_dir)
 
 
@@ -339,21 +403,35 @@ def find_dataset(data_dir, config: str | None = None) -> str:
       if config is not None and name != config:
         continue
       cdir = os.path.join(root, name)
-      versions = [v for v in os.listdir(cdir) if os.path.exists(
-          os.path.join(cdir, v, "dataset_info.json"))] if os.path.isdir(
-              cdir) else []
+      versions = (
+        [
+          v
+          for v in os.listdir(cdir)
+          if os.path.exists(os.path.join(cdir, v, "dataset_info.json"))
+        ]
+        if os.path.isdir(cdir)
+        else []
+      )
       if versions:
-        newest = max(versions, key=lambda v: tuple(
-            int(p) if p.isdigit() else -1 for p in v.split(".")))
+        newest = max(
+          versions,
+          key=lambda v: tuple(
+            int(p) if p.isdigit() else -1 for p in v.split(".")
+          ),
+        )
         found.append(os.path.join(cdir, newest))
   if not found:
     what = f"config {config!r}" if config else "any config"
-    raise FileNotFoundError(f"no {NAME} dataset ({what}) under {data_dir!r}; "
-                            "write one with python -m tim_jax.commands.latents")
+    raise FileNotFoundError(
+      f"no {NAME} dataset ({what}) under {data_dir!r}; "
+      "write one with python -m tim_jax.commands.latents"
+    )
   if len(found) > 1:
-    raise ValueError(f"several {NAME} datasets under {data_dir!r}: "
-                     f"{[os.path.basename(os.path.dirname(f)) for f in found]}"
-                     "; pass config=NAME")
+    raise ValueError(
+      f"several {NAME} datasets under {data_dir!r}: "
+      f"{[os.path.basename(os.path.dirname(f)) for f in found]}"
+      "; pass config=NAME"
+    )
   return found[0]
 
 
@@ -371,8 +449,13 @@ class LatentSource:
   in each process), so it works with grain workers.
   """
 
-  def __init__(self, data_dir, split: str = "train",
-               config: str | None = None, with_images: bool = False):
+  def __init__(
+    self,
+    data_dir,
+    split: str = "train",
+    config: str | None = None,
+    with_images: bool = False,
+  ):
     self.path = find_dataset(data_dir, config)
     self.split = split
     try:
@@ -381,28 +464,42 @@ class LatentSource:
       # tfds raises UnicodeDecodeError / JSONDecodeError / KeyError for a
       # damaged dataset_info.json without naming the file.
       raise ValueError(
-          f"cannot read the dataset at {self.path}: "
-          f"{os.path.join(self.path, 'dataset_info.json')} (or its "
-          f"features.json) is damaged ({type(e).__name__}: "
-          f"{str(e)[:200]}); write the dataset again with "
-          "python -m tim_jax.commands.prepare") from None
+        f"cannot read the dataset at {self.path}: "
+        f"{os.path.join(self.path, 'dataset_info.json')} (or its "
+        f"features.json) is damaged ({type(e).__name__}: "
+        f"{str(e)[:200]}); write the dataset again with "
+        "python -m tim_jax.commands.prepare"
+      ) from None
     if split not in builder.info.splits:
-      raise ValueError(f"split {split!r} not in {self.path} (has "
-                       f"{sorted(builder.info.splits)})")
+      raise ValueError(
+        f"split {split!r} not in {self.path} (has "
+        f"{sorted(builder.info.splits)})"
+      )
     self._num_examples = builder.info.splits[split].num_examples
     features = builder.info.features
     self.latent_shape = tuple(features["latent"].shape)
-    self.cond = ("label" if "label" in features else
-                 "text" if "captions" in features else "caption")
-    self.cap_shape = (tuple(features["caption"].shape)
-                      if self.cond == "caption" else None)
-    self.repa_shape = (tuple(features["repa_features"].shape)
-                       if "repa_features" in features else None)
+    self.cond = (
+      "label"
+      if "label" in features
+      else "text"
+      if "captions" in features
+      else "caption"
+    )
+    self.cap_shape = (
+      tuple(features["caption"].shape) if self.cond == "caption" else None
+    )
+    self.repa_shape = (
+      tuple(features["repa_features"].shape)
+      if "repa_features" in features
+      else None
+    )
     self.has_flips = "latent_flip" in features
     self.has_images = "image" in features
     if with_images and not self.has_images:
-      raise ValueError(f"{self.path} holds no images (write it with "
-                       "python -m tim_jax.commands.prepare)")
+      raise ValueError(
+        f"{self.path} holds no images (write it with "
+        "python -m tim_jax.commands.prepare)"
+      )
     self.with_images = with_images
     self._source = None
 
@@ -418,14 +515,17 @@ class LatentSource:
   def __getitem__(self, index):
     index = int(index)
     if not 0 <= index < self._num_examples:
-      raise IndexError(f"index {index} out of range for {self.path} "
-                       f"split {self.split!r} of {self._num_examples}")
+      raise IndexError(
+        f"index {index} out of range for {self.path} "
+        f"split {self.split!r} of {self._num_examples}"
+      )
     ex = self._data_source()[index]
     out = {"image": np.asarray(ex["latent"], np.float32)}
     if self.cond == "label":
       out["label"] = np.int32(ex["label"])
     elif self.cond == "text":
       import json  # pylint: disable=g-import-not-at-top
+
       out["captions"] = json.loads(bytes(ex["captions"]).decode("utf-8"))
     else:
       out["caption_features"] = np.asarray(ex["caption"], np.float32)
@@ -435,6 +535,7 @@ class LatentSource:
       out["image_flip"] = np.asarray(ex["latent_flip"], np.float32)
     if self.with_images:
       from PIL import Image  # pylint: disable=g-import-not-at-top
+
       with Image.open(io.BytesIO(bytes(ex["image"]))) as im:
         out["pixels"] = np.asarray(im.convert("RGB"))
     return out
@@ -445,5 +546,7 @@ class LatentSource:
     return state
 
   def __repr__(self):
-    return (f"LatentSource({self.path!r}, split={self.split!r}, "
-            f"n={self._num_examples})")
+    return (
+      f"LatentSource({self.path!r}, split={self.split!r}, "
+      f"n={self._num_examples})"
+    )

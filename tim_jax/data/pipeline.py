@@ -75,12 +75,19 @@ def pick_flip(example: dict, rng: np.random.Generator) -> dict:
   return example
 
 
-def make_iterator(source, *, global_batch_size: int, seed: int,
-                  shuffle: bool = True, num_epochs: int | None = None,
-                  process_index: int | None = None,
-                  process_count: int | None = None, worker_count: int = 0,
-                  prefetch: int = 4,
-                  num_threads: int = 4) -> grain.DatasetIterator:
+def make_iterator(
+  source,
+  *,
+  global_batch_size: int,
+  seed: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_count: int = 0,
+  prefetch: int = 4,
+  num_threads: int = 4,
+) -> grain.DatasetIterator:
   """A checkpointable iterator over this process's batches.
 
   Args:
@@ -98,23 +105,32 @@ def make_iterator(source, *, global_batch_size: int, seed: int,
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
-    process_index = (jax.process_index() if process_index is None
-                     else process_index)
-    process_count = (jax.process_count() if process_count is None
-                     else process_count)
+
+    process_index = (
+      jax.process_index() if process_index is None else process_index
+    )
+    process_count = (
+      jax.process_count() if process_count is None else process_count
+    )
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"need 0 <= process_index < process_count, got "
-                     f"process_index={process_index}, "
-                     f"process_count={process_count}")
+    raise ValueError(
+      f"need 0 <= process_index < process_count, got "
+      f"process_index={process_index}, "
+      f"process_count={process_count}"
+    )
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a "
-                     f"positive multiple of process_count={process_count}")
+    raise ValueError(
+      f"global_batch_size={global_batch_size} must be a "
+      f"positive multiple of process_count={process_count}"
+    )
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
   if worker_count < 0 or prefetch < 1 or num_threads < 1:
-    raise ValueError(f"need worker_count >= 0, prefetch >= 1, num_threads "
-                     f">= 1; got worker_count={worker_count}, "
-                     f"prefetch={prefetch}, num_threads={num_threads}")
+    raise ValueError(
+      f"need worker_count >= 0, prefetch >= 1, num_threads "
+      f">= 1; got worker_count={worker_count}, "
+      f"prefetch={prefetch}, num_threads={num_threads}"
+    )
 
   ds = grain.MapDataset.source(source)
   if shuffle:
@@ -123,20 +139,26 @@ def make_iterator(source, *, global_batch_size: int, seed: int,
   steps = len(ds) // global_batch_size
   if steps == 0:
     raise ValueError(
-        f"{len(source)} examples x {num_epochs} epoch(s) do not fill one "
-        f"global batch of {global_batch_size}")
-  ds = ds[:steps * global_batch_size][process_index::process_count]
+      f"{len(source)} examples x {num_epochs} epoch(s) do not fill one "
+      f"global batch of {global_batch_size}"
+    )
+  ds = ds[: steps * global_batch_size][process_index::process_count]
   ds = ds.random_map(pick_flip, seed=seed)
   ds = ds.map(_arrays_only)
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=prefetch))
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  )
   if worker_count > 0:
     # grain's workers read absl flags (grain_* options) and fail with
     # UnparsedFlagAccessError outside an absl app; their defaults are right.
     from absl import flags  # pylint: disable=g-import-not-at-top
+
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=prefetch))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=prefetch
+      )
+    )
   return iter(ds)

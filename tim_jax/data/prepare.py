@@ -25,18 +25,27 @@ dataset once all are done.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import concurrent.futures
 import io
 import json
 import os
-from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 # torchvision's IMG_EXTENSIONS (ImageFolder's default).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
-                    ".tiff", ".webp")
+IMAGE_EXTENSIONS = (
+  ".jpg",
+  ".jpeg",
+  ".png",
+  ".ppm",
+  ".bmp",
+  ".pgm",
+  ".tif",
+  ".tiff",
+  ".webp",
+)
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -44,18 +53,21 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
   least twice ``size``, resize (bicubic) so the short side is ``size``,
   then cut the central ``size`` x ``size`` square. Returns uint8 HWC."""
   while min(image.size) >= 2 * size:
-    image = image.resize(tuple(s // 2 for s in image.size),
-                         resample=Image.Resampling.BOX)
+    image = image.resize(
+      tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX
+    )
   scale = size / min(image.size)
-  image = image.resize(tuple(round(s * scale) for s in image.size),
-                       resample=Image.Resampling.BICUBIC)
+  image = image.resize(
+    tuple(round(s * scale) for s in image.size),
+    resample=Image.Resampling.BICUBIC,
+  )
   arr = np.asarray(image)
   top = (arr.shape[0] - size) // 2
   left = (arr.shape[1] - size) // 2
-  return arr[top:top + size, left:left + size]
+  return arr[top : top + size, left : left + size]
 
 
-def image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   """``([(path, label)], classes)`` as torchvision's ``ImageFolder`` lists
   them: classes are the sorted subfolder names, files are walked in sorted
   order with the image extensions (case-insensitive)."""
@@ -63,18 +75,23 @@ def image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
     raise FileNotFoundError(f"--images {root!r} is not a directory")
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
   if not classes:
-    raise ValueError(f"--images {root!r} has no class subfolders (expected "
-                     "<class>/<image> as ImageNet's train/ folder)")
+    raise ValueError(
+      f"--images {root!r} has no class subfolders (expected "
+      "<class>/<image> as ImageNet's train/ folder)"
+    )
   items = []
   for label, name in enumerate(classes):
-    for dirpath, _, files in sorted(os.walk(os.path.join(root, name),
-                                            followlinks=True)):
+    for dirpath, _, files in sorted(
+      os.walk(os.path.join(root, name), followlinks=True)
+    ):
       for f in sorted(files):
         if f.lower().endswith(IMAGE_EXTENSIONS):
           items.append((os.path.join(dirpath, f), label))
   if not items:
-    raise ValueError(f"--images {root!r}: no image files "
-                     f"({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    raise ValueError(
+      f"--images {root!r}: no image files "
+      f"({', '.join(IMAGE_EXTENSIONS)}) in its class folders"
+    )
   return items, classes
 
 
@@ -101,19 +118,23 @@ class FolderImages:
 class TfdsImages:
   """Random access to a TFDS image dataset the user has prepared."""
 
-  def __init__(self, name: str, split: str, data_dir: Optional[str],
-               size: int):
+  def __init__(self, name: str, split: str, data_dir: str | None, size: int):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     try:
       builder = tfds.builder(name, data_dir=data_dir)
       self.source = builder.as_data_source(split=split)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"cannot open TFDS dataset {name!r} split {split!r} "
-                       f"(data_dir={data_dir!r}): {e}") from e
+      raise ValueError(
+        f"cannot open TFDS dataset {name!r} split {split!r} "
+        f"(data_dir={data_dir!r}): {e}"
+      ) from e
     features = builder.info.features
     if "image" not in features or "label" not in features:
-      raise ValueError(f"TFDS dataset {name!r} needs 'image' and 'label' "
-                       f"features; it has {sorted(features)}")
+      raise ValueError(
+        f"TFDS dataset {name!r} needs 'image' and 'label' "
+        f"features; it has {sorted(features)}"
+      )
     self.classes = list(getattr(features["label"], "names", []) or [])
     self.size = size
 
@@ -138,75 +159,115 @@ def png_bytes(crop: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def encode_shard(images, indices: Sequence[int], ae, *, batch_size: int,
-                 rng, pool, done=None) -> dict:
+def encode_shard(
+  images, indices: Sequence[int], ae, *, batch_size: int, rng, pool, done=None
+) -> dict:
   """One shard's arrays: latents of the crops and of their flips (one
   posterior sample each), labels, and the crops as PNG. ``done(n)`` is
   called after each batch of n images."""
   import jax  # pylint: disable=g-import-not-at-top
+
   loaded = list(pool.map(images.__getitem__, indices))
   crops = np.stack([c for c, _ in loaded])
   labels = np.asarray([l for _, l in loaded], np.int64)
   latents, flips = [], []
   for b, start in enumerate(range(0, len(crops), batch_size)):
-    chunk = crops[start:start + batch_size]
+    chunk = crops[start : start + batch_size]
     n = len(chunk)
     if n < batch_size:  # One batch shape: the encoder compiles once.
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n,
-                                               0)])
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])
     x = to_unit(chunk)
     key = jax.random.fold_in(rng, b)
-    latents.append(np.asarray(ae.encode(x, rng=jax.random.fold_in(key, 0))
-                              )[:n])
-    flips.append(np.asarray(ae.encode(x[:, :, ::-1],
-                                      rng=jax.random.fold_in(key, 1)))[:n])
+    latents.append(np.asarray(ae.encode(x, rng=jax.random.fold_in(key, 0)))[:n])
+    flips.append(
+      np.asarray(ae.encode(x[:, :, ::-1], rng=jax.random.fold_in(key, 1)))[:n]
+    )
     if done is not None:
       done(n)
   files = list(pool.map(png_bytes, crops))
   offsets = np.zeros(len(files) + 1, np.int64)
   offsets[1:] = np.cumsum([len(f) for f in files])
-  return dict(latent=np.concatenate(latents).astype(np.float32),
-              latent_flip=np.concatenate(flips).astype(np.float32),
-              label=labels,
-              image_bytes=np.frombuffer(b"".join(files), np.uint8),
-              image_offsets=offsets)
+  return dict(
+    latent=np.concatenate(latents).astype(np.float32),
+    latent_flip=np.concatenate(flips).astype(np.float32),
+    label=labels,
+    image_bytes=np.frombuffer(b"".join(files), np.uint8),
+    image_offsets=offsets,
+  )
 
 
-def prepare(images, ae, data_dir: str, *, batch_size: int = 32,
-            shard_size: int = 1000, seed: int = 0,
-            process_index: int = 0, process_count: int = 1,
-            workers: int = 8, progress: bool = True,
-            barrier=None) -> Optional[str]:
+def prepare(
+  images,
+  ae,
+  data_dir: str,
+  *,
+  batch_size: int = 32,
+  shard_size: int = 1000,
+  seed: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  workers: int = 8,
+  progress: bool = True,
+  barrier=None,
+) -> str | None:
   """Encodes ``images`` into ``data_dir``; returns the dataset directory
   (on process 0; None elsewhere). Finished shards are kept and skipped."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from tim_jax.core import resumable  # pylint: disable=g-import-not-at-top
   from tim_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+
   n = len(images)
   if n == 0:
     raise ValueError("no images to prepare")
   latent_shape = ae.latent_shape(images.size, images.size)
   shard_dir = os.path.join(data_dir, "shards")
-  meta = dict(num_images=n, seed=seed, batch_size=batch_size,
-              resolution=images.size,
-              autoencoder=ae.name, latent_shape=list(latent_shape))
-  shards = [list(range(s, min(s + shard_size, n)))
-            for s in range(0, n, shard_size)]
-  work = resumable.Parts(shard_dir, "shard", [len(s) for s in shards],
-                         meta=meta, process_index=process_index,
-                         process_count=process_count, desc="encoding",
-                         progress=progress)
+  meta = dict(
+    num_images=n,
+    seed=seed,
+    batch_size=batch_size,
+    resolution=images.size,
+    autoencoder=ae.name,
+    latent_shape=list(latent_shape),
+  )
+  shards = [
+    list(range(s, min(s + shard_size, n))) for s in range(0, n, shard_size)
+  ]
+  work = resumable.Parts(
+    shard_dir,
+    "shard",
+    [len(s) for s in shards],
+    meta=meta,
+    process_index=process_index,
+    process_count=process_count,
+    desc="encoding",
+    progress=progress,
+  )
   base = jax.random.key(seed)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for i in work.todo():
-      work.save(i, encode_shard(images, shards[i], ae, batch_size=batch_size,
-                                rng=jax.random.fold_in(base, i), pool=pool,
-                                done=work.advance))
+      work.save(
+        i,
+        encode_shard(
+          images,
+          shards[i],
+          ae,
+          batch_size=batch_size,
+          rng=jax.random.fold_in(base, i),
+          pool=pool,
+          done=work.advance,
+        ),
+      )
   if not work.finish(barrier):
     return None
-  out = latents_lib.write_latents(shard_dir, data_dir,
-                                  latent_shape=latent_shape, cond="label",
-                                  flip=True, images=True)
+  out = latents_lib.write_latents(
+    shard_dir,
+    data_dir,
+    latent_shape=latent_shape,
+    cond="label",
+    flip=True,
+    images=True,
+  )
   return out
 
 
@@ -218,6 +279,7 @@ class CaptionedImages:
 
   def __init__(self, items, resolution: int):
     from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
+
     self.items = list(items)
     buckets = captioned.aspect_buckets(resolution)
     self.buckets = []
@@ -240,8 +302,9 @@ class CaptionedImages:
     try:
       with Image.open(path) as im:
         # The official loader: bicubic resize to the bucket, no crop.
-        image = np.asarray(im.convert("RGB").resize(
-            (w, h), resample=Image.Resampling.BICUBIC))
+        image = np.asarray(
+          im.convert("RGB").resize((w, h), resample=Image.Resampling.BICUBIC)
+        )
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"cannot read image {path}: {e}") from e
     return image, captions
@@ -253,45 +316,69 @@ def _offsets(chunks: Sequence[bytes]):
   return np.frombuffer(b"".join(chunks), np.uint8), offsets
 
 
-def encode_captioned_shard(images: CaptionedImages, indices: Sequence[int],
-                           ae, *, batch_size: int, rng, pool,
-                           done=None) -> dict:
+def encode_captioned_shard(
+  images: CaptionedImages,
+  indices: Sequence[int],
+  ae,
+  *,
+  batch_size: int,
+  rng,
+  pool,
+  done=None,
+) -> dict:
   """One shard of one bucket: latents (a posterior sample for KL
   autoencoders), the captions as JSON, the resized images as PNG."""
   import jax  # pylint: disable=g-import-not-at-top
+
   loaded = list(pool.map(images.__getitem__, indices))
   pixels = np.stack([p for p, _ in loaded])
   latents = []
   for b, start in enumerate(range(0, len(pixels), batch_size)):
-    chunk = pixels[start:start + batch_size]
+    chunk = pixels[start : start + batch_size]
     n = len(chunk)
     if n < batch_size:  # One batch shape per bucket: one compile.
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n,
-                                               0)])
-    latents.append(np.asarray(ae.encode(to_unit(chunk),
-                                        rng=jax.random.fold_in(rng, b)))[:n])
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, 0)])
+    latents.append(
+      np.asarray(ae.encode(to_unit(chunk), rng=jax.random.fold_in(rng, b)))[:n]
+    )
     if done is not None:
       done(n)
   text_bytes, text_offsets = _offsets(
-      [json.dumps(c, ensure_ascii=False).encode("utf-8") for _, c in loaded])
+    [json.dumps(c, ensure_ascii=False).encode("utf-8") for _, c in loaded]
+  )
   image_bytes, image_offsets = _offsets(list(pool.map(png_bytes, pixels)))
-  return dict(latent=np.concatenate(latents).astype(np.float32),
-              text_bytes=text_bytes, text_offsets=text_offsets,
-              image_bytes=image_bytes, image_offsets=image_offsets)
+  return dict(
+    latent=np.concatenate(latents).astype(np.float32),
+    text_bytes=text_bytes,
+    text_offsets=text_offsets,
+    image_bytes=image_bytes,
+    image_offsets=image_offsets,
+  )
 
 
-def prepare_captioned(images: CaptionedImages, ae, data_dir: str, *,
-                      batch_size: int = 32, shard_size: int = 1000,
-                      seed: int = 0, process_index: int = 0,
-                      process_count: int = 1, workers: int = 8,
-                      progress: bool = True, barrier=None) -> List[str]:
+def prepare_captioned(
+  images: CaptionedImages,
+  ae,
+  data_dir: str,
+  *,
+  batch_size: int = 32,
+  shard_size: int = 1000,
+  seed: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  workers: int = 8,
+  progress: bool = True,
+  barrier=None,
+) -> list[str]:
   """Encodes a captioned corpus into one dataset per bucket under
   ``data_dir``; returns their directories (on process 0; [] elsewhere).
   Finished shards, and buckets already written, are kept and skipped."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from tim_jax.core import resumable  # pylint: disable=g-import-not-at-top
   from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
   from tim_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+
   if not len(images):
     raise ValueError("no images to prepare")
   groups = {}
@@ -303,21 +390,40 @@ def prepare_captioned(images: CaptionedImages, ae, data_dir: str, *,
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for k, (bucket, rows) in enumerate(sorted(groups.items())):
       name = captioned.bucket_name(shapes[bucket])
-      shards = [rows[s:s + shard_size] for s in range(0, len(rows),
-                                                        shard_size)]
+      shards = [
+        rows[s : s + shard_size] for s in range(0, len(rows), shard_size)
+      ]
       work = resumable.Parts(
-          os.path.join(data_dir, "shards", name), "shard",
-          [len(s) for s in shards],
-          meta=dict(bucket=list(bucket), seed=seed, batch_size=batch_size,
-                    autoencoder=ae.name, latent_shape=list(shapes[bucket]),
-                    rows=[rows[0], rows[-1], len(rows)]),
-          process_index=process_index, process_count=process_count,
-          desc=f"encoding {bucket[0]}x{bucket[1]}", progress=progress)
+        os.path.join(data_dir, "shards", name),
+        "shard",
+        [len(s) for s in shards],
+        meta=dict(
+          bucket=list(bucket),
+          seed=seed,
+          batch_size=batch_size,
+          autoencoder=ae.name,
+          latent_shape=list(shapes[bucket]),
+          rows=[rows[0], rows[-1], len(rows)],
+        ),
+        process_index=process_index,
+        process_count=process_count,
+        desc=f"encoding {bucket[0]}x{bucket[1]}",
+        progress=progress,
+      )
       key = jax.random.fold_in(base, k)
       for i in work.todo():
-        work.save(i, encode_captioned_shard(
-            images, shards[i], ae, batch_size=batch_size,
-            rng=jax.random.fold_in(key, i), pool=pool, done=work.advance))
+        work.save(
+          i,
+          encode_captioned_shard(
+            images,
+            shards[i],
+            ae,
+            batch_size=batch_size,
+            rng=jax.random.fold_in(key, i),
+            pool=pool,
+            done=work.advance,
+          ),
+        )
       if not work.finish(barrier):
         continue
       try:
@@ -325,7 +431,13 @@ def prepare_captioned(images: CaptionedImages, ae, data_dir: str, *,
         continue  # Written by an earlier run.
       except FileNotFoundError:
         pass
-      written.append(latents_lib.write_latents(
-          work.directory, data_dir, latent_shape=shapes[bucket], cond="text",
-          images=True))
+      written.append(
+        latents_lib.write_latents(
+          work.directory,
+          data_dir,
+          latent_shape=shapes[bucket],
+          cond="text",
+          images=True,
+        )
+      )
   return written

@@ -7,8 +7,13 @@ def layer_kwargs(dtype, param_dtype, precision, rngs=None) -> dict:
   """Keyword arguments of an encoder's ``nnx.Linear`` layers (its weights
   are loaded afterwards, so the rngs only shape the initialisation)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  return dict(dtype=dtype, param_dtype=param_dtype, precision=precision,
-              rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+  return dict(
+    dtype=dtype,
+    param_dtype=param_dtype,
+    precision=precision,
+    rngs=rngs if rngs is not None else nnx.Rngs(0),
+  )
 
 
 def batch_rows(h):
@@ -19,4 +24,5 @@ def batch_rows(h):
   batch onto every device instead of the weights (twice the XL/2 step's
   HBM on a v5p-32 slice, measured with ``tim_jax.commands.compile``)."""
   from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
+
   return sharding.constrain(h, "batch", *([None] * (h.ndim - 1)))

@@ -27,19 +27,19 @@ features without a mask. This module computes the same:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import math
 import os
-from typing import Sequence, Tuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from tim_jax.weights import torch_weights
 from tim_jax.encoders import batch_rows, layer_kwargs
+from tim_jax.weights import torch_weights
 
 MAX_LENGTH = 256  # The official max_seq_length.
 
@@ -48,6 +48,7 @@ MAX_LENGTH = 256  # The official max_seq_length.
 class GemmaConfig:
   """``Gemma3TextConfig`` fields that shape the network (``ONE_B``: the
   1B model's values)."""
+
   # Sizes.
   vocab_size: int
   hidden_size: int
@@ -60,14 +61,14 @@ class GemmaConfig:
   query_pre_attn_scalar: float
   rms_norm_eps: float
   # Local (sliding-window) and global layers and their RoPE bases.
-  layer_types: Tuple[str, ...]
+  layer_types: tuple[str, ...]
   sliding_window: int
   rope_local_base_freq: float
   rope_theta: float
   rope_scaling_factor: float = 1.0  # linear scaling of the global RoPE
 
   @classmethod
-  def from_json(cls, cfg: dict) -> "GemmaConfig":
+  def from_json(cls, cfg: dict) -> GemmaConfig:
     """From a ``config.json`` dict; fields it lacks take the 1B values."""
     cfg = dict(cfg.get("text_config", cfg))
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -77,25 +78,39 @@ class GemmaConfig:
     types = cfg.get("layer_types")
     if not types:
       pattern = int(cfg.get("sliding_window_pattern", 6))
-      types = ["full_attention" if (i + 1) % pattern == 0 else
-               "sliding_attention" for i in range(n)]
+      types = [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+        for i in range(n)
+      ]
     kw["layer_types"] = tuple(types)
     scaling = cfg.get("rope_scaling") or {}
     if scaling:
       if scaling.get("rope_type", scaling.get("type")) != "linear":
-        raise ValueError(f"rope_scaling {scaling} is not supported (linear "
-                         "only)")
+        raise ValueError(
+          f"rope_scaling {scaling} is not supported (linear only)"
+        )
       kw["rope_scaling_factor"] = float(scaling["factor"])
     return cls(**kw)
 
 
 ONE_B = GemmaConfig(
-    vocab_size=262144, hidden_size=1152, intermediate_size=6912,
-    num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
-    head_dim=256, query_pre_attn_scalar=256.0, rms_norm_eps=1e-6,
-    layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else
-                      "sliding_attention" for i in range(26)),
-    sliding_window=512, rope_local_base_freq=10_000.0, rope_theta=1e6)
+  vocab_size=262144,
+  hidden_size=1152,
+  intermediate_size=6912,
+  num_hidden_layers=26,
+  num_attention_heads=4,
+  num_key_value_heads=1,
+  head_dim=256,
+  query_pre_attn_scalar=256.0,
+  rms_norm_eps=1e-6,
+  layer_types=tuple(
+    "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+    for i in range(26)
+  ),
+  sliding_window=512,
+  rope_local_base_freq=10_000.0,
+  rope_theta=1e6,
+)
 
 
 class RMSNorm(nnx.Module):
@@ -126,7 +141,6 @@ def _rope(x, positions, base: float, scaling: float):
 
 
 class Attention(nnx.Module):
-
   def __init__(self, c: GemmaConfig, local: bool, kw):
     h, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     self.c, self.local = c, local
@@ -146,38 +160,43 @@ class Attention(nnx.Module):
     v = batch_rows(self.v_proj(x)).reshape(b, n, kv, d)
     base = c.rope_local_base_freq if self.local else c.rope_theta
     scaling = 1.0 if self.local else c.rope_scaling_factor
-    q, k = _rope(q, positions, base, scaling), _rope(k, positions, base,
-                                                     scaling)
+    q, k = (
+      _rope(q, positions, base, scaling),
+      _rope(k, positions, base, scaling),
+    )
     i = jnp.arange(n)
     mask = i[None, :] <= i[:, None]  # causal (query, key)
     if self.local:
       mask = mask & (i[:, None] - i[None, :] < c.sliding_window)
     mask = mask[None, None] & valid[:, None, None, :]  # pad keys hidden
     out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=c.query_pre_attn_scalar ** -0.5)
+      q, k, v, mask=mask, scale=c.query_pre_attn_scalar**-0.5
+    )
     # FlashAttention-2's unpadding: pad query rows get a zero output.
     out = jnp.where(valid[:, :, None, None], out, 0).astype(x.dtype)
     return self.o_proj(batch_rows(out.reshape(b, n, h * d)))
 
 
 class MLP(nnx.Module):
-
   def __init__(self, c: GemmaConfig, kw):
-    self.gate_proj = nnx.Linear(c.hidden_size, c.intermediate_size,
-                                use_bias=False, **kw)
-    self.up_proj = nnx.Linear(c.hidden_size, c.intermediate_size,
-                              use_bias=False, **kw)
-    self.down_proj = nnx.Linear(c.intermediate_size, c.hidden_size,
-                                use_bias=False, **kw)
+    self.gate_proj = nnx.Linear(
+      c.hidden_size, c.intermediate_size, use_bias=False, **kw
+    )
+    self.up_proj = nnx.Linear(
+      c.hidden_size, c.intermediate_size, use_bias=False, **kw
+    )
+    self.down_proj = nnx.Linear(
+      c.intermediate_size, c.hidden_size, use_bias=False, **kw
+    )
 
   def __call__(self, x):
-    hidden = (jax.nn.gelu(batch_rows(self.gate_proj(x)), approximate=True)
-              * batch_rows(self.up_proj(x)))
+    hidden = jax.nn.gelu(
+      batch_rows(self.gate_proj(x)), approximate=True
+    ) * batch_rows(self.up_proj(x))
     return self.down_proj(hidden)
 
 
 class DecoderLayer(nnx.Module):
-
   def __init__(self, c: GemmaConfig, local: bool, kw):
     p, eps = kw["param_dtype"], c.rms_norm_eps
     self.input_layernorm = RMSNorm(c.hidden_size, eps, p)
@@ -195,22 +214,30 @@ class DecoderLayer(nnx.Module):
 
 
 class Embedding(nnx.Module):
-
   def __init__(self, c: GemmaConfig, param_dtype):
-    self.weight = nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size),
-                                      param_dtype))
+    self.weight = nnx.Param(
+      jnp.zeros((c.vocab_size, c.hidden_size), param_dtype)
+    )
 
 
 class Gemma3TextModel(nnx.Module):
   """``model(ids, valid)`` -> ``last_hidden_state`` (B, L, hidden)."""
 
-  def __init__(self, c: GemmaConfig, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, precision="highest", rngs=None):
+  def __init__(
+    self,
+    c: GemmaConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    precision="highest",
+    rngs=None,
+  ):
     kw = layer_kwargs(dtype, param_dtype, precision, rngs)
     self.c, self.dtype = c, dtype
     self.embed_tokens = Embedding(c, param_dtype)
-    self.layers = nnx.List([
-        DecoderLayer(c, t == "sliding_attention", kw) for t in c.layer_types])
+    self.layers = nnx.List(
+      [DecoderLayer(c, t == "sliding_attention", kw) for t in c.layer_types]
+    )
     self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
 
   def embed(self, ids):
@@ -237,8 +264,9 @@ class GemmaEncoder:
   it; ``encode_padded(prompts)`` keeps all ``max_length`` positions (pads
   included) for static shapes."""
 
-  def __init__(self, model: Gemma3TextModel, tokenizer, *,
-               max_length: int = MAX_LENGTH):
+  def __init__(
+    self, model: Gemma3TextModel, tokenizer, *, max_length: int = MAX_LENGTH
+  ):
     self.config = model.c
     self.tokenizer = tokenizer
     self.max_length = max_length
@@ -260,7 +288,7 @@ class GemmaEncoder:
     """The feature width (hidden size)."""
     return self.config.hidden_size
 
-  def tokenize(self, prompts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+  def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) (B, max_length): BOS first, truncated, right-padded."""
     if isinstance(prompts, str):
       raise ValueError("pass a list of prompts, not one string")
@@ -272,14 +300,15 @@ class GemmaEncoder:
   def encode_padded(self, prompts: Sequence[str]):
     """(features (B, max_length, hidden), lengths (B,))."""
     ids, mask = self.tokenize(prompts)
-    feats = self._forward(self.params, jnp.asarray(ids),
-                          jnp.asarray(mask.astype(bool)))
+    feats = self._forward(
+      self.params, jnp.asarray(ids), jnp.asarray(mask.astype(bool))
+    )
     return feats, mask.sum(-1)
 
   def encode(self, prompts: Sequence[str]):
     """(features (B, L, hidden), lengths (B,)), L the longest caption."""
     feats, lengths = self.encode_padded(prompts)
-    return feats[:, :int(lengths.max())], lengths
+    return feats[:, : int(lengths.max())], lengths
 
 
 def load_tokenizer(directory: str, max_length: int = MAX_LENGTH):
@@ -288,10 +317,13 @@ def load_tokenizer(directory: str, max_length: int = MAX_LENGTH):
   padding="max_length", truncation=True)``: right padding with the pad
   token, truncation to ``max_length``."""
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no tokenizer.json in {directory!r} (the "
-                            "Hugging Face layout of gemma-3-1b-it has one)")
+    raise FileNotFoundError(
+      f"no tokenizer.json in {directory!r} (the "
+      "Hugging Face layout of gemma-3-1b-it has one)"
+    )
   tok = Tokenizer.from_file(path)
   pad_token, pad_id = "<pad>", tok.token_to_id("<pad>")
   cfg_path = os.path.join(directory, "tokenizer_config.json")
@@ -305,27 +337,34 @@ def load_tokenizer(directory: str, max_length: int = MAX_LENGTH):
   if pad_id is None:
     raise ValueError(f"{path} has no <pad> token")
   tok.enable_truncation(max_length=max_length)
-  tok.enable_padding(direction="right", pad_id=pad_id, pad_token=pad_token,
-                     length=max_length)
+  tok.enable_padding(
+    direction="right", pad_id=pad_id, pad_token=pad_token, length=max_length
+  )
   return tok
 
 
-def load(directory: str, *, dtype=jnp.float32, param_dtype=None,
-         max_length: int = MAX_LENGTH) -> GemmaEncoder:
+def load(
+  directory: str,
+  *,
+  dtype=jnp.float32,
+  param_dtype=None,
+  max_length: int = MAX_LENGTH,
+) -> GemmaEncoder:
   """A Gemma-3 text encoder from a Hugging Face directory (``config.json``,
   ``model.safetensors``, ``tokenizer.json``). Strict: every decoder weight
   must be there; the LM head (tied to the embedding) is not needed.
   ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) the
   weights' (the official encoder holds and runs them in bfloat16)."""
   if not os.path.isdir(os.fspath(directory)):
-    raise FileNotFoundError(f"text encoder directory {directory!r} does not "
-                            "exist (a Hugging Face download of "
-                            "google/gemma-3-1b-it)")
+    raise FileNotFoundError(
+      f"text encoder directory {directory!r} does not "
+      "exist (a Hugging Face download of "
+      "google/gemma-3-1b-it)"
+    )
   directory = os.fspath(directory)
   with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
     c = GemmaConfig.from_json(json.load(f))
-  files = sorted(f for f in os.listdir(directory)
-                 if f.endswith(".safetensors"))
+  files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(f"no .safetensors weights in {directory!r}")
   sd = {}
@@ -333,15 +372,23 @@ def load(directory: str, *, dtype=jnp.float32, param_dtype=None,
     sd.update(torch_weights.read(os.path.join(directory, f)))
   # Accept the CausalLM layout ("model." prefix, done by torch_weights) and
   # the multimodal one ("language_model.model.").
-  sd = {(k[len("language_model.model."):] if k.startswith(
-      "language_model.model.") else k): v for k, v in sd.items()}
+  sd = {
+    (
+      k[len("language_model.model.") :]
+      if k.startswith("language_model.model.")
+      else k
+    ): v
+    for k, v in sd.items()
+  }
   sd = {k: v for k, v in sd.items() if not k.startswith("lm_head")}
   param_dtype = dtype if param_dtype is None else param_dtype
-  model = nnx.eval_shape(lambda: Gemma3TextModel(c, dtype=dtype,
-                                                 param_dtype=param_dtype))
+  model = nnx.eval_shape(
+    lambda: Gemma3TextModel(c, dtype=dtype, param_dtype=param_dtype)
+  )
   torch_weights.load_module(model, sd, f"Gemma-3 text model of {directory}")
-  return GemmaEncoder(model, load_tokenizer(directory, max_length),
-                      max_length=max_length)
+  return GemmaEncoder(
+    model, load_tokenizer(directory, max_length), max_length=max_length
+  )
 
 
 class _EmptyCaptionTokenizer:
@@ -360,12 +407,15 @@ class _EmptyCaptionTokenizer:
     return out
 
 
-def abstract_encoder(c: GemmaConfig = ONE_B, *, dtype=jnp.bfloat16,
-                     max_length: int = MAX_LENGTH) -> GemmaEncoder:
+def abstract_encoder(
+  c: GemmaConfig = ONE_B, *, dtype=jnp.bfloat16, max_length: int = MAX_LENGTH
+) -> GemmaEncoder:
   """An encoder of ``c``'s architecture holding shapes only (parameters as
   ``jax.ShapeDtypeStruct``): for compiling train steps for devices this host
   does not have (``tim_jax.commands.compile``). It cannot encode real captions."""
-  model = nnx.eval_shape(lambda: Gemma3TextModel(c, dtype=dtype,
-                                                 param_dtype=dtype))
-  return GemmaEncoder(model, _EmptyCaptionTokenizer(max_length),
-                      max_length=max_length)
+  model = nnx.eval_shape(
+    lambda: Gemma3TextModel(c, dtype=dtype, param_dtype=dtype)
+  )
+  return GemmaEncoder(
+    model, _EmptyCaptionTokenizer(max_length), max_length=max_length
+  )

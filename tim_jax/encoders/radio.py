@@ -26,27 +26,31 @@ as the official loader does) and so needs PyTorch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import functools
 import logging
 import math
 import re
-from typing import Mapping, Optional, Tuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from tim_jax.weights import torch_weights
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
+from tim_jax.weights import torch_weights
 
 PATCH_PIXELS_PER_TOKEN = 16  # The trainers resize to 16 x the TiM grid.
 LN_EPS = 1e-6  # timm's ViT LayerNorm.
 # timm ViT sizes by name: (embed_dim, depth, num_heads).
-VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6),
-             "base": (768, 12, 12), "large": (1024, 24, 16),
-             "huge": (1280, 32, 16)}
+VIT_SIZES = {
+  "tiny": (192, 12, 3),
+  "small": (384, 12, 6),
+  "base": (768, 12, 12),
+  "large": (1024, 24, 16),
+  "huge": (1280, 32, 16),
+}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -59,7 +63,7 @@ class RadioConfig:
   mlp_hidden: int
   patch_size: int
   num_skip: int  # class + register tokens
-  table: Tuple[int, int]  # CPE position table (rows, cols) in patches
+  table: tuple[int, int]  # CPE position table (rows, cols) in patches
   cpe_mode: bool  # the table is larger than the ViT's native grid
   layer_scale: bool
   qkv_bias: bool
@@ -72,10 +76,21 @@ class RadioConfig:
 # up to 2048 px, class tokens and registers padded to 8), for benchmarks and
 # FLOP counts without the weight file; loading reads the real values from
 # the checkpoint.
-V2_5_B = RadioConfig(embed_dim=768, depth=12, num_heads=12, mlp_hidden=3072,
-                     patch_size=16, num_skip=8, table=(128, 128),
-                     cpe_mode=True, layer_scale=False, qkv_bias=True,
-                     patch_bias=False, patch_norm=False, final_norm=False)
+V2_5_B = RadioConfig(
+  embed_dim=768,
+  depth=12,
+  num_heads=12,
+  mlp_hidden=3072,
+  patch_size=16,
+  num_skip=8,
+  table=(128, 128),
+  cpe_mode=True,
+  layer_scale=False,
+  qkv_bias=True,
+  patch_bias=False,
+  patch_norm=False,
+  final_norm=False,
+)
 
 
 class Attention(nnx.Module):
@@ -83,20 +98,19 @@ class Attention(nnx.Module):
 
   def __init__(self, c: RadioConfig, kw):
     self.heads = c.num_heads
-    self.qkv = nnx.Linear(c.embed_dim, 3 * c.embed_dim, use_bias=c.qkv_bias,
-                          **kw)
+    self.qkv = nnx.Linear(
+      c.embed_dim, 3 * c.embed_dim, use_bias=c.qkv_bias, **kw
+    )
     self.proj = nnx.Linear(c.embed_dim, c.embed_dim, **kw)
 
   def __call__(self, x):
     b, n, d = x.shape
     qkv = batch_rows(self.qkv(x)).reshape(b, n, 3, self.heads, d // self.heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1],
-                                       qkv[:, :, 2])
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     return self.proj(batch_rows(out.reshape(b, n, d)))
 
 
 class LayerScale(nnx.Module):
-
   def __init__(self, dim: int, dtype):
     self.gamma = nnx.Param(jnp.ones((dim,), dtype))
 
@@ -105,7 +119,6 @@ class LayerScale(nnx.Module):
 
 
 class Mlp(nnx.Module):
-
   def __init__(self, c: RadioConfig, kw):
     self.fc1 = nnx.Linear(c.embed_dim, c.mlp_hidden, **kw)
     self.fc2 = nnx.Linear(c.mlp_hidden, c.embed_dim, **kw)
@@ -115,7 +128,6 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-
   def __init__(self, c: RadioConfig, kw, ln):
     self.norm1 = ln()
     self.attn = Attention(c, kw)
@@ -133,7 +145,6 @@ class Block(nnx.Module):
 
 
 class ClsToken(nnx.Module):
-
   def __init__(self, c: RadioConfig, dtype):
     self.token = nnx.Param(jnp.zeros((c.num_skip, c.embed_dim), dtype))
 
@@ -145,11 +156,13 @@ class PatchGenerator(nnx.Module):
   def __init__(self, c: RadioConfig, kw, ln):
     self.c = c
     p = c.patch_size
-    self.embedder = nnx.Linear(3 * p * p, c.embed_dim, use_bias=c.patch_bias,
-                               **kw)
+    self.embedder = nnx.Linear(
+      3 * p * p, c.embed_dim, use_bias=c.patch_bias, **kw
+    )
     rows, cols = c.table
-    self.pos_embed = nnx.Param(jnp.zeros((1, rows * cols, c.embed_dim),
-                                         kw["param_dtype"]))
+    self.pos_embed = nnx.Param(
+      jnp.zeros((1, rows * cols, c.embed_dim), kw["param_dtype"])
+    )
     self.cls_token = ClsToken(c, kw["param_dtype"])
     self.patch_normalizer = ln() if c.patch_norm else None
 
@@ -175,8 +188,9 @@ class PatchGenerator(nnx.Module):
     patches = x.reshape(b, h, p, w, p, ch).transpose(0, 1, 3, 5, 2, 4)
     tokens = batch_rows(self.embedder(patches.reshape(b, h * w, ch * p * p)))
     tokens = tokens + self.positions(h, w)
-    prefix = jnp.broadcast_to(self.cls_token.token[...][None],
-                              (b,) + self.cls_token.token.shape)
+    prefix = jnp.broadcast_to(
+      self.cls_token.token[...][None], (b,) + self.cls_token.token.shape
+    )
     tokens = jnp.concatenate([prefix.astype(tokens.dtype), tokens], 1)
     if self.patch_normalizer is not None:
       tokens = self.patch_normalizer(tokens)
@@ -186,12 +200,25 @@ class PatchGenerator(nnx.Module):
 class VisionTransformer(nnx.Module):
   """The timm ViT as RADIO runs it (``_forward_cpe``)."""
 
-  def __init__(self, c: RadioConfig, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, precision="highest", rngs=None):
+  def __init__(
+    self,
+    c: RadioConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    precision="highest",
+    rngs=None,
+  ):
     kw = layer_kwargs(dtype, param_dtype, precision, rngs)
-    ln = functools.partial(nnx.LayerNorm, c.embed_dim, epsilon=LN_EPS,
-                           use_fast_variance=False, dtype=dtype,
-                           param_dtype=param_dtype, rngs=kw["rngs"])
+    ln = functools.partial(
+      nnx.LayerNorm,
+      c.embed_dim,
+      epsilon=LN_EPS,
+      use_fast_variance=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=kw["rngs"],
+    )
     self.patch_generator = PatchGenerator(c, kw, ln)
     self.blocks = nnx.List([Block(c, kw, ln) for _ in range(c.depth)])
     self.norm = ln() if c.final_norm else None
@@ -206,46 +233,56 @@ class VisionTransformer(nnx.Module):
     x = batch_rows(self.patch_generator(x))
     if scan and len(self.blocks) > 1:
       graph, _ = nnx.split(self.blocks[0])
-      stacked = jax.tree.map(lambda *a: jnp.stack(a),
-                             *[nnx.state(b) for b in self.blocks])
+      stacked = jax.tree.map(
+        lambda *a: jnp.stack(a), *[nnx.state(b) for b in self.blocks]
+      )
       x, _ = jax.lax.scan(
-          lambda h, st: (batch_rows(nnx.merge(graph, st)(h)), None), x,
-          stacked)
+        lambda h, st: (batch_rows(nnx.merge(graph, st)(h)), None), x, stacked
+      )
     else:
       for block in self.blocks:
         x = batch_rows(block(x))
     if self.norm is not None:
       x = self.norm(x)
-    return x[:, self.num_skip:]
+    return x[:, self.num_skip :]
 
 
-def _vit_size(args) -> Tuple[int, int, int, int]:
+def _vit_size(args) -> tuple[int, int, int, int]:
   """(embed_dim, depth, num_heads, native image size) from the timm name
   and ``args.model_kwargs``."""
   kwargs = dict(getattr(args, "model_kwargs", None) or {})
-  m = re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)\w*",
-                   str(args.model))
+  m = re.fullmatch(
+    r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)\w*", str(args.model)
+  )
   if m is None and "num_heads" not in kwargs:
-    raise ValueError(f"RADIO model {args.model!r} is not a timm ViT this "
-                     "loader knows (vit_{tiny,small,base,large,huge}_patch"
-                     "P_R), and args.model_kwargs does not give num_heads")
+    raise ValueError(
+      f"RADIO model {args.model!r} is not a timm ViT this "
+      "loader knows (vit_{tiny,small,base,large,huge}_patch"
+      "P_R), and args.model_kwargs does not give num_heads"
+    )
   dim, depth, heads = VIT_SIZES[m.group(1)] if m else (None, None, None)
   img = int(kwargs.get("img_size", m.group(3) if m else 224))
-  return (int(kwargs.get("embed_dim", dim)), int(kwargs.get("depth", depth)),
-          int(kwargs.get("num_heads", heads)), img)
+  return (
+    int(kwargs.get("embed_dim", dim)),
+    int(kwargs.get("depth", depth)),
+    int(kwargs.get("num_heads", heads)),
+    img,
+  )
 
 
-def config_from_checkpoint(args, base: Mapping[str, np.ndarray]
-                           ) -> RadioConfig:
+def config_from_checkpoint(args, base: Mapping[str, np.ndarray]) -> RadioConfig:
   """The architecture of a RADIO checkpoint (its args and the ViT's state
   dict, keys without ``base_model.``)."""
   if any("parametrizations" in k for k in base):
-    raise ValueError("this RADIO checkpoint stores spectrally "
-                     "reparametrized weights without an EMA copy; tim_jax "
-                     "reads plain or EMA weights (state_dict_ema)")
+    raise ValueError(
+      "this RADIO checkpoint stores spectrally "
+      "reparametrized weights without an EMA copy; tim_jax "
+      "reads plain or EMA weights (state_dict_ema)"
+    )
   if "patch_generator.embedder.weight" not in base:
-    raise ValueError("not a RADIO CPE ViT checkpoint: no "
-                     "patch_generator.embedder.weight")
+    raise ValueError(
+      "not a RADIO CPE ViT checkpoint: no patch_generator.embedder.weight"
+    )
   dim, _, heads, img = _vit_size(args)
   emb = base["patch_generator.embedder.weight"]
   embed_dim = int(emb.shape[0])
@@ -259,16 +296,20 @@ def config_from_checkpoint(args, base: Mapping[str, np.ndarray]
     raise ValueError(f"the position table has {n} entries, not a square")
   native = img // patch
   return RadioConfig(
-      embed_dim=embed_dim, depth=depth, num_heads=heads,
-      mlp_hidden=int(base["blocks.0.mlp.fc1.weight"].shape[0]),
-      patch_size=patch,
-      num_skip=int(base["patch_generator.cls_token.token"].shape[0]),
-      table=(side, side), cpe_mode=(side, side) != (native, native),
-      layer_scale="blocks.0.ls1.gamma" in base,
-      qkv_bias="blocks.0.attn.qkv.bias" in base,
-      patch_bias="patch_generator.embedder.bias" in base,
-      patch_norm="patch_generator.patch_normalizer.weight" in base,
-      final_norm=bool(getattr(args, "model_norm", False)))
+    embed_dim=embed_dim,
+    depth=depth,
+    num_heads=heads,
+    mlp_hidden=int(base["blocks.0.mlp.fc1.weight"].shape[0]),
+    patch_size=patch,
+    num_skip=int(base["patch_generator.cls_token.token"].shape[0]),
+    table=(side, side),
+    cpe_mode=(side, side) != (native, native),
+    layer_scale="blocks.0.ls1.gamma" in base,
+    qkv_bias="blocks.0.attn.qkv.bias" in base,
+    patch_bias="patch_generator.embedder.bias" in base,
+    patch_norm="patch_generator.patch_normalizer.weight" in base,
+    final_norm=bool(getattr(args, "model_norm", False)),
+  )
 
 
 class RadioEncoder:
@@ -277,16 +318,23 @@ class RadioEncoder:
   ``enc.apply(state, images, grid)`` is the pure form (for use inside a
   jitted train step, with ``enc.state``)."""
 
-  def __init__(self, model: VisionTransformer, mean, std,
-               feature_norm: Optional[Tuple[np.ndarray, np.ndarray]] = None,
-               scan_blocks: bool = True):
+  def __init__(
+    self,
+    model: VisionTransformer,
+    mean,
+    std,
+    feature_norm: tuple[np.ndarray, np.ndarray] | None = None,
+    scan_blocks: bool = True,
+  ):
     self.config = model.patch_generator.c
     # The blocks as one scan (compiles once) or a loop (XLA's cost analysis
     # then counts every block: tim_jax.commands.compile's roofline).
     self.scan_blocks = scan_blocks
     self.graphdef, params = nnx.split(model)
-    consts = dict(mean=jnp.asarray(np.asarray(mean, np.float32).reshape(3)),
-                  std=jnp.asarray(np.asarray(std, np.float32).reshape(3)))
+    consts = dict(
+      mean=jnp.asarray(np.asarray(mean, np.float32).reshape(3)),
+      std=jnp.asarray(np.asarray(std, np.float32).reshape(3)),
+    )
     if feature_norm is not None:
       consts["fn_mean"] = jnp.asarray(feature_norm[0])
       consts["fn_tx"] = jnp.asarray(feature_norm[1])
@@ -298,7 +346,7 @@ class RadioEncoder:
     """The feature width (embedding size)."""
     return self.config.embed_dim
 
-  def apply(self, state, images, grid: Tuple[int, int]):
+  def apply(self, state, images, grid: tuple[int, int]):
     """The features of ``images`` (NHWC in [-1, 1]) at token grid ``grid``, from a ``state`` of parameters and constants; pure, for use inside a jitted step."""
     h, w = (int(g) for g in grid)
     model = nnx.merge(self.graphdef, state["params"])
@@ -312,20 +360,26 @@ class RadioEncoder:
       feats = (feats - c["fn_mean"]) @ c["fn_tx"].T
     return feats
 
-  def __call__(self, images, grid: Tuple[int, int]):
+  def __call__(self, images, grid: tuple[int, int]):
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"RADIO takes NHWC RGB images, got shape "
-                       f"{images.shape}")
+      raise ValueError(f"RADIO takes NHWC RGB images, got shape {images.shape}")
     if self.config.patch_size != PATCH_PIXELS_PER_TOKEN:
-      raise ValueError(f"the trainers' 16 px per token assumes patch 16; "
-                       f"this checkpoint's patch is {self.config.patch_size}")
+      raise ValueError(
+        f"the trainers' 16 px per token assumes patch 16; "
+        f"this checkpoint's patch is {self.config.patch_size}"
+      )
     return self._jitted(self.state, images, tuple(int(g) for g in grid))
 
 
-def random_encoder(config: RadioConfig = V2_5_B, *, dtype=jnp.float32,
-                   seed: int = 0, abstract: bool = False,
-                   scan_blocks: bool = True) -> RadioEncoder:
+def random_encoder(
+  config: RadioConfig = V2_5_B,
+  *,
+  dtype=jnp.float32,
+  seed: int = 0,
+  abstract: bool = False,
+  scan_blocks: bool = True,
+) -> RadioEncoder:
   """An encoder of ``config``'s architecture with random weights (for
   benchmarks and tests; REPA needs the trained ones); ``abstract``: shapes
   only, for compiling (``tim_jax.commands.compile``)."""
@@ -338,20 +392,23 @@ def _read(path: str):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f"reading the RADIO checkpoint {path!r} (a pickle of "
-                      "args and state dicts) needs PyTorch: pip install "
-                      "torch (the CPU build is enough)") from e
+    raise ImportError(
+      f"reading the RADIO checkpoint {path!r} (a pickle of "
+      "args and state dicts) needs PyTorch: pip install "
+      "torch (the CPU build is enough)"
+    ) from e
   chk = torch.load(path, map_location="cpu", weights_only=False)
   if not isinstance(chk, dict) or "args" not in chk:
-    raise ValueError(f"{path} is not a RADIO checkpoint (a dict with args "
-                     "and state_dict)")
+    raise ValueError(
+      f"{path} is not a RADIO checkpoint (a dict with args and state_dict)"
+    )
   sd = chk.get("state_dict_ema") or chk.get("state_dict")
   if sd is None:
     raise ValueError(f"{path} has neither state_dict_ema nor state_dict")
   out = {}
   for k, v in sd.items():
     if hasattr(v, "detach"):
-      k = k[len("module."):] if k.startswith("module.") else k
+      k = k[len("module.") :] if k.startswith("module.") else k
       out[k] = v.detach().float().cpu().numpy()
   return chk["args"], out
 
@@ -360,20 +417,27 @@ def load(path: str, *, dtype=jnp.float32) -> RadioEncoder:
   """A RADIO encoder from the official checkpoint format. ViT keys the
   model lacks raise; keys the official loader also ignores are logged."""
   args, sd = _read(str(path))
-  base = {k[len("base_model."):]: v for k, v in sd.items()
-          if k.startswith("base_model.")}
+  base = {
+    k[len("base_model.") :]: v
+    for k, v in sd.items()
+    if k.startswith("base_model.")
+  }
   c = config_from_checkpoint(args, base)
   model = nnx.eval_shape(lambda: VisionTransformer(c, dtype=dtype))
   # Non-strict on extra keys, as the official loader (load_state_dict with
   # strict=False); a key the model needs and the file lacks still raises.
-  torch_weights.load_module(model, base, "RADIO checkpoint",
-                            allow_unexpected=True)
+  torch_weights.load_module(
+    model, base, "RADIO checkpoint", allow_unexpected=True
+  )
   variables = torch_weights.named_variables(model)
   unused = sorted(set(base) - set(variables))
   if unused:
-    logging.warning("RADIO: ignoring %d checkpoint key(s) the model does not "
-                    "use (as the official loader does): %s", len(unused),
-                    torch_weights.summarise(unused))
+    logging.warning(
+      "RADIO: ignoring %d checkpoint key(s) the model does not "
+      "use (as the official loader does): %s",
+      len(unused),
+      torch_weights.summarise(unused),
+    )
   mean = sd.get("input_conditioner.norm_mean", np.asarray(CLIP_MEAN))
   std = sd.get("input_conditioner.norm_std", np.asarray(CLIP_STD))
   fn = None

@@ -69,11 +69,13 @@ def _apply(x, mh: np.ndarray, mw: np.ndarray, precision):
   REPA teacher's input to the size it often already has, and an identity
   matmul at full precision still costs compile time and HBM traffic."""
   if not _is_identity(mh):
-    x = jnp.einsum("oh,...hwc->...owc", jnp.asarray(mh, x.dtype), x,
-                   precision=precision)
+    x = jnp.einsum(
+      "oh,...hwc->...owc", jnp.asarray(mh, x.dtype), x, precision=precision
+    )
   if not _is_identity(mw):
-    x = jnp.einsum("pw,...owc->...opc", jnp.asarray(mw, x.dtype), x,
-                   precision=precision)
+    x = jnp.einsum(
+      "pw,...owc->...opc", jnp.asarray(mw, x.dtype), x, precision=precision
+    )
   return x
 
 
@@ -84,13 +86,18 @@ def _is_identity(m: np.ndarray) -> bool:
 def bicubic(x, size, precision="highest"):
   """NHWC images resized to ``size`` = (H', W') as PyTorch's bicubic."""
   h, w = x.shape[-3:-1]
-  return _apply(x, bicubic_matrix(h, size[0]), bicubic_matrix(w, size[1]),
-                precision)
+  return _apply(
+    x, bicubic_matrix(h, size[0]), bicubic_matrix(w, size[1]), precision
+  )
 
 
 def bilinear_align_corners(x, size, precision="highest"):
   """(..., H, W, C) resized to ``size`` as PyTorch's bilinear with
   ``align_corners=True``."""
   h, w = x.shape[-3:-1]
-  return _apply(x, bilinear_align_corners_matrix(h, size[0]),
-                bilinear_align_corners_matrix(w, size[1]), precision)
+  return _apply(
+    x,
+    bilinear_align_corners_matrix(h, size[0]),
+    bilinear_align_corners_matrix(w, size[1]),
+    precision,
+  )

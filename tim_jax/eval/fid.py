@@ -37,14 +37,17 @@ def _check_gaussian(mu, sigma, which: str):
     raise ValueError(f"mu{which} must be a vector (D,), got shape {mu.shape}")
   d = mu.shape[0]
   if sigma.shape != (d, d):
-    raise ValueError(f"sigma{which} must be ({d}, {d}) to match mu{which} of "
-                     f"shape {mu.shape}, got shape {sigma.shape}")
+    raise ValueError(
+      f"sigma{which} must be ({d}, {d}) to match mu{which} of "
+      f"shape {mu.shape}, got shape {sigma.shape}"
+    )
   if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
     raise ValueError(f"mu{which} / sigma{which} contain NaN or inf")
   scale = max(float(np.max(np.abs(sigma))), np.finfo(np.float64).tiny)
   if float(np.max(np.abs(sigma - sigma.T))) > _SYMMETRY_RTOL * scale:
-    raise ValueError(f"sigma{which} is not symmetric; expected a covariance "
-                     "matrix")
+    raise ValueError(
+      f"sigma{which} is not symmetric; expected a covariance matrix"
+    )
   # Symmetrise exactly so that eigh sees the matrix it assumes.
   return mu, 0.5 * (sigma + sigma.T)
 
@@ -85,11 +88,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   mu1, sigma1 = _check_gaussian(mu1, sigma1, "1")
   mu2, sigma2 = _check_gaussian(mu2, sigma2, "2")
   if mu1.shape != mu2.shape:
-    raise ValueError(f"the two Gaussians have different dimensions: mu1 "
-                     f"{mu1.shape} vs mu2 {mu2.shape}")
+    raise ValueError(
+      f"the two Gaussians have different dimensions: mu1 "
+      f"{mu1.shape} vs mu2 {mu2.shape}"
+    )
   diff = mu1 - mu2
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
-               - 2.0 * trace_sqrt_product(sigma1, sigma2))
+  return float(
+    diff @ diff
+    + np.trace(sigma1)
+    + np.trace(sigma2)
+    - 2.0 * trace_sqrt_product(sigma1, sigma2)
+  )
 
 
 def statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +131,7 @@ class Statistics:
     return int(self.mu.shape[0])
 
   @classmethod
-  def from_features(cls, features) -> "Statistics":
+  def from_features(cls, features) -> Statistics:
     """The statistics of an (N, D) feature array."""
     return cls(*statistics(features))
 
@@ -131,7 +140,7 @@ class Statistics:
     np.savez(path, mu=self.mu, sigma=self.sigma)
 
   @classmethod
-  def load(cls, path: PathLike) -> "Statistics":
+  def load(cls, path: PathLike) -> Statistics:
     """Reads ``mu`` and ``sigma`` from an ``.npz`` file; other keys are ignored.
 
     npz members are read lazily, so the 10k images stored next to the
@@ -140,12 +149,14 @@ class Statistics:
     with np.load(path, allow_pickle=False) as f:
       missing = [k for k in ("mu", "sigma") if k not in f.files]
       if missing:
-        raise ValueError(f"{os.fspath(path)!r} has no {missing} array(s); its "
-                         f"keys are {sorted(f.files)}. Expected FID "
-                         "statistics saved with keys 'mu' and 'sigma'.")
+        raise ValueError(
+          f"{os.fspath(path)!r} has no {missing} array(s); its "
+          f"keys are {sorted(f.files)}. Expected FID "
+          "statistics saved with keys 'mu' and 'sigma'."
+        )
       return cls(f["mu"], f["sigma"])
 
-  def frechet_distance(self, other: "Statistics") -> float:
+  def frechet_distance(self, other: Statistics) -> float:
     """The Fréchet distance to ``other``."""
     return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
@@ -153,7 +164,8 @@ class Statistics:
 def fid_from_features(features_a, features_b) -> float:
   """Fréchet distance between the Gaussians fitted to two feature sets."""
   return Statistics.from_features(features_a).frechet_distance(
-      Statistics.from_features(features_b))
+    Statistics.from_features(features_b)
+  )
 
 
 class RunningStatistics:
@@ -177,14 +189,16 @@ class RunningStatistics:
     """The feature width, once the first batch is in."""
     return self._dim
 
-  def update(self, batch_features) -> "RunningStatistics":
+  def update(self, batch_features) -> RunningStatistics:
     """Adds a (n, D) batch of features; returns self."""
     x = np.asarray(batch_features, dtype=np.float64)
     if x.ndim != 2:
       raise ValueError(f"batch_features must be (n, D), got shape {x.shape}")
     if self._dim is not None and x.shape[1] != self._dim:
-      raise ValueError(f"batch_features have {x.shape[1]} features, the "
-                       f"accumulator holds {self._dim}")
+      raise ValueError(
+        f"batch_features have {x.shape[1]} features, the "
+        f"accumulator holds {self._dim}"
+      )
     if not np.all(np.isfinite(x)):
       raise ValueError("batch_features contain NaN or inf")
     n = x.shape[0]
@@ -199,8 +213,11 @@ class RunningStatistics:
     else:
       total = self.count + n
       delta = mean_b - self._mean
-      self._scatter = (self._scatter + scatter_b
-                       + np.outer(delta, delta) * (self.count * n / total))
+      self._scatter = (
+        self._scatter
+        + scatter_b
+        + np.outer(delta, delta) * (self.count * n / total)
+      )
       self._mean = self._mean + delta * (n / total)
     self.count += n
     return self
@@ -208,8 +225,9 @@ class RunningStatistics:
   def finalize(self) -> Statistics:
     """The mean and covariance so far (at least 2 samples)."""
     if self.count < 2:
-      raise ValueError(f"a covariance needs at least 2 samples, got "
-                       f"{self.count}")
+      raise ValueError(
+        f"a covariance needs at least 2 samples, got {self.count}"
+      )
     sigma = self._scatter / (self.count - 1)
     return Statistics(self._mean.copy(), 0.5 * (sigma + sigma.T))
 
@@ -230,8 +248,10 @@ def inception_score(logits, split_size: int = 5000) -> float:
   p = np.exp(log_p)
   scores = []
   for start in range(0, len(p), split_size):
-    part, log_part = p[start:start + split_size], log_p[start:start +
-                                                       split_size]
+    part, log_part = (
+      p[start : start + split_size],
+      log_p[start : start + split_size],
+    )
     marginal = np.log(part.mean(axis=0, keepdims=True))
     kl = (part * (log_part - marginal)).sum(axis=1).mean()
     scores.append(np.exp(kl))

@@ -9,18 +9,27 @@ samples as an ADM ``.npz``; ``prompt_sets`` fills benchmark folders.
 """
 
 from tim_jax.inference.pipeline import (
-    FORMATS,
-    OFFICIAL_SUFFIXES,
-    CheckpointRef,
-    NonFiniteSamplesError,
-    Pipeline,
-    SamplerSettings,
-    config_from_checkpoint,
-    load,
-    resolve,
-    saved_config,
+  FORMATS,
+  OFFICIAL_SUFFIXES,
+  CheckpointRef,
+  NonFiniteSamplesError,
+  Pipeline,
+  SamplerSettings,
+  config_from_checkpoint,
+  load,
+  resolve,
+  saved_config,
 )
 
-__all__ = ["FORMATS", "OFFICIAL_SUFFIXES", "CheckpointRef",
-           "NonFiniteSamplesError", "Pipeline", "SamplerSettings",
-           "config_from_checkpoint", "load", "resolve", "saved_config"]
+__all__ = [
+  "FORMATS",
+  "OFFICIAL_SUFFIXES",
+  "CheckpointRef",
+  "NonFiniteSamplesError",
+  "Pipeline",
+  "SamplerSettings",
+  "config_from_checkpoint",
+  "load",
+  "resolve",
+  "saved_config",
+]

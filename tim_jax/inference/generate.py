@@ -29,8 +29,9 @@ from tim_jax.core.errors import UserError
 @functools.partial(jax.jit, static_argnums=(2,))
 def _labels(seed, indices, num_classes):
   key = jax.random.fold_in(jax.random.key(seed), 1)
-  return jax.vmap(lambda i: jax.random.randint(
-      jax.random.fold_in(key, i), (), 0, num_classes))(indices)
+  return jax.vmap(
+    lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, num_classes)
+  )(indices)
 
 
 def labels_for(seed: int, indices, num_classes: int) -> np.ndarray:
@@ -38,25 +39,49 @@ def labels_for(seed: int, indices, num_classes: int) -> np.ndarray:
   return np.asarray(_labels(seed, np.asarray(indices), num_classes))
 
 
-def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
-             batch_size: int = 64, prompts=(), cfg_scale=None,
-             guidance_interval=None, stochasticity: float = 0.0, mode=None,
-             height=None, width=None, process_index: int = 0,
-             process_count: int = 1, barrier=None, progress: bool = True):
+def generate(
+  pipe,
+  *,
+  num: int,
+  out: str,
+  num_steps: int,
+  seed: int = 0,
+  batch_size: int = 64,
+  prompts=(),
+  cfg_scale=None,
+  guidance_interval=None,
+  stochasticity: float = 0.0,
+  mode=None,
+  height=None,
+  width=None,
+  process_index: int = 0,
+  process_count: int = 1,
+  barrier=None,
+  progress: bool = True,
+):
   """Writes ``out`` (on process 0) and returns its path there, else None."""
   from tim_jax.core import images, resumable, sharding
+
   if num < 1 or batch_size < 1:
-    raise UserError(f"num and batch_size must be >= 1, got {num} and "
-                    f"{batch_size}")
+    raise UserError(
+      f"num and batch_size must be >= 1, got {num} and {batch_size}"
+    )
   if not pipe.can_decode:
     raise UserError(
-        f"decoding {pipe.config.autoencoder.name!r} latents needs its "
-        "autoencoder (--autoencoder_path=DIR, a diffusers directory)")
-  settings = pipe.settings(num_steps, cfg_scale, guidance_interval,
-                           stochasticity, mode)
+      f"decoding {pipe.config.autoencoder.name!r} latents needs its "
+      "autoencoder (--autoencoder_path=DIR, a diffusers directory)"
+    )
+  settings = pipe.settings(
+    num_steps, cfg_scale, guidance_interval, stochasticity, mode
+  )
   size = int(pipe.config.sample.image_size)
-  h, w = ((size, size) if not (height or width) else pipe.network_size(
-      height or size * pipe.downsample, width or size * pipe.downsample))
+  h, w = (
+    (size, size)
+    if not (height or width)
+    else pipe.network_size(
+      height or size * pipe.downsample, width or size * pipe.downsample
+    )
+  )
   out_dir = os.path.dirname(os.path.abspath(out))
   if not os.access(out_dir, os.W_OK):
     raise UserError(f"cannot write to {out_dir} (for --out={out})")
@@ -64,26 +89,41 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
     num_classes = pipe.model_config.num_classes
   elif not prompts:
     raise ValueError("a text-to-image model needs --prompt (repeatable)")
-  mesh = sharding.make_mesh({"data": jax.local_device_count()},
-                            devices=jax.local_devices())
+  mesh = sharding.make_mesh(
+    {"data": jax.local_device_count()}, devices=jax.local_devices()
+  )
   params = jax.device_put(pipe.params, sharding.replicated(mesh))
-  prompt_cond = (pipe.conditions(list(prompts))[0] if pipe.kind == "t2i"
-                 else None)
-  batches = [range(s, min(s + batch_size, num))
-             for s in range(0, num, batch_size)]
-  meta = dict(num=num, seed=seed, settings=str(settings), size=[h, w],
-              prompts=list(prompts))
-  work = resumable.Parts(out + ".parts", "batch", [len(r) for r in batches],
-                         meta=meta, process_index=process_index,
-                         process_count=process_count, desc="generating",
-                         progress=progress)
+  prompt_cond = (
+    pipe.conditions(list(prompts))[0] if pipe.kind == "t2i" else None
+  )
+  batches = [
+    range(s, min(s + batch_size, num)) for s in range(0, num, batch_size)
+  ]
+  meta = dict(
+    num=num,
+    seed=seed,
+    settings=str(settings),
+    size=[h, w],
+    prompts=list(prompts),
+  )
+  work = resumable.Parts(
+    out + ".parts",
+    "batch",
+    [len(r) for r in batches],
+    meta=meta,
+    process_index=process_index,
+    process_count=process_count,
+    desc="generating",
+    progress=progress,
+  )
   key = jax.random.key(seed)
   shards = sharding.data_shards(mesh)
   # Pad every batch to one shape that the devices divide: one compile.
   padded = -(-batch_size // shards) * shards
   shape = (h, w, pipe.model_config.in_channels)
-  draw_noise = jax.jit(jax.vmap(lambda i: jax.random.normal(
-      jax.random.fold_in(key, i), shape)))  # One compile for every batch.
+  draw_noise = jax.jit(
+    jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))
+  )  # One compile for every batch.
   for b in work.todo():
     r = batches[b]
     idx = np.arange(r.start, r.stop)
@@ -95,23 +135,33 @@ def generate(pipe, *, num: int, out: str, num_steps: int, seed: int = 0,
     else:
       cls = take % len(prompts)
       cond = jax.tree.map(lambda c: np.asarray(c)[cls], prompt_cond)
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh,
-                                                              np.ndim(x)))
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
     cond = jax.tree.map(put, cond)
-    x = pipe.sample(put(noise), cond, pipe.null_like(cond),
-                    num_steps=settings.num_steps,
-                    cfg_scale=settings.cfg_scale,
-                    guidance_interval=settings.guidance_interval,
-                    stochasticity=settings.stochasticity,
-                    rng=jax.random.fold_in(jax.random.fold_in(key, 2), b),
-                    mode=settings.mode, params=params)
-    pixels = pipe.decode(np.asarray(jax.device_get(x))[:len(idx)])
+    x = pipe.sample(
+      put(noise),
+      cond,
+      pipe.null_like(cond),
+      num_steps=settings.num_steps,
+      cfg_scale=settings.cfg_scale,
+      guidance_interval=settings.guidance_interval,
+      stochasticity=settings.stochasticity,
+      rng=jax.random.fold_in(jax.random.fold_in(key, 2), b),
+      mode=settings.mode,
+      params=params,
+    )
+    pixels = pipe.decode(np.asarray(jax.device_get(x))[: len(idx)])
     if not np.isfinite(pixels).all():
       raise FloatingPointError(
-          f"batch {b} (images {r.start}-{r.stop - 1}) decoded to non-finite "
-          "values: the checkpoint's weights are not usable")
-    work.save(b, dict(images=images.to_uint8(pixels, pipe.kind),
-                      labels=np.asarray(cls[:len(idx)], np.int64)))
+        f"batch {b} (images {r.start}-{r.stop - 1}) decoded to non-finite "
+        "values: the checkpoint's weights are not usable"
+      )
+    work.save(
+      b,
+      dict(
+        images=images.to_uint8(pixels, pipe.kind),
+        labels=np.asarray(cls[: len(idx)], np.int64),
+      ),
+    )
   if not work.finish(barrier):
     return None
   arrays, labels = [], []

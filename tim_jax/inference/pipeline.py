@@ -20,24 +20,25 @@ compile once and use the same code as the sampling command.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import itertools
 import os
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
+from flax import nnx
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from tim_jax import autoencoders
 from tim_jax.config import builders, config_base
 from tim_jax.core import images
 from tim_jax.core.errors import UserError
+from tim_jax.data import kinds
 from tim_jax.method import sampling
 from tim_jax.weights import checkpoint, convert
-from tim_jax.data import kinds
 
 OFFICIAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 FORMATS = ("tim_jax", "official")
@@ -50,9 +51,10 @@ class NonFiniteSamplesError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
   """Where weights are: a tim_jax checkpoint step or an official file."""
+
   format: str  # One of FORMATS.
   path: str  # The checkpoints directory, or the official file.
-  step: Optional[int] = None
+  step: int | None = None
 
 
 def resolve(path: str) -> CheckpointRef:
@@ -61,25 +63,34 @@ def resolve(path: str) -> CheckpointRef:
     raise ValueError("a checkpoint path is required")
   if os.path.isfile(path):
     if not path.endswith(OFFICIAL_SUFFIXES):
-      raise ValueError(f"{path} is a file but not an official checkpoint "
-                       f"({', '.join(OFFICIAL_SUFFIXES)})")
+      raise ValueError(
+        f"{path} is a file but not an official checkpoint "
+        f"({', '.join(OFFICIAL_SUFFIXES)})"
+      )
     return CheckpointRef("official", path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
-  if os.path.isdir(os.path.join(path, "state")) and os.path.basename(
-      path).isdigit():
-    return CheckpointRef("tim_jax", os.path.dirname(path),
-                         int(os.path.basename(path)))
-  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()
-                 and os.path.isdir(os.path.join(path, d, "state")))
+  if (
+    os.path.isdir(os.path.join(path, "state"))
+    and os.path.basename(path).isdigit()
+  ):
+    return CheckpointRef(
+      "tim_jax", os.path.dirname(path), int(os.path.basename(path))
+    )
+  steps = sorted(
+    int(d)
+    for d in os.listdir(path)
+    if d.isdigit() and os.path.isdir(os.path.join(path, d, "state"))
+  )
   if not steps:
     raise FileNotFoundError(
-        f"{path} holds no tim_jax checkpoint (no <step>/state directory); "
-        "pass a run's workdir, its checkpoints directory, one step's "
-        f"directory, or an official {'/'.join(OFFICIAL_SUFFIXES)} file")
+      f"{path} holds no tim_jax checkpoint (no <step>/state directory); "
+      "pass a run's workdir, its checkpoints directory, one step's "
+      f"directory, or an official {'/'.join(OFFICIAL_SUFFIXES)} file"
+    )
   return CheckpointRef("tim_jax", path, steps[-1])
 
 
@@ -95,8 +106,10 @@ def saved_config(ref: CheckpointRef) -> dict:
   finally:
     reader.close()
   if saved is None:
-    raise FileNotFoundError(f"the checkpoint {ref.path} step {ref.step} has "
-                            "no saved config; pass a config")
+    raise FileNotFoundError(
+      f"the checkpoint {ref.path} step {ref.step} has "
+      "no saved config; pass a config"
+    )
   return saved
 
 
@@ -111,14 +124,17 @@ def config_from_checkpoint(ref: CheckpointRef) -> ml_collections.ConfigDict:
 def _single_device(abstract):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      abstract)
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+  )
 
 
-def load(checkpoint_path: str, config=None,
-         autoencoder_path: Optional[str] = None,
-         text_encoder_path: Optional[str] = None,
-         weights: str = "ema") -> "Pipeline":
+def load(
+  checkpoint_path: str,
+  config=None,
+  autoencoder_path: str | None = None,
+  text_encoder_path: str | None = None,
+  weights: str = "ema",
+) -> Pipeline:
   """A pipeline with a checkpoint's weights.
 
   A tim_jax checkpoint gives its EMA weights (``weights="params"``: the
@@ -132,14 +148,18 @@ def load(checkpoint_path: str, config=None,
   """
   ref = resolve(checkpoint_path)
   if ref.format == "official" and weights != "ema":
-    raise ValueError(f"{ref.path} is an official file, which holds one set "
-                     f"of weights; weights={weights!r} reads tim_jax "
-                     "checkpoints only")
+    raise ValueError(
+      f"{ref.path} is an official file, which holds one set "
+      f"of weights; weights={weights!r} reads tim_jax "
+      "checkpoints only"
+    )
   if config is None:
     if ref.format == "official":
-      raise ValueError("an official checkpoint needs a config (the "
-                       "architecture is not stored in the file); pass "
-                       "--config")
+      raise ValueError(
+        "an official checkpoint needs a config (the "
+        "architecture is not stored in the file); pass "
+        "--config"
+      )
     config = config_from_checkpoint(ref)
   if autoencoder_path or text_encoder_path:
     config = ml_collections.ConfigDict(config.to_dict())
@@ -154,20 +174,25 @@ def load(checkpoint_path: str, config=None,
     report = convert.load_state_dict(model, convert.read_state_dict(ref.path))
     if report.unexpected:
       raise ValueError(
-          f"{ref.path} holds {len(report.unexpected)} parameters this config"
-          f"'s model does not have, e.g. {report.unexpected[:5]}: the "
-          "checkpoint is of another architecture")
+        f"{ref.path} holds {len(report.unexpected)} parameters this config"
+        f"'s model does not have, e.g. {report.unexpected[:5]}: the "
+        "checkpoint is of another architecture"
+      )
     pipe.params = nnx.state(model, nnx.Param)
     return pipe
   problems = checkpoint.architecture_differences(
-      saved_config(ref), config_base.to_json(config))
+    saved_config(ref), config_base.to_json(config)
+  )
   if problems:
-    raise ValueError(f"the checkpoint {ref.path} (step {ref.step}) does not"
-                     f" fit this config: {'; '.join(problems)}")
+    raise ValueError(
+      f"the checkpoint {ref.path} (step {ref.step}) does not"
+      f" fit this config: {'; '.join(problems)}"
+    )
   reader = _reader(ref)
   try:
     pipe.params = reader.restore_weights(
-        ref.step, _single_device(pipe.abstract_params), weights)
+      ref.step, _single_device(pipe.abstract_params), weights
+    )
   finally:
     reader.close()
   return pipe
@@ -191,6 +216,7 @@ def _report(step, call_id):
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
   """What a compiled sampler is specialised on (its cache key)."""
+
   num_steps: int
   cfg_scale: float = 1.0
   guidance_interval: tuple = (0.0, 1.0)
@@ -220,20 +246,22 @@ class Pipeline:
 
   @property
   def kind(self) -> str:
-    """"c2i" or "t2i"."""
+    """ "c2i" or "t2i"."""
     return self.model_config.kind
 
   @property
   def abstract_params(self):
     """The parameters' shapes and dtypes (no memory)."""
-    return nnx.state(nnx.eval_shape(lambda: builders.new_model(self.config)),
-                     nnx.Param)
+    return nnx.state(
+      nnx.eval_shape(lambda: builders.new_model(self.config)), nnx.Param
+    )
 
   def _params(self, params):
     params = self.params if params is None else params
     if params is None:
-      raise ValueError("this pipeline has no weights: pass params= or use "
-                       "inference.load")
+      raise ValueError(
+        "this pipeline has no weights: pass params= or use inference.load"
+      )
     return params
 
   def model(self, params=None) -> nnx.Module:
@@ -251,53 +279,72 @@ class Pipeline:
     """The null conditioning (for guidance) matching ``cond``."""
     return self.conditioner.null_like(cond)
 
-  def conditions(self, prompts: Sequence[str] = (),
-                 labels: Sequence[int] = ()):
+  def conditions(self, prompts: Sequence[str] = (), labels: Sequence[int] = ()):
     """(conditioning with a batch axis, the names of its rows); with
     neither, the config's ``sample.prompts`` or ``sample.labels``."""
     s = self.config.sample
     if self.kind == "c2i":
       if prompts:
-        raise ValueError("--prompt is for text-to-image models; this is a "
-                         "class-conditional model: use --labels")
-      labels = list(labels) or list(s.labels) or list(
-          range(min(s.num, self.model_config.num_classes)))
+        raise ValueError(
+          "--prompt is for text-to-image models; this is a "
+          "class-conditional model: use --labels"
+        )
+      labels = (
+        list(labels)
+        or list(s.labels)
+        or list(range(min(s.num, self.model_config.num_classes)))
+      )
       from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
-      return (self.conditioner.from_labels(labels),
-              kinds.label_names(self.config, labels))
+
+      return (
+        self.conditioner.from_labels(labels),
+        kinds.label_names(self.config, labels),
+      )
     if labels:
-      raise ValueError("--labels is for class-conditional models; this is a "
-                       "text-to-image model: use --prompt")
+      raise ValueError(
+        "--labels is for class-conditional models; this is a "
+        "text-to-image model: use --prompt"
+      )
     prompts = list(prompts) or list(s.prompts)
     if not prompts:
-      raise ValueError("no prompt given and the config has no "
-                       "sample.prompts")
+      raise ValueError("no prompt given and the config has no sample.prompts")
     return self.conditioner.from_prompts(prompts), prompts
 
   # --- sampling -----------------------------------------------------------------
 
-  def settings(self, num_steps: int, cfg_scale: Optional[float] = None,
-               guidance_interval: Optional[Sequence[float]] = None,
-               stochasticity: float = 0.0, mode: Optional[str] = None,
-               with_progress: bool = False) -> SamplerSettings:
+  def settings(
+    self,
+    num_steps: int,
+    cfg_scale: float | None = None,
+    guidance_interval: Sequence[float] | None = None,
+    stochasticity: float = 0.0,
+    mode: str | None = None,
+    with_progress: bool = False,
+  ) -> SamplerSettings:
     """Validated settings; None means the config's ``sample.*`` value."""
     s = self.config.sample
     mode = mode or s.mode
-    interval = s.guidance_interval if guidance_interval is None else (
-        guidance_interval)
+    interval = (
+      s.guidance_interval if guidance_interval is None else (guidance_interval)
+    )
     num_steps, interval = sampling.check_settings(
-        num_steps, interval, stochasticity, mode)
+      num_steps, interval, stochasticity, mode
+    )
     cfg_scale = float(s.cfg_scale if cfg_scale is None else cfg_scale)
     if not cfg_scale >= 1.0:
       # The sampler guides only above 1 (as the official one does): a scale
       # below would be silently ignored.
-      raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance), got "
-                       f"{cfg_scale}")
+      raise ValueError(
+        f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}"
+      )
     return SamplerSettings(
-        num_steps=num_steps,
-        cfg_scale=cfg_scale,
-        guidance_interval=interval, stochasticity=float(stochasticity),
-        mode=mode, with_progress=with_progress)
+      num_steps=num_steps,
+      cfg_scale=cfg_scale,
+      guidance_interval=interval,
+      stochasticity=float(stochasticity),
+      mode=mode,
+      with_progress=with_progress,
+    )
 
   def compiled_sampler(self, settings: SamplerSettings) -> Callable:
     """``fn(params, noise, cond, null, rng, call_id) -> samples``, jitted
@@ -309,29 +356,52 @@ class Pipeline:
         def run(params, noise, cond, null, rng, call_id):
           model = nnx.merge(graphdef, params)
           return sampling.sample(
-              lambda x, t, r, y: model(x, t, r, y), noise, cond, null,
-              transport=transport, num_steps=settings.num_steps,
-              cfg_scale=settings.cfg_scale,
-              guidance_interval=settings.guidance_interval,
-              stochasticity=settings.stochasticity, rng=rng,
-              mode=settings.mode,
-              progress=_report if settings.with_progress else None,
-              progress_tag=call_id if settings.with_progress else None)
+            lambda x, t, r, y: model(x, t, r, y),
+            noise,
+            cond,
+            null,
+            transport=transport,
+            num_steps=settings.num_steps,
+            cfg_scale=settings.cfg_scale,
+            guidance_interval=settings.guidance_interval,
+            stochasticity=settings.stochasticity,
+            rng=rng,
+            mode=settings.mode,
+            progress=_report if settings.with_progress else None,
+            progress_tag=call_id if settings.with_progress else None,
+          )
+
         self._samplers[settings] = jax.jit(run)
       return self._samplers[settings]
 
-  def sample(self, noise, cond, null=None, *, num_steps: int,
-             cfg_scale: Optional[float] = None,
-             guidance_interval: Optional[Sequence[float]] = None,
-             stochasticity: float = 0.0, rng=None, mode: Optional[str] = None,
-             progress: Optional[Callable[[int], None]] = None, params=None):
+  def sample(
+    self,
+    noise,
+    cond,
+    null=None,
+    *,
+    num_steps: int,
+    cfg_scale: float | None = None,
+    guidance_interval: Sequence[float] | None = None,
+    stochasticity: float = 0.0,
+    rng=None,
+    mode: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    params=None,
+  ):
     """One sampler call on a batch of noise (a jax.Array, network space).
 
     ``progress(step)`` is called on the host after every step of this call
     (and only this call's). None settings take the config's ``sample.*``.
     """
-    settings = self.settings(num_steps, cfg_scale, guidance_interval,
-                             stochasticity, mode, progress is not None)
+    settings = self.settings(
+      num_steps,
+      cfg_scale,
+      guidance_interval,
+      stochasticity,
+      mode,
+      progress is not None,
+    )
     fn = self.compiled_sampler(settings)
     null = self.null_like(cond) if null is None else null
     rng = jax.random.key(0) if rng is None else rng
@@ -340,8 +410,9 @@ class Pipeline:
       with _HOOKS_LOCK:
         _HOOKS[call_id] = progress
     try:
-      out = fn(self._params(params), noise, cond, null, rng,
-               np.int32(call_id % 2**31))
+      out = fn(
+        self._params(params), noise, cond, null, rng, np.int32(call_id % 2**31)
+      )
       if progress is not None:
         out = jax.block_until_ready(out)
         jax.effects_barrier()  # Every step reported before the hook goes.
@@ -351,15 +422,26 @@ class Pipeline:
         with _HOOKS_LOCK:
           _HOOKS.pop(call_id, None)
 
-  def generate(self, cond, *, num_steps: int, num: int = 1,
-               cfg_scale: Optional[float] = None,
-               guidance_interval: Optional[Sequence[float]] = None,
-               stochasticity: float = 0.0, seed: int = 0,
-               batch_size: int = 64, mode: Optional[str] = None,
-               image_size: Optional[int] = None,
-               height: Optional[int] = None, width: Optional[int] = None,
-               progress: bool = False, desc: str = "sampling",
-               params=None, check_finite: bool = True) -> np.ndarray:
+  def generate(
+    self,
+    cond,
+    *,
+    num_steps: int,
+    num: int = 1,
+    cfg_scale: float | None = None,
+    guidance_interval: Sequence[float] | None = None,
+    stochasticity: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    mode: str | None = None,
+    image_size: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = False,
+    desc: str = "sampling",
+    params=None,
+    check_finite: bool = True,
+  ) -> np.ndarray:
     """``num`` samples per row of ``cond`` (row-major: all of row 0 first),
     in network space (pixels in [-1, 1] for pixel models), as numpy.
 
@@ -369,8 +451,9 @@ class Pipeline:
     ``check_finite`` a batch holding a non-finite value raises
     ``NonFiniteSamplesError`` at once (diverged or damaged weights).
     """
-    settings = self.settings(num_steps, cfg_scale, guidance_interval,
-                             stochasticity, mode)
+    settings = self.settings(
+      num_steps, cfg_scale, guidance_interval, stochasticity, mode
+    )
     if num < 1:
       raise ValueError(f"num must be >= 1, got {num}")
     if batch_size < 1:
@@ -379,57 +462,78 @@ class Pipeline:
     height, width = int(height or size), int(width or size)
     patch = self.model_config.patch_size
     if height % patch or width % patch or min(height, width) < patch:
-      raise ValueError(f"the network-space size {height}x{width} must be a "
-                       f"positive multiple of the patch size {patch}")
+      raise ValueError(
+        f"the network-space size {height}x{width} must be a "
+        f"positive multiple of the patch size {patch}"
+      )
     rows = jax.tree.leaves(cond)[0].shape[0]
     total = rows * num
     index = np.repeat(np.arange(rows), num)
     all_cond = jax.tree.map(lambda c: np.asarray(c)[index], cond)
     shape = (height, width, self.model_config.in_channels)
     base = jax.random.key(seed)
-    draw = jax.jit(jax.vmap(lambda i: jax.random.normal(
-        jax.random.fold_in(base, i), shape)))
+    draw = jax.jit(
+      jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), shape))
+    )
     bs = min(int(batch_size), total)
 
     bar = None
     if progress:
       from tqdm.auto import tqdm
+
       batches = -(-total // bs)
-      bar = tqdm(total=batches * settings.num_steps, desc=desc, unit="step",
-                 leave=False)
+      bar = tqdm(
+        total=batches * settings.num_steps, desc=desc, unit="step", leave=False
+      )
     update = (lambda _: bar.update(1)) if bar is not None else None
     out = []
     try:
       for start in range(0, total, bs):
         stop = min(start + bs, total)
         pad = bs - (stop - start)
-        take = np.concatenate([np.arange(start, stop),
-                               np.full(pad, stop - 1, np.int64)])
+        take = np.concatenate(
+          [np.arange(start, stop), np.full(pad, stop - 1, np.int64)]
+        )
         batch_cond = jax.tree.map(lambda c: c[take], all_cond)
         rng = jax.random.fold_in(jax.random.key(seed + 1), start)
         images = self.sample(
-            draw(take), batch_cond, num_steps=settings.num_steps,
-            cfg_scale=settings.cfg_scale,
-            guidance_interval=settings.guidance_interval,
-            stochasticity=settings.stochasticity, rng=rng,
-            mode=settings.mode, progress=update, params=params)
-        out.append(np.asarray(jax.device_get(images))[:bs - pad])
+          draw(take),
+          batch_cond,
+          num_steps=settings.num_steps,
+          cfg_scale=settings.cfg_scale,
+          guidance_interval=settings.guidance_interval,
+          stochasticity=settings.stochasticity,
+          rng=rng,
+          mode=settings.mode,
+          progress=update,
+          params=params,
+        )
+        out.append(np.asarray(jax.device_get(images))[: bs - pad])
         if check_finite and not np.isfinite(out[-1]).all():
-          bad = int((~np.isfinite(out[-1])).reshape(len(out[-1]), -1)
-                    .any(axis=1).sum())
+          bad = int(
+            (~np.isfinite(out[-1])).reshape(len(out[-1]), -1).any(axis=1).sum()
+          )
           raise NonFiniteSamplesError(
-              f"{bad} of the {len(out[-1])} samples of images {start}-"
-              f"{stop - 1} hold non-finite values: the weights are diverged "
-              "or damaged")
+            f"{bad} of the {len(out[-1])} samples of images {start}-"
+            f"{stop - 1} hold non-finite values: the weights are diverged "
+            "or damaged"
+          )
     finally:
       if bar is not None:
         bar.close()
     return np.concatenate(out)
 
-  def __call__(self, prompts: Sequence[str] = (), labels: Sequence[int] = (),
-               *, num_steps: int, num_per_prompt: int = 1,
-               height: Optional[int] = None, width: Optional[int] = None,
-               **sampler) -> np.ndarray:
+  def __call__(
+    self,
+    prompts: Sequence[str] = (),
+    labels: Sequence[int] = (),
+    *,
+    num_steps: int,
+    num_per_prompt: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    **sampler,
+  ) -> np.ndarray:
     """Prompts or labels to pictures in one call: uint8 (N, H, W, 3),
     ``num_per_prompt`` per prompt or label (all of the first one first).
 
@@ -440,16 +544,17 @@ class Pipeline:
     """
     if not self.can_decode:
       raise UserError(
-          f"decoding {self.config.autoencoder.name!r} latents needs the "
-          "autoencoder: load with autoencoder_path=DIR, or use generate() "
-          "for the latents")
+        f"decoding {self.config.autoencoder.name!r} latents needs the "
+        "autoencoder: load with autoencoder_path=DIR, or use generate() "
+        "for the latents"
+      )
     cond, _ = self.conditions(prompts, labels)
     if height or width:
       side = int(self.config.sample.image_size) * self.downsample
       sampler["height"], sampler["width"] = self.network_size(
-          height or side, width or side)
-    x = self.generate(cond, num_steps=num_steps, num=num_per_prompt,
-                      **sampler)
+        height or side, width or side
+      )
+    x = self.generate(cond, num_steps=num_steps, num=num_per_prompt, **sampler)
     return images.to_uint8(self.decode(x), self.kind)
 
   # --- decoding -------------------------------------------------------------------
@@ -478,10 +583,11 @@ class Pipeline:
     step = factor * self.model_config.patch_size
     if height % step or width % step or min(height, width) < step:
       raise ValueError(
-          f"{height}x{width} pixels: with autoencoder {a.name!r} "
-          f"(downsampling {factor}) and patch size "
-          f"{self.model_config.patch_size}, height and width must be "
-          f"positive multiples of {step}")
+        f"{height}x{width} pixels: with autoencoder {a.name!r} "
+        f"(downsampling {factor}) and patch size "
+        f"{self.model_config.patch_size}, height and width must be "
+        f"positive multiples of {step}"
+      )
     return height // factor, width // factor
 
   @property
@@ -502,10 +608,9 @@ class Pipeline:
     bs = max(1, min(int(self.config.autoencoder.batch_size), len(x)))
     out = []
     for start in range(0, len(x), bs):
-      chunk = x[start:start + bs]
+      chunk = x[start : start + bs]
       n = len(chunk)
       if n < bs:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, 0)])
-      out.append(np.asarray(jax.device_get(ae.decode(chunk)),
-                            np.float32)[:n])
+      out.append(np.asarray(jax.device_get(ae.decode(chunk)), np.float32)[:n])
     return np.concatenate(out)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Tuple
 
 import numpy as np
 
@@ -35,26 +34,34 @@ LAYOUTS = ("geneval", "dpg")
 PER_PROMPT = 4  # Both evaluators read four images per prompt.
 
 
-def read(spec: str) -> Tuple[str, List[dict]]:
+def read(spec: str) -> tuple[str, list[dict]]:
   """``"geneval:FILE"`` or ``"dpg:DIR"`` -> (layout, items); each item has
   ``prompt`` (as the model receives it), ``name`` (its output) and, for
   GenEval, ``metadata``."""
   layout, sep, path = spec.partition(":")
   if not sep or layout not in LAYOUTS:
-    raise ValueError(f"--prompt_set must be LAYOUT:PATH with LAYOUT one of "
-                     f"{LAYOUTS}, got {spec!r}")
+    raise ValueError(
+      f"--prompt_set must be LAYOUT:PATH with LAYOUT one of "
+      f"{LAYOUTS}, got {spec!r}"
+    )
   items = []
   if layout == "geneval":
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"GenEval metadata {path!r} does not exist "
-                              "(evaluation_metadata.jsonl)")
+      raise FileNotFoundError(
+        f"GenEval metadata {path!r} does not exist (evaluation_metadata.jsonl)"
+      )
     with open(path, encoding="utf-8") as f:
       for n, line in enumerate(l for l in f if l.strip()):
         meta = json.loads(line)
         if not isinstance(meta.get("prompt"), str):
           raise ValueError(f"{path}: entry {n} has no 'prompt'")
-        items.append(dict(prompt=conditioning.escape_unicode(meta["prompt"]),
-                          name=f"{n:05d}", metadata=meta))
+        items.append(
+          dict(
+            prompt=conditioning.escape_unicode(meta["prompt"]),
+            name=f"{n:05d}",
+            metadata=meta,
+          )
+        )
   else:
     if not os.path.isdir(path):
       raise FileNotFoundError(f"DPG-Bench prompts {path!r} is not a folder")
@@ -84,18 +91,28 @@ def write(layout: str, out_dir: str, item: dict, pictures: np.ndarray):
     return
   folder = os.path.join(out_dir, item["name"])
   os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-  with open(os.path.join(folder, "metadata.jsonl"), "w",
-            encoding="utf-8") as f:
+  with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
     json.dump(item["metadata"], f)
   for k, picture in enumerate(pictures):
     images.save_png(os.path.join(folder, "samples", f"{k:05d}.png"), picture)
   images.save_png(os.path.join(folder, "grid.png"), two_by_two)
 
 
-def run(pipe, spec: str, out_dir: str, *, num_steps: int,
-        cfg_scale=None, guidance_interval=None, stochasticity: float = 0.0,
-        seed: int = 0, batch_size: int = 32, height=None, width=None,
-        mode=None) -> Tuple[int, int]:
+def run(
+  pipe,
+  spec: str,
+  out_dir: str,
+  *,
+  num_steps: int,
+  cfg_scale=None,
+  guidance_interval=None,
+  stochasticity: float = 0.0,
+  seed: int = 0,
+  batch_size: int = 32,
+  height=None,
+  width=None,
+  mode=None,
+) -> tuple[int, int]:
   """Samples the prompt set into ``out_dir``; returns (prompts written,
   prompts already there)."""
   if pipe.kind != "t2i":
@@ -104,25 +121,36 @@ def run(pipe, spec: str, out_dir: str, *, num_steps: int,
   os.makedirs(out_dir, exist_ok=True)
   if not os.access(out_dir, os.W_OK):
     raise ValueError(f"cannot write to {out_dir}")
-  batches = [items[s:s + batch_size] for s in range(0, len(items),
-                                                    batch_size)]
+  batches = [
+    items[s : s + batch_size] for s in range(0, len(items), batch_size)
+  ]
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
   written = skipped = 0
-  for b, batch in enumerate(tqdm(batches, desc=f"{layout} prompts",
-                                 unit="batch")):
+  for b, batch in enumerate(
+    tqdm(batches, desc=f"{layout} prompts", unit="batch")
+  ):
     if all(done(layout, out_dir, item) for item in batch):
       skipped += len(batch)
       continue
     cond, _ = pipe.conditions([item["prompt"] for item in batch])
     latents = pipe.generate(
-        cond, num_steps=num_steps, num=PER_PROMPT, cfg_scale=cfg_scale,
-        guidance_interval=guidance_interval, stochasticity=stochasticity,
-        seed=seed * 1_000_003 + b, batch_size=len(batch) * PER_PROMPT,
-        mode=mode, height=height, width=width)
+      cond,
+      num_steps=num_steps,
+      num=PER_PROMPT,
+      cfg_scale=cfg_scale,
+      guidance_interval=guidance_interval,
+      stochasticity=stochasticity,
+      seed=seed * 1_000_003 + b,
+      batch_size=len(batch) * PER_PROMPT,
+      mode=mode,
+      height=height,
+      width=width,
+    )
     pictures = images.to_uint8(pipe.decode(latents), "t2i")
     for i, item in enumerate(batch):
-      write(layout, out_dir, item,
-            pictures[i * PER_PROMPT:(i + 1) * PER_PROMPT])
+      write(
+        layout, out_dir, item, pictures[i * PER_PROMPT : (i + 1) * PER_PROMPT]
+      )
       written += 1
   return written, skipped
-

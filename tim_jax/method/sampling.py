@@ -21,7 +21,8 @@ grid and fed to the scan as data, so nothing is retraced per step.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,12 @@ PyTree = Any
 MODES = ("transition", "diffusion")
 
 
-def check_settings(num_steps, guidance_interval: Sequence[float] = (0.0, 1.0),
-                   stochasticity: float = 0.0, mode: str = "transition"):
+def check_settings(
+  num_steps,
+  guidance_interval: Sequence[float] = (0.0, 1.0),
+  stochasticity: float = 0.0,
+  mode: str = "transition",
+):
   """Validates sampler settings (the one place that does); returns
   ``(num_steps, (low, high))`` normalised.
 
@@ -43,13 +48,16 @@ def check_settings(num_steps, guidance_interval: Sequence[float] = (0.0, 1.0),
   ``0 <= low <= high``; the bounds are strict, so ``high > 1`` also guides
   the first step at t = T_max.
   """
-  if (isinstance(num_steps, bool) or int(num_steps) != num_steps
-      or num_steps < 1):
+  if (
+    isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1
+  ):
     raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
   interval = tuple(float(v) for v in guidance_interval)
   if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1]:
-    raise ValueError("guidance_interval must be (low, high) with 0 <= low <= "
-                     f"high, got {tuple(guidance_interval)}")
+    raise ValueError(
+      "guidance_interval must be (low, high) with 0 <= low <= "
+      f"high, got {tuple(guidance_interval)}"
+    )
   if stochasticity < 0:
     raise ValueError(f"stochasticity must be >= 0, got {stochasticity}")
   if mode not in MODES:
@@ -57,42 +65,65 @@ def check_settings(num_steps, guidance_interval: Sequence[float] = (0.0, 1.0),
   return int(num_steps), interval
 
 
-def step_schedule(transport, num_steps: int, cfg_scale: float = 1.0,
-                  guidance_interval: Sequence[float] = (0.0, 1.0),
-                  stochasticity: float = 0.0, mode: str = "transition"):
+def step_schedule(
+  transport,
+  num_steps: int,
+  cfg_scale: float = 1.0,
+  guidance_interval: Sequence[float] = (0.0, 1.0),
+  stochasticity: float = 0.0,
+  mode: str = "transition",
+):
   """The static plan of a sampling run, as numpy arrays.
 
   Returns a dict with ``t_cur``, ``t_next``, ``r`` (what the network gets as
   r), ``guided`` and ``stochastic`` (booleans per step).
   """
   num_steps, guidance_interval = check_settings(
-      num_steps, guidance_interval, stochasticity, mode)
-  grid = np.asarray(transports_lib.time_grid(transport, num_steps,
-                                             np.float64))
+    num_steps, guidance_interval, stochasticity, mode
+  )
+  grid = np.asarray(transports_lib.time_grid(transport, num_steps, np.float64))
   t_cur, t_next = grid[:-1], grid[1:]
   low, high = guidance_interval
   low, high = low * transport.T_max, high * transport.T_max
   guided = (cfg_scale > 1.0) & (t_cur > low) & (t_cur < high)
-  stochastic = ((stochasticity > 0.0) & (t_cur < transport.T_max)
-                & (t_next > transport.T_min))
+  stochastic = (
+    (stochasticity > 0.0)
+    & (t_cur < transport.T_max)
+    & (t_next > transport.T_min)
+  )
   r = t_next if mode == "transition" else t_cur
-  return dict(t_cur=t_cur, t_next=t_next, r=r, guided=guided,
-              stochastic=stochastic)
+  return dict(
+    t_cur=t_cur, t_next=t_next, r=r, guided=guided, stochastic=stochastic
+  )
 
 
 def _concat(a, b):
-  return jax.tree.map(lambda u, v: jnp.concatenate(
-      [u, jnp.broadcast_to(v, u.shape).astype(u.dtype)], axis=0), a, b)
+  return jax.tree.map(
+    lambda u, v: jnp.concatenate(
+      [u, jnp.broadcast_to(v, u.shape).astype(u.dtype)], axis=0
+    ),
+    a,
+    b,
+  )
 
 
-def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
-           *, transport: transports_lib.Transport, num_steps: int,
-           cfg_scale: float = 1.0,
-           guidance_interval: Sequence[float] = (0.0, 1.0),
-           stochasticity: float = 0.0, rng: Optional[jax.Array] = None,
-           return_trajectory: bool = False, mode: str = "transition",
-           progress: Optional[Callable[..., None]] = None,
-           progress_tag: Optional[jax.Array] = None):
+def sample(
+  fn: Callable,
+  noise: jax.Array,
+  cond: PyTree,
+  null_cond: PyTree,
+  *,
+  transport: transports_lib.Transport,
+  num_steps: int,
+  cfg_scale: float = 1.0,
+  guidance_interval: Sequence[float] = (0.0, 1.0),
+  stochasticity: float = 0.0,
+  rng: jax.Array | None = None,
+  return_trajectory: bool = False,
+  mode: str = "transition",
+  progress: Callable[..., None] | None = None,
+  progress_tag: jax.Array | None = None,
+):
   """Samples from noise in ``num_steps`` network evaluations (x2 with CFG).
 
   Args:
@@ -119,17 +150,19 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
     The final state, or (final state, trajectory (N + 1, B, H, W, C)).
   """
   num_steps, guidance_interval = check_settings(
-      num_steps, guidance_interval, stochasticity, mode)
+    num_steps, guidance_interval, stochasticity, mode
+  )
   if stochasticity > 0 and not transport.supports_stochastic:
     raise ValueError(
-        f"stochastic sampling is defined only for OT-FM, not {transport.name}")
+      f"stochastic sampling is defined only for OT-FM, not {transport.name}"
+    )
   if stochasticity > 0 and rng is None:
     raise ValueError("stochasticity > 0 needs rng")
-  plan = step_schedule(transport, num_steps, cfg_scale, guidance_interval,
-                       stochasticity, mode)
+  plan = step_schedule(
+    transport, num_steps, cfg_scale, guidance_interval, stochasticity, mode
+  )
   state_dtype = numerics.wide(noise.dtype)
-  time_dtype = (jnp.float64 if jax.config.read("jax_enable_x64")
-                else jnp.float32)
+  time_dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
   batch = noise.shape[0]
   any_guided = bool(plan["guided"].any())
   any_stochastic = bool(plan["stochastic"].any())
@@ -145,10 +178,15 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
 
     def with_cfg():
       x2 = jnp.concatenate([x, x], axis=0)
-      out = fn(x2, jnp.concatenate([t_in, t_in]),
-               jnp.concatenate([r_in, r_in]), both_cond).astype(state_dtype)
+      out = fn(
+        x2,
+        jnp.concatenate([t_in, t_in]),
+        jnp.concatenate([r_in, r_in]),
+        both_cond,
+      ).astype(state_dtype)
       f_cond, f_uncond = out[:batch], out[batch:]
       return f_uncond + cfg_scale * (f_cond - f_uncond)
+
     return jax.lax.cond(guided, with_cfg, plain)
 
   def step(x, xs):
@@ -159,27 +197,36 @@ def sample(fn: Callable, noise: jax.Array, cond: PyTree, null_cond: PyTree,
       key = jax.random.fold_in(rng, i)
       ratio = jnp.where(stochastic, stochasticity, 0.0).astype(state_dtype)
       x_next = jax.lax.cond(
-          stochastic,
-          lambda: transport.stochastic_transition(x, t_b, n_b, f, ratio, key),
-          lambda: transport.transition(x, t_b, n_b, f))
+        stochastic,
+        lambda: transport.stochastic_transition(x, t_b, n_b, f, ratio, key),
+        lambda: transport.transition(x, t_b, n_b, f),
+      )
     else:
       x_next = transport.transition(x, t_b, n_b, f)
     if progress is not None:
       # Passing one element of the new state makes the call wait for the
       # step, so the bar follows the computation.
       if progress_tag is None:
-        jax.debug.callback(lambda i, _: progress(i), i,
-                           x_next[(0,) * x_next.ndim])
+        jax.debug.callback(
+          lambda i, _: progress(i), i, x_next[(0,) * x_next.ndim]
+        )
       else:
-        jax.debug.callback(lambda i, _, tag: progress(i, tag), i,
-                           x_next[(0,) * x_next.ndim], progress_tag)
+        jax.debug.callback(
+          lambda i, _, tag: progress(i, tag),
+          i,
+          x_next[(0,) * x_next.ndim],
+          progress_tag,
+        )
     return x_next, (x_next if return_trajectory else None)
 
-  xs = (jnp.arange(num_steps),
-        jnp.asarray(plan["t_cur"], time_dtype),
-        jnp.asarray(plan["t_next"], time_dtype),
-        jnp.asarray(plan["r"], time_dtype),
-        jnp.asarray(plan["guided"]), jnp.asarray(plan["stochastic"]))
+  xs = (
+    jnp.arange(num_steps),
+    jnp.asarray(plan["t_cur"], time_dtype),
+    jnp.asarray(plan["t_next"], time_dtype),
+    jnp.asarray(plan["r"], time_dtype),
+    jnp.asarray(plan["guided"]),
+    jnp.asarray(plan["stochastic"]),
+  )
   x0 = noise.astype(state_dtype)
   final, traj = jax.lax.scan(step, x0, xs)
   if return_trajectory:

@@ -17,8 +17,9 @@ and no resharding is needed to slice them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,7 @@ Array = jax.Array
 PyTree = Any
 
 DERIVATIVES = ("dde", "jvp")
-WEIGHT_TIME_TYPES = ("constant", "reciprocal", "sqrt", "square",
-                     "Soft-Min-SNR")
+WEIGHT_TIME_TYPES = ("constant", "reciprocal", "sqrt", "square", "Soft-Min-SNR")
 
 
 def _bcast(t, x):
@@ -41,10 +41,12 @@ def _bcast(t, x):
 
 def _rows(tree, groups, start, stop):
   """Rows [start, stop) of each of ``groups`` consecutive blocks."""
+
   def take(a):
     g = a.reshape((groups, a.shape[0] // groups) + a.shape[1:])
     g = g[:, start:stop]
     return g.reshape((-1,) + a.shape[1:])
+
   return jax.tree.map(take, tree)
 
 
@@ -57,10 +59,18 @@ def _place_rows(values, batch, groups, start, fill=0.0):
   return jnp.concatenate([pad, g], axis=1).reshape((batch,) + values.shape[1:])
 
 
-def time_derivative(fn: Callable, x: Array, z: Array, t: Array, r: Array, *,
-                    transport: transports_lib.Transport,
-                    derivative: str = "dde", epsilon: float = 0.005,
-                    cond: PyTree = None) -> Array:
+def time_derivative(
+  fn: Callable,
+  x: Array,
+  z: Array,
+  t: Array,
+  r: Array,
+  *,
+  transport: transports_lib.Transport,
+  derivative: str = "dde",
+  epsilon: float = 0.005,
+  cond: PyTree = None,
+) -> Array:
   """dF/dt of ``fn`` along the noising path (x, z fixed, r fixed), every row.
 
   ``fn(x_t, c_noise(t), c_noise(r))`` (or ``fn(.., cond)`` when ``cond`` is
@@ -79,9 +89,11 @@ def time_derivative(fn: Callable, x: Array, z: Array, t: Array, r: Array, *,
   call = fn if cond is None else (lambda a, b, c: fn(a, b, c, cond))
   r_in = transport.c_noise(r)
   if derivative == "dde":
+
     def at(tt):
       x_tt = transport.x_t(x, z, _bcast(tt, x))
       return call(x_tt, transport.c_noise(tt), r_in)
+
     plus, minus = at(t + epsilon), at(t - epsilon)
     wide = numerics.wide(plus.dtype)
     return (plus.astype(wide) - minus.astype(wide)) / (2.0 * epsilon)
@@ -92,17 +104,29 @@ def time_derivative(fn: Callable, x: Array, z: Array, t: Array, r: Array, *,
 
     def f(x_in, t_in):
       return call(x_in, transport.c_noise(t_in), r_in)
+
     _, d_f = jax.jvp(f, (x_t, t), (v_t, jnp.ones_like(t)))
     return d_f.astype(numerics.wide(d_f.dtype))
-  raise ValueError(f"derivative must be one of {DERIVATIVES}, got "
-                   f"{derivative!r}")
+  raise ValueError(
+    f"derivative must be one of {DERIVATIVES}, got {derivative!r}"
+  )
 
 
-def target(fn: Callable, x: Array, z: Array, t: Array, r: Array,
-           transport: transports_lib.Transport, derivative: str = "dde",
-           epsilon: float = 0.005, *, cond: PyTree = None,
-           num_diffusion: int = 0, groups: int = 1,
-           diffusion_target: Optional[Array] = None) -> Array:
+def target(
+  fn: Callable,
+  x: Array,
+  z: Array,
+  t: Array,
+  r: Array,
+  transport: transports_lib.Transport,
+  derivative: str = "dde",
+  epsilon: float = 0.005,
+  *,
+  cond: PyTree = None,
+  num_diffusion: int = 0,
+  groups: int = 1,
+  diffusion_target: Array | None = None,
+) -> Array:
   """The TiM regression target ``F_hat``, fully stop-gradient (the official
   ``Transport.target`` fed by ``TransitionSchedule.dde_derivative`` or
   ``jvp_derivative``).
@@ -131,23 +155,32 @@ def target(fn: Callable, x: Array, z: Array, t: Array, r: Array,
     raise ValueError(f"batch {batch} is not divisible by groups={groups}")
   per_group = batch // groups
   if not 0 <= num_diffusion <= per_group:
-    raise ValueError(f"num_diffusion={num_diffusion} must lie in "
-                     f"[0, {per_group}]")
+    raise ValueError(
+      f"num_diffusion={num_diffusion} must lie in [0, {per_group}]"
+    )
   if num_diffusion == per_group:
     d_f = jnp.zeros(x.shape, numerics.wide(x.dtype))
   else:
     sel = lambda tree: _rows(tree, groups, num_diffusion, None)
     sub_t, sub_r = sel(t), sel(r)
-    d_f = time_derivative(fn, sel(x), sel(z), sub_t, sub_r,
-                          transport=transport, derivative=derivative,
-                          epsilon=epsilon,
-                          cond=None if cond is None else sel(cond))
+    d_f = time_derivative(
+      fn,
+      sel(x),
+      sel(z),
+      sub_t,
+      sub_r,
+      transport=transport,
+      derivative=derivative,
+      epsilon=epsilon,
+      cond=None if cond is None else sel(cond),
+    )
     d_f = jnp.where(_bcast(sub_t == sub_r, d_f), 0.0, d_f)
     if num_diffusion:
       d_f = _place_rows(d_f, batch, groups, num_diffusion)
   d_f = jax.lax.stop_gradient(d_f)
-  out = transport.target(x, z, _bcast(t, x), _bcast(r, x), d_f,
-                         diffusion_target=diffusion_target)
+  out = transport.target(
+    x, z, _bcast(t, x), _bcast(r, x), d_f, diffusion_target=diffusion_target
+  )
   return jax.lax.stop_gradient(out)
 
 
@@ -182,11 +215,14 @@ class LossConfig:
 
   def __post_init__(self):
     if self.derivative not in DERIVATIVES:
-      raise ValueError(f"derivative must be one of {DERIVATIVES}, got "
-                       f"{self.derivative!r}")
+      raise ValueError(
+        f"derivative must be one of {DERIVATIVES}, got {self.derivative!r}"
+      )
     if self.weight_time_type not in WEIGHT_TIME_TYPES:
-      raise ValueError(f"weight_time_type must be one of "
-                       f"{WEIGHT_TIME_TYPES}, got {self.weight_time_type!r}")
+      raise ValueError(
+        f"weight_time_type must be one of "
+        f"{WEIGHT_TIME_TYPES}, got {self.weight_time_type!r}"
+      )
     for name in ("diffusion_ratio", "consistency_ratio"):
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
@@ -200,15 +236,17 @@ class LossConfig:
     """(n_d, n_c) per group, with Python's round-half-even as the official
     code."""
     if batch % self.groups:
-      raise ValueError(f"batch {batch} is not divisible by groups="
-                       f"{self.groups}")
+      raise ValueError(
+        f"batch {batch} is not divisible by groups={self.groups}"
+      )
     per = batch // self.groups
     n_d = round(self.diffusion_ratio * per)
     n_c = round(self.consistency_ratio * per)
     if n_d + n_c > per:
       raise ValueError(
-          f"diffusion rows ({n_d}) and consistency rows ({n_c}) overlap in a "
-          f"group of {per} rows; lower the ratios")
+        f"diffusion rows ({n_d}) and consistency rows ({n_c}) overlap in a "
+        f"group of {per} rows; lower the ratios"
+      )
     return n_d, n_c
 
 
@@ -218,8 +256,14 @@ def _per_row(key, row_ids, draw):
   return jax.vmap(lambda i: draw(jax.random.fold_in(key, i)))(row_ids)
 
 
-def sample_t_and_r(key, batch: int, transport: transports_lib.Transport,
-                   config: LossConfig, dtype=jnp.float32, row_ids=None):
+def sample_t_and_r(
+  key,
+  batch: int,
+  transport: transports_lib.Transport,
+  config: LossConfig,
+  dtype=jnp.float32,
+  row_ids=None,
+):
   """Training times (official ``TransitionSchedule.sample_t_and_r``): t = max,
   r = min of two draws, then the positional diffusion (r = t) and consistency
   (r = T_min) rows. With ``row_ids`` (B,) each row's draws come from its id
@@ -286,11 +330,20 @@ def _mean_rows(a):
   return jnp.mean(a.reshape(a.shape[0], -1), axis=1)
 
 
-def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
-         transport: transports_lib.Transport, config: LossConfig = LossConfig(),
-         teacher_fn: Optional[Callable] = None, teacher_cond: PyTree = None,
-         null_cond: PyTree = None, repa_target: Optional[Array] = None,
-         row_ids: Optional[Array] = None):
+def loss(
+  fn: Callable,
+  x: Array,
+  cond: PyTree,
+  rng: Array,
+  *,
+  transport: transports_lib.Transport,
+  config: LossConfig = LossConfig(),
+  teacher_fn: Callable | None = None,
+  teacher_cond: PyTree = None,
+  null_cond: PyTree = None,
+  repa_target: Array | None = None,
+  row_ids: Array | None = None,
+):
   """The full TiM training loss of the official ``TransitionSchedule.__call__``.
 
   Args:
@@ -322,8 +375,9 @@ def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
   if row_ids is None:
     z = jax.random.normal(k_noise, x.shape, dtype)
   else:
-    z = _per_row(k_noise, row_ids,
-                 lambda k: jax.random.normal(k, x.shape[1:], dtype))
+    z = _per_row(
+      k_noise, row_ids, lambda k: jax.random.normal(k, x.shape[1:], dtype)
+    )
   t_b = _bcast(t, x)
   x_t = transport.x_t(x, z, t_b)
 
@@ -345,13 +399,26 @@ def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
     w_gt = jnp.where(window, config.w_gt, 1.0)
     w_cond = jnp.where(window, config.w_cond, 0.0)
     diffusion_target = jax.lax.stop_gradient(
-        w_gt * transport.diffusion_target(x, z, t_b) + w_cond * f_cond
-        + (1.0 - w_gt - w_cond) * f_unc)
+      w_gt * transport.diffusion_target(x, z, t_b)
+      + w_cond * f_cond
+      + (1.0 - w_gt - w_cond) * f_unc
+    )
 
   network = lambda a, b, c, d: fn(a, b, c, d)[0]
-  f_target = target(network, x, z, t, r, transport, config.derivative,
-                    config.epsilon, cond=cond, num_diffusion=n_d,
-                    groups=config.groups, diffusion_target=diffusion_target)
+  f_target = target(
+    network,
+    x,
+    z,
+    t,
+    r,
+    transport,
+    config.derivative,
+    config.epsilon,
+    cond=cond,
+    num_diffusion=n_d,
+    groups=config.groups,
+    diffusion_target=diffusion_target,
+  )
 
   mse = _nan_to_num(_mean_rows((f_pred - f_target) ** 2))
   per_row = mse
@@ -375,20 +442,19 @@ def loss(fn: Callable, x: Array, cond: PyTree, rng: Array, *,
     proj_loss = jnp.zeros((), dtype)
   total = loss_main + config.proj_coeff * proj_loss
 
-  finite = jnp.all(jnp.isfinite((f_pred - f_target).reshape(batch, -1)),
-                   axis=1)
+  finite = jnp.all(jnp.isfinite((f_pred - f_target).reshape(batch, -1)), axis=1)
   metrics = {
-      "loss": total,
-      "loss_main": loss_main,
-      "denoising_loss": jnp.mean(per_row),
-      "mse_loss": jnp.mean(mse),
-      "directional_loss": jnp.mean(directional),
-      "proj_loss": proj_loss,
-      "weight_time_mean": jnp.mean(w_time),
-      "weight_adaptive_mean": jnp.mean(w_adapt),
-      "share_diffusion": jnp.asarray(n_d / per, dtype),
-      "share_consistency": jnp.asarray(n_c / per, dtype),
-      "share_interval": jnp.asarray((per - n_d - n_c) / per, dtype),
-      "nonfinite_rows": jnp.sum(~finite).astype(dtype),
+    "loss": total,
+    "loss_main": loss_main,
+    "denoising_loss": jnp.mean(per_row),
+    "mse_loss": jnp.mean(mse),
+    "directional_loss": jnp.mean(directional),
+    "proj_loss": proj_loss,
+    "weight_time_mean": jnp.mean(w_time),
+    "weight_adaptive_mean": jnp.mean(w_adapt),
+    "share_diffusion": jnp.asarray(n_d / per, dtype),
+    "share_consistency": jnp.asarray(n_c / per, dtype),
+    "share_interval": jnp.asarray((per - n_d - n_c) / per, dtype),
+    "nonfinite_rows": jnp.sum(~finite).astype(dtype),
   }
   return total, metrics

@@ -108,8 +108,10 @@ class Transport:
     Generic version through ``jax.jvp``; undefined (0/0) where ``r == t`` for
     transports whose ``dB/dt`` vanishes there, so subclasses give closed forms.
     """
+
     def b_of_t(tt):
       return self.transition_coefficients(tt, r)[1]
+
     b, db_dt = jax.jvp(b_of_t, (t,), (jnp.ones_like(t),))
     return b / db_dt
 
@@ -128,7 +130,8 @@ class Transport:
       diffusion_target = self.diffusion_target(x, eps, t)
     _, _, d_a_hat, d_s_hat = self.prediction(t)
     return diffusion_target + self.target_ratio(t, r) * (
-        d_a_hat * x + d_s_hat * eps - dF_dt)
+      d_a_hat * x + d_s_hat * eps - dF_dt
+    )
 
   def transition(self, x_t, t, r, F):
     """Deterministic x_t -> x_r with the network output F."""
@@ -139,7 +142,8 @@ class Transport:
     """The sampler's stochastic step; defined for OT-FM only (others raise)."""
     del x_t, t, r, F, ratio, key
     raise ValueError(
-        f"stochastic sampling is defined only for OT-FM, not for {self.name}")
+      f"stochastic sampling is defined only for OT-FM, not for {self.name}"
+    )
 
 
 def _lognormal(key, shape, dtype, mean, std):
@@ -258,15 +262,15 @@ class EDM(Transport):
   name = "edm"
 
   def _s(self, t):
-    return jnp.sqrt(t * t + self.sigma_d ** 2)
+    return jnp.sqrt(t * t + self.sigma_d**2)
 
   def interpolant(self, t):
     s = self._s(t)
-    return 1.0 / s, t / s, -t / s ** 3, self.sigma_d ** 2 / s ** 3
+    return 1.0 / s, t / s, -t / s**3, self.sigma_d**2 / s**3
 
   def prediction(self, t):
     s, sd = self._s(t), self.sigma_d
-    return t / (sd * s), -sd / s, sd / s ** 3, sd * t / s ** 3
+    return t / (sd * s), -sd / s, sd / s**3, sd * t / s**3
 
   def sample_t(self, key, shape, dtype=jnp.float32):
     return _lognormal(key, shape, dtype, self.P_mean, self.P_std)
@@ -282,12 +286,12 @@ class EDM(Transport):
     return t
 
   def transition_coefficients(self, t, r):
-    sd2 = self.sigma_d ** 2
+    sd2 = self.sigma_d**2
     denom = self._s(r) * self._s(t)
     return (sd2 + t * r) / denom, self.sigma_d * (t - r) / denom
 
   def target_ratio(self, t, r):
-    return (t - r) * self._s(t) ** 2 / (self.sigma_d ** 2 + t * r)
+    return (t - r) * self._s(t) ** 2 / (self.sigma_d**2 + t * r)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,17 +381,21 @@ class VE(Transport):
 # Lower-case keys only: ``get`` lower-cases the name, so the official class
 # names (OT_FM, TrigFlow, EDM, VP_SDE, VE_SDE) find their entries here.
 _REGISTRY = {
-    "ot_fm": OTFM, "otfm": OTFM, "ot-fm": OTFM,
-    "trigflow": TrigFlow,
-    "edm": EDM,
-    "vp": VP, "vp_sde": VP,
-    "ve": VE, "ve_sde": VE,
+  "ot_fm": OTFM,
+  "otfm": OTFM,
+  "ot-fm": OTFM,
+  "trigflow": TrigFlow,
+  "edm": EDM,
+  "vp": VP,
+  "vp_sde": VP,
+  "ve": VE,
+  "ve_sde": VE,
 }
 
 # Official constructor arguments that name a field differently here.
 _ALIASES = {
-    VP: {"epsilon_t": "T_min"},
-    VE: {"sigma_min": "T_min", "sigma_max": "T_max"},
+  VP: {"epsilon_t": "T_min"},
+  VE: {"sigma_min": "T_min", "sigma_max": "T_max"},
 }
 
 # Official constructor arguments that belong to the loss, not the transport.
@@ -403,8 +411,9 @@ def _class(name: str):
   cls = _REGISTRY.get(name.lower())
   if cls is None:
     raise ValueError(
-        f"unknown transport {name!r}; choose one of {names()} (or the official"
-        " class names OT_FM, TrigFlow, EDM, VP_SDE, VE_SDE)")
+      f"unknown transport {name!r}; choose one of {names()} (or the official"
+      " class names OT_FM, TrigFlow, EDM, VP_SDE, VE_SDE)"
+    )
   return cls
 
 
@@ -412,8 +421,7 @@ def field_names(name: str) -> set:
   """The fields (parameters) of the transport called ``name``, with the
   official spellings it accepts."""
   cls = _class(name)
-  return ({f.name for f in dataclasses.fields(cls)} |
-          set(_ALIASES.get(cls, {})))
+  return {f.name for f in dataclasses.fields(cls)} | set(_ALIASES.get(cls, {}))
 
 
 def get(name: str, **params: Any) -> Transport:
@@ -431,11 +439,13 @@ def get(name: str, **params: Any) -> Transport:
   for key, value in params.items():
     key = aliases.get(key, key)
     if key not in fields:
-      hint = (" (it belongs to the loss config)"
-              if key in LOSS_ONLY_PARAMS else "")
+      hint = (
+        " (it belongs to the loss config)" if key in LOSS_ONLY_PARAMS else ""
+      )
       raise ValueError(
-          f"transport {cls.name!r} has no parameter {key!r}{hint}; its "
-          f"parameters are {sorted(fields)}")
+        f"transport {cls.name!r} has no parameter {key!r}{hint}; its "
+        f"parameters are {sorted(fields)}"
+      )
     kwargs[key] = value
   return cls(**kwargs)
 
@@ -448,16 +458,25 @@ def time_grid(transport: Transport, num_steps: int, dtype=None):
   non-uniform; this port keeps it in float32 or better.
   """
   import numpy as np
+
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   if dtype is None:
     dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
-  grid = np.linspace(transport.T_max, transport.T_min, num_steps + 1,
-                     dtype=np.float64)
+  grid = np.linspace(
+    transport.T_max, transport.T_min, num_steps + 1, dtype=np.float64
+  )
   return grid.astype(dtype)
 
 
 __all__ = [
-    "Transport", "OTFM", "TrigFlow", "EDM", "VP", "VE", "get", "names",
-    "time_grid",
+  "Transport",
+  "OTFM",
+  "TrigFlow",
+  "EDM",
+  "VP",
+  "VE",
+  "get",
+  "names",
+  "time_grid",
 ]

@@ -5,11 +5,23 @@ from tim_jax.models.tim import KINDS, NEW_CONDITIONS, TiM, TiMConfig
 __all__ = ["TiM", "TiMConfig", "KINDS", "NEW_CONDITIONS", "build"]
 
 
-def build(kind: str, network: dict, *, seed: int = 0, dtype=None,
-          param_dtype=None, **overrides) -> TiM:
+def build(
+  kind: str,
+  network: dict,
+  *,
+  seed: int = 0,
+  dtype=None,
+  param_dtype=None,
+  **overrides,
+) -> TiM:
   """Builds a freshly initialised TiM from official ``network.params``."""
-  import jax.numpy as jnp
   from flax import nnx
+  import jax.numpy as jnp
+
   config = TiMConfig.from_official(kind, network, **overrides)
-  return TiM(config, rngs=nnx.Rngs(seed), dtype=dtype or jnp.float32,
-             param_dtype=param_dtype or jnp.float32)
+  return TiM(
+    config,
+    rngs=nnx.Rngs(seed),
+    dtype=dtype or jnp.float32,
+    param_dtype=param_dtype or jnp.float32,
+  )

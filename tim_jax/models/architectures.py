@@ -21,18 +21,42 @@ Configs (``configs/*.py``) and tests take their networks from here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict
+from typing import Any
 
-_OPTIONS = dict(qk_norm=True, new_condition="t-r", use_new_embed=True,
-                distance_aware=True)
-_XL = dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8,
-           lora_hidden_size=384, z_dim=768, projector_dim=2048)
-_B = dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4,
-          lora_hidden_size=256, z_dim=768, projector_dim=2048)
+_OPTIONS = dict(
+  qk_norm=True, new_condition="t-r", use_new_embed=True, distance_aware=True
+)
+_XL = dict(
+  depth=28,
+  hidden_size=1152,
+  num_heads=16,
+  encoder_depth=8,
+  lora_hidden_size=384,
+  z_dim=768,
+  projector_dim=2048,
+)
+_B = dict(
+  depth=12,
+  hidden_size=768,
+  num_heads=12,
+  encoder_depth=4,
+  lora_hidden_size=256,
+  z_dim=768,
+  projector_dim=2048,
+)
 _IMAGENET = dict(class_dropout_prob=0.1, num_classes=1000)
-_TINY = dict(input_size=32, patch_size=4, in_channels=3, depth=4,
-             hidden_size=128, num_heads=4, encoder_depth=2, z_dim=32,
-             projector_dim=128, lora_hidden_size=32)
+_TINY = dict(
+  input_size=32,
+  patch_size=4,
+  in_channels=3,
+  depth=4,
+  hidden_size=128,
+  num_heads=4,
+  encoder_depth=2,
+  z_dim=32,
+  projector_dim=128,
+  lora_hidden_size=32,
+)
 # The shapes world's classes: 6 colours x 3 shapes (tim_jax.shapes.world).
 _SHAPES_CLASSES = 18
 
@@ -40,26 +64,46 @@ _SHAPES_CLASSES = 18
 @dataclasses.dataclass(frozen=True)
 class Architecture:
   kind: str  # "c2i" or "t2i".
-  network: Dict[str, Any]  # Official network.params names.
+  network: dict[str, Any]  # Official network.params names.
 
 
 TABLE = {
-    "B/4": Architecture("c2i", dict(
-        _OPTIONS, **_B, **_IMAGENET, input_size=32, patch_size=4,
-        in_channels=4)),
-    "XL/2": Architecture("c2i", dict(
-        _OPTIONS, **_XL, **_IMAGENET, input_size=32, patch_size=2,
-        in_channels=4)),
-    "XL/1": Architecture("c2i", dict(
-        _OPTIONS, **_XL, **_IMAGENET, input_size=16, patch_size=1,
-        in_channels=32)),
-    "T2I-XL": Architecture("t2i", dict(
-        _OPTIONS, **_XL, input_size=16, patch_size=1, in_channels=32,
-        cap_feat_dim=1152)),
-    "tiny-c2i": Architecture("c2i", dict(
-        _OPTIONS, **_TINY, class_dropout_prob=0.1,
-        num_classes=_SHAPES_CLASSES)),
-    "tiny-t2i": Architecture("t2i", dict(_OPTIONS, **_TINY, cap_feat_dim=64)),
+  "B/4": Architecture(
+    "c2i",
+    dict(
+      _OPTIONS, **_B, **_IMAGENET, input_size=32, patch_size=4, in_channels=4
+    ),
+  ),
+  "XL/2": Architecture(
+    "c2i",
+    dict(
+      _OPTIONS, **_XL, **_IMAGENET, input_size=32, patch_size=2, in_channels=4
+    ),
+  ),
+  "XL/1": Architecture(
+    "c2i",
+    dict(
+      _OPTIONS, **_XL, **_IMAGENET, input_size=16, patch_size=1, in_channels=32
+    ),
+  ),
+  "T2I-XL": Architecture(
+    "t2i",
+    dict(
+      _OPTIONS,
+      **_XL,
+      input_size=16,
+      patch_size=1,
+      in_channels=32,
+      cap_feat_dim=1152,
+    ),
+  ),
+  "tiny-c2i": Architecture(
+    "c2i",
+    dict(
+      _OPTIONS, **_TINY, class_dropout_prob=0.1, num_classes=_SHAPES_CLASSES
+    ),
+  ),
+  "tiny-t2i": Architecture("t2i", dict(_OPTIONS, **_TINY, cap_feat_dim=64)),
 }
 NAMES = tuple(TABLE)
 
@@ -76,6 +120,6 @@ def kind(name: str) -> str:
   return get(name).kind
 
 
-def network(name: str, **overrides) -> Dict[str, Any]:
+def network(name: str, **overrides) -> dict[str, Any]:
   """A copy of the named network, with ``overrides`` applied."""
   return dict(get(name).network, **overrides)

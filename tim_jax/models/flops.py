@@ -47,14 +47,20 @@ cost.
 
 from __future__ import annotations
 
-from typing import Dict
-
 from tim_jax.models import layers
 from tim_jax.models.tim import TiMConfig
 
 STEPS = ("forward", "fm_step", "tim_dde_step", "tim_jvp_step", "sample")
-COMPONENTS = ("patch_embed", "embedders", "self_attention", "cross_attention",
-              "mlp", "adaln", "final", "projector")
+COMPONENTS = (
+  "patch_embed",
+  "embedders",
+  "self_attention",
+  "cross_attention",
+  "mlp",
+  "adaln",
+  "final",
+  "projector",
+)
 
 
 def _mm(rows, din, dout):
@@ -70,8 +76,9 @@ def _swiglu(rows, din, hidden, dout):
 def _num_tokens(config: TiMConfig, height: int, width: int) -> int:
   p = config.patch_size
   if height % p or width % p:
-    raise ValueError(f"image size {height}x{width} is not divisible by the "
-                     f"patch size {p}")
+    raise ValueError(
+      f"image size {height}x{width} is not divisible by the patch size {p}"
+    )
   return (height // p) * (width // p)
 
 
@@ -86,12 +93,12 @@ def _timestep_calls(config: TiMConfig) -> int:
   delta = "delta" if config.use_new_embed else "t"
   calls = {("t", "t")}
   terms = {
-      "t-r": [(delta, "t-r")],
-      "r": [(delta, "r")],
-      "t,r": [("t", "t"), (delta, "r")],
-      "t,t-r": [("t", "t"), (delta, "t-r")],
-      "r,t-r": [("t", "r"), (delta, "t-r")],
-      "t,r,t-r": [("t", "t"), ("t", "r"), (delta, "t-r")],
+    "t-r": [(delta, "t-r")],
+    "r": [(delta, "r")],
+    "t,r": [("t", "t"), (delta, "r")],
+    "t,t-r": [("t", "t"), (delta, "t-r")],
+    "r,t-r": [("t", "r"), (delta, "t-r")],
+    "t,r,t-r": [("t", "t"), ("t", "r"), (delta, "t-r")],
   }[config.new_condition]
   calls.update(terms)
   return len(calls)
@@ -120,9 +127,15 @@ def _t_independent(config: TiMConfig, batch: int, caption_len: int) -> float:
   return out
 
 
-def forward_flops(config: TiMConfig, batch: int, height: int, width: int,
-                  caption_len: int = 0, *,
-                  projection: bool = False) -> Dict[str, float]:
+def forward_flops(
+  config: TiMConfig,
+  batch: int,
+  height: int,
+  width: int,
+  caption_len: int = 0,
+  *,
+  projection: bool = False,
+) -> dict[str, float]:
   """Model FLOPs of one forward pass of ``TiM(config)``, by component.
 
   Args:
@@ -155,25 +168,26 @@ def forward_flops(config: TiMConfig, batch: int, height: int, width: int,
     embed += _swiglu(b * m, c.cap_feat_dim, 4 * d, d)
   out["embedders"] = embed  # Labels: a gather, 0 FLOPs.
 
-  sa = _mm(bn, d, 3 * d)                      # qkv over the tokens
+  sa = _mm(bn, d, 3 * d)  # qkv over the tokens
   if c.distance_aware:
-    sa += _mm(b, d, 3 * d)                    # qkv_d on e_delta (B, 1, D)
-  sa += 2 * (2.0 * b * n * n * d)             # QK^T and AV, all heads
-  sa += _mm(bn, d, d)                         # proj
+    sa += _mm(b, d, 3 * d)  # qkv_d on e_delta (B, 1, D)
+  sa += 2 * (2.0 * b * n * n * d)  # QK^T and AV, all heads
+  sa += _mm(bn, d, d)  # proj
   out["self_attention"] = blocks * sa
 
   if t2i:
-    ca = _mm(bn, d, d)                        # q
-    ca += _mm(b * m, d, 2 * d)                # kv over the caption
-    ca += 2 * (2.0 * b * n * m * d)           # scores and values
-    ca += _mm(bn, d, d)                       # proj
+    ca = _mm(bn, d, d)  # q
+    ca += _mm(b * m, d, 2 * d)  # kv over the caption
+    ca += 2 * (2.0 * b * n * m * d)  # scores and values
+    ca += _mm(bn, d, d)  # proj
     out["cross_attention"] = blocks * ca
 
   out["mlp"] = blocks * _swiglu(bn, d, layers.mlp_hidden(d, c.mlp_ratio), d)
 
   k = c.lora_hidden_size if c.lora_hidden_size is not None else (d // 4) * 3
-  out["adaln"] = (blocks * _swiglu(b, d, k, (9 if t2i else 6) * d)
-                  + _swiglu(b, d, d // 2, 2 * d))  # + the final layer's
+  out["adaln"] = blocks * _swiglu(b, d, k, (9 if t2i else 6) * d) + _swiglu(
+    b, d, d // 2, 2 * d
+  )  # + the final layer's
   out["final"] = _mm(bn, d, p * p * c.in_channels)
   if projection and c.use_projector:
     h = c.projector_dim
@@ -186,13 +200,15 @@ def _derivative_rows(batch: int, diffusion_share: float) -> int:
   """Rows that need dF/dt: B - round(share * B) (round-half-even, as
   ``transition.LossConfig.counts`` with one group)."""
   if not 0.0 <= diffusion_share <= 1.0:
-    raise ValueError(f"diffusion_share must lie in [0, 1], got "
-                     f"{diffusion_share}")
+    raise ValueError(
+      f"diffusion_share must lie in [0, 1], got {diffusion_share}"
+    )
   return batch - round(diffusion_share * batch)
 
 
-def dde_flops(config: TiMConfig, rows: int, height: int, width: int,
-              caption_len: int = 0) -> float:
+def dde_flops(
+  config: TiMConfig, rows: int, height: int, width: int, caption_len: int = 0
+) -> float:
   """The DDE derivative over ``rows`` rows: two forwards (t ± eps), two
   calls; the work that does not depend on t (caption embedder and
   cross-attention k/v for t2i; r-only embeddings) runs once:
@@ -204,8 +220,9 @@ def dde_flops(config: TiMConfig, rows: int, height: int, width: int,
   return 2 * f - _t_independent(config, rows, caption_len)
 
 
-def jvp_flops(config: TiMConfig, rows: int, height: int, width: int,
-              caption_len: int = 0) -> float:
+def jvp_flops(
+  config: TiMConfig, rows: int, height: int, width: int, caption_len: int = 0
+) -> float:
   """A forward-mode JVP over ``rows`` rows, tangents on (x_t, t).
 
   Model: primal + tangent (``jax.jvp`` linearises every op; weights and
@@ -232,14 +249,27 @@ def jvp_flops(config: TiMConfig, rows: int, height: int, width: int,
   f = forward_flops(config, rows, height, width, caption_len)
   n = _num_tokens(config, height, width)
   sa_products = config.depth * 2 * (2.0 * rows * n * n * config.hidden_size)
-  return (2 * f["total"] + sa_products
-          - _t_independent(config, rows, caption_len) - f["final"])
+  return (
+    2 * f["total"]
+    + sa_products
+    - _t_independent(config, rows, caption_len)
+    - f["final"]
+  )
 
 
-def step_flops(config: TiMConfig, batch: int, height: int, width: int,
-               caption_len: int = 0, *, step: str,
-               diffusion_share: float = 0.5, num_steps: int = 1,
-               guided_steps: int = 0, projection: bool = False) -> float:
+def step_flops(
+  config: TiMConfig,
+  batch: int,
+  height: int,
+  width: int,
+  caption_len: int = 0,
+  *,
+  step: str,
+  diffusion_share: float = 0.5,
+  num_steps: int = 1,
+  guided_steps: int = 0,
+  projection: bool = False,
+) -> float:
   """Model FLOPs of one training step or one sampling run.
 
   The backward pass counts as 2x the forward (the standard 6N rule), so a
@@ -267,16 +297,18 @@ def step_flops(config: TiMConfig, batch: int, height: int, width: int,
   """
   if step not in STEPS:
     raise ValueError(f"step must be one of {STEPS}, got {step!r}")
-  f = forward_flops(config, batch, height, width, caption_len,
-                    projection=projection)["total"]
+  f = forward_flops(
+    config, batch, height, width, caption_len, projection=projection
+  )["total"]
   if step == "forward":
     return f
   if step == "fm_step":
     return 3 * f
   if step == "sample":
     if not 0 <= guided_steps <= num_steps:
-      raise ValueError(f"guided_steps={guided_steps} must lie in "
-                       f"[0, num_steps={num_steps}]")
+      raise ValueError(
+        f"guided_steps={guided_steps} must lie in [0, num_steps={num_steps}]"
+      )
     plain = forward_flops(config, batch, height, width, caption_len)["total"]
     return (num_steps + guided_steps) * plain
   rows = _derivative_rows(batch, diffusion_share)
@@ -285,9 +317,18 @@ def step_flops(config: TiMConfig, batch: int, height: int, width: int,
   return 3 * f + jvp_flops(config, rows, height, width, caption_len)
 
 
-def repa_teacher_flops(*, embed_dim: int, depth: int, mlp_hidden: int,
-                       patch_size: int, num_skip: int, table, batch: int,
-                       grid, image_hw) -> float:
+def repa_teacher_flops(
+  *,
+  embed_dim: int,
+  depth: int,
+  mlp_hidden: int,
+  patch_size: int,
+  num_skip: int,
+  table,
+  batch: int,
+  grid,
+  image_hw,
+) -> float:
   """FLOPs of the REPA teacher (``tim_jax.encoders.radio``) on ``batch``
   images of ``image_hw`` pixels at a TiM token ``grid`` (h, w): the two
   separable bicubic resizes to 16 x the grid, the CPE table's resize, the
@@ -305,22 +346,33 @@ def repa_teacher_flops(*, embed_dim: int, depth: int, mlp_hidden: int,
   table_resize = 0.0
   if (rows, cols) != (h, w):
     table_resize = _mm(side, rows, cols * d) + _mm(side, cols, side * d)
-  block = (_mm(tokens, d, 3 * d) + 2 * _mm(tokens, d, tokens)
-           + _mm(tokens, d, d) + _mm(tokens, d, mlp_hidden)
-           + _mm(tokens, mlp_hidden, d))
-  return (resize + table_resize + batch * _mm(patches, 3 * patch_size ** 2, d)
-          + batch * depth * block)
+  block = (
+    _mm(tokens, d, 3 * d)
+    + 2 * _mm(tokens, d, tokens)
+    + _mm(tokens, d, d)
+    + _mm(tokens, d, mlp_hidden)
+    + _mm(tokens, mlp_hidden, d)
+  )
+  return (
+    resize
+    + table_resize
+    + batch * _mm(patches, 3 * patch_size**2, d)
+    + batch * depth * block
+  )
 
 
 # Dense bf16 peak FLOP/s per chip, by substring of device_kind.
 PEAK_BF16 = (
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12), ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
-    ("A100", 312e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
+  ("TPU v4", 275e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 459e12),
+  ("TPU v6 lite", 918e12),
+  ("TPU v6e", 918e12),
+  ("A100", 312e12),
+  ("H100", 989e12),
+  ("H200", 989e12),
 )
 
 

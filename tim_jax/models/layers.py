@@ -18,10 +18,10 @@ from __future__ import annotations
 import functools
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from tim_jax.core import numerics
 from tim_jax.core.sharding import constrain
@@ -50,13 +50,28 @@ def logical(init, *names):
 class Linear(nnx.Linear):
   """``nnx.Linear`` with logical names and the official (Xavier, 0) init."""
 
-  def __init__(self, din, dout, names, *, kernel_init=xavier,
-               use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    din,
+    dout,
+    names,
+    *,
+    kernel_init=xavier,
+    use_bias=True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     super().__init__(
-        din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=logical(kernel_init, *names),
-        bias_init=logical(zeros, names[1]), rngs=rngs)
+      din,
+      dout,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=logical(kernel_init, *names),
+      bias_init=logical(zeros, names[1]),
+      rngs=rngs,
+    )
 
   def __call__(self, x):
     # One 2D matmul over all leading axes: XLA:CPU runs the backward of a
@@ -110,15 +125,25 @@ class LayerNorm(nnx.Module):
   use a default ``nn.LayerNorm`` there).
   """
 
-  def __init__(self, dim, *, affine: bool, eps: float, name: str = "norm",
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim,
+    *,
+    affine: bool,
+    eps: float,
+    name: str = "norm",
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.eps = eps
     self.affine = affine
     if affine:
-      self.scale = nnx.Param(logical(ones, name)(rngs.params(), (dim,),
-                                                  param_dtype))
-      self.bias = nnx.Param(logical(zeros, name)(rngs.params(), (dim,),
-                                                  param_dtype))
+      self.scale = nnx.Param(
+        logical(ones, name)(rngs.params(), (dim,), param_dtype)
+      )
+      self.bias = nnx.Param(
+        logical(zeros, name)(rngs.params(), (dim,), param_dtype)
+      )
 
   def __call__(self, x):
     h = standardize(x.astype(numerics.wide(x.dtype)), self.eps)
@@ -130,14 +155,26 @@ class LayerNorm(nnx.Module):
 class SwiGLU(nnx.Module):
   """timm's SwiGLU: ``fc2(silu(fc1_g(u)) * fc1_x(u))``, all with bias."""
 
-  def __init__(self, din, hidden, dout, names=("embed", "mlp", "embed"), *,
-               init=xavier, out_init=None, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    din,
+    hidden,
+    dout,
+    names=("embed", "mlp", "embed"),
+    *,
+    init=xavier,
+    out_init=None,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     n_in, n_hidden, n_out = names
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1_g = Linear(din, hidden, (n_in, n_hidden), kernel_init=init, **kw)
     self.fc1_x = Linear(din, hidden, (n_in, n_hidden), kernel_init=init, **kw)
-    self.fc2 = Linear(hidden, dout, (n_hidden, n_out),
-                      kernel_init=out_init or init, **kw)
+    self.fc2 = Linear(
+      hidden, dout, (n_hidden, n_out), kernel_init=out_init or init, **kw
+    )
 
   def __call__(self, u):
     hidden = jax.nn.silu(self.fc1_g(u)) * self.fc1_x(u)
@@ -158,8 +195,7 @@ class TimestepEmbedder(nnx.Module):
   freq_dim = 256
 
   def __init__(self, dim, *, init=xavier, dtype, param_dtype, rngs):
-    kw = dict(kernel_init=init, dtype=dtype, param_dtype=param_dtype,
-              rngs=rngs)
+    kw = dict(kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp_0 = Linear(self.freq_dim, dim, ("freq", "mlp"), **kw)
     self.mlp_2 = Linear(dim, dim, ("mlp", "embed"), **kw)
     self.dtype = dtype
@@ -169,8 +205,9 @@ class TimestepEmbedder(nnx.Module):
     """The sinusoidal features (cos, sin) of times ``t``, in float32."""
     # The official code forms these in float32 even under float64.
     half = cls.freq_dim // 2
-    freqs = jnp.exp(-math.log(10000.0)
-                    * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(
+      -math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half
+    )
     args = t.astype(jnp.float32)[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
@@ -182,16 +219,21 @@ class TimestepEmbedder(nnx.Module):
 class PatchEmbed(nnx.Module):
   """Conv(kernel = stride = p) to (B, N, D), tokens row-major over (h, w)."""
 
-  def __init__(self, patch_size, in_channels, dim, *, dtype, param_dtype,
-               rngs):
+  def __init__(self, patch_size, in_channels, dim, *, dtype, param_dtype, rngs):
     # Xavier on the kernel viewed as (D, C p p), as the official init.
     init = nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
     self.proj = nnx.Conv(
-        in_channels, dim, kernel_size=(patch_size, patch_size),
-        strides=(patch_size, patch_size), padding="VALID", dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=logical(init, "patch_h", "patch_w", "channels", "embed"),
-        bias_init=logical(zeros, "embed"), rngs=rngs)
+      in_channels,
+      dim,
+      kernel_size=(patch_size, patch_size),
+      strides=(patch_size, patch_size),
+      padding="VALID",
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=logical(init, "patch_h", "patch_w", "channels", "embed"),
+      bias_init=logical(zeros, "embed"),
+      rngs=rngs,
+    )
 
   def __call__(self, x):
     h = self.proj(x)
@@ -213,29 +255,37 @@ def rope_tables(h: int, w: int, head_dim: int, positions: str = "official"):
   if head_dim % 4:
     raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
   if max(h, w) > 1024 and positions == "official":
-    raise ValueError(f"the official RoPE cache covers 1024 positions per "
-                     f"axis; got a {h}x{w} token grid")
+    raise ValueError(
+      f"the official RoPE cache covers 1024 positions per "
+      f"axis; got a {h}x{w} token grid"
+    )
   d_a = head_dim // 2
-  freqs = (1.0 / (np.float32(10000.0) ** (
-      np.arange(0, d_a, 2, dtype=np.float32) / np.float32(d_a)))).astype(
-          np.float32)
+  freqs = (
+    1.0
+    / (
+      np.float32(10000.0)
+      ** (np.arange(0, d_a, 2, dtype=np.float32) / np.float32(d_a))
+    )
+  ).astype(np.float32)
   n = np.arange(h * w)
   if positions == "official":
     a, b = n % h, n // h
   elif positions == "xy":
     a, b = n % w, n // w
   else:
-    raise ValueError(f"rope positions must be 'official' or 'xy', got "
-                     f"{positions!r}")
+    raise ValueError(
+      f"rope positions must be 'official' or 'xy', got {positions!r}"
+    )
   ang_a = (a[:, None].astype(np.float32) * freqs[None]).astype(np.float32)
   ang_b = (b[:, None].astype(np.float32) * freqs[None]).astype(np.float32)
-  ang = np.concatenate([np.repeat(ang_a, 2, axis=1),
-                        np.repeat(ang_b, 2, axis=1)], axis=1)
+  ang = np.concatenate(
+    [np.repeat(ang_a, 2, axis=1), np.repeat(ang_b, 2, axis=1)], axis=1
+  )
   ang = ang.astype(np.float64)
   return np.cos(ang), np.sin(ang)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pair_rotation(head_dim: int) -> np.ndarray:
   """R with (u @ R)[2k] = -u[2k+1] and (u @ R)[2k+1] = u[2k]."""
   r = np.zeros((head_dim, head_dim), np.float32)
@@ -278,15 +328,17 @@ def attention(q, k, v, implementation=None, key_mask=None):
   if implementation is not None:
     t = lambda a: jnp.swapaxes(a, 1, 2)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask,
-                                       implementation=implementation)
+    out = jax.nn.dot_product_attention(
+      t(q), t(k), t(v), mask=mask, implementation=implementation
+    )
     return t(out)
   # The scale goes on q (T x hd values) rather than on the logits (T x S):
   # fewer multiplies, and XLA:CPU then does not materialise a logits-sized
   # array of the constant for its fused matmul (docs/results/benchmarks.md).
   q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k,
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+    "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
+  )
   if key_mask is not None:
     # A hidden key gets weight exactly 0 (exp(-inf)), so the result equals
     # attention over the visible keys alone.
@@ -307,34 +359,55 @@ def _merge_heads(a):
   return a.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
-
 def _qk_norms(head_dim, enabled, param_dtype, rngs):
   """The q and k LayerNorms of an attention (affine, eps 1e-5), or Nones."""
   if not enabled:
     return None, None
-  norm = functools.partial(LayerNorm, head_dim, affine=True, eps=1e-5,
-                           name="head_dim", param_dtype=param_dtype,
-                           rngs=rngs)
+  norm = functools.partial(
+    LayerNorm,
+    head_dim,
+    affine=True,
+    eps=1e-5,
+    name="head_dim",
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
   return norm(), norm()
+
 
 class SelfAttention(nnx.Module):
   """Interval-aware self-attention: ``qkv(u) + qkv_d(e_delta)``, q/k
   LayerNorm over head_dim, 2D RoPE, softmax attention, ``proj``."""
 
-  def __init__(self, dim, num_heads, *, qk_norm=True, distance_aware=True,
-               attention_impl=None, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    dim,
+    num_heads,
+    *,
+    qk_norm=True,
+    distance_aware=True,
+    attention_impl=None,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     if dim % num_heads:
-      raise ValueError(f"hidden_size {dim} is not divisible by num_heads "
-                       f"{num_heads}")
+      raise ValueError(
+        f"hidden_size {dim} is not divisible by num_heads {num_heads}"
+      )
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.attention_impl = attention_impl
     self.qkv = Linear(dim, 3 * dim, ("embed", "qkv"), **kw)
-    self.qkv_d = (Linear(dim, 3 * dim, ("embed", "qkv"), use_bias=False, **kw)
-                  if distance_aware else None)
-    self.q_norm, self.k_norm = _qk_norms(self.head_dim, qk_norm,
-                                         param_dtype, rngs)
+    self.qkv_d = (
+      Linear(dim, 3 * dim, ("embed", "qkv"), use_bias=False, **kw)
+      if distance_aware
+      else None
+    )
+    self.q_norm, self.k_norm = _qk_norms(
+      self.head_dim, qk_norm, param_dtype, rngs
+    )
     self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
 
   def __call__(self, u, cos, sin, e_delta=None):
@@ -342,8 +415,10 @@ class SelfAttention(nnx.Module):
     if self.qkv_d is not None:
       qkv = qkv + self.qkv_d(e_delta)
     # The fused output is ordered (3, heads, head_dim): contiguous thirds.
-    q, k, v = (constrain(_heads(a, self.num_heads), "batch", "heads", None,
-                         None) for a in jnp.split(qkv, 3, axis=-1))
+    q, k, v = (
+      constrain(_heads(a, self.num_heads), "batch", "heads", None, None)
+      for a in jnp.split(qkv, 3, axis=-1)
+    )
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     rd = numerics.wide(u.dtype)
@@ -361,28 +436,38 @@ class CrossAttention(nnx.Module):
   to its longest caption; hiding the positions past that length in a
   longer, padded batch gives the same result with a static shape."""
 
-  def __init__(self, dim, num_heads, *, qk_norm=True, attention_impl=None,
-               dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    dim,
+    num_heads,
+    *,
+    qk_norm=True,
+    attention_impl=None,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.attention_impl = attention_impl
     self.q = Linear(dim, dim, ("embed", "heads"), **kw)
     self.kv = Linear(dim, 2 * dim, ("embed", "kv"), **kw)
-    self.q_norm, self.k_norm = _qk_norms(self.head_dim, qk_norm,
-                                         param_dtype, rngs)
+    self.q_norm, self.k_norm = _qk_norms(
+      self.head_dim, qk_norm, param_dtype, rngs
+    )
     self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
 
   def __call__(self, u, y, cos, sin, key_mask=None):
-    heads = lambda a: constrain(_heads(a, self.num_heads), "batch", "heads",
-                                None, None)
+    heads = lambda a: constrain(
+      _heads(a, self.num_heads), "batch", "heads", None, None
+    )
     q = heads(self.q(u))
     k, v = (heads(a) for a in jnp.split(self.kv(y), 2, axis=-1))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     rd = numerics.wide(u.dtype)
-    q = apply_rope(q.astype(rd), cos.astype(rd), sin.astype(rd)).astype(
-        v.dtype)
+    q = apply_rope(q.astype(rd), cos.astype(rd), sin.astype(rd)).astype(v.dtype)
     out = attention(q, k.astype(v.dtype), v, self.attention_impl, key_mask)
     return self.proj(_merge_heads(out))
 
@@ -399,44 +484,72 @@ class TiMBlock(nnx.Module):
   SiLU before it), its output layer zero-initialised.
   """
 
-  def __init__(self, dim, num_heads, *, cross: bool, mlp_ratio=4.0,
-               lora_hidden_size=None, qk_norm=True, distance_aware=True,
-               attention_impl=None, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    dim,
+    num_heads,
+    *,
+    cross: bool,
+    mlp_ratio=4.0,
+    lora_hidden_size=None,
+    qk_norm=True,
+    distance_aware=True,
+    attention_impl=None,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    norm = functools.partial(LayerNorm, dim, affine=False, eps=1e-6,
-                             rngs=rngs)
+    norm = functools.partial(LayerNorm, dim, affine=False, eps=1e-6, rngs=rngs)
     self.cross = cross
     self.norm1 = norm()
-    self.attn = SelfAttention(dim, num_heads, qk_norm=qk_norm,
-                              distance_aware=distance_aware,
-                              attention_impl=attention_impl, **kw)
+    self.attn = SelfAttention(
+      dim,
+      num_heads,
+      qk_norm=qk_norm,
+      distance_aware=distance_aware,
+      attention_impl=attention_impl,
+      **kw,
+    )
     if cross:
       self.norm2_i = norm()
       self.norm2_t = norm()
-      self.cross_attn = CrossAttention(dim, num_heads, qk_norm=qk_norm,
-                                       attention_impl=attention_impl, **kw)
+      self.cross_attn = CrossAttention(
+        dim, num_heads, qk_norm=qk_norm, attention_impl=attention_impl, **kw
+      )
       self.norm3 = norm()
     else:
       self.norm2 = norm()
     self.mlp = SwiGLU(dim, mlp_hidden(dim, mlp_ratio), dim, **kw)
     k = lora_hidden_size if lora_hidden_size is not None else (dim // 4) * 3
     self.adaLN_modulation = SwiGLU(
-        dim, k, (9 if cross else 6) * dim, ("embed", "adaln", "modulation"),
-        out_init=zeros, **kw)
+      dim,
+      k,
+      (9 if cross else 6) * dim,
+      ("embed", "adaln", "modulation"),
+      out_init=zeros,
+      **kw,
+    )
 
   def __call__(self, u, c, cos, sin, e_delta, y=None, y_mask=None):
     mod = self.adaLN_modulation(c)
     if self.cross:
-      (sh_msa, sc_msa, g_msa, sh_msc, sc_msc, g_msc, sh_mlp, sc_mlp,
-       g_mlp) = jnp.split(mod, 9, axis=-1)
+      (sh_msa, sc_msa, g_msa, sh_msc, sc_msc, g_msc, sh_mlp, sc_mlp, g_mlp) = (
+        jnp.split(mod, 9, axis=-1)
+      )
     else:
       sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 6, axis=-1)
-    u = u + g_msa * self.attn(modulate(self.norm1(u), sh_msa, sc_msa), cos,
-                              sin, e_delta)
+    u = u + g_msa * self.attn(
+      modulate(self.norm1(u), sh_msa, sc_msa), cos, sin, e_delta
+    )
     if self.cross:
       u = u + g_msc * self.cross_attn(
-          modulate(self.norm2_i(u), sh_msc, sc_msc), self.norm2_t(y), cos, sin,
-          y_mask)
+        modulate(self.norm2_i(u), sh_msc, sc_msc),
+        self.norm2_t(y),
+        cos,
+        sin,
+        y_mask,
+      )
       h = self.norm3(u)
     else:
       h = self.norm2(u)
@@ -452,16 +565,29 @@ class FinalLayer(nnx.Module):
   under autocast).
   """
 
-  def __init__(self, dim, patch_size, out_channels, *, dtype, param_dtype,
-               rngs):
+  def __init__(
+    self, dim, patch_size, out_channels, *, dtype, param_dtype, rngs
+  ):
     self.norm_final = LayerNorm(dim, affine=False, eps=1e-6, rngs=rngs)
-    self.linear = Linear(dim, patch_size * patch_size * out_channels,
-                         ("embed", "out"), kernel_init=zeros,
-                         dtype=numerics.wide(dtype), param_dtype=param_dtype,
-                         rngs=rngs)
+    self.linear = Linear(
+      dim,
+      patch_size * patch_size * out_channels,
+      ("embed", "out"),
+      kernel_init=zeros,
+      dtype=numerics.wide(dtype),
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.adaLN_modulation = SwiGLU(
-        dim, dim // 2, 2 * dim, ("embed", "adaln", "modulation"),
-        out_init=zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      dim,
+      dim // 2,
+      2 * dim,
+      ("embed", "adaln", "modulation"),
+      out_init=zeros,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, u, c):
     shift, scale = jnp.split(self.adaLN_modulation(c), 2, axis=-1)
@@ -488,8 +614,13 @@ class LabelEmbedder(nnx.Module):
 
   def __init__(self, num_rows, dim, *, dtype, param_dtype, rngs):
     self.embedding_table = nnx.Embed(
-        num_rows, dim, dtype=dtype, param_dtype=param_dtype,
-        embedding_init=logical(normal(0.02), "vocab", "embed"), rngs=rngs)
+      num_rows,
+      dim,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      embedding_init=logical(normal(0.02), "vocab", "embed"),
+      rngs=rngs,
+    )
 
   def __call__(self, labels):
     return self.embedding_table(labels)
@@ -499,13 +630,27 @@ class CaptionEmbedder(nnx.Module):
   """LayerNorm(cap_dim, affine, eps 1e-5) -> SwiGLU(cap_dim -> 4D -> D)."""
 
   def __init__(self, cap_dim, dim, *, dtype, param_dtype, rngs):
-    self.norm = LayerNorm(cap_dim, affine=True, eps=1e-5, name="cap",
-                          param_dtype=param_dtype, rngs=rngs)
-    self.mlp = SwiGLU(cap_dim, 4 * dim, dim, ("cap", "mlp", "embed"),
-                      init=normal(0.02), dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+    self.norm = LayerNorm(
+      cap_dim,
+      affine=True,
+      eps=1e-5,
+      name="cap",
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.mlp = SwiGLU(
+      cap_dim,
+      4 * dim,
+      dim,
+      ("cap", "mlp", "embed"),
+      init=normal(0.02),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.dtype = dtype
 
   def __call__(self, feats):
-    return self.mlp(self.norm(feats.astype(
-        jnp.promote_types(feats.dtype, self.dtype))))
+    return self.mlp(
+      self.norm(feats.astype(jnp.promote_types(feats.dtype, self.dtype)))
+    )

@@ -16,15 +16,14 @@ REPA projection (B, N, z_dim) after block ``encoder_depth`` comes back too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
 
-import jax
-import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
+import jax
+import jax.numpy as jnp
 
-from tim_jax.models import layers
 from tim_jax.core.sharding import constrain
+from tim_jax.models import layers
 
 NEW_CONDITIONS = ("t-r", "r", "t,r", "t,t-r", "r,t-r", "t,r,t-r")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -36,8 +35,10 @@ def caption_parts(y):
   conditioning: an array, or ``{"features", "length"}``."""
   if isinstance(y, dict):
     if set(y) != {"features", "length"}:
-      raise ValueError("caption conditioning as a dict must have exactly "
-                       f"'features' and 'length', got {sorted(y)}")
+      raise ValueError(
+        "caption conditioning as a dict must have exactly "
+        f"'features' and 'length', got {sorted(y)}"
+      )
     feats = y["features"]
     return feats, caption_key_mask(y["length"], jnp.shape(feats)[1])
   return y, None
@@ -67,7 +68,7 @@ class TiMConfig:
   new_condition: str = "t-r"
   use_new_embed: bool = True
   distance_aware: bool = True
-  lora_hidden_size: Optional[int] = None
+  lora_hidden_size: int | None = None
   # c2i
   num_classes: int = 1000
   class_dropout_prob: float = 0.1  # > 0 adds the null-class row.
@@ -76,11 +77,11 @@ class TiMConfig:
   # Not official: options of this port.
   use_projector: bool = True
   rope_positions: str = "official"  # or "xy" (true 2D positions)
-  attention_impl: Optional[str] = None  # jax.nn.dot_product_attention's
+  attention_impl: str | None = None  # jax.nn.dot_product_attention's
   # Rematerialise each block in the backward pass: False / "none", True /
   # "full" (keep only the block's inputs), "dots_saveable" (keep matmul
   # outputs, recompute the elementwise work).
-  remat: Union[bool, str] = False
+  remat: bool | str = False
   # Run the depth as one nnx.scan over blocks stacked on a leading "layers"
   # axis (one block compiled, not `depth`); official checkpoints convert
   # to and from this layout (tim_jax.weights.convert).
@@ -96,8 +97,10 @@ class TiMConfig:
       if key in ignored:
         continue
       if key not in fields:
-        raise ValueError(f"unknown network parameter {key!r}; known: "
-                         f"{sorted(fields - {'kind'})}")
+        raise ValueError(
+          f"unknown network parameter {key!r}; known: "
+          f"{sorted(fields - {'kind'})}"
+        )
       params[key] = value
     params.update(overrides)
     return cls(kind=kind, **params)
@@ -106,20 +109,29 @@ class TiMConfig:
     if self.kind not in KINDS:
       raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
     if self.new_condition not in NEW_CONDITIONS:
-      raise ValueError(f"new_condition must be one of {NEW_CONDITIONS}, got "
-                       f"{self.new_condition!r}")
+      raise ValueError(
+        f"new_condition must be one of {NEW_CONDITIONS}, got "
+        f"{self.new_condition!r}"
+      )
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                       f"num_heads {self.num_heads}")
+      raise ValueError(
+        f"hidden_size {self.hidden_size} is not divisible by "
+        f"num_heads {self.num_heads}"
+      )
     if (self.hidden_size // self.num_heads) % 4:
-      raise ValueError("2D RoPE needs head_dim = hidden_size / num_heads "
-                       f"divisible by 4, got {self.hidden_size // self.num_heads}")
+      raise ValueError(
+        "2D RoPE needs head_dim = hidden_size / num_heads "
+        f"divisible by 4, got {self.hidden_size // self.num_heads}"
+      )
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat must be a bool or one of {REMAT_POLICIES}, "
-                       f"got {self.remat!r}")
+      raise ValueError(
+        f"remat must be a bool or one of {REMAT_POLICIES}, got {self.remat!r}"
+      )
     if self.use_projector and not 1 <= self.encoder_depth <= self.depth:
-      raise ValueError(f"encoder_depth must lie in [1, depth={self.depth}], "
-                       f"got {self.encoder_depth}")
+      raise ValueError(
+        f"encoder_depth must lie in [1, depth={self.depth}], "
+        f"got {self.encoder_depth}"
+      )
 
   @property
   def remat_policy(self) -> str:
@@ -138,42 +150,61 @@ class TiM(nnx.Module):
   """The TiM transformer (the official ``TiM`` of
   ``tim/models/{c2i,t2i}/tim_model.py``)."""
 
-  def __init__(self, config: TiMConfig, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    config: TiMConfig,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+  ):
     self.config = config
     self.dtype = dtype
     c = config
     d = c.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.x_embedder = layers.PatchEmbed(c.patch_size, c.in_channels, d, **kw)
-    self.t_embedder = layers.TimestepEmbedder(d, init=layers.normal(0.02),
-                                              **kw)
+    self.t_embedder = layers.TimestepEmbedder(d, init=layers.normal(0.02), **kw)
     # The official init (``TiM.initialize_weights``) leaves the delta embedder
     # at Xavier.
-    self.delta_embedder = (layers.TimestepEmbedder(d, **kw)
-                           if c.use_new_embed else None)
+    self.delta_embedder = (
+      layers.TimestepEmbedder(d, **kw) if c.use_new_embed else None
+    )
     if c.kind == "c2i":
       self.y_embedder = layers.LabelEmbedder(c.num_label_rows, d, **kw)
     else:
       self.y_embedder = layers.CaptionEmbedder(c.cap_feat_dim, d, **kw)
     block = lambda r: layers.TiMBlock(
-        d, c.num_heads, cross=c.kind == "t2i", mlp_ratio=c.mlp_ratio,
-        lora_hidden_size=c.lora_hidden_size, qk_norm=c.qk_norm,
-        distance_aware=c.distance_aware, attention_impl=c.attention_impl,
-        dtype=dtype, param_dtype=param_dtype, rngs=r)
+      d,
+      c.num_heads,
+      cross=c.kind == "t2i",
+      mlp_ratio=c.mlp_ratio,
+      lora_hidden_size=c.lora_hidden_size,
+      qk_norm=c.qk_norm,
+      distance_aware=c.distance_aware,
+      attention_impl=c.attention_impl,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=r,
+    )
     if c.scan_blocks:
       # One block's parameters stacked `depth` times on a leading axis
       # (logical name "layers"), each layer initialised from its own key.
       @nnx.split_rngs(splits=c.depth)
-      @nnx.vmap(in_axes=0, out_axes=0,
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      @nnx.vmap(
+        in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+      )
       def stacked(r):
         return block(r)
+
       self.blocks = stacked(rngs)
     else:
       self.blocks = nnx.List([block(rngs) for _ in range(c.depth)])
-    self.projector = (layers.Projector(d, c.projector_dim, c.z_dim, **kw)
-                      if c.use_projector else None)
+    self.projector = (
+      layers.Projector(d, c.projector_dim, c.z_dim, **kw)
+      if c.use_projector
+      else None
+    )
     self.final_layer = layers.FinalLayer(d, c.patch_size, c.in_channels, **kw)
 
   def _delta_embed(self, t, r):
@@ -194,29 +225,38 @@ class TiM(nnx.Module):
   def _check_inputs(self, x, t, r, y):
     c = self.config
     if x.ndim != 4 or x.shape[-1] != c.in_channels:
-      raise ValueError(f"x must be (B, H, W, {c.in_channels}) (NHWC), got "
-                       f"{x.shape}")
+      raise ValueError(
+        f"x must be (B, H, W, {c.in_channels}) (NHWC), got {x.shape}"
+      )
     h, w = x.shape[1:3]
     if h % c.patch_size or w % c.patch_size:
-      raise ValueError(f"image size {h}x{w} is not divisible by the patch "
-                       f"size {c.patch_size}")
+      raise ValueError(
+        f"image size {h}x{w} is not divisible by the patch size {c.patch_size}"
+      )
     b = x.shape[0]
     for name, v in (("t", t), ("r", r)):
       if jnp.shape(v) != (b,):
         raise ValueError(f"{name} must have shape ({b},), got {jnp.shape(v)}")
     if c.kind == "c2i":
       if jnp.shape(y) != (b,):
-        raise ValueError(f"class labels must have shape ({b},), got "
-                         f"{jnp.shape(y)}")
+        raise ValueError(
+          f"class labels must have shape ({b},), got {jnp.shape(y)}"
+        )
     else:
       feats, mask = caption_parts(y)
-      if jnp.ndim(feats) != 3 or jnp.shape(feats)[0] != b or (
-          jnp.shape(feats)[-1] != c.cap_feat_dim):
-        raise ValueError(f"caption features must be ({b}, M, "
-                         f"{c.cap_feat_dim}), got {jnp.shape(feats)}")
+      if (
+        jnp.ndim(feats) != 3
+        or jnp.shape(feats)[0] != b
+        or (jnp.shape(feats)[-1] != c.cap_feat_dim)
+      ):
+        raise ValueError(
+          f"caption features must be ({b}, M, "
+          f"{c.cap_feat_dim}), got {jnp.shape(feats)}"
+        )
       if mask is not None and jnp.shape(y["length"]) != (b,):
-        raise ValueError(f"caption length must have shape ({b},), got "
-                         f"{jnp.shape(y['length'])}")
+        raise ValueError(
+          f"caption length must have shape ({b},), got {jnp.shape(y['length'])}"
+        )
 
   def __call__(self, x, t, r, y, *, return_projection: bool = False):
     self._check_inputs(x, t, r, y)
@@ -239,14 +279,19 @@ class TiM(nnx.Module):
       caption = constrain(self.y_embedder(feats), "batch", None, None)
     cond = cond.astype(self.dtype)
     e_delta = e_delta.astype(self.dtype)
-    cos, sin = layers.rope_tables(gh, gw, c.hidden_size // c.num_heads,
-                                  c.rope_positions)
+    cos, sin = layers.rope_tables(
+      gh, gw, c.hidden_size // c.num_heads, c.rope_positions
+    )
 
     policy = c.remat_policy
 
     def apply(blk, u_):
-      return constrain(blk(u_, cond, cos, sin, e_delta, caption,
-                           caption_mask), "batch", None, None)
+      return constrain(
+        blk(u_, cond, cos, sin, e_delta, caption, caption_mask),
+        "batch",
+        None,
+        None,
+      )
 
     def run(blk, u_):
       if policy == "none":
@@ -256,8 +301,11 @@ class TiM(nnx.Module):
       # nnx's lifted remat refuses the Params of the outer trace.
       graph, state = nnx.split(blk)
       pure = lambda st, x_: apply(nnx.merge(graph, st), x_)
-      kw = ({"policy": jax.checkpoint_policies.dots_saveable}
-            if policy == "dots_saveable" else {})
+      kw = (
+        {"policy": jax.checkpoint_policies.dots_saveable}
+        if policy == "dots_saveable"
+        else {}
+      )
       return jax.checkpoint(pure, **kw)(state, u_)
 
     proj = None
@@ -268,10 +316,12 @@ class TiM(nnx.Module):
       def scan(st, u_):
         def body(carry, layer_state):
           return run(nnx.merge(graph, layer_state), carry), None
+
         return jax.lax.scan(body, u_, st)[0]
+
       if want_proj:
-        first = jax.tree.map(lambda a: a[:c.encoder_depth], state)
-        rest = jax.tree.map(lambda a: a[c.encoder_depth:], state)
+        first = jax.tree.map(lambda a: a[: c.encoder_depth], state)
+        rest = jax.tree.map(lambda a: a[c.encoder_depth :], state)
         u = scan(first, u)
         proj = self.projector(u)
         if c.encoder_depth < c.depth:
@@ -285,8 +335,14 @@ class TiM(nnx.Module):
           proj = self.projector(u)
 
     out = self.final_layer(u, cond)
-    out = rearrange(out, "b (h w) (p q c) -> b (h p) (w q) c", h=gh, w=gw,
-                    p=c.patch_size, q=c.patch_size)
+    out = rearrange(
+      out,
+      "b (h w) (p q c) -> b (h p) (w q) c",
+      h=gh,
+      w=gw,
+      p=c.patch_size,
+      q=c.patch_size,
+    )
     if return_projection:
       return out, proj
     return out

@@ -20,10 +20,10 @@ every NFE).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import csv
 import os
 import time
-from typing import Callable, Dict, Sequence
 
 import numpy as np
 
@@ -33,11 +33,21 @@ from tim_jax.shapes import oracle, scoring
 SCORES = scoring.SCORES
 
 
-def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
-              batch_size: int = 250, seed: int = 0, cfg_scale=None,
-              reference_num: int = 5000, mode=None,
-              judge: oracle.Oracle | None = None, progress: bool = True,
-              on_row=None, *, load: Callable):
+def run_study(
+  runs: dict[str, str],
+  nfes: Sequence[int],
+  num: int = 500,
+  batch_size: int = 250,
+  seed: int = 0,
+  cfg_scale=None,
+  reference_num: int = 5000,
+  mode=None,
+  judge: oracle.Oracle | None = None,
+  progress: bool = True,
+  on_row=None,
+  *,
+  load: Callable,
+):
   """Rows of scores (dicts) and the sample strips: per run, ``images``
   (the first 8 prompts' samples, row-major with one column per NFE) and
   their ``captions``.
@@ -55,41 +65,58 @@ def run_study(runs: Dict[str, str], nfes: Sequence[int], num: int = 500,
     pipe = load(path)
     config = pipe.config
     if config.data.name != "shapes":
-      raise ValueError(f"run {name} ({path}) was trained on "
-                       f"{config.data.name!r}; the oracle reads only the "
-                       "built-in shapes world")
+      raise ValueError(
+        f"run {name} ({path}) was trained on "
+        f"{config.data.name!r}; the oracle reads only the "
+        "built-in shapes world"
+      )
     if scorer is None:
       scorer = scoring.ShapesScorer(
-          pipe.kind, config.data.image_size, num, reference_num, judge=judge)
-      rows.append(dict(run="real", nfe=0, seconds=0.0,
-                       **scorer.real_scores()))
+        pipe.kind, config.data.image_size, num, reference_num, judge=judge
+      )
+      rows.append(dict(run="real", nfe=0, seconds=0.0, **scorer.real_scores()))
       if on_row:
         on_row(rows)
     elif pipe.kind != scorer.kind:
-      raise ValueError("all runs of one study must be of the same kind "
-                       f"(t2i or c2i); {name} is {pipe.kind}")
+      raise ValueError(
+        "all runs of one study must be of the same kind "
+        f"(t2i or c2i); {name} is {pipe.kind}"
+      )
     cond, names = pipe.conditions(**scorer.requests())
     strip = []
     for nfe in nfes:
       t0 = time.time()
       samples = pipe.generate(
-          cond, num_steps=int(nfe), cfg_scale=cfg_scale, seed=seed, mode=mode,
-          batch_size=batch_size, progress=progress, desc=f"{name} NFE {nfe}")
+        cond,
+        num_steps=int(nfe),
+        cfg_scale=cfg_scale,
+        seed=seed,
+        mode=mode,
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"{name} NFE {nfe}",
+      )
       seconds = time.time() - t0
       pixels = pipe.decode(samples)
       scores = scorer.score(pixels)
-      rows.append(dict(run=name, nfe=int(nfe), seconds=round(seconds, 1),
-                       **scores))
+      rows.append(
+        dict(run=name, nfe=int(nfe), seconds=round(seconds, 1), **scores)
+      )
       if on_row:
         on_row(rows)
       strip.append(images.to_uint8(pixels[:8]))
       if progress:
-        print(f"{name} NFE {nfe}: overall {scores['overall']:.3f}, "
-              f"FD {scores['fd']:.2f} ({seconds:.0f} s)", flush=True)
+        print(
+          f"{name} NFE {nfe}: overall {scores['overall']:.3f}, "
+          f"FD {scores['fd']:.2f} ({seconds:.0f} s)",
+          flush=True,
+        )
     # Rows of samples (the first 8 prompts), columns of NFE.
     tiles = np.stack(strip, axis=1)
-    strips[name] = dict(images=tiles.reshape((-1,) + tiles.shape[2:]),
-                        captions=list(names[:len(tiles)]))
+    strips[name] = dict(
+      images=tiles.reshape((-1,) + tiles.shape[2:]),
+      captions=list(names[: len(tiles)]),
+    )
   return rows, strips
 
 
@@ -105,23 +132,30 @@ def write_csv(rows, path):
 
 def markdown(rows) -> str:
   """One table: accuracy columns in %, FD to two decimals."""
-  head = ("| run | NFE | overall | position | colour | shape | size | count "
-          "| shape, one object | all correct, two objects | FD (oracle) |")
+  head = (
+    "| run | NFE | overall | position | colour | shape | size | count "
+    "| shape, one object | all correct, two objects | FD (oracle) |"
+  )
   lines = [head, "|" + "---|" * 11]
   for r in rows:
     nfe = "–" if r["run"] == "real" else str(r["nfe"])
-    pct = ["–" if np.isnan(float(r[k])) else f"{100 * float(r[k]):.1f}"
-           for k in SCORES[:-1]]
-    lines.append(f"| {r['run']} | {nfe} | " + " | ".join(pct)
-                 + f" | {r['fd']:.2f} |")
+    pct = [
+      "–" if np.isnan(float(r[k])) else f"{100 * float(r[k]):.1f}"
+      for k in SCORES[:-1]
+    ]
+    lines.append(
+      f"| {r['run']} | {nfe} | " + " | ".join(pct) + f" | {r['fd']:.2f} |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def plot(rows, path):
   """Accuracy and Fréchet distance against NFE, one line per run, as a PNG."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
   real = [r for r in rows if r["run"] == "real"]
   runs = [n for n in dict.fromkeys(r["run"] for r in rows) if n != "real"]
@@ -131,12 +165,14 @@ def plot(rows, path):
     axes[0].plot(x, [100 * r["overall"] for r in mine], "o-", label=name)
     axes[1].plot(x, [r["fd"] for r in mine], "o-", label=name)
   if real:
-    axes[0].axhline(100 * real[0]["overall"], color="gray", ls="--",
-                    label="real images")
+    axes[0].axhline(
+      100 * real[0]["overall"], color="gray", ls="--", label="real images"
+    )
     axes[1].axhline(real[0]["fd"], color="gray", ls="--", label="real images")
   nfes = sorted({r["nfe"] for r in rows if r["run"] != "real"})
-  for ax, title in zip(axes, ("all attributes right (%)",
-                              "Fréchet distance (oracle features)")):
+  for ax, title in zip(
+    axes, ("all attributes right (%)", "Fréchet distance (oracle features)")
+  ):
     ax.set_xscale("log", base=2)
     ax.set_xticks(nfes, [str(n) for n in nfes])
     ax.minorticks_off()
@@ -158,9 +194,13 @@ def write_outputs(rows, strips, out: str, nfes):
     f.write(markdown(rows))
   plot(rows, os.path.join(out, "nfe_study.png"))
   for name, strip in strips.items():
-    images.save_png(os.path.join(out, f"samples_{name}.png"),
-                    images.annotated_grid(
-                        strip["images"], cols=len(nfes),
-                        row_labels=strip["captions"],
-                        col_labels=[f"{n} NFE" for n in nfes],
-                        title=f"{name}: the first prompts at each NFE"))
+    images.save_png(
+      os.path.join(out, f"samples_{name}.png"),
+      images.annotated_grid(
+        strip["images"],
+        cols=len(nfes),
+        row_labels=strip["captions"],
+        col_labels=[f"{n} NFE" for n in nfes],
+        title=f"{name}: the first prompts at each NFE",
+      ),
+    )

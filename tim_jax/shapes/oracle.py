@@ -19,16 +19,16 @@ generated and real images is ``Oracle.frechet_distance``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import json
 import os
-from typing import Dict, Optional, Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from tim_jax.shapes import world
 
@@ -43,8 +43,11 @@ DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "oracle.safetensors")
 
 # Expected accuracy of a guess that ignores the image (targets are uniform
 # over colours, shapes and sizes in the shapes world).
-CHANCE = {"colour": 1 / NUM_COLOURS, "shape": 1 / NUM_SHAPES,
-          "size": 1 / NUM_SIZES}
+CHANCE = {
+  "colour": 1 / NUM_COLOURS,
+  "shape": 1 / NUM_SHAPES,
+  "size": 1 / NUM_SIZES,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +71,27 @@ class OracleNet(nnx.Module):
     convs = []
     c_in = 3
     for i, width in enumerate(config.widths):
-      convs.append(nnx.Conv(c_in, width, (3, 3), strides=1 if i == 0 else 2,
-                            padding="SAME", rngs=rngs))
+      convs.append(
+        nnx.Conv(
+          c_in,
+          width,
+          (3, 3),
+          strides=1 if i == 0 else 2,
+          padding="SAME",
+          rngs=rngs,
+        )
+      )
       if i == 1:  # One more layer where shapes are a few pixels wide.
-        convs.append(nnx.Conv(width, width, (3, 3), padding="SAME",
-                              rngs=rngs))
+        convs.append(nnx.Conv(width, width, (3, 3), padding="SAME", rngs=rngs))
       c_in = width
     self.convs = nnx.List(convs)
     side = IMAGE_SIZE // 2 ** (len(config.widths) - 1)
-    self.features = nnx.Linear(side * side * c_in, config.feature_dim,
-                               rngs=rngs)
-    self.head = nnx.Linear(config.feature_dim, CELLS * sum(HEAD_SIZES),
-                           rngs=rngs)
+    self.features = nnx.Linear(
+      side * side * c_in, config.feature_dim, rngs=rngs
+    )
+    self.head = nnx.Linear(
+      config.feature_dim, CELLS * sum(HEAD_SIZES), rngs=rngs
+    )
 
   def __call__(self, images):
     """images (B, 32, 32, 3) in [-1, 1] -> (features (B, F), logits
@@ -95,7 +107,7 @@ class OracleNet(nnx.Module):
 def split_logits(logits):
   """(…, 12) -> occupancy (…, 7), shape (…, 3), size (…, 2) logits."""
   a, b, _ = HEAD_SIZES
-  return logits[..., :a], logits[..., a:a + b], logits[..., a + b:]
+  return logits[..., :a], logits[..., a : a + b], logits[..., a + b :]
 
 
 # --- targets -----------------------------------------------------------------
@@ -129,6 +141,7 @@ class Targets:
   means "anywhere" (class-conditional labels carry no position).
   ``size_mentioned`` (N, 2) says which sizes were asked for.
   """
+
   attributes: np.ndarray
   size_mentioned: np.ndarray
 
@@ -152,10 +165,14 @@ def targets_from_scenes(scenes: Sequence[world.Scene]) -> Targets:
 def targets_from_labels(labels: Sequence[int]) -> Targets:
   """Class-conditional labels (shape * 6 + colour): one object, anywhere."""
   labels = np.asarray(labels, np.int64)
-  if labels.ndim != 1 or labels.min() < 0 or labels.max() >= (
-      world.num_classes()):
-    raise ValueError(f"labels must be in [0, {world.num_classes()}), got "
-                     f"{labels.tolist()}")
+  if (
+    labels.ndim != 1
+    or labels.min() < 0
+    or labels.max() >= (world.num_classes())
+  ):
+    raise ValueError(
+      f"labels must be in [0, {world.num_classes()}), got {labels.tolist()}"
+    )
   attributes = np.full((len(labels), world.MAX_OBJECTS, 6), -1, np.int32)
   shape, colour = np.divmod(labels, NUM_COLOURS)
   attributes[:, 0, 0] = 1
@@ -174,30 +191,44 @@ def parse_caption(text: str) -> world.Scene:
   for part in text.strip().lower().split(" and "):
     words = part.split()
     if len(words) < 4 or words[0] != "a":
-      raise ValueError(f"{part!r} is not 'a [size] colour shape at/in the "
-                       "position'")
+      raise ValueError(
+        f"{part!r} is not 'a [size] colour shape at/in the position'"
+      )
     words = words[1:]
     size, mention = 0, False
     if words[0] in world.SIZES:
       size, mention = world.SIZES.index(words[0]), True
       words = words[1:]
-    if len(words) < 4 or words[0] not in world.COLOURS or (
-        words[1] not in world.SHAPES) or words[2] not in ("at", "in") or (
-            words[3] != "the"):
-      raise ValueError(f"{part!r} is not 'a [size] colour shape at/in the "
-                       "position'")
+    if (
+      len(words) < 4
+      or words[0] not in world.COLOURS
+      or (words[1] not in world.SHAPES)
+      or words[2] not in ("at", "in")
+      or (words[3] != "the")
+    ):
+      raise ValueError(
+        f"{part!r} is not 'a [size] colour shape at/in the position'"
+      )
     where = " ".join(words[4:])
     if where not in world.POSITIONS:
-      raise ValueError(f"unknown position {where!r} in {part!r}; one of "
-                       f"{world.POSITIONS}")
+      raise ValueError(
+        f"unknown position {where!r} in {part!r}; one of {world.POSITIONS}"
+      )
     row, col = divmod(world.POSITIONS.index(where), 3)
-    objects.append(world.SceneObject(
+    objects.append(
+      world.SceneObject(
         colour=world.COLOURS.index(words[0]),
-        shape=world.SHAPES.index(words[1]), size=size, row=row, col=col,
-        mention_size=mention))
+        shape=world.SHAPES.index(words[1]),
+        size=size,
+        row=row,
+        col=col,
+        mention_size=mention,
+      )
+    )
   if len(objects) > world.MAX_OBJECTS:
-    raise ValueError(f"at most {world.MAX_OBJECTS} objects, got "
-                     f"{len(objects)} in {text!r}")
+    raise ValueError(
+      f"at most {world.MAX_OBJECTS} objects, got {len(objects)} in {text!r}"
+    )
   return world.Scene(tuple(objects))
 
 
@@ -207,6 +238,7 @@ def parse_caption(text: str) -> world.Scene:
 @dataclasses.dataclass
 class Predictions:
   """Per-cell readings of a set of images (numpy)."""
+
   occupied_prob: np.ndarray  # (N, 9) P(cell not empty)
   colour: np.ndarray  # (N, 9) argmax over the colours
   shape: np.ndarray  # (N, 9)
@@ -234,8 +266,11 @@ def _prepare(images):
   if images.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
     # Area-like downsampling for larger images keeps thin edges' colour.
     images = jax.image.resize(
-        images, (images.shape[0], IMAGE_SIZE, IMAGE_SIZE, 3), "linear",
-        antialias=True)
+      images,
+      (images.shape[0], IMAGE_SIZE, IMAGE_SIZE, 3),
+      "linear",
+      antialias=True,
+    )
   return images
 
 
@@ -243,17 +278,24 @@ def _readings(model, images):
   feats, logits = model(_prepare(images))
   occ, shp, sz = split_logits(logits)
   p_occ = 1.0 - jax.nn.softmax(occ, axis=-1)[..., 0]
-  return dict(occupied_prob=p_occ,
-              colour=jnp.argmax(occ[..., 1:], axis=-1),
-              shape=jnp.argmax(shp, axis=-1), size=jnp.argmax(sz, axis=-1),
-              features=feats)
+  return dict(
+    occupied_prob=p_occ,
+    colour=jnp.argmax(occ[..., 1:], axis=-1),
+    shape=jnp.argmax(shp, axis=-1),
+    size=jnp.argmax(sz, axis=-1),
+    features=feats,
+  )
 
 
 class Oracle:
   """The trained oracle. ``Oracle()`` loads the shipped weights."""
 
-  def __init__(self, path: Optional[str] = None, batch_size: int = 256,
-               model: Optional[OracleNet] = None):
+  def __init__(
+    self,
+    path: str | None = None,
+    batch_size: int = 256,
+    model: OracleNet | None = None,
+  ):
     """Loads ``path`` (default: the shipped weights), or wraps ``model``."""
     if model is not None:
       self.path, self.model, self.metadata = None, model, {}
@@ -264,7 +306,8 @@ class Oracle:
     graphdef, state = nnx.split(self.model)
     self._state = state
     self._fn = jax.jit(
-        lambda state, x: _readings(nnx.merge(graphdef, state), x))
+      lambda state, x: _readings(nnx.merge(graphdef, state), x)
+    )
 
   def predict(self, images, progress: bool = False) -> Predictions:
     """Reads ``images`` (N, H, W, 3), float in [-1, 1] or uint8, in batches
@@ -278,16 +321,18 @@ class Oracle:
     starts = range(0, n, bs)
     if progress:
       from tqdm.auto import tqdm
+
       starts = tqdm(starts, desc="oracle", unit="batch", leave=False)
     for start in starts:
-      chunk = images[start:start + bs]
+      chunk = images[start : start + bs]
       pad = bs - chunk.shape[0]
       if pad:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
       out = jax.device_get(self._fn(self._state, chunk))
-      chunks.append({k: v[:bs - pad] for k, v in out.items()})
-    return Predictions(**{k: np.concatenate([c[k] for c in chunks])
-                          for k in chunks[0]})
+      chunks.append({k: v[: bs - pad] for k, v in out.items()})
+    return Predictions(
+      **{k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    )
 
   def features(self, images, progress: bool = False) -> np.ndarray:
     """The oracle's image features (for Fréchet distances)."""
@@ -296,15 +341,17 @@ class Oracle:
   def frechet_distance(self, images_a, images_b) -> float:
     """Fréchet distance between two image sets in the oracle's features."""
     from tim_jax.eval import fid
-    return fid.fid_from_features(self.features(images_a),
-                                 self.features(images_b))
 
-  def score(self, images, targets: Targets) -> Dict[str, float]:
+    return fid.fid_from_features(
+      self.features(images_a), self.features(images_b)
+    )
+
+  def score(self, images, targets: Targets) -> dict[str, float]:
     """Attribute accuracy of ``images`` against what was asked (``targets``)."""
     return attribute_accuracy(self.predict(images), targets)
 
 
-def attribute_accuracy(pred: Predictions, targets: Targets) -> Dict[str, float]:
+def attribute_accuracy(pred: Predictions, targets: Targets) -> dict[str, float]:
   """How often the images show what was asked (a GenEval-like score).
 
   For every requested object, at its cell (or, with no position, at the most
@@ -338,8 +385,11 @@ def attribute_accuracy(pred: Predictions, targets: Targets) -> Dict[str, float]:
       continue
     row, col = attrs[:, slot, 4], attrs[:, slot, 5]
     anywhere = row < 0
-    cell = np.where(anywhere, np.argmax(pred.occupied_prob, axis=1),
-                    3 * np.maximum(row, 0) + np.maximum(col, 0))
+    cell = np.where(
+      anywhere,
+      np.argmax(pred.occupied_prob, axis=1),
+      3 * np.maximum(row, 0) + np.maximum(col, 0),
+    )
     position = pred.occupied[rows, cell]
     colour = pred.colour[rows, cell] == attrs[:, slot, 1]
     shape = pred.shape[rows, cell] == attrs[:, slot, 2]
@@ -357,36 +407,42 @@ def attribute_accuracy(pred: Predictions, targets: Targets) -> Dict[str, float]:
   requested = (attrs[..., 0] == 1).sum(axis=1)
   count_ok = pred.count == requested
   objects = max(counts["objects"], 1)
-  of = lambda ok, k: (float(np.mean(ok[requested == k]))
-                      if np.any(requested == k) else float("nan"))
+  of = lambda ok, k: (
+    float(np.mean(ok[requested == k]))
+    if np.any(requested == k)
+    else float("nan")
+  )
   return {
-      "overall": float(np.mean(ok_all & count_ok)),
-      "position": sums["position"] / objects,
-      "colour": sums["colour"] / objects,
-      "shape": sums["shape"] / objects,
-      "size": (sums["size"] / counts["sized"]) if counts["sized"] else
-              float("nan"),
-      "count": float(np.mean(count_ok)),
-      "shape_one": of(shape_ok, 1),
-      "overall_two": of(ok_all & count_ok, 2),
+    "overall": float(np.mean(ok_all & count_ok)),
+    "position": sums["position"] / objects,
+    "colour": sums["colour"] / objects,
+    "shape": sums["shape"] / objects,
+    "size": (sums["size"] / counts["sized"])
+    if counts["sized"]
+    else float("nan"),
+    "count": float(np.mean(count_ok)),
+    "shape_one": of(shape_ok, 1),
+    "overall_two": of(ok_all & count_ok, 2),
   }
 
 
 # --- weights -------------------------------------------------------------------
 
 
-def flat_params(model) -> Dict[str, np.ndarray]:
+def flat_params(model) -> dict[str, np.ndarray]:
   """The model's parameters by dotted name, as numpy (what ``save``
   writes)."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  return {".".join(map(str, path)): np.asarray(var.get_value())
-          for path, var in flat}
+  return {
+    ".".join(map(str, path)): np.asarray(var.get_value()) for path, var in flat
+  }
 
 
-def save(model: OracleNet, path: str, metadata: Optional[dict] = None):
+def save(model: OracleNet, path: str, metadata: dict | None = None):
   """Writes the weights (and JSON metadata: config, how it was trained and
   its validation figures) as safetensors."""
   from safetensors.numpy import save_file
+
   meta = {"config": json.dumps(dataclasses.asdict(model.config))}
   for key, value in (metadata or {}).items():
     meta[key] = json.dumps(value)
@@ -396,29 +452,35 @@ def save(model: OracleNet, path: str, metadata: Optional[dict] = None):
 def load(path: str = DEFAULT_WEIGHTS):
   """(OracleNet, metadata dict) from a safetensors file written by ``save``."""
   from safetensors import safe_open
+
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"no oracle weights at {path}; train them with `python -m "
-        "tim_jax.shapes.train_oracle --out PATH`")
+      f"no oracle weights at {path}; train them with `python -m "
+      "tim_jax.shapes.train_oracle --out PATH`"
+    )
   with safe_open(path, "np") as f:
     raw_meta = f.metadata() or {}
     arrays = {k: f.get_tensor(k) for k in f.keys()}
   meta = {k: json.loads(v) for k, v in raw_meta.items()}
   cfg = meta.get("config", {})
-  config = OracleConfig(widths=tuple(cfg.get("widths", OracleConfig.widths)),
-                        feature_dim=int(cfg.get("feature_dim",
-                                                OracleConfig.feature_dim)))
+  config = OracleConfig(
+    widths=tuple(cfg.get("widths", OracleConfig.widths)),
+    feature_dim=int(cfg.get("feature_dim", OracleConfig.feature_dim)),
+  )
   model = OracleNet(config, rngs=nnx.Rngs(0))
   expected = flat_params(model)
   if set(expected) != set(arrays):
     raise ValueError(
-        f"{path} does not hold oracle weights of this layout: missing "
-        f"{sorted(set(expected) - set(arrays))}, unexpected "
-        f"{sorted(set(arrays) - set(expected))}")
+      f"{path} does not hold oracle weights of this layout: missing "
+      f"{sorted(set(expected) - set(arrays))}, unexpected "
+      f"{sorted(set(arrays) - set(expected))}"
+    )
   for name, value in arrays.items():
     if value.shape != expected[name].shape:
-      raise ValueError(f"{path}: {name} has shape {value.shape}, expected "
-                       f"{expected[name].shape}")
+      raise ValueError(
+        f"{path}: {name} has shape {value.shape}, expected "
+        f"{expected[name].shape}"
+      )
   state = nnx.state(model, nnx.Param)
   for path, var in nnx.to_flat_state(state):
     var.set_value(jnp.asarray(arrays[".".join(map(str, path))]))

@@ -9,18 +9,24 @@ and the trainer's ``shapes_oracle`` evaluator both use it.
 
 from __future__ import annotations
 
-from typing import Dict, List
-
 import numpy as np
 
-from tim_jax.shapes import world
 from tim_jax.eval import fid
-from tim_jax.shapes import oracle
+from tim_jax.shapes import oracle, world
 
 SCENE_SEED = 4_000_037  # Scenes requested from the models.
 REFERENCE_SEED = 5_000_011  # Real images the distance is measured to.
-SCORES = ("overall", "position", "colour", "shape", "size", "count",
-          "shape_one", "overall_two", "fd")
+SCORES = (
+  "overall",
+  "position",
+  "colour",
+  "shape",
+  "size",
+  "count",
+  "shape_one",
+  "overall_two",
+  "fd",
+)
 
 
 def object_counts(kind: str):
@@ -28,7 +34,7 @@ def object_counts(kind: str):
   return (1, 2) if kind == "t2i" else (1,)
 
 
-def scenes(kind: str, num: int, seed: int = SCENE_SEED) -> List[world.Scene]:
+def scenes(kind: str, num: int, seed: int = SCENE_SEED) -> list[world.Scene]:
   """The held-out scenes of a model kind."""
   return [world.scene(i, seed, object_counts(kind)) for i in range(num)]
 
@@ -43,7 +49,8 @@ def targets(kind: str, requested) -> oracle.Targets:
   if kind == "t2i":
     return oracle.targets_from_scenes(requested)
   return oracle.targets_from_labels(
-      [world.label_of(s.objects[0]) for s in requested])
+    [world.label_of(s.objects[0]) for s in requested]
+  )
 
 
 def requests(kind: str, requested) -> dict:
@@ -56,31 +63,38 @@ def requests(kind: str, requested) -> dict:
 class ShapesScorer:
   """Held-out scenes, their targets and real reference features."""
 
-  def __init__(self, kind: str, size: int, num: int,
-               reference_num: int = 5000, judge: oracle.Oracle | None = None):
+  def __init__(
+    self,
+    kind: str,
+    size: int,
+    num: int,
+    reference_num: int = 5000,
+    judge: oracle.Oracle | None = None,
+  ):
     self.kind, self.size, self.num = kind, int(size), int(num)
     self.judge = judge or oracle.default_oracle()
     self.scenes = scenes(kind, num)
     self.targets = targets(kind, self.scenes)
     # A large real set: the distance's finite-sample bias then comes mostly
     # from the (smaller, costlier) generated set.
-    self.reference = self.judge.features(real_images(
-        kind, max(num, reference_num), size, REFERENCE_SEED))
+    self.reference = self.judge.features(
+      real_images(kind, max(num, reference_num), size, REFERENCE_SEED)
+    )
 
   def requests(self) -> dict:
     """The held-out scenes as ``Pipeline.conditions`` arguments (prompts or labels)."""
     return requests(self.kind, self.scenes)
 
-  def score(self, pixels) -> Dict[str, float]:
+  def score(self, pixels) -> dict[str, float]:
     """Scores of ``num`` images in [-1, 1] of the requested scenes."""
     pixels = np.asarray(pixels, np.float32)
     scores = self.judge.score(pixels, self.targets)
-    scores["fd"] = fid.fid_from_features(self.judge.features(pixels),
-                                         self.reference)
+    scores["fd"] = fid.fid_from_features(
+      self.judge.features(pixels), self.reference
+    )
     return scores
 
-  def real_scores(self) -> Dict[str, float]:
+  def real_scores(self) -> dict[str, float]:
     """The rendered requested scenes' own scores: the accuracy's ceiling
     and the distance's floor at this sample size."""
-    return self.score(real_images(self.kind, self.num, self.size,
-                                  SCENE_SEED))
+    return self.score(real_images(self.kind, self.num, self.size, SCENE_SEED))

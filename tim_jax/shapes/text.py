@@ -12,13 +12,12 @@ train or ship.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import re
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 
 PAD_ID = 0
 UNK_ID = 1
@@ -39,8 +38,9 @@ class Tokenizer:
     for w in words:
       # A word that split_words would change could never be matched.
       if split_words(w) != [w]:
-        raise ValueError(f"vocabulary word {w!r} must be one lower-case "
-                         "alphanumeric word")
+        raise ValueError(
+          f"vocabulary word {w!r} must be one lower-case alphanumeric word"
+        )
     if len(set(words)) != len(words):
       dup = sorted({w for w in words if words.count(w) > 1})
       raise ValueError(f"vocabulary has duplicate words: {dup}")
@@ -55,7 +55,7 @@ class Tokenizer:
   @property
   def vocabulary(self) -> tuple[str, ...]:
     """The words it knows (without the special tokens)."""
-    return self.words[len(_SPECIAL):]
+    return self.words[len(_SPECIAL) :]
 
   def unknown_words(self, text: str) -> list[str]:
     """The words of ``text`` it would map to the unknown id."""
@@ -65,14 +65,16 @@ class Tokenizer:
     """int32 (len(texts), max_len): ids, truncated, padded with PAD_ID."""
     if isinstance(texts, str):
       # A bare string would be read as a list of one-letter texts.
-      raise TypeError("encode takes a list of texts, got a single str "
-                      f"{texts!r}; wrap it in a list")
+      raise TypeError(
+        "encode takes a list of texts, got a single str "
+        f"{texts!r}; wrap it in a list"
+      )
     if max_len < 1:
       raise ValueError(f"max_len must be >= 1, got {max_len}")
     out = np.full((len(texts), max_len), PAD_ID, np.int32)
     for row, text in enumerate(texts):
       ids = [self._ids.get(w, UNK_ID) for w in split_words(text)][:max_len]
-      out[row, :len(ids)] = ids
+      out[row, : len(ids)] = ids
     return out
 
   def decode(self, tokens) -> list[str]:
@@ -80,8 +82,14 @@ class Tokenizer:
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be (B, L), got shape {tokens.shape}")
-    return [" ".join(self.words[i] if 0 <= i < len(self.words) else "<unk>"
-                     for i in row if i != PAD_ID) for row in tokens.tolist()]
+    return [
+      " ".join(
+        self.words[i] if 0 <= i < len(self.words) else "<unk>"
+        for i in row
+        if i != PAD_ID
+      )
+      for row in tokens.tolist()
+    ]
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
@@ -117,12 +125,20 @@ class CaptionEncoder:
   shows up in the loss instead of reading a wrong row.
   """
 
-  def __init__(self, vocab_size: int, max_len: int, dim: int, seed: int = 0,
-               context: float = 0.0):
+  def __init__(
+    self,
+    vocab_size: int,
+    max_len: int,
+    dim: int,
+    seed: int = 0,
+    context: float = 0.0,
+  ):
     if vocab_size < 2 or max_len < 1 or dim < 1:
-      raise ValueError("CaptionEncoder needs vocab_size >= 2, max_len >= 1, "
-                       f"dim >= 1; got vocab_size={vocab_size}, "
-                       f"max_len={max_len}, dim={dim}")
+      raise ValueError(
+        "CaptionEncoder needs vocab_size >= 2, max_len >= 1, "
+        f"dim >= 1; got vocab_size={vocab_size}, "
+        f"max_len={max_len}, dim={dim}"
+      )
     if not 0.0 <= context < 1.0:
       raise ValueError(f"context must be a decay in [0, 1), got {context}")
     self.vocab_size, self.max_len, self.dim = vocab_size, max_len, dim
@@ -131,34 +147,46 @@ class CaptionEncoder:
     # The word table keeps the key it had before ``context`` existed, so
     # context=0 encoders (and the models trained on them) are unchanged.
     self.word_table = scale * jax.random.normal(
-        jax.random.key(seed), (vocab_size, dim), jnp.float32)
+      jax.random.key(seed), (vocab_size, dim), jnp.float32
+    )
     self.context_table = scale * jax.random.normal(
-        jax.random.fold_in(jax.random.key(seed), 1), (vocab_size, dim),
-        jnp.float32)
+      jax.random.fold_in(jax.random.key(seed), 1),
+      (vocab_size, dim),
+      jnp.float32,
+    )
     self.positions = scale * jnp.asarray(sinusoidal_positions(max_len, dim))
     i, j = np.arange(max_len)[:, None], np.arange(max_len)[None, :]
     # weights[i, j] = context^(i - 1 - j) for j < i: the words before i.
-    self.context_weights = jnp.asarray(np.where(
-        j < i, float(context) ** np.maximum(i - 1 - j, 0), 0.0), jnp.float32)
+    self.context_weights = jnp.asarray(
+      np.where(j < i, float(context) ** np.maximum(i - 1 - j, 0), 0.0),
+      jnp.float32,
+    )
 
   def __call__(self, tokens) -> jax.Array:
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] != self.max_len:
-      raise ValueError(f"tokens must be (B, {self.max_len}), got shape "
-                       f"{tokens.shape}")
+      raise ValueError(
+        f"tokens must be (B, {self.max_len}), got shape {tokens.shape}"
+      )
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
-    words = jnp.take(self.word_table, tokens, axis=0, mode="fill",
-                     fill_value=jnp.nan)
+    words = jnp.take(
+      self.word_table, tokens, axis=0, mode="fill", fill_value=jnp.nan
+    )
     out = words + self.positions[None]
     if self.context > 0:
       real = (tokens != PAD_ID).astype(jnp.float32)
-      before = jnp.take(self.context_table, tokens, axis=0, mode="fill",
-                        fill_value=jnp.nan) * real[..., None]
+      before = (
+        jnp.take(
+          self.context_table, tokens, axis=0, mode="fill", fill_value=jnp.nan
+        )
+        * real[..., None]
+      )
       total = jnp.einsum("ij,bjd->bid", self.context_weights, before)
       # Where no word comes before (the first word) the total is 0 too.
-      mass = jnp.maximum(jnp.einsum("ij,bj->bi", self.context_weights, real),
-                         1e-9)
+      mass = jnp.maximum(
+        jnp.einsum("ij,bj->bi", self.context_weights, real), 1e-9
+      )
       out = out + (real / mass)[..., None] * total
     return out
 

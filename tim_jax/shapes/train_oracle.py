@@ -13,15 +13,13 @@ blurred and pure noise) whose figures go into the weights' metadata.
 
 from __future__ import annotations
 
-
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from tim_jax.shapes import world
-from tim_jax.shapes import oracle
+from tim_jax.shapes import oracle, world
 
 TRAIN_SEED = 2_000_029  # Scene streams of the oracle only.
 VALID_SEED = 3_000_017
@@ -42,8 +40,7 @@ def blur(images, sigma, radius: int = 3):
   kernel differs per image; with a 7-tap kernel that is 14 shifted adds.
   """
   images = jnp.asarray(images, jnp.float32)
-  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32),
-                           (images.shape[0],))
+  sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (images.shape[0],))
   offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
   safe = jnp.maximum(sigma, 1e-3)[:, None]
   taps = jnp.exp(-0.5 * (offsets[None] / safe) ** 2)
@@ -69,8 +66,11 @@ def augment(key, images, max_blur: float, max_noise: float):
   noise of std ~ U[0, max_noise]."""
   n = images.shape[0]
   k_pick, k_sigma, k_std, k_noise = jax.random.split(key, 4)
-  sigma = jnp.where(jax.random.uniform(k_pick, (n,)) < 0.5,
-                    jax.random.uniform(k_sigma, (n,), maxval=max_blur), 0.0)
+  sigma = jnp.where(
+    jax.random.uniform(k_pick, (n,)) < 0.5,
+    jax.random.uniform(k_sigma, (n,), maxval=max_blur),
+    0.0,
+  )
   std = jax.random.uniform(k_std, (n, 1, 1, 1), maxval=max_noise)
   return blur(images, sigma) + std * jax.random.normal(k_noise, images.shape)
 
@@ -88,22 +88,32 @@ def loss_fn(model, images, occupancy, shape, size):
   return l_occ + (l_shape + l_size) / n_filled
 
 
-def train(steps: int = 2500, batch: int = 128, lr: float = 2e-3,
-          seed: int = 0, max_blur: float = 0.8, max_noise: float = 0.08,
-          progress: bool = True) -> oracle.OracleNet:
+def train(
+  steps: int = 2500,
+  batch: int = 128,
+  lr: float = 2e-3,
+  seed: int = 0,
+  max_blur: float = 0.8,
+  max_noise: float = 0.08,
+  progress: bool = True,
+) -> oracle.OracleNet:
   """Trains an oracle; the same arguments give the same weights."""
   model = oracle.OracleNet(rngs=nnx.Rngs(seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10),
-                                                steps, lr * 0.01)
-  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=1e-4),
-                            wrt=nnx.Param)
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, lr, min(200, steps // 10), steps, lr * 0.01
+  )
+  optimizer = nnx.Optimizer(
+    model, optax.adamw(schedule, weight_decay=1e-4), wrt=nnx.Param
+  )
 
   @nnx.jit(donate_argnums=(0, 1), static_argnums=(7, 8))
-  def step(model, optimizer, key, images, occupancy, shape, size, max_blur,
-           max_noise):
+  def step(
+    model, optimizer, key, images, occupancy, shape, size, max_blur, max_noise
+  ):
     images = augment(key, images, max_blur, max_noise)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, images, occupancy, shape,
-                                              size)
+    loss, grads = nnx.value_and_grad(loss_fn)(
+      model, images, occupancy, shape, size
+    )
     optimizer.update(model, grads)
     return loss
 
@@ -111,13 +121,24 @@ def train(steps: int = 2500, batch: int = 128, lr: float = 2e-3,
   iterator = range(steps)
   if progress:
     from tqdm.auto import tqdm
+
     iterator = tqdm(iterator, desc="oracle training", unit="step")
   for i in iterator:
     images, scenes = render_batch(i * batch, batch, TRAIN_SEED)
     occ, shp, sz = oracle.cell_targets(
-        np.stack([world.attributes(s) for s in scenes]))
-    loss = step(model, optimizer, jax.random.fold_in(key, i), images, occ,
-                shp, sz, max_blur, max_noise)
+      np.stack([world.attributes(s) for s in scenes])
+    )
+    loss = step(
+      model,
+      optimizer,
+      jax.random.fold_in(key, i),
+      images,
+      occ,
+      shp,
+      sz,
+      max_blur,
+      max_noise,
+    )
     if progress and (i % 100 == 0 or i == steps - 1):
       iterator.set_postfix(loss=f"{float(loss):.4f}")
   return model
@@ -133,7 +154,7 @@ def validate(model: oracle.OracleNet, num: int = 2000, seed: int = 0):
   rng = np.random.default_rng([seed, VALID_SEED])
   noise = rng.standard_normal(images.shape).astype(np.float32)
   return {
-      "real": reader.score(images, targets),
-      "real_blur_0.5": reader.score(np.asarray(blur(images, 0.5)), targets),
-      "noise": reader.score(noise, targets),
+    "real": reader.score(images, targets),
+    "real_blur_0.5": reader.score(np.asarray(blur(images, 0.5)), targets),
+    "noise": reader.score(noise, targets),
   }

@@ -18,9 +18,9 @@ to read back from a generated image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
-from typing import Sequence
 
 import numpy as np
 
@@ -29,12 +29,12 @@ from tim_jax.shapes import text
 # (name, RGB in [0, 1]). Hues far apart and all bright against the dark
 # background, so a colour can be read back from a single pixel.
 _COLOUR_TABLE = (
-    ("red", (0.92, 0.16, 0.14)),
-    ("green", (0.18, 0.80, 0.22)),
-    ("blue", (0.16, 0.36, 0.98)),
-    ("yellow", (0.96, 0.88, 0.14)),
-    ("purple", (0.66, 0.22, 0.90)),
-    ("cyan", (0.16, 0.86, 0.90)),
+  ("red", (0.92, 0.16, 0.14)),
+  ("green", (0.18, 0.80, 0.22)),
+  ("blue", (0.16, 0.36, 0.98)),
+  ("yellow", (0.96, 0.88, 0.14)),
+  ("purple", (0.66, 0.22, 0.90)),
+  ("cyan", (0.16, 0.86, 0.90)),
 )
 COLOURS: tuple[str, ...] = tuple(name for name, _ in _COLOUR_TABLE)
 COLOUR_RGB = np.array([rgb for _, rgb in _COLOUR_TABLE], np.float32) * 2 - 1
@@ -44,9 +44,15 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: tuple[str, ...] = ("small", "large")
 # Row-major over the 3x3 grid: POSITIONS[3 * row + col].
 POSITIONS: tuple[str, ...] = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+  "top left",
+  "top",
+  "top right",
+  "left",
+  "center",
+  "right",
+  "bottom left",
+  "bottom",
+  "bottom right",
 )
 MAX_OBJECTS = 2
 
@@ -102,22 +108,28 @@ def label_name(label: int) -> str:
   return f"{COLOURS[colour]} {SHAPES[shape]}"
 
 
-def scene(index: int, seed: int = 0,
-          num_objects: int | Sequence[int] = (1, 2)) -> Scene:
+def scene(
+  index: int, seed: int = 0, num_objects: int | Sequence[int] = (1, 2)
+) -> Scene:
   """Scene ``index`` of the stream ``seed``.
 
   ``num_objects`` is the allowed object counts (each in 1..MAX_OBJECTS), one
   drawn uniformly per scene; an int means exactly that many.
   """
-  counts = ((num_objects,) if isinstance(num_objects, (int, np.integer))
-            else tuple(num_objects))
+  counts = (
+    (num_objects,)
+    if isinstance(num_objects, (int, np.integer))
+    else tuple(num_objects)
+  )
   if not counts or any(not 1 <= int(n) <= MAX_OBJECTS for n in counts):
-    raise ValueError(f"num_objects must be counts in [1, {MAX_OBJECTS}], "
-                     f"got {num_objects!r}")
+    raise ValueError(
+      f"num_objects must be counts in [1, {MAX_OBJECTS}], got {num_objects!r}"
+    )
   index, seed = int(index), int(seed)
   if index < 0 or seed < 0:
-    raise ValueError(f"index and seed must be >= 0, got index={index}, "
-                     f"seed={seed}")
+    raise ValueError(
+      f"index and seed must be >= 0, got index={index}, seed={seed}"
+    )
   # A fixed number of uniforms per scene, decoded by hand: the layout of the
   # random stream then does not depend on earlier choices, and uniform floats
   # are the simplest Generator output, the least likely to change between
@@ -131,16 +143,23 @@ def scene(index: int, seed: int = 0,
 
   objects = []
   for k in range(count):
-    v = u[10 + 4 * k: 14 + 4 * k]
+    v = u[10 + 4 * k : 14 + 4 * k]
     row, col = divmod(int(cells[k]), 3)
-    objects.append(SceneObject(
-        colour=pick(v[0], len(COLOURS)), shape=pick(v[1], len(SHAPES)),
-        size=pick(v[2], len(SIZES)), row=row, col=col,
-        mention_size=bool(v[3] < 0.5)))
+    objects.append(
+      SceneObject(
+        colour=pick(v[0], len(COLOURS)),
+        shape=pick(v[1], len(SHAPES)),
+        size=pick(v[2], len(SIZES)),
+        row=row,
+        col=col,
+        mention_size=bool(v[3] < 0.5),
+      )
+    )
   return Scene(tuple(objects))
 
 
 # --- Captions ---------------------------------------------------------------
+
 
 def position_phrase(position: int) -> str:
   """The words for a grid cell ("at the top left", "in the center")."""
@@ -151,8 +170,10 @@ def position_phrase(position: int) -> str:
 def object_phrase(obj: SceneObject) -> str:
   """An object's words: "a [size] colour shape at the position"."""
   size = f"{SIZES[obj.size]} " if obj.mention_size else ""
-  return (f"a {size}{COLOURS[obj.colour]} {SHAPES[obj.shape]} "
-          f"{position_phrase(obj.position)}")
+  return (
+    f"a {size}{COLOURS[obj.colour]} {SHAPES[obj.shape]} "
+    f"{position_phrase(obj.position)}"
+  )
 
 
 def caption(s: Scene) -> str:
@@ -173,12 +194,15 @@ VOCABULARY: tuple[str, ...] = _vocabulary()
 # The longest caption: MAX_OBJECTS objects, all with a size word, at the
 # longest position phrase, joined by "and".
 MAX_CAPTION_WORDS: int = (
-    MAX_OBJECTS * (4 + max(len(position_phrase(p).split())
-                           for p in range(len(POSITIONS))))
-    + MAX_OBJECTS - 1)
+  MAX_OBJECTS
+  * (4 + max(len(position_phrase(p).split()) for p in range(len(POSITIONS))))
+  + MAX_OBJECTS
+  - 1
+)
 
 
 # --- Rendering --------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=8)
 def _pixel_centres(size: int):
@@ -252,9 +276,14 @@ class ShapesSource:
   * c2i: ``label`` int32 = shape * len(COLOURS) + colour (one object).
   """
 
-  def __init__(self, size: int = 32, seed: int = 0, kind: str = "t2i",
-               length: int = 2**31 - 1,
-               max_caption_len: int = MAX_CAPTION_WORDS):
+  def __init__(
+    self,
+    size: int = 32,
+    seed: int = 0,
+    kind: str = "t2i",
+    length: int = 2**31 - 1,
+    max_caption_len: int = MAX_CAPTION_WORDS,
+  ):
     if kind not in KINDS:
       raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if length < 1:
@@ -263,9 +292,10 @@ class ShapesSource:
       # Truncating would cut the end of a position ("bottom right" ->
       # "bottom"): a wrong caption, not a shorter one.
       raise ValueError(
-          f"max_caption_len={max_caption_len} is shorter than the longest "
-          f"shapes caption ({MAX_CAPTION_WORDS} words); use at least "
-          f"{MAX_CAPTION_WORDS}")
+        f"max_caption_len={max_caption_len} is shorter than the longest "
+        f"shapes caption ({MAX_CAPTION_WORDS} words); use at least "
+        f"{MAX_CAPTION_WORDS}"
+      )
     if size < 6:
       raise ValueError(f"size must be >= 6 pixels, got {size}")
     self.size, self.seed, self.kind = int(size), int(seed), kind
@@ -284,8 +314,9 @@ class ShapesSource:
   def __getitem__(self, index):
     index = int(index)
     if not 0 <= index < self.length:
-      raise IndexError(f"index {index} out of range for a ShapesSource of "
-                       f"length {self.length}")
+      raise IndexError(
+        f"index {index} out of range for a ShapesSource of length {self.length}"
+      )
     s = self.scene(index)
     out = {"image": render(s, self.size), "attributes": attributes(s)}
     if self.kind == "t2i":
@@ -297,5 +328,7 @@ class ShapesSource:
     return out
 
   def __repr__(self):
-    return (f"ShapesSource(size={self.size}, seed={self.seed}, "
-            f"kind={self.kind!r}, length={self.length})")
+    return (
+      f"ShapesSource(size={self.size}, seed={self.seed}, "
+      f"kind={self.kind!r}, length={self.length})"
+    )

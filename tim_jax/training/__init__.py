@@ -7,5 +7,11 @@
 from tim_jax.training.loop import is_due, train_and_evaluate, write_sample_grids
 from tim_jax.training.trainer import NonFiniteError, Trainer, TrainState
 
-__all__ = ["NonFiniteError", "TrainState", "Trainer", "is_due",
-           "train_and_evaluate", "write_sample_grids"]
+__all__ = [
+  "NonFiniteError",
+  "TrainState",
+  "Trainer",
+  "is_due",
+  "train_and_evaluate",
+  "write_sample_grids",
+]

@@ -20,7 +20,7 @@ trainer has: ``pipeline`` (a ``tim_jax.inference.Pipeline``), ``loss``
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -40,57 +40,88 @@ class HoldoutLoss:
     def holdout(ema, batch, frozen):
       # The training loss with the EMA as model and (for model guidance)
       # teacher, no condition dropout, a fixed key.
-      loss, metrics = trainer.loss(ema, ema, batch, jax.random.key(0),
-                                   frozen, drop=False)
+      loss, metrics = trainer.loss(
+        ema, ema, batch, jax.random.key(0), frozen, drop=False
+      )
       return {"holdout/loss": loss, "holdout/mse_loss": metrics["mse_loss"]}
+
     self._fn = jax.jit(holdout)
 
-  def __call__(self, trainer, state) -> Dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(
-        self._fn(state.ema, self.batch, trainer.frozen)).items()}
+  def __call__(self, trainer, state) -> dict[str, float]:
+    return {
+      k: float(v)
+      for k, v in jax.device_get(
+        self._fn(state.ema, self.batch, trainer.frozen)
+      ).items()
+    }
 
 
 class ShapesOracle:
   """Oracle scores of EMA samples of held-out shapes scenes per NFE."""
 
-  def __init__(self, config, trainer, every: int, nfe=(1, 4), num: int = 64,
-               batch_size: int = 64, reference_num: int = 1000):
+  def __init__(
+    self,
+    config,
+    trainer,
+    every: int,
+    nfe=(1, 4),
+    num: int = 64,
+    batch_size: int = 64,
+    reference_num: int = 1000,
+  ):
     if config.data.name != "shapes":
-      raise ValueError("evals.shapes_oracle reads only the built-in shapes "
-                       f"world; this run trains on {config.data.name!r}: set "
-                       "--config.evals.shapes_oracle.every=0")
+      raise ValueError(
+        "evals.shapes_oracle reads only the built-in shapes "
+        f"world; this run trains on {config.data.name!r}: set "
+        "--config.evals.shapes_oracle.every=0"
+      )
     from tim_jax.shapes import scoring
+
     self.every, self.nfe, self.batch_size = every, tuple(nfe), batch_size
     self.scorer = scoring.ShapesScorer(
-        config.model.kind, config.data.image_size, num, reference_num)
+      config.model.kind, config.data.image_size, num, reference_num
+    )
     self.cond, _ = trainer.pipeline.conditions(**self.scorer.requests())
 
-  def __call__(self, trainer, state) -> Dict[str, float]:
+  def __call__(self, trainer, state) -> dict[str, float]:
     out = {}
     pipe = trainer.pipeline
     for nfe in self.nfe:
       # A NaN sample scores as a miss; it does not stop the training run.
-      images = pipe.generate(self.cond, num_steps=int(nfe),
-                             batch_size=self.batch_size, params=state.ema,
-                             check_finite=False)
+      images = pipe.generate(
+        self.cond,
+        num_steps=int(nfe),
+        batch_size=self.batch_size,
+        params=state.ema,
+        check_finite=False,
+      )
       scores = self.scorer.score(pipe.decode(images))
-      out.update({f"oracle/nfe{nfe}/{k}": float(v)
-                  for k, v in scores.items()})
+      out.update({f"oracle/nfe{nfe}/{k}": float(v) for k, v in scores.items()})
     return out
 
 
 class FID:
   """FID of EMA samples against reference statistics, per NFE."""
 
-  def __init__(self, config, trainer, every: int, nfe=(4,), num: int = 5000,
-               batch_size: int = 64, reference: str = "",
-               inception_weights: str = ""):
+  def __init__(
+    self,
+    config,
+    trainer,
+    every: int,
+    nfe=(4,),
+    num: int = 5000,
+    batch_size: int = 64,
+    reference: str = "",
+    inception_weights: str = "",
+  ):
     from tim_jax.eval import fid, inception
+
     self.every, self.nfe, self.num = every, tuple(nfe), int(num)
     self.batch_size = batch_size
     self.reference = fid.Statistics.load(reference)
     self.extractor = inception.FeatureExtractor(
-        inception.load_fid_weights(inception_weights), batch_size=batch_size)
+      inception.load_fid_weights(inception_weights), batch_size=batch_size
+    )
     pipe = trainer.pipeline
     if not pipe.can_decode:
       pipe.decode(np.zeros((1,)))  # Raises: says which decoder is missing.
@@ -99,22 +130,34 @@ class FID:
     rows = np.arange(self.num) % len(names)
     self.cond = jax.tree.map(lambda c: np.asarray(c)[rows], cond)
 
-  def __call__(self, trainer, state) -> Dict[str, float]:
+  def __call__(self, trainer, state) -> dict[str, float]:
     from tim_jax.eval import fid
+
     pipe = trainer.pipeline
     out = {}
     for nfe in self.nfe:
       # As saved images: clipped and quantised (the official conversion).
-      pixels = images.to_uint8(pipe.decode(pipe.generate(
-          self.cond, num_steps=int(nfe), batch_size=self.batch_size,
-          params=state.ema, check_finite=False)))
+      pixels = images.to_uint8(
+        pipe.decode(
+          pipe.generate(
+            self.cond,
+            num_steps=int(nfe),
+            batch_size=self.batch_size,
+            params=state.ema,
+            check_finite=False,
+          )
+        )
+      )
       stats = fid.Statistics.from_features(self.extractor(pixels))
       out[f"fid/nfe{nfe}"] = float(stats.frechet_distance(self.reference))
     return out
 
 
-REGISTRY: Dict[str, Callable] = {"holdout_loss": HoldoutLoss,
-                                 "shapes_oracle": ShapesOracle, "fid": FID}
+REGISTRY: dict[str, Callable] = {
+  "holdout_loss": HoldoutLoss,
+  "shapes_oracle": ShapesOracle,
+  "fid": FID,
+}
 
 
 def build(config, trainer) -> dict:
@@ -122,15 +165,17 @@ def build(config, trainer) -> dict:
   out = {}
   for name, settings in config.evals.items():
     if name not in REGISTRY:
-      raise ValueError(f"unknown evaluator {name!r}; known: "
-                       f"{sorted(REGISTRY)}")
+      raise ValueError(f"unknown evaluator {name!r}; known: {sorted(REGISTRY)}")
     settings = dict(settings)
     if not settings.get("every"):
       continue
-    if name == "fid" and not (settings.get("reference")
-                              and settings.get("inception_weights")):
-      raise ValueError("evals.fid needs reference (an .npz of mu/sigma) and "
-                       "inception_weights (the FID InceptionV3); set them or "
-                       "--config.evals.fid.every=0")
+    if name == "fid" and not (
+      settings.get("reference") and settings.get("inception_weights")
+    ):
+      raise ValueError(
+        "evals.fid needs reference (an .npz of mu/sigma) and "
+        "inception_weights (the FID InceptionV3); set them or "
+        "--config.evals.fid.every=0"
+      )
     out[name] = REGISTRY[name](config, trainer, **settings)
   return out

@@ -35,8 +35,9 @@ def is_due(step: int, every: int, total: int) -> bool:
   return bool(every) and (step % every == 0 or step == total)
 
 
-def write_sample_grids(trainer: Trainer, state, step: int, workdir: str,
-                       writer) -> list:
+def write_sample_grids(
+  trainer: Trainer, state, step: int, workdir: str, writer
+) -> list:
   """The EMA model's samples of the config's prompts or labels, one row per
   prompt or label (its text beside it) and one column per ``sample.nfe``,
   enlarged to at least ``sample.min_side`` pixels, as
@@ -58,9 +59,13 @@ def write_sample_grids(trainer: Trainer, state, step: int, workdir: str,
   cfg = pipe.settings(1).cfg_scale
   guidance = f", cfg {cfg:g}" if cfg > 1 else ""
   picture = images.annotated_grid(
-      tiles, cols=len(s.nfe), row_labels=names,
-      col_labels=[f"{nfe} NFE" for nfe in s.nfe],
-      title=f"step {step}, EMA weights{guidance}", min_side=s.min_side)
+    tiles,
+    cols=len(s.nfe),
+    row_labels=names,
+    col_labels=[f"{nfe} NFE" for nfe in s.nfe],
+    title=f"step {step}, EMA weights{guidance}",
+    min_side=s.min_side,
+  )
   path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
   if jax.process_index() == 0:
     images.save_png(path, picture)
@@ -80,52 +85,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # only at the first save.
   checkpoint.check_writable(os.path.join(workdir, "checkpoints"))
   config_dict = config_base.to_json(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 keep=config.keep_checkpoints,
-                                 asynchronous=config.async_checkpoints)
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    keep=config.keep_checkpoints,
+    asynchronous=config.async_checkpoints,
+  )
   ckpt.check_compatible(config_dict)  # Before anything is written.
   source = kinds.source(config)  # Missing data stops here, early.
   trainer = Trainer(config)
   if config.sample.every and not trainer.pipeline.can_decode:
     raise ValueError(
-        f"sample.every={config.sample.every} decodes the samples with "
-        f"{config.autoencoder.name!r}: set --config.autoencoder.path=DIR (a "
-        "diffusers directory of it; see the README's 'Files' section) or "
-        "--config.sample.every=0")
+      f"sample.every={config.sample.every} decodes the samples with "
+      f"{config.autoencoder.name!r}: set --config.autoencoder.path=DIR (a "
+      "diffusers directory of it; see the README's 'Files' section) or "
+      "--config.sample.every=0"
+    )
   if config.sample.every and config.autoencoder.name != "identity":
     _ = trainer.pipeline.autoencoder  # Read now: a bad directory stops here.
-  data_iter = kinds.iterator(config, source, trainer.conditioner,
-                             sharding.data_shards(trainer.mesh))
+  data_iter = kinds.iterator(
+    config, source, trainer.conditioner, sharding.data_shards(trainer.mesh)
+  )
 
-  start, state = ckpt.restore_latest(trainer.abstract_with_shardings(),
-                                     data_iter)
+  start, state = ckpt.restore_latest(
+    trainer.abstract_with_shardings(), data_iter
+  )
   if start is None:
     state = trainer.init_state()
     if config.init_from:
-      state = trainer.initialise_from(state, config.init_from,
-                                      tuple(config.init_ignore_keys))
+      state = trainer.initialise_from(
+        state, config.init_from, tuple(config.init_ignore_keys)
+      )
     start = 0
-    logging.info("initialised a new model (%d parameters)", sum(
-        int(np.prod(a.shape)) for a in jax.tree.leaves(
-            trainer.abstract_state.params)))
+    logging.info(
+      "initialised a new model (%d parameters)",
+      sum(
+        int(np.prod(a.shape))
+        for a in jax.tree.leaves(trainer.abstract_state.params)
+      ),
+    )
   else:
     logging.info("resumed from step %d in %s", start, ckpt.directory)
     if start >= config.num_steps:
-      logging.info("nothing to train: the checkpoint is at step %d and "
-                   "num_steps is %d (raise --config.num_steps to go on)",
-                   start, config.num_steps)
+      logging.info(
+        "nothing to train: the checkpoint is at step %d and "
+        "num_steps is %d (raise --config.num_steps to go on)",
+        start,
+        config.num_steps,
+      )
       ckpt.close()
       return state
 
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+    workdir, just_logging=jax.process_index() > 0
+  )
   if start == 0:
-    writer.write_hparams({k: v for k, v in _flat(config_dict).items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(
+      {
+        k: v
+        for k, v in _flat(config_dict).items()
+        if isinstance(v, (int, float, str, bool))
+      }
+    )
   total = config.num_steps
-  hooks = [periodic_actions.ReportProgress(
-      num_train_steps=total, writer=writer,
-      every_steps=config.log_every)]
+  hooks = [
+    periodic_actions.ReportProgress(
+      num_train_steps=total, writer=writer, every_steps=config.log_every
+    )
+  ]
   evals = evaluators.build(config, trainer)
 
   pending = None  # The previous step's metrics (the guard lags a step).
@@ -135,15 +161,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   try:
     while step < total:
       batch = sharding.global_batch(
-          kinds.host_batch(config, trainer.conditioner, next(data_iter)),
-          trainer.mesh)
+        kinds.host_batch(config, trainer.conditioner, next(data_iter)),
+        trainer.mesh,
+      )
       state, metrics = trainer.train_step(state, batch)
       step += 1
       if pending is not None:
         streak = int(pending["nonfinite_streak"])
         if streak >= config.max_nonfinite_steps:
-          raise NonFiniteError(_guard_stop_message(
-              streak, step - 1, jax.device_get(pending), ckpt, config))
+          raise NonFiniteError(
+            _guard_stop_message(
+              streak, step - 1, jax.device_get(pending), ckpt, config
+            )
+          )
       pending = metrics
       accumulated.append(metrics)
       for hook in hooks:
@@ -151,8 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if is_due(step, config.log_every, total):
         summary = jax.device_get(accumulated)
         accumulated = []
-        means = {k: float(np.mean([m[k] for m in summary]))
-                 for k in summary[0]}
+        means = {k: float(np.mean([m[k] for m in summary])) for k in summary[0]}
         means["nonfinite_total"] = float(summary[-1]["nonfinite_total"])
         writer.write_scalars(step, means)
       if is_due(step, config.sample.every, total):
@@ -164,19 +193,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           logging.info("evaluator %s took %.1f s", name, time.time() - t_eval)
       if is_due(step, config.checkpoint_every, total):
         streak_now = int(metrics["nonfinite_streak"])
-        if streak_now and (step < total or
-                           streak_now >= config.max_nonfinite_steps):
+        if streak_now and (
+          step < total or streak_now >= config.max_nonfinite_steps
+        ):
           # The state is the last good one, but the run is in a bad streak:
           # keep the checkpoints from before it (the last step still saves
           # unless the run is about to stop on the streak).
-          logging.warning("not saving step %d: the guard rejected the last "
-                          "%d step(s)", step, streak_now)
+          logging.warning(
+            "not saving step %d: the guard rejected the last %d step(s)",
+            step,
+            streak_now,
+          )
         else:
           ckpt.save(step, state, data_iter, config_dict, force=True)
     streak = int(jax.device_get(state.nonfinite_streak))
     if streak >= config.max_nonfinite_steps:
-      raise NonFiniteError(_guard_stop_message(
-          streak, step, jax.device_get(pending), ckpt, config))
+      raise NonFiniteError(
+        _guard_stop_message(streak, step, jax.device_get(pending), ckpt, config)
+      )
   finally:
     ckpt.close()
     writer.flush()
@@ -184,38 +218,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   return state
 
 
-def _guard_stop_message(streak: int, last: int, metrics: dict, ckpt,
-                        config) -> str:
+def _guard_stop_message(
+  streak: int, last: int, metrics: dict, ckpt, config
+) -> str:
   """Why the run stops and what is on disk to resume from (true at the time
   of writing: in-flight saves are waited for)."""
   first = last - streak + 1
-  cause = ("not finite" if not (np.isfinite(metrics["loss"]) and
-                                np.isfinite(metrics["grad_norm"]))
-           else f"MSE {float(metrics['mse_loss']):.3g} above guard_max_mse="
-           f"{config.guard_max_mse:g}")
-  text = (f"{streak} bad steps in a row (steps {first}-{last}; the last: "
-          f"loss {float(metrics['loss']):.4g}, gradient norm "
-          f"{float(metrics['grad_norm']):.4g}, {cause}); stopping.")
+  cause = (
+    "not finite"
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
+    else f"MSE {float(metrics['mse_loss']):.3g} above guard_max_mse="
+    f"{config.guard_max_mse:g}"
+  )
+  text = (
+    f"{streak} bad steps in a row (steps {first}-{last}; the last: "
+    f"loss {float(metrics['loss']):.4g}, gradient norm "
+    f"{float(metrics['grad_norm']):.4g}, {cause}); stopping."
+  )
   ckpt.wait()
   steps = sorted(ckpt.manager.all_steps())
   if not steps:
-    return text + (" No checkpoint was written: there is nothing to resume "
-                   "from. Lower the learning rate or check the data, and "
-                   "start again.")
+    return text + (
+      " No checkpoint was written: there is nothing to resume "
+      "from. Lower the learning rate or check the data, and "
+      "start again."
+    )
   text += f" Checkpoints on disk: steps {steps}."
   if steps[-1] == first - 1:
     earlier = [s for s in steps if s < first - 1]
-    text += (f" Step {steps[-1]} holds the weights that the first bad step "
-             "started from: if the loss exploded rather than the data "
-             "turning non-finite, they may be diverged already"
-             + (f" (the earlier steps {earlier} are not)." if earlier else
-                "."))
+    text += (
+      f" Step {steps[-1]} holds the weights that the first bad step "
+      "started from: if the loss exploded rather than the data "
+      "turning non-finite, they may be diverged already"
+      + (f" (the earlier steps {earlier} are not)." if earlier else ".")
+    )
   else:
-    text += (f" The latest, step {steps[-1]}, predates the bad streak.")
-  return text + (" Lower the learning rate or check the data, then re-run "
-                 "with the same --workdir to resume from the latest "
-                 "checkpoint (delete newer step directories to resume from "
-                 "an earlier one).")
+    text += f" The latest, step {steps[-1]}, predates the bad streak."
+  return text + (
+    " Lower the learning rate or check the data, then re-run "
+    "with the same --workdir to resume from the latest "
+    "checkpoint (delete newer step directories to resume from "
+    "an earlier one)."
+  )
 
 
 def _flat(tree, prefix=""):

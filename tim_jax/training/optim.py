@@ -27,8 +27,9 @@ def schedule(config, global_batch: int, total_steps: int):
   warmup = int(config.get("warmup_steps", 0))
   kind = config.get("schedule", "constant")
   if kind not in SCHEDULES:
-    raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got "
-                     f"{kind!r}")
+    raise ValueError(
+      f"optimizer.schedule must be one of {SCHEDULES}, got {kind!r}"
+    )
   if kind == "constant":
     main = optax.constant_schedule(peak)
   elif kind == "cosine":
@@ -37,7 +38,8 @@ def schedule(config, global_batch: int, total_steps: int):
     main = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))
   if warmup:
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+      [optax.linear_schedule(0.0, peak, warmup), main], [warmup]
+    )
   return main
 
 
@@ -46,8 +48,13 @@ def make(config, global_batch: int, total_steps: int):
   parts = []
   if config.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(float(config.grad_clip)))
-  parts.append(optax.adamw(
-      schedule(config, global_batch, total_steps), b1=float(config.b1),
-      b2=float(config.b2), eps=float(config.eps),
-      weight_decay=float(config.weight_decay)))
+  parts.append(
+    optax.adamw(
+      schedule(config, global_batch, total_steps),
+      b1=float(config.b1),
+      b2=float(config.b2),
+      eps=float(config.eps),
+      weight_decay=float(config.weight_decay),
+    )
+  )
   return optax.chain(*parts)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from flax import nnx
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from tim_jax import inference
 from tim_jax.config import builders
@@ -55,23 +55,32 @@ class Trainer:
   optimizer, the mesh and the shardings of the train state.
   """
 
-  def __init__(self, config, mesh=None, repa_encoder=None, *,
-               text_encoder=None, abstract: bool = False):
+  def __init__(
+    self,
+    config,
+    mesh=None,
+    repa_encoder=None,
+    *,
+    text_encoder=None,
+    abstract: bool = False,
+  ):
     self.config = config
     self.mesh = mesh or sharding.make_mesh(dict(config.mesh))
     if config.batch_size % sharding.data_shards(self.mesh):
-      raise ValueError(f"batch_size {config.batch_size} is not divisible by "
-                       f"the {sharding.data_shards(self.mesh)} data shards of"
-                       f" mesh {dict(self.mesh.shape)}")
+      raise ValueError(
+        f"batch_size {config.batch_size} is not divisible by "
+        f"the {sharding.data_shards(self.mesh)} data shards of"
+        f" mesh {dict(self.mesh.shape)}"
+      )
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
     self.pipeline = inference.Pipeline(config, text_encoder=text_encoder)
     self.model_config = self.pipeline.model_config
     self.conditioner = self.pipeline.conditioner
     self.transport = self.pipeline.transport
     self.loss_config = builders.loss_config(
-        config, sharding.data_shards(self.mesh))
-    self.tx = optim.make(config.optimizer, config.batch_size,
-                         config.num_steps)
+      config, sharding.data_shards(self.mesh)
+    )
+    self.tx = optim.make(config.optimizer, config.batch_size, config.num_steps)
     # Frozen networks the step reads (not trained, not checkpointed): the
     # REPA teacher. Passed to the compiled step as an argument, replicated.
     self.repa_encoder = builders.repa_encoder(config, repa_encoder)
@@ -85,32 +94,45 @@ class Trainer:
       placement = sharding.frozen_shardings(frozen, self.mesh)
       # abstract: shapes and shardings only (compiling for devices this
       # host does not have; see tim_jax.commands.compile).
-      self.frozen = (jax.tree.map(
+      self.frozen = (
+        jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          frozen, placement) if abstract else
-                     jax.device_put(frozen, placement))
+          frozen,
+          placement,
+        )
+        if abstract
+        else jax.device_put(frozen, placement)
+      )
     # Batch shapes the step has been compiled for (one per caption or
     # aspect bucket with captioned data); see train_step.
     self.compiled_shapes = []
     self.abstract_state = jax.eval_shape(self._init)
     self.state_shardings = sharding.state_shardings(
-        self.abstract_state, self.mesh, self.rules)
+      self.abstract_state, self.mesh, self.rules
+    )
     self._compiled_step = None
 
   def _init(self) -> TrainState:
     params = nnx.state(builders.new_model(self.config), nnx.Param)
     key = jax.random.key_data(jax.random.key(self.config.seed))
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, ema=params,
-                      opt_state=self.tx.init(params), rng=key,
-                      nonfinite_streak=zero, nonfinite_total=zero)
+    return TrainState(
+      step=zero,
+      params=params,
+      ema=params,
+      opt_state=self.tx.init(params),
+      rng=key,
+      nonfinite_streak=zero,
+      nonfinite_total=zero,
+    )
 
   def init_state(self) -> TrainState:
     """A new train state, initialised directly in its shardings."""
     return jax.jit(self._init, out_shardings=self.state_shardings)()
 
-  def initialise_from(self, state: TrainState, path: str,
-                      ignore_keys=()) -> TrainState:
+  def initialise_from(
+    self, state: TrainState, path: str, ignore_keys=()
+  ) -> TrainState:
     """``state`` with its parameters (and EMA) taken from a checkpoint, as
     the official ``init_from_ckpt`` does: an official file or a tim_jax run;
     parameters whose official name contains one of ``ignore_keys``, or that
@@ -121,26 +143,33 @@ class Trainer:
     else:
       source = inference.load(path, self.config)
       weights = convert.to_official(source.model())
-    dropped = sorted(k for k in weights
-                     if any(i in k for i in ignore_keys))
+    dropped = sorted(k for k in weights if any(i in k for i in ignore_keys))
     weights = {k: v for k, v in weights.items() if k not in dropped}
     model = nnx.merge(self.pipeline.graphdef, jax.device_get(state.params))
     report = convert.load_state_dict(model, weights, strict=False)
-    logging.info("initialised from %s: %s; ignored by init_ignore_keys: %d "
-                 "(%s)", path, report, len(dropped), dropped[:5])
+    logging.info(
+      "initialised from %s: %s; ignored by init_ignore_keys: %d (%s)",
+      path,
+      report,
+      len(dropped),
+      dropped[:5],
+    )
     # Host arrays put twice: separate buffers, as the step donates both.
     # The optimizer state stays the fresh one (AdamW's moments start at 0
     # whatever the parameters).
     host = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     return state.replace(
-        params=jax.device_put(host, self.state_shardings.params),
-        ema=jax.device_put(host, self.state_shardings.ema))
+      params=jax.device_put(host, self.state_shardings.params),
+      ema=jax.device_put(host, self.state_shardings.ema),
+    )
 
   def abstract_with_shardings(self):
     """The train state's shapes, dtypes and shardings (for restoring)."""
     return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        self.abstract_state, self.state_shardings)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      self.abstract_state,
+      self.state_shardings,
+    )
 
   def repa_target(self, batch, frozen=None):
     """REPA targets (B, N, z_dim) for ``batch``: its precomputed features
@@ -153,8 +182,9 @@ class Trainer:
     if self.repa_encoder is None:
       return None
     if frozen is None:
-      raise ValueError("this config's REPA teacher needs the frozen state: "
-                       "pass trainer.frozen")
+      raise ValueError(
+        "this config's REPA teacher needs the frozen state: pass trainer.frozen"
+      )
     x = batch["image"]
     pixels = batch.get("pixels", x)
     if pixels.dtype == jnp.uint8:
@@ -162,10 +192,21 @@ class Trainer:
     p = self.model_config.patch_size
     grid = (x.shape[1] // p, x.shape[2] // p)
     return jax.lax.stop_gradient(
-        self.repa_encoder.apply(frozen["repa"], pixels, grid))
+      self.repa_encoder.apply(frozen["repa"], pixels, grid)
+    )
 
-  def loss(self, params, ema, batch, key, frozen=None, *, drop: bool = True,
-           row_ids=None, microbatch=None):
+  def loss(
+    self,
+    params,
+    ema,
+    batch,
+    key,
+    frozen=None,
+    *,
+    drop: bool = True,
+    row_ids=None,
+    microbatch=None,
+  ):
     """The TiM loss of ``params`` on ``batch`` and its metrics, as the step
     computes it: conditions dropped for guidance (unless ``drop=False``),
     the EMA as the model-guidance teacher, REPA targets.
@@ -178,7 +219,8 @@ class Trainer:
       k_drop = jax.random.fold_in(k_drop, microbatch)
     x = batch["image"]
     y, y_true, null = self.conditioner.training_conditions(
-        batch, k_drop, frozen, drop)
+      batch, k_drop, frozen, drop
+    )
     teacher = None
     if self.loss_config.enhance_target:
       ema_model = self.pipeline.network(ema)
@@ -186,13 +228,22 @@ class Trainer:
     teacher_cond = y if self.model_config.kind == "t2i" else y_true
     model = self.pipeline.model(params)
     return transition.loss(
-        lambda *a: model(*a, return_projection=True), x, y, k_loss,
-        transport=self.transport, config=self.loss_config,
-        teacher_fn=teacher, teacher_cond=teacher_cond, null_cond=null,
-        repa_target=self.repa_target(batch, frozen), row_ids=row_ids)
+      lambda *a: model(*a, return_projection=True),
+      x,
+      y,
+      k_loss,
+      transport=self.transport,
+      config=self.loss_config,
+      teacher_fn=teacher,
+      teacher_cond=teacher_cond,
+      null_cond=null,
+      repa_target=self.repa_target(batch, frozen),
+      row_ids=row_ids,
+    )
 
-  def step(self, state: TrainState, batch, frozen=None
-           ) -> tuple[TrainState, dict]:
+  def step(
+    self, state: TrainState, batch, frozen=None
+  ) -> tuple[TrainState, dict]:
     """One training step, as a pure function (not compiled; see
     ``train_step``): the TiM loss, AdamW, the EMA, and the non-finite guard
     (a step whose loss or gradient norm is not finite, or whose MSE is
@@ -205,8 +256,9 @@ class Trainer:
     """
     config = self.config
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    loss, metrics, grads = self.gradients(state.params, state.ema, batch, key,
-                                          frozen)
+    loss, metrics, grads = self.gradients(
+      state.params, state.ema, batch, key, frozen
+    )
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -216,25 +268,31 @@ class Trainer:
       # would stay near it for ~1/(1-decay) steps.
       step = state.step.astype(jnp.float32)
       decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema,
-                       params)
+    ema = jax.tree.map(
+      lambda e, p: decay * e + (1.0 - decay) * p, state.ema, params
+    )
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if config.guard_max_mse:
       # Diverged but finite: the adaptive weighting keeps `loss` near one
       # whatever the error, so the raw MSE is the one that explodes.
       finite &= metrics["mse_loss"] <= config.guard_max_mse
     keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+      lambda n, o: jnp.where(finite, n, o), new, old
+    )
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        ema=keep(ema, state.ema),
-        opt_state=keep(opt_state, state.opt_state),
-        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
-    metrics = dict(metrics, grad_norm=grad_norm,
-                   nonfinite_streak=new_state.nonfinite_streak,
-                   nonfinite_total=new_state.nonfinite_total)
+      step=state.step + 1,
+      params=keep(params, state.params),
+      ema=keep(ema, state.ema),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(
+      metrics,
+      grad_norm=grad_norm,
+      nonfinite_streak=new_state.nonfinite_streak,
+      nonfinite_total=new_state.nonfinite_total,
+    )
     return new_state, metrics
 
   def gradients(self, params, ema, batch, key, frozen=None):
@@ -255,8 +313,10 @@ class Trainer:
     shards = sharding.data_shards(self.mesh)
     rows = jax.tree.leaves(batch)[0].shape[0]
     if rows % (shards * k):
-      raise ValueError(f"batch {rows} does not split into {k} microbatches "
-                       f"on each of {shards} data shards")
+      raise ValueError(
+        f"batch {rows} does not split into {k} microbatches "
+        f"on each of {shards} data shards"
+      )
     m = rows // (shards * k)
 
     def split(a):  # (B, ...) -> (k, B / k, ...), rows staying on device.
@@ -266,21 +326,32 @@ class Trainer:
     def body(total, xs):
       micro, ids, j = xs
       (loss, metrics), grads = value_and_grad(
-          params, ema, micro, key, frozen, row_ids=ids, microbatch=j)
+        params, ema, micro, key, frozen, row_ids=ids, microbatch=j
+      )
       total = jax.tree.map(lambda t, g: t + g / k, total, grads)
       return total, (loss, metrics)
+
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, (losses, metrics) = jax.lax.scan(
-        body, zeros, (jax.tree.map(split, batch),
-                      split(jnp.arange(rows, dtype=jnp.int32)),
-                      jnp.arange(k)))
-    return (jnp.mean(losses), jax.tree.map(lambda v: jnp.mean(v, 0), metrics),
-            grads)
+      body,
+      zeros,
+      (
+        jax.tree.map(split, batch),
+        split(jnp.arange(rows, dtype=jnp.int32)),
+        jnp.arange(k),
+      ),
+    )
+    return (
+      jnp.mean(losses),
+      jax.tree.map(lambda v: jnp.mean(v, 0), metrics),
+      grads,
+    )
 
   def batch_shardings(self, batch):
     """The batch's shardings: rows over the mesh's data axes."""
-    return jax.tree.map(lambda a: sharding.batch_sharding(self.mesh, a.ndim),
-                        batch)
+    return jax.tree.map(
+      lambda a: sharding.batch_sharding(self.mesh, a.ndim), batch
+    )
 
   def jit_step(self, batch, donate: bool = True):
     """``fn(state, batch)``: ``step`` compiled for batches shaped like
@@ -294,19 +365,28 @@ class Trainer:
   def jitted_step(self, batch, donate: bool = True):
     """The ``jax.jit`` of ``step(state, batch, frozen)`` with its shardings
     (for ``.lower(...)``: ``jit_step`` wraps it)."""
-    frozen_sharding = (None if self.frozen is None else
-                       jax.tree.map(lambda a: a.sharding, self.frozen))
+    frozen_sharding = (
+      None
+      if self.frozen is None
+      else jax.tree.map(lambda a: a.sharding, self.frozen)
+    )
 
     def step(state, batch, frozen):
       # Traced with the activations pinned to the mesh (batch rows over the
       # data axes, heads and MLP units over `tensor`).
       with sharding.activation_sharding(self.mesh, self.rules):
         return self.step(state, batch, frozen)
+
     return jax.jit(
-        step, donate_argnums=0 if donate else (),
-        in_shardings=(self.state_shardings, self.batch_shardings(batch),
-                      frozen_sharding),
-        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)))
+      step,
+      donate_argnums=0 if donate else (),
+      in_shardings=(
+        self.state_shardings,
+        self.batch_shardings(batch),
+        frozen_sharding,
+      ),
+      out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+    )
 
   def train_step(self, state, batch):
     """One compiled, state-donating step. One jitted function serves every
@@ -317,6 +397,9 @@ class Trainer:
     shapes = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
     if shapes not in self.compiled_shapes:
       self.compiled_shapes.append(shapes)
-      logging.info("compiling the train step for batch shapes %s (%d "
-                   "distinct so far)", dict(shapes), len(self.compiled_shapes))
+      logging.info(
+        "compiling the train step for batch shapes %s (%d distinct so far)",
+        dict(shapes),
+        len(self.compiled_shapes),
+      )
     return self._compiled_step(state, batch)

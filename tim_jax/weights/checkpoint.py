@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +27,13 @@ import orbax.checkpoint as ocp
 # checkpoint whose values here differ cannot be restored into this run. The
 # default is what a checkpoint written before the field existed holds.
 ARCHITECTURE_KEYS = {
-    "model.kind": None,
-    "model.network": None,
-    "model.scan_blocks": False,  # The blocks' parameter layout.
-    "model.use_projector": True,
-    "model.rope_positions": "official",
-    "data.caption_seed": 0,  # The shapes world's caption encoder table.
-    "data.caption_context": 0.0,  # ... and its context mixing.
+  "model.kind": None,
+  "model.network": None,
+  "model.scan_blocks": False,  # The blocks' parameter layout.
+  "model.use_projector": True,
+  "model.rope_positions": "official",
+  "data.caption_seed": 0,  # The shapes world's caption encoder table.
+  "data.caption_context": 0.0,  # ... and its context mixing.
 }
 
 
@@ -61,21 +61,26 @@ def architecture_differences(saved: dict, config_dict: dict) -> list:
   the parameter tree; empty when a checkpoint of one fits the other."""
   problems = []
   for key, default in ARCHITECTURE_KEYS.items():
-    problems += _diff(_get(saved, key, default),
-                      _get(config_dict, key, default), key)
+    problems += _diff(
+      _get(saved, key, default), _get(config_dict, key, default), key
+    )
   return problems
 
 
 # One jitted function for every call: it compiles once per state layout,
 # not at every save.
-_ALL_FINITE = jax.jit(lambda leaves: jnp.all(jnp.stack(
-    [jnp.all(jnp.isfinite(x)) for x in leaves])))
+_ALL_FINITE = jax.jit(
+  lambda leaves: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+)
 
 
 def all_finite(tree) -> bool:
   """Whether every float leaf of ``tree`` is finite (one device reduction)."""
-  leaves = [x for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  leaves = [
+    x
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+  ]
   if not leaves:
     return True
   return bool(_ALL_FINITE(leaves))
@@ -100,8 +105,9 @@ def check_writable(directory: str) -> None:
       pass
   except OSError as e:
     raise CheckpointWriteError(
-        f"cannot write checkpoints to {directory}: {e}. Make it writable or "
-        "choose another --workdir.") from None
+      f"cannot write checkpoints to {directory}: {e}. Make it writable or "
+      "choose another --workdir."
+    ) from None
 
 
 class CheckpointReadError(RuntimeError):
@@ -125,21 +131,22 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 class Checkpointer:
   """Saves and restores (state, data iterator, config) under ``directory``."""
 
-  def __init__(self, directory: str, *, keep: int = 3,
-               asynchronous: bool = True):
+  def __init__(
+    self, directory: str, *, keep: int = 3, asynchronous: bool = True
+  ):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True,
-        enable_async_checkpointing=asynchronous)
+      max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
+    )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_names=("state", "data", "config"))
+      self.directory, options=options, item_names=("state", "data", "config")
+    )
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     """The newest saved step, or None."""
     return self.manager.latest_step()
 
-  def saved_config(self, step: Optional[int] = None) -> Optional[dict]:
+  def saved_config(self, step: int | None = None) -> dict | None:
     """The config saved with ``step``; by default the newest one that can
     be read (a damaged newer step is left to ``restore_latest``)."""
     if step is None:
@@ -147,13 +154,17 @@ class Checkpointer:
         try:
           return self.saved_config(s)
         except Exception as e:  # pylint: disable=broad-except
-          logging.error("the config of checkpoint step %d cannot be read: "
-                        "%s", s, _first_line(e))
+          logging.error(
+            "the config of checkpoint step %d cannot be read: %s",
+            s,
+            _first_line(e),
+          )
       return None
     path = os.path.join(self.directory, str(step), "config", "metadata")
     if not os.path.exists(path):
       restored = self.manager.restore(
-          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+      )
       return dict(restored["config"])
     with open(path) as f:
       return json.load(f)
@@ -167,13 +178,21 @@ class Checkpointer:
     problems = architecture_differences(saved, config_dict)
     if problems:
       raise ValueError(
-          f"the checkpoint in {self.directory} is "
-          f"of another architecture than this config: {'; '.join(problems)}."
-          " Use a new --workdir, or the config the checkpoint was made with."
-          " Nothing was changed on disk.")
+        f"the checkpoint in {self.directory} is "
+        f"of another architecture than this config: {'; '.join(problems)}."
+        " Use a new --workdir, or the config the checkpoint was made with."
+        " Nothing was changed on disk."
+      )
 
-  def save(self, step: int, state: Any, data_iterator, config_dict: dict, *,
-           force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    data_iterator,
+    config_dict: dict,
+    *,
+    force: bool = False,
+  ) -> bool:
     """Saves unless the state is non-finite (then refuses and says so).
     Raises CheckpointWriteError, naming the latest saved step, when the
     directory cannot be written or an earlier asynchronous save failed."""
@@ -186,13 +205,16 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       latest = self.latest_step()
       raise CheckpointWriteError(
-          f"step {step} was not saved: {e} The latest saved checkpoint is "
-          + (f"step {latest}." if latest is not None else "none.")) from None
+        f"step {step} was not saved: {e} The latest saved checkpoint is "
+        + (f"step {latest}." if latest is not None else "none.")
+      ) from None
     import grain
+
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config_dict))
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator),
+      config=ocp.args.JsonSave(config_dict),
+    )
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None):
@@ -202,6 +224,7 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iterator is not None:
       import grain
+
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
@@ -220,47 +243,62 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         # Orbax and TensorStore raise many kinds; what matters is the step.
         failures.append((step, _first_line(e)))
-        logging.error("checkpoint step %d in %s cannot be read: %s", step,
-                      self.directory, failures[-1][1])
+        logging.error(
+          "checkpoint step %d in %s cannot be read: %s",
+          step,
+          self.directory,
+          failures[-1][1],
+        )
         continue
       for bad, why in failures:
         aside = _free_name(os.path.join(self.directory, f"damaged-step-{bad}"))
         if jax.process_index() == 0:  # One rename on shared storage.
           os.replace(os.path.join(self.directory, str(bad)), aside)
         logging.warning(
-            "resuming from step %d instead of the damaged step %d (%s); "
-            "the damaged step is kept at %s", step, bad, why, aside)
+          "resuming from step %d instead of the damaged step %d (%s); "
+          "the damaged step is kept at %s",
+          step,
+          bad,
+          why,
+          aside,
+        )
       if failures:
         if jax.process_count() > 1:
           from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
           multihost_utils.sync_global_devices("tim_jax_damaged_steps_moved")
         self.manager.reload()
       return step, state
     if failures:
-      listed = "; ".join(f"step {s} ({os.path.join(self.directory, str(s))}"
-                         f"): {why}" for s, why in failures)
+      listed = "; ".join(
+        f"step {s} ({os.path.join(self.directory, str(s))}): {why}"
+        for s, why in failures
+      )
       raise CheckpointReadError(
-          f"no checkpoint in {self.directory} can be read: {listed}. If "
-          "every step fails alike, the config or code may have changed what "
-          "a train state holds (optimizer, data iterator): run with the "
-          "config the checkpoints were made with. If the files are damaged, "
-          "delete those step directories to start over (or restore them "
-          "from a copy). Nothing was changed on disk.")
+        f"no checkpoint in {self.directory} can be read: {listed}. If "
+        "every step fails alike, the config or code may have changed what "
+        "a train state holds (optimizer, data iterator): run with the "
+        "config the checkpoints were made with. If the files are damaged, "
+        "delete those step directories to start over (or restore them "
+        "from a copy). Nothing was changed on disk."
+      )
     return None, None
 
-  def restore_weights(self, step: int, abstract_params: Any,
-                      which: str = "ema"):
+  def restore_weights(
+    self, step: int, abstract_params: Any, which: str = "ema"
+  ):
     """One weight set of the train state alone, the EMA (``"ema"``) or the
     trained ``"params"``, into ``abstract_params``' shapes, dtypes and
     shardings (ShapeDtypeStructs with ``sharding``): no optimizer state is
     read or built (inference)."""
     if which not in WEIGHT_SETS:
-      raise ValueError(f"weights must be one of {WEIGHT_SETS}, got "
-                       f"{which!r}")
+      raise ValueError(f"weights must be one of {WEIGHT_SETS}, got {which!r}")
     item = {which: abstract_params}
     args = ocp.args.PyTreeRestore(
-        item=item, partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+      item=item,
+      partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+    )
     restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
     return restored["state"][which]
 

@@ -19,14 +19,15 @@ other missing key is an error unless ``strict=False``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import logging
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from tim_jax import models
 from tim_jax.weights import torch_weights
@@ -38,9 +39,9 @@ TOLERATED_MISSING = ("projector.",)
 class LoadReport:
   """What a conversion did with the keys of a state_dict."""
 
-  loaded: List[str]
-  missing: List[str]
-  unexpected: List[str]
+  loaded: list[str]
+  missing: list[str]
+  unexpected: list[str]
 
   def __str__(self):
     lines = [f"loaded {len(self.loaded)} tensors"]
@@ -51,21 +52,27 @@ class LoadReport:
     return "; ".join(lines)
 
 
-def _segment(parent: Optional[str], name: Any) -> str:
+def _segment(parent: str | None, name: Any) -> str:
   name = str(name)
-  if re.fullmatch(r"mlp_\d", name) and parent in ("t_embedder",
-                                                  "delta_embedder"):
+  if re.fullmatch(r"mlp_\d", name) and parent in (
+    "t_embedder",
+    "delta_embedder",
+  ):
     return "mlp." + name[-1]
   if re.fullmatch(r"linear_\d", name) and parent == "projector":
     return name[-1]
   return name
 
 
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight",
-         "bias": "bias"}
+_LEAF = {
+  "kernel": "weight",
+  "scale": "weight",
+  "embedding": "weight",
+  "bias": "bias",
+}
 
 
-def official_name(path: Tuple) -> str:
+def official_name(path: tuple) -> str:
   """The official state_dict key of an NNX parameter path."""
   *mods, leaf = [str(p) for p in path]
   parts, parent = [], None
@@ -86,8 +93,7 @@ def _entries(model: nnx.Module):
   parameter; a model with scanned blocks (``TiMConfig.scan_blocks``) holds
   each block parameter stacked on a leading layer axis, which becomes the
   official ``blocks.{i}.`` names."""
-  stacked = bool(getattr(getattr(model, "config", None), "scan_blocks",
-                         False))
+  stacked = bool(getattr(getattr(model, "config", None), "scan_blocks", False))
   for path, value in _param_leaves(model):
     if stacked and str(path[0]) == "blocks":
       for i in range(value.shape[0]):
@@ -96,7 +102,7 @@ def _entries(model: nnx.Module):
       yield official_name(path), path, None, value
 
 
-def to_official(model: nnx.Module) -> Dict[str, np.ndarray]:
+def to_official(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's parameters as an official state_dict of numpy arrays."""
   out = {}
   for name, path, _, value in _entries(model):
@@ -107,8 +113,9 @@ def to_official(model: nnx.Module) -> Dict[str, np.ndarray]:
   return out
 
 
-def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
-                    strict: bool = True) -> LoadReport:
+def load_state_dict(
+  model: nnx.Module, state_dict: Mapping[str, Any], *, strict: bool = True
+) -> LoadReport:
   """Copies an official state_dict into ``model`` in place.
 
   Raises ValueError naming the key and both shapes on a shape mismatch, and
@@ -125,13 +132,15 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
     if kernel:
       array = torch_weights.kernel_from_torch(array)
     if array.shape != tuple(value.shape):
-      expected = (torch_weights.torch_shape(value.shape) if kernel
-                  else tuple(value.shape))
+      expected = (
+        torch_weights.torch_shape(value.shape) if kernel else tuple(value.shape)
+      )
       raise ValueError(
-          f"shape mismatch for {name!r}: the checkpoint has "
-          f"{np.asarray(state_dict[name]).shape} (official layout), the model "
-          f"expects {expected} — does the network config match the "
-          "checkpoint?")
+        f"shape mismatch for {name!r}: the checkpoint has "
+        f"{np.asarray(state_dict[name]).shape} (official layout), the model "
+        f"expects {expected} — does the network config match the "
+        "checkpoint?"
+      )
     if layer is None:
       new_values[path] = jnp.asarray(array, dtype=value.dtype)
     else:
@@ -139,15 +148,18 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
     loaded.append(name)
   hard_missing = [m for m in missing if not m.startswith(TOLERATED_MISSING)]
   if strict and hard_missing:
-    raise ValueError(f"the checkpoint lacks {len(hard_missing)} parameters of "
-                     f"the model, e.g. {hard_missing[:5]}; pass strict=False "
-                     "to keep them at initialisation")
+    raise ValueError(
+      f"the checkpoint lacks {len(hard_missing)} parameters of "
+      f"the model, e.g. {hard_missing[:5]}; pass strict=False "
+      "to keep them at initialisation"
+    )
   current = dict(_param_leaves(model))
   for path, per_layer in layers.items():
     # Stacked blocks: layers the file lacks keep their current values.
     now = np.asarray(current[path])
-    new_values[path] = jnp.asarray(np.stack(
-        [per_layer.get(i, now[i]) for i in range(now.shape[0])]))
+    new_values[path] = jnp.asarray(
+      np.stack([per_layer.get(i, now[i]) for i in range(now.shape[0])])
+    )
   state = nnx.state(model, nnx.Param)
   for path, var in nnx.to_flat_state(state):
     if tuple(path) in new_values:
@@ -156,19 +168,28 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   return LoadReport(loaded=loaded, missing=missing, unexpected=sorted(sd))
 
 
-def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads ``.safetensors`` or a torch-pickled state_dict (``.bin``,
   ``.pt``, ``.pth``) into float32 numpy arrays (training wrappers such as
   ``{"ema": ...}`` and ``module.`` prefixes removed)."""
   hint = "Or convert the file to .safetensors where PyTorch is installed."
-  return {k: np.asarray(v, np.float32) for k, v in torch_weights.read(
-      path, missing_torch_hint=hint).items()}
+  return {
+    k: np.asarray(v, np.float32)
+    for k, v in torch_weights.read(path, missing_torch_hint=hint).items()
+  }
 
 
-def load_official(path: str, kind: str, network: Mapping[str, Any], *,
-                  dtype=jnp.float32, param_dtype=jnp.float32,
-                  strict: bool = True, return_report: bool = False,
-                  **overrides):
+def load_official(
+  path: str,
+  kind: str,
+  network: Mapping[str, Any],
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  strict: bool = True,
+  return_report: bool = False,
+  **overrides,
+):
   """Builds a TiM from official ``network.params`` and loads an official
   checkpoint into it.
 
@@ -186,8 +207,9 @@ def load_official(path: str, kind: str, network: Mapping[str, Any], *,
       ...).
   """
   state_dict = read_state_dict(path)
-  model = models.build(kind, network, dtype=dtype, param_dtype=param_dtype,
-                       **overrides)
+  model = models.build(
+    kind, network, dtype=dtype, param_dtype=param_dtype, **overrides
+  )
   report = load_state_dict(model, state_dict, strict=strict)
   if report.missing or report.unexpected:
     logging.warning("loading %s: %s", path, report)
@@ -197,4 +219,5 @@ def load_official(path: str, kind: str, network: Mapping[str, Any], *,
 def save_official(model: nnx.Module, path: str):
   """Writes the model as an official ``.safetensors`` state_dict."""
   from safetensors.numpy import save_file
+
   save_file(to_official(model), path)

@@ -8,8 +8,9 @@ and ``tim_jax.eval.inception`` (the FID network) both use it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import os
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -21,32 +22,36 @@ WRAPPER_KEYS = ("ema", "model", "state_dict", "module", "params")
 PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
-def unwrap(obj) -> Dict[str, Any]:
+def unwrap(obj) -> dict[str, Any]:
   """The state dict inside common training-checkpoint wrappers
   (``{"ema": ...}``, ``{"model": ...}``, ...), with ``module.``-style key
   prefixes removed."""
   while isinstance(obj, Mapping) and not any(
-      hasattr(v, "shape") for v in obj.values()):
+    hasattr(v, "shape") for v in obj.values()
+  ):
     for key in WRAPPER_KEYS:
       if key in obj:
         obj = obj[key]
         break
     else:
-      raise ValueError(f"no state_dict found in the checkpoint; top-level "
-                       f"keys: {sorted(obj)[:10]}")
+      raise ValueError(
+        f"no state_dict found in the checkpoint; top-level "
+        f"keys: {sorted(obj)[:10]}"
+      )
   if not isinstance(obj, Mapping):
-    raise ValueError(f"the checkpoint holds a {type(obj).__name__}, not a "
-                     "state dict")
+    raise ValueError(
+      f"the checkpoint holds a {type(obj).__name__}, not a state dict"
+    )
   out = {}
   for k, v in obj.items():
     for prefix in PREFIXES:
       if k.startswith(prefix):
-        k = k[len(prefix):]
+        k = k[len(prefix) :]
     out[k] = v
   return out
 
 
-def read(path, *, missing_torch_hint: str = "") -> Dict[str, np.ndarray]:
+def read(path, *, missing_torch_hint: str = "") -> dict[str, np.ndarray]:
   """The state dict in a weight file, as numpy arrays in their stored dtype
   (bfloat16 becomes float32, which numpy lacks). Wrappers are unwrapped
   (``unwrap``); entries that are not tensors are dropped.
@@ -57,16 +62,19 @@ def read(path, *, missing_torch_hint: str = "") -> Dict[str, np.ndarray]:
   path = os.fspath(path)
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in SUFFIXES:
-    raise ValueError(f"unknown weight file type {suffix!r} for {path!r}; "
-                     f"expected {', '.join(SUFFIXES)}")
+    raise ValueError(
+      f"unknown weight file type {suffix!r} for {path!r}; "
+      f"expected {', '.join(SUFFIXES)}"
+    )
   if suffix in TORCH_SUFFIXES:
     try:
       import torch  # noqa: F401  pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(
-          f"reading {path!r} (a torch-pickled file) needs PyTorch, which is "
-          "not installed: pip install torch (the CPU build is enough)"
-          + (f". {missing_torch_hint}" if missing_torch_hint else "")) from e
+        f"reading {path!r} (a torch-pickled file) needs PyTorch, which is "
+        "not installed: pip install torch (the CPU build is enough)"
+        + (f". {missing_torch_hint}" if missing_torch_hint else "")
+      ) from e
   if not os.path.exists(path):
     raise FileNotFoundError(f"no weight file at {path!r}")
   try:
@@ -77,15 +85,18 @@ def read(path, *, missing_torch_hint: str = "") -> Dict[str, np.ndarray]:
     # file.
     if isinstance(e, (ImportError, FileNotFoundError)):
       raise
-    raise ValueError(f"cannot read the weight file {path!r} (damaged or not "
-                     f"a {suffix} file?): {e}") from e
+    raise ValueError(
+      f"cannot read the weight file {path!r} (damaged or not "
+      f"a {suffix} file?): {e}"
+    ) from e
 
 
-def _read(path: str, suffix: str) -> Dict[str, np.ndarray]:
+def _read(path: str, suffix: str) -> dict[str, np.ndarray]:
   if suffix in TORCH_SUFFIXES:
     import torch  # pylint: disable=g-import-not-at-top
   if suffix == ".safetensors":
     from safetensors import safe_open
+
     out = {}
     # The flax framework reads bfloat16 tensors too (numpy cannot).
     with safe_open(path, framework="flax") as f:
@@ -99,8 +110,11 @@ def _read(path: str, suffix: str) -> Dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
       return unwrap({k: f[k] for k in f.files})
   obj = unwrap(torch.load(path, map_location="cpu", weights_only=True))
-  return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach()
-          .cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+  return {
+    k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
+    for k, v in obj.items()
+    if hasattr(v, "detach")
+  }
 
 
 def kernel_from_torch(array: np.ndarray) -> np.ndarray:
@@ -122,7 +136,7 @@ def kernel_to_torch(array: np.ndarray) -> np.ndarray:
   return array
 
 
-def torch_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+def torch_shape(shape: Sequence[int]) -> tuple[int, ...]:
   """The PyTorch shape of a JAX-layout kernel's shape."""
   shape = tuple(shape)
   if len(shape) == 4:
@@ -134,10 +148,16 @@ def torch_shape(shape: Sequence[int]) -> Tuple[int, ...]:
 # NNX modules whose attribute names follow a PyTorch module's, one to one.
 
 # NNX leaf names -> PyTorch's. BatchNorm statistics keep PyTorch's names.
-LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias",
-                 "weight": "weight", "mean": "running_mean",
-                 "var": "running_var", "running_mean": "running_mean",
-                 "running_var": "running_var"}
+LEAF_TO_TORCH = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "weight": "weight",
+  "mean": "running_mean",
+  "var": "running_var",
+  "running_mean": "running_mean",
+  "running_var": "running_var",
+}
 # PyTorch's BatchNorm training counter: in state dicts, never a weight.
 IGNORED_SUFFIXES = (".num_batches_tracked",)
 
@@ -151,7 +171,7 @@ def torch_key(path: Sequence[Any]) -> str:
   return ".".join(modules + [LEAF_TO_TORCH.get(leaf, leaf)])
 
 
-def named_variables(model, variable_filter=None) -> Dict[str, Any]:
+def named_variables(model, variable_filter=None) -> dict[str, Any]:
   """``{torch key: nnx.Variable}`` of a module's parameters and batch
   statistics (or of ``variable_filter``), in the module's order."""
   return {k: v for k, (v, _) in _variables(model, variable_filter).items()}
@@ -161,10 +181,12 @@ def _variables(model, variable_filter=None):
   """``{torch key: (variable, is_kernel)}``: only ``kernel`` leaves (Linear
   and Conv weights) change layout; embedding tables and norms do not."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   variable_filter = variable_filter or nnx.Any(nnx.Param, nnx.BatchStat)
   flat = nnx.to_flat_state(nnx.state(model, variable_filter))
-  return {torch_key(path): (var, str(path[-1]) == "kernel")
-          for path, var in flat}
+  return {
+    torch_key(path): (var, str(path[-1]) == "kernel") for path, var in flat
+  }
 
 
 def _torch_layout_shape(var, kernel: bool):
@@ -179,48 +201,71 @@ def summarise(keys: Sequence[str], limit: int = 8) -> str:
   return ", ".join(keys[:limit]) + more
 
 
-def check_keys(state_dict: Mapping[str, Any],
-               expected: Mapping[str, Sequence[int]], what: str, *,
-               allow_unexpected: bool = False) -> None:
+def check_keys(
+  state_dict: Mapping[str, Any],
+  expected: Mapping[str, Sequence[int]],
+  what: str,
+  *,
+  allow_unexpected: bool = False,
+) -> None:
   """Raises ValueError unless ``state_dict`` has exactly the keys of
   ``expected`` (or, with ``allow_unexpected``, at least them) with those
   (PyTorch-layout) shapes, naming the first offenders and ``what`` the model
   is. ``IGNORED_SUFFIXES`` are skipped."""
-  given = {k: v for k, v in state_dict.items()
-           if not k.endswith(IGNORED_SUFFIXES)}
+  given = {
+    k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)
+  }
   missing = [k for k in expected if k not in given]
   unexpected = [k for k in given if k not in expected]
   if missing:
-    raise ValueError(f"the state dict lacks {len(missing)} key(s) of the "
-                     f"{what}: {summarise(missing)}")
+    raise ValueError(
+      f"the state dict lacks {len(missing)} key(s) of the "
+      f"{what}: {summarise(missing)}"
+    )
   if unexpected and not allow_unexpected:
-    raise ValueError(f"the state dict has {len(unexpected)} key(s) that the "
-                     f"{what} does not: {summarise(unexpected)}")
+    raise ValueError(
+      f"the state dict has {len(unexpected)} key(s) that the "
+      f"{what} does not: {summarise(unexpected)}"
+    )
   for key, shape in expected.items():
     got = tuple(np.shape(given[key]))
     if got != tuple(shape):
-      raise ValueError(f"shape mismatch for {key!r}: the state dict has "
-                       f"{got}, the model expects {tuple(shape)} (PyTorch "
-                       f"layout; the model: {what})")
+      raise ValueError(
+        f"shape mismatch for {key!r}: the state dict has "
+        f"{got}, the model expects {tuple(shape)} (PyTorch "
+        f"layout; the model: {what})"
+      )
 
 
-def expected_shapes(model, variable_filter=None) -> Dict[str, Tuple[int, ...]]:
+def expected_shapes(model, variable_filter=None) -> dict[str, tuple[int, ...]]:
   """``{torch key: PyTorch-layout shape}`` of a module's variables."""
-  return {k: _torch_layout_shape(v, kernel)
-          for k, (v, kernel) in _variables(model, variable_filter).items()}
+  return {
+    k: _torch_layout_shape(v, kernel)
+    for k, (v, kernel) in _variables(model, variable_filter).items()
+  }
 
 
-def load_module(model, state_dict: Mapping[str, Any], what: str,
-                variable_filter=None, *, allow_unexpected: bool = False):
+def load_module(
+  model,
+  state_dict: Mapping[str, Any],
+  what: str,
+  variable_filter=None,
+  *,
+  allow_unexpected: bool = False,
+):
   """Copies a PyTorch-layout state dict into ``model`` in place, strictly:
   missing keys (and unexpected ones, unless ``allow_unexpected``) and shape
   mismatches raise ValueError (naming them) before anything changes. Arrays
   take each variable's dtype. Returns ``model``."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   variables = _variables(model, variable_filter)
-  check_keys(state_dict, {k: _torch_layout_shape(v, kernel)
-                          for k, (v, kernel) in variables.items()}, what,
-             allow_unexpected=allow_unexpected)
+  check_keys(
+    state_dict,
+    {k: _torch_layout_shape(v, kernel) for k, (v, kernel) in variables.items()},
+    what,
+    allow_unexpected=allow_unexpected,
+  )
   for key, (var, kernel) in variables.items():
     array = np.asarray(state_dict[key])
     if kernel:
@@ -229,11 +274,10 @@ def load_module(model, state_dict: Mapping[str, Any], what: str,
   return model
 
 
-def module_state_dict(model, variable_filter=None) -> Dict[str, np.ndarray]:
+def module_state_dict(model, variable_filter=None) -> dict[str, np.ndarray]:
   """A module's variables as a PyTorch-layout state dict (numpy)."""
   out = {}
   for k, (v, kernel) in _variables(model, variable_filter).items():
     array = np.asarray(v.get_value())
-    out[k] = np.ascontiguousarray(kernel_to_torch(array) if kernel
-                                  else array)
+    out[k] = np.ascontiguousarray(kernel_to_torch(array) if kernel else array)
   return out

@@ -32,10 +32,18 @@ def read(results, minutes_path):
         if r["run"] == "real" or r["run"] not in minutes:
           continue
         recipe, _, step = r["run"].partition("@")
-        rows.append(dict(recipe=recipe, step=int(step or 0),
-                         minutes=minutes[r["run"]], nfe=int(r["nfe"]),
-                         **{k: float(r[k]) for k in (
-                             "overall", "shape_one", "overall_two", "fd")}))
+        rows.append(
+          dict(
+            recipe=recipe,
+            step=int(step or 0),
+            minutes=minutes[r["run"]],
+            nfe=int(r["nfe"]),
+            **{
+              k: float(r[k])
+              for k in ("overall", "shape_one", "overall_two", "fd")
+            },
+          )
+        )
   return sorted(rows, key=lambda r: (r["recipe"], r["step"], r["nfe"]))
 
 
@@ -44,21 +52,27 @@ def _pct(v):
 
 
 def markdown(rows):
-  lines = ["| recipe | step | training minutes | NFE | shape, one object | "
-           "all correct, two objects | all correct | FD (oracle) |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| recipe | step | training minutes | NFE | shape, one object | "
+    "all correct, two objects | all correct | FD (oracle) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    lines.append(f"| {r['recipe']} | {r['step']} | {r['minutes']:.1f} | "
-                 f"{r['nfe']} | {_pct(r['shape_one'])} | "
-                 f"{_pct(r['overall_two'])} | {_pct(r['overall'])} | "
-                 f"{r['fd']:.1f} |")
+    lines.append(
+      f"| {r['recipe']} | {r['step']} | {r['minutes']:.1f} | "
+      f"{r['nfe']} | {_pct(r['shape_one'])} | "
+      f"{_pct(r['overall_two'])} | {_pct(r['overall'])} | "
+      f"{r['fd']:.1f} |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def plot(rows, path, nfe=4):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
   recipes = list(dict.fromkeys(r["recipe"] for r in rows))
   # Twenty colours and three markers: no two recipes drawn alike.
@@ -66,29 +80,40 @@ def plot(rows, path, nfe=4):
   for i, recipe in enumerate(recipes):
     mine = [r for r in rows if r["recipe"] == recipe and r["nfe"] == nfe]
     x = [r["minutes"] for r in mine]
-    style = dict(color=colours[i % 20], marker="osD"[i // 20 % 3],
-                 label=recipe,
-                 lw=2.5 if "(the default)" in recipe else 1.2)
-    for ax, key, scale in zip(axes, ("shape_one", "overall_two", "fd"),
-                              (100, 100, 1)):
+    style = dict(
+      color=colours[i % 20],
+      marker="osD"[i // 20 % 3],
+      label=recipe,
+      lw=2.5 if "(the default)" in recipe else 1.2,
+    )
+    for ax, key, scale in zip(
+      axes, ("shape_one", "overall_two", "fd"), (100, 100, 1)
+    ):
       ax.plot(x, [scale * r[key] for r in mine], **style)
-  axes[0].axhline(100 * TARGET_SHAPE_ONE, color="gray", ls="--",
-                  label="target")
-  axes[1].axhline(100 * TARGET_OVERALL_TWO, color="gray", ls="--",
-                  label="target")
-  titles = (f"shape right, one-object captions (%), {nfe} NFE",
-            f"all right, two-object captions (%), {nfe} NFE",
-            f"Fréchet distance (oracle), {nfe} NFE")
+  axes[0].axhline(100 * TARGET_SHAPE_ONE, color="gray", ls="--", label="target")
+  axes[1].axhline(
+    100 * TARGET_OVERALL_TWO, color="gray", ls="--", label="target"
+  )
+  titles = (
+    f"shape right, one-object captions (%), {nfe} NFE",
+    f"all right, two-object captions (%), {nfe} NFE",
+    f"Fréchet distance (oracle), {nfe} NFE",
+  )
   for ax, title in zip(axes, titles):
-    ax.axvline(BUDGET_MINUTES, color="gray", ls=":",
-               label="budget" if ax is axes[0] else None)
+    ax.axvline(
+      BUDGET_MINUTES,
+      color="gray",
+      ls=":",
+      label="budget" if ax is axes[0] else None,
+    )
     ax.set_xlabel("training minutes (2-core CPU)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
   axes[2].set_yscale("log")
   handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-             fontsize=8)
+  fig.legend(
+    handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
@@ -96,8 +121,11 @@ def plot(rows, path, nfe=4):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--results", required=True,
-                 help="comma-separated nfe_study results.csv files")
+  p.add_argument(
+    "--results",
+    required=True,
+    help="comma-separated nfe_study results.csv files",
+  )
   p.add_argument("--minutes", required=True, help="run,minutes CSV")
   p.add_argument("--out", required=True)
   a = p.parse_args()

@@ -60,6 +60,11 @@ def parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
     return fv(list(argv))
   except flags.Error as e:
     raise UserError(flag_error_message(e)) from None
+  except KeyError as e:  # ml_collections: an override of no such field.
+    bad = [a for a in argv if a.startswith("--config.")]
+    raise UserError(
+      f"the config has no field {e.args[0]!r} (overrides: {' '.join(bad)})"
+    ) from None
   except SyntaxError as e:  # A config file that is not Python.
     raise UserError(
       f"--config: {e.filename}, line {e.lineno}: {e.msg}"

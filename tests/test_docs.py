@@ -117,3 +117,42 @@ def test_every_command_is_a_console_script_and_documented():
     assert f"tim_jax.commands.{name}:entry" in scripts, name
     assert f"python -m tim_jax.commands.{name}" in docs, name
   assert "tim_jax.main:entry" in scripts
+
+
+def test_public_functions_have_type_hints():
+  import importlib
+  import inspect
+
+  from tim_jax.commands import api_reference
+
+  unannotated = []
+  for name in api_reference.modules():
+    module = importlib.import_module(name)
+    for public in api_reference.public_names(module):
+      obj = getattr(module, public)
+      if getattr(obj, "__module__", None) != name:
+        continue
+      functions = [(public, obj)] if inspect.isfunction(obj) else []
+      if inspect.isclass(obj):
+        for method in api_reference.public_methods(obj):
+          member = vars(obj)[method]
+          if isinstance(member, (staticmethod, classmethod)):
+            member = member.__func__
+          # Skip what a decorator of another library attached (flax's
+          # struct.dataclass adds ``replace``): not this module's code.
+          if inspect.isfunction(member) and member.__module__ == name:
+            functions.append((f"{public}.{method}", member))
+      for label, fn in functions:
+        sig = inspect.signature(fn)
+        args = [
+          p
+          for p, v in sig.parameters.items()
+          if p not in ("self", "cls")
+          and v.annotation is v.empty
+          and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)
+        ]
+        if args or (
+          sig.return_annotation is sig.empty and fn.__name__ != "__init__"
+        ):
+          unannotated.append(f"{name}.{label}")
+  assert not unannotated, f"{len(unannotated)}: {unannotated}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 from flax import nnx
 import jax
@@ -27,6 +28,11 @@ from tim_jax.autoencoders import dc, kl
 from tim_jax.autoencoders import layers as L
 from tim_jax.core import sharding
 from tim_jax.weights import torch_weights
+
+if TYPE_CHECKING:
+  from jax.sharding import Mesh
+  from jax.typing import ArrayLike
+  import ml_collections
 
 # config.autoencoder.name -> the diffusers class its directory must hold.
 NAMES = {
@@ -131,14 +137,16 @@ class Autoencoder:
         f"{channels} channels, got shape {tuple(x.shape)}"
       )
 
-  def moments(self, images):
+  def moments(self, images: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """The unscaled posterior (mean, std); std is zero for DC-AE."""
     images = self._put(images)
     self._check(images, 3, "moments")
     self.latent_shape(*images.shape[1:3])
     return self._moments(self._state, images)
 
-  def encode(self, images, rng=None):
+  def encode(
+    self, images: ArrayLike, rng: jax.Array | None = None
+  ) -> jax.Array:
     """Scaled latents: the posterior mean (``rng=None``) or a sample."""
     if self.is_identity:
       return jnp.asarray(images)
@@ -153,7 +161,7 @@ class Autoencoder:
     )
     return self._encode(self._state, images, self._put(noise))
 
-  def decode(self, latents):
+  def decode(self, latents: ArrayLike) -> jax.Array:
     """Images in [-1, 1] (not clipped) from scaled latents."""
     if self.is_identity:
       return jnp.asarray(latents)
@@ -189,7 +197,7 @@ def read_config(directory: str) -> dict:
   return cfg
 
 
-def architecture(cfg: dict):
+def architecture(cfg: dict) -> kl.KLConfig | dc.DCConfig:
   """The ``KLConfig`` or ``DCConfig`` of a diffusers ``config.json``."""
   if cfg.get("_class_name") == "AutoencoderKL":
     return kl.KLConfig.from_json(cfg)
@@ -200,7 +208,9 @@ def architecture(cfg: dict):
   )
 
 
-def build(cfg: dict, dtype: str = "float32", rngs=None) -> nnx.Module:
+def build(
+  cfg: dict, dtype: str = "float32", rngs: nnx.Rngs | None = None
+) -> nnx.Module:
   """The NNX module of a diffusers ``config.json`` (random weights)."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -219,7 +229,7 @@ def from_diffusers(
   directory: str,
   *,
   dtype: str = "float32",
-  mesh=None,
+  mesh: Mesh | None = None,
   name: str | None = None,
 ) -> Autoencoder:
   """An ``Autoencoder`` from a diffusers ``save_pretrained`` directory.
@@ -269,7 +279,9 @@ def from_diffusers(
   )
 
 
-def from_config(config, mesh=None) -> Autoencoder:
+def from_config(
+  config: ml_collections.ConfigDict, mesh: Mesh | None = None
+) -> Autoencoder:
   """The autoencoder ``config.autoencoder`` names (``name``, ``path``,
   ``dtype``); pixel-space configs get ``identity()``."""
   a = config.autoencoder

@@ -138,7 +138,7 @@ class ResBlock(nnx.Module):
     self.conv2 = L.conv(ch, ch, 3, o, bias=False)
     self.norm = _norm(norm, ch, o)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     return x + self.norm(self.conv2(self.act(self.conv1(x))))
 
 
@@ -151,7 +151,7 @@ class MultiscaleProjection(nnx.Module):
     self.proj_in = L.conv(ch, ch, kernel, o, groups=ch, bias=False)
     self.proj_out = L.conv(ch, ch, 1, o, groups=3 * heads, bias=False)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj_out(self.proj_in(x))
 
 
@@ -174,7 +174,7 @@ class LinearAttention(nnx.Module):
     self.to_out = L.linear(inner * (1 + len(scales)), ch, o, bias=False)
     self.norm_out = _norm(norm, ch, o)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, _ = x.shape
     n, d = h * w, self.head_dim
     qkv = jnp.concatenate([self.to_q(x), self.to_k(x), self.to_v(x)], -1)
@@ -216,7 +216,7 @@ class GLUMBConv(nnx.Module):
     self.conv_point = L.conv(hidden, ch, 1, o, bias=False)
     self.norm = L.RMSNorm(ch, NORM_EPS, o)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     h = self.conv_depth(jax.nn.silu(self.conv_inverted(x)))
     h, gate = jnp.split(h, 2, axis=-1)
     return x + self.norm(self.conv_point(h * jax.nn.silu(gate)))
@@ -227,7 +227,7 @@ class EfficientViTBlock(nnx.Module):
     self.attn = LinearAttention(ch, head_dim, scales, norm, o)
     self.conv_out = GLUMBConv(ch, o)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv_out(self.attn(x))
 
 
@@ -262,7 +262,7 @@ class DownBlock(nnx.Module):
       stride=1 if pixel_unshuffle else 2,
     )
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     y = self.conv(x)
     if self.unshuffle:
       y = L.pixel_unshuffle(y)
@@ -283,7 +283,7 @@ class UpBlock(nnx.Module):
     self.repeats = cout * 4 // cin
     self.conv = L.conv(cin, cout if interpolate else cout * 4, 3, o)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     if self.interpolate:
       y = self.conv(L.upsample_nearest(x))
     else:
@@ -324,7 +324,7 @@ class Encoder(nnx.Module):
     self.conv_out = L.conv(chs[-1], c.latent_channels, 3, o)
     self.out_group = chs[-1] // c.latent_channels
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv_in(x)
     for stage in self.down_blocks:
       for block in stage:
@@ -365,7 +365,7 @@ class Decoder(nnx.Module):
       else UpBlock(last, c.in_channels, interpolate, False, o)
     )
 
-  def __call__(self, z):
+  def __call__(self, z: jax.Array) -> jax.Array:
     x = self.conv_in(z) + L.repeat_channels(z, self.in_repeats)
     for stage in reversed(self.up_blocks):
       for block in stage:
@@ -381,11 +381,11 @@ class AutoencoderDC(nnx.Module):
     self.encoder = Encoder(c, o)
     self.decoder = Decoder(c, o)
 
-  def moments(self, images):
+  def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The encoder's output and a zero std (DC-AE is deterministic), unscaled."""
     z = self.encoder(images)
     return z, jnp.zeros_like(z)
 
-  def decode(self, z):
+  def decode(self, z: jax.Array) -> jax.Array:
     """Unscaled latents to images in [-1, 1]."""
     return self.decoder(z)

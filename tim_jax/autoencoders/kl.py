@@ -93,7 +93,7 @@ class ResnetBlock2D(nnx.Module):
     self.conv2 = L.conv(cout, cout, 3, o)
     self.conv_shortcut = L.conv(cin, cout, 1, o) if cin != cout else None
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     h = self.conv1(self.act(self.norm1(x)))
     h = self.conv2(self.act(self.norm2(h)))
     if self.conv_shortcut is not None:
@@ -112,7 +112,7 @@ class Attention(nnx.Module):
     self.to_v = L.linear(ch, ch, o)
     self.to_out = nnx.List([L.linear(ch, ch, o)])
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, ch = x.shape
     t = self.group_norm(x).reshape(b, h * w, 1, ch)
     # One head; jax.nn.dot_product_attention's softmax runs in float32 or
@@ -132,7 +132,7 @@ class MidBlock(nnx.Module):
       nnx.List([Attention(ch, c, o)]) if c.mid_block_add_attention else None
     )
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = self.resnets[0](x)
     if self.attentions is not None:
       x = self.attentions[0](x)
@@ -145,7 +145,7 @@ class Downsample(nnx.Module):
   def __init__(self, ch: int, o: L.Options):
     self.conv = L.conv(ch, ch, 3, o, stride=2, padding=((0, 1), (0, 1)))
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(x)
 
 
@@ -155,7 +155,7 @@ class Upsample(nnx.Module):
   def __init__(self, ch: int, o: L.Options):
     self.conv = L.conv(ch, ch, 3, o)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(L.upsample_nearest(x))
 
 
@@ -188,7 +188,7 @@ class Stage(nnx.Module):
     self.upsamplers = resample if up else None
     self.downsamplers = None if up else resample
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     for r in self.resnets:
       x = r(x)
     resample = self.upsamplers or self.downsamplers
@@ -218,7 +218,7 @@ class Encoder(nnx.Module):
     self.conv_norm_out = L.group_norm(chs[-1], c.norm_num_groups, GN_EPS, o)
     self.conv_out = L.conv(chs[-1], 2 * c.latent_channels, 3, o)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv_in(x)
     for block in self.down_blocks:
       x = block(x)
@@ -249,7 +249,7 @@ class Decoder(nnx.Module):
     self.conv_norm_out = L.group_norm(chs[-1], c.norm_num_groups, GN_EPS, o)
     self.conv_out = L.conv(chs[-1], c.out_channels, 3, o)
 
-  def __call__(self, z):
+  def __call__(self, z: jax.Array) -> jax.Array:
     x = self.mid_block(self.conv_in(z))
     for block in self.up_blocks:
       x = block(x)
@@ -272,7 +272,7 @@ class AutoencoderKL(nnx.Module):
       else None
     )
 
-  def moments(self, images):
+  def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The posterior's mean and std (log-variance clipped as diffusers does), unscaled."""
     h = self.encoder(images)
     if self.quant_conv is not None:
@@ -282,7 +282,7 @@ class AutoencoderKL(nnx.Module):
     logvar = jnp.clip(logvar, -30.0, 20.0)
     return mean, jnp.exp(0.5 * logvar)
 
-  def decode(self, z):
+  def decode(self, z: jax.Array) -> jax.Array:
     """Unscaled latents to images in [-1, 1]."""
     if self.post_quant_conv is not None:
       z = self.post_quant_conv(z)

@@ -8,6 +8,8 @@ The channel orderings of ``pixel_shuffle``/``pixel_unshuffle`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ ACTIVATIONS = {
 }
 
 
-def activation(name: str):
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   """The activation function of a diffusers name (``silu``, ``relu``, ...)."""
   if name not in ACTIVATIONS:
     raise ValueError(
@@ -55,7 +57,7 @@ def conv(
   o: Options,
   *,
   stride: int = 1,
-  padding=None,
+  padding: int | tuple[tuple[int, int], tuple[int, int]] | None = None,
   groups: int = 1,
   bias: bool = True,
 ) -> nnx.Conv:
@@ -81,7 +83,7 @@ def conv(
   )
 
 
-def linear(cin: int, cout: int, o: Options, *, bias: bool = True):
+def linear(cin: int, cout: int, o: Options, *, bias: bool = True) -> nnx.Linear:
   """A linear layer with the options' dtypes and precision."""
   return nnx.Linear(
     cin,
@@ -94,7 +96,9 @@ def linear(cin: int, cout: int, o: Options, *, bias: bool = True):
   )
 
 
-def group_norm(channels: int, groups: int, eps: float, o: Options):
+def group_norm(
+  channels: int, groups: int, eps: float, o: Options
+) -> nnx.GroupNorm:
   """GroupNorm with PyTorch's variance formula."""
   # use_fast_variance=False: E[(x - mean)^2] as PyTorch computes it.
   return nnx.GroupNorm(
@@ -127,7 +131,7 @@ class RMSNorm(nnx.Module):
       nnx.Param(jnp.zeros((dim,), o.param_dtype)) if affine and bias else None
     )
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     wide = jnp.promote_types(x.dtype, jnp.float32)
     ms = jnp.mean(jnp.square(x.astype(wide)), axis=-1, keepdims=True)
     y = (x * jax.lax.rsqrt(ms + self.eps)).astype(x.dtype)
@@ -149,12 +153,12 @@ class BatchNorm(nnx.Module):
     self.running_mean = nnx.BatchStat(jnp.zeros((dim,), o.param_dtype))
     self.running_var = nnx.BatchStat(jnp.ones((dim,), o.param_dtype))
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
     return (x - self.running_mean[...]) * scale + self.bias[...]
 
 
-def pixel_unshuffle(x, r: int = 2):
+def pixel_unshuffle(x: jax.Array, r: int = 2) -> jax.Array:
   """``F.pixel_unshuffle`` in NHWC: (B, H*r, W*r, C) -> (B, H, W, C*r*r),
   output channel ``c*r*r + i*r + j`` from offset (i, j)."""
   b, h, w, c = x.shape
@@ -162,24 +166,24 @@ def pixel_unshuffle(x, r: int = 2):
   return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // r, w // r, c * r * r)
 
 
-def pixel_shuffle(x, r: int = 2):
+def pixel_shuffle(x: jax.Array, r: int = 2) -> jax.Array:
   """``F.pixel_shuffle`` in NHWC, the inverse of ``pixel_unshuffle``."""
   b, h, w, c = x.shape
   x = x.reshape(b, h, w, c // (r * r), r, r)
   return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c // (r * r))
 
 
-def channel_group_mean(x, group: int):
+def channel_group_mean(x: jax.Array, group: int) -> jax.Array:
   """``x.unflatten(1, (-1, group)).mean(2)`` over NHWC channels."""
   *lead, c = x.shape
   return x.reshape(*lead, c // group, group).mean(-1)
 
 
-def repeat_channels(x, repeats: int):
+def repeat_channels(x: jax.Array, repeats: int) -> jax.Array:
   """``x.repeat_interleave(repeats, dim=1)`` over NHWC channels."""
   return jnp.repeat(x, repeats, axis=-1)
 
 
-def upsample_nearest(x, factor: int = 2):
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
   """``F.interpolate(x, scale_factor=factor, mode="nearest")``."""
   return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)

@@ -7,6 +7,7 @@ their pieces here, so one config always means one model.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from flax import nnx
 import jax.numpy as jnp
@@ -15,6 +16,12 @@ from tim_jax import models
 from tim_jax.method import transition, transports
 from tim_jax.models import TiMConfig
 
+if TYPE_CHECKING:
+  from jax.typing import DTypeLike
+  import ml_collections
+
+  from tim_jax.encoders import gemma, radio
+
 DTYPES = {
   "float32": jnp.float32,
   "bfloat16": jnp.bfloat16,
@@ -22,7 +29,7 @@ DTYPES = {
 }
 
 
-def model_config(config) -> TiMConfig:
+def model_config(config: ml_collections.ConfigDict) -> TiMConfig:
   """The backbone's configuration from ``config.model``."""
   m = config.model
   return TiMConfig.from_official(
@@ -36,7 +43,7 @@ def model_config(config) -> TiMConfig:
   )
 
 
-def compute_dtype(config):
+def compute_dtype(config: ml_collections.ConfigDict) -> DTypeLike:
   """``config.model.dtype`` as a jnp dtype."""
   if config.model.dtype not in DTYPES:
     raise ValueError(
@@ -45,7 +52,9 @@ def compute_dtype(config):
   return DTYPES[config.model.dtype]
 
 
-def new_model(config, seed=None) -> models.TiM:
+def new_model(
+  config: ml_collections.ConfigDict, seed: int | None = None
+) -> models.TiM:
   """A freshly initialised (unsharded) backbone; ``seed`` defaults to
   ``config.seed``. Under ``nnx.eval_shape`` it allocates nothing."""
   seed = config.seed if seed is None else seed
@@ -54,7 +63,7 @@ def new_model(config, seed=None) -> models.TiM:
   )
 
 
-def graphdef(config):
+def graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
   """The backbone's graph (its structure without parameter values)."""
   graph, _ = nnx.split(nnx.eval_shape(lambda: new_model(config)), nnx.Param)
   return graph
@@ -65,7 +74,7 @@ def graphdef(config):
 TIME_DISTRIBUTION_PARAMS = ("P_mean", "P_std")
 
 
-def transport(config) -> transports.Transport:
+def transport(config: ml_collections.ConfigDict) -> transports.Transport:
   """``config.transport``. Switching ``transport.name`` to VP or VE keeps
   the config's log-normal ``P_mean``/``P_std``, which those transports do
   not have: they are dropped with a warning; any other unknown field is an
@@ -87,7 +96,9 @@ def transport(config) -> transports.Transport:
   return transports.get(name, **params)
 
 
-def loss_config(config, data_shards: int) -> transition.LossConfig:
+def loss_config(
+  config: ml_collections.ConfigDict, data_shards: int
+) -> transition.LossConfig:
   """``config.loss``; ``groups=0`` means one group per data shard."""
   fields = dict(config.loss)
   groups = fields.pop("groups", 0) or data_shards
@@ -97,7 +108,9 @@ def loss_config(config, data_shards: int) -> transition.LossConfig:
 REPA_ENCODERS = ("none", "radio_v2_5_b")
 
 
-def repa_encoder(config, encoder=None):
+def repa_encoder(
+  config: ml_collections.ConfigDict, encoder: radio.RadioEncoder | None = None
+) -> radio.RadioEncoder | None:
   """The frozen REPA teacher ``loss_extras.repa_encoder`` names (a
   ``tim_jax.encoders.radio.RadioEncoder`` in the compute dtype), or None.
   ``encoder`` stands in for the file (benchmarks, tests)."""
@@ -140,7 +153,7 @@ def repa_encoder(config, encoder=None):
 TEXT_ENCODERS = ("none", "gemma3")
 
 
-def text_encoder(config):
+def text_encoder(config: ml_collections.ConfigDict) -> gemma.GemmaEncoder:
   """The frozen caption encoder ``text_encoder.name`` names (a
   ``tim_jax.encoders.gemma.GemmaEncoder`` in ``text_encoder.dtype``)."""
   te = config.text_encoder

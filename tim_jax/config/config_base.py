@@ -6,11 +6,17 @@ The returned ConfigDict is locked: an override of a key that does not exist
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import ml_collections
 import numpy as np
 
 from tim_jax.core import sharding
 from tim_jax.core.errors import UserError
+
+if TYPE_CHECKING:
+  from absl import flags
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -258,7 +264,12 @@ def tiny_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def parse_variant(arg, variants, options=(), default="tiny"):
+def parse_variant(
+  arg: str | None,
+  variants: Sequence[str],
+  options: Sequence[str] = (),
+  default: str = "tiny",
+) -> tuple[str, set[str]]:
   """``"xl2_256,mg,smoke"`` -> ("xl2_256", {"mg", "smoke"}): the variant
   and its options, as ``--config=file.py:ARG`` gives them. Unknown names
   stop with an error that lists the valid ones."""
@@ -357,7 +368,9 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(variant or None)
 
 
-def flag_config(flag_values, name: str = "config"):
+def flag_config(
+  flag_values: flags.FlagValues, name: str = "config"
+) -> ml_collections.ConfigDict | None:
   """The config of a ``config_flags`` flag (None when the flag is unset),
   with a plain error for a missing file: ml_collections reports it as
   "Failed loading config file config_config"."""
@@ -378,7 +391,7 @@ def flag_config(flag_values, name: str = "config"):
   return flag_values[name].value
 
 
-def to_json(config) -> dict:
+def to_json(config: ml_collections.ConfigDict) -> dict:
   """The config as a JSON-safe dict (what checkpoints store)."""
   return _json_safe(config.to_dict())
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
 
-def to_uint8(images, kind: str = "c2i") -> np.ndarray:
+
+def to_uint8(images: ArrayLike, kind: str = "c2i") -> np.ndarray:
   """[-1, 1] -> uint8 as the official samplers convert: ``clip(255 (x + 1)
   / 2)`` for class-conditional models, ``clamp(127.5 x + 128)`` for
   text-to-image ones (the T2I sampling scripts); both truncate."""
@@ -20,7 +24,7 @@ def to_uint8(images, kind: str = "c2i") -> np.ndarray:
   return np.clip(255.0 * (x + 1.0) / 2.0, 0, 255).astype(np.uint8)
 
 
-def grid(images, cols: int, gap: int = 1) -> np.ndarray:
+def grid(images: np.ndarray, cols: int, gap: int = 1) -> np.ndarray:
   """(N, H, W, C) uint8 -> one image of ``cols`` columns, ``gap`` white
   pixels between and around the images (0: none, as the official 2x2
   benchmark grids)."""
@@ -36,7 +40,7 @@ def grid(images, cols: int, gap: int = 1) -> np.ndarray:
   return out
 
 
-def upscale(images, min_side: int = 128) -> np.ndarray:
+def upscale(images: ArrayLike, min_side: int = 128) -> np.ndarray:
   """(N, H, W, C) enlarged by the smallest integer factor that makes the
   shorter side at least ``min_side`` (nearest neighbour: pixels stay
   crisp squares); unchanged when already that large."""
@@ -71,7 +75,7 @@ def _wrap(text: str, width_px: int, font, draw) -> list:
 
 
 def annotated_grid(
-  images,
+  images: ArrayLike,
   cols: int,
   *,
   row_labels: Sequence[str] = (),

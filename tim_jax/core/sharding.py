@@ -9,9 +9,10 @@ many hosts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 import contextlib
 import threading
+from typing import Any
 
 from absl import logging
 from flax import nnx
@@ -70,7 +71,7 @@ def make_mesh(
   return Mesh(grid, MESH_AXES)
 
 
-def logical_names(variable) -> tuple:
+def logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
   """The logical axis names an nnx Variable carries (empty if none)."""
   meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
   for key in ("out_sharding", "sharding_names", "sharding"):
@@ -86,7 +87,7 @@ def _is_variable(x):
 
 def complete_rules(
   rules: Iterable[tuple[str, object]], names: Iterable[str] = ()
-):
+) -> tuple[tuple[str, object], ...]:
   """The config's rules plus ``(name, None)`` for every logical name in
   ``names`` they leave out, so no logical name survives into a
   PartitionSpec. Rules naming an unknown mesh axis are refused."""
@@ -109,7 +110,9 @@ _ACTIVATIONS = threading.local()
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules):
+def activation_sharding(
+  mesh: Mesh, rules: Iterable[tuple[str, object]]
+) -> Iterator[None]:
   """Functions traced inside this context pin their activations with
   ``constrain`` (the model's layers call it) to the mesh under ``rules``;
   outside it ``constrain`` does nothing (single-device use, tests)."""
@@ -121,7 +124,7 @@ def activation_sharding(mesh: Mesh, rules):
     _ACTIVATIONS.value = previous
 
 
-def constrain(x, *names):
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   """``x`` with a sharding constraint from its dimensions' logical names
   (None: unconstrained-replicated), under the ``activation_sharding``
   context; a mesh axis that does not divide its dimension is dropped."""
@@ -180,7 +183,9 @@ def _log_fallback(path: str, shape, names, dropped, mesh: Mesh):
     )
 
 
-def state_shardings(abstract_tree, mesh: Mesh, rules):
+def state_shardings(
+  abstract_tree: Any, mesh: Mesh, rules: Iterable[tuple[str, object]]
+) -> Any:
   """NamedShardings for a pytree whose nnx Variables carry logical names.
 
   Leaves without names (step counters, keys) are replicated. A rule that
@@ -214,7 +219,7 @@ def state_shardings(abstract_tree, mesh: Mesh, rules):
   )
 
 
-def frozen_shardings(tree, mesh: Mesh):
+def frozen_shardings(tree: Any, mesh: Mesh) -> Any:
   """Shardings of a frozen network's weights (a teacher or text encoder
   the step reads but never trains; no logical names): each array's largest
   axis that the ``fsdp`` axis divides is split over it (the step gathers
@@ -245,7 +250,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch, mesh: Mesh):
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   """Assembles per-process numpy batches into global jax.Arrays sharded over
   the batch axes (each process contributes its own rows)."""
 

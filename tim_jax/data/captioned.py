@@ -223,7 +223,7 @@ class CaptionedSource:
 
 
 def bucket_batch_sizes(
-  buckets,
+  buckets: Sequence[tuple[tuple[int, ...], int, int]],
   *,
   batch_size: int,
   image_size: int,
@@ -298,7 +298,7 @@ def make_iterator(
   process_count: int = 1,
   num_threads: int = 4,
   prefetch: int = 2,
-):
+) -> grain.DatasetIterator:
   """A checkpointable grain iterator of this process's share of each global
   batch (rows ``process_index::process_count``): ``image`` (B, h, w, C),
   ``caption_ids`` / ``caption_mask`` from ``tokenize`` and, when the

@@ -8,11 +8,15 @@ drops conditioning to null with the configured probability during training
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
 
 
 class LabelConditioner:
@@ -22,7 +26,7 @@ class LabelConditioner:
     self.num_classes = num_classes
     self.drop_prob = drop_prob
 
-  def __call__(self, batch):
+  def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     if "label" not in batch:
       raise KeyError(
         f"a class-conditional model needs 'label' in the batch;"
@@ -30,23 +34,31 @@ class LabelConditioner:
       )
     return batch["label"].astype(jnp.int32)
 
-  def null(self, batch_size: int):
+  def null(self, batch_size: int) -> jax.Array:
     """The null class for a batch."""
     return jnp.full((batch_size,), self.num_classes, jnp.int32)
 
-  def null_like(self, y, frozen=None):
+  def null_like(
+    self, y: jax.Array, frozen: Mapping[str, Any] | None = None
+  ) -> jax.Array:
     """The null class matching ``y``'s batch."""
     del frozen
     return self.null(jnp.shape(y)[0])
 
-  def drop(self, key, y):
+  def drop(self, key: jax.Array, y: jax.Array) -> jax.Array:
     """Replaces each label by the null class with probability ``drop_prob``."""
     if self.drop_prob <= 0:
       return y
     keep = jax.random.uniform(key, y.shape) >= self.drop_prob
     return jnp.where(keep, y, self.num_classes)
 
-  def training_conditions(self, batch, key, frozen=None, drop=True):
+  def training_conditions(
+    self,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    frozen: Mapping[str, Any] | None = None,
+    drop: bool = True,
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(y with conditions dropped to null for guidance, y undropped, null
     y), as the train step needs them."""
     del frozen
@@ -54,7 +66,7 @@ class LabelConditioner:
     y = self.drop(key, y_true) if drop else y_true
     return y, y_true, self.null_like(y)
 
-  def from_labels(self, labels: Sequence[int]):
+  def from_labels(self, labels: Sequence[int]) -> jax.Array:
     """Requested classes; the null class is not one (use ``null``)."""
     labels = np.asarray(labels)
     bad = [
@@ -100,7 +112,7 @@ class CaptionConditioner:
       else None
     )
 
-  def __call__(self, batch):
+  def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     if "caption_features" in batch:
       return batch["caption_features"].astype(jnp.float32)
     if "tokens" in batch and self.encoder is not None:
@@ -111,23 +123,25 @@ class CaptionConditioner:
       f"{sorted(batch)}"
     )
 
-  def null_single(self):
+  def null_single(self) -> jax.Array:
     """The empty caption's features, (1, M, D)."""
     if self._null is not None:
       return self._null.reshape((1,) + self._null.shape[-2:])
     return self.encoder.null_features()
 
-  def null(self, batch_size: int):
+  def null(self, batch_size: int) -> jax.Array:
     """The empty caption's features for a batch."""
     one = self.null_single()
     return jnp.broadcast_to(one, (batch_size,) + one.shape[1:])
 
-  def null_like(self, y, frozen=None):
+  def null_like(
+    self, y: jax.Array, frozen: Mapping[str, Any] | None = None
+  ) -> jax.Array:
     """The null conditioning matching ``y``'s batch."""
     del frozen
     return self.null(jnp.shape(y)[0])
 
-  def drop(self, key, y):
+  def drop(self, key: jax.Array, y: jax.Array) -> jax.Array:
     """Replaces each row by the empty caption with probability ``drop_prob``."""
     if self.drop_prob <= 0:
       return y
@@ -136,7 +150,7 @@ class CaptionConditioner:
 
   training_conditions = LabelConditioner.training_conditions
 
-  def from_prompts(self, prompts: Sequence[str]):
+  def from_prompts(self, prompts: Sequence[str]) -> jax.Array:
     """The features of prompts; refuses words the tokenizer does not know."""
     if self.tokenizer is None or self.encoder is None:
       raise ValueError(
@@ -246,7 +260,12 @@ class TextConditioner:
   def _params(self, frozen):
     return self.encoder.params if frozen is None else frozen["text"]
 
-  def encode(self, ids, mask, frozen=None):
+  def encode(
+    self,
+    ids: ArrayLike,
+    mask: ArrayLike,
+    frozen: Mapping[str, Any] | None = None,
+  ) -> dict[str, jax.Array]:
     """{"features" float32 (B, M, D), "length" (B,)} of tokens (B, M)."""
     ids = jnp.asarray(ids, jnp.int32)
     mask = jnp.asarray(mask).astype(bool)
@@ -264,7 +283,11 @@ class TextConditioner:
       "length": jnp.full((ids.shape[0],), longest, jnp.int32),
     }
 
-  def __call__(self, batch, frozen=None):
+  def __call__(
+    self,
+    batch: Mapping[str, jax.Array],
+    frozen: Mapping[str, Any] | None = None,
+  ) -> dict[str, jax.Array]:
     for key in ("caption_ids", "caption_mask"):
       if key not in batch:
         raise KeyError(
@@ -273,7 +296,9 @@ class TextConditioner:
         )
     return self.encode(batch["caption_ids"], batch["caption_mask"], frozen)
 
-  def drop_captions(self, key, batch):
+  def drop_captions(
+    self, key: jax.Array, batch: Mapping[str, jax.Array]
+  ) -> Mapping[str, jax.Array]:
     """``batch`` with each caption replaced by the empty one with
     probability ``drop_prob``."""
     if self.drop_prob <= 0:
@@ -286,7 +311,9 @@ class TextConditioner:
     out["caption_mask"] = jnp.where(drop, self.null_mask[None, :m], mask)
     return out
 
-  def null_like(self, y, frozen=None):
+  def null_like(
+    self, y: Mapping[str, jax.Array], frozen: Mapping[str, Any] | None = None
+  ) -> dict[str, jax.Array]:
     """The empty caption's conditioning shaped and masked like ``y``."""
     feats = y["features"]
     b, m = feats.shape[0], feats.shape[1]
@@ -305,13 +332,19 @@ class TextConditioner:
       "length": y["length"],
     }
 
-  def training_conditions(self, batch, key, frozen=None, drop=True):
+  def training_conditions(
+    self,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    frozen: Mapping[str, Any] | None = None,
+    drop: bool = True,
+  ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]]:
     """(y with captions dropped for guidance, y undropped, null y)."""
     y_true = self(batch, frozen)
     y = self(self.drop_captions(key, batch), frozen) if drop else y_true
     return y, y_true, self.null_like(y, frozen)
 
-  def from_prompts(self, prompts: Sequence[str]):
+  def from_prompts(self, prompts: Sequence[str]) -> dict[str, jax.Array]:
     """The conditioning of ``prompts`` (one batch: every row sees the
     longest prompt's length, as the official samplers give it)."""
     if isinstance(prompts, str) or not len(prompts):

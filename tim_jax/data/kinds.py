@@ -13,14 +13,24 @@ themselves.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import math
 import os
+from typing import TYPE_CHECKING
 
 from absl import logging
 import numpy as np
 
 from tim_jax.core.errors import UserError
 from tim_jax.data import conditioning
+
+if TYPE_CHECKING:
+  import grain
+  import ml_collections
+
+  from tim_jax.data import captioned, latents
+  from tim_jax.encoders import gemma
+  from tim_jax.shapes import world
 
 NAMES = ("shapes", "latents", "captions")
 EVAL_SEED_OFFSET = 1_000_003  # The eval split's scenes: other seeds.
@@ -34,7 +44,9 @@ def _check(config):
   return config.data.name
 
 
-def label_names(config, labels) -> list:
+def label_names(
+  config: ml_collections.ConfigDict, labels: Iterable[int]
+) -> list:
   """What people read beside class-conditional samples: the shapes world's
   class names ("3: blue square"), else "class N"."""
   if config.data.get("name", "") == "shapes":
@@ -49,7 +61,9 @@ def label_names(config, labels) -> list:
   return [f"class {int(l)}" for l in labels]
 
 
-def source(config, split: str = "train"):
+def source(
+  config: ml_collections.ConfigDict, split: str = "train"
+) -> world.ShapesSource | latents.LatentSource | captioned.CaptionedSource:
   """The random-access source of ``split`` ("train" or "eval")."""
   d = config.data
   if _check(config) == "shapes":
@@ -83,7 +97,12 @@ def source(config, split: str = "train"):
   return latents.LatentSource(d.data_dir, split=split, with_images=teacher)
 
 
-def iterator(config, src, conditioner=None, data_shards: int = 1):
+def iterator(
+  config: ml_collections.ConfigDict,
+  src: world.ShapesSource | latents.LatentSource | captioned.CaptionedSource,
+  conditioner: conditioning.TextConditioner | None = None,
+  data_shards: int = 1,
+) -> grain.DatasetIterator:
   """Batches of ``src`` for this process (grain; checkpointable). Captioned
   data needs the ``conditioner`` (its tokenizer) and the mesh's
   ``data_shards`` (each bucket's batch divides over them)."""
@@ -127,7 +146,13 @@ def iterator(config, src, conditioner=None, data_shards: int = 1):
   )
 
 
-def host_batch(config, conditioner, batch: dict) -> dict:
+def host_batch(
+  config: ml_collections.ConfigDict,
+  conditioner: conditioning.LabelConditioner
+  | conditioning.CaptionConditioner
+  | conditioning.TextConditioner,
+  batch: dict,
+) -> dict:
   """The last host-side step before a batch goes to the devices: captioned
   data cuts its caption tokens to the length bucket of the global batch's
   longest caption (one small all-gather between processes of a
@@ -144,7 +169,14 @@ def host_batch(config, conditioner, batch: dict) -> dict:
   return conditioner.cut(batch, longest)
 
 
-def conditioner(config, text_encoder=None):
+def conditioner(
+  config: ml_collections.ConfigDict,
+  text_encoder: gemma.GemmaEncoder | None = None,
+) -> (
+  conditioning.LabelConditioner
+  | conditioning.CaptionConditioner
+  | conditioning.TextConditioner
+):
   """Labels (c2i) or caption features (t2i) for the network, with nulls.
   ``text_encoder`` stands in for ``config.text_encoder.path``."""
   drop = float(config.conditioning.drop_prob)
@@ -193,7 +225,10 @@ def conditioner(config, text_encoder=None):
 
 
 def synthetic_batch(
-  config, batch: int, seed: int = 0, caption_len: int = 32
+  config: ml_collections.ConfigDict,
+  batch: int,
+  seed: int = 0,
+  caption_len: int = 32,
 ) -> dict:
   """A host batch with this dataset's keys and shapes, random values."""
   rng = np.random.default_rng(seed)
@@ -233,7 +268,7 @@ def synthetic_batch(
   return out
 
 
-def caption_length(config, default: int = 32) -> int:
+def caption_length(config: ml_collections.ConfigDict, default: int = 32) -> int:
   """Caption tokens per example (0 for class-conditional models)."""
   if config.model.kind == "c2i":
     return 0

@@ -52,10 +52,10 @@ NAME = "tim_latents"
 
 
 def config_name(
-  latent_shape,
+  latent_shape: Sequence[int],
   cond: str = "label",
-  cap_shape=None,
-  repa_shape=None,
+  cap_shape: Sequence[int] | None = None,
+  repa_shape: Sequence[int] | None = None,
   flip: bool = False,
   images: bool = False,
 ) -> str:
@@ -347,8 +347,8 @@ def _features(path, name, array, shape):
 
 
 def write_latents(
-  input_dir,
-  data_dir,
+  input_dir: str | os.PathLike[str],
+  data_dir: str | os.PathLike[str],
   *,
   latent_shape: Sequence[int],
   cond: str = "label",
@@ -387,7 +387,9 @@ def write_latents(
   return os.fspath(builder.data_dir)
 
 
-def find_dataset(data_dir, config: str | None = None) -> str:
+def find_dataset(
+  data_dir: str | os.PathLike[str], config: str | None = None
+) -> str:
   """The versioned directory of a tim_latents dataset under ``data_dir``.
 
   ``data_dir`` may be the tfds data_dir given to ``write_latents`` (then

@@ -76,7 +76,7 @@ def pick_flip(example: dict, rng: np.random.Generator) -> dict:
 
 
 def make_iterator(
-  source,
+  source: grain.sources.RandomAccessDataSource[dict],
   *,
   global_batch_size: int,
   seed: int,

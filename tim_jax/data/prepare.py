@@ -25,14 +25,20 @@ dataset once all are done.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import concurrent.futures
 import io
 import json
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+  import jax
+
+  from tim_jax.autoencoders import Autoencoder
 
 # torchvision's IMG_EXTENSIONS (ImageFolder's default).
 IMAGE_EXTENSIONS = (
@@ -160,7 +166,14 @@ def png_bytes(crop: np.ndarray) -> bytes:
 
 
 def encode_shard(
-  images, indices: Sequence[int], ae, *, batch_size: int, rng, pool, done=None
+  images: FolderImages | TfdsImages,
+  indices: Sequence[int],
+  ae: Autoencoder,
+  *,
+  batch_size: int,
+  rng: jax.Array,
+  pool: concurrent.futures.Executor,
+  done: Callable[[int], None] | None = None,
 ) -> dict:
   """One shard's arrays: latents of the crops and of their flips (one
   posterior sample each), labels, and the crops as PNG. ``done(n)`` is
@@ -197,8 +210,8 @@ def encode_shard(
 
 
 def prepare(
-  images,
-  ae,
+  images: FolderImages | TfdsImages,
+  ae: Autoencoder,
   data_dir: str,
   *,
   batch_size: int = 32,
@@ -208,7 +221,7 @@ def prepare(
   process_count: int = 1,
   workers: int = 8,
   progress: bool = True,
-  barrier=None,
+  barrier: Callable[[str], None] | None = None,
 ) -> str | None:
   """Encodes ``images`` into ``data_dir``; returns the dataset directory
   (on process 0; None elsewhere). Finished shards are kept and skipped."""
@@ -319,12 +332,12 @@ def _offsets(chunks: Sequence[bytes]):
 def encode_captioned_shard(
   images: CaptionedImages,
   indices: Sequence[int],
-  ae,
+  ae: Autoencoder,
   *,
   batch_size: int,
-  rng,
-  pool,
-  done=None,
+  rng: jax.Array,
+  pool: concurrent.futures.Executor,
+  done: Callable[[int], None] | None = None,
 ) -> dict:
   """One shard of one bucket: latents (a posterior sample for KL
   autoencoders), the captions as JSON, the resized images as PNG."""
@@ -358,7 +371,7 @@ def encode_captioned_shard(
 
 def prepare_captioned(
   images: CaptionedImages,
-  ae,
+  ae: Autoencoder,
   data_dir: str,
   *,
   batch_size: int = 32,
@@ -368,7 +381,7 @@ def prepare_captioned(
   process_count: int = 1,
   workers: int = 8,
   progress: bool = True,
-  barrier=None,
+  barrier: Callable[[str], None] | None = None,
 ) -> list[str]:
   """Encodes a captioned corpus into one dataset per bucket under
   ``data_dir``; returns their directories (on process 0; [] elsewhere).

@@ -2,8 +2,22 @@
 ``radio`` (NVIDIA RADIO v2.5, the official REPA teacher) and ``gemma`` (the
 Gemma-3 text decoder, the official T2I caption encoder)."""
 
+from __future__ import annotations
 
-def layer_kwargs(dtype, param_dtype, precision, rngs=None) -> dict:
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from flax import nnx
+  import jax
+  from jax.typing import DTypeLike
+
+
+def layer_kwargs(
+  dtype: DTypeLike,
+  param_dtype: DTypeLike,
+  precision: str | None,
+  rngs: nnx.Rngs | None = None,
+) -> dict:
   """Keyword arguments of an encoder's ``nnx.Linear`` layers (its weights
   are loaded afterwards, so the rngs only shape the initialisation)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -16,7 +30,7 @@ def layer_kwargs(dtype, param_dtype, precision, rngs=None) -> dict:
   )
 
 
-def batch_rows(h):
+def batch_rows(h: jax.Array) -> jax.Array:
   """``h`` with its rows split over the batch axes when traced inside a
   train step (``tim_jax.core.sharding.activation_sharding``; a no-op outside
   one). A frozen encoder's weights are split over ``fsdp`` on their

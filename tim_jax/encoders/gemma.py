@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+from typing import TYPE_CHECKING
 
 from flax import nnx
 import jax
@@ -40,6 +41,10 @@ import numpy as np
 
 from tim_jax.encoders import batch_rows, layer_kwargs
 from tim_jax.weights import torch_weights
+
+if TYPE_CHECKING:
+  from jax.typing import DTypeLike
+  import tokenizers
 
 MAX_LENGTH = 256  # The official max_seq_length.
 
@@ -121,7 +126,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
     return (h * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
@@ -151,7 +156,9 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(d, c.rms_norm_eps, kw["param_dtype"])
     self.k_norm = RMSNorm(d, c.rms_norm_eps, kw["param_dtype"])
 
-  def __call__(self, x, positions, valid):
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, valid: jax.Array
+  ) -> jax.Array:
     c = self.c
     b, n, _ = x.shape
     h, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -189,7 +196,7 @@ class MLP(nnx.Module):
       c.intermediate_size, c.hidden_size, use_bias=False, **kw
     )
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     hidden = jax.nn.gelu(
       batch_rows(self.gate_proj(x)), approximate=True
     ) * batch_rows(self.up_proj(x))
@@ -206,7 +213,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(c, kw)
     self.post_feedforward_layernorm = RMSNorm(c.hidden_size, eps, p)
 
-  def __call__(self, x, positions, valid):
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, valid: jax.Array
+  ) -> jax.Array:
     h = self.self_attn(self.input_layernorm(x), positions, valid)
     x = x + self.post_attention_layernorm(h)
     h = self.mlp(self.pre_feedforward_layernorm(x))
@@ -240,7 +249,7 @@ class Gemma3TextModel(nnx.Module):
     )
     self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
 
-  def embed(self, ids):
+  def embed(self, ids: jax.Array) -> jax.Array:
     """Scaled token embeddings. The scale is rounded to the embedding's
     dtype, as HF's ``Gemma3TextScaledWordEmbedding`` does (34.0, not
     33.94, in bfloat16)."""
@@ -248,7 +257,7 @@ class Gemma3TextModel(nnx.Module):
     scale = jnp.asarray(math.sqrt(self.c.hidden_size), table.dtype)
     return (jnp.take(table, ids, axis=0) * scale).astype(self.dtype)
 
-  def __call__(self, ids, valid):
+  def __call__(self, ids: jax.Array, valid: jax.Array) -> jax.Array:
     x = batch_rows(self.embed(ids))
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     for layer in self.layers:
@@ -276,7 +285,9 @@ class GemmaEncoder:
     # The empty caption (the official null prompt): BOS, then pads.
     self.null_ids, self.null_mask = null_ids[0], null_mask[0]
 
-  def apply(self, params, ids, valid):
+  def apply(
+    self, params: nnx.State, ids: jax.Array, valid: jax.Array
+  ) -> jax.Array:
     """The pure forward pass: ``last_hidden_state`` (B, L, hidden) in the
     compute dtype of token ``ids`` (B, L) with ``valid`` (B, L) bool
     marking real tokens. Causal, so cutting ids after the longest caption
@@ -297,7 +308,9 @@ class GemmaEncoder:
     mask = np.asarray([e.attention_mask for e in out], np.int32)
     return ids, mask
 
-  def encode_padded(self, prompts: Sequence[str]):
+  def encode_padded(
+    self, prompts: Sequence[str]
+  ) -> tuple[jax.Array, np.ndarray]:
     """(features (B, max_length, hidden), lengths (B,))."""
     ids, mask = self.tokenize(prompts)
     feats = self._forward(
@@ -305,13 +318,15 @@ class GemmaEncoder:
     )
     return feats, mask.sum(-1)
 
-  def encode(self, prompts: Sequence[str]):
+  def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, np.ndarray]:
     """(features (B, L, hidden), lengths (B,)), L the longest caption."""
     feats, lengths = self.encode_padded(prompts)
     return feats[:, : int(lengths.max())], lengths
 
 
-def load_tokenizer(directory: str, max_length: int = MAX_LENGTH):
+def load_tokenizer(
+  directory: str, max_length: int = MAX_LENGTH
+) -> tokenizers.Tokenizer:
   """The checkpoint's tokenizer (``tokenizer.json``, through the
   ``tokenizers`` library) set up as the official ``tokenizer(...,
   padding="max_length", truncation=True)``: right padding with the pad
@@ -346,8 +361,8 @@ def load_tokenizer(directory: str, max_length: int = MAX_LENGTH):
 def load(
   directory: str,
   *,
-  dtype=jnp.float32,
-  param_dtype=None,
+  dtype: DTypeLike = jnp.float32,
+  param_dtype: DTypeLike | None = None,
   max_length: int = MAX_LENGTH,
 ) -> GemmaEncoder:
   """A Gemma-3 text encoder from a Hugging Face directory (``config.json``,
@@ -408,7 +423,10 @@ class _EmptyCaptionTokenizer:
 
 
 def abstract_encoder(
-  c: GemmaConfig = ONE_B, *, dtype=jnp.bfloat16, max_length: int = MAX_LENGTH
+  c: GemmaConfig = ONE_B,
+  *,
+  dtype: DTypeLike = jnp.bfloat16,
+  max_length: int = MAX_LENGTH,
 ) -> GemmaEncoder:
   """An encoder of ``c``'s architecture holding shapes only (parameters as
   ``jax.ShapeDtypeStruct``): for compiling train steps for devices this host

@@ -32,6 +32,7 @@ import functools
 import logging
 import math
 import re
+from typing import TYPE_CHECKING, Any
 
 from flax import nnx
 import jax
@@ -40,6 +41,11 @@ import numpy as np
 
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 from tim_jax.weights import torch_weights
+
+if TYPE_CHECKING:
+  import argparse
+
+  from jax.typing import ArrayLike, DTypeLike
 
 PATCH_PIXELS_PER_TOKEN = 16  # The trainers resize to 16 x the TiM grid.
 LN_EPS = 1e-6  # timm's ViT LayerNorm.
@@ -103,7 +109,7 @@ class Attention(nnx.Module):
     )
     self.proj = nnx.Linear(c.embed_dim, c.embed_dim, **kw)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     qkv = batch_rows(self.qkv(x)).reshape(b, n, 3, self.heads, d // self.heads)
     out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
@@ -114,7 +120,7 @@ class LayerScale(nnx.Module):
   def __init__(self, dim: int, dtype):
     self.gamma = nnx.Param(jnp.ones((dim,), dtype))
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     return x * self.gamma[...]
 
 
@@ -123,7 +129,7 @@ class Mlp(nnx.Module):
     self.fc1 = nnx.Linear(c.embed_dim, c.mlp_hidden, **kw)
     self.fc2 = nnx.Linear(c.mlp_hidden, c.embed_dim, **kw)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(batch_rows(jax.nn.gelu(self.fc1(x), approximate=False)))
 
 
@@ -137,7 +143,7 @@ class Block(nnx.Module):
     self.ls1 = LayerScale(c.embed_dim, dtype) if c.layer_scale else None
     self.ls2 = LayerScale(c.embed_dim, dtype) if c.layer_scale else None
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     h = self.attn(self.norm1(x))
     x = x + (self.ls1(h) if self.ls1 is not None else h)
     h = self.mlp(self.norm2(x))
@@ -166,7 +172,7 @@ class PatchGenerator(nnx.Module):
     self.cls_token = ClsToken(c, kw["param_dtype"])
     self.patch_normalizer = ln() if c.patch_norm else None
 
-  def positions(self, h: int, w: int):
+  def positions(self, h: int, w: int) -> jax.Array:
     """The table at an h x w patch grid (``_get_pos_embeddings`` in eval
     mode): (1, h*w, D)."""
     rows, cols = self.c.table
@@ -180,7 +186,7 @@ class PatchGenerator(nnx.Module):
         table = resize.bilinear_align_corners(table, (h, w))
     return table.reshape(1, h * w, -1).astype(self.pos_embed.dtype)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b, hp, wp, ch = x.shape
     p = self.c.patch_size
     h, w = hp // p, wp // p
@@ -224,7 +230,7 @@ class VisionTransformer(nnx.Module):
     self.norm = ln() if c.final_norm else None
     self.num_skip = c.num_skip
 
-  def __call__(self, x, scan: bool = True):
+  def __call__(self, x: jax.Array, scan: bool = True) -> jax.Array:
     """``scan``: the blocks as one ``lax.scan`` over their parameters
     stacked on the fly (the same arithmetic; the frozen encoder then
     compiles as one block, not twelve, inside the train step). Stacking
@@ -270,7 +276,9 @@ def _vit_size(args) -> tuple[int, int, int, int]:
   )
 
 
-def config_from_checkpoint(args, base: Mapping[str, np.ndarray]) -> RadioConfig:
+def config_from_checkpoint(
+  args: argparse.Namespace, base: Mapping[str, np.ndarray]
+) -> RadioConfig:
   """The architecture of a RADIO checkpoint (its args and the ViT's state
   dict, keys without ``base_model.``)."""
   if any("parametrizations" in k for k in base):
@@ -346,7 +354,9 @@ class RadioEncoder:
     """The feature width (embedding size)."""
     return self.config.embed_dim
 
-  def apply(self, state, images, grid: tuple[int, int]):
+  def apply(
+    self, state: Mapping[str, Any], images: jax.Array, grid: tuple[int, int]
+  ) -> jax.Array:
     """The features of ``images`` (NHWC in [-1, 1]) at token grid ``grid``, from a ``state`` of parameters and constants; pure, for use inside a jitted step."""
     h, w = (int(g) for g in grid)
     model = nnx.merge(self.graphdef, state["params"])
@@ -360,7 +370,7 @@ class RadioEncoder:
       feats = (feats - c["fn_mean"]) @ c["fn_tx"].T
     return feats
 
-  def __call__(self, images, grid: tuple[int, int]):
+  def __call__(self, images: ArrayLike, grid: tuple[int, int]) -> jax.Array:
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"RADIO takes NHWC RGB images, got shape {images.shape}")
@@ -375,7 +385,7 @@ class RadioEncoder:
 def random_encoder(
   config: RadioConfig = V2_5_B,
   *,
-  dtype=jnp.float32,
+  dtype: DTypeLike = jnp.float32,
   seed: int = 0,
   abstract: bool = False,
   scan_blocks: bool = True,
@@ -413,7 +423,7 @@ def _read(path: str):
   return chk["args"], out
 
 
-def load(path: str, *, dtype=jnp.float32) -> RadioEncoder:
+def load(path: str, *, dtype: DTypeLike = jnp.float32) -> RadioEncoder:
   """A RADIO encoder from the official checkpoint format. ViT keys the
   model lacks raise; keys the official loader also ignores are logged."""
   args, sd = _read(str(path))

@@ -11,9 +11,13 @@ matrix per axis, built in float64 on the host from PyTorch's index rules
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+  import jax
 
 CUBIC_A = -0.75  # PyTorch's bicubic coefficient.
 
@@ -83,7 +87,9 @@ def _is_identity(m: np.ndarray) -> bool:
   return m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0]))
 
 
-def bicubic(x, size, precision="highest"):
+def bicubic(
+  x: jax.Array, size: tuple[int, int], precision: str | None = "highest"
+) -> jax.Array:
   """NHWC images resized to ``size`` = (H', W') as PyTorch's bicubic."""
   h, w = x.shape[-3:-1]
   return _apply(
@@ -91,7 +97,9 @@ def bicubic(x, size, precision="highest"):
   )
 
 
-def bilinear_align_corners(x, size, precision="highest"):
+def bilinear_align_corners(
+  x: jax.Array, size: tuple[int, int], precision: str | None = "highest"
+) -> jax.Array:
   """(..., H, W, C) resized to ``size`` as PyTorch's bilinear with
   ``align_corners=True``."""
   h, w = x.shape[-3:-1]

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -60,7 +63,7 @@ def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
   return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def trace_sqrt_product(sigma1, sigma2) -> float:
+def trace_sqrt_product(sigma1: ArrayLike, sigma2: ArrayLike) -> float:
   """Tr((S1 S2)^{1/2}) for symmetric PSD S1, S2.
 
   S1 S2 is not symmetric, so its principal square root (scipy.linalg.sqrtm, as
@@ -79,7 +82,9 @@ def trace_sqrt_product(sigma1, sigma2) -> float:
   return float(np.sum(np.sqrt(np.clip(w, 0.0, None))))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(
+  mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike
+) -> float:
   """Squared Fréchet (2-Wasserstein) distance between N(mu1, S1), N(mu2, S2).
 
   All arithmetic is float64. Raises ValueError on shape mismatches, non-finite
@@ -101,7 +106,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   )
 
 
-def statistics(features) -> tuple[np.ndarray, np.ndarray]:
+def statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of an (N, D) feature matrix, float64, unbiased covariance."""
   x = np.asarray(features, dtype=np.float64)
   if x.ndim != 2:
@@ -131,7 +136,7 @@ class Statistics:
     return int(self.mu.shape[0])
 
   @classmethod
-  def from_features(cls, features) -> Statistics:
+  def from_features(cls, features: ArrayLike) -> Statistics:
     """The statistics of an (N, D) feature array."""
     return cls(*statistics(features))
 
@@ -161,7 +166,7 @@ class Statistics:
     return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
 
-def fid_from_features(features_a, features_b) -> float:
+def fid_from_features(features_a: ArrayLike, features_b: ArrayLike) -> float:
   """Fréchet distance between the Gaussians fitted to two feature sets."""
   return Statistics.from_features(features_a).frechet_distance(
     Statistics.from_features(features_b)
@@ -189,7 +194,7 @@ class RunningStatistics:
     """The feature width, once the first batch is in."""
     return self._dim
 
-  def update(self, batch_features) -> RunningStatistics:
+  def update(self, batch_features: ArrayLike) -> RunningStatistics:
     """Adds a (n, D) batch of features; returns self."""
     x = np.asarray(batch_features, dtype=np.float64)
     if x.ndim != 2:
@@ -236,7 +241,7 @@ class RunningStatistics:
 # Inception Score and the command.
 
 
-def inception_score(logits, split_size: int = 5000) -> float:
+def inception_score(logits: ArrayLike, split_size: int = 5000) -> float:
   """exp(E_x KL(p(y|x) || p(y))) of classifier logits (N, K), averaged
   over consecutive splits of ``split_size`` as OpenAI's ADM evaluator
   (``evaluations/evaluator.py``) computes it."""

@@ -230,7 +230,7 @@ class BasicConv2d(nnx.Module):
       out_channels, use_running_average=True, epsilon=BN_EPS, rngs=rngs
     )
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     return jax.nn.relu(self.bn(self.conv(x)))
 
 
@@ -249,7 +249,7 @@ class InceptionA(nnx.Module):
     self.branch3x3dbl_3 = conv(96, 96, 3, padding=1)
     self.branch_pool = conv(cin, pool_features, 1)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b1 = self.branch1x1(x)
     b5 = self.branch5x5_2(self.branch5x5_1(x))
     b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -268,7 +268,7 @@ class InceptionB(nnx.Module):
     self.branch3x3dbl_2 = conv(64, 96, 3, padding=1)
     self.branch3x3dbl_3 = conv(96, 96, 3, stride=2)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b3 = self.branch3x3(x)
     bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
     return jnp.concatenate([b3, bd, _max_pool(x, 3, 2)], axis=-1)
@@ -293,7 +293,7 @@ class InceptionC(nnx.Module):
     self.branch7x7dbl_5 = conv(c7, 192, (1, 7), padding=(0, 3))
     self.branch_pool = conv(cin, 192, 1)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b1 = self.branch1x1(x)
     b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
     bd = x
@@ -321,7 +321,7 @@ class InceptionD(nnx.Module):
     self.branch7x7x3_3 = conv(192, 192, (7, 1), padding=(3, 0))
     self.branch7x7x3_4 = conv(192, 192, 3, stride=2)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b3 = self.branch3x3_2(self.branch3x3_1(x))
     b7 = x
     for layer in (
@@ -356,7 +356,7 @@ class InceptionE(nnx.Module):
     self.branch3x3dbl_3b = conv(384, 384, (3, 1), padding=(1, 0))
     self.branch_pool = conv(cin, 192, 1)
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
     b1 = self.branch1x1(x)
     b3 = self.branch3x3_1(x)
     b3 = jnp.concatenate([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], -1)
@@ -372,7 +372,9 @@ class InceptionE(nnx.Module):
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
-def preprocess(images, resize_to: int | None = INPUT_SIZE):
+def preprocess(
+  images: np.ndarray | jax.Array, resize_to: int | None = INPUT_SIZE
+) -> np.ndarray | jax.Array:
   """NHWC images -> float32 in [-1, 1] at ``resize_to`` x ``resize_to``.
 
   Float images must already be in [-1, 1]; uint8 images are read as [0, 255].
@@ -473,7 +475,9 @@ class InceptionV3(nnx.Module):
     model = nnx.eval_shape(lambda: cls(**kwargs))
     return load_state_dict(model, state_dict)
 
-  def __call__(self, images, *, return_logits: bool = False):
+  def __call__(
+    self, images: np.ndarray | jax.Array, *, return_logits: bool = False
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     x = preprocess(images, self.resize_to)
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = _max_pool(x, 3, 2)

@@ -17,13 +17,20 @@ written (by process 0) when all are there.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from tim_jax.core.errors import UserError
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
+
+  from tim_jax.inference.pipeline import Pipeline
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -34,31 +41,31 @@ def _labels(seed, indices, num_classes):
   )(indices)
 
 
-def labels_for(seed: int, indices, num_classes: int) -> np.ndarray:
+def labels_for(seed: int, indices: ArrayLike, num_classes: int) -> np.ndarray:
   """Image i's class: uniform over ``num_classes``, from ``seed`` and i."""
   return np.asarray(_labels(seed, np.asarray(indices), num_classes))
 
 
 def generate(
-  pipe,
+  pipe: Pipeline,
   *,
   num: int,
   out: str,
   num_steps: int,
   seed: int = 0,
   batch_size: int = 64,
-  prompts=(),
-  cfg_scale=None,
-  guidance_interval=None,
+  prompts: Sequence[str] = (),
+  cfg_scale: float | None = None,
+  guidance_interval: Sequence[float] | None = None,
   stochasticity: float = 0.0,
-  mode=None,
-  height=None,
-  width=None,
+  mode: str | None = None,
+  height: int | None = None,
+  width: int | None = None,
   process_index: int = 0,
   process_count: int = 1,
-  barrier=None,
+  barrier: Callable[[str], None] | None = None,
   progress: bool = True,
-):
+) -> str | None:
   """Writes ``out`` (on process 0) and returns its path there, else None."""
   from tim_jax.core import images, resumable, sharding
 

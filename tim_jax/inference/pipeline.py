@@ -20,12 +20,12 @@ compile once and use the same code as the sampling command.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import itertools
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flax import nnx
 import jax
@@ -39,6 +39,9 @@ from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
 from tim_jax.method import sampling
 from tim_jax.weights import checkpoint, convert
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
 
 OFFICIAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 FORMATS = ("tim_jax", "official")
@@ -130,7 +133,7 @@ def _single_device(abstract):
 
 def load(
   checkpoint_path: str,
-  config=None,
+  config: ml_collections.ConfigDict | None = None,
   autoencoder_path: str | None = None,
   text_encoder_path: str | None = None,
   weights: str = "ema",
@@ -250,7 +253,7 @@ class Pipeline:
     return self.model_config.kind
 
   @property
-  def abstract_params(self):
+  def abstract_params(self) -> nnx.State:
     """The parameters' shapes and dtypes (no memory)."""
     return nnx.state(
       nnx.eval_shape(lambda: builders.new_model(self.config)), nnx.Param
@@ -264,22 +267,26 @@ class Pipeline:
       )
     return params
 
-  def model(self, params=None) -> nnx.Module:
+  def model(self, params: nnx.State | None = None) -> nnx.Module:
     """The backbone as an NNX module holding ``params``."""
     return nnx.merge(self.graphdef, self._params(params))
 
-  def network(self, params=None) -> Callable:
+  def network(self, params: nnx.State | None = None) -> Callable:
     """``fn(x, t, r, y)``: the backbone's forward pass."""
     model = self.model(params)
     return lambda x, t, r, y: model(x, t, r, y)
 
   # --- conditioning -----------------------------------------------------------
 
-  def null_like(self, cond):
+  def null_like(
+    self, cond: ArrayLike | Mapping[str, ArrayLike]
+  ) -> jax.Array | dict[str, jax.Array]:
     """The null conditioning (for guidance) matching ``cond``."""
     return self.conditioner.null_like(cond)
 
-  def conditions(self, prompts: Sequence[str] = (), labels: Sequence[int] = ()):
+  def conditions(
+    self, prompts: Sequence[str] = (), labels: Sequence[int] = ()
+  ) -> tuple[jax.Array | dict[str, jax.Array], list[str]]:
     """(conditioning with a batch axis, the names of its rows); with
     neither, the config's ``sample.prompts`` or ``sample.labels``."""
     s = self.config.sample
@@ -376,19 +383,19 @@ class Pipeline:
 
   def sample(
     self,
-    noise,
-    cond,
-    null=None,
+    noise: jax.Array,
+    cond: ArrayLike | Mapping[str, ArrayLike],
+    null: ArrayLike | Mapping[str, ArrayLike] | None = None,
     *,
     num_steps: int,
     cfg_scale: float | None = None,
     guidance_interval: Sequence[float] | None = None,
     stochasticity: float = 0.0,
-    rng=None,
+    rng: jax.Array | None = None,
     mode: str | None = None,
     progress: Callable[[int], None] | None = None,
-    params=None,
-  ):
+    params: nnx.State | None = None,
+  ) -> jax.Array:
     """One sampler call on a batch of noise (a jax.Array, network space).
 
     ``progress(step)`` is called on the host after every step of this call
@@ -424,7 +431,7 @@ class Pipeline:
 
   def generate(
     self,
-    cond,
+    cond: ArrayLike | Mapping[str, ArrayLike],
     *,
     num_steps: int,
     num: int = 1,
@@ -439,7 +446,7 @@ class Pipeline:
     width: int | None = None,
     progress: bool = False,
     desc: str = "sampling",
-    params=None,
+    params: nnx.State | None = None,
     check_finite: bool = True,
   ) -> np.ndarray:
     """``num`` samples per row of ``cond`` (row-major: all of row 0 first),
@@ -597,7 +604,7 @@ class Pipeline:
       self._autoencoder = autoencoders.from_config(self.config)
     return self._autoencoder
 
-  def decode(self, x) -> np.ndarray:
+  def decode(self, x: ArrayLike) -> np.ndarray:
     """Network space -> images in [-1, 1] (float32 numpy). Pixel-space
     models: the input. Latent models: the autoencoder's decoder, in batches
     of ``autoencoder.batch_size`` (the last one padded)."""

@@ -22,13 +22,18 @@ the batch's index.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tim_jax.core import images
 from tim_jax.data import conditioning
+
+if TYPE_CHECKING:
+  from tim_jax.inference.pipeline import Pipeline
 
 LAYOUTS = ("geneval", "dpg")
 PER_PROMPT = 4  # Both evaluators read four images per prompt.
@@ -81,7 +86,7 @@ def done(layout: str, out_dir: str, item: dict) -> bool:
   return os.path.exists(os.path.join(out_dir, item["name"] + ".png"))
 
 
-def write(layout: str, out_dir: str, item: dict, pictures: np.ndarray):
+def write(layout: str, out_dir: str, item: dict, pictures: np.ndarray) -> None:
   """``pictures``: this prompt's PER_PROMPT images, uint8 (4, H, W, 3).
   Every file is written under a temporary name and renamed, and the file
   that marks the prompt done comes last."""
@@ -99,19 +104,19 @@ def write(layout: str, out_dir: str, item: dict, pictures: np.ndarray):
 
 
 def run(
-  pipe,
+  pipe: Pipeline,
   spec: str,
   out_dir: str,
   *,
   num_steps: int,
-  cfg_scale=None,
-  guidance_interval=None,
+  cfg_scale: float | None = None,
+  guidance_interval: Sequence[float] | None = None,
   stochasticity: float = 0.0,
   seed: int = 0,
   batch_size: int = 32,
-  height=None,
-  width=None,
-  mode=None,
+  height: int | None = None,
+  width: int | None = None,
+  mode: str | None = None,
 ) -> tuple[int, int]:
   """Samples the prompt set into ``out_dir``; returns (prompts written,
   prompts already there)."""

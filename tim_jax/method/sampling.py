@@ -36,11 +36,11 @@ MODES = ("transition", "diffusion")
 
 
 def check_settings(
-  num_steps,
+  num_steps: int,
   guidance_interval: Sequence[float] = (0.0, 1.0),
   stochasticity: float = 0.0,
   mode: str = "transition",
-):
+) -> tuple[int, tuple[float, float]]:
   """Validates sampler settings (the one place that does); returns
   ``(num_steps, (low, high))`` normalised.
 
@@ -66,13 +66,13 @@ def check_settings(
 
 
 def step_schedule(
-  transport,
+  transport: transports_lib.Transport,
   num_steps: int,
   cfg_scale: float = 1.0,
   guidance_interval: Sequence[float] = (0.0, 1.0),
   stochasticity: float = 0.0,
   mode: str = "transition",
-):
+) -> dict[str, np.ndarray]:
   """The static plan of a sampling run, as numpy arrays.
 
   Returns a dict with ``t_cur``, ``t_next``, ``r`` (what the network gets as
@@ -123,7 +123,7 @@ def sample(
   mode: str = "transition",
   progress: Callable[..., None] | None = None,
   progress_tag: jax.Array | None = None,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Samples from noise in ``num_steps`` network evaluations (x2 with CFG).
 
   Args:

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
 from tim_jax.core import numerics
 from tim_jax.method import transports as transports_lib
+
+if TYPE_CHECKING:
+  from jax.typing import DTypeLike
 
 Array = jax.Array
 PyTree = Any
@@ -232,7 +235,7 @@ class LossConfig:
     if self.groups < 1:
       raise ValueError(f"groups must be >= 1, got {self.groups}")
 
-  def counts(self, batch: int):
+  def counts(self, batch: int) -> tuple[int, int]:
     """(n_d, n_c) per group, with Python's round-half-even as the official
     code."""
     if batch % self.groups:
@@ -257,13 +260,13 @@ def _per_row(key, row_ids, draw):
 
 
 def sample_t_and_r(
-  key,
+  key: Array,
   batch: int,
   transport: transports_lib.Transport,
   config: LossConfig,
-  dtype=jnp.float32,
-  row_ids=None,
-):
+  dtype: DTypeLike = jnp.float32,
+  row_ids: Array | None = None,
+) -> tuple[Array, Array]:
   """Training times (official ``TransitionSchedule.sample_t_and_r``): t = max,
   r = min of two draws, then the positional diffusion (r = t) and consistency
   (r = T_min) rows. With ``row_ids`` (B,) each row's draws come from its id
@@ -285,7 +288,12 @@ def sample_t_and_r(
   return t, r
 
 
-def time_weight(t, r, transport, config: LossConfig):
+def time_weight(
+  t: Array,
+  r: Array,
+  transport: transports_lib.Transport,
+  config: LossConfig,
+) -> Array:
   """w_time(t, r) of the official ``TransitionSchedule.time_weighting``, before
   forcing diffusion rows to 1."""
   if config.weight_time_tangent:
@@ -343,7 +351,7 @@ def loss(
   null_cond: PyTree = None,
   repa_target: Array | None = None,
   row_ids: Array | None = None,
-):
+) -> tuple[Array, dict[str, Array]]:
   """The full TiM training loss of the official ``TransitionSchedule.__call__``.
 
   Args:

@@ -27,10 +27,14 @@ argument of ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+  from jax.typing import DTypeLike
+  import numpy as np
 
 Array = jax.Array
 
@@ -48,23 +52,25 @@ class Transport:
 
   # --- what a transport must define ---------------------------------------
 
-  def interpolant(self, t):
+  def interpolant(self, t: Array) -> tuple[Array, Array, Array, Array]:
     """Returns (alpha_t, sigma_t, alpha_t', sigma_t')."""
     raise NotImplementedError
 
-  def prediction(self, t):
+  def prediction(self, t: Array) -> tuple[Array, Array, Array, Array]:
     """Returns (alpha_hat_t, sigma_hat_t, alpha_hat_t', sigma_hat_t')."""
     raise NotImplementedError
 
-  def sample_t(self, key, shape, dtype=jnp.float32):
+  def sample_t(
+    self, key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32
+  ) -> Array:
     """One draw of training time per element of ``shape``."""
     raise NotImplementedError
 
-  def c_noise(self, t):
+  def c_noise(self, t: Array) -> Array:
     """What the network receives instead of raw time."""
     raise NotImplementedError
 
-  def tangent_time(self, t):
+  def tangent_time(self, t: Array) -> Array:
     """The loss's tangent time warp (``weight_time_tangent``): ``tan t`` of
     an angle-like time (OT-FM, TrigFlow and VP times lie in [0, pi/2)).
     Noise-level transports override it."""
@@ -72,17 +78,17 @@ class Transport:
 
   # --- generic consequences ----------------------------------------------
 
-  def x_t(self, x, eps, t):
+  def x_t(self, x: Array, eps: Array, t: Array) -> Array:
     """The noisy state alpha_t x + sigma_t eps."""
     alpha, sigma, _, _ = self.interpolant(t)
     return alpha * x + sigma * eps
 
-  def velocity(self, x, eps, t):
+  def velocity(self, x: Array, eps: Array, t: Array) -> Array:
     """dx_t/dt along the path with (x, eps) fixed."""
     _, _, d_alpha, d_sigma = self.interpolant(t)
     return d_alpha * x + d_sigma * eps
 
-  def diffusion_target(self, x, eps, t):
+  def diffusion_target(self, x: Array, eps: Array, t: Array) -> Array:
     """The ideal network output ``alpha_hat x + sigma_hat eps``."""
     a_hat, s_hat, _, _ = self.prediction(t)
     return a_hat * x + s_hat * eps
@@ -92,7 +98,7 @@ class Transport:
     a_hat, s_hat, _, _ = self.prediction(t)
     return s_hat * alpha - a_hat * sigma
 
-  def transition_coefficients(self, t, r):
+  def transition_coefficients(self, t: Array, r: Array) -> tuple[Array, Array]:
     """(A, B) with ``x_r = A x_t + B F`` for the ideal F (``F = F*``)."""
     alpha_t, sigma_t, _, _ = self.interpolant(t)
     alpha_r, sigma_r, _, _ = self.interpolant(r)
@@ -102,7 +108,7 @@ class Transport:
     b = (sigma_r * alpha_t - alpha_r * sigma_t) / delta
     return a, b
 
-  def target_ratio(self, t, r):
+  def target_ratio(self, t: Array, r: Array) -> Array:
     """B(t, r) / dB(t, r)/dt, the factor in front of the derivative term.
 
     Generic version through ``jax.jvp``; undefined (0/0) where ``r == t`` for
@@ -115,7 +121,15 @@ class Transport:
     b, db_dt = jax.jvp(b_of_t, (t,), (jnp.ones_like(t),))
     return b / db_dt
 
-  def target(self, x, eps, t, r, dF_dt, diffusion_target=None):
+  def target(
+    self,
+    x: Array,
+    eps: Array,
+    t: Array,
+    r: Array,
+    dF_dt: Array,
+    diffusion_target: Array | None = None,
+  ) -> Array:
     """The TiM regression target (official ``Transport.target``).
 
     Args:
@@ -133,12 +147,20 @@ class Transport:
       d_a_hat * x + d_s_hat * eps - dF_dt
     )
 
-  def transition(self, x_t, t, r, F):
+  def transition(self, x_t: Array, t: Array, r: Array, F: Array) -> Array:
     """Deterministic x_t -> x_r with the network output F."""
     a, b = self.transition_coefficients(t, r)
     return a * x_t + b * F
 
-  def stochastic_transition(self, x_t, t, r, F, ratio, key):
+  def stochastic_transition(
+    self,
+    x_t: Array,
+    t: Array,
+    r: Array,
+    F: Array,
+    ratio: Array,
+    key: Array,
+  ) -> Array:
     """The sampler's stochastic step; defined for OT-FM only (others raise)."""
     del x_t, t, r, F, ratio, key
     raise ValueError(
@@ -163,36 +185,54 @@ class OTFM(Transport):
   name = "ot_fm"
   supports_stochastic = True
 
-  def interpolant(self, t):
+  def interpolant(self, t: Array) -> tuple[Array, Array, Array, Array]:
     one = jnp.ones_like(t)
     return 1.0 - t, t, -one, one
 
-  def prediction(self, t):
+  def prediction(self, t: Array) -> tuple[Array, Array, Array, Array]:
     one, zero = jnp.ones_like(t), jnp.zeros_like(t)
     return -one, one, zero, zero
 
-  def sample_t(self, key, shape, dtype=jnp.float32):
+  def sample_t(
+    self, key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32
+  ) -> Array:
     s = _lognormal(key, shape, dtype, self.P_mean, self.P_std)
     return s / (1.0 + s)  # logit-normal in t
 
-  def c_noise(self, t):
+  def c_noise(self, t: Array) -> Array:
     return t
 
-  def transition_coefficients(self, t, r):
+  def transition_coefficients(self, t: Array, r: Array) -> tuple[Array, Array]:
     return jnp.ones_like(t * r), r - t
 
-  def target_ratio(self, t, r):
+  def target_ratio(self, t: Array, r: Array) -> Array:
     return t - r
 
-  def target(self, x, eps, t, r, dF_dt, diffusion_target=None):
+  def target(
+    self,
+    x: Array,
+    eps: Array,
+    t: Array,
+    r: Array,
+    dF_dt: Array,
+    diffusion_target: Array | None = None,
+  ) -> Array:
     if diffusion_target is None:
       diffusion_target = eps - x
     return diffusion_target - (t - r) * dF_dt
 
-  def transition(self, x_t, t, r, F):
+  def transition(self, x_t: Array, t: Array, r: Array, F: Array) -> Array:
     return x_t - (t - r) * F
 
-  def stochastic_transition(self, x_t, t, r, F, ratio, key):
+  def stochastic_transition(
+    self,
+    x_t: Array,
+    t: Array,
+    r: Array,
+    F: Array,
+    ratio: Array,
+    key: Array,
+  ) -> Array:
     """Euler–Maruyama step of the reverse SDE with g^2 = 2 ratio t (official
     ``OT_FM.from_x_t_to_x_r`` with ``s_ratio > 0``).
 
@@ -222,22 +262,24 @@ class TrigFlow(Transport):
 
   name = "trigflow"
 
-  def interpolant(self, t):
+  def interpolant(self, t: Array) -> tuple[Array, Array, Array, Array]:
     return jnp.cos(t), jnp.sin(t), -jnp.sin(t), jnp.cos(t)
 
-  def prediction(self, t):
+  def prediction(self, t: Array) -> tuple[Array, Array, Array, Array]:
     return -jnp.sin(t), jnp.cos(t), -jnp.cos(t), -jnp.sin(t)
 
-  def sample_t(self, key, shape, dtype=jnp.float32):
+  def sample_t(
+    self, key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32
+  ) -> Array:
     return jnp.arctan(_lognormal(key, shape, dtype, self.P_mean, self.P_std))
 
-  def c_noise(self, t):
+  def c_noise(self, t: Array) -> Array:
     return t
 
-  def transition_coefficients(self, t, r):
+  def transition_coefficients(self, t: Array, r: Array) -> tuple[Array, Array]:
     return jnp.cos(t - r), -jnp.sin(t - r)
 
-  def target_ratio(self, t, r):
+  def target_ratio(self, t: Array, r: Array) -> Array:
     return jnp.tan(t - r)
 
 
@@ -264,33 +306,35 @@ class EDM(Transport):
   def _s(self, t):
     return jnp.sqrt(t * t + self.sigma_d**2)
 
-  def interpolant(self, t):
+  def interpolant(self, t: Array) -> tuple[Array, Array, Array, Array]:
     s = self._s(t)
     return 1.0 / s, t / s, -t / s**3, self.sigma_d**2 / s**3
 
-  def prediction(self, t):
+  def prediction(self, t: Array) -> tuple[Array, Array, Array, Array]:
     s, sd = self._s(t), self.sigma_d
     return t / (sd * s), -sd / s, sd / s**3, sd * t / s**3
 
-  def sample_t(self, key, shape, dtype=jnp.float32):
+  def sample_t(
+    self, key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32
+  ) -> Array:
     return _lognormal(key, shape, dtype, self.P_mean, self.P_std)
 
-  def c_noise(self, t):
+  def c_noise(self, t: Array) -> Array:
     return jnp.log(t) / 4.0
 
-  def tangent_time(self, t):
+  def tangent_time(self, t: Array) -> Array:
     # The time is the noise level sigma, which already is the tangent of the
     # trigonometric angle (TrigFlow's t = arctan sigma). tan(sigma), which
     # the official weighting would take, changes sign along (0, 80] and
     # makes the sqrt weight NaN.
     return t
 
-  def transition_coefficients(self, t, r):
+  def transition_coefficients(self, t: Array, r: Array) -> tuple[Array, Array]:
     sd2 = self.sigma_d**2
     denom = self._s(r) * self._s(t)
     return (sd2 + t * r) / denom, self.sigma_d * (t - r) / denom
 
-  def target_ratio(self, t, r):
+  def target_ratio(self, t: Array, r: Array) -> Array:
     return (t - r) * self._s(t) ** 2 / (self.sigma_d**2 + t * r)
 
 
@@ -307,38 +351,40 @@ class VP(Transport):
 
   name = "vp"
 
-  def beta(self, t):
+  def beta(self, t: Array) -> Array:
     """The VP noise level sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
     return jnp.sqrt(jnp.expm1(0.5 * self.beta_d * t * t + self.beta_min * t))
 
-  def d_beta(self, t):
+  def d_beta(self, t: Array) -> Array:
     """The derivative of ``beta`` in t."""
     b = self.beta(t)
     return (self.beta_d * t + self.beta_min) * (b * b + 1.0) / (2.0 * b)
 
-  def interpolant(self, t):
+  def interpolant(self, t: Array) -> tuple[Array, Array, Array, Array]:
     b = self.beta(t)
     norm = jnp.sqrt(b * b + 1.0)
     g = 0.5 * (self.beta_d * t + self.beta_min)
     return 1.0 / norm, b / norm, -g / norm, g / (b * norm)
 
-  def prediction(self, t):
+  def prediction(self, t: Array) -> tuple[Array, Array, Array, Array]:
     one, zero = jnp.ones_like(t), jnp.zeros_like(t)
     return zero, one, zero, zero
 
-  def sample_t(self, key, shape, dtype=jnp.float32):
+  def sample_t(
+    self, key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32
+  ) -> Array:
     u = jax.random.uniform(key, shape, dtype)
     return 1.0 + u * (self.T_min - 1.0)  # U[T_min, 1]
 
-  def c_noise(self, t):
+  def c_noise(self, t: Array) -> Array:
     return (self.T - 1) * t
 
-  def transition_coefficients(self, t, r):
+  def transition_coefficients(self, t: Array, r: Array) -> tuple[Array, Array]:
     bt, br = self.beta(t), self.beta(r)
     nr = jnp.sqrt(br * br + 1.0)
     return jnp.sqrt(bt * bt + 1.0) / nr, (br - bt) / nr
 
-  def target_ratio(self, t, r):
+  def target_ratio(self, t: Array, r: Array) -> Array:
     return (self.beta(t) - self.beta(r)) / self.d_beta(t)
 
 
@@ -352,29 +398,31 @@ class VE(Transport):
 
   name = "ve"
 
-  def interpolant(self, t):
+  def interpolant(self, t: Array) -> tuple[Array, Array, Array, Array]:
     one = jnp.ones_like(t)
     return one, t, jnp.zeros_like(t), one
 
-  def prediction(self, t):
+  def prediction(self, t: Array) -> tuple[Array, Array, Array, Array]:
     zero = jnp.zeros_like(t)
     return zero, -jnp.ones_like(t), zero, zero
 
-  def sample_t(self, key, shape, dtype=jnp.float32):
+  def sample_t(
+    self, key: Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32
+  ) -> Array:
     u = jax.random.uniform(key, shape, dtype)
     return self.T_min * (self.T_max / self.T_min) ** u
 
-  def c_noise(self, t):
+  def c_noise(self, t: Array) -> Array:
     return jnp.log(0.5 * t)
 
-  def tangent_time(self, t):
+  def tangent_time(self, t: Array) -> Array:
     # The noise level sigma, as EDM's (see EDM.tangent_time).
     return t
 
-  def transition_coefficients(self, t, r):
+  def transition_coefficients(self, t: Array, r: Array) -> tuple[Array, Array]:
     return jnp.ones_like(t * r), t - r
 
-  def target_ratio(self, t, r):
+  def target_ratio(self, t: Array, r: Array) -> Array:
     return t - r
 
 
@@ -402,7 +450,7 @@ _ALIASES = {
 LOSS_ONLY_PARAMS = ("enhance_target", "w_gt", "w_cond", "w_start", "w_end")
 
 
-def names():
+def names() -> list[str]:
   """The transports' names, sorted."""
   return sorted(_REGISTRY)
 
@@ -450,7 +498,9 @@ def get(name: str, **params: Any) -> Transport:
   return cls(**kwargs)
 
 
-def time_grid(transport: Transport, num_steps: int, dtype=None):
+def time_grid(
+  transport: Transport, num_steps: int, dtype: DTypeLike | None = None
+) -> np.ndarray:
   """``linspace(T_max, T_min, num_steps + 1)`` built in float64 on the host.
 
   Returned in ``dtype`` (float64 if x64 is enabled, else float32 by default):

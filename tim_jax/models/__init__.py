@@ -1,6 +1,13 @@
 """TiM backbones and their layers."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from tim_jax.models.tim import KINDS, NEW_CONDITIONS, TiM, TiMConfig
+
+if TYPE_CHECKING:
+  from jax.typing import DTypeLike
 
 __all__ = ["TiM", "TiMConfig", "KINDS", "NEW_CONDITIONS", "build"]
 
@@ -10,8 +17,8 @@ def build(
   network: dict,
   *,
   seed: int = 0,
-  dtype=None,
-  param_dtype=None,
+  dtype: DTypeLike | None = None,
+  param_dtype: DTypeLike | None = None,
   **overrides,
 ) -> TiM:
   """Builds a freshly initialised TiM from official ``network.params``."""

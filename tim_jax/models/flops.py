@@ -47,8 +47,13 @@ cost.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tim_jax.models import layers
 from tim_jax.models.tim import TiMConfig
+
+if TYPE_CHECKING:
+  import jax
 
 STEPS = ("forward", "fm_step", "tim_dde_step", "tim_jvp_step", "sample")
 COMPONENTS = (
@@ -324,10 +329,10 @@ def repa_teacher_flops(
   mlp_hidden: int,
   patch_size: int,
   num_skip: int,
-  table,
+  table: tuple[int, int],
   batch: int,
-  grid,
-  image_hw,
+  grid: tuple[int, int],
+  image_hw: tuple[int, int],
 ) -> float:
   """FLOPs of the REPA teacher (``tim_jax.encoders.radio``) on ``batch``
   images of ``image_hw`` pixels at a TiM token ``grid`` (h, w): the two
@@ -376,7 +381,7 @@ PEAK_BF16 = (
 )
 
 
-def peak_flops(device) -> float | None:
+def peak_flops(device: jax.Device) -> float | None:
   """The device's peak bf16 FLOP/s, or None for a device kind not in the table."""
   kind = getattr(device, "device_kind", "")
   for key, value in PEAK_BF16:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 from flax import nnx
 import jax
@@ -26,6 +27,9 @@ import numpy as np
 from tim_jax.core import numerics
 from tim_jax.core.sharding import constrain
 
+if TYPE_CHECKING:
+  from jax.nn.initializers import Initializer
+
 Array = jax.Array
 
 xavier = nnx.initializers.xavier_uniform()
@@ -33,12 +37,12 @@ zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
 
 
-def normal(std):
+def normal(std: float) -> Initializer:
   """A normal initializer of standard deviation ``std``."""
   return nnx.initializers.normal(std)
 
 
-def logical(init, *names):
+def logical(init: Initializer, *names: str | None) -> Initializer:
   """An initializer annotated with logical axis names.
 
   ``eager_sharding=False``: the names are metadata only; placement happens
@@ -73,7 +77,7 @@ class Linear(nnx.Linear):
       rngs=rngs,
     )
 
-  def __call__(self, x):
+  def __call__(self, x: Array) -> Array:
     # One 2D matmul over all leading axes: XLA:CPU runs the backward of a
     # (B, T, D) x (D, E) contraction slower than the same work as
     # (B*T, D) x (D, E) (docs/results/benchmarks.md); accelerators are
@@ -145,7 +149,7 @@ class LayerNorm(nnx.Module):
         logical(zeros, name)(rngs.params(), (dim,), param_dtype)
       )
 
-  def __call__(self, x):
+  def __call__(self, x: Array) -> Array:
     h = standardize(x.astype(numerics.wide(x.dtype)), self.eps)
     if self.affine:
       h = h * self.scale[...].astype(h.dtype) + self.bias[...].astype(h.dtype)
@@ -176,14 +180,14 @@ class SwiGLU(nnx.Module):
       hidden, dout, (n_hidden, n_out), kernel_init=out_init or init, **kw
     )
 
-  def __call__(self, u):
+  def __call__(self, u: Array) -> Array:
     hidden = jax.nn.silu(self.fc1_g(u)) * self.fc1_x(u)
     if hidden.ndim == 3:  # Token MLPs: hidden units over `tensor`.
       hidden = constrain(hidden, "batch", None, "mlp")
     return self.fc2(hidden)
 
 
-def modulate(u, shift, scale):
+def modulate(u: Array, shift: Array, scale: Array) -> Array:
   """adaLN modulation: ``u * (1 + scale) + shift``."""
   return u * (1 + scale) + shift
 
@@ -201,7 +205,7 @@ class TimestepEmbedder(nnx.Module):
     self.dtype = dtype
 
   @classmethod
-  def features(cls, t):
+  def features(cls, t: Array) -> Array:
     """The sinusoidal features (cos, sin) of times ``t``, in float32."""
     # The official code forms these in float32 even under float64.
     half = cls.freq_dim // 2
@@ -211,7 +215,7 @@ class TimestepEmbedder(nnx.Module):
     args = t.astype(jnp.float32)[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
-  def __call__(self, t):
+  def __call__(self, t: Array) -> Array:
     h = self.features(t).astype(jnp.promote_types(t.dtype, self.dtype))
     return self.mlp_2(jax.nn.silu(self.mlp_0(h)))
 
@@ -235,13 +239,15 @@ class PatchEmbed(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, x):
+  def __call__(self, x: Array) -> Array:
     h = self.proj(x)
     return h.reshape(h.shape[0], -1, h.shape[-1])
 
 
 @functools.lru_cache(maxsize=64)
-def rope_tables(h: int, w: int, head_dim: int, positions: str = "official"):
+def rope_tables(
+  h: int, w: int, head_dim: int, positions: str = "official"
+) -> tuple[np.ndarray, np.ndarray]:
   """cos and sin of the 2D RoPE angles, (h*w, head_dim), numpy float64.
 
   Each axis gets head_dim/2 dims with frequencies 10000^(-2k/d_a), each angle
@@ -295,7 +301,9 @@ def _pair_rotation(head_dim: int) -> np.ndarray:
   return r
 
 
-def apply_rope(u, cos, sin):
+def apply_rope(
+  u: Array, cos: np.ndarray | Array, sin: np.ndarray | Array
+) -> Array:
   """Interleaved (GPT-J) rotation of pairs (2k, 2k+1) along the last axis.
 
   u: (..., N, hd); cos, sin: (N, hd), broadcast over the leading axes.
@@ -312,7 +320,13 @@ def apply_rope(u, cos, sin):
   return u * cos + rotated * sin
 
 
-def attention(q, k, v, implementation=None, key_mask=None):
+def attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  implementation: str | None = None,
+  key_mask: Array | None = None,
+) -> Array:
   """Softmax attention, scale hd^-1/2; (B, heads, T, hd) layout.
 
   ``key_mask`` (B, S) bool hides keys where False (every row must keep at
@@ -410,7 +424,13 @@ class SelfAttention(nnx.Module):
     )
     self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
 
-  def __call__(self, u, cos, sin, e_delta=None):
+  def __call__(
+    self,
+    u: Array,
+    cos: np.ndarray | Array,
+    sin: np.ndarray | Array,
+    e_delta: Array | None = None,
+  ) -> Array:
     qkv = self.qkv(u)
     if self.qkv_d is not None:
       qkv = qkv + self.qkv_d(e_delta)
@@ -458,7 +478,14 @@ class CrossAttention(nnx.Module):
     )
     self.proj = Linear(dim, dim, ("heads", "embed"), **kw)
 
-  def __call__(self, u, y, cos, sin, key_mask=None):
+  def __call__(
+    self,
+    u: Array,
+    y: Array,
+    cos: np.ndarray | Array,
+    sin: np.ndarray | Array,
+    key_mask: Array | None = None,
+  ) -> Array:
     heads = lambda a: constrain(
       _heads(a, self.num_heads), "batch", "heads", None, None
     )
@@ -472,7 +499,7 @@ class CrossAttention(nnx.Module):
     return self.proj(_merge_heads(out))
 
 
-def mlp_hidden(dim, mlp_ratio=4.0):
+def mlp_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
   """The official SwiGLU width: int(D * ratio) * 2 // 3."""
   return (int(dim * mlp_ratio) * 2) // 3
 
@@ -531,7 +558,16 @@ class TiMBlock(nnx.Module):
       **kw,
     )
 
-  def __call__(self, u, c, cos, sin, e_delta, y=None, y_mask=None):
+  def __call__(
+    self,
+    u: Array,
+    c: Array,
+    cos: np.ndarray | Array,
+    sin: np.ndarray | Array,
+    e_delta: Array | None,
+    y: Array | None = None,
+    y_mask: Array | None = None,
+  ) -> Array:
     mod = self.adaLN_modulation(c)
     if self.cross:
       (sh_msa, sc_msa, g_msa, sh_msc, sc_msc, g_msc, sh_mlp, sc_mlp, g_mlp) = (
@@ -589,7 +625,7 @@ class FinalLayer(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, u, c):
+  def __call__(self, u: Array, c: Array) -> Array:
     shift, scale = jnp.split(self.adaLN_modulation(c), 2, axis=-1)
     return self.linear(modulate(self.norm_final(u), shift, scale))
 
@@ -603,7 +639,7 @@ class Projector(nnx.Module):
     self.linear_2 = Linear(hidden, hidden, ("proj_hidden", "mlp"), **kw)
     self.linear_4 = Linear(hidden, z_dim, ("mlp", "proj_out"), **kw)
 
-  def __call__(self, u):
+  def __call__(self, u: Array) -> Array:
     u = jax.nn.silu(self.linear_0(u))
     u = jax.nn.silu(self.linear_2(u))
     return self.linear_4(u)
@@ -622,7 +658,7 @@ class LabelEmbedder(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, labels):
+  def __call__(self, labels: Array) -> Array:
     return self.embedding_table(labels)
 
 
@@ -650,7 +686,7 @@ class CaptionEmbedder(nnx.Module):
     )
     self.dtype = dtype
 
-  def __call__(self, feats):
+  def __call__(self, feats: Array) -> Array:
     return self.mlp(
       self.norm(feats.astype(jnp.promote_types(feats.dtype, self.dtype)))
     )

@@ -16,6 +16,7 @@ REPA projection (B, N, z_dim) after block ``encoder_depth`` comes back too.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from einops import rearrange
 from flax import nnx
@@ -25,12 +26,17 @@ import jax.numpy as jnp
 from tim_jax.core.sharding import constrain
 from tim_jax.models import layers
 
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
+
 NEW_CONDITIONS = ("t-r", "r", "t,r", "t,t-r", "r,t-r", "t,r,t-r")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 KINDS = ("c2i", "t2i")
 
 
-def caption_parts(y):
+def caption_parts(
+  y: jax.Array | dict[str, jax.Array],
+) -> tuple[jax.Array, jax.Array | None]:
   """(features (B, M, D), key mask (B, M) bool or None) of a caption
   conditioning: an array, or ``{"features", "length"}``."""
   if isinstance(y, dict):
@@ -44,7 +50,7 @@ def caption_parts(y):
   return y, None
 
 
-def caption_key_mask(length, num_positions: int):
+def caption_key_mask(length: ArrayLike, num_positions: int) -> jax.Array:
   """(B, M) bool: position m of row b is seen iff m < length[b]."""
   return jnp.arange(num_positions)[None, :] < jnp.asarray(length)[:, None]
 
@@ -88,7 +94,7 @@ class TiMConfig:
   scan_blocks: bool = False
 
   @classmethod
-  def from_official(cls, kind: str, network: dict, **overrides):
+  def from_official(cls, kind: str, network: dict, **overrides) -> TiMConfig:
     """From the official YAML ``network.params`` (unknown keys rejected)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     ignored = {"use_checkpoint"}
@@ -141,7 +147,7 @@ class TiMConfig:
     return str(self.remat)
 
   @property
-  def num_label_rows(self):
+  def num_label_rows(self) -> int:
     """Rows of the label table: the classes, plus the null class when labels are dropped."""
     return self.num_classes + (1 if self.class_dropout_prob > 0 else 0)
 
@@ -258,7 +264,15 @@ class TiM(nnx.Module):
           f"caption length must have shape ({b},), got {jnp.shape(y['length'])}"
         )
 
-  def __call__(self, x, t, r, y, *, return_projection: bool = False):
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    r: jax.Array,
+    y: jax.Array | dict[str, jax.Array],
+    *,
+    return_projection: bool = False,
+  ) -> jax.Array | tuple[jax.Array, jax.Array | None]:
     self._check_inputs(x, t, r, y)
     c = self.config
     _, height, width, _ = x.shape

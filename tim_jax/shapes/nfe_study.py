@@ -20,10 +20,11 @@ every NFE).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import csv
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -39,15 +40,15 @@ def run_study(
   num: int = 500,
   batch_size: int = 250,
   seed: int = 0,
-  cfg_scale=None,
+  cfg_scale: float | None = None,
   reference_num: int = 5000,
-  mode=None,
+  mode: str | None = None,
   judge: oracle.Oracle | None = None,
   progress: bool = True,
-  on_row=None,
+  on_row: Callable[[list[dict[str, Any]]], None] | None = None,
   *,
   load: Callable,
-):
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
   """Rows of scores (dicts) and the sample strips: per run, ``images``
   (the first 8 prompts' samples, row-major with one column per NFE) and
   their ``captions``.
@@ -120,7 +121,7 @@ def run_study(
   return rows, strips
 
 
-def write_csv(rows, path):
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str) -> None:
   """The rows as CSV."""
   fields = ["run", "nfe", *SCORES, "seconds"]
   with open(path, "w", newline="") as f:
@@ -130,7 +131,7 @@ def write_csv(rows, path):
       writer.writerow({k: row[k] for k in fields})
 
 
-def markdown(rows) -> str:
+def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
   """One table: accuracy columns in %, FD to two decimals."""
   head = (
     "| run | NFE | overall | position | colour | shape | size | count "
@@ -149,7 +150,7 @@ def markdown(rows) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
+def plot(rows: Sequence[Mapping[str, Any]], path: str) -> None:
   """Accuracy and Fréchet distance against NFE, one line per run, as a PNG."""
   import matplotlib
 
@@ -186,7 +187,12 @@ def plot(rows, path):
   plt.close(fig)
 
 
-def write_outputs(rows, strips, out: str, nfes):
+def write_outputs(
+  rows: Sequence[Mapping[str, Any]],
+  strips: Mapping[str, Mapping[str, Any]],
+  out: str,
+  nfes: Sequence[int],
+) -> None:
   """``results.csv``, ``results.md``, ``nfe_study.png`` and one ``samples_<run>.png`` per run into ``out``."""
   os.makedirs(out, exist_ok=True)
   write_csv(rows, os.path.join(out, "results.csv"))

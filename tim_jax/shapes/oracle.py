@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import os
+from typing import TYPE_CHECKING, Any
 
 from flax import nnx
 import jax
@@ -31,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tim_jax.shapes import world
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
 
 CELLS = 9
 NUM_COLOURS = len(world.COLOURS)
@@ -93,7 +97,7 @@ class OracleNet(nnx.Module):
       config.feature_dim, CELLS * sum(HEAD_SIZES), rngs=rngs
     )
 
-  def __call__(self, images):
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """images (B, 32, 32, 3) in [-1, 1] -> (features (B, F), logits
     (B, 9, 12))."""
     h = images
@@ -104,7 +108,9 @@ class OracleNet(nnx.Module):
     return feats, logits
 
 
-def split_logits(logits):
+def split_logits(
+  logits: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(…, 12) -> occupancy (…, 7), shape (…, 3), size (…, 2) logits."""
   a, b, _ = HEAD_SIZES
   return logits[..., :a], logits[..., a : a + b], logits[..., a + b :]
@@ -113,7 +119,9 @@ def split_logits(logits):
 # --- targets -----------------------------------------------------------------
 
 
-def cell_targets(attributes: np.ndarray):
+def cell_targets(
+  attributes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Ground truth per cell from ``world.attributes`` rows (B, 2, 6).
 
   Returns int32 arrays (B, 9): occupancy (0 empty, 1 + colour), shape and
@@ -246,12 +254,12 @@ class Predictions:
   features: np.ndarray  # (N, F)
 
   @property
-  def occupied(self):
+  def occupied(self) -> np.ndarray:
     """Per cell: whether the oracle sees an object."""
     return self.occupied_prob > 0.5
 
   @property
-  def count(self):
+  def count(self) -> np.ndarray:
     """Per image: the number of occupied cells."""
     return self.occupied.sum(axis=1)
 
@@ -309,7 +317,7 @@ class Oracle:
       lambda state, x: _readings(nnx.merge(graphdef, state), x)
     )
 
-  def predict(self, images, progress: bool = False) -> Predictions:
+  def predict(self, images: ArrayLike, progress: bool = False) -> Predictions:
     """Reads ``images`` (N, H, W, 3), float in [-1, 1] or uint8, in batches
     of fixed size (the last one padded, so one compilation)."""
     images = np.asarray(images)
@@ -334,11 +342,11 @@ class Oracle:
       **{k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     )
 
-  def features(self, images, progress: bool = False) -> np.ndarray:
+  def features(self, images: ArrayLike, progress: bool = False) -> np.ndarray:
     """The oracle's image features (for Fréchet distances)."""
     return self.predict(images, progress).features
 
-  def frechet_distance(self, images_a, images_b) -> float:
+  def frechet_distance(self, images_a: ArrayLike, images_b: ArrayLike) -> float:
     """Fréchet distance between two image sets in the oracle's features."""
     from tim_jax.eval import fid
 
@@ -346,7 +354,7 @@ class Oracle:
       self.features(images_a), self.features(images_b)
     )
 
-  def score(self, images, targets: Targets) -> dict[str, float]:
+  def score(self, images: ArrayLike, targets: Targets) -> dict[str, float]:
     """Attribute accuracy of ``images`` against what was asked (``targets``)."""
     return attribute_accuracy(self.predict(images), targets)
 
@@ -429,7 +437,7 @@ def attribute_accuracy(pred: Predictions, targets: Targets) -> dict[str, float]:
 # --- weights -------------------------------------------------------------------
 
 
-def flat_params(model) -> dict[str, np.ndarray]:
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's parameters by dotted name, as numpy (what ``save``
   writes)."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -438,7 +446,7 @@ def flat_params(model) -> dict[str, np.ndarray]:
   }
 
 
-def save(model: OracleNet, path: str, metadata: dict | None = None):
+def save(model: OracleNet, path: str, metadata: dict | None = None) -> None:
   """Writes the weights (and JSON metadata: config, how it was trained and
   its validation figures) as safetensors."""
   from safetensors.numpy import save_file
@@ -449,7 +457,7 @@ def save(model: OracleNet, path: str, metadata: dict | None = None):
   save_file(flat_params(model), path, metadata=meta)
 
 
-def load(path: str = DEFAULT_WEIGHTS):
+def load(path: str = DEFAULT_WEIGHTS) -> tuple[OracleNet, dict[str, Any]]:
   """(OracleNet, metadata dict) from a safetensors file written by ``save``."""
   from safetensors import safe_open
 

@@ -9,10 +9,16 @@ and the trainer's ``shapes_oracle`` evaluator both use it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from tim_jax.eval import fid
 from tim_jax.shapes import oracle, world
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
 
 SCENE_SEED = 4_000_037  # Scenes requested from the models.
 REFERENCE_SEED = 5_000_011  # Real images the distance is measured to.
@@ -29,7 +35,7 @@ SCORES = (
 )
 
 
-def object_counts(kind: str):
+def object_counts(kind: str) -> tuple[int, ...]:
   """How many objects a scene of this kind holds (t2i: one or two)."""
   return (1, 2) if kind == "t2i" else (1,)
 
@@ -44,7 +50,7 @@ def real_images(kind: str, num: int, size: int, seed: int) -> np.ndarray:
   return np.stack([world.render(s, size) for s in scenes(kind, num, seed)])
 
 
-def targets(kind: str, requested) -> oracle.Targets:
+def targets(kind: str, requested: Sequence[world.Scene]) -> oracle.Targets:
   """What the oracle should read in images of the ``requested`` scenes."""
   if kind == "t2i":
     return oracle.targets_from_scenes(requested)
@@ -53,7 +59,7 @@ def targets(kind: str, requested) -> oracle.Targets:
   )
 
 
-def requests(kind: str, requested) -> dict:
+def requests(kind: str, requested: Sequence[world.Scene]) -> dict:
   """The scenes as a pipeline's ``conditions`` arguments."""
   if kind == "t2i":
     return dict(prompts=[world.caption(s) for s in requested])
@@ -85,7 +91,7 @@ class ShapesScorer:
     """The held-out scenes as ``Pipeline.conditions`` arguments (prompts or labels)."""
     return requests(self.kind, self.scenes)
 
-  def score(self, pixels) -> dict[str, float]:
+  def score(self, pixels: ArrayLike) -> dict[str, float]:
     """Scores of ``num`` images in [-1, 1] of the requested scenes."""
     pixels = np.asarray(pixels, np.float32)
     scores = self.judge.score(pixels, self.targets)

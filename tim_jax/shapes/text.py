@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import re
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
 
 PAD_ID = 0
 UNK_ID = 1
@@ -77,7 +81,7 @@ class Tokenizer:
       out[row, : len(ids)] = ids
     return out
 
-  def decode(self, tokens) -> list[str]:
+  def decode(self, tokens: ArrayLike) -> list[str]:
     """Texts from ids (B, L); pads are dropped, unknown ids read "<unk>"."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
@@ -162,7 +166,7 @@ class CaptionEncoder:
       jnp.float32,
     )
 
-  def __call__(self, tokens) -> jax.Array:
+  def __call__(self, tokens: ArrayLike) -> jax.Array:
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] != self.max_len:
       raise ValueError(

@@ -13,6 +13,8 @@ blurred and pure noise) whose figures go into the weights' metadata.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -21,18 +23,23 @@ import optax
 
 from tim_jax.shapes import oracle, world
 
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
+
 TRAIN_SEED = 2_000_029  # Scene streams of the oracle only.
 VALID_SEED = 3_000_017
 
 
-def render_batch(start: int, count: int, seed: int, size: int = 32):
+def render_batch(
+  start: int, count: int, seed: int, size: int = 32
+) -> tuple[np.ndarray, list[world.Scene]]:
   """Images and scenes ``start`` ... ``start + count - 1`` of stream ``seed``."""
   scenes = [world.scene(i, seed) for i in range(start, start + count)]
   images = np.stack([world.render(s, size) for s in scenes])
   return images, scenes
 
 
-def blur(images, sigma, radius: int = 3):
+def blur(images: ArrayLike, sigma: ArrayLike, radius: int = 3) -> jax.Array:
   """Gaussian blur per image, on device: images (B, H, W, C), sigma in
   pixels, a scalar or one per image (0 = unchanged).
 
@@ -61,7 +68,9 @@ def blur(images, sigma, radius: int = 3):
   return along(along(images, 1), 2)
 
 
-def augment(key, images, max_blur: float, max_noise: float):
+def augment(
+  key: jax.Array, images: jax.Array, max_blur: float, max_noise: float
+) -> jax.Array:
   """Half the images blurred by sigma ~ U[0, max_blur]; all get Gaussian
   noise of std ~ U[0, max_noise]."""
   n = images.shape[0]
@@ -75,7 +84,13 @@ def augment(key, images, max_blur: float, max_noise: float):
   return blur(images, sigma) + std * jax.random.normal(k_noise, images.shape)
 
 
-def loss_fn(model, images, occupancy, shape, size):
+def loss_fn(
+  model: oracle.OracleNet,
+  images: jax.Array,
+  occupancy: jax.Array,
+  shape: jax.Array,
+  size: jax.Array,
+) -> jax.Array:
   """Cross-entropy of occupancy, shape and size (the last two on occupied cells)."""
   _, logits = model(images)
   occ, shp, sz = oracle.split_logits(logits)
@@ -144,7 +159,9 @@ def train(
   return model
 
 
-def validate(model: oracle.OracleNet, num: int = 2000, seed: int = 0):
+def validate(
+  model: oracle.OracleNet, num: int = 2000, seed: int = 0
+) -> dict[str, dict[str, float]]:
   """Accuracy of ``model`` on fresh real scenes (clean and blurred) and on
   pure noise; sizes are checked on every object."""
   images, scenes = render_batch(0, num, VALID_SEED)

@@ -21,12 +21,18 @@ trainer has: ``pipeline`` (a ``tim_jax.inference.Pipeline``), ``loss``
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from tim_jax.core import images, sharding
 from tim_jax.data import kinds
+
+if TYPE_CHECKING:
+  import ml_collections
+
+  from tim_jax.training.trainer import Trainer, TrainState
 
 
 class HoldoutLoss:
@@ -47,7 +53,7 @@ class HoldoutLoss:
 
     self._fn = jax.jit(holdout)
 
-  def __call__(self, trainer, state) -> dict[str, float]:
+  def __call__(self, trainer: Trainer, state: TrainState) -> dict[str, float]:
     return {
       k: float(v)
       for k, v in jax.device_get(
@@ -83,7 +89,7 @@ class ShapesOracle:
     )
     self.cond, _ = trainer.pipeline.conditions(**self.scorer.requests())
 
-  def __call__(self, trainer, state) -> dict[str, float]:
+  def __call__(self, trainer: Trainer, state: TrainState) -> dict[str, float]:
     out = {}
     pipe = trainer.pipeline
     for nfe in self.nfe:
@@ -130,7 +136,7 @@ class FID:
     rows = np.arange(self.num) % len(names)
     self.cond = jax.tree.map(lambda c: np.asarray(c)[rows], cond)
 
-  def __call__(self, trainer, state) -> dict[str, float]:
+  def __call__(self, trainer: Trainer, state: TrainState) -> dict[str, float]:
     from tim_jax.eval import fid
 
     pipe = trainer.pipeline
@@ -160,7 +166,7 @@ REGISTRY: dict[str, Callable] = {
 }
 
 
-def build(config, trainer) -> dict:
+def build(config: ml_collections.ConfigDict, trainer: Trainer) -> dict:
   """The evaluators ``config.evals`` turns on, by name."""
   out = {}
   for name, settings in config.evals.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -25,8 +26,11 @@ from tim_jax.config import config_base
 from tim_jax.core import images, sharding
 from tim_jax.data import kinds
 from tim_jax.training import evaluators
-from tim_jax.training.trainer import NonFiniteError, Trainer
+from tim_jax.training.trainer import NonFiniteError, Trainer, TrainState
 from tim_jax.weights import checkpoint
+
+if TYPE_CHECKING:
+  from clu import metric_writers
 
 
 def is_due(step: int, every: int, total: int) -> bool:
@@ -36,7 +40,11 @@ def is_due(step: int, every: int, total: int) -> bool:
 
 
 def write_sample_grids(
-  trainer: Trainer, state, step: int, workdir: str, writer
+  trainer: Trainer,
+  state: TrainState,
+  step: int,
+  workdir: str,
+  writer: metric_writers.MetricWriter,
 ) -> list:
   """The EMA model's samples of the config's prompts or labels, one row per
   prompt or label (its text beside it) and one column per ``sample.nfe``,
@@ -73,7 +81,9 @@ def write_sample_grids(
   return [path]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> TrainState:
   """Trains per ``config``, writing everything under ``workdir``.
 
   Returns the final TrainState.

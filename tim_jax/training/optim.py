@@ -8,12 +8,19 @@ and ``lr = base_lr * global_batch / base_batch`` when ``scale_lr``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import optax
+
+if TYPE_CHECKING:
+  import ml_collections
 
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def learning_rate(config, global_batch: int) -> float:
+def learning_rate(
+  config: ml_collections.ConfigDict, global_batch: int
+) -> float:
   """The peak learning rate: ``base_lr``, scaled by the global batch over ``base_batch`` when ``scale_lr``."""
   lr = float(config.base_lr)
   if config.scale_lr:
@@ -21,7 +28,9 @@ def learning_rate(config, global_batch: int) -> float:
   return lr
 
 
-def schedule(config, global_batch: int, total_steps: int):
+def schedule(
+  config: ml_collections.ConfigDict, global_batch: int, total_steps: int
+) -> optax.Schedule:
   """The learning-rate schedule of ``config`` (warmup, then constant, cosine or linear)."""
   peak = learning_rate(config, global_batch)
   warmup = int(config.get("warmup_steps", 0))
@@ -43,7 +52,9 @@ def schedule(config, global_batch: int, total_steps: int):
   return main
 
 
-def make(config, global_batch: int, total_steps: int):
+def make(
+  config: ml_collections.ConfigDict, global_batch: int, total_steps: int
+) -> optax.GradientTransformation:
   """An optax GradientTransformation for ``config`` (``config.optimizer``)."""
   parts = []
   if config.get("grad_clip", 0.0):

@@ -10,6 +10,7 @@ a non-finite or diverging update and counts it. The loop that drives it is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import logging
 from typing import Any
 
@@ -131,7 +132,7 @@ class Trainer:
     return jax.jit(self._init, out_shardings=self.state_shardings)()
 
   def initialise_from(
-    self, state: TrainState, path: str, ignore_keys=()
+    self, state: TrainState, path: str, ignore_keys: Sequence[str] = ()
   ) -> TrainState:
     """``state`` with its parameters (and EMA) taken from a checkpoint, as
     the official ``init_from_ckpt`` does: an official file or a tim_jax run;
@@ -163,7 +164,7 @@ class Trainer:
       ema=jax.device_put(host, self.state_shardings.ema),
     )
 
-  def abstract_with_shardings(self):
+  def abstract_with_shardings(self) -> TrainState:
     """The train state's shapes, dtypes and shardings (for restoring)."""
     return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -171,7 +172,11 @@ class Trainer:
       self.state_shardings,
     )
 
-  def repa_target(self, batch, frozen=None):
+  def repa_target(
+    self,
+    batch: Mapping[str, jax.Array],
+    frozen: Mapping[str, Any] | None = None,
+  ) -> jax.Array | None:
     """REPA targets (B, N, z_dim) for ``batch``: its precomputed features
     (``loss_extras.repa_feature_key``), the frozen teacher's features of
     its pixels (``loss_extras.repa_encoder``; ``pixels`` uint8 for latent
@@ -197,16 +202,16 @@ class Trainer:
 
   def loss(
     self,
-    params,
-    ema,
-    batch,
-    key,
-    frozen=None,
+    params: nnx.State,
+    ema: nnx.State,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    frozen: Mapping[str, Any] | None = None,
     *,
     drop: bool = True,
-    row_ids=None,
-    microbatch=None,
-  ):
+    row_ids: jax.Array | None = None,
+    microbatch: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The TiM loss of ``params`` on ``batch`` and its metrics, as the step
     computes it: conditions dropped for guidance (unless ``drop=False``),
     the EMA as the model-guidance teacher, REPA targets.
@@ -242,7 +247,10 @@ class Trainer:
     )
 
   def step(
-    self, state: TrainState, batch, frozen=None
+    self,
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    frozen: Mapping[str, Any] | None = None,
   ) -> tuple[TrainState, dict]:
     """One training step, as a pure function (not compiled; see
     ``train_step``): the TiM loss, AdamW, the EMA, and the non-finite guard
@@ -295,7 +303,14 @@ class Trainer:
     )
     return new_state, metrics
 
-  def gradients(self, params, ema, batch, key, frozen=None):
+  def gradients(
+    self,
+    params: nnx.State,
+    ema: nnx.State,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    frozen: Mapping[str, Any] | None = None,
+  ) -> tuple[jax.Array, dict[str, jax.Array], nnx.State]:
     """(loss, metrics, gradients) of ``params`` on ``batch``. With
     ``config.microbatches = k > 1`` each data shard's rows are cut into k
     contiguous microbatches, run one after another (``lax.scan``: activation
@@ -347,13 +362,19 @@ class Trainer:
       grads,
     )
 
-  def batch_shardings(self, batch):
+  def batch_shardings(
+    self, batch: Mapping[str, jax.Array | jax.ShapeDtypeStruct]
+  ) -> dict[str, jax.sharding.NamedSharding]:
     """The batch's shardings: rows over the mesh's data axes."""
     return jax.tree.map(
       lambda a: sharding.batch_sharding(self.mesh, a.ndim), batch
     )
 
-  def jit_step(self, batch, donate: bool = True):
+  def jit_step(
+    self,
+    batch: Mapping[str, jax.Array | jax.ShapeDtypeStruct],
+    donate: bool = True,
+  ) -> Callable[..., tuple[TrainState, dict]]:
     """``fn(state, batch)``: ``step`` compiled for batches shaped like
     ``batch``, with the state's and the batch's shardings (the frozen
     teacher, if any, goes in as a replicated argument); ``donate`` reuses
@@ -362,7 +383,11 @@ class Trainer:
     compiled = self.jitted_step(batch, donate)
     return lambda state, batch: compiled(state, batch, self.frozen)
 
-  def jitted_step(self, batch, donate: bool = True):
+  def jitted_step(
+    self,
+    batch: Mapping[str, jax.Array | jax.ShapeDtypeStruct],
+    donate: bool = True,
+  ) -> jax.stages.Wrapped:
     """The ``jax.jit`` of ``step(state, batch, frozen)`` with its shardings
     (for ``.lower(...)``: ``jit_step`` wraps it)."""
     frozen_sharding = (
@@ -388,7 +413,9 @@ class Trainer:
       out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
     )
 
-  def train_step(self, state, batch):
+  def train_step(
+    self, state: TrainState, batch: Mapping[str, jax.Array]
+  ) -> tuple[TrainState, dict]:
     """One compiled, state-donating step. One jitted function serves every
     batch shape (jit keeps one executable per shape); each new shape is
     logged with the count so far (``compiled_shapes``)."""

@@ -17,11 +17,14 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+if TYPE_CHECKING:
+  import grain
 
 # The config fields that fix the parameter tree or what the weights mean: a
 # checkpoint whose values here differ cannot be restored into this run. The
@@ -74,7 +77,7 @@ _ALL_FINITE = jax.jit(
 )
 
 
-def all_finite(tree) -> bool:
+def all_finite(tree: Any) -> bool:
   """Whether every float leaf of ``tree`` is finite (one device reduction)."""
   leaves = [
     x
@@ -169,7 +172,7 @@ class Checkpointer:
     with open(path) as f:
       return json.load(f)
 
-  def check_compatible(self, config_dict: dict):
+  def check_compatible(self, config_dict: dict) -> None:
     """Refuses (ValueError) to resume from a checkpoint of another
     architecture; nothing on disk is touched."""
     saved = self.saved_config()
@@ -188,7 +191,7 @@ class Checkpointer:
     self,
     step: int,
     state: Any,
-    data_iterator,
+    data_iterator: grain.DatasetIterator,
     config_dict: dict,
     *,
     force: bool = False,
@@ -217,7 +220,12 @@ class Checkpointer:
     )
     return self.manager.save(step, args=args, force=force)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator=None):
+  def restore(
+    self,
+    step: int,
+    abstract_state: Any,
+    data_iterator: grain.DatasetIterator | None = None,
+  ) -> Any:
     """Restores into ``abstract_state``'s shapes and shardings (which may
     describe another mesh than the one the checkpoint was saved from), and
     the data iterator's position when one is given."""
@@ -229,7 +237,11 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
-  def restore_latest(self, abstract_state: Any, data_iterator=None):
+  def restore_latest(
+    self,
+    abstract_state: Any,
+    data_iterator: grain.DatasetIterator | None = None,
+  ) -> tuple[int | None, Any]:
     """(step, state) of the newest checkpoint that reads whole, or (None,
     None) when there is none. A damaged newer step (truncated file, missing
     item) is named, moved aside to ``damaged-step-N`` (kept, not deleted)
@@ -286,7 +298,7 @@ class Checkpointer:
 
   def restore_weights(
     self, step: int, abstract_params: Any, which: str = "ema"
-  ):
+  ) -> Any:
     """One weight set of the train state alone, the EMA (``"ema"``) or the
     trained ``"params"``, into ``abstract_params``' shapes, dtypes and
     shardings (ShapeDtypeStructs with ``sharding``): no optimizer state is
@@ -302,11 +314,11 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
     return restored["state"][which]
 
-  def wait(self):
+  def wait(self) -> None:
     """Waits for in-flight asynchronous saves."""
     self.manager.wait_until_finished()
 
-  def close(self):
+  def close(self) -> None:
     """Waits for in-flight saves and releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()

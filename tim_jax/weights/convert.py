@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import dataclasses
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flax import nnx
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ import numpy as np
 
 from tim_jax import models
 from tim_jax.weights import torch_weights
+
+if TYPE_CHECKING:
+  from jax.typing import DTypeLike
 
 TOLERATED_MISSING = ("projector.",)
 
@@ -184,12 +187,12 @@ def load_official(
   kind: str,
   network: Mapping[str, Any],
   *,
-  dtype=jnp.float32,
-  param_dtype=jnp.float32,
+  dtype: DTypeLike = jnp.float32,
+  param_dtype: DTypeLike = jnp.float32,
   strict: bool = True,
   return_report: bool = False,
   **overrides,
-):
+) -> models.TiM | tuple[models.TiM, LoadReport]:
   """Builds a TiM from official ``network.params`` and loads an official
   checkpoint into it.
 
@@ -216,7 +219,7 @@ def load_official(
   return (model, report) if return_report else model
 
 
-def save_official(model: nnx.Module, path: str):
+def save_official(model: nnx.Module, path: str) -> None:
   """Writes the model as an official ``.safetensors`` state_dict."""
   from safetensors.numpy import save_file
 

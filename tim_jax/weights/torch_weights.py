@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from flax import nnx
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SUFFIXES = TORCH_SUFFIXES + (".safetensors", ".npz")
@@ -22,7 +25,7 @@ WRAPPER_KEYS = ("ema", "model", "state_dict", "module", "params")
 PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
-def unwrap(obj) -> dict[str, Any]:
+def unwrap(obj: object) -> dict[str, Any]:
   """The state dict inside common training-checkpoint wrappers
   (``{"ema": ...}``, ``{"model": ...}``, ...), with ``module.``-style key
   prefixes removed."""
@@ -51,7 +54,9 @@ def unwrap(obj) -> dict[str, Any]:
   return out
 
 
-def read(path, *, missing_torch_hint: str = "") -> dict[str, np.ndarray]:
+def read(
+  path: str | os.PathLike[str], *, missing_torch_hint: str = ""
+) -> dict[str, np.ndarray]:
   """The state dict in a weight file, as numpy arrays in their stored dtype
   (bfloat16 becomes float32, which numpy lacks). Wrappers are unwrapped
   (``unwrap``); entries that are not tensors are dropped.
@@ -171,7 +176,9 @@ def torch_key(path: Sequence[Any]) -> str:
   return ".".join(modules + [LEAF_TO_TORCH.get(leaf, leaf)])
 
 
-def named_variables(model, variable_filter=None) -> dict[str, Any]:
+def named_variables(
+  model: nnx.Module, variable_filter: nnx.filterlib.Filter = None
+) -> dict[str, Any]:
   """``{torch key: nnx.Variable}`` of a module's parameters and batch
   statistics (or of ``variable_filter``), in the module's order."""
   return {k: v for k, (v, _) in _variables(model, variable_filter).items()}
@@ -237,7 +244,9 @@ def check_keys(
       )
 
 
-def expected_shapes(model, variable_filter=None) -> dict[str, tuple[int, ...]]:
+def expected_shapes(
+  model: nnx.Module, variable_filter: nnx.filterlib.Filter = None
+) -> dict[str, tuple[int, ...]]:
   """``{torch key: PyTorch-layout shape}`` of a module's variables."""
   return {
     k: _torch_layout_shape(v, kernel)
@@ -246,13 +255,13 @@ def expected_shapes(model, variable_filter=None) -> dict[str, tuple[int, ...]]:
 
 
 def load_module(
-  model,
+  model: nnx.Module,
   state_dict: Mapping[str, Any],
   what: str,
-  variable_filter=None,
+  variable_filter: nnx.filterlib.Filter = None,
   *,
   allow_unexpected: bool = False,
-):
+) -> nnx.Module:
   """Copies a PyTorch-layout state dict into ``model`` in place, strictly:
   missing keys (and unexpected ones, unless ``allow_unexpected``) and shape
   mismatches raise ValueError (naming them) before anything changes. Arrays
@@ -274,7 +283,9 @@ def load_module(
   return model
 
 
-def module_state_dict(model, variable_filter=None) -> dict[str, np.ndarray]:
+def module_state_dict(
+  model: nnx.Module, variable_filter: nnx.filterlib.Filter = None
+) -> dict[str, np.ndarray]:
   """A module's variables as a PyTorch-layout state dict (numpy)."""
   out = {}
   for k, (v, kernel) in _variables(model, variable_filter).items():

@@ -1,6 +1,7 @@
 """The package as users install it: a wheel, not this checkout."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 def installed(tmp_path_factory):
   """A non-editable install of the project (no dependencies) in a folder."""
   tmp = tmp_path_factory.mktemp("wheel")
+  # Built from a copy: setuptools writes build/ and *.egg-info beside
+  # setup.py, and the checkout stays as it is.
+  source = tmp / "source"
+  source.mkdir()
+  for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+    shutil.copy(os.path.join(ROOT, name), source / name)
+  for name in ("tim_jax", "configs"):
+    shutil.copytree(
+      os.path.join(ROOT, name),
+      source / name,
+      ignore=shutil.ignore_patterns("__pycache__"),
+    )
   subprocess.run(
     [
       sys.executable,
@@ -26,7 +39,7 @@ def installed(tmp_path_factory):
       "-q",
       "-w",
       str(tmp / "dist"),
-      ROOT,
+      str(source),
     ],
     check=True,
     timeout=600,

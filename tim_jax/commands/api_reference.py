@@ -25,6 +25,7 @@ from absl import flags
 from tim_jax.commands import cli
 from tim_jax.core.errors import UserError
 
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The folders in layer order (tests/test_layout.py holds the rule).
 LAYERS = (
   "core",
@@ -121,9 +122,15 @@ def signature(obj) -> str:
   def written(a):
     return _Written(a) if isinstance(a, str) else a
 
+  def default(d):
+    # A path inside the package: shown from the package, not this machine.
+    if isinstance(d, str) and d.startswith(PACKAGE_ROOT):
+      return _Written(repr("<tim_jax>" + d[len(PACKAGE_ROOT) :]))
+    return d
+
   sig = sig.replace(
     parameters=[
-      p.replace(annotation=written(p.annotation))
+      p.replace(annotation=written(p.annotation), default=default(p.default))
       for p in sig.parameters.values()
     ],
     return_annotation=written(sig.return_annotation),

@@ -17,6 +17,14 @@ os.environ.setdefault(
   os.path.join(tempfile.gettempdir(), "tim_jax_test_compilation_cache"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# XLA:CPU's LLVM passes at level 0: the tiny test programs compile in about
+# half the time. Matmuls and convolutions run in precompiled library
+# kernels either way, and LLVM reorders no float arithmetic at any level, so
+# results are the same bits.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+  ).strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest

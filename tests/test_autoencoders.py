@@ -17,6 +17,8 @@ import torch
 from tim_jax import autoencoders
 from tim_jax.weights import torch_weights
 
+pytestmark = [pytest.mark.parity]
+
 DATA = os.path.join(os.path.dirname(__file__), "data", "autoencoders")
 
 

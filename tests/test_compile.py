@@ -12,6 +12,8 @@ import pytest
 from tim_jax.commands import compile as compile_lib
 from tim_jax.config import config_base
 
+pytestmark = [pytest.mark.tpu_compile, pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5e:2x2"  # Four v5e chips.
 GIB = 2**30

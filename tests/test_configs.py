@@ -14,6 +14,8 @@ from tim_jax.core import sharding
 from tim_jax.data import kinds
 from tim_jax.models import architectures
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -12,6 +12,8 @@ from safetensors.numpy import load_file, save_file
 from tim_jax import models
 from tim_jax.weights import convert, torch_weights
 
+pytestmark = [pytest.mark.parity]
+
 
 def _official(name):
   return load_file(os.path.join(GOLDEN, name, "model.safetensors"))

@@ -10,6 +10,8 @@ from tim_jax import training
 from tim_jax.shapes import scoring
 from tim_jax.training import evaluators
 
+pytestmark = [pytest.mark.slow]
+
 
 def _oracle_config():
   config = train_utils.tiny_t2i(num_steps=2)

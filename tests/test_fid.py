@@ -19,6 +19,8 @@ import pytest
 from tim_jax.eval import fid
 from tim_jax.eval import inception as inc
 
+pytestmark = [pytest.mark.parity]
+
 # --------------------------------------------------------------------------
 # Fréchet distance.
 

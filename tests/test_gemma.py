@@ -20,6 +20,8 @@ import transformers
 from tim_jax.encoders import gemma
 from tim_jax.weights import torch_weights
 
+pytestmark = [pytest.mark.parity]
+
 DATA = os.path.join(os.path.dirname(__file__), "data", "gemma")
 SENTENCES = gemma_utils.SENTENCES
 SMALL = gemma_utils.SMALL

@@ -15,6 +15,8 @@ import pytest
 
 from tim_jax.method import sampling, transition
 
+pytestmark = [pytest.mark.parity]
+
 TOL = {
   "float64": dict(fwd=1e-5, tgt=1e-5, smp=1e-5),
   "float32": dict(fwd=2e-4, tgt=2e-3, smp=2e-3),

@@ -20,6 +20,8 @@ from tim_jax.config import config_base
 from tim_jax.data import latents, pipeline, prepare
 from tim_jax.inference import generate
 
+pytestmark = [pytest.mark.slow, pytest.mark.parity]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (variant, autoencoder name, small diffusers config, crop size): each small

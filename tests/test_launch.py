@@ -8,6 +8,10 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.multiprocess]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -9,11 +9,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from train_utils import tiny_c2i
 
 from tim_jax import training
 from tim_jax.core import sharding
 from tim_jax.data import kinds, pipeline
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -9,6 +9,8 @@ import pytest
 
 from tim_jax.shapes import nfe_study
 
+pytestmark = [pytest.mark.slow]
+
 
 def test_study_writes_table_plot_and_strips(
   tiny_t2i_workdir, tmp_path, monkeypatch

@@ -7,6 +7,9 @@ import time
 import nbclient
 import nbformat
 from PIL import Image
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "sample_colab.ipynb")

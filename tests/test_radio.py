@@ -11,6 +11,8 @@ import torch
 
 from tim_jax.encoders import radio, resize
 
+pytestmark = [pytest.mark.parity]
+
 DATA = os.path.join(os.path.dirname(__file__), "data", "radio")
 
 

@@ -16,6 +16,8 @@ from tim_jax.encoders import radio
 from tim_jax.method import transition
 from tim_jax.weights import convert
 
+pytestmark = [pytest.mark.slow]
+
 TEACHER = os.path.join(
   os.path.dirname(__file__), "data", "radio", "radio_plain.pth"
 )

@@ -10,6 +10,8 @@ import pytest
 
 from tim_jax.core import sharding
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 HERE = os.path.dirname(__file__)
 
 

@@ -25,6 +25,8 @@ from tim_jax.data import captioned, conditioning, kinds
 from tim_jax.encoders import gemma
 from tim_jax.inference import prompt_sets
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "tests", "data", "radio", "radio_plain.pth")
 CAPTIONS = [

@@ -17,6 +17,8 @@ from tim_jax.core import sharding
 from tim_jax.data import kinds
 from tim_jax.weights import checkpoint
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -134,3 +134,29 @@ def test_scanned_blocks_equal_the_loop():
     )
   )
   assert not np.allclose(single, looped, atol=1e-3)
+
+
+class _Payload:
+  """A pickled object whose loading runs a shell command."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+  chk = torch.load(os.path.join(DATA, "radio_plain.pth"), weights_only=False)
+  marker = tmp_path / "code_ran"
+  chk["note"] = _Payload(marker)
+  path = tmp_path / "radio-v2.5-b_half.pth.tar"
+  torch.save(chk, path)
+  # A plain unpickler runs it: the file really carries code.
+  torch.load(path, weights_only=False)
+  assert marker.exists()
+  marker.unlink()
+  with pytest.raises(ValueError, match="refused to unpickle.*posix.system|"
+                     "refused to unpickle.*system"):
+    radio.load(str(path))
+  assert not marker.exists()

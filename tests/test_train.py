@@ -1,6 +1,7 @@
 """The train loop: resume, guard, checkpoints, sample grids, entry point."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -587,3 +588,42 @@ def test_garbage_dataset_info_names_the_file(tmp_path):
     latents.LatentSource(str(tmp_path))
   assert str(tmp_path / "dataset_info.json") in str(err.value)
   assert "python -m tim_jax.commands.prepare" in str(err.value)
+
+
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("num_steps", 0),
+    ("ema_decay", 1.5),
+    ("ema_decay", -0.1),
+    ("log_every", 0),
+    ("max_nonfinite_steps", 0),
+    ("keep_checkpoints", 0),
+    ("checkpoint_every", -1),
+    ("batch_size", 0),
+    ("optimizer.base_lr", float("nan")),
+    ("sample.cfg_scale", 0.5),
+    ("loss.diffusion_ratio", 1.2),
+  ],
+)
+def test_out_of_range_knobs_stop_before_any_work(tmp_path, field, value):
+  config = tiny_c2i(num_steps=2, every=2)
+  node = config
+  *parents, last = field.split(".")
+  for key in parents:
+    node = node[key]
+  node[last] = value
+  workdir = tmp_path / "w"
+  with pytest.raises(ValueError, match=re.escape(f"{field}=")):
+    training.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()  # Refused before anything was written.
+
+
+def test_the_final_step_is_always_saved(tmp_path):
+  # checkpoint_every=0 used to write no checkpoint at all.
+  config = tiny_c2i(num_steps=3, every=0)
+  workdir = str(tmp_path / "final")
+  training.train_and_evaluate(config, workdir)
+  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert list(ck.manager.all_steps()) == [3]
+  ck.close()

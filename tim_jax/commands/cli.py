@@ -278,3 +278,33 @@ def load_pipeline(fv: flags.FlagValues):
     fv.autoencoder_path,
     fv.text_encoder_path,
   )
+
+
+def lock_output(directory: str, what: str):
+  """The job's lock on its output ``directory`` (one writer at a time; see
+  ``tim_jax.core.workdir_lock``), agreed among a multi-process job's
+  processes. A context manager."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from tim_jax.core import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  @contextlib.contextmanager
+  def held():
+    agree = None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      import numpy as np  # pylint: disable=g-import-not-at-top
+
+      def agree(ok):
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+    lock = workdir_lock.acquire(directory, what, jax.process_index(), agree)
+    try:
+      yield lock
+    finally:
+      if lock is not None:
+        lock.release()
+
+  return held()

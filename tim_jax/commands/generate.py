@@ -55,25 +55,27 @@ def main(fv: flags.FlagValues, args) -> None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
     barrier = multihost_utils.sync_global_devices
-  pipe = cli.load_pipeline(fv)
-  path = generate.generate(
-    pipe,
-    num=fv.num_images,
-    out=fv.out,
-    num_steps=fv.num_steps,
-    seed=fv.seed,
-    batch_size=fv.batch_size,
-    prompts=fv.prompt,
-    cfg_scale=fv.cfg_scale,
-    guidance_interval=cli.guidance_interval(fv),
-    stochasticity=fv.stochasticity,
-    mode=fv.mode,
-    height=fv.height,
-    width=fv.width,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    barrier=barrier,
-  )
+  # One job per output: a second one stops here, before loading a model.
+  with cli.lock_output(fv.out + ".parts", "generate"):
+    pipe = cli.load_pipeline(fv)
+    path = generate.generate(
+      pipe,
+      num=fv.num_images,
+      out=fv.out,
+      num_steps=fv.num_steps,
+      seed=fv.seed,
+      batch_size=fv.batch_size,
+      prompts=fv.prompt,
+      cfg_scale=fv.cfg_scale,
+      guidance_interval=cli.guidance_interval(fv),
+      stochasticity=fv.stochasticity,
+      mode=fv.mode,
+      height=fv.height,
+      width=fv.width,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      barrier=barrier,
+    )
   if path:
     print(f"wrote {path}: {fv.num_images} images (arr_0 uint8, arr_1 labels)")
 

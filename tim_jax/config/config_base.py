@@ -175,10 +175,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = sharding.DEFAULT_RULES
 
-  c.log_every = 50
+  c.log_every = 50  # Steps between metric reports (>= 1).
+  # Steps between checkpoints; the final step is always saved (0: only it).
   c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  c.async_checkpoints = True
+  c.keep_checkpoints = 3  # The newest checkpoints kept (>= 1).
+  c.async_checkpoints = True  # Save in the background while training.
   # The guard: a step whose loss or gradient norm is not finite, or whose
   # regression MSE (metric mse_loss) exceeds guard_max_mse, leaves the state
   # unchanged and is counted; this many bad steps in a row stop the run.
@@ -422,3 +423,85 @@ def merge(config: ml_collections.ConfigDict, saved: dict) -> None:
 
 def _tuples(v):
   return tuple(map(_tuples, v)) if isinstance(v, list) else v
+
+
+# --- range checks --------------------------------------------------------------
+
+# (field, lowest, highest, what): each numeric knob's valid range, checked
+# before any work (an inclusive bound; None: unbounded on that side).
+RANGES = (
+  ("seed", 0, None, "a non-negative integer"),
+  ("batch_size", 1, None, "the global batch"),
+  ("microbatches", 1, None, "1 = no gradient accumulation"),
+  ("num_steps", 1, None, "steps to train"),
+  ("log_every", 1, None, "steps between metric reports"),
+  ("checkpoint_every", 0, None, "0 = only the final step"),
+  ("keep_checkpoints", 1, None, "the newest checkpoints kept"),
+  ("max_nonfinite_steps", 1, None, "bad steps in a row that stop the run"),
+  ("guard_max_mse", 0.0, None, "0 = off"),
+  ("ema_decay", 0.0, 1.0, "the EMA's decay"),
+  ("conditioning.drop_prob", 0.0, 1.0, "label / caption dropout"),
+  ("optimizer.base_lr", 0.0, None, "the learning rate"),
+  ("optimizer.base_batch", 1, None, "the batch base_lr is for"),
+  ("optimizer.warmup_steps", 0, None, "0 = no warmup"),
+  ("optimizer.b1", 0.0, 1.0, "Adam's first-moment decay"),
+  ("optimizer.b2", 0.0, 1.0, "Adam's second-moment decay"),
+  ("optimizer.eps", 0.0, None, "Adam's epsilon"),
+  ("optimizer.weight_decay", 0.0, None, "0 = none"),
+  ("optimizer.grad_clip", 0.0, None, "0 = no clipping"),
+  ("loss.diffusion_ratio", 0.0, 1.0, "the share of diffusion rows"),
+  ("loss.consistency_ratio", 0.0, 1.0, "the share of consistency rows"),
+  ("loss.epsilon", 0.0, None, "the finite-difference step"),
+  ("loss.groups", 0, None, "0 = one per data shard"),
+  ("data.worker_count", 0, None, "0 = read in this process"),
+  ("data.image_size", 1, None, "pixels or latent positions a side"),
+  ("sample.every", 0, None, "0 = no sample grids"),
+  ("sample.cfg_scale", 1.0, None, "1 = no guidance"),
+  ("sample.num", 1, None, "images per grid row"),
+  ("sample.min_side", 1, None, "pixels a side in grids"),
+  ("autoencoder.batch_size", 1, None, "images per decoder call"),
+)
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> object:
+  value = config
+  for key in dotted.split("."):
+    value = value[key]
+  return value
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config with a knob out of its range (UserError naming the
+  field), before any model is built or data read."""
+  import math  # pylint: disable=g-import-not-at-top
+
+  for field, low, high, what in RANGES:
+    try:
+      value = _get(config, field)
+    except (KeyError, AttributeError):
+      continue  # A config without this knob (an older checkpoint's).
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not bad:
+      bad = (
+        not math.isfinite(value)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+        or (isinstance(low, int) and not isinstance(value, int))
+      )
+    if bad:
+      bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+      raise UserError(
+        f"config field {field}={value!r} must be {bounds} ({what})"
+      )
+  loss = config.loss
+  if loss.diffusion_ratio + loss.consistency_ratio > 1.0:
+    raise UserError(
+      "loss.diffusion_ratio + loss.consistency_ratio must be <= 1, got "
+      f"{loss.diffusion_ratio} + {loss.consistency_ratio}"
+    )
+  for name, evaluator in config.evals.items():
+    every = evaluator.get("every", 0)
+    if not isinstance(every, int) or every < 0:
+      raise UserError(
+        f"config field evals.{name}.every={every!r} must be >= 0 (0 = off)"
+      )

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 from tim_jax.weights import torch_weights
 
@@ -407,14 +408,31 @@ def _read(path: str):
       "args and state dicts) needs PyTorch: pip install "
       "torch (the CPU build is enough)"
     ) from e
-  chk = torch.load(path, map_location="cpu", weights_only=False)
+  import argparse  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+
+  # RADIO's checkpoint pickles its training arguments (an
+  # argparse.Namespace) beside the tensors. torch's weights-only unpickler
+  # builds tensors, containers and that one allow-listed class and refuses
+  # any other object, so a file can hold no code that runs on loading.
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      chk = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f": {found.group(1)}" if found else ""
+    raise UserError(
+      f"{path}: refused to unpickle it: it holds an object other than "
+      f"tensors, containers and argparse.Namespace{what}, which would run "
+      "code on loading"
+    ) from None
   if not isinstance(chk, dict) or "args" not in chk:
-    raise ValueError(
+    raise UserError(
       f"{path} is not a RADIO checkpoint (a dict with args and state_dict)"
     )
   sd = chk.get("state_dict_ema") or chk.get("state_dict")
   if sd is None:
-    raise ValueError(f"{path} has neither state_dict_ema nor state_dict")
+    raise UserError(f"{path} has neither state_dict_ema nor state_dict")
   out = {}
   for k, v in sd.items():
     if hasattr(v, "detach"):

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from tim_jax.config import config_base
-from tim_jax.core import images, sharding
+from tim_jax.core import images, sharding, workdir_lock
 from tim_jax.data import kinds
 from tim_jax.training import evaluators
 from tim_jax.training.trainer import NonFiniteError, Trainer, TrainState
@@ -88,9 +88,33 @@ def train_and_evaluate(
 
   Returns the final TrainState.
   """
+  config_base.check(config)  # A knob out of range stops before any work.
+  os.makedirs(workdir, exist_ok=True)
+  # One trainer per workdir: a second one stops here, naming the first.
+  lock = workdir_lock.acquire(
+    workdir,
+    "trainer",
+    jax.process_index(),
+    agree=agree_across_processes if jax.process_count() > 1 else None,
+  )
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def agree_across_processes(ok: bool) -> bool:
+  """Process 0's ``ok`` on every process of a multi-process job."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """``train_and_evaluate`` once the workdir is this process's."""
   from clu import metric_writers, periodic_actions
 
-  os.makedirs(workdir, exist_ok=True)
   # Before any work: an unwritable checkpoint folder would otherwise show
   # only at the first save.
   checkpoint.check_writable(os.path.join(workdir, "checkpoints"))
@@ -201,7 +225,8 @@ def train_and_evaluate(
           t_eval = time.time()
           writer.write_scalars(step, evaluator(trainer, state))
           logging.info("evaluator %s took %.1f s", name, time.time() - t_eval)
-      if is_due(step, config.checkpoint_every, total):
+      # The final step is always saved (checkpoint_every=0: only it).
+      if step == total or is_due(step, config.checkpoint_every, total):
         streak_now = int(metrics["nonfinite_streak"])
         if streak_now and (
           step < total or streak_now >= config.max_nonfinite_steps

@@ -718,3 +718,46 @@ def test_resize_matches_pytorch_bilinear():
     )
     # Agreement to float rounding, not bit for bit.
     np.testing.assert_allclose(ours, theirs, atol=1e-6, err_msg=f"{h}x{w}")
+
+
+def test_the_score_command_refuses_what_is_not_fid_data(tmp_path, capsys):
+  # A 64-feature reference used to give "FID 6081" from a slice of the
+  # features. Every case is refused before the network loads (the weights
+  # path does not even exist).
+  from tim_jax.commands import cli
+  from tim_jax.commands import fid as fid_command
+
+  rng = np.random.default_rng(0)
+  samples = tmp_path / "samples.npz"
+  np.savez(samples, arr_0=rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8))
+  small = tmp_path / "ref64.npz"
+  np.savez(small, mu=np.zeros(64), sigma=np.eye(64))
+  keys = tmp_path / "keys.npz"
+  np.savez(keys, means=np.zeros(3))
+  empty = tmp_path / "empty.npz"
+  np.savez(empty, arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+  floats = tmp_path / "floats.npz"
+  np.savez(floats, arr_0=np.zeros((4, 8, 8, 3), np.float32))
+  text = tmp_path / "notes.npz"
+  text.write_text("not a zip")
+  cases = [
+    (samples, small, "holds statistics of 64 features"),
+    (samples, keys, "neither mu/sigma statistics nor arr_0"),
+    (empty, small, "0 image(s)"),
+    (floats, small, "arr_0 must be uint8"),
+    (text, small, "is not an .npz file"),
+    (samples, text, "is not an .npz file"),
+  ]
+  for sample_file, reference, message in cases:
+    rc = cli.call(
+      fid_command,
+      [
+        "score",
+        f"--samples={sample_file}",
+        f"--reference={reference}",
+        "--inception_weights=/nowhere/pt_inception.pth",
+      ],
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, (message, err)
+    assert len(err.strip().splitlines()) == 1

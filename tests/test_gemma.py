@@ -90,6 +90,8 @@ def test_truncation_to_max_length(small):
   enc = gemma.load(d, max_length=6)
   ids, mask = enc.tokenize([SENTENCES[5]])
   assert ids.shape == (1, 6) and mask.sum() == 6 and ids[0, 0] == 2
+  # Which prompts were cut (samplers warn about them).
+  assert enc.truncated([SENTENCES[5], "a"]) == [True, False]
 
 
 def test_real_config_has_the_checkpoint_names_shapes_and_count():

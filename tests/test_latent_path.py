@@ -389,3 +389,19 @@ def test_prepare_reads_a_tfds_image_dataset(tmp_path):
   np.testing.assert_array_equal(
     crop, prepare.center_crop(Image.fromarray(pictures[3]), 64)
   )
+
+
+def test_a_decoder_that_gives_nan_is_refused(tmp_path):
+  # A damaged decoder used to write black pictures without a word.
+  from safetensors.numpy import load_file, save_file
+
+  ae_dir = tmp_path / "ae"
+  au.write(au.KL_SMALL, ae_dir)
+  weights = ae_dir / "diffusion_pytorch_model.safetensors"
+  save_file({k: v * np.nan for k, v in load_file(weights).items()}, weights)
+  config = smoke_config("xl2_256", "sd_vae_ft_ema", "", str(ae_dir))
+  pipe = inference.Pipeline(config)
+  latents_in = np.zeros((2, 32, 32, 4), np.float32)
+  with pytest.raises(inference.NonFiniteSamplesError, match="non-finite"):
+    pipe.decode(latents_in)
+  assert np.isnan(pipe.decode(latents_in, check_finite=False)).all()

@@ -156,7 +156,9 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
   torch.load(path, weights_only=False)
   assert marker.exists()
   marker.unlink()
-  with pytest.raises(ValueError, match="refused to unpickle.*posix.system|"
-                     "refused to unpickle.*system"):
+  with pytest.raises(
+    ValueError,
+    match="refused to unpickle.*posix.system|refused to unpickle.*system",
+  ):
     radio.load(str(path))
   assert not marker.exists()

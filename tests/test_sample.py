@@ -392,3 +392,34 @@ def test_non_finite_samples_fail(loaded):
     loaded.generate(cond, num_steps=2, params=nan)
   with pytest.raises(ValueError, match="cfg_scale must be >= 1"):
     loaded.generate(cond, num_steps=2, cfg_scale=-1.0)
+
+
+def test_a_prompt_longer_than_the_model_reads_is_said_cut(loaded, caplog):
+  words = " and ".join(["a red circle at the top left"] * 4)
+  with caplog.at_level("WARNING"):
+    loaded.conditions([words])
+  assert any("is cut off" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    loaded.conditions(["a red circle at the top left"])
+  assert not any("cut off" in r.getMessage() for r in caplog.records)
+
+
+def test_output_suffixes_are_honoured_or_refused(workdir, tmp_path, capsys):
+  # --out=x.jpg used to hold PNG bytes; --latents_out=x.bin wrote x.bin.npy.
+  argv = [
+    f"--checkpoint={workdir}",
+    "--prompt=a red circle at the top left",
+    "--num_steps=1",
+  ]
+  assert cli.call(sample_command, argv + [f"--out={tmp_path / 'a.jpg'}"]) == 0
+  assert Image.open(tmp_path / "a.jpg").format == "JPEG"
+  for bad, message in [
+    (f"--out={tmp_path / 'a.gif'}", "by its suffix"),
+    (f"--latents_out={tmp_path / 'x.bin'}", "ending in .npy"),
+  ]:
+    capsys.readouterr()
+    out = [] if bad.startswith("--out") else [f"--out={tmp_path / 'b.png'}"]
+    assert cli.call(sample_command, argv + out + [bad]) == 2
+    assert message in capsys.readouterr().err
+  assert not (tmp_path / "x.bin.npy").exists()

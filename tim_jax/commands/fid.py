@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 
 from absl import flags
 import numpy as np
@@ -45,8 +46,14 @@ def load_images(path: str, resolution: int | None = None) -> np.ndarray:
     for f in files:
       with Image.open(f) as im:
         out.append(prepare.center_crop(im.convert("RGB"), resolution))
+    if len(out) < 2:
+      raise UserError(
+        f"{path}: {len(out)} image(s); FID statistics need at least 2"
+      )
     return np.stack(out)
-  with np.load(path) as z:
+  if not zipfile.is_zipfile(path):
+    raise UserError(f"{path} is not an .npz file (arr_0 images)")
+  with np.load(path, allow_pickle=False) as z:
     if "arr_0" not in z:
       raise UserError(f"{path} has no 'arr_0' images (has {z.files})")
     images = z["arr_0"]
@@ -55,7 +62,41 @@ def load_images(path: str, resolution: int | None = None) -> np.ndarray:
       f"{path}: arr_0 must be uint8 (N, H, W, 3), got "
       f"{images.dtype} {images.shape}"
     )
+  if len(images) < 2:
+    raise UserError(
+      f"{path}: {len(images)} image(s); FID statistics need at least 2"
+    )
   return images
+
+
+def load_reference(path: str, dim: int):
+  """The reference statistics of an ``.npz``: its ``mu``/``sigma`` (of
+  ``dim`` features, as the FID network gives), or None when it holds
+  images (``arr_0``) instead."""
+  from tim_jax.eval import fid  # pylint: disable=g-import-not-at-top
+
+  if not zipfile.is_zipfile(path):
+    raise UserError(f"--reference={path} is not an .npz file")
+  with np.load(path, allow_pickle=False) as z:
+    names = set(z.files)
+  if not {"mu", "sigma"} <= names:
+    if "arr_0" in names:
+      return None
+    raise UserError(
+      f"--reference={path} holds neither mu/sigma statistics nor arr_0 "
+      f"images (its keys: {sorted(names)})"
+    )
+  try:
+    ref = fid.Statistics.load(path)
+  except ValueError as e:
+    raise UserError(f"--reference={path}: {e}") from None
+  if ref.dim != dim:
+    raise UserError(
+      f"--reference={path} holds statistics of {ref.dim} features; the FID "
+      f"network gives {dim} (pool3): statistics of another network or "
+      "layer cannot be compared"
+    )
+  return ref
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -119,6 +160,7 @@ def main(fv: flags.FlagValues, args) -> None:
   action = args[0]
   if action == "convert":
     _require(fv, action, ["out"])
+    cli.check_writable(fv.out, "--out")
     sd = inception.read_state_dict(fv.inception_weights)
     inception.check_state_dict(sd)
     inception.save_state_dict(sd, fv.out)
@@ -129,26 +171,25 @@ def main(fv: flags.FlagValues, args) -> None:
     action,
     ["images", "out"] if action == "stats" else ["samples", "reference"],
   )
+  # Every input and output is checked before the network runs.
   if action == "stats":
     cli.check_writable(fv.out, "--out")
+    images = load_images(fv.images, fv.resolution)
+  else:
+    images = load_images(fv.samples)
+    ref = load_reference(fv.reference, inception.FEATURE_DIM)
+    ref_images = load_images(fv.reference) if ref is None else None
   model = inception.load_fid_weights(fv.inception_weights)
   extract = inception.FeatureExtractor(model, batch_size=fv.batch_size)
   if action == "stats":
-    images = load_images(fv.images, fv.resolution)
     extract.statistics(images, progress=True).save(fv.out)
     print(f"wrote {fv.out}: statistics of {len(images)} images")
     return
-  images = load_images(fv.samples)
   out = np.concatenate(
     list(extract.iter_features(images, progress=True, logits=True))
   )
-  with np.load(fv.reference) as z:
-    has_stats = "mu" in z and "sigma" in z
-  ref = (
-    fid.Statistics.load(fv.reference)
-    if has_stats
-    else extract.statistics(load_images(fv.reference))
-  )
+  if ref is None:  # Reference images: their statistics.
+    ref = extract.statistics(ref_images)
   dim = ref.dim
   distance = fid.Statistics.from_features(out[:, :dim]).frechet_distance(ref)
   score = fid.inception_score(out[:, dim:])

@@ -49,6 +49,12 @@ def main(fv: flags.FlagValues, args) -> None:
 
   if args:
     raise UserError(f"unexpected arguments: {args}")
+  if not fv.out.endswith(".npz"):
+    raise UserError(
+      f"--out={fv.out}: the samples are written as an .npz (ADM's layout); "
+      "give a name ending in .npz"
+    )
+  cli.check_writable(fv.out, "--out")
   barrier = None
   if fv.distributed:
     jax.distributed.initialize()

@@ -122,8 +122,17 @@ def main(fv: flags.FlagValues, args) -> None:
       "--prompt_set takes its prompts from the set: drop --prompt/--labels"
     )
   if not fv.prompt_set:
+    try:
+      images.image_format(fv.out)
+    except ValueError as e:
+      raise UserError(f"--out={e}") from None
     cli.check_writable(fv.out, "--out")
   if fv.latents_out:
+    if not fv.latents_out.endswith(".npy"):
+      raise UserError(
+        f"--latents_out={fv.latents_out}: the latents are written as .npy; "
+        "give a name ending in .npy"
+      )
     cli.check_writable(fv.latents_out, "--latents_out")
   pipe = cli.load_pipeline(fv)
   try:  # Checked before the (slow) conditioning and sampling.
@@ -221,7 +230,7 @@ def main(fv: flags.FlagValues, args) -> None:
       title=f"{fv.num_steps} steps{guidance}, seed {fv.seed}",
       min_side=fv.min_side,
     )
-  images.save_png(fv.out, picture)
+  images.save_image(fv.out, picture)
   print(f"wrote {fv.out}: {len(names)} x {num} images at {fv.num_steps} steps")
   for i, name in enumerate(names):
     print(f"  row {i}: {name}" if num > 1 else f"  {i}: {name}")

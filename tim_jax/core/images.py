@@ -137,6 +137,34 @@ def annotated_grid(
   return np.asarray(canvas)
 
 
+# The picture formats by file suffix (PIL's names).
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path: str) -> str:
+  """PIL's format for ``path``'s suffix; ValueError for another suffix."""
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in FORMATS:
+    raise ValueError(
+      f"{path}: a picture is written as {', '.join(FORMATS)}, by its "
+      "suffix; give one of those"
+    )
+  return FORMATS[suffix]
+
+
+def save_image(path: str, image: np.ndarray) -> None:
+  """Writes ``image`` (H, W, C) uint8 in the format its suffix names
+  (``FORMATS``; JPEG at quality 95), whole or not at all."""
+  from PIL import Image
+
+  fmt = image_format(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  extra = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+  Image.fromarray(image).save(tmp, format=fmt, **extra)
+  os.replace(tmp, path)
+
+
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes ``image`` (H, W, C) uint8 as PNG, creating the directory; the
   file appears whole or not at all (written, then renamed)."""

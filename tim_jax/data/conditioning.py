@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,6 +165,20 @@ class CaptionConditioner:
           f"prompt {p!r} has words the model never saw: "
           f"{unknown}; its vocabulary is "
           f"{sorted(self.tokenizer.vocabulary)}"
+        )
+    from tim_jax.shapes import text  # pylint: disable=g-import-not-at-top
+
+    limit = self.max_len
+    for p in prompts:
+      words = text.split_words(p)
+      if len(words) > limit:
+        logging.warning(
+          "prompt %r has %d words; the model reads %d: the rest (%r) is "
+          "cut off",
+          p,
+          len(words),
+          limit,
+          " ".join(words[limit:]),
         )
     tokens = self.tokenizer.encode(list(prompts), self.max_len)
     return self.encoder(jnp.asarray(tokens))
@@ -349,5 +364,13 @@ class TextConditioner:
     longest prompt's length, as the official samplers give it)."""
     if isinstance(prompts, str) or not len(prompts):
       raise ValueError("pass a non-empty list of prompts")
+    for p, cut in zip(prompts, self.encoder.truncated(prompts)):
+      if cut:
+        logging.warning(
+          "prompt %r is longer than the text encoder's %d tokens: its end "
+          "is cut off (as in training)",
+          p,
+          self.encoder.max_length,
+        )
     batch = self.cut(self.tokenize(prompts))
     return self.encode(batch["caption_ids"], batch["caption_mask"])

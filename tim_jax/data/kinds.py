@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from absl import logging
 import numpy as np
@@ -95,6 +95,43 @@ def source(
   from tim_jax.data import latents
 
   return latents.LatentSource(d.data_dir, split=split, with_images=teacher)
+
+
+def check_source(config: ml_collections.ConfigDict, src: Any) -> None:
+  """Refuses a dataset whose examples do not fit the config's model,
+  naming both, before anything is compiled: a latent dataset of another
+  latent shape or conditioning (shapes that happen to broadcast would
+  otherwise train), or caption buckets of another channel count."""
+  if config.data.name == "shapes":
+    return
+  net = config.model.network
+  channels = int(net.in_channels)
+  where = f"data.data_dir={config.data.data_dir!r}"
+  if config.data.name == "captions":
+    shapes = sorted({tuple(shape) for shape, _, _ in src.buckets})
+    wrong = [s for s in shapes if s[-1] != channels]
+    if wrong:
+      raise UserError(
+        f"{where} holds latents of {wrong[0][-1]} channels (buckets "
+        f"{shapes[:4]}...), but model.network.in_channels is {channels}: "
+        "prepare the data with this config's autoencoder"
+      )
+    return
+  size = int(config.data.image_size)
+  want = (size, size, channels)
+  if tuple(src.latent_shape) != want:
+    raise UserError(
+      f"{where} holds latents of shape {tuple(src.latent_shape)}, but the "
+      f"config trains on {want} (data.image_size={size}, "
+      f"model.network.in_channels={channels}): use a config for this "
+      "dataset, or prepare the dataset at that size"
+    )
+  cond = {"c2i": "label", "t2i": "caption"}[config.model.kind]
+  if src.cond != cond:
+    raise UserError(
+      f"{where} is conditioned on {src.cond!r}, but a {config.model.kind} "
+      f"model needs {cond!r} data"
+    )
 
 
 def iterator(

@@ -308,6 +308,12 @@ class GemmaEncoder:
     mask = np.asarray([e.attention_mask for e in out], np.int32)
     return ids, mask
 
+  def truncated(self, prompts: Sequence[str]) -> list[bool]:
+    """Per prompt: whether its tokens run past ``max_length`` (cut)."""
+    return [
+      bool(e.overflowing) for e in self.tokenizer.encode_batch(list(prompts))
+    ]
+
   def encode_padded(
     self, prompts: Sequence[str]
   ) -> tuple[jax.Array, np.ndarray]:

@@ -604,10 +604,12 @@ class Pipeline:
       self._autoencoder = autoencoders.from_config(self.config)
     return self._autoencoder
 
-  def decode(self, x: ArrayLike) -> np.ndarray:
+  def decode(self, x: ArrayLike, check_finite: bool = True) -> np.ndarray:
     """Network space -> images in [-1, 1] (float32 numpy). Pixel-space
     models: the input. Latent models: the autoencoder's decoder, in batches
-    of ``autoencoder.batch_size`` (the last one padded)."""
+    of ``autoencoder.batch_size`` (the last one padded). With
+    ``check_finite``, non-finite pixels raise ``NonFiniteSamplesError``
+    (a damaged decoder would otherwise write black pictures)."""
     if self.config.autoencoder.name == "identity":
       return np.asarray(x, np.float32)
     ae = self.autoencoder
@@ -620,4 +622,12 @@ class Pipeline:
       if n < bs:
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, 0)])
       out.append(np.asarray(jax.device_get(ae.decode(chunk)), np.float32)[:n])
-    return np.concatenate(out)
+    pixels = np.concatenate(out)
+    if check_finite and not np.isfinite(pixels).all():
+      bad = int((~np.isfinite(pixels)).reshape(len(pixels), -1).any(1).sum())
+      raise NonFiniteSamplesError(
+        f"the decoder ({self.config.autoencoder.name}, "
+        f"{self.config.autoencoder.path}) gave non-finite pixels for {bad} "
+        f"of {len(pixels)} images: its weights are damaged or do not fit"
+      )
+    return pixels

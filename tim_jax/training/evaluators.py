@@ -101,7 +101,7 @@ class ShapesOracle:
         params=state.ema,
         check_finite=False,
       )
-      scores = self.scorer.score(pipe.decode(images))
+      scores = self.scorer.score(pipe.decode(images, check_finite=False))
       out.update({f"oracle/nfe{nfe}/{k}": float(v) for k, v in scores.items()})
     return out
 
@@ -151,7 +151,8 @@ class FID:
             batch_size=self.batch_size,
             params=state.ema,
             check_finite=False,
-          )
+          ),
+          check_finite=False,
         )
       )
       stats = fid.Statistics.from_features(self.extractor(pixels))

@@ -126,6 +126,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   )
   ckpt.check_compatible(config_dict)  # Before anything is written.
   source = kinds.source(config)  # Missing data stops here, early.
+  kinds.check_source(config, source)  # So does data of another shape.
   trainer = Trainer(config)
   if config.sample.every and not trainer.pipeline.can_decode:
     raise ValueError(

@@ -120,7 +120,10 @@ def main(fv: flags.FlagValues, args) -> None:
   if action == "convert":
     _require(fv, action, ["out"])
     sd = inception.read_state_dict(fv.inception_weights)
-    inception.check_state_dict(sd)
+    try:
+      inception.check_state_dict(sd)
+    except UserError as e:
+      raise UserError(f"--inception_weights: {e}") from None
     inception.save_state_dict(sd, fv.out)
     print(f"wrote {len(sd)} arrays to {fv.out}")
     return

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from tim_jax.autoencoders import dc, kl
 from tim_jax.autoencoders import layers as L
 from tim_jax.core import sharding
+from tim_jax.core.errors import UserError
 from tim_jax.weights import torch_weights
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ class Autoencoder:
     autoencoder's downsampling does not divide it."""
     f = self.downsample
     if height % f or width % f or height < f or width < f:
-      raise ValueError(
+      raise UserError(
         f"{self.name} downsamples by {f}: image size "
         f"{height}x{width} must be a positive multiple of {f}"
       )
@@ -188,10 +189,10 @@ def read_config(directory: str) -> dict:
     with open(path, encoding="utf-8") as f:
       cfg = json.load(f)
   except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
+    raise UserError(f"{path} is not valid JSON: {e}") from e
   name = cfg.get("_class_name")
   if name not in CLASSES:
-    raise ValueError(
+    raise UserError(
       f"{path}: _class_name is {name!r}; tim_jax reads {' and '.join(CLASSES)}"
     )
   return cfg
@@ -213,7 +214,9 @@ def build(
 ) -> nnx.Module:
   """The NNX module of a diffusers ``config.json`` (random weights)."""
   if dtype not in DTYPES:
-    raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    raise UserError(
+      f"autoencoder.dtype {dtype!r} is not one of {sorted(DTYPES)}"
+    )
   o = L.Options(
     dtype=DTYPES[dtype],
     param_dtype=jnp.float64 if dtype == "float64" else jnp.float32,
@@ -244,10 +247,14 @@ def from_diffusers(
   cfg = read_config(directory)
   want = NAMES.get(name)
   if want and cfg["_class_name"] != want:  # Before reading any weight.
-    raise ValueError(
+    raise UserError(
       f"autoencoder {name!r} expects an {want} directory; "
       f"{directory} holds an {cfg['_class_name']}"
     )
+  try:  # Before reading any weight, too.
+    c = architecture(cfg)
+  except UserError as e:
+    raise UserError(f"{os.path.join(directory, 'config.json')}: {e}") from None
   files = [
     os.path.join(directory, f)
     for f in WEIGHT_FILES
@@ -258,12 +265,11 @@ def from_diffusers(
   try:
     state_dict = torch_weights.read(files[0])
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(
+    raise UserError(
       f"cannot read the autoencoder weights {files[0]}: {e}"
     ) from e
   if cfg["_class_name"] == "AutoencoderKL":
     state_dict = kl.deprecated_names(state_dict)
-  c = architecture(cfg)
   module = nnx.eval_shape(lambda: build(cfg, dtype, nnx.Rngs(0)))
   torch_weights.load_module(
     module, state_dict, f"{cfg['_class_name']} of {directory}"
@@ -286,14 +292,14 @@ def from_config(
   ``dtype``); pixel-space configs get ``identity()``."""
   a = config.autoencoder
   if a.name not in NAMES:
-    raise ValueError(
+    raise UserError(
       f"autoencoder.name {a.name!r} is not one of {sorted(NAMES)}"
     )
   if a.name == "identity":
     return identity(config.model.network.in_channels)
   path = a.get("path")
   if not path:
-    raise ValueError(
+    raise UserError(
       f"autoencoder {a.name!r} needs --config.autoencoder.path=DIR, a "
       "diffusers save_pretrained directory (see the README's 'Files' "
       "section for where to get it)"

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tim_jax.autoencoders import layers as L
+from tim_jax.core.errors import UserError
 
 BLOCK_TYPES = ("ResBlock", "EfficientViTBlock")
 NORM_EPS = 1e-5  # diffusers' get_normalization default.
@@ -32,7 +33,7 @@ def _per_stage(value, n: int, name: str) -> tuple:
     return (value,) * n
   value = tuple(value)
   if len(value) != n:
-    raise ValueError(f"{name} has {len(value)} entries for {n} stages")
+    raise UserError(f"{name} has {len(value)} entries for {n} stages")
   return value
 
 
@@ -101,18 +102,21 @@ class DCConfig:
     c = cls(**kw)
     for t in c.encoder_block_types + c.decoder_block_types:
       if t not in BLOCK_TYPES:
-        raise ValueError(f"block type {t!r} is not one of {BLOCK_TYPES}")
+        raise UserError(f"block type {t!r} is not one of {BLOCK_TYPES}")
     for t in c.decoder_norm_types:
       if t not in ("rms_norm", "batch_norm"):
-        raise ValueError(
+        raise UserError(
           f"decoder norm type {t!r} is not rms_norm or batch_norm"
         )
     for a in c.decoder_act_fns:
       L.activation(a)
     if c.upsample_block_type not in ("pixel_shuffle", "interpolate"):
-      raise ValueError(f"upsample_block_type {c.upsample_block_type!r}")
+      raise UserError(
+        f"upsample_block_type {c.upsample_block_type!r} is not "
+        "pixel_shuffle or interpolate"
+      )
     if ne != nd:
-      raise ValueError("encoder and decoder need the same number of stages")
+      raise UserError("encoder and decoder need the same number of stages")
     return c
 
   @property

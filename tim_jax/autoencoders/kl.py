@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tim_jax.autoencoders import layers as L
+from tim_jax.core.errors import UserError
 
 GN_EPS = 1e-6  # diffusers' resnet_eps for these blocks.
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -59,16 +60,16 @@ class KLConfig:
       ("up_block_types", c.up_block_types, UP_BLOCK),
     ):
       if len(blocks) != n or any(b != want for b in blocks):
-        raise ValueError(
+        raise UserError(
           f"{name} must be {n} x {want!r} (the only block "
           f"AutoencoderKL's encoder/decoder build), got "
           f"{list(blocks)}"
         )
     if c.shift_factor:
-      raise ValueError("shift_factor is not supported (SD-VAE has none)")
+      raise UserError("shift_factor is not supported (SD-VAE has none)")
     for ch in c.block_out_channels:
       if ch % c.norm_num_groups:
-        raise ValueError(
+        raise UserError(
           f"block_out_channels {list(c.block_out_channels)} "
           f"must be divisible by norm_num_groups="
           f"{c.norm_num_groups}"

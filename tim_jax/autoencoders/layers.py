@@ -14,6 +14,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from tim_jax.core.errors import UserError
+
 # diffusers' get_activation names (diffusers/models/activations.py).
 ACTIVATIONS = {
   "silu": jax.nn.silu,
@@ -27,7 +29,7 @@ ACTIVATIONS = {
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   """The activation function of a diffusers name (``silu``, ``relu``, ...)."""
   if name not in ACTIVATIONS:
-    raise ValueError(
+    raise UserError(
       f"activation {name!r} is not one diffusers' autoencoders "
       f"accept; expected one of {sorted(ACTIVATIONS)}"
     )

@@ -106,11 +106,15 @@ _OP = re.compile(
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 
+class NoCompiler(RuntimeError):
+  """libtpu, the TPU compiler, is not installed."""
+
+
 def topology_devices(name: str) -> list:
   """The devices of TPU topology ``name`` (e.g. ``v5p:4x4x2``), on any
   host."""
   if importlib.util.find_spec("libtpu") is None:
-    raise RuntimeError(
+    raise NoCompiler(
       "libtpu is not installed, so the TPU compiler is not available: pip "
       f"install 'jax[tpu]=={jax.__version__}' (it works on CPU-only hosts)"
     )
@@ -121,7 +125,7 @@ def topology_devices(name: str) -> list:
       topologies.get_topology_desc(platform="tpu", topology_name=name).devices
     )
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(
+    raise UserError(
       f"unknown TPU topology {name!r} ({str(e).splitlines()[0][:200]}); "
       "use GENERATION:SHAPE, e.g. v4:2x2x4, v5e:8x8, v5p:4x4x2, "
       "v6e:4x8"
@@ -469,8 +473,9 @@ def extrapolated_roofline(
   k = int(config.get("microbatches", 1))
   total = int(batch or config.batch_size)
   if k < 1 or total % k:
-    raise ValueError(
-      f"microbatches must be >= 1 and divide the batch {total}, got {k}"
+    raise UserError(
+      f"the config's microbatches must be >= 1 and divide the batch "
+      f"{total}, got {k}"
     )
   rows = total // k
   costs = []
@@ -554,13 +559,13 @@ def parse_meshes(items: Sequence[str], n: int) -> list[dict]:
   for item in items:
     parts = item.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-      raise ValueError(
+      raise UserError(
         f"--sweep_meshes: {item!r} is not DATAxFSDPxTENSOR (e.g. 4x4x1)"
       )
     mesh = dict(zip(("data", "fsdp", "tensor"), map(int, parts)))
     size = int(np.prod(list(mesh.values())))
     if size != n:
-      raise ValueError(
+      raise UserError(
         f"--sweep_meshes: {item} has {size} devices, the topology {n}"
       )
     out.append(mesh)
@@ -717,9 +722,7 @@ def main(fv, args) -> None:
   """The command; the compiler's refusals and a missing libtpu are one line."""
   try:
     _main(fv, args)
-  except (RuntimeError, ValueError) as e:
-    if isinstance(e, UserError):
-      raise
+  except (DoesNotFit, NoCompiler) as e:
     raise UserError(str(e)) from None
 
 

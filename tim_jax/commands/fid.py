@@ -162,7 +162,10 @@ def main(fv: flags.FlagValues, args) -> None:
     _require(fv, action, ["out"])
     cli.check_writable(fv.out, "--out")
     sd = inception.read_state_dict(fv.inception_weights)
-    inception.check_state_dict(sd)
+    try:
+      inception.check_state_dict(sd)
+    except UserError as e:
+      raise UserError(f"--inception_weights: {e}") from None
     inception.save_state_dict(sd, fv.out)
     print(f"wrote {len(sd)} arrays to {fv.out}")
     return

@@ -77,8 +77,8 @@ def main(fv: flags.FlagValues, args) -> None:
       cap_shape=shape("cap_shape", fv.cap_shape),
       repa_shape=shape("repa_shape", fv.repa_shape),
     )
-  except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-    raise UserError(e.args[0] if e.args else str(e)) from None
+  except FileExistsError as e:  # The dataset is there already.
+    raise UserError(str(e)) from None
   source = latents.LatentSource(path)
   print(f"wrote {len(source)} examples (train) to {path}")
   print(

@@ -148,7 +148,10 @@ def main(fv: flags.FlagValues, args) -> None:
   try:
     barrier = None
     if fv.distributed:
-      jax.distributed.initialize()
+      try:
+        jax.distributed.initialize()
+      except (RuntimeError, ValueError) as e:  # Not in a multi-host job.
+        raise UserError(f"--distributed: {e}") from None
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
       barrier = multihost_utils.sync_global_devices
@@ -200,16 +203,8 @@ def main(fv: flags.FlagValues, args) -> None:
       )
     )
     path = prepare.prepare(images, ae, fv.data_dir, **kw)
-  except (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    KeyError,
-    RuntimeError,
-  ) as e:
-    if isinstance(e, UserError):
-      raise
-    raise UserError(e.args[0] if e.args else str(e)) from None
+  except FileExistsError as e:  # The dataset is there already.
+    raise UserError(str(e)) from None
   if path:
     latent = ae.latent_shape(fv.resolution, fv.resolution)
     print(

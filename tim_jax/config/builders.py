@@ -13,6 +13,7 @@ from flax import nnx
 import jax.numpy as jnp
 
 from tim_jax import models
+from tim_jax.core.errors import UserError
 from tim_jax.method import transition, transports
 from tim_jax.models import TiMConfig
 
@@ -46,7 +47,7 @@ def model_config(config: ml_collections.ConfigDict) -> TiMConfig:
 def compute_dtype(config: ml_collections.ConfigDict) -> DTypeLike:
   """``config.model.dtype`` as a jnp dtype."""
   if config.model.dtype not in DTYPES:
-    raise ValueError(
+    raise UserError(
       f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}"
     )
   return DTYPES[config.model.dtype]
@@ -117,33 +118,33 @@ def repa_encoder(
   le = config.loss_extras
   name = le.get("repa_encoder", "none")
   if name not in REPA_ENCODERS:
-    raise ValueError(
+    raise UserError(
       f"loss_extras.repa_encoder must be one of {REPA_ENCODERS}, got {name!r}"
     )
   if name == "none":
     return None
   if le.repa_feature_key:
-    raise ValueError(
+    raise UserError(
       "loss_extras.repa_encoder and repa_feature_key are two "
       "sources of REPA targets: set one (the other to "
       "'none' / '')"
     )
   path = le.get("repa_encoder_path", "")
   if not path and encoder is None:
-    raise ValueError(
+    raise UserError(
       f"loss_extras.repa_encoder={name!r} needs "
       "--config.loss_extras.repa_encoder_path=FILE (RADIO's checkpoint, "
       "radio-v2.5-b_half.pth.tar from NVIDIA's RADIO release; see the "
       "README's REPA section), or --config.loss_extras.repa_encoder=none"
     )
   if not config.model.use_projector:
-    raise ValueError("REPA needs the projector: model.use_projector=True")
+    raise UserError("REPA needs the projector: model.use_projector=True")
   from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
 
   enc = encoder or radio.load(path, dtype=compute_dtype(config))
   z_dim = int(config.model.network.z_dim)
   if enc.dim != z_dim:
-    raise ValueError(
+    raise UserError(
       f"the REPA teacher's features are {enc.dim} wide but "
       f"model.network.z_dim is {z_dim}: they must match"
     )
@@ -158,18 +159,18 @@ def text_encoder(config: ml_collections.ConfigDict) -> gemma.GemmaEncoder:
   ``tim_jax.encoders.gemma.GemmaEncoder`` in ``text_encoder.dtype``)."""
   te = config.text_encoder
   if te.name not in TEXT_ENCODERS:
-    raise ValueError(
+    raise UserError(
       f"text_encoder.name must be one of {TEXT_ENCODERS}, got {te.name!r}"
     )
   if te.name == "none" or not te.path:
-    raise ValueError(
+    raise UserError(
       "data.name='captions' encodes captions in the train step: set "
       "--config.text_encoder.name=gemma3 --config.text_encoder.path=DIR "
       "(a Hugging Face download of google/gemma-3-1b-it; see the README's "
       "'Files' section)"
     )
   if te.dtype not in DTYPES:
-    raise ValueError(
+    raise UserError(
       f"text_encoder.dtype must be one of {sorted(DTYPES)}, got {te.dtype!r}"
     )
   from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top

@@ -35,6 +35,7 @@ import os
 import grain
 import numpy as np
 
+from tim_jax.core.errors import UserError
 from tim_jax.data import latents as latents_lib
 
 MULTIPLE = 32  # Bucket sides are multiples of this many pixels.
@@ -49,7 +50,7 @@ def aspect_buckets(
   ``resolution``^2 and as close to it as the multiple allows, aspect
   ratios from 1/``max_ratio`` to ``max_ratio``; sorted by height / width."""
   if resolution < multiple or resolution % multiple:
-    raise ValueError(
+    raise UserError(
       f"resolution {resolution} must be a positive multiple of {multiple}"
     )
   area = resolution * resolution
@@ -77,10 +78,10 @@ def parse_bucket(text: str) -> tuple[int, int]:
   try:
     h, w = (int(v) for v in str(text).split("-")[-1].split("x"))
   except ValueError:
-    raise ValueError(f"bucket {text!r} is not '...-HxW'") from None
+    raise UserError(f"bucket {text!r} is not '...-HxW'") from None
   h, w = h // MULTIPLE * MULTIPLE, w // MULTIPLE * MULTIPLE
   if h < MULTIPLE or w < MULTIPLE:
-    raise ValueError(f"bucket {text!r} is smaller than {MULTIPLE} pixels")
+    raise UserError(f"bucket {text!r} is smaller than {MULTIPLE} pixels")
   return h, w
 
 
@@ -102,7 +103,7 @@ def _captions(value, where: str) -> list[str]:
     or not caps
     or not all(isinstance(c, str) and c.strip() for c in caps)
   ):
-    raise ValueError(
+    raise UserError(
       f"{where}: captions must be a non-empty string or list "
       f"of non-empty strings, got {value!r}"
     )
@@ -128,13 +129,13 @@ def read_folder(root: str) -> list[Item]:
         lines = [l.strip() for l in fh.read().splitlines() if l.strip()]
       items.append(Item(path, _captions(lines, txt), None))
   if missing:
-    raise ValueError(
+    raise UserError(
       f"{len(missing)} image(s) in {root!r} have no caption "
       f"file beside them, e.g. {missing[0]!r} (expected "
       f"{os.path.splitext(missing[0])[0] + '.txt'!r})"
     )
   if not items:
-    raise ValueError(
+    raise UserError(
       f"--captioned {root!r} holds no images "
       f"({', '.join(IMAGE_EXTENSIONS)}) with .txt captions"
     )
@@ -158,17 +159,20 @@ def read_manifest(path: str, root: str | None = None) -> list[Item]:
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON: {e}") from e
+        raise UserError(f"{where}: not JSON: {e}") from e
       image = rec.get("image_file", rec.get("path"))
       if not isinstance(image, str):
-        raise ValueError(f"{where}: needs 'image_file' (or 'path')")
+        raise UserError(f"{where}: needs 'image_file' (or 'path')")
       caps = rec.get("captions", rec.get("caption"))
-      bucket = parse_bucket(rec["bucket"]) if rec.get("bucket") else None
+      try:
+        bucket = parse_bucket(rec["bucket"]) if rec.get("bucket") else None
+      except UserError as e:
+        raise UserError(f"{where}: {e}") from None
       items.append(
         Item(os.path.join(root, image), _captions(caps, where), bucket)
       )
   if not items:
-    raise ValueError(f"--manifest {path!r} lists no images")
+    raise UserError(f"--manifest {path!r} lists no images")
   return items
 
 
@@ -235,7 +239,7 @@ def bucket_batch_sizes(
   per step), rounded down to a multiple of ``multiple`` (the data shards
   and processes), at least ``multiple``."""
   if mode not in ("area", "fixed"):
-    raise ValueError(
+    raise UserError(
       f"data.bucket_batch must be 'area' or 'fixed', got {mode!r}"
     )
   out = []
@@ -263,9 +267,9 @@ class BatchPlan:
         str(tuple(s)): (c, bs)
         for (s, _, c), bs in zip(self.buckets, self.batch_sizes)
       }
-      raise ValueError(
+      raise UserError(
         f"no bucket fills one batch ((examples, batch) per "
-        f"bucket: {sizes}); lower batch_size"
+        f"bucket: {sizes}); lower the config's batch_size"
       )
     # Reader threads ask for batches of neighbouring epochs at once.
     self.epoch_plan = functools.lru_cache(maxsize=4)(self._epoch_plan)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core.errors import UserError
+
 if TYPE_CHECKING:
   from jax.typing import ArrayLike
 
@@ -29,9 +31,10 @@ class LabelConditioner:
 
   def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     if "label" not in batch:
-      raise KeyError(
+      raise UserError(
         f"a class-conditional model needs 'label' in the batch;"
-        f" it has {sorted(batch)}"
+        f" it has {sorted(batch)}: is data.data_dir a dataset of"
+        " captions?"
       )
     return batch["label"].astype(jnp.int32)
 
@@ -74,7 +77,7 @@ class LabelConditioner:
       int(l) for l in labels.reshape(-1) if not 0 <= int(l) < self.num_classes
     ]
     if labels.ndim != 1 or not labels.size or bad:
-      raise ValueError(
+      raise UserError(
         f"labels must be in [0, {self.num_classes}), got "
         f"{bad or labels.tolist()}"
       )
@@ -118,10 +121,10 @@ class CaptionConditioner:
       return batch["caption_features"].astype(jnp.float32)
     if "tokens" in batch and self.encoder is not None:
       return self.encoder(batch["tokens"])
-    raise KeyError(
+    raise UserError(
       "a text-to-image model needs 'tokens' (with a caption "
       "encoder) or 'caption_features' in the batch; it has "
-      f"{sorted(batch)}"
+      f"{sorted(batch)}: is data.data_dir a dataset of class labels?"
     )
 
   def null_single(self) -> jax.Array:
@@ -154,14 +157,14 @@ class CaptionConditioner:
   def from_prompts(self, prompts: Sequence[str]) -> jax.Array:
     """The features of prompts; refuses words the tokenizer does not know."""
     if self.tokenizer is None or self.encoder is None:
-      raise ValueError(
+      raise UserError(
         "this model's captions come as precomputed features; "
         "prompts need a tokenizer and a caption encoder"
       )
     for p in prompts:
       unknown = self.tokenizer.unknown_words(p)
       if unknown:
-        raise ValueError(
+        raise UserError(
           f"prompt {p!r} has words the model never saw: "
           f"{unknown}; its vocabulary is "
           f"{sorted(self.tokenizer.vocabulary)}"

@@ -38,7 +38,7 @@ EVAL_SEED_OFFSET = 1_000_003  # The eval split's scenes: other seeds.
 
 def _check(config):
   if config.data.name not in NAMES:
-    raise ValueError(
+    raise UserError(
       f"data.name must be one of {NAMES}, got {config.data.name!r}"
     )
   return config.data.name
@@ -87,7 +87,7 @@ def source(
     from tim_jax.data import captioned
 
     if split != "train":
-      raise ValueError(
+      raise UserError(
         "a captioned dataset has only a train split: turn "
         "the held-out loss off (evals.holdout_loss.every=0)"
       )
@@ -227,7 +227,7 @@ def conditioner(
 
     encoder = text_encoder or builders.text_encoder(config)
     if encoder.dim != int(config.model.network.cap_feat_dim):
-      raise ValueError(
+      raise UserError(
         f"the text encoder's features are {encoder.dim} wide "
         "but model.network.cap_feat_dim is "
         f"{config.model.network.cap_feat_dim}: they must match"
@@ -251,7 +251,7 @@ def conditioner(
     )
   null_path = d.get("null_caption_features")
   if not null_path or not os.path.exists(null_path):
-    raise ValueError(
+    raise UserError(
       "data.null_caption_features must point at a .npy file of"
       " the empty caption's features (M, D) for a latent t2i "
       f"dataset; got {null_path!r}"

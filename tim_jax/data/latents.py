@@ -43,12 +43,22 @@ import dataclasses
 import io
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tim_jax.core.errors import UserError
+
 CONDS = ("label", "caption", "text")
 NAME = "tim_latents"
+
+
+class _MissingArray(UserError, KeyError):
+  """A shard without an array its dataset needs: a UserError (one line from
+  the commands) that is also the KeyError a missing npz key has been."""
+
+  __str__ = UserError.__str__  # The message, not KeyError's repr of it.
 
 
 def config_name(
@@ -96,23 +106,23 @@ def make_config(
   """The TFDS builder config of a latent dataset's shapes and extras (checked)."""
   latent_shape = tuple(int(n) for n in latent_shape)
   if len(latent_shape) != 3 or min(latent_shape) < 1:
-    raise ValueError(
+    raise UserError(
       f"latent_shape must be (H, W, C) positive, got {latent_shape}"
     )
   if cond not in CONDS:
-    raise ValueError(f"cond must be one of {CONDS}, got {cond!r}")
+    raise UserError(f"cond must be one of {CONDS}, got {cond!r}")
   if cond == "caption":
     if cap_shape is None:
-      raise ValueError("cond='caption' needs cap_shape=(M, D)")
+      raise UserError("cond='caption' needs cap_shape=(M, D)")
     cap_shape = tuple(int(n) for n in cap_shape)
     if len(cap_shape) != 2 or min(cap_shape) < 1:
-      raise ValueError(f"cap_shape must be (M, D) positive, got {cap_shape}")
+      raise UserError(f"cap_shape must be (M, D) positive, got {cap_shape}")
   elif cap_shape is not None:
-    raise ValueError(f"cap_shape={cap_shape} is only for cond='caption'")
+    raise UserError(f"cap_shape={cap_shape} is only for cond='caption'")
   if repa_shape is not None:
     repa_shape = tuple(int(n) for n in repa_shape)
     if len(repa_shape) != 2 or min(repa_shape) < 1:
-      raise ValueError(f"repa_shape must be (T, D) positive, got {repa_shape}")
+      raise UserError(f"repa_shape must be (T, D) positive, got {repa_shape}")
   return TimLatentsConfig(
     name=config_name(latent_shape, cond, cap_shape, repa_shape, flip, images),
     version="1.0.0",
@@ -229,6 +239,14 @@ def _shard_files(input_dir) -> list[str]:
   return files
 
 
+def _load(path: str):
+  """The npz at ``path``, or a UserError naming it when it is not one."""
+  try:
+    return np.load(path)
+  except (ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise UserError(f"{path} is not a readable .npz file: {e}") from None
+
+
 def _read_shard(path: str, c: TimLatentsConfig):
   """(latent float32 (N, H, W, C), cond (N,) int64 or (N, M, D) float32,
   REPA features float32 (N, T, D) or None)."""
@@ -237,10 +255,10 @@ def _read_shard(path: str, c: TimLatentsConfig):
     + (("text_bytes", "text_offsets") if c.cond == "text" else (c.cond,))
     + (("repa_features",) if c.repa_shape is not None else ())
   )
-  with np.load(path) as z:
+  with _load(path) as z:
     for key in keys:
       if key not in z:
-        raise KeyError(f"{path}: no array {key!r} (has {sorted(z.files)})")
+        raise _MissingArray(f"{path}: no array {key!r} (has {sorted(z.files)})")
     latent = z["latent"]
     cond = (
       _texts(path, z["text_bytes"], z["text_offsets"])
@@ -249,30 +267,28 @@ def _read_shard(path: str, c: TimLatentsConfig):
     )
     repa = z["repa_features"] if c.repa_shape is not None else None
   if latent.ndim != 4 or latent.shape[1:] != c.latent_shape:
-    raise ValueError(
+    raise UserError(
       f"{path}: 'latent' must be (N, *{c.latent_shape}), got {latent.shape}"
     )
   if not np.issubdtype(latent.dtype, np.floating):
-    raise ValueError(f"{path}: 'latent' must be floating, got {latent.dtype}")
+    raise UserError(f"{path}: 'latent' must be floating, got {latent.dtype}")
   n = latent.shape[0]
   if c.cond == "label":
     if cond.shape != (n,) or not np.issubdtype(cond.dtype, np.integer):
-      raise ValueError(
+      raise UserError(
         f"{path}: 'label' must be integers of shape ({n},), "
         f"got {cond.dtype} {cond.shape}"
       )
     if n and cond.min() < 0:
-      raise ValueError(
-        f"{path}: 'label' has negative values (min {cond.min()})"
-      )
+      raise UserError(f"{path}: 'label' has negative values (min {cond.min()})")
     cond = cond.astype(np.int64)
   elif c.cond == "text":
     if len(cond) != n:
-      raise ValueError(f"{path}: {len(cond)} caption lists for {n} latents")
+      raise UserError(f"{path}: {len(cond)} caption lists for {n} latents")
   else:
     cond = _features(path, "caption", cond, (n,) + c.cap_shape)
   if not np.isfinite(latent).all():
-    raise ValueError(f"{path}: 'latent' has non-finite values")
+    raise UserError(f"{path}: 'latent' has non-finite values")
   if repa is not None:
     repa = _features(path, "repa_features", repa, (n,) + c.repa_shape)
   return latent.astype(np.float32), cond, repa
@@ -281,10 +297,10 @@ def _read_shard(path: str, c: TimLatentsConfig):
 def _read_extras(path: str, c: TimLatentsConfig, n: int):
   """(latent_flip float32 (N, H, W, C) or None, [bytes] * N or None)."""
   flips = crops = None
-  with np.load(path) as z:
+  with _load(path) as z:
     if c.flip:
       if "latent_flip" not in z:
-        raise KeyError(
+        raise _MissingArray(
           f"{path}: no array 'latent_flip' (has {sorted(z.files)})"
         )
       flips = _features(
@@ -293,10 +309,12 @@ def _read_extras(path: str, c: TimLatentsConfig, n: int):
     if c.images:
       for key in ("image_bytes", "image_offsets"):
         if key not in z:
-          raise KeyError(f"{path}: no array {key!r} (has {sorted(z.files)})")
+          raise _MissingArray(
+            f"{path}: no array {key!r} (has {sorted(z.files)})"
+          )
       data, offsets = z["image_bytes"], z["image_offsets"]
       if offsets.shape != (n + 1,) or offsets[-1] != data.size:
-        raise ValueError(
+        raise UserError(
           f"{path}: 'image_offsets' must be ({n + 1},) "
           f"ending at len(image_bytes)"
         )
@@ -311,7 +329,7 @@ def _texts(path, data, offsets) -> list:
 
   n = offsets.shape[0] - 1
   if offsets.ndim != 1 or n < 0 or offsets[-1] != data.size:
-    raise ValueError(
+    raise UserError(
       f"{path}: 'text_offsets' must be (N + 1,) ending at len(text_bytes)"
     )
   out = []
@@ -320,7 +338,7 @@ def _texts(path, data, offsets) -> list:
     try:
       caps = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(
+      raise UserError(
         f"{path}: captions of example {i} are not UTF-8 JSON: {e}"
       ) from e
     if (
@@ -328,7 +346,7 @@ def _texts(path, data, offsets) -> list:
       or not caps
       or not all(isinstance(t, str) for t in caps)
     ):
-      raise ValueError(
+      raise UserError(
         f"{path}: captions of example {i} must be a non-empty"
         f" list of strings, got {caps!r}"
       )
@@ -339,7 +357,7 @@ def _texts(path, data, offsets) -> list:
 def _features(path, name, array, shape):
   """``array`` as float32, or a ValueError naming the shard and the key."""
   if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
-    raise ValueError(
+    raise UserError(
       f"{path}: {name!r} must be floating of shape {shape}, "
       f"got {array.dtype} {array.shape}"
     )
@@ -429,10 +447,10 @@ def find_dataset(
       "write one with python -m tim_jax.commands.latents"
     )
   if len(found) > 1:
-    raise ValueError(
+    raise UserError(
       f"several {NAME} datasets under {data_dir!r}: "
       f"{[os.path.basename(os.path.dirname(f)) for f in found]}"
-      "; pass config=NAME"
+      "; pass config=NAME, or the directory of one of them"
     )
   return found[0]
 
@@ -465,7 +483,7 @@ class LatentSource:
     except Exception as e:  # pylint: disable=broad-except
       # tfds raises UnicodeDecodeError / JSONDecodeError / KeyError for a
       # damaged dataset_info.json without naming the file.
-      raise ValueError(
+      raise UserError(
         f"cannot read the dataset at {self.path}: "
         f"{os.path.join(self.path, 'dataset_info.json')} (or its "
         f"features.json) is damaged ({type(e).__name__}: "
@@ -473,7 +491,7 @@ class LatentSource:
         "python -m tim_jax.commands.prepare"
       ) from None
     if split not in builder.info.splits:
-      raise ValueError(
+      raise UserError(
         f"split {split!r} not in {self.path} (has "
         f"{sorted(builder.info.splits)})"
       )
@@ -498,7 +516,7 @@ class LatentSource:
     self.has_flips = "latent_flip" in features
     self.has_images = "image" in features
     if with_images and not self.has_images:
-      raise ValueError(
+      raise UserError(
         f"{self.path} holds no images (write it with "
         "python -m tim_jax.commands.prepare)"
       )

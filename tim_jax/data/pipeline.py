@@ -45,6 +45,8 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from tim_jax.core.errors import UserError
+
 
 def _arrays_only(example: dict) -> dict:
   # Strings cannot be stacked into device arrays; numpy scalars become 0-d
@@ -119,14 +121,14 @@ def make_iterator(
       f"process_count={process_count}"
     )
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(
-      f"global_batch_size={global_batch_size} must be a "
-      f"positive multiple of process_count={process_count}"
+    raise UserError(
+      f"global_batch_size={global_batch_size} (the config's batch_size) "
+      f"must be a positive multiple of process_count={process_count}"
     )
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
   if worker_count < 0 or prefetch < 1 or num_threads < 1:
-    raise ValueError(
+    raise UserError(
       f"need worker_count >= 0, prefetch >= 1, num_threads "
       f">= 1; got worker_count={worker_count}, "
       f"prefetch={prefetch}, num_threads={num_threads}"
@@ -138,9 +140,9 @@ def make_iterator(
   ds = ds.repeat(num_epochs)
   steps = len(ds) // global_batch_size
   if steps == 0:
-    raise ValueError(
+    raise UserError(
       f"{len(source)} examples x {num_epochs} epoch(s) do not fill one "
-      f"global batch of {global_batch_size}"
+      f"global batch of {global_batch_size} (the config's batch_size)"
     )
   ds = ds[: steps * global_batch_size][process_index::process_count]
   ds = ds.random_map(pick_flip, seed=seed)

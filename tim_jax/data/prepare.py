@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from tim_jax.core.errors import UserError
+
 if TYPE_CHECKING:
   import jax
 
@@ -81,7 +83,7 @@ def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     raise FileNotFoundError(f"--images {root!r} is not a directory")
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
   if not classes:
-    raise ValueError(
+    raise UserError(
       f"--images {root!r} has no class subfolders (expected "
       "<class>/<image> as ImageNet's train/ folder)"
     )
@@ -94,7 +96,7 @@ def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         if f.lower().endswith(IMAGE_EXTENSIONS):
           items.append((os.path.join(dirpath, f), label))
   if not items:
-    raise ValueError(
+    raise UserError(
       f"--images {root!r}: no image files "
       f"({', '.join(IMAGE_EXTENSIONS)}) in its class folders"
     )
@@ -117,7 +119,7 @@ class FolderImages:
       with Image.open(path) as im:
         crop = center_crop(im.convert("RGB"), self.size)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"cannot read image {path}: {e}") from e
+      raise UserError(f"cannot read image {path}: {e}") from e
     return crop, label
 
 
@@ -131,13 +133,13 @@ class TfdsImages:
       builder = tfds.builder(name, data_dir=data_dir)
       self.source = builder.as_data_source(split=split)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(
+      raise UserError(
         f"cannot open TFDS dataset {name!r} split {split!r} "
         f"(data_dir={data_dir!r}): {e}"
       ) from e
     features = builder.info.features
     if "image" not in features or "label" not in features:
-      raise ValueError(
+      raise UserError(
         f"TFDS dataset {name!r} needs 'image' and 'label' "
         f"features; it has {sorted(features)}"
       )
@@ -232,7 +234,7 @@ def prepare(
 
   n = len(images)
   if n == 0:
-    raise ValueError("no images to prepare")
+    raise UserError("no images to prepare: the image source is empty")
   latent_shape = ae.latent_shape(images.size, images.size)
   shard_dir = os.path.join(data_dir, "shards")
   meta = dict(
@@ -302,7 +304,7 @@ class CaptionedImages:
           with Image.open(path) as im:
             w, h = im.size
         except Exception as e:  # pylint: disable=broad-except
-          raise ValueError(f"cannot read image {path}: {e}") from e
+          raise UserError(f"cannot read image {path}: {e}") from e
         bucket = captioned.nearest_bucket(h, w, buckets)
       self.buckets.append(tuple(bucket))
 
@@ -319,7 +321,7 @@ class CaptionedImages:
           im.convert("RGB").resize((w, h), resample=Image.Resampling.BICUBIC)
         )
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"cannot read image {path}: {e}") from e
+      raise UserError(f"cannot read image {path}: {e}") from e
     return image, captions
 
 
@@ -393,7 +395,7 @@ def prepare_captioned(
   from tim_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
 
   if not len(images):
-    raise ValueError("no images to prepare")
+    raise UserError("no images to prepare: the image source is empty")
   groups = {}
   for i, bucket in enumerate(images.buckets):
     groups.setdefault(bucket, []).append(i)

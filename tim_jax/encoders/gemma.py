@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs
 from tim_jax.weights import torch_weights
 
@@ -91,7 +92,7 @@ class GemmaConfig:
     scaling = cfg.get("rope_scaling") or {}
     if scaling:
       if scaling.get("rope_type", scaling.get("type")) != "linear":
-        raise ValueError(
+        raise UserError(
           f"rope_scaling {scaling} is not supported (linear only)"
         )
       kw["rope_scaling_factor"] = float(scaling["factor"])
@@ -356,7 +357,7 @@ def load_tokenizer(
     if pad and tok.token_to_id(pad) is not None:
       pad_token, pad_id = pad, tok.token_to_id(pad)
   if pad_id is None:
-    raise ValueError(f"{path} has no <pad> token")
+    raise UserError(f"{path} has no <pad> token")
   tok.enable_truncation(max_length=max_length)
   tok.enable_padding(
     direction="right", pad_id=pad_id, pad_token=pad_token, length=max_length
@@ -383,8 +384,12 @@ def load(
       "google/gemma-3-1b-it)"
     )
   directory = os.fspath(directory)
-  with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-    c = GemmaConfig.from_json(json.load(f))
+  cfg_path = os.path.join(directory, "config.json")
+  with open(cfg_path, encoding="utf-8") as f:
+    try:
+      c = GemmaConfig.from_json(json.load(f))
+    except (UserError, json.JSONDecodeError) as e:
+      raise UserError(f"{cfg_path}: {e}") from None
   files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(f"no .safetensors weights in {directory!r}")

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
+from tim_jax.core.errors import UserError
+
 if TYPE_CHECKING:
   from jax.typing import ArrayLike
 
@@ -93,9 +95,10 @@ def frechet_distance(
   mu1, sigma1 = _check_gaussian(mu1, sigma1, "1")
   mu2, sigma2 = _check_gaussian(mu2, sigma2, "2")
   if mu1.shape != mu2.shape:
-    raise ValueError(
+    raise UserError(
       f"the two Gaussians have different dimensions: mu1 "
-      f"{mu1.shape} vs mu2 {mu2.shape}"
+      f"{mu1.shape} vs mu2 {mu2.shape}: are the reference statistics of "
+      "another network?"
     )
   diff = mu1 - mu2
   return float(
@@ -112,7 +115,7 @@ def statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
   if x.ndim != 2:
     raise ValueError(f"features must be (N, D), got shape {x.shape}")
   if x.shape[0] < 2:
-    raise ValueError(f"a covariance needs at least 2 samples, got {x.shape[0]}")
+    raise UserError(f"a covariance needs at least 2 samples, got {x.shape[0]}")
   if not np.all(np.isfinite(x)):
     raise ValueError("features contain NaN or inf")
   return x.mean(axis=0), np.cov(x, rowvar=False)
@@ -154,12 +157,15 @@ class Statistics:
     with np.load(path, allow_pickle=False) as f:
       missing = [k for k in ("mu", "sigma") if k not in f.files]
       if missing:
-        raise ValueError(
+        raise UserError(
           f"{os.fspath(path)!r} has no {missing} array(s); its "
           f"keys are {sorted(f.files)}. Expected FID "
           "statistics saved with keys 'mu' and 'sigma'."
         )
-      return cls(f["mu"], f["sigma"])
+      try:
+        return cls(f["mu"], f["sigma"])
+      except ValueError as e:  # Not FID statistics: name the file.
+        raise UserError(f"{os.fspath(path)!r}: {e}") from None
 
   def frechet_distance(self, other: Statistics) -> float:
     """The Fréchet distance to ``other``."""
@@ -230,7 +236,7 @@ class RunningStatistics:
   def finalize(self) -> Statistics:
     """The mean and covariance so far (at least 2 samples)."""
     if self.count < 2:
-      raise ValueError(
+      raise UserError(
         f"a covariance needs at least 2 samples, got {self.count}"
       )
     sigma = self._scatter / (self.count - 1)

@@ -38,6 +38,7 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 from tqdm.auto import tqdm
 
+from tim_jax.core.errors import UserError
 from tim_jax.eval import fid
 from tim_jax.weights import torch_weights
 
@@ -401,7 +402,7 @@ def preprocess(
   n, h, w, c = x.shape
   if resize_to is None:
     if min(h, w) < MIN_INPUT_SIZE:
-      raise ValueError(
+      raise UserError(
         f"images of {h}x{w} are too small for InceptionV3 "
         f"(at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}); resize "
         "them"
@@ -582,7 +583,7 @@ def save_state_dict(state_dict: Mapping[str, Any], path: PathLike) -> None:
   elif suffix == ".npz":
     np.savez(path, **arrays)
   else:
-    raise ValueError(
+    raise UserError(
       f"cannot write {suffix!r} ({path!r}); use .safetensors or .npz"
     )
 
@@ -596,7 +597,10 @@ def load_fid_weights(
   unless ``model`` is given, loads strictly and returns the model.
   """
   sd = read_state_dict(path)
-  check_state_dict(sd)
+  try:
+    check_state_dict(sd)
+  except UserError as e:  # Not the FID InceptionV3: name the file.
+    raise UserError(f"{os.fspath(path)}: {e}") from None
   if model is None:
     return InceptionV3.from_state_dict(sd, **model_kwargs)
   if model_kwargs:
@@ -686,7 +690,7 @@ class FeatureExtractor:
     value_range: ValueRange = (-1.0, 1.0),
   ):
     if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+      raise UserError(f"batch_size must be a positive int, got {batch_size!r}")
     lo, hi = (float(v) for v in value_range)
     if not hi > lo:
       raise ValueError(
@@ -744,7 +748,7 @@ class FeatureExtractor:
     """(N, 2048) float32 features of all images."""
     feats = list(self.iter_features(images, progress=progress))
     if not feats:
-      raise ValueError("no images given")
+      raise UserError("no images given")
     return np.concatenate(feats)
 
   def statistics(

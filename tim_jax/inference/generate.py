@@ -95,7 +95,7 @@ def generate(
   if pipe.kind == "c2i":
     num_classes = pipe.model_config.num_classes
   elif not prompts:
-    raise ValueError("a text-to-image model needs --prompt (repeatable)")
+    raise UserError("a text-to-image model needs --prompt (repeatable)")
   mesh = sharding.make_mesh(
     {"data": jax.local_device_count()}, devices=jax.local_devices()
   )
@@ -158,7 +158,7 @@ def generate(
     )
     pixels = pipe.decode(np.asarray(jax.device_get(x))[: len(idx)])
     if not np.isfinite(pixels).all():
-      raise FloatingPointError(
+      raise UserError(
         f"batch {b} (images {r.start}-{r.stop - 1}) decoded to non-finite "
         "values: the checkpoint's weights are not usable"
       )

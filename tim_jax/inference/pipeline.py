@@ -47,8 +47,9 @@ OFFICIAL_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 FORMATS = ("tim_jax", "official")
 
 
-class NonFiniteSamplesError(ValueError):
-  """The sampler produced NaN or infinite values."""
+class NonFiniteSamplesError(UserError):
+  """The sampler produced NaN or infinite values: the checkpoint's weights
+  are diverged or damaged (a UserError, so one line from the commands)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +64,10 @@ class CheckpointRef:
 def resolve(path: str) -> CheckpointRef:
   """A workdir, a ``checkpoints`` dir, one step's dir or an official file."""
   if not path:
-    raise ValueError("a checkpoint path is required")
+    raise UserError("a checkpoint path (--checkpoint) is required")
   if os.path.isfile(path):
     if not path.endswith(OFFICIAL_SUFFIXES):
-      raise ValueError(
+      raise UserError(
         f"{path} is a file but not an official checkpoint "
         f"({', '.join(OFFICIAL_SUFFIXES)})"
       )
@@ -151,14 +152,14 @@ def load(
   """
   ref = resolve(checkpoint_path)
   if ref.format == "official" and weights != "ema":
-    raise ValueError(
+    raise UserError(
       f"{ref.path} is an official file, which holds one set "
       f"of weights; weights={weights!r} reads tim_jax "
       "checkpoints only"
     )
   if config is None:
     if ref.format == "official":
-      raise ValueError(
+      raise UserError(
         "an official checkpoint needs a config (the "
         "architecture is not stored in the file); pass "
         "--config"
@@ -174,9 +175,13 @@ def load(
   pipe = Pipeline(config)
   if ref.format == "official":
     model = builders.new_model(config)
-    report = convert.load_state_dict(model, convert.read_state_dict(ref.path))
+    state_dict = convert.read_state_dict(ref.path)
+    try:
+      report = convert.load_state_dict(model, state_dict)
+    except UserError as e:  # Another architecture: name the file.
+      raise UserError(f"{ref.path}: {e}") from None
     if report.unexpected:
-      raise ValueError(
+      raise UserError(
         f"{ref.path} holds {len(report.unexpected)} parameters this config"
         f"'s model does not have, e.g. {report.unexpected[:5]}: the "
         "checkpoint is of another architecture"
@@ -187,7 +192,7 @@ def load(
     saved_config(ref), config_base.to_json(config)
   )
   if problems:
-    raise ValueError(
+    raise UserError(
       f"the checkpoint {ref.path} (step {ref.step}) does not"
       f" fit this config: {'; '.join(problems)}"
     )
@@ -292,7 +297,7 @@ class Pipeline:
     s = self.config.sample
     if self.kind == "c2i":
       if prompts:
-        raise ValueError(
+        raise UserError(
           "--prompt is for text-to-image models; this is a "
           "class-conditional model: use --labels"
         )
@@ -308,13 +313,13 @@ class Pipeline:
         kinds.label_names(self.config, labels),
       )
     if labels:
-      raise ValueError(
+      raise UserError(
         "--labels is for class-conditional models; this is a "
         "text-to-image model: use --prompt"
       )
     prompts = list(prompts) or list(s.prompts)
     if not prompts:
-      raise ValueError("no prompt given and the config has no sample.prompts")
+      raise UserError("no prompt given and the config has no sample.prompts")
     return self.conditioner.from_prompts(prompts), prompts
 
   # --- sampling -----------------------------------------------------------------
@@ -341,7 +346,7 @@ class Pipeline:
     if not cfg_scale >= 1.0:
       # The sampler guides only above 1 (as the official one does): a scale
       # below would be silently ignored.
-      raise ValueError(
+      raise UserError(
         f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}"
       )
     return SamplerSettings(
@@ -462,14 +467,14 @@ class Pipeline:
       num_steps, cfg_scale, guidance_interval, stochasticity, mode
     )
     if num < 1:
-      raise ValueError(f"num must be >= 1, got {num}")
+      raise UserError(f"num must be >= 1, got {num}")
     if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+      raise UserError(f"batch_size must be >= 1, got {batch_size}")
     size = int(image_size or self.config.sample.image_size)
     height, width = int(height or size), int(width or size)
     patch = self.model_config.patch_size
     if height % patch or width % patch or min(height, width) < patch:
-      raise ValueError(
+      raise UserError(
         f"the network-space size {height}x{width} must be a "
         f"positive multiple of the patch size {patch}"
       )
@@ -589,7 +594,7 @@ class Pipeline:
     factor = self.downsample
     step = factor * self.model_config.patch_size
     if height % step or width % step or min(height, width) < step:
-      raise ValueError(
+      raise UserError(
         f"{height}x{width} pixels: with autoencoder {a.name!r} "
         f"(downsampling {factor}) and patch size "
         f"{self.model_config.patch_size}, height and width must be "

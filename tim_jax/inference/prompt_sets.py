@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tim_jax.core import images
+from tim_jax.core.errors import UserError
 from tim_jax.data import conditioning
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def read(spec: str) -> tuple[str, list[dict]]:
   GenEval, ``metadata``."""
   layout, sep, path = spec.partition(":")
   if not sep or layout not in LAYOUTS:
-    raise ValueError(
+    raise UserError(
       f"--prompt_set must be LAYOUT:PATH with LAYOUT one of "
       f"{LAYOUTS}, got {spec!r}"
     )
@@ -57,9 +58,14 @@ def read(spec: str) -> tuple[str, list[dict]]:
       )
     with open(path, encoding="utf-8") as f:
       for n, line in enumerate(l for l in f if l.strip()):
-        meta = json.loads(line)
-        if not isinstance(meta.get("prompt"), str):
-          raise ValueError(f"{path}: entry {n} has no 'prompt'")
+        try:
+          meta = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise UserError(f"{path}: entry {n} is not JSON: {e}") from None
+        if not isinstance(meta, dict) or not isinstance(
+          meta.get("prompt"), str
+        ):
+          raise UserError(f"{path}: entry {n} has no 'prompt'")
         items.append(
           dict(
             prompt=conditioning.escape_unicode(meta["prompt"]),
@@ -75,7 +81,7 @@ def read(spec: str) -> tuple[str, list[dict]]:
         with open(os.path.join(path, f), encoding="utf-8") as fh:
           items.append(dict(prompt=fh.read(), name=os.path.splitext(f)[0]))
   if not items:
-    raise ValueError(f"no prompts in {path!r}")
+    raise UserError(f"--prompt_set: no prompts in {path!r}")
   return layout, items
 
 
@@ -121,11 +127,11 @@ def run(
   """Samples the prompt set into ``out_dir``; returns (prompts written,
   prompts already there)."""
   if pipe.kind != "t2i":
-    raise ValueError("--prompt_set is for text-to-image models")
+    raise UserError("--prompt_set is for text-to-image models")
   layout, items = read(spec)
   os.makedirs(out_dir, exist_ok=True)
   if not os.access(out_dir, os.W_OK):
-    raise ValueError(f"cannot write to {out_dir}")
+    raise UserError(f"cannot write to --out={out_dir}")
   batches = [
     items[s : s + batch_size] for s in range(0, len(items), batch_size)
   ]

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tim_jax.core import numerics
+from tim_jax.core.errors import UserError
 from tim_jax.method import transports as transports_lib
 
 PyTree = Any
@@ -51,17 +52,17 @@ def check_settings(
   if (
     isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1
   ):
-    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
+    raise UserError(f"num_steps must be an integer >= 1, got {num_steps}")
   interval = tuple(float(v) for v in guidance_interval)
   if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1]:
-    raise ValueError(
+    raise UserError(
       "guidance_interval must be (low, high) with 0 <= low <= "
       f"high, got {tuple(guidance_interval)}"
     )
   if stochasticity < 0:
-    raise ValueError(f"stochasticity must be >= 0, got {stochasticity}")
+    raise UserError(f"stochasticity must be >= 0, got {stochasticity}")
   if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    raise UserError(f"mode must be one of {MODES}, got {mode!r}")
   return int(num_steps), interval
 
 
@@ -153,8 +154,9 @@ def sample(
     num_steps, guidance_interval, stochasticity, mode
   )
   if stochasticity > 0 and not transport.supports_stochastic:
-    raise ValueError(
-      f"stochastic sampling is defined only for OT-FM, not {transport.name}"
+    raise UserError(
+      "stochastic sampling (stochasticity > 0) is defined only for OT-FM, "
+      f"not {transport.name}"
     )
   if stochasticity > 0 and rng is None:
     raise ValueError("stochasticity > 0 needs rng")

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from tim_jax.core import numerics
+from tim_jax.core.errors import UserError
 from tim_jax.method import transports as transports_lib
 
 if TYPE_CHECKING:
@@ -218,37 +219,39 @@ class LossConfig:
 
   def __post_init__(self):
     if self.derivative not in DERIVATIVES:
-      raise ValueError(
-        f"derivative must be one of {DERIVATIVES}, got {self.derivative!r}"
+      raise UserError(
+        f"loss.derivative must be one of {DERIVATIVES}, got {self.derivative!r}"
       )
     if self.weight_time_type not in WEIGHT_TIME_TYPES:
-      raise ValueError(
-        f"weight_time_type must be one of "
+      raise UserError(
+        f"loss.weight_time_type must be one of "
         f"{WEIGHT_TIME_TYPES}, got {self.weight_time_type!r}"
       )
     for name in ("diffusion_ratio", "consistency_ratio"):
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        raise UserError(f"loss.{name} must lie in [0, 1], got {value}")
     if self.epsilon <= 0:
-      raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+      raise UserError(f"loss.epsilon must be > 0, got {self.epsilon}")
     if self.groups < 1:
-      raise ValueError(f"groups must be >= 1, got {self.groups}")
+      raise UserError(f"loss.groups must be >= 1, got {self.groups}")
 
   def counts(self, batch: int) -> tuple[int, int]:
     """(n_d, n_c) per group, with Python's round-half-even as the official
     code."""
     if batch % self.groups:
-      raise ValueError(
-        f"batch {batch} is not divisible by groups={self.groups}"
+      raise UserError(
+        f"batch {batch} is not divisible by groups={self.groups} "
+        "(loss.groups; 0 means one group per data shard)"
       )
     per = batch // self.groups
     n_d = round(self.diffusion_ratio * per)
     n_c = round(self.consistency_ratio * per)
     if n_d + n_c > per:
-      raise ValueError(
+      raise UserError(
         f"diffusion rows ({n_d}) and consistency rows ({n_c}) overlap in a "
-        f"group of {per} rows; lower the ratios"
+        f"group of {per} rows; lower loss.diffusion_ratio or "
+        "loss.consistency_ratio"
       )
     return n_d, n_c
 

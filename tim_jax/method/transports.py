@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
+from tim_jax.core.errors import UserError
+
 if TYPE_CHECKING:
   from jax.typing import DTypeLike
   import numpy as np
@@ -458,7 +460,7 @@ def names() -> list[str]:
 def _class(name: str):
   cls = _REGISTRY.get(name.lower())
   if cls is None:
-    raise ValueError(
+    raise UserError(
       f"unknown transport {name!r}; choose one of {names()} (or the official"
       " class names OT_FM, TrigFlow, EDM, VP_SDE, VE_SDE)"
     )
@@ -490,7 +492,7 @@ def get(name: str, **params: Any) -> Transport:
       hint = (
         " (it belongs to the loss config)" if key in LOSS_ONLY_PARAMS else ""
       )
-      raise ValueError(
+      raise UserError(
         f"transport {cls.name!r} has no parameter {key!r}{hint}; its "
         f"parameters are {sorted(fields)}"
       )

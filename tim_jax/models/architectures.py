@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tim_jax.core.errors import UserError
+
 _OPTIONS = dict(
   qk_norm=True, new_condition="t-r", use_new_embed=True, distance_aware=True
 )
@@ -111,7 +113,7 @@ NAMES = tuple(TABLE)
 def get(name: str) -> Architecture:
   """The named architecture; ValueError for an unknown name."""
   if name not in TABLE:
-    raise ValueError(f"unknown architecture {name!r}; known: {NAMES}")
+    raise UserError(f"unknown architecture {name!r}; known: {NAMES}")
   return TABLE[name]
 
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from tim_jax.core.errors import UserError
 from tim_jax.models import layers
 from tim_jax.models.tim import TiMConfig
 
@@ -81,7 +82,7 @@ def _swiglu(rows, din, hidden, dout):
 def _num_tokens(config: TiMConfig, height: int, width: int) -> int:
   p = config.patch_size
   if height % p or width % p:
-    raise ValueError(
+    raise UserError(
       f"image size {height}x{width} is not divisible by the patch size {p}"
     )
   return (height // p) * (width // p)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tim_jax.core import numerics
+from tim_jax.core.errors import UserError
 from tim_jax.core.sharding import constrain
 
 if TYPE_CHECKING:
@@ -261,9 +262,9 @@ def rope_tables(
   if head_dim % 4:
     raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
   if max(h, w) > 1024 and positions == "official":
-    raise ValueError(
+    raise UserError(
       f"the official RoPE cache covers 1024 positions per "
-      f"axis; got a {h}x{w} token grid"
+      f"axis; got a {h}x{w} token grid: sample a smaller image"
     )
   d_a = head_dim // 2
   freqs = (
@@ -279,8 +280,9 @@ def rope_tables(
   elif positions == "xy":
     a, b = n % w, n // w
   else:
-    raise ValueError(
-      f"rope positions must be 'official' or 'xy', got {positions!r}"
+    raise UserError(
+      "model.network.rope_positions must be 'official' or 'xy', got "
+      f"{positions!r}"
     )
   ang_a = (a[:, None].astype(np.float32) * freqs[None]).astype(np.float32)
   ang_b = (b[:, None].astype(np.float32) * freqs[None]).astype(np.float32)

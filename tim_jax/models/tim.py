@@ -23,6 +23,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from tim_jax.core.errors import UserError
 from tim_jax.core.sharding import constrain
 from tim_jax.models import layers
 
@@ -103,7 +104,7 @@ class TiMConfig:
       if key in ignored:
         continue
       if key not in fields:
-        raise ValueError(
+        raise UserError(
           f"unknown network parameter {key!r}; known: "
           f"{sorted(fields - {'kind'})}"
         )
@@ -113,28 +114,28 @@ class TiMConfig:
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+      raise UserError(f"kind must be one of {KINDS}, got {self.kind!r}")
     if self.new_condition not in NEW_CONDITIONS:
-      raise ValueError(
+      raise UserError(
         f"new_condition must be one of {NEW_CONDITIONS}, got "
         f"{self.new_condition!r}"
       )
     if self.hidden_size % self.num_heads:
-      raise ValueError(
+      raise UserError(
         f"hidden_size {self.hidden_size} is not divisible by "
         f"num_heads {self.num_heads}"
       )
     if (self.hidden_size // self.num_heads) % 4:
-      raise ValueError(
+      raise UserError(
         "2D RoPE needs head_dim = hidden_size / num_heads "
         f"divisible by 4, got {self.hidden_size // self.num_heads}"
       )
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(
+      raise UserError(
         f"remat must be a bool or one of {REMAT_POLICIES}, got {self.remat!r}"
       )
     if self.use_projector and not 1 <= self.encoder_depth <= self.depth:
-      raise ValueError(
+      raise UserError(
         f"encoder_depth must lie in [1, depth={self.depth}], "
         f"got {self.encoder_depth}"
       )

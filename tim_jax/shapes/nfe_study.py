@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from tim_jax.core import images
+from tim_jax.core.errors import UserError
 from tim_jax.shapes import oracle, scoring
 
 SCORES = scoring.SCORES
@@ -66,7 +67,7 @@ def run_study(
     pipe = load(path)
     config = pipe.config
     if config.data.name != "shapes":
-      raise ValueError(
+      raise UserError(
         f"run {name} ({path}) was trained on "
         f"{config.data.name!r}; the oracle reads only the "
         "built-in shapes world"
@@ -79,7 +80,7 @@ def run_study(
       if on_row:
         on_row(rows)
     elif pipe.kind != scorer.kind:
-      raise ValueError(
+      raise UserError(
         "all runs of one study must be of the same kind "
         f"(t2i or c2i); {name} is {pipe.kind}"
       )

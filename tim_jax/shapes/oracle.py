@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core.errors import UserError
 from tim_jax.shapes import world
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ def parse_caption(text: str) -> world.Scene:
   for part in text.strip().lower().split(" and "):
     words = part.split()
     if len(words) < 4 or words[0] != "a":
-      raise ValueError(
+      raise UserError(
         f"{part!r} is not 'a [size] colour shape at/in the position'"
       )
     words = words[1:]
@@ -214,12 +215,12 @@ def parse_caption(text: str) -> world.Scene:
       or words[2] not in ("at", "in")
       or (words[3] != "the")
     ):
-      raise ValueError(
+      raise UserError(
         f"{part!r} is not 'a [size] colour shape at/in the position'"
       )
     where = " ".join(words[4:])
     if where not in world.POSITIONS:
-      raise ValueError(
+      raise UserError(
         f"unknown position {where!r} in {part!r}; one of {world.POSITIONS}"
       )
     row, col = divmod(world.POSITIONS.index(where), 3)
@@ -234,7 +235,7 @@ def parse_caption(text: str) -> world.Scene:
       )
     )
   if len(objects) > world.MAX_OBJECTS:
-    raise ValueError(
+    raise UserError(
       f"at most {world.MAX_OBJECTS} objects, got {len(objects)} in {text!r}"
     )
   return world.Scene(tuple(objects))
@@ -478,14 +479,14 @@ def load(path: str = DEFAULT_WEIGHTS) -> tuple[OracleNet, dict[str, Any]]:
   model = OracleNet(config, rngs=nnx.Rngs(0))
   expected = flat_params(model)
   if set(expected) != set(arrays):
-    raise ValueError(
+    raise UserError(
       f"{path} does not hold oracle weights of this layout: missing "
       f"{sorted(set(expected) - set(arrays))}, unexpected "
       f"{sorted(set(arrays) - set(expected))}"
     )
   for name, value in arrays.items():
     if value.shape != expected[name].shape:
-      raise ValueError(
+      raise UserError(
         f"{path}: {name} has shape {value.shape}, expected "
         f"{expected[name].shape}"
       )

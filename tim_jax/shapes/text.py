@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core.errors import UserError
+
 if TYPE_CHECKING:
   from jax.typing import ArrayLike
 
@@ -138,13 +140,15 @@ class CaptionEncoder:
     context: float = 0.0,
   ):
     if vocab_size < 2 or max_len < 1 or dim < 1:
-      raise ValueError(
+      raise UserError(
         "CaptionEncoder needs vocab_size >= 2, max_len >= 1, "
         f"dim >= 1; got vocab_size={vocab_size}, "
         f"max_len={max_len}, dim={dim}"
       )
     if not 0.0 <= context < 1.0:
-      raise ValueError(f"context must be a decay in [0, 1), got {context}")
+      raise UserError(
+        f"context (data.caption_context) must be a decay in [0, 1), got {context}"
+      )
     self.vocab_size, self.max_len, self.dim = vocab_size, max_len, dim
     self.context = float(context)
     scale = 1.0 / np.sqrt(dim)

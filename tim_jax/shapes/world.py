@@ -24,6 +24,7 @@ import functools
 
 import numpy as np
 
+from tim_jax.core.errors import UserError
 from tim_jax.shapes import text
 
 # (name, RGB in [0, 1]). Hues far apart and all bright against the dark
@@ -103,7 +104,7 @@ def label_name(label: int) -> str:
   """e.g. ``label_name(0) == "red circle"``."""
   label = int(label)
   if not 0 <= label < num_classes():
-    raise ValueError(f"label must be in [0, {num_classes()}), got {label}")
+    raise UserError(f"label must be in [0, {num_classes()}), got {label}")
   shape, colour = divmod(label, len(COLOURS))
   return f"{COLOURS[colour]} {SHAPES[shape]}"
 
@@ -127,7 +128,7 @@ def scene(
     )
   index, seed = int(index), int(seed)
   if index < 0 or seed < 0:
-    raise ValueError(
+    raise UserError(
       f"index and seed must be >= 0, got index={index}, seed={seed}"
     )
   # A fixed number of uniforms per scene, decoded by hand: the layout of the
@@ -285,19 +286,19 @@ class ShapesSource:
     max_caption_len: int = MAX_CAPTION_WORDS,
   ):
     if kind not in KINDS:
-      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+      raise UserError(f"kind must be one of {KINDS}, got {kind!r}")
     if length < 1:
       raise ValueError(f"length must be >= 1, got {length}")
     if kind == "t2i" and max_caption_len < MAX_CAPTION_WORDS:
       # Truncating would cut the end of a position ("bottom right" ->
       # "bottom"): a wrong caption, not a shorter one.
-      raise ValueError(
-        f"max_caption_len={max_caption_len} is shorter than the longest "
+      raise UserError(
+        f"data.max_caption_len={max_caption_len} is shorter than the longest "
         f"shapes caption ({MAX_CAPTION_WORDS} words); use at least "
         f"{MAX_CAPTION_WORDS}"
       )
     if size < 6:
-      raise ValueError(f"size must be >= 6 pixels, got {size}")
+      raise UserError(f"size (data.image_size) must be >= 6 pixels, got {size}")
     self.size, self.seed, self.kind = int(size), int(seed), kind
     self.length = int(length)
     self.max_caption_len = int(max_caption_len)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from tim_jax.core import images, sharding
+from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class ShapesOracle:
     reference_num: int = 1000,
   ):
     if config.data.name != "shapes":
-      raise ValueError(
+      raise UserError(
         "evals.shapes_oracle reads only the built-in shapes "
         f"world; this run trains on {config.data.name!r}: set "
         "--config.evals.shapes_oracle.every=0"
@@ -172,14 +173,14 @@ def build(config: ml_collections.ConfigDict, trainer: Trainer) -> dict:
   out = {}
   for name, settings in config.evals.items():
     if name not in REGISTRY:
-      raise ValueError(f"unknown evaluator {name!r}; known: {sorted(REGISTRY)}")
+      raise UserError(f"unknown evaluator {name!r}; known: {sorted(REGISTRY)}")
     settings = dict(settings)
     if not settings.get("every"):
       continue
     if name == "fid" and not (
       settings.get("reference") and settings.get("inception_weights")
     ):
-      raise ValueError(
+      raise UserError(
         "evals.fid needs reference (an .npz of mu/sigma) and "
         "inception_weights (the FID InceptionV3); set them or "
         "--config.evals.fid.every=0"

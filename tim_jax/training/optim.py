@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import optax
 
+from tim_jax.core.errors import UserError
+
 if TYPE_CHECKING:
   import ml_collections
 
@@ -36,7 +38,7 @@ def schedule(
   warmup = int(config.get("warmup_steps", 0))
   kind = config.get("schedule", "constant")
   if kind not in SCHEDULES:
-    raise ValueError(
+    raise UserError(
       f"optimizer.schedule must be one of {SCHEDULES}, got {kind!r}"
     )
   if kind == "constant":

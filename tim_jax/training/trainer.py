@@ -24,6 +24,7 @@ import optax
 from tim_jax import inference
 from tim_jax.config import builders
 from tim_jax.core import sharding
+from tim_jax.core.errors import UserError
 from tim_jax.data import conditioning
 from tim_jax.method import transition
 from tim_jax.training import optim
@@ -68,7 +69,7 @@ class Trainer:
     self.config = config
     self.mesh = mesh or sharding.make_mesh(dict(config.mesh))
     if config.batch_size % sharding.data_shards(self.mesh):
-      raise ValueError(
+      raise UserError(
         f"batch_size {config.batch_size} is not divisible by "
         f"the {sharding.data_shards(self.mesh)} data shards of"
         f" mesh {dict(self.mesh.shape)}"
@@ -147,7 +148,10 @@ class Trainer:
     dropped = sorted(k for k in weights if any(i in k for i in ignore_keys))
     weights = {k: v for k, v in weights.items() if k not in dropped}
     model = nnx.merge(self.pipeline.graphdef, jax.device_get(state.params))
-    report = convert.load_state_dict(model, weights, strict=False)
+    try:
+      report = convert.load_state_dict(model, weights, strict=False)
+    except UserError as e:  # Another architecture: name the file.
+      raise UserError(f"{path}: {e}") from None
     logging.info(
       "initialised from %s: %s; ignored by init_ignore_keys: %d (%s)",
       path,
@@ -328,9 +332,9 @@ class Trainer:
     shards = sharding.data_shards(self.mesh)
     rows = jax.tree.leaves(batch)[0].shape[0]
     if rows % (shards * k):
-      raise ValueError(
-        f"batch {rows} does not split into {k} microbatches "
-        f"on each of {shards} data shards"
+      raise UserError(
+        f"batch {rows} does not split into {k} microbatches (the config's "
+        f"microbatches) on each of {shards} data shards"
       )
     m = rows // (shards * k)
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tim_jax import models
+from tim_jax.core.errors import UserError
 from tim_jax.weights import torch_weights
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def load_state_dict(
       expected = (
         torch_weights.torch_shape(value.shape) if kernel else tuple(value.shape)
       )
-      raise ValueError(
+      raise UserError(
         f"shape mismatch for {name!r}: the checkpoint has "
         f"{np.asarray(state_dict[name]).shape} (official layout), the model "
         f"expects {expected} — does the network config match the "
@@ -151,7 +152,7 @@ def load_state_dict(
     loaded.append(name)
   hard_missing = [m for m in missing if not m.startswith(TOLERATED_MISSING)]
   if strict and hard_missing:
-    raise ValueError(
+    raise UserError(
       f"the checkpoint lacks {len(hard_missing)} parameters of "
       f"the model, e.g. {hard_missing[:5]}; pass strict=False "
       "to keep them at initialisation"

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tim_jax.core.errors import UserError
+
 if TYPE_CHECKING:
   from flax import nnx
 
@@ -37,12 +39,12 @@ def unwrap(obj: object) -> dict[str, Any]:
         obj = obj[key]
         break
     else:
-      raise ValueError(
+      raise UserError(
         f"no state_dict found in the checkpoint; top-level "
         f"keys: {sorted(obj)[:10]}"
       )
   if not isinstance(obj, Mapping):
-    raise ValueError(
+    raise UserError(
       f"the checkpoint holds a {type(obj).__name__}, not a state dict"
     )
   out = {}
@@ -67,7 +69,7 @@ def read(
   path = os.fspath(path)
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in SUFFIXES:
-    raise ValueError(
+    raise UserError(
       f"unknown weight file type {suffix!r} for {path!r}; "
       f"expected {', '.join(SUFFIXES)}"
     )
@@ -90,7 +92,7 @@ def read(
     # file.
     if isinstance(e, (ImportError, FileNotFoundError)):
       raise
-    raise ValueError(
+    raise UserError(
       f"cannot read the weight file {path!r} (damaged or not "
       f"a {suffix} file?): {e}"
     ) from e
@@ -225,19 +227,19 @@ def check_keys(
   missing = [k for k in expected if k not in given]
   unexpected = [k for k in given if k not in expected]
   if missing:
-    raise ValueError(
+    raise UserError(
       f"the state dict lacks {len(missing)} key(s) of the "
       f"{what}: {summarise(missing)}"
     )
   if unexpected and not allow_unexpected:
-    raise ValueError(
+    raise UserError(
       f"the state dict has {len(unexpected)} key(s) that the "
       f"{what} does not: {summarise(unexpected)}"
     )
   for key, shape in expected.items():
     got = tuple(np.shape(given[key]))
     if got != tuple(shape):
-      raise ValueError(
+      raise UserError(
         f"shape mismatch for {key!r}: the state dict has "
         f"{got}, the model expects {tuple(shape)} (PyTorch "
         f"layout; the model: {what})"

@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from tim_jax.core.errors import UserError
+
 
 class Parts:
   """``sizes[i]`` items in part i (the progress bar counts items).
@@ -68,7 +70,7 @@ class Parts:
           for k in set(old) | set(meta)
           if old.get(k) != json.loads(json.dumps(meta)).get(k)
         )
-        raise ValueError(
+        raise UserError(
           f"{self.directory} holds parts of another job "
           f"(differing in {diff}); delete it or write "
           "elsewhere"
@@ -137,7 +139,7 @@ class Parts:
       return False
     missing = [i for i in range(len(self.sizes)) if not self.done(i)]
     if missing:
-      raise RuntimeError(
+      raise UserError(
         f"parts {missing[:5]} of {self.directory} are "
         "missing; run the command again to finish them"
       )

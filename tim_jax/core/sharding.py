@@ -21,6 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from tim_jax.core.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -45,19 +47,21 @@ def make_mesh(
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+    raise UserError(
+      f"unknown mesh axes {sorted(unknown)} (config mesh.*); use {MESH_AXES}"
+    )
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(shape)}")
+    raise UserError(f"at most one mesh axis may be -1, got {dict(shape)}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(
+      raise UserError(
         f"{len(devices)} devices do not divide into mesh {dict(shape)}"
       )
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(
+    raise UserError(
       f"mesh {dict(zip(MESH_AXES, sizes))} needs "
       f"{int(np.prod(sizes))} devices, there are "
       f"{len(devices)}"
@@ -96,8 +100,8 @@ def complete_rules(
     targets = target if isinstance(target, (tuple, list)) else (target,)
     for t in targets:
       if t is not None and t not in MESH_AXES:
-        raise ValueError(
-          f"rule ({name!r}, {target!r}) names an unknown mesh"
+        raise UserError(
+          f"sharding_rules: ({name!r}, {target!r}) names an unknown mesh"
           f" axis; use {MESH_AXES}"
         )
   named = {r[0] for r in rules}

@@ -405,3 +405,60 @@ def test_a_decoder_that_gives_nan_is_refused(tmp_path):
   with pytest.raises(inference.NonFiniteSamplesError, match="non-finite"):
     pipe.decode(latents_in)
   assert np.isnan(pipe.decode(latents_in, check_finite=False)).all()
+
+
+def test_prepare_resumes_only_the_same_job(tmp_path, capsys):
+  # Resumed with another autoencoder's weights, or after an input image
+  # changed, prepare used to mix both into one dataset; a finished job
+  # rerun used to fail with "dataset already exists".
+  folder = au.write_image_folder(tmp_path / "images", per_class=1)
+  for seed, name in ((0, "ae"), (1, "other_ae")):
+    au.write(au.KL_SMALL, tmp_path / name, seed=seed)
+  data_dir = tmp_path / "latents"
+
+  def run(ae="ae"):
+    return cli.call(
+      prepare_command,
+      [
+        f"--images={folder}",
+        "--autoencoder=sd_vae_ft_ema",
+        f"--autoencoder_path={tmp_path / ae}",
+        "--resolution=64",
+        f"--data_dir={data_dir}",
+        "--shard_size=2",
+        "--batch_size=2",
+      ],
+    )
+
+  assert run() == 0
+  capsys.readouterr()
+  assert run() == 0  # The same job again: nothing to do.
+  assert "wrote" in capsys.readouterr().out
+  assert run("other_ae") == 2
+  err = capsys.readouterr().err
+  assert "autoencoder_weights" in err and "To start over, delete" in err
+  image = sorted((folder / "n01").iterdir())[0]
+  image.write_bytes(sorted((folder / "n02").iterdir())[0].read_bytes())
+  assert run() == 2
+  assert "inputs" in capsys.readouterr().err
+
+
+def test_image_folders_are_read_as_they_are(tmp_path):
+  # A link back up the tree used to multiply 2 images into 82 rows; 16-bit
+  # PNGs were clipped to white.
+  folder = tmp_path / "images"
+  (folder / "a").mkdir(parents=True)
+  grey16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(
+    np.uint16
+  )
+  Image.fromarray(grey16).save(folder / "a" / "deep.png")
+  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(
+    folder / "a" / "flat.png"
+  )
+  os.symlink(folder / "a", folder / "a" / "loop")
+  items, classes = prepare.image_folder(str(folder))
+  assert classes == ["a"] and len(items) == 2
+  crop, _ = prepare.FolderImages(str(folder), 64)[0]
+  want = np.round(grey16 / 65535.0 * 255.0).astype(np.uint8)
+  np.testing.assert_allclose(crop[..., 0], want, atol=1)
+  assert (crop == 255).mean() < 0.01  # Not clipped to white.

@@ -120,3 +120,34 @@ def test_only_process_zero_locks_and_all_agree(tmp_path):
   )
   assert lock is not None and os.path.exists(lock.path)
   lock.release()
+
+
+def test_generate_resumes_only_with_the_same_weights(
+  tiny_t2i_workdir, tmp_path
+):
+  # Resumed with another checkpoint, generate used to put two models'
+  # images into one .npz.
+  import jax
+
+  from tim_jax import inference
+  from tim_jax.inference import generate
+
+  pipe = inference.load(tiny_t2i_workdir)
+  out = str(tmp_path / "samples.npz")
+  kw = dict(
+    num=4,
+    out=out,
+    num_steps=1,
+    batch_size=2,
+    progress=False,
+    prompts=["a red circle at the top left"],
+  )
+  generate.generate(pipe, **kw)
+  os.remove(out)
+  os.remove(os.path.join(out + ".parts", "batch_0000001.npz"))
+  other = inference.Pipeline(
+    pipe.config, params=jax.tree.map(lambda a: a * 1.01, pipe.params)
+  )
+  with pytest.raises(UserError, match="weights"):
+    generate.generate(other, **kw)
+  assert generate.generate(pipe, **kw) == out  # The same job finishes.

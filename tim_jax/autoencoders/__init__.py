@@ -106,6 +106,16 @@ class Autoencoder:
       f"scaling_factor={self.scaling_factor})"
     )
 
+  def fingerprint(self) -> str:
+    """A fingerprint of the weights (``tim_jax.core.fingerprint``)."""
+    if self._graph is None:
+      return "identity"
+    if getattr(self, "_fingerprint", None) is None:
+      from tim_jax.core import fingerprint  # pylint: disable=g-import-not-at-top
+
+      self._fingerprint = fingerprint.of_arrays(self._state)
+    return self._fingerprint
+
   @property
   def is_identity(self) -> bool:
     """Whether this is the pixel-space identity (no network)."""

@@ -45,7 +45,7 @@ def load_images(path: str, resolution: int | None = None) -> np.ndarray:
     out = []
     for f in files:
       with Image.open(f) as im:
-        out.append(prepare.center_crop(im.convert("RGB"), resolution))
+        out.append(prepare.center_crop(prepare.to_rgb(im), resolution))
     if len(out) < 2:
       raise UserError(
         f"{path}: {len(out)} image(s); FID statistics need at least 2"

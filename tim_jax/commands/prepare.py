@@ -139,71 +139,80 @@ def define_flags(fv: flags.FlagValues) -> None:
 def main(fv: flags.FlagValues, args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
+  if args:
+    raise UserError(f"unexpected arguments: {args}")
+  barrier = None
+  if fv.distributed:
+    try:
+      jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:  # Not in a multi-host job.
+      raise UserError(f"--distributed: {e}") from None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    barrier = multihost_utils.sync_global_devices
+  # One job per data directory: a second one stops here, before any work.
+  with cli.lock_output(fv.data_dir, "prepare"):
+    run(fv, barrier)
+
+
+def run(fv: flags.FlagValues, barrier) -> None:
+  """Encodes the source the flags name into ``--data_dir``."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   from tim_jax import autoencoders  # pylint: disable=g-import-not-at-top
   from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from tim_jax.data import prepare  # pylint: disable=g-import-not-at-top
 
-  if args:
-    raise UserError(f"unexpected arguments: {args}")
+  mesh = sharding.make_mesh(
+    {"data": jax.local_device_count()}, devices=jax.local_devices()
+  )
+  ae = autoencoders.from_diffusers(
+    fv.autoencoder_path, mesh=mesh, name=fv.autoencoder
+  )
+  ae.latent_shape(fv.resolution, fv.resolution)  # Fails if no fit.
+  kw = dict(
+    batch_size=fv.batch_size,
+    shard_size=fv.shard_size,
+    seed=fv.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    workers=fv.workers,
+    barrier=barrier,
+  )
+  start = time.time()
+  if fv.captioned or fv.manifest:
+    from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
+
+    items = (
+      captioned.read_folder(fv.captioned)
+      if fv.captioned
+      else captioned.read_manifest(fv.manifest, fv.manifest_root)
+    )
+    images = prepare.CaptionedImages(items, fv.resolution)
+    paths = prepare.prepare_captioned(images, ae, fv.data_dir, **kw)
+    if paths:
+      print(
+        f"wrote {len(images)} captioned images' latents ({ae.name}) "
+        f"in {len(paths)} buckets to {fv.data_dir} in "
+        f"{time.time() - start:.0f} s:"
+      )
+      for path in paths:
+        print(f"  {path}")
+      print(
+        f"  train with --config.data.name=captions "
+        f"--config.data.data_dir={fv.data_dir}"
+      )
+    return
+  images = (
+    prepare.FolderImages(fv.images, fv.resolution)
+    if fv.images
+    else prepare.TfdsImages(
+      fv.tfds, fv.tfds_split, fv.tfds_data_dir, fv.resolution
+    )
+  )
   try:
-    barrier = None
-    if fv.distributed:
-      try:
-        jax.distributed.initialize()
-      except (RuntimeError, ValueError) as e:  # Not in a multi-host job.
-        raise UserError(f"--distributed: {e}") from None
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-      barrier = multihost_utils.sync_global_devices
-    mesh = sharding.make_mesh(
-      {"data": jax.local_device_count()}, devices=jax.local_devices()
-    )
-    ae = autoencoders.from_diffusers(
-      fv.autoencoder_path, mesh=mesh, name=fv.autoencoder
-    )
-    ae.latent_shape(fv.resolution, fv.resolution)  # Fails if no fit.
-    kw = dict(
-      batch_size=fv.batch_size,
-      shard_size=fv.shard_size,
-      seed=fv.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      workers=fv.workers,
-      barrier=barrier,
-    )
-    start = time.time()
-    if fv.captioned or fv.manifest:
-      from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
-
-      items = (
-        captioned.read_folder(fv.captioned)
-        if fv.captioned
-        else captioned.read_manifest(fv.manifest, fv.manifest_root)
-      )
-      images = prepare.CaptionedImages(items, fv.resolution)
-      paths = prepare.prepare_captioned(images, ae, fv.data_dir, **kw)
-      if paths:
-        print(
-          f"wrote {len(images)} captioned images' latents ({ae.name}) "
-          f"in {len(paths)} buckets to {fv.data_dir} in "
-          f"{time.time() - start:.0f} s:"
-        )
-        for path in paths:
-          print(f"  {path}")
-        print(
-          f"  train with --config.data.name=captions "
-          f"--config.data.data_dir={fv.data_dir}"
-        )
-      return
-    images = (
-      prepare.FolderImages(fv.images, fv.resolution)
-      if fv.images
-      else prepare.TfdsImages(
-        fv.tfds, fv.tfds_split, fv.tfds_data_dir, fv.resolution
-      )
-    )
     path = prepare.prepare(images, ae, fv.data_dir, **kw)
-  except FileExistsError as e:  # The dataset is there already.
+  except FileExistsError as e:  # Another dataset is there already.
     raise UserError(str(e)) from None
   if path:
     latent = ae.latent_shape(fv.resolution, fv.resolution)

@@ -71,9 +71,10 @@ class Parts:
           if old.get(k) != json.loads(json.dumps(meta)).get(k)
         )
         raise UserError(
-          f"{self.directory} holds parts of another job "
-          f"(differing in {diff}); delete it or write "
-          "elsewhere"
+          f"{self.directory} holds parts of another job: its "
+          f"{', '.join(diff)} differ from this run's (there: "
+          f"{ {k: old.get(k) for k in diff} }). To start over, delete "
+          f"{self.directory}; to keep it, write elsewhere"
         )
     elif self.process_index == 0:
       tmp = path + ".tmp"

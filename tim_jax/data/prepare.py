@@ -29,12 +29,14 @@ from collections.abc import Callable, Sequence
 import concurrent.futures
 import io
 import json
+import logging
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from tim_jax.core import fingerprint
 from tim_jax.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -75,6 +77,18 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
   return arr[top : top + size, left : left + size]
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+  """An 8-bit RGB image. 16- and 32-bit integer images (16-bit PNGs open
+  as mode I;16 or I) are scaled from their full range; PIL's own
+  ``convert("RGB")`` clips them, turning most pixels white."""
+  if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    a = np.asarray(image).astype(np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
+    a = np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8)
+    image = Image.fromarray(a, mode="L")
+  return image.convert("RGB")
+
+
 def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   """``([(path, label)], classes)`` as torchvision's ``ImageFolder`` lists
   them: classes are the sorted subfolder names, files are walked in sorted
@@ -89,9 +103,18 @@ def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     )
   items = []
   for label, name in enumerate(classes):
-    for dirpath, _, files in sorted(
+    # Linked folders are followed as torchvision does, but each real folder
+    # once: a link back up the tree would list its images again and again.
+    seen = set()
+    for dirpath, dirnames, files in sorted(
       os.walk(os.path.join(root, name), followlinks=True)
     ):
+      real = os.path.realpath(dirpath)
+      if real in seen:
+        logging.warning("skipping %s: a link to a folder already read", dirpath)
+        dirnames.clear()
+        continue
+      seen.add(real)
       for f in sorted(files):
         if f.lower().endswith(IMAGE_EXTENSIONS):
           items.append((os.path.join(dirpath, f), label))
@@ -113,11 +136,15 @@ class FolderImages:
   def __len__(self):
     return len(self.items)
 
+  def fingerprint(self) -> str:
+    """The listing: every image's name, size and modification time."""
+    return fingerprint.of_files(path for path, _ in self.items)
+
   def __getitem__(self, i):
     path, label = self.items[i]
     try:
       with Image.open(path) as im:
-        crop = center_crop(im.convert("RGB"), self.size)
+        crop = center_crop(to_rgb(im), self.size)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"cannot read image {path}: {e}") from e
     return crop, label
@@ -145,13 +172,18 @@ class TfdsImages:
       )
     self.classes = list(getattr(features["label"], "names", []) or [])
     self.size = size
+    self._id = f"tfds:{name}:{split}:{data_dir}"
 
   def __len__(self):
     return len(self.source)
 
+  def fingerprint(self) -> str:
+    """The TFDS dataset's name, split, folder and size."""
+    return f"{self._id}:{len(self)}"
+
   def __getitem__(self, i):
     ex = self.source[i]
-    image = Image.fromarray(np.asarray(ex["image"])).convert("RGB")
+    image = to_rgb(Image.fromarray(np.asarray(ex["image"])))
     return center_crop(image, self.size), int(ex["label"])
 
 
@@ -243,6 +275,8 @@ def prepare(
     batch_size=batch_size,
     resolution=images.size,
     autoencoder=ae.name,
+    autoencoder_weights=ae.fingerprint(),
+    inputs=images.fingerprint(),
     latent_shape=list(latent_shape),
   )
   shards = [
@@ -275,6 +309,15 @@ def prepare(
       )
   if not work.finish(barrier):
     return None
+  try:  # A rerun of a finished job (its shards matched): nothing to do.
+    return latents_lib.find_dataset(
+      data_dir,
+      config=latents_lib.config_name(
+        latent_shape, "label", flip=True, images=True
+      ),
+    )
+  except FileNotFoundError:
+    pass
   out = latents_lib.write_latents(
     shard_dir,
     data_dir,
@@ -311,6 +354,17 @@ class CaptionedImages:
   def __len__(self):
     return len(self.items)
 
+  def fingerprint(self) -> str:
+    """The corpus: every image's name, size and modification time, and
+    the captions."""
+    import hashlib  # pylint: disable=g-import-not-at-top
+
+    captions = hashlib.sha256(
+      repr([list(c) for _, c, _ in self.items]).encode()
+    ).hexdigest()[:16]
+    files = fingerprint.of_files(path for path, _, _ in self.items)
+    return f"{files}-{captions}"
+
   def __getitem__(self, i):
     path, captions, _ = self.items[i]
     h, w = self.buckets[i]
@@ -318,7 +372,7 @@ class CaptionedImages:
       with Image.open(path) as im:
         # The official loader: bicubic resize to the bucket, no crop.
         image = np.asarray(
-          im.convert("RGB").resize((w, h), resample=Image.Resampling.BICUBIC)
+          to_rgb(im).resize((w, h), resample=Image.Resampling.BICUBIC)
         )
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"cannot read image {path}: {e}") from e
@@ -400,6 +454,7 @@ def prepare_captioned(
   for i, bucket in enumerate(images.buckets):
     groups.setdefault(bucket, []).append(i)
   shapes = {b: ae.latent_shape(*b) for b in groups}  # Fails if no fit.
+  inputs = images.fingerprint()
   base = jax.random.key(seed)
   written = []
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -417,6 +472,8 @@ def prepare_captioned(
           seed=seed,
           batch_size=batch_size,
           autoencoder=ae.name,
+          autoencoder_weights=ae.fingerprint(),
+          inputs=inputs,
           latent_shape=list(shapes[bucket]),
           rows=[rows[0], rows[-1], len(rows)],
         ),

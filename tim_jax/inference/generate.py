@@ -67,7 +67,7 @@ def generate(
   progress: bool = True,
 ) -> str | None:
   """Writes ``out`` (on process 0) and returns its path there, else None."""
-  from tim_jax.core import images, resumable, sharding
+  from tim_jax.core import fingerprint, images, resumable, sharding
 
   if num < 1 or batch_size < 1:
     raise UserError(
@@ -112,6 +112,12 @@ def generate(
     settings=str(settings),
     size=[h, w],
     prompts=list(prompts),
+    weights=fingerprint.of_arrays(pipe.params),
+    autoencoder=(
+      pipe.autoencoder.fingerprint()
+      if pipe.config.autoencoder.name != "identity"
+      else "identity"
+    ),
   )
   work = resumable.Parts(
     out + ".parts",

@@ -668,3 +668,33 @@ def test_latents_with_repa_features(tmp_path, capsys):
       latent_shape=(4, 4, 3),
       repa_shape=(6, 5),
     )
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 4), (16, 16, 32)])
+def test_the_documented_latent_shapes_can_be_written(tmp_path, shape):
+  # The shapes the builder registers used to clash with tfds ("Cannot name
+  # a custom BuilderConfig the same as an available BuilderConfig").
+  from tim_jax.commands import cli
+  from tim_jax.commands import latents as command
+  from tim_jax.data import latents
+
+  (tmp_path / "in").mkdir()
+  np.savez(
+    tmp_path / "in" / "s.npz",
+    latent=np.ones((3, *shape), np.float32),
+    label=np.arange(3),
+  )
+  shape_flag = ",".join(map(str, shape))
+  assert (
+    cli.call(
+      command,
+      [
+        f"--input_dir={tmp_path / 'in'}",
+        f"--data_dir={tmp_path / 'out'}",
+        f"--latent_shape={shape_flag}",
+        "--cond=label",
+      ],
+    )
+    == 0
+  )
+  assert latents.LatentSource(str(tmp_path / "out")).latent_shape == shape

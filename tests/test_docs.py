@@ -156,3 +156,82 @@ def test_public_functions_have_type_hints():
         ):
           unannotated.append(f"{name}.{label}")
   assert not unannotated, f"{len(unannotated)}: {unannotated}"
+
+
+def _documented_commands():
+  """Every ``python -m tim_jax.X ...`` line of a shell block in the docs."""
+  import shlex
+
+  found = []
+  for page in PAGES:
+    text = open(page, encoding="utf-8").read()
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
+      joined = re.sub(r"\\\n\s*", " ", block)
+      for line in joined.splitlines():
+        line = (
+          line.split("#")[0].strip() if not line.strip().startswith("#") else ""
+        )
+        m = re.search(r"python3? -m (tim_jax[\w.]*)(.*)", line)
+        if m and "pytest" not in line:
+          args = [a for a in shlex.split(m.group(2)) if a != "..."]
+          found.append((os.path.relpath(page, ROOT), m.group(1), args))
+  return found
+
+
+@pytest.mark.parametrize(
+  "page,module,args",
+  _documented_commands(),
+  ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_every_documented_command_parses(page, module, args, monkeypatch):
+  # The docs' commands keep up with the code: the module exists and every
+  # flag (config overrides included) is one the command takes.
+  import importlib
+
+  from absl import flags
+
+  from tim_jax.commands import cli
+
+  monkeypatch.chdir(ROOT)
+  command = importlib.import_module(module)
+  fv = flags.FlagValues()
+  command.define_flags(fv)
+  for name in list(fv):
+    fv[name].required = False  # Placeholders stand for required values.
+  for validator in list(fv._flags().values()):  # pylint: disable=protected-access
+    validator.validators = []
+  rest = cli.parse(fv, [module] + [a for a in args if a.startswith("-")])
+  assert rest[1:] == []
+
+
+@pytest.mark.slow
+def test_the_readme_commands_run(tmp_path, monkeypatch, capsys):
+  # The README's training command (two steps instead of 4,000) and its
+  # sampling command, as written, into a scratch workdir.
+  from tim_jax import main
+  from tim_jax.commands import cli
+
+  readme = [c for c in _documented_commands() if c[0] == "README.md"]
+  modules = [m for _, m, _ in readme]
+  assert modules == ["tim_jax.main", "tim_jax.commands.sample"], modules
+  monkeypatch.chdir(ROOT)
+  workdir = str(tmp_path / "t2i_tiny")
+
+  def here(args):
+    return [a.replace("workdir/t2i_tiny", workdir) for a in args]
+
+  train_args = here(readme[0][2]) + [
+    "--config.num_steps=2",
+    "--config.evals.shapes_oracle.every=0",
+    "--config.evals.holdout_loss.every=0",
+  ]
+  assert cli.call(main, train_args) == 0
+  from tim_jax.commands import sample
+
+  out = str(tmp_path / "grid.png")
+  sample_args = [
+    a if not a.startswith("--out=") else f"--out={out}"
+    for a in here(readme[1][2])
+  ]
+  assert cli.call(sample, sample_args) == 0
+  assert "wrote" in capsys.readouterr().out and os.path.exists(out)

@@ -386,6 +386,9 @@ def write_latents(
   for path in files:  # Check every shard before writing anything.
     n = _read_shard(path, config)[0].shape[0]
     _read_extras(path, config, n)
+  # tfds refuses a config object of a registered config's name: use the
+  # registered one (its name spells every field, so they are equal).
+  config = TimLatents.builder_configs.get(config.name, config)
   builder = TimLatents(
     config=config, data_dir=os.fspath(data_dir), file_format="array_record"
   )

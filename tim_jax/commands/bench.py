@@ -27,6 +27,7 @@ diffusion row, no derivative), ``sample_nfe{N}`` and ``sample_nfe{N}_cfg``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import statistics
 import sys
@@ -91,6 +92,22 @@ def matmul_time(size: int, dtype, repeats: int = 10) -> float:
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   return time_fn(jax.jit(jnp.matmul), a, b, repeats=repeats)
+
+
+def row_names(nfes: Sequence[int]) -> list[str]:
+  """Every row this command can time, for the sampler step counts ``nfes``."""
+  names = [
+    "matmul",
+    "forward",
+    "forward_2x",
+    "tim_dde_step",
+    "tim_jvp_step",
+    "fm_step",
+    "repa_teacher",
+  ]
+  for n in nfes:
+    names += [f"sample_nfe{n}", f"sample_nfe{n}_cfg"]
+  return names
 
 
 def run(config, batch, repeats, nfes, rows=(), matmul_size: int = 2048):
@@ -303,6 +320,12 @@ def main(fv: flags.FlagValues, args) -> None:
     raise UserError(
       f"--num_steps must be integers, got {fv.num_steps}"
     ) from None
+  known = row_names(nfes)
+  unknown = [r for r in fv.rows if r not in known]
+  if unknown:
+    raise UserError(
+      f"--rows: no row(s) {unknown}; the rows are {', '.join(known)}"
+    )
   if fv.out:
     cli.check_writable(fv.out, "--out")
   print(

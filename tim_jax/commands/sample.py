@@ -122,11 +122,11 @@ def main(fv: flags.FlagValues, args) -> None:
       "--prompt_set takes its prompts from the set: drop --prompt/--labels"
     )
   if not fv.prompt_set:
+    cli.check_writable(fv.out, "--out")
     try:
       images.image_format(fv.out)
     except ValueError as e:
       raise UserError(f"--out={e}") from None
-    cli.check_writable(fv.out, "--out")
   if fv.latents_out:
     if not fv.latents_out.endswith(".npy"):
       raise UserError(

@@ -213,7 +213,7 @@ def cases(tmp):
       smp[:2] + ["--prompt_set=bogus:x", f"--out={tmp}/ps"],
       "unknown prompt-set kind",
     ),
-    (smp + ["--stochasticity=2"], "stochasticity above 1"),
+    (smp + ["--cfg_scale=inf"], "infinite guidance"),
     (smp + ["--batch_size=0"], "batch 0"),
     (smp + ["--labels=x"], "non-integer labels"),
     (gen[:2] + [f"--out={tmp}/s.png"], "generate to a PNG"),
@@ -310,6 +310,7 @@ def setup(tmp):
   )
   os.makedirs(f"{tmp}/empty")
   au.write_image_folder(f"{tmp}/imgs", per_class=1)
+  au.write(au.KL_SMALL, f"{tmp}/ae")
   np.savez(f"{tmp}/s64.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
   np.savez(f"{tmp}/ref64.npz", mu=np.zeros(64), sigma=np.eye(64))
 

@@ -138,3 +138,14 @@ def test_a_damaged_weight_file_is_named(tmp_path, suffix):
   with pytest.raises(ValueError, match="cannot read the weight file") as e:
     torch_weights.read(str(path))
   assert str(path) in str(e.value)
+
+
+def test_a_file_of_the_other_kind_names_the_config_it_needs():
+  # A class-conditional file with a text-to-image config used to fail on a
+  # tensor shape deep in the model.
+  for name, other in (("c2i_tiny", "t2i"), ("t2i_tiny", "c2i")):
+    net = dict(Golden(other + "_tiny", jnp.float32).meta["network"])
+    with pytest.raises(ValueError, match=f"use configs/{name[:3]}.py"):
+      convert.load_official(
+        os.path.join(GOLDEN, name, "model.safetensors"), other, net
+      )

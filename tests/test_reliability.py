@@ -151,3 +151,20 @@ def test_generate_resumes_only_with_the_same_weights(
   with pytest.raises(UserError, match="weights"):
     generate.generate(other, **kw)
   assert generate.generate(pipe, **kw) == out  # The same job finishes.
+
+
+def test_generate_refuses_prompts_for_a_class_model(tmp_path):
+  # They were ignored without a word (labels drawn as always).
+  from tim_jax import inference
+  from tim_jax.inference import generate
+
+  pipe = inference.Pipeline(tiny_c2i())
+  with pytest.raises(UserError, match="--prompt is for text-to-image"):
+    generate.generate(
+      pipe,
+      num=2,
+      out=str(tmp_path / "s.npz"),
+      num_steps=1,
+      prompts=["a red circle"],
+      progress=False,
+    )

@@ -65,6 +65,13 @@ def parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
     raise UserError(
       f"the config has no field {e.args[0]!r} (overrides: {' '.join(bad)})"
     ) from None
+  except AttributeError as e:  # A config file without get_config().
+    if "get_config" not in str(e):
+      raise
+    config = next((a for a in argv if a.startswith("--config=")), "--config")
+    raise UserError(
+      f"{config}: the file defines no get_config(arg) (see configs/t2i.py)"
+    ) from None
   except SyntaxError as e:  # A config file that is not Python.
     raise UserError(
       f"--config: {e.filename}, line {e.lineno}: {e.msg}"
@@ -83,7 +90,12 @@ def execute(
     return fail(str(e))
   except FileNotFoundError as e:  # A path the user gave is not there.
     return fail(f"{e.strerror}: {e.filename}" if e.filename else str(e))
-  except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+  except (
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+  ) as e:
     if e.filename is None:  # Not about a path the user gave: a bug.
       raise
     return fail(f"{e.strerror}: {e.filename}")

@@ -93,6 +93,11 @@ def generate(
   if not os.access(out_dir, os.W_OK):
     raise UserError(f"cannot write to {out_dir} (for --out={out})")
   if pipe.kind == "c2i":
+    if prompts:
+      raise UserError(
+        "--prompt is for text-to-image models; a class-conditional model "
+        "draws its labels uniformly (ADM's protocol)"
+      )
     num_classes = pipe.model_config.num_classes
   elif not prompts:
     raise UserError("a text-to-image model needs --prompt (repeatable)")

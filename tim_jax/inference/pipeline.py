@@ -176,6 +176,7 @@ def load(
   if ref.format == "official":
     model = builders.new_model(config)
     state_dict = convert.read_state_dict(ref.path)
+    convert.check_kind(state_dict, config.model.kind, ref.path)
     try:
       report = convert.load_state_dict(model, state_dict)
     except UserError as e:  # Another architecture: name the file.

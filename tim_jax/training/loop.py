@@ -24,6 +24,7 @@ import numpy as np
 
 from tim_jax.config import config_base
 from tim_jax.core import images, sharding, workdir_lock
+from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
 from tim_jax.training import evaluators
 from tim_jax.training.trainer import NonFiniteError, Trainer, TrainState
@@ -89,6 +90,8 @@ def train_and_evaluate(
   Returns the final TrainState.
   """
   config_base.check(config)  # A knob out of range stops before any work.
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is a file, not a directory")
   os.makedirs(workdir, exist_ok=True)
   # One trainer per workdir: a second one stops here, naming the first.
   lock = workdir_lock.acquire(

@@ -142,6 +142,7 @@ class Trainer:
     ref = inference.resolve(path)
     if ref.format == "official":
       weights = convert.read_state_dict(ref.path)
+      convert.check_kind(weights, self.config.model.kind, ref.path)
     else:
       source = inference.load(path, self.config)
       weights = convert.to_official(source.model())

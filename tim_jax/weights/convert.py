@@ -183,6 +183,29 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   }
 
 
+def checkpoint_kind(state_dict: Mapping[str, Any]) -> str | None:
+  """``c2i`` (a label table), ``t2i`` (a caption MLP) or None (neither: not
+  a TiM checkpoint, or a partial one), from an official state dict."""
+  if "y_embedder.embedding_table.weight" in state_dict:
+    return "c2i"
+  if any(k.startswith("y_embedder.mlp.") for k in state_dict):
+    return "t2i"
+  return None
+
+
+def check_kind(state_dict: Mapping[str, Any], kind: str, path: str) -> None:
+  """Refuses a class-conditional file for a text-to-image model and the
+  reverse, saying which config the file needs."""
+  found = checkpoint_kind(state_dict)
+  if found is not None and found != kind:
+    names = {"c2i": "class-conditional", "t2i": "text-to-image"}
+    raise UserError(
+      f"{path} is a {names[found]} checkpoint, but the config builds a "
+      f"{names[kind]} model: use configs/{found}.py (with the variant of "
+      "its architecture)"
+    )
+
+
 def load_official(
   path: str,
   kind: str,
@@ -211,6 +234,7 @@ def load_official(
       ...).
   """
   state_dict = read_state_dict(path)
+  check_kind(state_dict, kind, path)
   model = models.build(
     kind, network, dtype=dtype, param_dtype=param_dtype, **overrides
   )

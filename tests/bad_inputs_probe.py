@@ -241,7 +241,20 @@ def cases(tmp):
       ],
       "unknown autoencoder",
     ),
-    (prep + [f"--images={tmp}/imgs"], "missing autoencoder directory"),
+    (
+      prep[:1]
+      + [
+        "--autoencoder=sd_vae_ft_ema",
+        f"--autoencoder_path={tmp}/none",
+        f"--data_dir={tmp}/lat",
+        f"--images={tmp}/imgs",
+      ],
+      "missing autoencoder directory",
+    ),
+    (
+      prep + [f"--images={tmp}/imgs", "--resolution=1024"],
+      "images too large for the device's memory",
+    ),
     (prep + [f"--images={tmp}/imgs", "--resolution=0"], "resolution 0"),
     (prep + [f"--manifest={manifest}"], "malformed manifest"),
     (prep + [f"--captioned={tmp}/imgs"], "captioned folder without text"),

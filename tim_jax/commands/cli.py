@@ -99,6 +99,15 @@ def execute(
     if e.filename is None:  # Not about a path the user gave: a bug.
       raise
     return fail(f"{e.strerror}: {e.filename}")
+  except Exception as e:  # pylint: disable=broad-except
+    # Out of device memory: the sizes the user chose do not fit.
+    if "RESOURCE_EXHAUSTED" not in str(e)[:200]:
+      raise
+    first = str(e).strip().splitlines()[0][:300]
+    return fail(
+      f"out of memory ({first}): lower the batch size (--batch_size, "
+      "--config.batch_size) or the image size, or use more devices"
+    )
 
 
 def call(module: ModuleType, argv: Sequence[str] = ()) -> int:

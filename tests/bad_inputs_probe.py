@@ -338,6 +338,7 @@ def main():
     rows = []
     for args, what in cases(tmp):
       outcome, said = run(args)
+      said = str(said).replace(tmp, "<tmp>").replace(ROOT, "<repo>")
       rows.append(
         dict(
           command=args[0].split(".")[-1],

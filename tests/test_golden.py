@@ -6,8 +6,10 @@ the forward pass and the projection, 2e-3 for the targets and the sampler.
 """
 
 import functools
+import json
+import os
 
-from golden_utils import CASES, Golden, nchw, rel_err
+from golden_utils import CASES, GOLDEN, Golden, nchw, nhwc, rel_err
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +110,49 @@ def test_sampler_trajectory(name, precision):
   assert rel_err(nchw(final), g.arrays["smp_out"]) < TOL[precision]["smp"]
   for i in range(traj.shape[0]):
     assert rel_err(nchw(traj[i]), ref_traj[i]) < TOL[precision]["smp"], i
+
+
+@pytest.mark.parametrize("last_step_noise", [True, False])
+def test_euler_stochastic_sampler(precision, last_step_noise):
+  """The official Euler mode (``sample_type="ddiffusion"``, r = t_cur) with
+  stochasticity at 8 steps, fed the same noise and per-step noise
+  (``tests/make_sampler_golden.py``). Its noise rule reads r, so every step
+  but the first is stochastic, the last one (to t = 0) included."""
+  g = _golden("c2i_tiny", precision)
+  e = dict(np.load(os.path.join(GOLDEN, "c2i_tiny", "euler_stochastic.npz")))
+  s = json.loads(str(e["settings"]))
+  assert s["sample_type"] == "ddiffusion"
+  plan = sampling.step_schedule(
+    g.transport,
+    s["num_steps"],
+    stochasticity=s["stochasticity_ratio"],
+    mode="diffusion",
+  )
+  np.testing.assert_array_equal(plan["stochastic"], e["stochastic"])
+  _, traj = jax.jit(
+    functools.partial(
+      sampling.sample,
+      g.fn,
+      transport=g.transport,
+      num_steps=s["num_steps"],
+      cfg_scale=s["cfg_scale"],
+      guidance_interval=(s["cfg_low"], s["cfg_high"]),
+      stochasticity=s["stochasticity_ratio"],
+      mode="diffusion",
+      last_step_noise=last_step_noise,
+      return_trajectory=True,
+    )
+  )(
+    jnp.asarray(nhwc(e["noise"]), g.dtype),
+    jnp.asarray(e["y"]),
+    jnp.asarray(e["y_null"]),
+    step_noise=jnp.asarray(np.moveaxis(e["step_noise"], 2, -1), g.dtype),
+  )
+  # The official states are rounded to float32: ~3e-8 in float64.
+  errs = [rel_err(nchw(traj[i]), e["traj"][i]) for i in range(len(traj))]
+  assert max(errs[:-1]) < 1e-6, errs
+  if last_step_noise:
+    assert errs[-1] < 1e-6, errs
+  else:
+    # The deterministic last step lands elsewhere (8e-2 here).
+    assert errs[-1] > 1e-2, errs

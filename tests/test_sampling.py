@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tim_jax.core.errors import UserError
 from tim_jax.method import sampling, transports
 
 MU, S = 0.7, 0.3
@@ -364,6 +365,51 @@ def test_stochastic_schedule_interior_only(num_steps, expected):
   assert plan["stochastic"].tolist() == expected
   plan = sampling.step_schedule(tr, num_steps, stochasticity=0.0)
   assert not plan["stochastic"].any()
+
+
+@pytest.mark.parametrize(
+  "num_steps,expected",
+  [
+    (1, [False]),
+    (2, [False, True]),
+    (4, [False, True, True, True]),
+  ],
+)
+def test_stochastic_schedule_diffusion_mode(num_steps, expected):
+  # Official rule: t_cur < T_max and r > T_min, with r = t_cur in Euler
+  # mode, so the last step (to T_min) is stochastic too.
+  tr = transports.get("ot_fm")
+  plan = sampling.step_schedule(
+    tr, num_steps, stochasticity=0.2, mode="diffusion"
+  )
+  assert plan["stochastic"].tolist() == expected
+  # The option keeps that last step deterministic, as in transition mode.
+  plan = sampling.step_schedule(
+    tr, num_steps, stochasticity=0.2, mode="diffusion", last_step_noise=False
+  )
+  assert plan["stochastic"].tolist() == expected[:-1] + [False]
+  plan = sampling.step_schedule(
+    tr, num_steps, stochasticity=0.2, last_step_noise=False
+  )
+  assert not plan["stochastic"][-1]
+
+
+def test_step_noise_replaces_the_draws():
+  tr = transports.get("ot_fm")
+  noise = _noise(7, (8, 2, 2, 1))
+  xi = jnp.asarray(np.random.default_rng(3).standard_normal((4, *noise.shape)))
+  run = lambda **kw: np.asarray(
+    _sample(ot_oracle, noise, tr, 4, stochasticity=0.5, **kw)
+  )
+  a = run(step_noise=xi)
+  np.testing.assert_array_equal(a, run(step_noise=xi, rng=jax.random.key(9)))
+  # Rows of deterministic steps (the first and last here) are unused.
+  np.testing.assert_array_equal(
+    a, run(step_noise=xi.at[jnp.array([0, 3])].set(5.0))
+  )
+  assert np.max(np.abs(a - run(step_noise=xi.at[1].set(0.0)))) > 1e-2
+  with pytest.raises(UserError, match="step_noise"):
+    run(step_noise=xi[:3])
 
 
 def test_stochastic_sampling_rng_semantics():

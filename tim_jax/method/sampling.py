@@ -9,8 +9,12 @@ Semantics follow the official ``TransitionSchedule.sample``
 * classifier-free guidance only where ``cfg_scale > 1`` and
   ``low * T_max < t_cur < high * T_max`` (both strict); the conditional and
   unconditional halves run as one batched forward;
-* stochasticity (OT-FM only) only on interior steps
-  (``t_cur < T_max`` and ``t_next > T_min``).
+* stochasticity (OT-FM only) on the steps with ``t_cur < T_max`` and
+  ``r > T_min``, the official rule: in transition mode these are the interior
+  steps, in diffusion mode (r = t_cur) every step but the first, the last one
+  (to T_min) included. ``last_step_noise=False`` keeps that last Euler step
+  deterministic, as the transition mode's is (a deliberate option; the
+  official rule reads the network's r where t_next seems meant).
 
 Deliberate differences: the grid is float32 (float64 under x64) rather than
 the official bfloat16 (there the grid takes the dtype of the bf16 noise),
@@ -73,11 +77,15 @@ def step_schedule(
   guidance_interval: Sequence[float] = (0.0, 1.0),
   stochasticity: float = 0.0,
   mode: str = "transition",
+  last_step_noise: bool = True,
 ) -> dict[str, np.ndarray]:
   """The static plan of a sampling run, as numpy arrays.
 
   Returns a dict with ``t_cur``, ``t_next``, ``r`` (what the network gets as
-  r), ``guided`` and ``stochastic`` (booleans per step).
+  r), ``guided`` and ``stochastic`` (booleans per step). A step is stochastic
+  where ``t_cur < T_max`` and ``r > T_min`` (official
+  ``TransitionSchedule.sample``); ``last_step_noise=False`` also requires
+  ``t_next > T_min``, which changes only the diffusion mode's last step.
   """
   num_steps, guidance_interval = check_settings(
     num_steps, guidance_interval, stochasticity, mode
@@ -87,12 +95,11 @@ def step_schedule(
   low, high = guidance_interval
   low, high = low * transport.T_max, high * transport.T_max
   guided = (cfg_scale > 1.0) & (t_cur > low) & (t_cur < high)
-  stochastic = (
-    (stochasticity > 0.0)
-    & (t_cur < transport.T_max)
-    & (t_next > transport.T_min)
-  )
   r = t_next if mode == "transition" else t_cur
+  stochastic = (stochasticity > 0.0) & (t_cur < transport.T_max)
+  stochastic &= r > transport.T_min
+  if not last_step_noise:
+    stochastic &= t_next > transport.T_min
   return dict(
     t_cur=t_cur, t_next=t_next, r=r, guided=guided, stochastic=stochastic
   )
@@ -122,6 +129,8 @@ def sample(
   rng: jax.Array | None = None,
   return_trajectory: bool = False,
   mode: str = "transition",
+  last_step_noise: bool = True,
+  step_noise: jax.Array | None = None,
   progress: Callable[..., None] | None = None,
   progress_tag: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -138,9 +147,17 @@ def sample(
     cfg_scale, guidance_interval: classifier-free guidance and the window of
       t_cur, as fractions of T_max, where it applies (strict bounds).
     stochasticity: the OT-FM stochastic ratio s_r (0 = deterministic).
-    rng: a key; needed only when ``stochasticity > 0``.
+    rng: a key; needed only when ``stochasticity > 0`` and no
+      ``step_noise`` is given.
     return_trajectory: also return all ``num_steps + 1`` states, noise first.
     mode: ``"transition"`` (r = t_next) or ``"diffusion"`` (r = t_cur).
+    last_step_noise: in diffusion mode, whether the last step (to T_min) is
+      stochastic too, as in the official sampler (default); False keeps it
+      deterministic. No effect in transition mode, whose last step never is.
+    step_noise: optional standard normal noise for the stochastic steps,
+      (num_steps, B, H, W, C), row i for step i (rows of deterministic steps
+      are unused); replaces the draws from ``rng``, e.g. to replay another
+      implementation's run.
     progress: called on the host with the step index after each step
       (through ``jax.debug.callback``; for progress bars).
     progress_tag: if given, an array passed to ``progress`` as its second
@@ -158,10 +175,21 @@ def sample(
       "stochastic sampling (stochasticity > 0) is defined only for OT-FM, "
       f"not {transport.name}"
     )
-  if stochasticity > 0 and rng is None:
-    raise ValueError("stochasticity > 0 needs rng")
+  if stochasticity > 0 and rng is None and step_noise is None:
+    raise ValueError("stochasticity > 0 needs rng or step_noise")
+  if step_noise is not None and step_noise.shape != (num_steps, *noise.shape):
+    raise UserError(
+      f"step_noise must have shape {(num_steps, *noise.shape)} "
+      f"(num_steps, *noise.shape), got {step_noise.shape}"
+    )
   plan = step_schedule(
-    transport, num_steps, cfg_scale, guidance_interval, stochasticity, mode
+    transport,
+    num_steps,
+    cfg_scale,
+    guidance_interval,
+    stochasticity,
+    mode,
+    last_step_noise,
   )
   state_dtype = numerics.wide(noise.dtype)
   time_dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
@@ -192,15 +220,17 @@ def sample(
     return jax.lax.cond(guided, with_cfg, plain)
 
   def step(x, xs):
-    i, t_cur, t_next, r, guided, stochastic = xs
+    i, t_cur, t_next, r, guided, stochastic, xi = xs
     f = network(x.astype(noise.dtype), t_cur, r, guided)
     t_b, n_b = t_cur.astype(state_dtype), t_next.astype(state_dtype)
     if any_stochastic:
-      key = jax.random.fold_in(rng, i)
+      key = None if xi is not None else jax.random.fold_in(rng, i)
       ratio = jnp.where(stochastic, stochasticity, 0.0).astype(state_dtype)
       x_next = jax.lax.cond(
         stochastic,
-        lambda: transport.stochastic_transition(x, t_b, n_b, f, ratio, key),
+        lambda: transport.stochastic_transition(
+          x, t_b, n_b, f, ratio, key, noise=xi
+        ),
         lambda: transport.transition(x, t_b, n_b, f),
       )
     else:
@@ -228,6 +258,7 @@ def sample(
     jnp.asarray(plan["r"], time_dtype),
     jnp.asarray(plan["guided"]),
     jnp.asarray(plan["stochastic"]),
+    None if step_noise is None else step_noise.astype(state_dtype),
   )
   x0 = noise.astype(state_dtype)
   final, traj = jax.lax.scan(step, x0, xs)

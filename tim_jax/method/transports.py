@@ -161,10 +161,14 @@ class Transport:
     r: Array,
     F: Array,
     ratio: Array,
-    key: Array,
+    key: Array | None,
+    noise: Array | None = None,
   ) -> Array:
-    """The sampler's stochastic step; defined for OT-FM only (others raise)."""
-    del x_t, t, r, F, ratio, key
+    """The sampler's stochastic step; defined for OT-FM only (others raise).
+
+    ``noise`` (standard normal, like ``x_t``) replaces the draw from ``key``.
+    """
+    del x_t, t, r, F, ratio, key, noise
     raise ValueError(
       f"stochastic sampling is defined only for OT-FM, not for {self.name}"
     )
@@ -233,7 +237,8 @@ class OTFM(Transport):
     r: Array,
     F: Array,
     ratio: Array,
-    key: Array,
+    key: Array | None,
+    noise: Array | None = None,
   ) -> Array:
     """Euler–Maruyama step of the reverse SDE with g^2 = 2 ratio t (official
     ``OT_FM.from_x_t_to_x_r`` with ``s_ratio > 0``).
@@ -243,7 +248,10 @@ class OTFM(Transport):
     """
     h = t - r
     eps_hat = x_t + (1.0 - t) * F
-    xi = jax.random.normal(key, x_t.shape, x_t.dtype)
+    if noise is None:
+      xi = jax.random.normal(key, x_t.shape, x_t.dtype)
+    else:
+      xi = noise.astype(x_t.dtype)
     drift = x_t - h * F - ratio * eps_hat * h
     return drift + jnp.sqrt(2.0 * ratio * t * h) * xi
 

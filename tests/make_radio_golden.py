@@ -16,10 +16,14 @@ loaded back with the official ``radio_model`` loader, and run as the official
 trainer runs it (``projects/train/trainer_c2i.py``): images in [-1, 1] ->
 (x + 1) / 2 -> bicubic resize to 16 x the TiM grid -> the model -> patch
 tokens. Inputs, grids and features go to ``<case>.npz`` beside
-``<case>.pth``.
+``<case>.pth``. A case with a bfloat16 ``args.dtype`` also stores
+``features_f32_<i>``: the official model with the weights and input as its
+loader rounds them (to bfloat16), computed in float32. ``--cases`` writes
+only the named cases (their seeds do not change).
 """
 
 import argparse
+import copy
 import importlib.abc
 import importlib.machinery
 import os
@@ -49,6 +53,23 @@ CASES = {
     teachers=("clip", "dino"),
     feature_normalizer=True,
     grids=((4, 4), (2, 3)),
+  ),
+  # timm's qk_norm, a patch norm (RADIO's patch_normalizer), a bfloat16
+  # args.dtype (the loader casts the ViT and the input conditioner's output
+  # to it), a feature normalizer, and keys the official model never uses:
+  # a classifier head, the final norm without args.model_norm and timm's
+  # own patch embedding's norm.
+  "radio_qknorm_bf16": dict(
+    layer_scale=None,
+    model_norm=False,
+    ema=False,
+    qk_norm=True,
+    patch_norm=True,
+    dtype="bfloat16",
+    teachers=("clip", "dino"),
+    feature_normalizer=True,
+    unused_keys=True,
+    grids=((4, 4), (3, 5)),
   ),
 }
 EMBED, DEPTH, HEADS, CPE_MAX = 64, 2, 2, 512
@@ -98,6 +119,10 @@ def make_checkpoint(case, path, torch, seed):
   kwargs = dict(depth=DEPTH, embed_dim=EMBED, num_heads=HEADS)
   if case["layer_scale"]:
     kwargs["init_values"] = case["layer_scale"]
+  if case.get("qk_norm"):
+    kwargs["qk_norm"] = True
+  if case.get("patch_norm"):
+    kwargs["embed_norm_layer"] = "layernorm"
   args = argparse.Namespace(
     model="vit_base_patch16_224",
     model_kwargs=dict(kwargs),
@@ -119,7 +144,7 @@ def make_checkpoint(case, path, torch, seed):
     cls_token_per_teacher=True,
     register_multiple=8,
     spectral_reparam=False,
-    dtype=torch.float32,
+    dtype=getattr(torch, case.get("dtype", "float32")),
   )
   gen = torch.Generator().manual_seed(seed)
 
@@ -133,11 +158,9 @@ def make_checkpoint(case, path, torch, seed):
     state = {}
     for k, v in model.state_dict().items():
       noise = torch.randn(v.shape, generator=gen)
-      if (
-        k.endswith("norm1.weight")
-        or k.endswith("norm2.weight")
-        or (k == "norm.weight")
-      ):
+      if k.endswith(
+        ("norm1.weight", "norm2.weight", "_norm.weight", "normalizer.weight")
+      ) or (k == "norm.weight"):
         v = 1.0 + 0.1 * noise
       elif k.endswith("gamma"):
         v = case["layer_scale"] * (1.0 + 0.5 * noise)
@@ -150,6 +173,14 @@ def make_checkpoint(case, path, torch, seed):
     state["input_conditioner.norm_std"] = torch.tensor(
       [0.26862954, 0.26130258, 0.27577711]
     ).view(3, 1, 1)
+    if case.get("unused_keys"):
+      state["base_model.head.weight"] = torch.randn(10, EMBED, generator=gen)
+      state["base_model.head.bias"] = torch.randn(10, generator=gen)
+      state["base_model.norm.weight"] = torch.randn(EMBED, generator=gen)
+      state["base_model.norm.bias"] = torch.randn(EMBED, generator=gen)
+      state["base_model.patch_embed.norm.weight"] = torch.randn(
+        EMBED, generator=gen
+      )
     if case.get("feature_normalizer"):
       state["_feature_normalizer.mean"] = 0.1 * torch.randn(
         EMBED, generator=gen
@@ -176,7 +207,11 @@ def main():
       os.path.dirname(os.path.abspath(__file__)), "data", "radio"
     ),
   )
+  p.add_argument(
+    "--cases", default="", help="comma-separated case names (default: all)"
+  )
   a = p.parse_args()
+  only = set(filter(None, a.cases.split(",")))
   _stub_modules()
   sys.path.insert(0, os.path.abspath(a.official))
   from tim.models.nvidia_radio.hubconf import radio_model  # pylint: disable=import-outside-toplevel
@@ -185,11 +220,20 @@ def main():
 
   os.makedirs(a.out, exist_ok=True)
   for seed, (name, case) in enumerate(sorted(CASES.items())):
+    if only and name not in only:
+      continue
     ckpt = os.path.join(a.out, f"{name}.pth")
     make_checkpoint(case, ckpt, torch, seed)
     encoder = radio_model(
       version=ckpt, progress=False, support_packing=False
     ).eval()
+    as_f32 = None
+    if case.get("dtype", "float32") != "float32":
+      # The loader's rounding of the weights and the input, then float32.
+      as_f32 = copy.deepcopy(encoder).float()
+      as_f32.input_conditioner.register_forward_hook(
+        lambda m, i, out: out.float()
+      )
     arrays = {}
     rng = np.random.default_rng(seed)
     for i, (h, w) in enumerate(case["grids"]):
@@ -202,9 +246,11 @@ def main():
         raw = (x + 1.0) / 2.0
         raw = F.interpolate(raw, (16 * h, 16 * w), mode="bicubic")
         _, features = encoder(raw)
+        if as_f32 is not None:
+          arrays[f"features_f32_{i}"] = as_f32(raw)[1].numpy()
       arrays[f"images_{i}"] = images
       arrays[f"grid_{i}"] = np.asarray([h, w])
-      arrays[f"features_{i}"] = features.numpy()
+      arrays[f"features_{i}"] = features.float().numpy()
     np.savez(os.path.join(a.out, f"{name}.npz"), **arrays)
     print(f"wrote {name}: {sorted(arrays)}")
 

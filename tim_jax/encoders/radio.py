@@ -21,7 +21,11 @@ checkpoint has one. This module does the same in NHWC.
 
 Loading reads RADIO's checkpoint format (a pickle of ``args`` and
 ``state_dict`` / ``state_dict_ema``; the EMA weights are used when present,
-as the official loader does) and so needs PyTorch.
+as the official loader does) and so needs PyTorch. As the official loader
+(``hubconf.py: radio_model``), it casts the ViT's weights to the
+checkpoint's ``args.dtype`` and rounds the normalised input to it, and by
+default computes in it; a key the ViT here does not implement is refused,
+unless the official model never uses it either (``IGNORED_KEYS``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,36 @@ if TYPE_CHECKING:
   from jax.typing import ArrayLike, DTypeLike
 
 PATCH_PIXELS_PER_TOKEN = 16  # The trainers resize to 16 x the TiM grid.
-LN_EPS = 1e-6  # timm's ViT LayerNorm.
+LN_EPS = 1e-6  # timm's ViT LayerNorm (blocks, final norm, q/k norms).
+PATCH_NORM_EPS = 1e-5  # RADIO's patch_normalizer: a default nn.LayerNorm.
+# Checkpoint keys (under ``base_model.``) the official model loads and never
+# uses, or does not have, so that leaving them out computes the same
+# teacher (``radio_model.create_model_from_args`` and ``enable_cpe``):
+IGNORED_KEYS = (
+  # timm's own patch embedding, class and register tokens and position
+  # table: enable_cpe sets them to None and uses patch_generator instead.
+  r"patch_embed\..*",
+  r"cls_token",
+  r"reg_token",
+  r"pos_embed",
+  # The classifier head: create_model_from_args sets head = Identity.
+  r"head\..*",
+  # timm's pooling head and pre-norm: RADIO runs its own forward_features
+  # (_forward_cpe: patch_generator, blocks, norm), which applies neither.
+  r"fc_norm\..*",
+  r"attn_pool\..*",
+  r"norm_pre\..*",
+)
+# The final norm's keys are ignored too when args.model_norm is false:
+# create_model_from_args then sets norm = Identity.
+FINAL_NORM_KEYS = r"norm\..*"
+# RADIO's args.dtype (a torch dtype) as a JAX dtype.
+TORCH_DTYPES = {
+  "torch.float32": jnp.float32,
+  "torch.float16": jnp.float16,
+  "torch.bfloat16": jnp.bfloat16,
+  "torch.float64": jnp.float64,
+}
 # timm ViT sizes by name: (embed_dim, depth, num_heads).
 VIT_SIZES = {
   "tiny": (192, 12, 3),
@@ -77,6 +110,7 @@ class RadioConfig:
   patch_bias: bool
   patch_norm: bool
   final_norm: bool
+  qk_norm: bool = False  # timm's qk_norm: LayerNorm of q and k per head
 
 
 # RADIO v2.5-B's architecture (ViT-B/16, a 128 x 128 CPE table for inputs
@@ -101,19 +135,26 @@ V2_5_B = RadioConfig(
 
 
 class Attention(nnx.Module):
-  """timm's ``Attention``: fused qkv, softmax(q k^T / sqrt(d)) v, proj."""
+  """timm's ``Attention``: fused qkv, optional LayerNorm of q and k per
+  head (``qk_norm``), softmax(q k^T / sqrt(d)) v, proj."""
 
-  def __init__(self, c: RadioConfig, kw):
+  def __init__(self, c: RadioConfig, kw, ln):
     self.heads = c.num_heads
     self.qkv = nnx.Linear(
       c.embed_dim, 3 * c.embed_dim, use_bias=c.qkv_bias, **kw
     )
+    head_dim = c.embed_dim // c.num_heads
+    self.q_norm = ln(head_dim) if c.qk_norm else None
+    self.k_norm = ln(head_dim) if c.qk_norm else None
     self.proj = nnx.Linear(c.embed_dim, c.embed_dim, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     qkv = batch_rows(self.qkv(x)).reshape(b, n, 3, self.heads, d // self.heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    out = jax.nn.dot_product_attention(q, k, v)
     return self.proj(batch_rows(out.reshape(b, n, d)))
 
 
@@ -136,9 +177,9 @@ class Mlp(nnx.Module):
 
 class Block(nnx.Module):
   def __init__(self, c: RadioConfig, kw, ln):
-    self.norm1 = ln()
-    self.attn = Attention(c, kw)
-    self.norm2 = ln()
+    self.norm1 = ln(c.embed_dim)
+    self.attn = Attention(c, kw, ln)
+    self.norm2 = ln(c.embed_dim)
     self.mlp = Mlp(c, kw)
     dtype = kw["param_dtype"]
     self.ls1 = LayerScale(c.embed_dim, dtype) if c.layer_scale else None
@@ -171,7 +212,9 @@ class PatchGenerator(nnx.Module):
       jnp.zeros((1, rows * cols, c.embed_dim), kw["param_dtype"])
     )
     self.cls_token = ClsToken(c, kw["param_dtype"])
-    self.patch_normalizer = ln() if c.patch_norm else None
+    self.patch_normalizer = (
+      ln(c.embed_dim, epsilon=PATCH_NORM_EPS) if c.patch_norm else None
+    )
 
   def positions(self, h: int, w: int) -> jax.Array:
     """The table at an h x w patch grid (``_get_pos_embeddings`` in eval
@@ -219,7 +262,6 @@ class VisionTransformer(nnx.Module):
     kw = layer_kwargs(dtype, param_dtype, precision, rngs)
     ln = functools.partial(
       nnx.LayerNorm,
-      c.embed_dim,
       epsilon=LN_EPS,
       use_fast_variance=False,
       dtype=dtype,
@@ -228,7 +270,7 @@ class VisionTransformer(nnx.Module):
     )
     self.patch_generator = PatchGenerator(c, kw, ln)
     self.blocks = nnx.List([Block(c, kw, ln) for _ in range(c.depth)])
-    self.norm = ln() if c.final_norm else None
+    self.norm = ln(c.embed_dim) if c.final_norm else None
     self.num_skip = c.num_skip
 
   def __call__(self, x: jax.Array, scan: bool = True) -> jax.Array:
@@ -318,6 +360,7 @@ def config_from_checkpoint(
     patch_bias="patch_generator.embedder.bias" in base,
     patch_norm="patch_generator.patch_normalizer.weight" in base,
     final_norm=bool(getattr(args, "model_norm", False)),
+    qk_norm="blocks.0.attn.q_norm.weight" in base,
   )
 
 
@@ -334,8 +377,12 @@ class RadioEncoder:
     std,
     feature_norm: tuple[np.ndarray, np.ndarray] | None = None,
     scan_blocks: bool = True,
+    input_dtype: DTypeLike = jnp.float32,
   ):
     self.config = model.patch_generator.c
+    # The official input conditioner normalises in float32 and rounds the
+    # result to the checkpoint's args.dtype.
+    self.input_dtype = input_dtype
     # The blocks as one scan (compiles once) or a loop (XLA's cost analysis
     # then counts every block: tim_jax.commands.compile's roofline).
     self.scan_blocks = scan_blocks
@@ -365,10 +412,11 @@ class RadioEncoder:
     size = (PATCH_PIXELS_PER_TOKEN * h, PATCH_PIXELS_PER_TOKEN * w)
     x = (images.astype(jnp.float32) + 1.0) / 2.0
     x = resize.bicubic(x, size)
-    x = (x - c["mean"]) / c["std"]
+    x = ((x - c["mean"]) / c["std"]).astype(self.input_dtype)
     feats = model(x, scan=self.scan_blocks)
     if "fn_tx" in c:
-      feats = (feats - c["fn_mean"]) @ c["fn_tx"].T
+      mean, tx = (c[k].astype(feats.dtype) for k in ("fn_mean", "fn_tx"))
+      feats = (feats - mean) @ tx.T
     return feats
 
   def __call__(self, images: ArrayLike, grid: tuple[int, int]) -> jax.Array:
@@ -441,34 +489,82 @@ def _read(path: str):
   return chk["args"], out
 
 
-def load(path: str, *, dtype: DTypeLike = jnp.float32) -> RadioEncoder:
-  """A RADIO encoder from the official checkpoint format. ViT keys the
-  model lacks raise; keys the official loader also ignores are logged."""
-  args, sd = _read(str(path))
+def checkpoint_dtype(args: argparse.Namespace, path: str = "") -> Any:
+  """The JAX dtype of a RADIO checkpoint's ``args.dtype`` (float32 when it
+  has none, as the official loader)."""
+  name = str(getattr(args, "dtype", "torch.float32"))
+  if name not in TORCH_DTYPES:
+    raise UserError(
+      f"{path}: RADIO args.dtype {name} is none of {sorted(TORCH_DTYPES)}"
+    )
+  return TORCH_DTYPES[name]
+
+
+def ignored_keys(
+  base: Mapping[str, Any], args: argparse.Namespace
+) -> list[str]:
+  """The keys of ``base`` (the ViT's, without ``base_model.``) that the
+  official model never uses (``IGNORED_KEYS``; the final norm's without
+  ``args.model_norm``)."""
+  patterns = list(IGNORED_KEYS)
+  if not getattr(args, "model_norm", False):
+    patterns.append(FINAL_NORM_KEYS)
+  rule = re.compile("|".join(f"(?:{p})" for p in patterns))
+  return sorted(k for k in base if rule.fullmatch(k))
+
+
+def load(path: str, *, dtype: DTypeLike | None = None) -> RadioEncoder:
+  """A RADIO encoder from the official checkpoint format.
+
+  As the official loader, the ViT's weights are cast to the checkpoint's
+  ``args.dtype`` and so is the normalised input; ``dtype`` is the
+  computation's dtype (default: that same ``args.dtype``, which is what the
+  official loader computes in). Every ViT key must be one the model
+  implements or one the official model never uses (``IGNORED_KEYS``, logged);
+  any other raises a UserError naming it, as does a missing key.
+  """
+  path = str(path)
+  args, sd = _read(path)
   base = {
     k[len("base_model.") :]: v
     for k, v in sd.items()
     if k.startswith("base_model.")
   }
   c = config_from_checkpoint(args, base)
-  model = nnx.eval_shape(lambda: VisionTransformer(c, dtype=dtype))
-  # Non-strict on extra keys, as the official loader (load_state_dict with
-  # strict=False); a key the model needs and the file lacks still raises.
-  torch_weights.load_module(
-    model, base, "RADIO checkpoint", allow_unexpected=True
+  weight_dtype = checkpoint_dtype(args, path)
+  dtype = weight_dtype if dtype is None else dtype
+  model = nnx.eval_shape(
+    lambda: VisionTransformer(c, dtype=dtype, param_dtype=weight_dtype)
   )
-  variables = torch_weights.named_variables(model)
-  unused = sorted(set(base) - set(variables))
+  unused = ignored_keys(base, args)
   if unused:
     logging.warning(
-      "RADIO: ignoring %d checkpoint key(s) the model does not "
-      "use (as the official loader does): %s",
+      "RADIO: ignoring %d checkpoint key(s) the official model does not "
+      "use either: %s",
       len(unused),
       torch_weights.summarise(unused),
     )
+  unknown = sorted(set(base) - set(torch_weights.named_variables(model)))
+  unknown = [k for k in unknown if k not in unused]
+  if unknown:
+    raise UserError(
+      f"{path}: the RADIO checkpoint has {len(unknown)} ViT key(s) "
+      "(under base_model.) that this implementation does not compute and "
+      "the official model may use, so the teacher would differ: "
+      f"{torch_weights.summarise(unknown)}"
+    )
+  torch_weights.load_module(
+    model,
+    {k: v for k, v in base.items() if k not in unused},
+    f"RADIO checkpoint {path}",
+  )
   mean = sd.get("input_conditioner.norm_mean", np.asarray(CLIP_MEAN))
   std = sd.get("input_conditioner.norm_std", np.asarray(CLIP_STD))
   fn = None
   if "_feature_normalizer.mean" in sd:
-    fn = (sd["_feature_normalizer.mean"], sd["_feature_normalizer.tx"])
-  return RadioEncoder(model, mean, std, fn)
+    # The official FeatureNormalizer holds its buffers in args.dtype.
+    fn = tuple(
+      jnp.asarray(sd[f"_feature_normalizer.{k}"], weight_dtype)
+      for k in ("mean", "tx")
+    )
+  return RadioEncoder(model, mean, std, fn, input_dtype=weight_dtype)

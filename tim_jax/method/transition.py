@@ -17,7 +17,7 @@ and no resharding is needed to slice them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
@@ -291,6 +291,27 @@ def sample_t_and_r(
   return t, r
 
 
+def draw_inputs(
+  rng: Array,
+  shape: Sequence[int],
+  transport: transports_lib.Transport,
+  config: LossConfig,
+  dtype: DTypeLike = jnp.float32,
+  row_ids: Array | None = None,
+) -> tuple[Array, Array, Array]:
+  """The random inputs ``loss`` draws from its key: times t, r (B,)
+  (``sample_t_and_r``) and noise z of ``shape`` (B, H, W, C)."""
+  k_time, k_noise = jax.random.split(rng)
+  t, r = sample_t_and_r(k_time, shape[0], transport, config, dtype, row_ids)
+  if row_ids is None:
+    z = jax.random.normal(k_noise, tuple(shape), dtype)
+  else:
+    z = _per_row(
+      k_noise, row_ids, lambda k: jax.random.normal(k, tuple(shape[1:]), dtype)
+    )
+  return t, r, z
+
+
 def time_weight(
   t: Array,
   r: Array,
@@ -380,15 +401,8 @@ def loss(
   batch = x.shape[0]
   n_d, n_c = config.counts(batch)
   per = batch // config.groups
-  k_time, k_noise = jax.random.split(rng)
   dtype = numerics.wide(x.dtype)
-  t, r = sample_t_and_r(k_time, batch, transport, config, dtype, row_ids)
-  if row_ids is None:
-    z = jax.random.normal(k_noise, x.shape, dtype)
-  else:
-    z = _per_row(
-      k_noise, row_ids, lambda k: jax.random.normal(k, x.shape[1:], dtype)
-    )
+  t, r, z = draw_inputs(rng, x.shape, transport, config, dtype, row_ids)
   t_b = _bcast(t, x)
   x_t = transport.x_t(x, z, t_b)
 

@@ -649,7 +649,8 @@ def test_stochastic_transition_ratio_zero_is_deterministic(x64):
   x, eps, t, r = batch(tr, include_equal=True)
   x_t = tr.x_t(x, eps, t)
   f = jax.random.normal(jax.random.key(1), x.shape, jnp.float64)
-  got = tr.stochastic_transition(x_t, t, r, f, 0.0, jax.random.key(2))
+  xi = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+  got = tr.stochastic_transition(x_t, t, r, f, 0.0, xi)
   assert_close(got, tr.transition(x_t, t, r, f), 1e-15)
 
 
@@ -669,7 +670,12 @@ def test_stochastic_transition_moments(t, r, ratio, x64):
   big = lambda v: jnp.broadcast_to(jnp.asarray(v), (m, k))
   out = np.asarray(
     tr.stochastic_transition(
-      big(x_t), jnp.float64(t), jnp.float64(r), big(f), ratio, kxi
+      big(x_t),
+      jnp.float64(t),
+      jnp.float64(r),
+      big(f),
+      ratio,
+      jax.random.normal(kxi, (m, k), jnp.float64),
     )
   )
   assert out.shape == (m, k) and out.dtype == np.float64
@@ -692,14 +698,16 @@ def test_stochastic_transition_moments(t, r, ratio, x64):
   assert np.max(np.abs(corr - np.eye(k))) < 0.06
 
 
-def test_stochastic_transition_uses_the_key(x64):
+def test_stochastic_transition_is_linear_in_the_draws(x64):
+  """The step adds sqrt(2 ratio t h) xi to the deterministic drift."""
   tr = transports.get("ot_fm")
   x = jnp.linspace(-1, 1, 8)
-  a = tr.stochastic_transition(x, 0.6, 0.4, x, 0.5, jax.random.key(0))
-  b = tr.stochastic_transition(x, 0.6, 0.4, x, 0.5, jax.random.key(1))
-  c = tr.stochastic_transition(x, 0.6, 0.4, x, 0.5, jax.random.key(0))
-  assert not np.allclose(a, b)
-  np.testing.assert_array_equal(a, c)
+  xi = jax.random.normal(jax.random.key(0), x.shape, jnp.float64)
+  a = tr.stochastic_transition(x, 0.6, 0.4, x, 0.5, xi)
+  b = tr.stochastic_transition(x, 0.6, 0.4, x, 0.5, 2 * xi)
+  zero = tr.stochastic_transition(x, 0.6, 0.4, x, 0.5, 0 * xi)
+  np.testing.assert_allclose(a - zero, math.sqrt(2 * 0.5 * 0.6 * 0.2) * xi)
+  np.testing.assert_allclose(b - zero, 2 * (a - zero))
 
 
 @pytest.mark.parametrize("case", ["trigflow", "edm", "vp", "ve"])
@@ -708,5 +716,5 @@ def test_stochastic_transition_rejected_for_non_ot_fm(case):
   assert not tr.supports_stochastic
   x = jnp.zeros((2, 3))
   with pytest.raises(ValueError, match="OT-FM"):
-    tr.stochastic_transition(x, 0.5, 0.25, x, 0.1, jax.random.key(0))
+    tr.stochastic_transition(x, 0.5, 0.25, x, 0.1, x)
   assert transports.get("ot_fm").supports_stochastic

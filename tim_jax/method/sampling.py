@@ -3,14 +3,18 @@
 Semantics follow the official ``TransitionSchedule.sample``
 (``tim/schedulers/transition.py``, github.com/WZDTHU/TiM):
 
-* time grid ``linspace(T_max, T_min, N + 1)``; step i goes from t_cur to
+* time grid ``linspace(T_max, T_min, N + 1)`` (the transport's bounds unless
+  given, as the official scripts' ``--T-max``/``--T-min``); step i goes from
+  t_cur to
   t_next and the network receives r = t_next (``mode="transition"``) or
   r = t_cur (``mode="diffusion"``, a plain Euler step of the flow);
 * classifier-free guidance only where ``cfg_scale > 1`` and
   ``low * T_max < t_cur < high * T_max`` (both strict); the conditional and
   unconditional halves run as one batched forward;
 * stochasticity (OT-FM only) only on interior steps
-  (``t_cur < T_max`` and ``t_next > T_min``).
+  (``t_cur < T_max`` and ``t_next > T_min``); its Gaussian draws come from
+  ``rng``, or are given whole as ``step_noise`` (one array per step) to
+  replay another sampler's draws.
 
 Deliberate differences: the grid is float32 (float64 under x64) rather than
 the official bfloat16 (there the grid takes the dtype of the bf16 noise),
@@ -66,6 +70,24 @@ def check_settings(
   return int(num_steps), interval
 
 
+def time_bounds(
+  transport: transports_lib.Transport,
+  T_max: float | None = None,
+  T_min: float | None = None,
+) -> tuple[float, float]:
+  """The sampler's ``(T_max, T_min)``: the transport's unless given; checked
+  to lie in its range with ``T_max > T_min``."""
+  hi = float(transport.T_max if T_max is None else T_max)
+  lo = float(transport.T_min if T_min is None else T_min)
+  if not transport.T_min <= lo < hi <= transport.T_max:
+    raise UserError(
+      f"T_max={hi}, T_min={lo}: need {transport.name}'s "
+      f"T_min {transport.T_min} <= T_min < T_max <= its T_max "
+      f"{transport.T_max}"
+    )
+  return hi, lo
+
+
 def step_schedule(
   transport: transports_lib.Transport,
   num_steps: int,
@@ -73,25 +95,26 @@ def step_schedule(
   guidance_interval: Sequence[float] = (0.0, 1.0),
   stochasticity: float = 0.0,
   mode: str = "transition",
+  T_max: float | None = None,
+  T_min: float | None = None,
 ) -> dict[str, np.ndarray]:
   """The static plan of a sampling run, as numpy arrays.
 
-  Returns a dict with ``t_cur``, ``t_next``, ``r`` (what the network gets as
-  r), ``guided`` and ``stochastic`` (booleans per step).
+  ``T_max``/``T_min`` bound the time grid (default: the transport's; the
+  guidance interval is a fraction of this ``T_max``). Returns a dict with
+  ``t_cur``, ``t_next``, ``r`` (what the network gets as r), ``guided`` and
+  ``stochastic`` (booleans per step).
   """
   num_steps, guidance_interval = check_settings(
     num_steps, guidance_interval, stochasticity, mode
   )
-  grid = np.asarray(transports_lib.time_grid(transport, num_steps, np.float64))
+  T_max, T_min = time_bounds(transport, T_max, T_min)
+  grid = np.linspace(T_max, T_min, num_steps + 1, dtype=np.float64)
   t_cur, t_next = grid[:-1], grid[1:]
   low, high = guidance_interval
-  low, high = low * transport.T_max, high * transport.T_max
+  low, high = low * T_max, high * T_max
   guided = (cfg_scale > 1.0) & (t_cur > low) & (t_cur < high)
-  stochastic = (
-    (stochasticity > 0.0)
-    & (t_cur < transport.T_max)
-    & (t_next > transport.T_min)
-  )
+  stochastic = (stochasticity > 0.0) & (t_cur < T_max) & (t_next > T_min)
   r = t_next if mode == "transition" else t_cur
   return dict(
     t_cur=t_cur, t_next=t_next, r=r, guided=guided, stochastic=stochastic
@@ -124,6 +147,9 @@ def sample(
   mode: str = "transition",
   progress: Callable[..., None] | None = None,
   progress_tag: jax.Array | None = None,
+  T_max: float | None = None,
+  T_min: float | None = None,
+  step_noise: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Samples from noise in ``num_steps`` network evaluations (x2 with CFG).
 
@@ -138,7 +164,8 @@ def sample(
     cfg_scale, guidance_interval: classifier-free guidance and the window of
       t_cur, as fractions of T_max, where it applies (strict bounds).
     stochasticity: the OT-FM stochastic ratio s_r (0 = deterministic).
-    rng: a key; needed only when ``stochasticity > 0``.
+    rng: a key; needed only when ``stochasticity > 0`` and ``step_noise``
+      is not given.
     return_trajectory: also return all ``num_steps + 1`` states, noise first.
     mode: ``"transition"`` (r = t_next) or ``"diffusion"`` (r = t_cur).
     progress: called on the host with the step index after each step
@@ -146,6 +173,11 @@ def sample(
     progress_tag: if given, an array passed to ``progress`` as its second
       argument, so one compiled sampler can report to whichever caller runs
       it (the tag is data, not part of the compiled program).
+    T_max, T_min: the time grid's bounds (default: the transport's); the
+      official scripts' ``--T-max``/``--T-min``.
+    step_noise: the stochastic steps' standard-normal draws, shape
+      ``(num_steps,) + noise.shape`` (row i for step i; rows of deterministic
+      steps are unused), instead of drawing them from ``rng``.
 
   Returns:
     The final state, or (final state, trajectory (N + 1, B, H, W, C)).
@@ -158,10 +190,24 @@ def sample(
       "stochastic sampling (stochasticity > 0) is defined only for OT-FM, "
       f"not {transport.name}"
     )
-  if stochasticity > 0 and rng is None:
-    raise ValueError("stochasticity > 0 needs rng")
+  if step_noise is not None and step_noise.shape != (
+    (num_steps,) + noise.shape
+  ):
+    raise UserError(
+      f"step_noise has shape {tuple(step_noise.shape)}; expected "
+      f"(num_steps,) + noise.shape = {(num_steps,) + tuple(noise.shape)}"
+    )
+  if stochasticity > 0 and rng is None and step_noise is None:
+    raise ValueError("stochasticity > 0 needs rng or step_noise")
   plan = step_schedule(
-    transport, num_steps, cfg_scale, guidance_interval, stochasticity, mode
+    transport,
+    num_steps,
+    cfg_scale,
+    guidance_interval,
+    stochasticity,
+    mode,
+    T_max,
+    T_min,
   )
   state_dtype = numerics.wide(noise.dtype)
   time_dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
@@ -192,15 +238,18 @@ def sample(
     return jax.lax.cond(guided, with_cfg, plain)
 
   def step(x, xs):
-    i, t_cur, t_next, r, guided, stochastic = xs
+    i, t_cur, t_next, r, guided, stochastic, xi = xs
     f = network(x.astype(noise.dtype), t_cur, r, guided)
     t_b, n_b = t_cur.astype(state_dtype), t_next.astype(state_dtype)
     if any_stochastic:
-      key = jax.random.fold_in(rng, i)
+      if xi is None:
+        xi = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
       ratio = jnp.where(stochastic, stochasticity, 0.0).astype(state_dtype)
       x_next = jax.lax.cond(
         stochastic,
-        lambda: transport.stochastic_transition(x, t_b, n_b, f, ratio, key),
+        lambda: transport.stochastic_transition(
+          x, t_b, n_b, f, ratio, xi.astype(state_dtype)
+        ),
         lambda: transport.transition(x, t_b, n_b, f),
       )
     else:
@@ -228,6 +277,7 @@ def sample(
     jnp.asarray(plan["r"], time_dtype),
     jnp.asarray(plan["guided"]),
     jnp.asarray(plan["stochastic"]),
+    step_noise if any_stochastic else None,
   )
   x0 = noise.astype(state_dtype)
   final, traj = jax.lax.scan(step, x0, xs)

@@ -161,10 +161,11 @@ class Transport:
     r: Array,
     F: Array,
     ratio: Array,
-    key: Array,
+    xi: Array,
   ) -> Array:
-    """The sampler's stochastic step; defined for OT-FM only (others raise)."""
-    del x_t, t, r, F, ratio, key
+    """The sampler's stochastic step with standard-normal draws ``xi`` (the
+    shape of ``x_t``); defined for OT-FM only (others raise)."""
+    del x_t, t, r, F, ratio, xi
     raise ValueError(
       f"stochastic sampling is defined only for OT-FM, not for {self.name}"
     )
@@ -233,17 +234,17 @@ class OTFM(Transport):
     r: Array,
     F: Array,
     ratio: Array,
-    key: Array,
+    xi: Array,
   ) -> Array:
     """Euler–Maruyama step of the reverse SDE with g^2 = 2 ratio t (official
-    ``OT_FM.from_x_t_to_x_r`` with ``s_ratio > 0``).
+    ``OT_FM.from_x_t_to_x_r`` with ``s_ratio > 0``), ``xi`` its
+    standard-normal draws.
 
     The noise estimate is ``eps_hat = x_t + (1 - t) F`` and the score is taken
     as ``-eps_hat / t``.
     """
     h = t - r
     eps_hat = x_t + (1.0 - t) * F
-    xi = jax.random.normal(key, x_t.shape, x_t.dtype)
     drift = x_t - h * F - ratio * eps_hat * h
     return drift + jnp.sqrt(2.0 * ratio * t * h) * xi
 

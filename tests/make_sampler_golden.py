@@ -69,9 +69,9 @@ def main():
   # call it).
   sys.modules["flash_attn"].flash_attn_func = None
   import safetensors.torch  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
   from tim.models.c2i import tim_model  # pylint: disable=import-outside-toplevel
   from tim.schedulers import transition, transports  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
 
   with open(os.path.join(MODEL, "network.json")) as f:
     meta = json.load(f)

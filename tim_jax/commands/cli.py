@@ -182,6 +182,14 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     "checkpoints, which store theirs.",
   )
   flags.DEFINE_string(
+    "official_config",
+    None,
+    "Instead of --config: the official TiM YAML the checkpoint was "
+    "trained with (e.g. configs/c2i/tim_xl_p2_256.yaml of the official "
+    "repository), read as it is.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
     "checkpoint",
     None,
     "A tim_jax workdir, checkpoints "
@@ -244,6 +252,20 @@ def define_sampler_flags(fv: flags.FlagValues, num_steps: int) -> None:
     "Sampler mode (default: the config's sample.mode).",
     flag_values=fv,
   )
+  flags.DEFINE_float(
+    "T_max",
+    None,
+    "The time grid's start (default: the transport's T_max; the official "
+    "scripts' --T-max).",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "T_min",
+    None,
+    "The time grid's end (default: the transport's T_min; the official "
+    "scripts' --T-min).",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("seed", 0, "Noise seed.", flag_values=fv)
   flags.DEFINE_integer(
     "batch_size", 64, "Images per sampler call.", lower_bound=1, flag_values=fv
@@ -293,11 +315,13 @@ def load_pipeline(fv: flags.FlagValues):
   from tim_jax import inference  # pylint: disable=g-import-not-at-top
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
 
+  config = config_base.flag_config(fv)
+  if fv.official_config:
+    if config is not None:
+      raise UserError("give --config or --official_config, not both")
+    config = fv.official_config
   return inference.load(
-    fv.checkpoint,
-    config_base.flag_config(fv),
-    fv.autoencoder_path,
-    fv.text_encoder_path,
+    fv.checkpoint, config, fv.autoencoder_path, fv.text_encoder_path
   )
 
 

@@ -75,6 +75,8 @@ def main(fv: flags.FlagValues, args) -> None:
       cfg_scale=fv.cfg_scale,
       guidance_interval=cli.guidance_interval(fv),
       stochasticity=fv.stochasticity,
+      T_max=fv.T_max,
+      T_min=fv.T_min,
       mode=fv.mode,
       height=fv.height,
       width=fv.width,

@@ -137,12 +137,18 @@ def main(fv: flags.FlagValues, args) -> None:
   pipe = cli.load_pipeline(fv)
   try:  # Checked before the (slow) conditioning and sampling.
     settings = pipe.settings(
-      fv.num_steps, fv.cfg_scale, interval, fv.stochasticity, fv.mode
+      fv.num_steps,
+      fv.cfg_scale,
+      interval,
+      fv.stochasticity,
+      fv.mode,
+      T_max=fv.T_max,
+      T_min=fv.T_min,
     )
   except ValueError as e:
     raise UserError(
       f"bad sampler flags (--num_steps, --guidance_interval, "
-      f"--stochasticity, --mode): {e}"
+      f"--stochasticity, --mode, --T_max, --T_min): {e}"
     ) from None
   if not pipe.can_decode and not fv.latents_out:
     raise UserError(
@@ -168,6 +174,8 @@ def main(fv: flags.FlagValues, args) -> None:
       cfg_scale=fv.cfg_scale,
       guidance_interval=interval,
       stochasticity=fv.stochasticity,
+      T_max=settings.T_max,
+      T_min=settings.T_min,
       seed=fv.seed,
       batch_size=max(1, fv.batch_size // prompt_sets.PER_PROMPT),
       height=height,
@@ -197,6 +205,8 @@ def main(fv: flags.FlagValues, args) -> None:
     cfg_scale=fv.cfg_scale,
     guidance_interval=interval,
     stochasticity=fv.stochasticity,
+    T_max=settings.T_max,
+    T_min=settings.T_min,
     seed=fv.seed,
     batch_size=fv.batch_size,
     mode=fv.mode,

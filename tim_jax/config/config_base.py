@@ -175,6 +175,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = sharding.DEFAULT_RULES
 
+  # Trace `profile.num_steps` steps from step `profile.first_step` with
+  # jax.profiler into the workdir (TensorBoard's profile tab reads it);
+  # num_steps=0 traces nothing.
+  c.profile = ml_collections.ConfigDict(dict(first_step=10, num_steps=0))
+  # JAX's persistent compilation cache, so a resumed or relaunched job does
+  # not compile again: "" = <workdir>/compilation_cache (or the directory in
+  # $JAX_COMPILATION_CACHE_DIR when that is set), "none" = off, else a
+  # directory (gs:// too).
+  c.compilation_cache_dir = ""
   c.log_every = 50  # Steps between metric reports (>= 1).
   # Steps between checkpoints; the final step is always saved (0: only it).
   c.checkpoint_every = 1000
@@ -460,6 +469,8 @@ RANGES = (
   ("sample.num", 1, None, "images per grid row"),
   ("sample.min_side", 1, None, "pixels a side in grids"),
   ("autoencoder.batch_size", 1, None, "images per decoder call"),
+  ("profile.first_step", 1, None, "the first traced step"),
+  ("profile.num_steps", 0, None, "0 = no trace"),
 )
 
 

@@ -58,6 +58,8 @@ def generate(
   cfg_scale: float | None = None,
   guidance_interval: Sequence[float] | None = None,
   stochasticity: float = 0.0,
+  T_max: float | None = None,
+  T_min: float | None = None,
   mode: str | None = None,
   height: int | None = None,
   width: int | None = None,
@@ -79,7 +81,13 @@ def generate(
       "autoencoder (--autoencoder_path=DIR, a diffusers directory)"
     )
   settings = pipe.settings(
-    num_steps, cfg_scale, guidance_interval, stochasticity, mode
+    num_steps,
+    cfg_scale,
+    guidance_interval,
+    stochasticity,
+    mode,
+    T_max=T_max,
+    T_min=T_min,
   )
   size = int(pipe.config.sample.image_size)
   h, w = (
@@ -166,6 +174,8 @@ def generate(
       rng=jax.random.fold_in(jax.random.fold_in(key, 2), b),
       mode=settings.mode,
       params=params,
+      T_max=settings.T_max,
+      T_min=settings.T_min,
     )
     pixels = pipe.decode(np.asarray(jax.device_get(x))[: len(idx)])
     if not np.isfinite(pixels).all():

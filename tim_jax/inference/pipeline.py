@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from tim_jax import autoencoders
-from tim_jax.config import builders, config_base
+from tim_jax.config import builders, config_base, official
 from tim_jax.core import images
 from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
@@ -134,7 +135,7 @@ def _single_device(abstract):
 
 def load(
   checkpoint_path: str,
-  config: ml_collections.ConfigDict | None = None,
+  config: ml_collections.ConfigDict | str | None = None,
   autoencoder_path: str | None = None,
   text_encoder_path: str | None = None,
   weights: str = "ema",
@@ -144,12 +145,21 @@ def load(
   A tim_jax checkpoint gives its EMA weights (``weights="params"``: the
   trained weights the EMA follows) and, when ``config`` is None, its saved
   config; an official file (``.safetensors``, ``.pt``, ``.pth``,
-  ``.bin``) needs ``config`` for the architecture. ``autoencoder_path``
+  ``.bin``) needs ``config`` for the architecture: a config, a config file
+  (``"configs/c2i.py:xl2_256"``) or the official YAML the model was trained
+  with (``configs/c2i/tim_xl_p2_256.yaml`` of the official repository, read
+  as it is). ``autoencoder_path``
   replaces the config's ``autoencoder.path`` (where the decoder's diffusers
   directory is on this machine), ``text_encoder_path`` its
   ``text_encoder.path`` (the Gemma-3 directory of models trained on
   captions). Raises ValueError when the weights do not fit the config.
   """
+  if isinstance(config, (str, os.PathLike)):
+    spec = os.fspath(config)
+    if official.is_official_yaml(spec):
+      config = official.config_from_yaml(spec)
+    else:
+      config = config_base.load_file(spec)
   ref = resolve(checkpoint_path)
   if ref.format == "official" and weights != "ema":
     raise UserError(
@@ -232,6 +242,8 @@ class SamplerSettings:
   stochasticity: float = 0.0
   mode: str = "transition"
   with_progress: bool = False
+  T_max: float | None = None  # None: the transport's.
+  T_min: float | None = None
 
 
 class Pipeline:
@@ -333,8 +345,11 @@ class Pipeline:
     stochasticity: float = 0.0,
     mode: str | None = None,
     with_progress: bool = False,
+    T_max: float | None = None,
+    T_min: float | None = None,
   ) -> SamplerSettings:
-    """Validated settings; None means the config's ``sample.*`` value."""
+    """Validated settings; None means the config's ``sample.*`` value
+    (``T_max``/``T_min``: the transport's)."""
     s = self.config.sample
     mode = mode or s.mode
     interval = (
@@ -350,6 +365,8 @@ class Pipeline:
       raise UserError(
         f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}"
       )
+    if T_max is not None or T_min is not None:
+      T_max, T_min = sampling.time_bounds(self.transport, T_max, T_min)
     return SamplerSettings(
       num_steps=num_steps,
       cfg_scale=cfg_scale,
@@ -357,16 +374,18 @@ class Pipeline:
       stochasticity=float(stochasticity),
       mode=mode,
       with_progress=with_progress,
+      T_max=T_max,
+      T_min=T_min,
     )
 
   def compiled_sampler(self, settings: SamplerSettings) -> Callable:
-    """``fn(params, noise, cond, null, rng, call_id) -> samples``, jitted
-    once per settings (thread-safe cache)."""
+    """``fn(params, noise, cond, null, rng, call_id, step_noise=None) ->
+    samples``, jitted once per settings (thread-safe cache)."""
     with self._samplers_lock:
       if settings not in self._samplers:
         graphdef, transport = self.graphdef, self.transport
 
-        def run(params, noise, cond, null, rng, call_id):
+        def run(params, noise, cond, null, rng, call_id, step_noise=None):
           model = nnx.merge(graphdef, params)
           return sampling.sample(
             lambda x, t, r, y: model(x, t, r, y),
@@ -382,6 +401,9 @@ class Pipeline:
             mode=settings.mode,
             progress=_report if settings.with_progress else None,
             progress_tag=call_id if settings.with_progress else None,
+            T_max=settings.T_max,
+            T_min=settings.T_min,
+            step_noise=step_noise,
           )
 
         self._samplers[settings] = jax.jit(run)
@@ -401,11 +423,17 @@ class Pipeline:
     mode: str | None = None,
     progress: Callable[[int], None] | None = None,
     params: nnx.State | None = None,
+    T_max: float | None = None,
+    T_min: float | None = None,
+    step_noise: ArrayLike | None = None,
   ) -> jax.Array:
     """One sampler call on a batch of noise (a jax.Array, network space).
 
     ``progress(step)`` is called on the host after every step of this call
-    (and only this call's). None settings take the config's ``sample.*``.
+    (and only this call's). None settings take the config's ``sample.*``;
+    ``T_max``/``T_min`` bound the time grid (default: the transport's).
+    ``step_noise`` (``(num_steps,) + noise.shape``) gives the stochastic
+    steps' standard-normal draws instead of drawing them from ``rng``.
     """
     settings = self.settings(
       num_steps,
@@ -414,6 +442,8 @@ class Pipeline:
       stochasticity,
       mode,
       progress is not None,
+      T_max,
+      T_min,
     )
     fn = self.compiled_sampler(settings)
     null = self.null_like(cond) if null is None else null
@@ -424,7 +454,13 @@ class Pipeline:
         _HOOKS[call_id] = progress
     try:
       out = fn(
-        self._params(params), noise, cond, null, rng, np.int32(call_id % 2**31)
+        self._params(params),
+        noise,
+        cond,
+        null,
+        rng,
+        np.int32(call_id % 2**31),
+        step_noise,
       )
       if progress is not None:
         out = jax.block_until_ready(out)
@@ -454,6 +490,10 @@ class Pipeline:
     desc: str = "sampling",
     params: nnx.State | None = None,
     check_finite: bool = True,
+    T_max: float | None = None,
+    T_min: float | None = None,
+    noise: ArrayLike | None = None,
+    step_noise: ArrayLike | None = None,
   ) -> np.ndarray:
     """``num`` samples per row of ``cond`` (row-major: all of row 0 first),
     in network space (pixels in [-1, 1] for pixel models), as numpy.
@@ -463,27 +503,60 @@ class Pipeline:
     last one is padded), so the sampler compiles once. With
     ``check_finite`` a batch holding a non-finite value raises
     ``NonFiniteSamplesError`` at once (diverged or damaged weights).
+
+    To replay another sampler's run exactly (e.g. the official scripts'):
+    ``noise`` gives every image's initial state, (rows * num, H, W, C) in
+    network space (it fixes the size), ``step_noise`` the stochastic steps'
+    standard-normal draws, (num_steps, rows * num, H, W, C), and
+    ``T_max``/``T_min`` the time grid's bounds (default: the transport's).
     """
     settings = self.settings(
-      num_steps, cfg_scale, guidance_interval, stochasticity, mode
+      num_steps,
+      cfg_scale,
+      guidance_interval,
+      stochasticity,
+      mode,
+      T_max=T_max,
+      T_min=T_min,
     )
     if num < 1:
       raise UserError(f"num must be >= 1, got {num}")
     if batch_size < 1:
       raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    rows = jax.tree.leaves(cond)[0].shape[0]
+    total = rows * num
     size = int(image_size or self.config.sample.image_size)
     height, width = int(height or size), int(width or size)
+    channels = self.model_config.in_channels
+    if noise is not None:
+      noise = np.asarray(noise)
+      if (
+        noise.ndim != 4
+        or noise.shape[0] != total
+        or noise.shape[3] != (channels)
+      ):
+        raise UserError(
+          f"noise has shape {noise.shape}; expected ({total}, H, W, "
+          f"{channels}): one initial state per image ({rows} rows x {num})"
+        )
+      height, width = (int(v) for v in noise.shape[1:3])
+    if step_noise is not None:
+      step_noise = np.asarray(step_noise)
+      want = (settings.num_steps, total, height, width, channels)
+      if step_noise.shape != want:
+        raise UserError(
+          f"step_noise has shape {step_noise.shape}; expected {want} "
+          "(steps, images, H, W, C)"
+        )
     patch = self.model_config.patch_size
     if height % patch or width % patch or min(height, width) < patch:
       raise UserError(
         f"the network-space size {height}x{width} must be a "
         f"positive multiple of the patch size {patch}"
       )
-    rows = jax.tree.leaves(cond)[0].shape[0]
-    total = rows * num
     index = np.repeat(np.arange(rows), num)
     all_cond = jax.tree.map(lambda c: np.asarray(c)[index], cond)
-    shape = (height, width, self.model_config.in_channels)
+    shape = (height, width, channels)
     base = jax.random.key(seed)
     draw = jax.jit(
       jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), shape))
@@ -510,7 +583,7 @@ class Pipeline:
         batch_cond = jax.tree.map(lambda c: c[take], all_cond)
         rng = jax.random.fold_in(jax.random.key(seed + 1), start)
         images = self.sample(
-          draw(take),
+          draw(take) if noise is None else jnp.asarray(noise[take]),
           batch_cond,
           num_steps=settings.num_steps,
           cfg_scale=settings.cfg_scale,
@@ -520,6 +593,9 @@ class Pipeline:
           mode=settings.mode,
           progress=update,
           params=params,
+          T_max=settings.T_max,
+          T_min=settings.T_min,
+          step_noise=None if step_noise is None else step_noise[:, take],
         )
         out.append(np.asarray(jax.device_get(images))[: bs - pad])
         if check_finite and not np.isfinite(out[-1]).all():

@@ -3,7 +3,9 @@
 Semantics follow the official ``TransitionSchedule.sample``
 (``tim/schedulers/transition.py``, github.com/WZDTHU/TiM):
 
-* time grid ``linspace(T_max, T_min, N + 1)``; step i goes from t_cur to
+* time grid ``linspace(T_max, T_min, N + 1)`` (the transport's bounds unless
+  given, as the official scripts' ``--T-max``/``--T-min``); step i goes from
+  t_cur to
   t_next and the network receives r = t_next (``mode="transition"``) or
   r = t_cur (``mode="diffusion"``, a plain Euler step of the flow);
 * classifier-free guidance only where ``cfg_scale > 1`` and
@@ -70,6 +72,24 @@ def check_settings(
   return int(num_steps), interval
 
 
+def time_bounds(
+  transport: transports_lib.Transport,
+  T_max: float | None = None,
+  T_min: float | None = None,
+) -> tuple[float, float]:
+  """The sampler's ``(T_max, T_min)``: the transport's unless given; checked
+  to lie in its range with ``T_max > T_min``."""
+  hi = float(transport.T_max if T_max is None else T_max)
+  lo = float(transport.T_min if T_min is None else T_min)
+  if not transport.T_min <= lo < hi <= transport.T_max:
+    raise UserError(
+      f"T_max={hi}, T_min={lo}: need {transport.name}'s "
+      f"T_min {transport.T_min} <= T_min < T_max <= its T_max "
+      f"{transport.T_max}"
+    )
+  return hi, lo
+
+
 def step_schedule(
   transport: transports_lib.Transport,
   num_steps: int,
@@ -78,8 +98,13 @@ def step_schedule(
   stochasticity: float = 0.0,
   mode: str = "transition",
   last_step_noise: bool = True,
+  T_max: float | None = None,
+  T_min: float | None = None,
 ) -> dict[str, np.ndarray]:
   """The static plan of a sampling run, as numpy arrays.
+
+  ``T_max``/``T_min`` bound the time grid (default: the transport's; the
+  guidance interval is a fraction of this ``T_max``).
 
   Returns a dict with ``t_cur``, ``t_next``, ``r`` (what the network gets as
   r), ``guided`` and ``stochastic`` (booleans per step). A step is stochastic
@@ -90,16 +115,17 @@ def step_schedule(
   num_steps, guidance_interval = check_settings(
     num_steps, guidance_interval, stochasticity, mode
   )
-  grid = np.asarray(transports_lib.time_grid(transport, num_steps, np.float64))
+  T_max, T_min = time_bounds(transport, T_max, T_min)
+  grid = np.linspace(T_max, T_min, num_steps + 1, dtype=np.float64)
   t_cur, t_next = grid[:-1], grid[1:]
   low, high = guidance_interval
-  low, high = low * transport.T_max, high * transport.T_max
+  low, high = low * T_max, high * T_max
   guided = (cfg_scale > 1.0) & (t_cur > low) & (t_cur < high)
   r = t_next if mode == "transition" else t_cur
-  stochastic = (stochasticity > 0.0) & (t_cur < transport.T_max)
-  stochastic &= r > transport.T_min
+  stochastic = (stochasticity > 0.0) & (t_cur < T_max)
+  stochastic &= r > T_min
   if not last_step_noise:
-    stochastic &= t_next > transport.T_min
+    stochastic &= t_next > T_min
   return dict(
     t_cur=t_cur, t_next=t_next, r=r, guided=guided, stochastic=stochastic
   )
@@ -133,6 +159,8 @@ def sample(
   step_noise: jax.Array | None = None,
   progress: Callable[..., None] | None = None,
   progress_tag: jax.Array | None = None,
+  T_max: float | None = None,
+  T_min: float | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Samples from noise in ``num_steps`` network evaluations (x2 with CFG).
 
@@ -163,6 +191,8 @@ def sample(
     progress_tag: if given, an array passed to ``progress`` as its second
       argument, so one compiled sampler can report to whichever caller runs
       it (the tag is data, not part of the compiled program).
+    T_max, T_min: the time grid's bounds (default: the transport's); the
+      official scripts' ``--T-max``/``--T-min``.
 
   Returns:
     The final state, or (final state, trajectory (N + 1, B, H, W, C)).
@@ -190,6 +220,8 @@ def sample(
     stochasticity,
     mode,
     last_step_noise,
+    T_max,
+    T_min,
   )
   state_dtype = numerics.wide(noise.dtype)
   time_dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32

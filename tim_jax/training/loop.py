@@ -8,7 +8,9 @@
 * reports progress (steps/s, ETA) and metrics through clu writers
   (TensorBoard and console), writes sample grids at several NFE as PNG and to
   TensorBoard, runs the evaluators of ``config.evals`` on their own
-  schedules, and checkpoints every N steps and at the end.
+  schedules, and checkpoints every N steps and at the end;
+* traces ``config.profile`` steps for TensorBoard's profile tab and keeps
+  compiled programs in a persistent cache (``config.compilation_cache_dir``).
 """
 
 from __future__ import annotations
@@ -82,6 +84,71 @@ def write_sample_grids(
   return [path]
 
 
+def compilation_cache_dir(
+  config: ml_collections.ConfigDict, workdir: str
+) -> str | None:
+  """Where ``config.compilation_cache_dir`` puts JAX's persistent cache, or
+  None for none (see the field's comment)."""
+  value = config.get("compilation_cache_dir", "")
+  if value == "none":
+    return None
+  if value:
+    return value
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+    workdir, "compilation_cache"
+  )
+
+
+def use_compilation_cache(directory: str | None) -> None:
+  """Points JAX's persistent compilation cache at ``directory`` (None: off)
+  for the programs compiled from now on in this process."""
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # The cache is set up at the first compile; later ones would keep the old
+  # directory without this.
+  compilation_cache.reset_cache()
+  if directory:
+    logging.info("compilation cache: %s", directory)
+
+
+class StepTracer:
+  """Traces steps ``[first, first + num)`` with ``jax.profiler`` into
+  ``logdir`` (what TensorBoard's profile tab reads).
+
+  Written here rather than with clu's ``periodic_actions.Profile``, which
+  stops the trace without waiting for the traced steps' device work and
+  leaves it open when a run ends inside the window.
+  """
+
+  def __init__(self, logdir: str, first: int, num: int):
+    self.logdir, self.first, self.last = logdir, first, first + num - 1
+    self.enabled, self.running = num > 0, False
+
+  def before(self, step: int) -> None:
+    """Called before running ``step`` (1-based)."""
+    if self.enabled and step == self.first and not self.running:
+      jax.profiler.start_trace(self.logdir)
+      self.running = True
+      logging.info("profiling steps %d-%d", self.first, self.last)
+
+  def after(self, step: int, state: TrainState) -> None:
+    """Called after dispatching ``step``: stops after the last traced one,
+    once its computation is done."""
+    if self.running and step >= self.last:
+      self.stop(state)
+
+  def stop(self, state: TrainState | None = None) -> None:
+    """Ends a running trace once ``state`` is computed (no-op otherwise)."""
+    if self.running:
+      try:
+        jax.block_until_ready(state)
+      finally:  # Even a failed step's trace is closed and written.
+        jax.profiler.stop_trace()
+      self.running = False
+      logging.info("wrote the profile under %s", self.logdir)
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> TrainState:
@@ -93,6 +160,7 @@ def train_and_evaluate(
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir} is a file, not a directory")
   os.makedirs(workdir, exist_ok=True)
+  use_compilation_cache(compilation_cache_dir(config, workdir))
   # One trainer per workdir: a second one stops here, naming the first.
   lock = workdir_lock.acquire(
     workdir,
@@ -191,6 +259,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     )
   ]
   evals = evaluators.build(config, trainer)
+  tracer = StepTracer(
+    workdir, int(config.profile.first_step), int(config.profile.num_steps)
+  )
 
   pending = None  # The previous step's metrics (the guard lags a step).
   accumulated = []
@@ -202,8 +273,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         kinds.host_batch(config, trainer.conditioner, next(data_iter)),
         trainer.mesh,
       )
+      tracer.before(step + 1)
       state, metrics = trainer.train_step(state, batch)
       step += 1
+      tracer.after(step, state)
       if pending is not None:
         streak = int(pending["nonfinite_streak"])
         if streak >= config.max_nonfinite_steps:
@@ -251,6 +324,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         _guard_stop_message(streak, step, jax.device_get(pending), ckpt, config)
       )
   finally:
+    tracer.stop(state)
     ckpt.close()
     writer.flush()
   logging.info("finished %d steps in %.1f s", total - start, time.time() - t0)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from tim_jax.autoencoders import dc, kl
 from tim_jax.autoencoders import layers as L
-from tim_jax.core import sharding
+from tim_jax.core import hub, sharding
 from tim_jax.core.errors import UserError
 from tim_jax.weights import torch_weights
 
@@ -48,6 +48,9 @@ WEIGHT_FILES = (
   "diffusion_pytorch_model.safetensors",
   "diffusion_pytorch_model.bin",
 )
+# What a hub id's download fetches: the repositories (sd-vae-ft-ema) that
+# hold the weights twice keep their .bin copy on the hub.
+HUB_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 DTYPES = {
   "float32": jnp.float32,
   "bfloat16": jnp.bfloat16,
@@ -251,8 +254,10 @@ def from_diffusers(
   that differs, is a ValueError naming it. ``dtype`` is the compute dtype
   (weights stay float32, or float64 with ``dtype="float64"`` under x64).
   A ``name`` of ``NAMES`` must match the directory's class (checked before
-  the weights are read).
+  the weights are read). ``directory`` may be a hub id
+  (``hf://stabilityai/sd-vae-ft-ema``; ``tim_jax.core.hub``).
   """
+  directory = hub.resolve(directory, allow_patterns=HUB_FILES)
   directory = os.fspath(directory)
   cfg = read_config(directory)
   want = NAMES.get(name)

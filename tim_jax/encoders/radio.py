@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core import hub
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 from tim_jax.weights import torch_weights
@@ -443,7 +444,10 @@ def _read(path: str):
 
 def load(path: str, *, dtype: DTypeLike = jnp.float32) -> RadioEncoder:
   """A RADIO encoder from the official checkpoint format. ViT keys the
-  model lacks raise; keys the official loader also ignores are logged."""
+  model lacks raise; keys the official loader also ignores are logged.
+  ``path`` may be a hub id
+  (``hf://nvidia/RADIO/radio-v2.5-b_half.pth.tar``)."""
+  path = hub.resolve(path)
   args, sd = _read(str(path))
   base = {
     k[len("base_model.") :]: v

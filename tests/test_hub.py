@@ -316,13 +316,13 @@ def test_a_gated_text_encoder_without_token_stops_first(model_hub, tmp_path):
   assert line.startswith("error: hf://google/gemma-3-1b-it: ")
   assert "gated" in line and "huggingface-cli login" in line
   assert "HF_TOKEN" in line
-  # It stops before the (3.5 GB, for the real model) weights are fetched.
+  # It stops before the (large, for the real model) weights are fetched.
   assert model_hub.count("t2i_model.bin") == before
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_a_missing_file_and_an_unknown_preset(model_hub, tmp_path):
+def test_a_missing_file_is_one_line_naming_it(model_hub, tmp_path):
   env = environment(model_hub.url, tmp_path / "home")
   missing = "hf://GoodEnough/TiM-C2I/c2i_model_1024.safetensors"
   done = sample(
@@ -333,12 +333,34 @@ def test_a_missing_file_and_an_unknown_preset(model_hub, tmp_path):
   assert line.startswith(f"error: {missing}: ")
   assert "no file or folder c2i_model_1024.safetensors" in line
   assert "c2i_model_256.safetensors" in line  # What the repository holds.
-  done = run(
-    ["-m", "tim_jax.commands.sample", "--model=tim-c2i-1024"], env, 120
+
+
+def test_presets_and_the_model_flags(capsys):
+  from tim_jax import inference
+  from tim_jax.commands import cli
+  from tim_jax.commands import sample as sample_command
+
+  # The presets name the released files (github.com/WZDTHU/TiM's model zoo).
+  p = inference.PRESETS
+  assert p["tim-c2i-256"].checkpoint == (
+    "hf://GoodEnough/TiM-C2I/c2i_model_256.safetensors"
   )
-  assert done.returncode == 2
-  assert "no model preset 'tim-c2i-1024'" in done.stderr
-  assert "tim-c2i-256" in done.stderr
+  assert p["tim-t2i"].checkpoint == "hf://GoodEnough/TiM-T2I/t2i_model.bin"
+  assert p["tim-t2i"].text_encoder == "hf://google/gemma-3-1b-it"
+  for preset in p.values():
+    config = preset.load_config()
+    assert config.model.kind == preset.name.split("-")[1]
+    hub.parse(preset.checkpoint)
+    hub.parse(preset.autoencoder)
+  assert p["tim-c2i-256"].load_config().autoencoder.name == "sd_vae_ft_ema"
+  assert p["tim-t2i"].load_config().text_encoder.name == "gemma3"
+  # An unknown name or no model at all: one line, before any download.
+  assert cli.call(sample_command, ["--model=tim-c2i-1024"]) == 2
+  err = capsys.readouterr().err
+  assert "no model preset 'tim-c2i-1024'" in err and "tim-c2i-256" in err
+  assert cli.call(sample_command, ["--labels=1"]) == 2
+  err = capsys.readouterr().err
+  assert "--checkpoint" in err and "--model" in err
 
 
 LOADERS = r"""

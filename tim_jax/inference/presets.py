@@ -17,6 +17,7 @@ with ``,smoke`` for a test), ``checkpoint=``, ``autoencoder_path=``,
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING
 
 from tim_jax.config import config_base
@@ -27,6 +28,10 @@ from tim_jax.inference import pipeline
 if TYPE_CHECKING:
   import ml_collections
 
+# configs/ beside the package, in a checkout that is not installed.
+_CHECKOUT_CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs"
+)
 SD_VAE = "hf://stabilityai/sd-vae-ft-ema"
 DC_AE = "hf://mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
 GEMMA = "hf://google/gemma-3-1b-it"  # Gated: needs a Hugging Face token.
@@ -44,7 +49,13 @@ class Preset:
   text_encoder: str = ""  # hf:// id of the caption encoder (T2I).
 
   def load_config(self) -> ml_collections.ConfigDict:
-    """The preset's config (its architecture and sampling defaults)."""
+    """The preset's config (its architecture and sampling defaults): the
+    package's own config file, whatever the current folder holds."""
+    path, _, variant = self.config.partition(":")
+    name = os.path.basename(path)
+    for folder in (config_base.packaged_configs(), _CHECKOUT_CONFIGS):
+      if folder and os.path.isfile(os.path.join(folder, name)):
+        return config_base.load_file(f"{os.path.join(folder, name)}:{variant}")
     return config_base.load_file(self.config)
 
 

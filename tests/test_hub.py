@@ -180,6 +180,7 @@ def test_hub_errors_are_one_line_naming_the_id(small_hub, tmp_path):
       "hf://owner/nope/w.safetensors",
       "hf://owner/repo@v9/w.safetensors",
       "hf://owner/gated/config.json",
+      "hf://owner/bad name/w.safetensors",
     ],
     env,
   )
@@ -195,6 +196,7 @@ def test_hub_errors_are_one_line_naming_the_id(small_hub, tmp_path):
   assert "w.safetensors" in errors["hf://owner/repo/nothing.safetensors"]
   assert "no repository owner/nope" in errors["hf://owner/nope/w.safetensors"]
   assert "no revision v9" in errors["hf://owner/repo@v9/w.safetensors"]
+  assert "bad name" in errors["hf://owner/bad name/w.safetensors"]
   gated = errors["hf://owner/gated/config.json"]
   assert "gated" in gated and "huggingface-cli login" in gated
   assert "HF_TOKEN" in gated

@@ -172,6 +172,8 @@ def _explain(ref: HubPath, e: Exception) -> str | None:
   from huggingface_hub import constants, errors  # pylint: disable=g-import-not-at-top
 
   endpoint = constants.ENDPOINT
+  if isinstance(e, errors.HFValidationError):  # A malformed repository id.
+    return f"{ref}: {' '.join(str(e).split())}"
   if isinstance(e, errors.GatedRepoError):
     if _has_token():
       return (

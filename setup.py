@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
   "safetensors>=0.4",
   # Gemma-3's tokenizer (tokenizer.json) for text-to-image captions.
   "tokenizers>=0.20",
+  # hf://owner/repo ids and the released models' presets (tim_jax.core.hub).
+  "huggingface_hub>=0.25",
   "pillow",
   "tqdm",
   "scipy",

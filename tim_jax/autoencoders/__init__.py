@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from tim_jax.autoencoders import dc, kl
 from tim_jax.autoencoders import layers as L
-from tim_jax.core import sharding
+from tim_jax.core import hub, sharding
 from tim_jax.core.errors import UserError
 from tim_jax.weights import torch_weights
 
@@ -48,6 +48,14 @@ WEIGHT_FILES = (
   "diffusion_pytorch_model.safetensors",
   "diffusion_pytorch_model.bin",
 )
+# Where each autoencoder is on the Hugging Face Hub (tim_jax.core.hub ids).
+HUB_IDS = {
+  "sd_vae_ft_ema": "hf://stabilityai/sd-vae-ft-ema",
+  "dc_ae_f32c32_sana_1.1": "hf://mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
+}
+# What a hub id's download fetches: the repositories (sd-vae-ft-ema) that
+# hold the weights twice keep their .bin copy on the hub.
+HUB_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 DTYPES = {
   "float32": jnp.float32,
   "bfloat16": jnp.bfloat16,
@@ -251,8 +259,10 @@ def from_diffusers(
   that differs, is a ValueError naming it. ``dtype`` is the compute dtype
   (weights stay float32, or float64 with ``dtype="float64"`` under x64).
   A ``name`` of ``NAMES`` must match the directory's class (checked before
-  the weights are read).
+  the weights are read). ``directory`` may be a hub id
+  (``hf://stabilityai/sd-vae-ft-ema``; ``tim_jax.core.hub``).
   """
+  directory = hub.resolve(directory, allow_patterns=HUB_FILES)
   directory = os.fspath(directory)
   cfg = read_config(directory)
   want = NAMES.get(name)
@@ -310,9 +320,9 @@ def from_config(
   path = a.get("path")
   if not path:
     raise UserError(
-      f"autoencoder {a.name!r} needs --config.autoencoder.path=DIR, a "
-      "diffusers save_pretrained directory (see the README's 'Files' "
-      "section for where to get it)"
+      f"autoencoder {a.name!r} needs --config.autoencoder.path: its hub "
+      f"id {HUB_IDS.get(a.name, 'hf://owner/repo')} or a diffusers "
+      "save_pretrained directory"
     )
   return from_diffusers(
     path, dtype=a.get("dtype", "float32"), mesh=mesh, name=a.name
@@ -329,4 +339,6 @@ __all__ = [
   "read_config",
   "NAMES",
   "DOWNSAMPLE",
+  "HUB_IDS",
+  "HUB_FILES",
 ]

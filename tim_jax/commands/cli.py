@@ -174,12 +174,20 @@ def define_config(fv: flags.FlagValues, help_text: str) -> None:
 
 
 def define_model_flags(fv: flags.FlagValues) -> None:
-  """Where the model comes from: ``--checkpoint``, ``--config`` and the
-  frozen networks' files."""
+  """Where the model comes from: ``--model`` or ``--checkpoint``,
+  ``--config`` and the frozen networks' files (paths or hub ids)."""
   define_config(
     fv,
     "Config file (+ ':variant'); optional for tim_jax "
-    "checkpoints, which store theirs.",
+    "checkpoints, which store theirs, and for --model.",
+  )
+  flags.DEFINE_string(
+    "model",
+    None,
+    "A released model by name (tim-c2i-256, tim-c2i-512, tim-t2i): its "
+    "weights, config, autoencoder and text encoder, from the Hugging Face "
+    "Hub; the other model flags replace its parts.",
+    flag_values=fv,
   )
   flags.DEFINE_string(
     "official_config",
@@ -194,7 +202,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "A tim_jax workdir, checkpoints "
     "dir or step dir, or an official .safetensors/.pt/"
-    ".pth/.bin file.",
+    ".pth/.bin file; a path or a hub id (hf://owner/repo/file).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -202,7 +210,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "The autoencoder's diffusers "
     "directory (latent models; replaces the config's "
-    "autoencoder.path).",
+    "autoencoder.path); a path or a hub id (hf://owner/repo).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -210,10 +218,9 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "The Gemma-3 directory of "
     "models trained on captions (replaces the config's "
-    "text_encoder.path).",
+    "text_encoder.path); a path or a hub id (hf://owner/repo).",
     flag_values=fv,
   )
-  flags.mark_flag_as_required("checkpoint", flag_values=fv)
 
 
 def define_sampler_flags(fv: flags.FlagValues, num_steps: int) -> None:
@@ -225,6 +232,7 @@ def define_sampler_flags(fv: flags.FlagValues, num_steps: int) -> None:
     lower_bound=1,
     flag_values=fv,
   )
+  flags.DEFINE_alias("steps", "num_steps", flag_values=fv)
   flags.DEFINE_float(
     "cfg_scale",
     None,
@@ -320,6 +328,19 @@ def load_pipeline(fv: flags.FlagValues):
     if config is not None:
       raise UserError("give --config or --official_config, not both")
     config = fv.official_config
+  if fv.model:
+    return inference.load_preset(
+      fv.model,
+      config=config,
+      checkpoint=fv.checkpoint,
+      autoencoder_path=fv.autoencoder_path,
+      text_encoder_path=fv.text_encoder_path,
+    )
+  if not fv.checkpoint:
+    raise UserError(
+      "give --checkpoint=PATH (a run or an official file) or "
+      "--model=NAME (a released model: tim-c2i-256, tim-c2i-512, tim-t2i)"
+    )
   return inference.load(
     fv.checkpoint, config, fv.autoencoder_path, fv.text_encoder_path
   )

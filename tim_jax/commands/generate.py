@@ -1,8 +1,10 @@
 """Many samples for FID: ``python -m tim_jax.commands.generate``.
 
-    python -m tim_jax.commands.generate --config=configs/c2i.py:xl2_256 \\
-        --checkpoint=c2i_model_256.safetensors --autoencoder_path=sd-vae-ft-ema \\
+    python -m tim_jax.commands.generate --model=tim-c2i-256 \\
         --num_images=50000 --num_steps=1 --cfg_scale=2.5 --out=samples.npz
+
+(``--model``: a released model from the Hugging Face Hub; or
+``--checkpoint`` and ``--config`` as for ``sample``, paths or hub ids.)
 
 writes an ADM-style ``.npz`` (``arr_0`` uint8 images, ``arr_1`` labels or
 prompt indices; see ``tim_jax.inference.generate``). Image i's noise and

@@ -7,9 +7,18 @@
         --prompt="a blue square in the center" --num_steps=4 \\
         --num_per_prompt=4 --out=grid.png
 
-    # An official checkpoint: the config gives the architecture.
+    # A released model by name, from the Hugging Face Hub (weights, config,
+    # autoencoder and text encoder; cached after the first run).
+    python -m tim_jax.commands.sample --model=tim-c2i-256 --labels=207,360 \\
+        --steps=2 --out=grid.png
+    python -m tim_jax.commands.sample --model=tim-t2i \\
+        --prompt="a lighthouse at dusk" --height=1024 --width=768
+
+    # An official checkpoint: the config gives the architecture (paths or
+    # hub ids, hf://owner/repo[/file]).
     python -m tim_jax.commands.sample --config=configs/c2i.py:xl2_256 \\
-        --checkpoint=c2i_model_256.safetensors --autoencoder_path=sd-vae-ft-ema \\
+        --checkpoint=hf://GoodEnough/TiM-C2I/c2i_model_256.safetensors \\
+        --autoencoder_path=hf://stabilityai/sd-vae-ft-ema \\
         --labels=207,360 --num_steps=8 --cfg_scale=2.5 --out=grid.png
 
     # A benchmark's prompts into the folder its evaluator reads (four

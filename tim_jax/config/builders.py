@@ -133,9 +133,9 @@ def repa_encoder(
   if not path and encoder is None:
     raise UserError(
       f"loss_extras.repa_encoder={name!r} needs "
-      "--config.loss_extras.repa_encoder_path=FILE (RADIO's checkpoint, "
-      "radio-v2.5-b_half.pth.tar from NVIDIA's RADIO release; see the "
-      "README's REPA section), or --config.loss_extras.repa_encoder=none"
+      "--config.loss_extras.repa_encoder_path=FILE (RADIO's checkpoint: "
+      "hf://nvidia/RADIO/radio-v2.5-b_half.pth.tar or a local copy), or "
+      "--config.loss_extras.repa_encoder=none"
     )
   if not config.model.use_projector:
     raise UserError("REPA needs the projector: model.use_projector=True")
@@ -166,8 +166,7 @@ def text_encoder(config: ml_collections.ConfigDict) -> gemma.GemmaEncoder:
     raise UserError(
       "data.name='captions' encodes captions in the train step: set "
       "--config.text_encoder.name=gemma3 --config.text_encoder.path=DIR "
-      "(a Hugging Face download of google/gemma-3-1b-it; see the README's "
-      "'Files' section)"
+      "(its hub id hf://google/gemma-3-1b-it, or a local copy of it)"
     )
   if te.dtype not in DTYPES:
     raise UserError(

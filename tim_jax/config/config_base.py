@@ -81,14 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
       repa_feature_key="",
       # REPA with the teacher inside the train step: "none" or
       # "radio_v2_5_b" (the official teacher), read from repa_encoder_path
-      # (RADIO's checkpoint, e.g. radio-v2.5-b_half.pth.tar).
+      # (RADIO's checkpoint, a path or a hub id such as
+      # hf://nvidia/RADIO/radio-v2.5-b_half.pth.tar).
       repa_encoder="none",
       repa_encoder_path="",
     )
   )
   # Initialise the network from a checkpoint before training (the official
   # configs' `ckpt` + init_from_ckpt): an official .safetensors/.pt/.bin or
-  # a tim_jax run; parameters whose official name contains any of
+  # a tim_jax run, a path or a hub id (hf://owner/repo/file); parameters whose official name contains any of
   # `init_ignore_keys` (e.g. "delta_embedder") keep their initialisation.
   c.init_from = ""
   c.init_ignore_keys = ()

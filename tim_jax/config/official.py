@@ -19,6 +19,7 @@ import ml_collections
 import yaml
 
 from tim_jax.config import config_base
+from tim_jax.core import hub
 from tim_jax.core.errors import UserError
 from tim_jax.method import transports
 
@@ -70,9 +71,10 @@ def config_from_yaml(path: str) -> ml_collections.ConfigDict:
 
   Maps the network, transport, loss, autoencoder and text encoder; the
   autoencoder's and text encoder's directories stay unset (pass them to
-  ``inference.load``). UserError for a file that is not such a YAML.
+  ``inference.load``). ``path`` may be a hub id (``hf://...yaml``).
+  UserError for a file that is not such a YAML.
   """
-  p = epath.Path(path)
+  p = epath.Path(hub.resolve(path))  # A hub id downloads the file.
   if not p.is_file():
     raise UserError(f"no official config YAML at {path}")
   try:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core import hub
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs
 from tim_jax.weights import torch_weights
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
   import tokenizers
 
 MAX_LENGTH = 256  # The official max_seq_length.
+# What a hub id's download fetches (not tokenizer.model: tokenizer.json
+# is read).
+HUB_FILES = ("*.json", "*.safetensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +341,8 @@ def load_tokenizer(
   """The checkpoint's tokenizer (``tokenizer.json``, through the
   ``tokenizers`` library) set up as the official ``tokenizer(...,
   padding="max_length", truncation=True)``: right padding with the pad
-  token, truncation to ``max_length``."""
+  token, truncation to ``max_length``. ``directory`` may be a hub id."""
+  directory = hub.resolve(directory, allow_patterns=HUB_FILES)
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(directory, "tokenizer.json")
@@ -376,7 +381,10 @@ def load(
   ``model.safetensors``, ``tokenizer.json``). Strict: every decoder weight
   must be there; the LM head (tied to the embedding) is not needed.
   ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) the
-  weights' (the official encoder holds and runs them in bfloat16)."""
+  weights' (the official encoder holds and runs them in bfloat16).
+  ``directory`` may be a hub id (``hf://google/gemma-3-1b-it``, a gated
+  repository: a token is needed; ``tim_jax.core.hub``)."""
+  directory = hub.resolve(directory, allow_patterns=HUB_FILES)
   if not os.path.isdir(os.fspath(directory)):
     raise FileNotFoundError(
       f"text encoder directory {directory!r} does not "

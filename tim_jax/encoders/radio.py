@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core import hub
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 from tim_jax.weights import torch_weights
@@ -521,9 +522,10 @@ def load(path: str, *, dtype: DTypeLike | None = None) -> RadioEncoder:
   computation's dtype (default: that same ``args.dtype``, which is what the
   official loader computes in). Every ViT key must be one the model
   implements or one the official model never uses (``IGNORED_KEYS``, logged);
-  any other raises a UserError naming it, as does a missing key.
+  any other raises a UserError naming it, as does a missing key. ``path``
+  may be a hub id (``hf://nvidia/RADIO/radio-v2.5-b_half.pth.tar``).
   """
-  path = str(path)
+  path = str(hub.resolve(path))
   args, sd = _read(path)
   base = {
     k[len("base_model.") :]: v

@@ -35,7 +35,7 @@ import numpy as np
 
 from tim_jax import autoencoders
 from tim_jax.config import builders, config_base, official
-from tim_jax.core import images
+from tim_jax.core import hub, images
 from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
 from tim_jax.method import sampling
@@ -63,7 +63,10 @@ class CheckpointRef:
 
 
 def resolve(path: str) -> CheckpointRef:
-  """A workdir, a ``checkpoints`` dir, one step's dir or an official file."""
+  """A workdir, a ``checkpoints`` dir, one step's dir or an official file;
+  any of them may be a hub id (``tim_jax.core.hub``), resolved to its
+  local copy."""
+  path = hub.resolve(path)
   if not path:
     raise UserError("a checkpoint path (--checkpoint) is required")
   if os.path.isfile(path):

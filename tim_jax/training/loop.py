@@ -202,9 +202,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   if config.sample.every and not trainer.pipeline.can_decode:
     raise ValueError(
       f"sample.every={config.sample.every} decodes the samples with "
-      f"{config.autoencoder.name!r}: set --config.autoencoder.path=DIR (a "
-      "diffusers directory of it; see the README's 'Files' section) or "
-      "--config.sample.every=0"
+      f"{config.autoencoder.name!r}: set --config.autoencoder.path (its "
+      "hub id, e.g. hf://stabilityai/sd-vae-ft-ema, or a diffusers "
+      "directory of it) or --config.sample.every=0"
     )
   if config.sample.every and config.autoencoder.name != "identity":
     _ = trainer.pipeline.autoencoder  # Read now: a bad directory stops here.

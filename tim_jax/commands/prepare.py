@@ -157,10 +157,6 @@ def define_flags(fv: flags.FlagValues) -> None:
     flag_values=fv,
   )
   flags.mark_flags_as_required(["data_dir"], flag_values=fv)
-  flags.mark_flags_as_mutual_exclusive(
-    list(SOURCES), required=True, flag_values=fv
-  )
-
   @flags.multi_flags_validator(
     ["official_latents", "images", "autoencoder", "autoencoder_path"],
     message="--official_latents needs --images (the images the latents "
@@ -172,6 +168,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     if v["official_latents"] is not None:
       return v["images"] is not None
     return v["autoencoder"] is not None and v["autoencoder_path"] is not None
+
+  flags.mark_flags_as_mutual_exclusive(
+    list(SOURCES), required=True, flag_values=fv
+  )
 
 
 def main(fv: flags.FlagValues, args) -> None:

@@ -171,6 +171,7 @@ def test_official_layout_mistakes_are_one_line(tmp_path, capsys):
     and capsys.readouterr().err
   )
   assert "256 px crops" in error("--resolution=512")
+  assert "are sd_vae_ft_ema's" in error("--autoencoder=dc_ae_f32c32_sana_1.1")
   paths = sorted(stored)
   # An image without its latent.
   extra = os.path.join(images, CLASSES[1], "new.JPEG")

@@ -157,6 +157,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flag_values=fv,
   )
   flags.mark_flags_as_required(["data_dir"], flag_values=fv)
+
   @flags.multi_flags_validator(
     ["official_latents", "images", "autoencoder", "autoencoder_path"],
     message="--official_latents needs --images (the images the latents "

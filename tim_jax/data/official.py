@@ -48,7 +48,6 @@ from tim_jax.data import prepare as prepare_lib
 # The released latent sets' autoencoders, told apart by their channels:
 # SD-VAE-ft-EMA (4, 256 px) and DC-AE f32c32 (32, 512 px).
 AUTOENCODER_BY_CHANNELS = {4: "sd_vae_ft_ema", 32: "dc_ae_f32c32_sana_1.1"}
-DOWNSAMPLE = {"sd_vae_ft_ema": 8, "dc_ae_f32c32_sana_1.1": 32}
 SUFFIX = ".safetensors"
 
 
@@ -186,10 +185,18 @@ class OfficialLatents:
       )
 
   def _resolution(self, resolution, autoencoder) -> int:
+    from tim_jax import autoencoders  # pylint: disable=g-import-not-at-top
+
     height, width, channels = self.latent_shape
-    name = autoencoder or AUTOENCODER_BY_CHANNELS.get(channels)
     if height != width:
       raise UserError(f"the official latents are square; got {height}x{width}")
+    released = AUTOENCODER_BY_CHANNELS.get(channels)
+    if autoencoder and released and autoencoder != released:
+      raise UserError(
+        f"--autoencoder={autoencoder}, but latents of {channels} channels "
+        f"are {released}'s"
+      )
+    name = autoencoder or released
     if name is None:
       if resolution is None or resolution % height:
         raise UserError(
@@ -197,7 +204,7 @@ class OfficialLatents:
           f"--autoencoder or --resolution (a multiple of {height})"
         )
       return resolution
-    implied = height * DOWNSAMPLE[name]
+    implied = height * autoencoders.DOWNSAMPLE[name]
     if resolution is not None and resolution != implied:
       raise UserError(
         f"--resolution={resolution}, but {height}x{width} latents of {name} "

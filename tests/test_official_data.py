@@ -9,6 +9,7 @@ official download script unpacks it. Both layouts are built small here."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -137,6 +138,15 @@ def test_official_latents_import_and_train_pipeline(tmp_path, capsys):
   # A rerun of the finished job: nothing to do, the same dataset.
   assert cli.call(prepare_command, args) == 0
   assert "imported 9" in capsys.readouterr().out
+  # Images of fewer classes keep the official labels; the other classes'
+  # latents are left out, as the official loader leaves them.
+  subset = tmp_path / "subset"
+  for cls in CLASSES[1:]:
+    shutil.copytree(os.path.join(images, cls), subset / cls)
+  other = tmp_path / "data_subset"
+  assert cli.call(prepare_command, prepare_args(subset, latent_dir, other)) == 0
+  labels = [ex["label"] for ex in latents.LatentSource(str(other))]
+  assert labels == [1, 1, 1, 2, 2, 2]
 
 
 def test_official_layout_mistakes_are_one_line(tmp_path, capsys):
@@ -209,6 +219,7 @@ def _wait_for(path, proc, timeout=300):
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_official_import_killed_resumes(tmp_path):
   """The import killed (SIGKILL) in the middle: the rerun keeps the shards

@@ -189,6 +189,11 @@ def test_official_layout_mistakes_are_one_line(tmp_path, capsys):
   err = error()
   assert "1 of 7 images" in err and "new.safetensors" in err
   os.remove(extra)
+  # Two images whose names agree up to the first dot: one latent for both.
+  twin = os.path.join(images, CLASSES[1], "img_0.copy.png")
+  Image.new("RGB", (260, 260)).save(twin)
+  assert "share one latent" in error()
+  os.remove(twin)
   # A file without a key, of another shape, of another class's label.
   first, second = paths[0], paths[1]
   keep = open(second, "rb").read()

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 import concurrent.futures
 import json
 import logging
+import os
 
 from etils import epath
 import numpy as np
@@ -57,13 +58,13 @@ def latent_stem(image_name: str) -> str:
   return image_name.split(".")[0]
 
 
-def read_latent_file(path: epath.Path) -> tuple[np.ndarray, float]:
+def read_latent_file(path: str) -> tuple[np.ndarray, float]:
   """(``latent`` as stored, ``label`` as a float) of one official file;
   UserError naming the file for anything else."""
   from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
 
   try:
-    data = st.load(path.read_bytes())
+    data = st.load(epath.Path(path).read_bytes())
   except KeyError as e:  # safetensors' numpy reader lacks this dtype.
     raise UserError(f"cannot read {path}: unsupported dtype {e}") from None
   except Exception as e:  # pylint: disable=broad-except
@@ -95,7 +96,9 @@ class OfficialLatents:
   were made from (a subset of its classes or images is fine); every image
   needs its latent. ``resolution`` (the crop size) defaults to the one the
   latent shape and ``autoencoder`` imply (256 for the SD-VAE set, 512 for
-  the DC-AE set). Layout mistakes raise UserError here, before any work.
+  the DC-AE set). Mistakes of the listing (a missing latent, class folder
+  or label order) raise UserError here, before any work; a damaged file
+  when it is read.
   """
 
   def __init__(
@@ -121,20 +124,26 @@ class OfficialLatents:
         "the unzipped class folders"
       )
     names = {c: {p.name for p in (root / c).iterdir()} for c in self.classes}
-    self.latent_paths, missing, used = [], [], {}
+    # Strings, not Path objects: ImageNet has 1.28M of them.
+    base = str(root)
+    self.latent_paths, missing, seen = [], [], set()
     for path, k in self.images.items:
       cls = self.classes[k]
-      name = latent_stem(epath.Path(path).name) + SUFFIX
-      latent = root / cls / name
+      name = latent_stem(os.path.basename(path)) + SUFFIX
+      latent = f"{base}/{cls}/{name}"
       if name not in names[cls]:
         missing.append((path, latent))
-      if (cls, name) in used:
-        raise UserError(
-          f"--images {path} and {used[(cls, name)]} share one latent "
-          f"({latent}: the official name is the image name up to its "
-          "first dot)"
+      if (k, name) in seen:
+        other = next(
+          p
+          for p, j in self.images.items
+          if j == k and latent_stem(os.path.basename(p)) + SUFFIX == name
         )
-      used[(cls, name)] = path
+        raise UserError(
+          f"--images {other} and {path} share one latent ({latent}: the "
+          "official name is the image name up to its first dot)"
+        )
+      seen.add((k, name))
       self.latent_paths.append(latent)
     if missing:
       raise UserError(
@@ -217,7 +226,7 @@ class OfficialLatents:
 
   def fingerprint(self) -> str:
     """The images' and the latents' names, sizes and modification times."""
-    latents = fingerprint.of_files(str(p) for p in self.latent_paths)
+    latents = fingerprint.of_files(self.latent_paths)
     return f"{self.images.fingerprint()}-{latents}"
 
   def __getitem__(self, i):

@@ -8,11 +8,21 @@
     python -m tim_jax.commands.prepare --captioned=corpus/ --resolution=1024 \\
         --autoencoder=dc_ae_f32c32_sana_1.1 \\
         --autoencoder_path=dc-ae-f32c32-sana-1.1-diffusers --data_dir=latents/t2i
+    # The official released ImageNet latents, with their images for REPA.
+    python -m tim_jax.commands.prepare \\
+        --official_latents=datasets/imagenet1k/sd-vae-ft-ema-256x256 \\
+        --images=imagenet/train --data_dir=latents/imagenet256
+    # The official T2I toy dataset, unpacked.
+    python -m tim_jax.commands.prepare \\
+        --official_t2i=datasets/t2i_toy_dataset \\
+        --autoencoder=dc_ae_f32c32_sana_1.1 \\
+        --autoencoder_path=dc-ae-f32c32-sana-1.1-diffusers --data_dir=latents/t2i
 
-Exactly one source: ``--images``, ``--captioned``, ``--manifest`` or
-``--tfds`` (see ``tim_jax.data.prepare``). Finished shards are kept in
-``DATA_DIR/shards/``; a rerun skips them. ``--distributed`` shares the
-shards among a multi-host job's processes.
+Exactly one source: ``--images`` (with ``--official_latents`` or an
+autoencoder), ``--captioned``, ``--manifest``, ``--official_t2i`` or
+``--tfds`` (see ``tim_jax.data.prepare`` and ``tim_jax.data.official``).
+Finished shards are kept in ``DATA_DIR/shards/``; a rerun skips them.
+``--distributed`` shares the shards among a multi-host job's processes.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from absl import flags
 from tim_jax.commands import cli
 from tim_jax.core.errors import UserError
 
-SOURCES = ("images", "captioned", "manifest", "tfds")
+SOURCES = ("images", "captioned", "manifest", "official_t2i", "tfds")
 AUTOENCODERS = ("sd_vae_ft_ema", "dc_ae_f32c32_sana_1.1")
 
 
@@ -62,6 +72,23 @@ def define_flags(fv: flags.FlagValues) -> None:
     flag_values=fv,
   )
   flags.DEFINE_string(
+    "official_latents",
+    None,
+    "The official released ImageNet latents "
+    "(tools/download_imagenet_*.sh, unzipped: <class>/<image "
+    "stem>.safetensors), imported with the --images they were made "
+    "from; no autoencoder needed.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "official_t2i",
+    None,
+    "The official T2I toy dataset folder "
+    "(tools/download_toy_t2i_dataset.sh, dataset.tar.gz unpacked): "
+    "data_info.jsonl, bucket_sampler.json and the images.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
     "tfds",
     None,
     "A TFDS image dataset name, e.g. "
@@ -78,7 +105,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "autoencoder_path",
     None,
-    "The autoencoder's diffusers directory.",
+    "The autoencoder's diffusers directory "
+    "(required except with --official_latents).",
     flag_values=fv,
   )
   flags.DEFINE_integer(
@@ -128,9 +156,20 @@ def define_flags(fv: flags.FlagValues) -> None:
     " and share the work among the job's processes.",
     flag_values=fv,
   )
-  flags.mark_flags_as_required(
-    ["autoencoder", "autoencoder_path", "data_dir"], flag_values=fv
+  flags.mark_flags_as_required(["data_dir"], flag_values=fv)
+
+  @flags.multi_flags_validator(
+    ["official_latents", "images", "autoencoder", "autoencoder_path"],
+    message="--official_latents needs --images (the images the latents "
+    "were made from); every other source needs --autoencoder and "
+    "--autoencoder_path",
+    flag_values=fv,
   )
+  def _needs(v):
+    if v["official_latents"] is not None:
+      return v["images"] is not None
+    return v["autoencoder"] is not None and v["autoencoder_path"] is not None
+
   flags.mark_flags_as_mutual_exclusive(
     list(SOURCES), required=True, flag_values=fv
   )
@@ -163,6 +202,9 @@ def run(fv: flags.FlagValues, barrier) -> None:
   from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from tim_jax.data import prepare  # pylint: disable=g-import-not-at-top
 
+  if fv.official_latents:
+    run_official_latents(fv, barrier)
+    return
   mesh = sharding.make_mesh(
     {"data": jax.local_device_count()}, devices=jax.local_devices()
   )
@@ -180,14 +222,15 @@ def run(fv: flags.FlagValues, barrier) -> None:
     barrier=barrier,
   )
   start = time.time()
-  if fv.captioned or fv.manifest:
-    from tim_jax.data import captioned  # pylint: disable=g-import-not-at-top
+  if fv.captioned or fv.manifest or fv.official_t2i:
+    from tim_jax.data import captioned, official  # pylint: disable=g-import-not-at-top
 
-    items = (
-      captioned.read_folder(fv.captioned)
-      if fv.captioned
-      else captioned.read_manifest(fv.manifest, fv.manifest_root)
-    )
+    if fv.captioned:
+      items = captioned.read_folder(fv.captioned)
+    elif fv.manifest:
+      items = captioned.read_manifest(fv.manifest, fv.manifest_root)
+    else:
+      items = official.read_t2i(fv.official_t2i)
     images = prepare.CaptionedImages(items, fv.resolution)
     paths = prepare.prepare_captioned(images, ae, fv.data_dir, **kw)
     if paths:
@@ -219,6 +262,42 @@ def run(fv: flags.FlagValues, barrier) -> None:
     print(
       f"wrote {len(images)} images' latents ({ae.name}, "
       f"{fv.resolution}px -> {latent}) to {path} in "
+      f"{time.time() - start:.0f} s"
+    )
+    print(f"  train with --config.data.data_dir={fv.data_dir}")
+
+
+def run_official_latents(fv: flags.FlagValues, barrier) -> None:
+  """Imports the official latents and their images into ``--data_dir``."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from tim_jax.data import official  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  source = official.OfficialLatents(
+    fv.official_latents,
+    fv.images,
+    # Only a --resolution the user gave is checked; else the latents say.
+    resolution=fv.resolution if fv["resolution"].present else None,
+    autoencoder=fv.autoencoder,
+    workers=fv.workers,
+  )
+  try:
+    path = official.import_latents(
+      source,
+      fv.data_dir,
+      shard_size=fv.shard_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      workers=fv.workers,
+      barrier=barrier,
+    )
+  except FileExistsError as e:  # Another dataset is there already.
+    raise UserError(str(e)) from None
+  if path:
+    print(
+      f"imported {len(source)} official latents {source.latent_shape} "
+      f"with their {source.size}px crops and flips to {path} in "
       f"{time.time() - start:.0f} s"
     )
     print(f"  train with --config.data.data_dir={fv.data_dir}")

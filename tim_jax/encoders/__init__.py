@@ -19,13 +19,17 @@ def layer_kwargs(
   rngs: nnx.Rngs | None = None,
 ) -> dict:
   """Keyword arguments of an encoder's ``nnx.Linear`` layers (its weights
-  are loaded afterwards, so the rngs only shape the initialisation)."""
+  are loaded afterwards, so the rngs only shape the initialisation).
+  ``precision`` applies to float32 (and wider) compute only: a 16-bit
+  matmul has nothing to keep, and XLA:GPU's Triton GEMMs refuse bf16 dots
+  at precision HIGHEST."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   return dict(
     dtype=dtype,
     param_dtype=param_dtype,
-    precision=precision,
+    precision=precision if jnp.dtype(dtype).itemsize >= 4 else None,
     rngs=rngs if rngs is not None else nnx.Rngs(0),
   )
 

@@ -137,19 +137,37 @@ def remove(path: PathLike, missing_ok: bool = True) -> None:
       raise
 
 
-def files(path: PathLike) -> list[str]:
-  """The files under the folder ``path``, as paths relative to it, sorted
-  (epath's ``walk`` drops the scheme of remote folders)."""
-  root = as_path(path)
-  out, todo = [], [root]
-  while todo:
-    folder = todo.pop()
-    for child in folder.iterdir():
-      if child.is_dir():
-        todo.append(child)
-      else:
-        out.append(os.path.relpath(os.fspath(child), os.fspath(root)))
+def listing(path: PathLike) -> list[tuple[str, int, float]]:
+  """(path relative to the folder ``path``, size, modification time) of
+  every file under it, sorted; a bucket's folder in one listing request
+  per thousand files rather than one request per file."""
+  root = absolute(path)
+  if not is_remote(root):
+    out = []
+    for folder, _, names in os.walk(root):
+      for name in names:
+        st = os.stat(os.path.join(folder, name))
+        rel = os.path.relpath(os.path.join(folder, name), root)
+        out.append((rel, st.st_size, st.st_mtime))
+    return sorted(out)
+  import fsspec  # pylint: disable=g-import-not-at-top
+
+  fs, location = fsspec.core.url_to_fs(root)
+  location = location.rstrip("/")
+  out = []
+  for name, info in fs.find(location, detail=True).items():
+    if info.get("type") == "directory" or name.endswith("/"):
+      continue  # Folder markers that some tools write.
+    when = info.get("mtime")
+    when = when.timestamp() if hasattr(when, "timestamp") else float(when or 0)
+    rel = name[len(location) + 1 :]
+    out.append((rel, int(info.get("size") or 0), when))
   return sorted(out)
+
+
+def files(path: PathLike) -> list[str]:
+  """The files under the folder ``path``, relative to it, sorted."""
+  return [rel for rel, _, _ in listing(path)]
 
 
 def copytree(src: PathLike, dst: PathLike) -> None:
@@ -169,16 +187,11 @@ def cache_dir() -> str:
 
 
 def _listing(p: epath.Path) -> list[tuple[str, int, float]]:
-  """(relative name, size, mtime) of the file ``p`` or of every file under
-  the folder ``p``."""
-  if not p.is_dir():
-    st = p.stat()
-    return [(p.name, st.length, st.mtime)]
-  out = []
-  for rel in files(p):
-    st = (p / rel).stat()
-    out.append((rel, st.length, st.mtime))
-  return out
+  """``listing`` of the folder ``p``, or the one entry of the file ``p``."""
+  if p.is_dir():
+    return listing(p)
+  st = p.stat()
+  return [(p.name, st.length, st.mtime)]
 
 
 def local_copy(path: PathLike) -> str:

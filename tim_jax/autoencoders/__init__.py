@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from tim_jax.autoencoders import dc, kl
 from tim_jax.autoencoders import layers as L
-from tim_jax.core import sharding
+from tim_jax.core import paths, sharding
 from tim_jax.core.errors import UserError
 from tim_jax.weights import torch_weights
 
@@ -253,7 +253,7 @@ def from_diffusers(
   A ``name`` of ``NAMES`` must match the directory's class (checked before
   the weights are read).
   """
-  directory = os.fspath(directory)
+  directory = paths.local_copy(os.fspath(directory))  # gs:// copied once.
   cfg = read_config(directory)
   want = NAMES.get(name)
   if want and cfg["_class_name"] != want:  # Before reading any weight.

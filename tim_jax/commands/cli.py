@@ -17,9 +17,11 @@ import os
 import sys
 import tempfile
 from types import ModuleType
+import uuid
 
 from absl import app, flags
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 USAGE_ERROR = 2
@@ -150,6 +152,17 @@ def run(module: ModuleType) -> None:
 def check_writable(path: str, flag: str) -> None:
   """Raises UserError unless a file can be written at ``path`` (its folder
   is created): checked before sampling, not after."""
+  if paths.is_remote(path):  # A bucket: try a write next to it.
+    if paths.as_path(path).is_dir():
+      raise UserError(f"{flag}={path} is a directory; give a file name")
+    probe = paths.as_path(path).parent / f".write_check-{uuid.uuid4().hex}"
+    try:
+      probe.write_bytes(b"")
+      probe.unlink()
+    except Exception as e:  # pylint: disable=broad-except
+      # The bucket's client raises its own errors besides OSError.
+      raise UserError(f"cannot write {flag}={path}: {e}") from None
+    return
   directory = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(os.path.abspath(path)):
     raise UserError(f"{flag}={path} is a directory; give a file name")

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs
 from tim_jax.weights import torch_weights
@@ -340,6 +341,7 @@ def load_tokenizer(
   token, truncation to ``max_length``."""
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
 
+  directory = paths.local_copy(os.fspath(directory))  # gs:// copied once.
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -377,6 +379,8 @@ def load(
   must be there; the LM head (tied to the embedding) is not needed.
   ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) the
   weights' (the official encoder holds and runs them in bfloat16)."""
+  if paths.is_remote(directory) and paths.as_path(directory).is_dir():
+    directory = paths.local_copy(directory)  # gs:// copied once.
   if not os.path.isdir(os.fspath(directory)):
     raise FileNotFoundError(
       f"text encoder directory {directory!r} does not "

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 from tim_jax.weights import torch_weights
@@ -444,7 +445,7 @@ def _read(path: str):
 def load(path: str, *, dtype: DTypeLike = jnp.float32) -> RadioEncoder:
   """A RADIO encoder from the official checkpoint format. ViT keys the
   model lacks raise; keys the official loader also ignores are logged."""
-  args, sd = _read(str(path))
+  args, sd = _read(paths.local_copy(str(path)))  # gs:// copied once.
   base = {
     k[len("base_model.") :]: v
     for k, v in sd.items()

@@ -157,7 +157,11 @@ def test_bucket_end_to_end(bucket, tmp_path):
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
-  saved = [int(d.name) for d in (paths.as_path(run) / "checkpoints").iterdir()]
+  saved = [
+    int(d.name)
+    for d in (paths.as_path(run) / "checkpoints").iterdir()
+    if d.name.isdigit() and (d / "commit_success.txt").exists()
+  ]
   assert 2 in saved and 6 not in saved, saved  # Killed mid-run.
   # Its lock is left in the bucket; the holder is dead, so it is stale.
   lock = paths.join(run, workdir_lock.LOCK_NAME)

@@ -23,7 +23,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "workdir",
     None,
-    "Where checkpoints, sample grids and TensorBoard logs go.",
+    "Where checkpoints, sample grids and TensorBoard logs go: a "
+    "local folder or gs://bucket/path.",
     flag_values=fv,
   )
   flags.DEFINE_bool(

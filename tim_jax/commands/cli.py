@@ -199,7 +199,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "A tim_jax workdir, checkpoints "
     "dir or step dir, or an official .safetensors/.pt/"
-    ".pth/.bin file.",
+    ".pth/.bin file (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -207,7 +207,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "The autoencoder's diffusers "
     "directory (latent models; replaces the config's "
-    "autoencoder.path).",
+    "autoencoder.path; local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -215,7 +215,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "The Gemma-3 directory of "
     "models trained on captions (replaces the config's "
-    "text_encoder.path).",
+    "text_encoder.path; local or gs://).",
     flag_values=fv,
   )
   flags.mark_flag_as_required("checkpoint", flag_values=fv)

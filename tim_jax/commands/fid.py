@@ -104,7 +104,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "images",
     None,
-    "stats: an image folder (<class>/<image>) or an .npz (arr_0).",
+    "stats: an image folder (<class>/<image>) or an .npz (arr_0); "
+    "local or gs://.",
     flag_values=fv,
   )
   flags.DEFINE_integer(
@@ -120,7 +121,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "reference",
     None,
-    "score: an .npz with mu and sigma (or arr_0 images).",
+    "score: an .npz with mu and sigma (or arr_0 images); local or gs://.",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -134,7 +135,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "out",
     None,
-    "stats: the statistics .npz; convert: the .safetensors or .npz to write.",
+    "stats: the statistics .npz; convert: the .safetensors or .npz to "
+    "write (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_integer(

@@ -33,7 +33,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "images",
     None,
-    "An ImageFolder-style directory: <class>/<image>.",
+    "An ImageFolder-style directory: <class>/<image> (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -78,7 +78,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "autoencoder_path",
     None,
-    "The autoencoder's diffusers directory.",
+    "The autoencoder's diffusers directory (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_integer(
@@ -94,7 +94,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "data_dir",
     None,
-    "Where the shards and the TFDS dataset go.",
+    "Where the shards and the TFDS dataset go (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_integer(

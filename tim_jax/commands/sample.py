@@ -72,7 +72,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "out",
     "samples.png",
-    "The grid (PNG); with --prompt_set, the output folder.",
+    "The grid (PNG); with --prompt_set, the output folder (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_string(

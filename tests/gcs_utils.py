@@ -287,6 +287,9 @@ class Emulator:
     self.env = {
       # gcsfs and google-cloud-storage.
       "STORAGE_EMULATOR_HOST": url,
+      # gcsfs: no credentials to look for (fsspec reads FSSPEC_GCS_* as
+      # the filesystem's arguments).
+      "FSSPEC_GCS_TOKEN": "anon",
       # gcsfs would ask the Storage Control API (gRPC; not emulated)
       # whether the bucket is zonal or hierarchical.
       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",

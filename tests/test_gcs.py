@@ -25,6 +25,7 @@ from tim_jax.commands import generate as generate_command
 from tim_jax.commands import prepare as prepare_command
 from tim_jax.commands import sample as sample_command
 from tim_jax.core import paths, workdir_lock
+from tim_jax.core.errors import UserError
 from tim_jax.data import latents
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -232,3 +233,43 @@ def test_bucket_end_to_end(bucket, tmp_path):
   )
   with np.load(io.BytesIO(paths.as_path(ref).read_bytes())) as z:
     assert z["mu"].shape == (2048,)
+
+
+def test_one_job_per_bucket_folder(bucket):
+  folder = bucket.url("locked")
+  first = workdir_lock.WorkdirLock(folder, "trainer").acquire()
+  try:
+    # Created only if absent: the second job's write is refused by the
+    # server (ifGenerationMatch=0), not by a check that could race.
+    assert not paths.create_exclusive(first.path, b"{}")
+    with pytest.raises(UserError, match="in use by another trainer"):
+      workdir_lock.WorkdirLock(folder, "trainer").acquire()
+  finally:
+    first.release()
+  assert not paths.as_path(first.path).exists()
+  workdir_lock.WorkdirLock(folder, "trainer").acquire().release()
+
+
+def test_a_remote_weight_file_is_copied_once_and_again_when_changed(bucket):
+  url = bucket.url("weights", "w.bin")
+  paths.write_bytes(url, b"one")
+  local = paths.local_copy(url)
+  assert not paths.is_remote(local) and open(local, "rb").read() == b"one"
+  assert paths.local_copy(url) == local
+  paths.write_bytes(url, b"second")
+  assert open(paths.local_copy(url), "rb").read() == b"second"
+  assert paths.absolute(url) == url  # Not made CWD/gs:/...
+  with pytest.raises(FileNotFoundError):
+    paths.local_copy(bucket.url("weights", "missing.bin"))
+
+
+def test_a_missing_bucket_is_one_line(bucket, capsys):
+  from tim_jax import main
+
+  rc = cli.call(
+    main,
+    ["--config=configs/c2i.py", "--workdir=gs://no-such-bucket/run"],
+  )
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith("error: cannot write gs://no-such-bucket")
+  assert "does the bucket exist" in err

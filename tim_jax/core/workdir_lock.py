@@ -91,11 +91,24 @@ class WorkdirLock:
       self.path, json.dumps(self.record).encode("utf-8")
     )
 
+  def _create_or_explain(self) -> bool:
+    if not paths.is_remote(self.path):
+      return self._create()
+    try:
+      return self._create()
+    except Exception as e:  # pylint: disable=broad-except
+      # The bucket's client names only the request URL (a missing bucket
+      # is a FileNotFoundError of the upload URL).
+      raise UserError(
+        f"cannot write {self.path} ({type(e).__name__}: {e}): does the "
+        "bucket exist, and may these credentials write to it?"
+      ) from None
+
   def acquire(self) -> WorkdirLock:
     """Takes the lock, or raises UserError naming the holder."""
     paths.as_path(self.directory).mkdir(parents=True, exist_ok=True)
     for _ in range(2):
-      if self._create():
+      if self._create_or_explain():
         self._start_heartbeat()
         return self
       holder = read_holder(self.path)

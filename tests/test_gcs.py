@@ -12,6 +12,7 @@ import sys
 import time
 
 import autoencoder_utils as au
+import fsspec
 import gcs_utils
 import jax
 import numpy as np
@@ -55,6 +56,9 @@ def bucket(tmp_path_factory):
   before = {k: os.environ.get(k) for k in emu.env}
   os.environ.update(emu.env)
   os.environ[paths.CACHE_ENV] = str(directory / "cache")
+  # This process imported fsspec before FSSPEC_GCS_TOKEN was set.
+  gcs_conf = fsspec.config.conf.setdefault("gcs", {})
+  gcs_conf["token"] = "anon"
   try:
     au.write_image_folder(directory / "images", per_class=4)
     au.write(au.KL_SMALL, directory / "ae")
@@ -68,6 +72,7 @@ def bucket(tmp_path_factory):
       else:
         os.environ[k] = v
     os.environ.pop(paths.CACHE_ENV, None)
+    gcs_conf.pop("token", None)
     emu.close()
 
 
@@ -273,3 +278,31 @@ def test_a_missing_bucket_is_one_line(bucket, capsys):
   err = capsys.readouterr().err
   assert rc == 2 and err.startswith("error: cannot write gs://no-such-bucket")
   assert "does the bucket exist" in err
+
+
+def test_captioned_corpora_in_a_bucket(bucket):
+  from tim_jax.data import captioned
+
+  root = bucket.url("captioned")
+  picture = io.BytesIO()
+  Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(picture, "PNG")
+  for name in ("a/1", "a/2", "b/3"):
+    paths.write_bytes(f"{root}/{name}.png", picture.getvalue())
+    paths.write_text(f"{root}/{name}.txt", f"caption {name}\n\nsecond")
+  items = captioned.read_folder(root)
+  assert [i[0] for i in items] == [
+    f"{root}/{n}.png" for n in ("a/1", "a/2", "b/3")
+  ]
+  assert items[2][1] == ["caption b/3", "second"]
+  paths.write_text(
+    f"{root}/info.jsonl",
+    '{"image_file": "a/1.png", "captions": ["one"]}\n'
+    '{"image_file": "b/3.png", "caption": "three"}\n',
+  )
+  items = captioned.read_manifest(f"{root}/info.jsonl")
+  assert [i[0] for i in items] == [f"{root}/a/1.png", f"{root}/b/3.png"]
+  from tim_jax.data import prepare
+
+  images = prepare.CaptionedImages(items, 32)
+  pixels, captions = images[1]
+  assert pixels.ndim == 3 and captions == ["three"]

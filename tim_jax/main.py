@@ -5,12 +5,12 @@ Overrides: ``--config.batch_size=32``, ``--config.model.dtype=bfloat16``,
 Re-running with the same workdir resumes from its latest checkpoint.
 """
 
-import os
 import sys
 
 from absl import flags, logging
 
 from tim_jax.commands import cli
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 
@@ -23,7 +23,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "workdir",
     None,
-    "Where checkpoints, sample grids and TensorBoard logs go.",
+    "Where checkpoints, sample grids and TensorBoard logs go: a "
+    "local folder or gs://bucket/path.",
     flag_values=fv,
   )
   flags.DEFINE_bool(
@@ -56,7 +57,8 @@ def main(fv: flags.FlagValues, args) -> None:
     jax.process_count(),
   )
   logging.info("config:\n%s", config)
-  training.train_and_evaluate(config, os.path.abspath(fv.workdir))
+  # A local folder (made absolute) or a URL such as gs://bucket/run.
+  training.train_and_evaluate(config, paths.absolute(fv.workdir))
 
 
 def entry() -> None:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from tim_jax.autoencoders import dc, kl
 from tim_jax.autoencoders import layers as L
-from tim_jax.core import hub, sharding
+from tim_jax.core import hub, paths, sharding
 from tim_jax.core.errors import UserError
 from tim_jax.weights import torch_weights
 
@@ -263,7 +263,7 @@ def from_diffusers(
   (``hf://stabilityai/sd-vae-ft-ema``; ``tim_jax.core.hub``).
   """
   directory = hub.resolve(directory, allow_patterns=HUB_FILES)
-  directory = os.fspath(directory)
+  directory = paths.local_copy(os.fspath(directory))  # gs:// copied once.
   cfg = read_config(directory)
   want = NAMES.get(name)
   if want and cfg["_class_name"] != want:  # Before reading any weight.

@@ -17,9 +17,11 @@ import os
 import sys
 import tempfile
 from types import ModuleType
+import uuid
 
 from absl import app, flags
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 USAGE_ERROR = 2
@@ -150,6 +152,17 @@ def run(module: ModuleType) -> None:
 def check_writable(path: str, flag: str) -> None:
   """Raises UserError unless a file can be written at ``path`` (its folder
   is created): checked before sampling, not after."""
+  if paths.is_remote(path):  # A bucket: try a write next to it.
+    if paths.as_path(path).is_dir():
+      raise UserError(f"{flag}={path} is a directory; give a file name")
+    probe = paths.as_path(path).parent / f".write_check-{uuid.uuid4().hex}"
+    try:
+      probe.write_bytes(b"")
+      probe.unlink()
+    except Exception as e:  # pylint: disable=broad-except
+      # The bucket's client raises its own errors besides OSError.
+      raise UserError(f"cannot write {flag}={path}: {e}") from None
+    return
   directory = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(os.path.abspath(path)):
     raise UserError(f"{flag}={path} is a directory; give a file name")
@@ -202,7 +215,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "A tim_jax workdir, checkpoints "
     "dir or step dir, or an official .safetensors/.pt/"
-    ".pth/.bin file; a path or a hub id (hf://owner/repo/file).",
+    ".pth/.bin file; a local or gs:// path, or a hub id (hf://owner/repo/file).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -210,7 +223,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "The autoencoder's diffusers "
     "directory (latent models; replaces the config's "
-    "autoencoder.path); a path or a hub id (hf://owner/repo).",
+    "autoencoder.path; a local or gs:// path, or a hub id: hf://owner/repo).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -218,7 +231,7 @@ def define_model_flags(fv: flags.FlagValues) -> None:
     None,
     "The Gemma-3 directory of "
     "models trained on captions (replaces the config's "
-    "text_encoder.path); a path or a hub id (hf://owner/repo).",
+    "text_encoder.path; a local or gs:// path, or a hub id: hf://owner/repo).",
     flag_values=fv,
   )
 

@@ -18,7 +18,6 @@ The network and the statistics are ``tim_jax.eval.inception`` and
 
 from __future__ import annotations
 
-import os
 import sys
 import zipfile
 
@@ -26,6 +25,7 @@ from absl import flags
 import numpy as np
 
 from tim_jax.commands import cli
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 ACTIONS = ("stats", "score", "convert")
@@ -34,26 +34,26 @@ ACTIONS = ("stats", "score", "convert")
 def load_images(path: str, resolution: int | None = None) -> np.ndarray:
   """uint8 (N, H, W, 3): an .npz's ``arr_0`` or a folder's images (ADM
   centre crop to ``resolution``)."""
-  if os.path.isdir(path):
+  if paths.as_path(path).is_dir():  # Local or gs://.
     if not resolution:
       raise UserError(f"{path} is a folder of images: give --resolution")
-    from PIL import Image  # pylint: disable=g-import-not-at-top
 
     from tim_jax.data import prepare  # pylint: disable=g-import-not-at-top
 
     files = [p for p, _ in prepare.image_folder(path)[0]]
     out = []
     for f in files:
-      with Image.open(f) as im:
+      with prepare.open_image(f) as im:
         out.append(prepare.center_crop(prepare.to_rgb(im), resolution))
     if len(out) < 2:
       raise UserError(
         f"{path}: {len(out)} image(s); FID statistics need at least 2"
       )
     return np.stack(out)
-  if not zipfile.is_zipfile(path):
+  local = paths.local_copy(path)  # gs:// copied once.
+  if not zipfile.is_zipfile(local):
     raise UserError(f"{path} is not an .npz file (arr_0 images)")
-  with np.load(path, allow_pickle=False) as z:
+  with np.load(local, allow_pickle=False) as z:
     if "arr_0" not in z:
       raise UserError(f"{path} has no 'arr_0' images (has {z.files})")
     images = z["arr_0"]
@@ -75,9 +75,10 @@ def load_reference(path: str, dim: int):
   images (``arr_0``) instead."""
   from tim_jax.eval import fid  # pylint: disable=g-import-not-at-top
 
-  if not zipfile.is_zipfile(path):
+  local = paths.local_copy(path)  # gs:// copied once.
+  if not zipfile.is_zipfile(local):
     raise UserError(f"--reference={path} is not an .npz file")
-  with np.load(path, allow_pickle=False) as z:
+  with np.load(local, allow_pickle=False) as z:
     names = set(z.files)
   if not {"mu", "sigma"} <= names:
     if "arr_0" in names:
@@ -103,7 +104,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "images",
     None,
-    "stats: an image folder (<class>/<image>) or an .npz (arr_0).",
+    "stats: an image folder (<class>/<image>) or an .npz (arr_0); "
+    "local or gs://.",
     flag_values=fv,
   )
   flags.DEFINE_integer(
@@ -119,7 +121,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "reference",
     None,
-    "score: an .npz with mu and sigma (or arr_0 images).",
+    "score: an .npz with mu and sigma (or arr_0 images); local or gs://.",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -133,7 +135,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "out",
     None,
-    "stats: the statistics .npz; convert: the .safetensors or .npz to write.",
+    "stats: the statistics .npz; convert: the .safetensors or .npz to "
+    "write (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_integer(

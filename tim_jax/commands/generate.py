@@ -30,7 +30,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     "num_images", 50_000, "Images to generate.", lower_bound=1, flag_values=fv
   )
   flags.DEFINE_string(
-    "out", "samples.npz", "The .npz to write.", flag_values=fv
+    "out",
+    "samples.npz",
+    "The .npz to write (local or gs://).",
+    flag_values=fv,
   )
   flags.DEFINE_multi_string(
     "prompt", [], "Prompts (t2i), cycled.", flag_values=fv

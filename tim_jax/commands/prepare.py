@@ -43,7 +43,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "images",
     None,
-    "An ImageFolder-style directory: <class>/<image>.",
+    "An ImageFolder-style directory: <class>/<image> (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -105,7 +105,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "autoencoder_path",
     None,
-    "The autoencoder's diffusers directory "
+    "The autoencoder's diffusers directory, local or gs:// "
     "(required except with --official_latents).",
     flag_values=fv,
   )
@@ -122,7 +122,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "data_dir",
     None,
-    "Where the shards and the TFDS dataset go.",
+    "Where the shards and the TFDS dataset go (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_integer(

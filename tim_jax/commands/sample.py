@@ -37,12 +37,14 @@ raw latents too. The library form is ``tim_jax.inference``.
 
 from __future__ import annotations
 
+import io
 import sys
 
 from absl import flags
 import numpy as np
 
 from tim_jax.commands import cli
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 # The largest grid the command writes as one PNG (pixels): more is a
@@ -79,7 +81,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string(
     "out",
     "samples.png",
-    "The grid (PNG); with --prompt_set, the output folder.",
+    "The grid (PNG); with --prompt_set, the output folder (local or gs://).",
     flag_values=fv,
   )
   flags.DEFINE_string(
@@ -224,7 +226,9 @@ def main(fv: flags.FlagValues, args) -> None:
     progress=True,
   )
   if fv.latents_out:
-    np.save(fv.latents_out, samples)
+    buf = io.BytesIO()
+    np.save(buf, samples)
+    paths.write_bytes(fv.latents_out, buf.getvalue())  # Local or gs://.
     logging.info("wrote %s %s", fv.latents_out, samples.shape)
   if not pipe.can_decode:
     logging.warning(

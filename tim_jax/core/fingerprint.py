@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from tim_jax.core import paths
+
 
 def of_arrays(tree: Any) -> str:
   """A fingerprint of a pytree of arrays: every leaf's path, shape, dtype,
@@ -31,11 +33,24 @@ def of_arrays(tree: Any) -> str:
   return digest.hexdigest()[:16]
 
 
-def of_files(paths: Iterable[str]) -> str:
+def of_files(paths_: Iterable[str]) -> str:
   """A fingerprint of files: their names, sizes and modification times (a
   changed or replaced file changes it without reading any content)."""
+  return of_listing((p, *_stat(p)) for p in paths_)
+
+
+def of_listing(entries: Iterable[tuple[str, int, float | int]]) -> str:
+  """``of_files`` from (path, size, modification time) already listed (a
+  bucket lists them for many files at once)."""
   digest = hashlib.sha256()
-  for path in paths:
-    st = os.stat(path)
-    digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  for path, size, mtime in entries:
+    digest.update(f"{path}\0{size}\0{mtime}\n".encode())
   return digest.hexdigest()[:16]
+
+
+def _stat(path: str) -> tuple[int, float | int]:
+  if paths.is_remote(path):
+    st = paths.as_path(path).stat()
+    return st.length, st.mtime
+  st = os.stat(path)
+  return st.st_size, st.st_mtime_ns

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import io
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from tim_jax.core import paths
 
 if TYPE_CHECKING:
   from jax.typing import ArrayLike
@@ -158,11 +161,10 @@ def save_image(path: str, image: np.ndarray) -> None:
   from PIL import Image
 
   fmt = image_format(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
   extra = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-  Image.fromarray(image).save(tmp, format=fmt, **extra)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format=fmt, **extra)
+  paths.write_bytes(path, buf.getvalue())  # Local or gs://.
 
 
 def save_png(path: str, image: np.ndarray) -> None:
@@ -170,8 +172,6 @@ def save_png(path: str, image: np.ndarray) -> None:
   file appears whole or not at all (written, then renamed)."""
   from PIL import Image
 
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = path + ".tmp"
-  Image.fromarray(image).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  paths.write_bytes(path, buf.getvalue())  # Local or gs://.

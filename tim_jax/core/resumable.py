@@ -16,11 +16,12 @@ process 0 collects them once every process has passed the barrier.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+import io
 import json
-import os
 
 import numpy as np
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 
@@ -48,7 +49,8 @@ class Parts:
         f"need 0 <= process_index < process_count, got "
         f"{process_index} and {process_count}"
       )
-    self.directory, self.prefix = directory, prefix
+    # A local folder or a bucket's (gs://...).
+    self.directory, self.prefix = paths.absolute(directory), prefix
     self.sizes = list(sizes)
     self.process_index = process_index
     self.mine = [
@@ -56,14 +58,13 @@ class Parts:
     ]
     self.desc, self.progress = desc, progress
     self._bar, self._advanced = None, 0
-    os.makedirs(directory, exist_ok=True)
+    paths.as_path(self.directory).mkdir(parents=True, exist_ok=True)
     self._check_meta(dict(meta or {}, sizes=self.sizes))
 
   def _check_meta(self, meta: dict):
-    path = os.path.join(self.directory, f"{self.prefix}_job.json")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    path = paths.as_path(self.directory) / f"{self.prefix}_job.json"
+    if path.exists():
+      old = json.loads(path.read_text())
       if old != json.loads(json.dumps(meta)):
         diff = sorted(
           k
@@ -77,18 +78,15 @@ class Parts:
           f"{self.directory}; to keep it, write elsewhere"
         )
     elif self.process_index == 0:
-      tmp = path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-      os.replace(tmp, path)
+      paths.write_text(path, json.dumps(meta, indent=1))
 
   def path(self, i: int) -> str:
     """The file of part ``i``."""
-    return os.path.join(self.directory, f"{self.prefix}_{i:07d}.npz")
+    return paths.join(self.directory, f"{self.prefix}_{i:07d}.npz")
 
   def done(self, i: int) -> bool:
     """Whether part ``i`` is complete on disk."""
-    return os.path.exists(self.path(i))
+    return paths.as_path(self.path(i)).exists()
 
   def todo(self) -> Iterator[int]:
     """This process's unfinished parts; the bar advances after each."""
@@ -126,10 +124,9 @@ class Parts:
   def save(self, i: int, arrays: dict) -> None:
     """Writes part ``i`` atomically (a torn write never looks complete)."""
     # Not *.npz until complete: readers of the folder never see a torn part.
-    tmp = self.path(i) + ".tmp"
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, self.path(i))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    paths.write_bytes(self.path(i), buf.getvalue())
 
   def finish(self, barrier: Callable[[str], None] | None = None) -> bool:
     """Waits for every process (``barrier``); on process 0 checks that all

@@ -2,8 +2,8 @@
 
 A trainer's workdir, ``prepare``'s data directory and ``generate``'s parts
 folder each hold a ``.tim_jax.lock`` while a job writes there. The file is
-created atomically (``O_CREAT | O_EXCL``, which local disks and NFS honour)
-and says who holds it: host, process id, start time and job. A second job
+created atomically (``O_CREAT | O_EXCL``, which local disks and NFS honour;
+in a bucket, an object written only if none exists) and says who holds it: host, process id, start time and job. A second job
 on the same directory stops at once with those details.
 
 A crashed holder does not block the directory for ever. The lock is stale,
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import json
+import logging
 import os
 import socket
 import threading
 import time
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 LOCK_NAME = ".tim_jax.lock"
@@ -49,8 +51,7 @@ def _alive(pid: int) -> bool:
 def read_holder(path: str) -> dict | None:
   """The holder recorded in a lock file (None if unreadable or torn)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(paths.as_path(path).read_text())
   except (OSError, ValueError):
     return None
 
@@ -59,7 +60,7 @@ def is_stale(path: str, holder: dict | None, now: float | None = None) -> bool:
   """Whether a lock may be taken over (see the module's rule)."""
   now = time.time() if now is None else now
   try:
-    beat = os.path.getmtime(path)
+    beat = paths.mtime(path)
   except OSError:
     return True  # Gone meanwhile.
   if now - beat > STALE_SECONDS:
@@ -73,8 +74,8 @@ class WorkdirLock:
   """The lock of ``directory`` for a job described by ``what``."""
 
   def __init__(self, directory: str, what: str):
-    self.directory = os.fspath(directory)
-    self.path = os.path.join(self.directory, LOCK_NAME)
+    self.directory = paths.absolute(directory)
+    self.path = paths.join(self.directory, LOCK_NAME)
     self.what = what
     self.record = dict(
       host=socket.gethostname(),
@@ -86,28 +87,35 @@ class WorkdirLock:
     self._thread = None
 
   def _create(self) -> bool:
+    return paths.create_exclusive(
+      self.path, json.dumps(self.record).encode("utf-8")
+    )
+
+  def _create_or_explain(self) -> bool:
+    if not paths.is_remote(self.path):
+      return self._create()
     try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(self.record, f)
-    return True
+      return self._create()
+    except Exception as e:  # pylint: disable=broad-except
+      # The bucket's client names only the request URL (a missing bucket
+      # is a FileNotFoundError of the upload URL).
+      raise UserError(
+        f"cannot write {self.path} ({type(e).__name__}: {e}): does the "
+        "bucket exist, and may these credentials write to it?"
+      ) from None
 
   def acquire(self) -> WorkdirLock:
     """Takes the lock, or raises UserError naming the holder."""
-    os.makedirs(self.directory, exist_ok=True)
+    paths.as_path(self.directory).mkdir(parents=True, exist_ok=True)
     for _ in range(2):
-      if self._create():
+      if self._create_or_explain():
         self._start_heartbeat()
         return self
       holder = read_holder(self.path)
       if not is_stale(self.path, holder):
         break
-      try:  # Take over a stale lock (another job may be doing the same).
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      # Take over a stale lock (another job may be doing the same).
+      paths.remove(self.path)
     holder = read_holder(self.path) or {}
     raise UserError(
       f"{self.directory} is in use by another {holder.get('job', 'job')} "
@@ -121,10 +129,20 @@ class WorkdirLock:
   def _start_heartbeat(self) -> None:
     def beat():
       while not self._stop.wait(HEARTBEAT_SECONDS):
+        if not paths.is_remote(self.path):
+          try:
+            os.utime(self.path)
+          except OSError:
+            return
+          continue
+        # An object's time changes only when it is written again.
         try:
-          os.utime(self.path)
-        except OSError:
-          return
+          if not self._mine(read_holder(self.path)):
+            return  # Taken over (or deleted): not ours to renew.
+          paths.as_path(self.path).write_text(json.dumps(self.record))
+        except Exception as e:  # pylint: disable=broad-except
+          # The bucket's client raises its own errors; try at the next beat.
+          logging.warning("cannot renew the lock %s: %s", self.path, e)
 
     self._thread = threading.Thread(target=beat, daemon=True)
     self._thread.start()
@@ -132,14 +150,13 @@ class WorkdirLock:
   def release(self) -> None:
     """Removes the lock if it is still this job's."""
     self._stop.set()
-    holder = read_holder(self.path)
-    if holder and all(
+    if self._mine(read_holder(self.path)):
+      paths.remove(self.path)
+
+  def _mine(self, holder: dict | None) -> bool:
+    return bool(holder) and all(
       holder.get(k) == self.record[k] for k in ("host", "pid", "started")
-    ):
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+    )
 
   def __enter__(self) -> WorkdirLock:
     return self

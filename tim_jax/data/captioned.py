@@ -35,6 +35,7 @@ import os
 import grain
 import numpy as np
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 from tim_jax.data import latents as latents_lib
 
@@ -110,23 +111,41 @@ def _captions(value, where: str) -> list[str]:
   return caps
 
 
+def _walk(root: str) -> list[tuple[str, list[str]]]:
+  """(folder, sorted file names) of every folder under ``root`` that has
+  files, sorted: a local walk (links followed), or a bucket's listing."""
+  if not paths.is_remote(root):
+    return [
+      (dirpath, sorted(files))
+      for dirpath, _, files in sorted(os.walk(root, followlinks=True))
+    ]
+  folders = {}
+  for rel in paths.files(root):
+    folder, _, name = rel.rpartition("/")
+    folders.setdefault(paths.join(root, folder) if folder else root, [])
+    folders[paths.join(root, folder) if folder else root].append(name)
+  return sorted((d, sorted(f)) for d, f in folders.items())
+
+
 def read_folder(root: str) -> list[Item]:
-  """Images under ``root`` (walked in sorted order) with a ``.txt`` of the
-  same stem beside each: one caption per non-empty line."""
-  if not os.path.isdir(root):
+  """Images under ``root`` (walked in sorted order; local or gs://) with a
+  ``.txt`` of the same stem beside each: one caption per non-empty line."""
+  root = paths.absolute(root)
+  if not paths.as_path(root).is_dir():
     raise FileNotFoundError(f"--captioned {root!r} is not a directory")
   items, missing = [], []
-  for dirpath, _, files in sorted(os.walk(root, followlinks=True)):
-    for f in sorted(files):
+  for dirpath, files in _walk(root):
+    present = set(files)
+    for f in files:
       if not f.lower().endswith(IMAGE_EXTENSIONS):
         continue
-      path = os.path.join(dirpath, f)
+      path = paths.join(dirpath, f)
       txt = os.path.splitext(path)[0] + ".txt"
-      if not os.path.isfile(txt):
+      if os.path.splitext(f)[0] + ".txt" not in present:
         missing.append(path)
         continue
-      with open(txt, encoding="utf-8") as fh:
-        lines = [l.strip() for l in fh.read().splitlines() if l.strip()]
+      text = paths.as_path(txt).read_text(encoding="utf-8")
+      lines = [l.strip() for l in text.splitlines() if l.strip()]
       items.append(Item(path, _captions(lines, txt), None))
   if missing:
     raise UserError(
@@ -147,11 +166,12 @@ def read_manifest(path: str, root: str | None = None) -> list[Item]:
   relative to ``root`` (default: the manifest's folder), ``captions`` (a
   list; or ``caption``, one string) and optionally the official
   ``bucket``."""
-  if not os.path.isfile(path):
+  path = paths.absolute(path)  # Local or gs://.
+  if not paths.as_path(path).is_file():
     raise FileNotFoundError(f"--manifest {path!r} does not exist")
-  root = os.path.dirname(os.path.abspath(path)) if root is None else root
+  root = os.fspath(paths.as_path(path).parent) if root is None else root
   items = []
-  with open(path, encoding="utf-8") as f:
+  with paths.as_path(path).open(encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -169,7 +189,7 @@ def read_manifest(path: str, root: str | None = None) -> list[Item]:
       except UserError as e:
         raise UserError(f"{where}: {e}") from None
       items.append(
-        Item(os.path.join(root, image), _captions(caps, where), bucket)
+        Item(paths.join(root, image), _captions(caps, where), bucket)
       )
   if not items:
     raise UserError(f"--manifest {path!r} lists no images")
@@ -190,10 +210,10 @@ class CaptionedSource:
   order."""
 
   def __init__(self, data_dir: str, with_images: bool = False):
-    root = os.path.join(os.fspath(data_dir), latents_lib.NAME)
+    root = paths.as_path(paths.join(data_dir, latents_lib.NAME))
     names = (
-      sorted(n for n in os.listdir(root) if n.startswith("text_"))
-      if os.path.isdir(root)
+      sorted(p.name for p in root.iterdir() if p.name.startswith("text_"))
+      if root.is_dir()
       else []
     )
     if not names:

@@ -14,13 +14,14 @@ themselves.
 from __future__ import annotations
 
 from collections.abc import Iterable
+import io
 import math
-import os
 from typing import TYPE_CHECKING, Any
 
 from absl import logging
 import numpy as np
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 from tim_jax.data import conditioning
 
@@ -76,7 +77,7 @@ def source(
       kind=config.model.kind,
       max_caption_len=d.max_caption_len,
     )
-  if not d.data_dir or not os.path.isdir(d.data_dir):
+  if not d.data_dir or not paths.as_path(d.data_dir).is_dir():
     raise UserError(
       f"data.data_dir={d.data_dir!r} does not exist: this config trains "
       "on a latent dataset. Write one with `python -m "
@@ -250,14 +251,15 @@ def conditioner(
       encoder, tokenizer, drop, max_len=d.max_caption_len
     )
   null_path = d.get("null_caption_features")
-  if not null_path or not os.path.exists(null_path):
+  if not null_path or not paths.as_path(null_path).exists():
     raise UserError(
       "data.null_caption_features must point at a .npy file of"
       " the empty caption's features (M, D) for a latent t2i "
       f"dataset; got {null_path!r}"
     )
   return conditioning.CaptionConditioner(
-    drop_prob=drop, null_features=np.load(null_path)
+    drop_prob=drop,
+    null_features=np.load(io.BytesIO(paths.as_path(null_path).read_bytes())),
   )
 
 

@@ -48,6 +48,7 @@ import zipfile
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 CONDS = ("label", "caption", "text")
@@ -210,7 +211,7 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
     for path in files:
       latent, cond, repa = _read_shard(path, c)
       flips, crops = _read_extras(path, c, latent.shape[0])
-      stem = os.path.splitext(os.path.basename(path))[0]
+      stem = os.path.splitext(path.rpartition("/")[2])[0]
       for i in range(latent.shape[0]):
         example = {
           "latent": latent[i],
@@ -226,13 +227,13 @@ class TimLatents(tfds.core.GeneratorBasedBuilder):
 
 
 def _shard_files(input_dir) -> list[str]:
-  input_dir = os.fspath(input_dir)
-  if not os.path.isdir(input_dir):
+  input_dir = paths.absolute(input_dir)  # Local or gs://.
+  if not paths.as_path(input_dir).is_dir():
     raise FileNotFoundError(f"input_dir {input_dir!r} is not a directory")
   files = sorted(
-    os.path.join(input_dir, f)
-    for f in os.listdir(input_dir)
-    if f.endswith(".npz")
+    paths.join(input_dir, f.name)
+    for f in paths.as_path(input_dir).iterdir()
+    if f.name.endswith(".npz")
   )
   if not files:
     raise FileNotFoundError(f"no .npz shards in input_dir {input_dir!r}")
@@ -242,6 +243,8 @@ def _shard_files(input_dir) -> list[str]:
 def _load(path: str):
   """The npz at ``path``, or a UserError naming it when it is not one."""
   try:
+    if paths.is_remote(path):
+      return np.load(io.BytesIO(paths.as_path(path).read_bytes()))
     return np.load(path)
   except (ValueError, EOFError, zipfile.BadZipFile) as e:
     raise UserError(f"{path} is not a readable .npz file: {e}") from None
@@ -389,23 +392,32 @@ def write_latents(
   # tfds refuses a config object of a registered config's name: use the
   # registered one (its name spells every field, so they are equal).
   config = TimLatents.builder_configs.get(config.name, config)
-  builder = TimLatents(
-    config=config, data_dir=os.fspath(data_dir), file_format="array_record"
-  )
-  if os.path.exists(builder.data_dir):
+  data_dir = paths.absolute(data_dir)
+  target = paths.join(data_dir, NAME, config.name, str(TimLatents.VERSION))
+  if paths.as_path(target).exists():
     raise FileExistsError(
       f"a {NAME}/{config.name} dataset already exists at "
-      f"{builder.data_dir}; delete it or choose another data_dir"
+      f"{target}; delete it or choose another data_dir"
     )
-  # tfds makes (empty) download folders; keep them out of data_dir.
+  # tfds makes (empty) download folders; keep them out of data_dir. A
+  # bucket's dataset is written here first (array_record writes local
+  # files only), then copied up whole.
   with tempfile.TemporaryDirectory() as scratch:
+    staged = paths.is_remote(data_dir)
+    builder = TimLatents(
+      config=config,
+      data_dir=os.path.join(scratch, "data") if staged else data_dir,
+      file_format="array_record",
+    )
     builder.download_and_prepare(
-      download_dir=scratch,
+      download_dir=os.path.join(scratch, "downloads"),
       download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(input_dir), try_download_gcs=False
+        manual_dir=paths.absolute(input_dir), try_download_gcs=False
       ),
     )
-  return os.fspath(builder.data_dir)
+    if staged:
+      paths.copytree(os.fspath(builder.data_dir), target)
+  return target
 
 
 def find_dataset(
@@ -416,23 +428,18 @@ def find_dataset(
   ``data_dir`` may be the tfds data_dir given to ``write_latents`` (then
   ``config`` picks among several datasets), or a dataset directory itself.
   """
-  data_dir = os.fspath(data_dir)
-  if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+  data_dir = paths.absolute(data_dir)  # Local or gs://.
+  if paths.as_path(paths.join(data_dir, "dataset_info.json")).exists():
     return data_dir
-  root = os.path.join(data_dir, NAME)
+  root = paths.as_path(paths.join(data_dir, NAME))
   found = []
-  if os.path.isdir(root):
-    for name in sorted(os.listdir(root)):
-      if config is not None and name != config:
+  if root.is_dir():
+    for cdir in sorted(root.iterdir(), key=lambda p: p.name):
+      if config is not None and cdir.name != config:
         continue
-      cdir = os.path.join(root, name)
       versions = (
-        [
-          v
-          for v in os.listdir(cdir)
-          if os.path.exists(os.path.join(cdir, v, "dataset_info.json"))
-        ]
-        if os.path.isdir(cdir)
+        [v.name for v in cdir.iterdir() if (v / "dataset_info.json").exists()]
+        if cdir.is_dir()
         else []
       )
       if versions:
@@ -442,7 +449,7 @@ def find_dataset(
             int(p) if p.isdigit() else -1 for p in v.split(".")
           ),
         )
-        found.append(os.path.join(cdir, newest))
+        found.append(paths.join(cdir, newest))
   if not found:
     what = f"config {config!r}" if config else "any config"
     raise FileNotFoundError(
@@ -452,7 +459,7 @@ def find_dataset(
   if len(found) > 1:
     raise UserError(
       f"several {NAME} datasets under {data_dir!r}: "
-      f"{[os.path.basename(os.path.dirname(f)) for f in found]}"
+      f"{[f.rsplit('/', 2)[1] for f in found]}"
       "; pass config=NAME, or the directory of one of them"
     )
   return found[0]
@@ -488,7 +495,7 @@ class LatentSource:
       # damaged dataset_info.json without naming the file.
       raise UserError(
         f"cannot read the dataset at {self.path}: "
-        f"{os.path.join(self.path, 'dataset_info.json')} (or its "
+        f"{paths.join(self.path, 'dataset_info.json')} (or its "
         f"features.json) is damaged ({type(e).__name__}: "
         f"{str(e)[:200]}); write the dataset again with "
         "python -m tim_jax.commands.prepare"

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from tim_jax.core import fingerprint
+from tim_jax.core import fingerprint, paths
 from tim_jax.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -89,10 +89,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
+def open_image(path: str) -> Image.Image:
+  """PIL's image of a local file or of an object in a bucket (gs://)."""
+  if paths.is_remote(path):
+    return Image.open(io.BytesIO(paths.as_path(path).read_bytes()))
+  return Image.open(path)
+
+
 def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   """``([(path, label)], classes)`` as torchvision's ``ImageFolder`` lists
   them: classes are the sorted subfolder names, files are walked in sorted
-  order with the image extensions (case-insensitive)."""
+  order with the image extensions (case-insensitive). ``root`` may be a
+  bucket's folder (gs://...)."""
+  if paths.is_remote(root):
+    items, classes, _ = _remote_image_folder(root)
+    return items, classes
   if not os.path.isdir(root):
     raise FileNotFoundError(f"--images {root!r} is not a directory")
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
@@ -126,11 +137,55 @@ def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   return items, classes
 
 
+def _remote_image_folder(root: str):
+  """``image_folder`` of a bucket's folder, from one listing, and each
+  file's (size, modification time) for the fingerprint."""
+  root = root.rstrip("/")
+  try:
+    listing = paths.listing(root)
+  except FileNotFoundError:
+    listing = []
+  if not listing:
+    raise FileNotFoundError(f"--images {root!r} is not a directory")
+  classes = sorted({rel.split("/")[0] for rel, _, _ in listing if "/" in rel})
+  if not classes:
+    raise UserError(
+      f"--images {root!r} has no class subfolders (expected "
+      "<class>/<image> as ImageNet's train/ folder)"
+    )
+  label_of = {name: i for i, name in enumerate(classes)}
+  # Sorted as the local walk is: by folder, then by file name.
+  found = sorted(
+    (
+      (rel.rpartition("/")[0], rel.rpartition("/")[2], size, mtime)
+      for rel, size, mtime in listing
+      if "/" in rel and rel.lower().endswith(IMAGE_EXTENSIONS)
+    ),
+    key=lambda e: (label_of[e[0].split("/")[0]], e[0], e[1]),
+  )
+  if not found:
+    raise UserError(
+      f"--images {root!r}: no image files "
+      f"({', '.join(IMAGE_EXTENSIONS)}) in its class folders"
+    )
+  items, stats = [], {}
+  for folder, name, size, mtime in found:
+    path = f"{root}/{folder}/{name}"
+    items.append((path, label_of[folder.split("/")[0]]))
+    stats[path] = (size, mtime)
+  return items, classes, stats
+
+
 class FolderImages:
-  """Random access to an image folder: (crop uint8 HWC, label)."""
+  """Random access to an image folder (local or gs://): (crop uint8 HWC,
+  label)."""
 
   def __init__(self, root: str, size: int):
-    self.items, self.classes = image_folder(root)
+    self._stats = None
+    if paths.is_remote(root):
+      self.items, self.classes, self._stats = _remote_image_folder(root)
+    else:
+      self.items, self.classes = image_folder(root)
     self.size = size
 
   def __len__(self):
@@ -138,12 +193,16 @@ class FolderImages:
 
   def fingerprint(self) -> str:
     """The listing: every image's name, size and modification time."""
+    if self._stats is not None:  # As listed: no request per file.
+      return fingerprint.of_listing(
+        (path, *self._stats[path]) for path, _ in self.items
+      )
     return fingerprint.of_files(path for path, _ in self.items)
 
   def __getitem__(self, i):
     path, label = self.items[i]
     try:
-      with Image.open(path) as im:
+      with open_image(path) as im:
         crop = center_crop(to_rgb(im), self.size)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"cannot read image {path}: {e}") from e
@@ -268,7 +327,7 @@ def prepare(
   if n == 0:
     raise UserError("no images to prepare: the image source is empty")
   latent_shape = ae.latent_shape(images.size, images.size)
-  shard_dir = os.path.join(data_dir, "shards")
+  shard_dir = paths.join(data_dir, "shards")
   meta = dict(
     num_images=n,
     seed=seed,
@@ -344,7 +403,7 @@ class CaptionedImages:
     for path, _, bucket in self.items:
       if bucket is None:
         try:
-          with Image.open(path) as im:
+          with open_image(path) as im:
             w, h = im.size
         except Exception as e:  # pylint: disable=broad-except
           raise UserError(f"cannot read image {path}: {e}") from e
@@ -369,7 +428,7 @@ class CaptionedImages:
     path, captions, _ = self.items[i]
     h, w = self.buckets[i]
     try:
-      with Image.open(path) as im:
+      with open_image(path) as im:
         # The official loader: bicubic resize to the bucket, no crop.
         image = np.asarray(
           to_rgb(im).resize((w, h), resample=Image.Resampling.BICUBIC)
@@ -464,7 +523,7 @@ def prepare_captioned(
         rows[s : s + shard_size] for s in range(0, len(rows), shard_size)
       ]
       work = resumable.Parts(
-        os.path.join(data_dir, "shards", name),
+        paths.join(data_dir, "shards", name),
         "shard",
         [len(s) for s in shards],
         meta=dict(

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax.core import hub
+from tim_jax.core import hub, paths
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs
 from tim_jax.weights import torch_weights
@@ -345,6 +345,7 @@ def load_tokenizer(
   directory = hub.resolve(directory, allow_patterns=HUB_FILES)
   from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
 
+  directory = paths.local_copy(os.fspath(directory))  # gs:// copied once.
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -385,6 +386,8 @@ def load(
   ``directory`` may be a hub id (``hf://google/gemma-3-1b-it``, a gated
   repository: a token is needed; ``tim_jax.core.hub``)."""
   directory = hub.resolve(directory, allow_patterns=HUB_FILES)
+  if paths.is_remote(directory) and paths.as_path(directory).is_dir():
+    directory = paths.local_copy(directory)  # gs:// copied once.
   if not os.path.isdir(os.fspath(directory)):
     raise FileNotFoundError(
       f"text encoder directory {directory!r} does not "

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax.core import hub
+from tim_jax.core import hub, paths
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 from tim_jax.weights import torch_weights
@@ -526,7 +526,7 @@ def load(path: str, *, dtype: DTypeLike | None = None) -> RadioEncoder:
   may be a hub id (``hf://nvidia/RADIO/radio-v2.5-b_half.pth.tar``).
   """
   path = str(hub.resolve(path))
-  args, sd = _read(path)
+  args, sd = _read(paths.local_copy(path))  # gs:// copied once.
   base = {
     k[len("base_model.") :]: v
     for k, v in sd.items()

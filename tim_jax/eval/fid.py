@@ -17,11 +17,13 @@ statistics can be used directly.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -145,7 +147,9 @@ class Statistics:
 
   def save(self, path: PathLike) -> None:
     """Writes ``mu`` and ``sigma`` to an ``.npz`` file (pytorch-fid layout)."""
-    np.savez(path, mu=self.mu, sigma=self.sigma)
+    buf = io.BytesIO()
+    np.savez(buf, mu=self.mu, sigma=self.sigma)
+    paths.write_bytes(path, buf.getvalue())  # Local or gs://.
 
   @classmethod
   def load(cls, path: PathLike) -> Statistics:
@@ -154,7 +158,8 @@ class Statistics:
     npz members are read lazily, so the 10k images stored next to the
     statistics in guided-diffusion reference batches are never loaded.
     """
-    with np.load(path, allow_pickle=False) as f:
+    local = paths.local_copy(path)  # gs:// copied once.
+    with np.load(local, allow_pickle=False) as f:
       missing = [k for k in ("mu", "sigma") if k not in f.files]
       if missing:
         raise UserError(

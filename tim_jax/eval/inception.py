@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 import functools
+import io
 import os
 from typing import (
   Any,
@@ -38,6 +39,7 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 from tqdm.auto import tqdm
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 from tim_jax.eval import fid
 from tim_jax.weights import torch_weights
@@ -579,9 +581,11 @@ def save_state_dict(state_dict: Mapping[str, Any], path: PathLike) -> None:
   }
   suffix = os.path.splitext(path)[1].lower()
   if suffix == ".safetensors":
-    safetensors_numpy.save_file(arrays, path)
+    paths.write_bytes(path, safetensors_numpy.save(arrays))  # Local or gs://.
   elif suffix == ".npz":
-    np.savez(path, **arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    paths.write_bytes(path, buf.getvalue())
   else:
     raise UserError(
       f"cannot write {suffix!r} ({path!r}); use .safetensors or .npz"

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import functools
+import io
 import os
 from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -97,8 +99,9 @@ def generate(
       height or size * pipe.downsample, width or size * pipe.downsample
     )
   )
-  out_dir = os.path.dirname(os.path.abspath(out))
-  if not os.access(out_dir, os.W_OK):
+  out = paths.absolute(out)  # A local file or gs://bucket/....npz.
+  out_dir = os.path.dirname(out)
+  if not paths.is_remote(out) and not os.access(out_dir, os.W_OK):
     raise UserError(f"cannot write to {out_dir} (for --out={out})")
   if pipe.kind == "c2i":
     if prompts:
@@ -194,10 +197,11 @@ def generate(
     return None
   arrays, labels = [], []
   for b in range(len(batches)):
-    with np.load(work.path(b)) as z:
+    part = io.BytesIO(paths.as_path(work.path(b)).read_bytes())
+    with np.load(part) as z:
       arrays.append(z["images"])
       labels.append(z["labels"])
-  tmp = out + ".tmp.npz"
-  np.savez(tmp, arr_0=np.concatenate(arrays), arr_1=np.concatenate(labels))
-  os.replace(tmp, out)
+  buf = io.BytesIO()
+  np.savez(buf, arr_0=np.concatenate(arrays), arr_1=np.concatenate(labels))
+  paths.write_bytes(out, buf.getvalue())  # Whole or not at all.
   return out

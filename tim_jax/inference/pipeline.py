@@ -35,7 +35,7 @@ import numpy as np
 
 from tim_jax import autoencoders
 from tim_jax.config import builders, config_base, official
-from tim_jax.core import hub, images
+from tim_jax.core import hub, images, paths
 from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
 from tim_jax.method import sampling
@@ -69,30 +69,27 @@ def resolve(path: str) -> CheckpointRef:
   path = hub.resolve(path)
   if not path:
     raise UserError("a checkpoint path (--checkpoint) is required")
-  if os.path.isfile(path):
+  path = paths.absolute(path)  # Local or gs://.
+  p = paths.as_path(path)
+  if p.is_file():
     if not path.endswith(OFFICIAL_SUFFIXES):
       raise UserError(
         f"{path} is a file but not an official checkpoint "
         f"({', '.join(OFFICIAL_SUFFIXES)})"
       )
     return CheckpointRef("official", path)
-  if not os.path.isdir(path):
+  if not p.is_dir():
     raise FileNotFoundError(f"no checkpoint at {path}")
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if (
-    os.path.isdir(os.path.join(path, "state"))
-    and os.path.basename(path).isdigit()
-  ):
-    return CheckpointRef(
-      "tim_jax", os.path.dirname(path), int(os.path.basename(path))
-    )
+  if (p / "checkpoints").is_dir():
+    p = p / "checkpoints"
+  if (p / "state").is_dir() and p.name.isdigit():
+    return CheckpointRef("tim_jax", os.fspath(p.parent), int(p.name))
   steps = sorted(
-    int(d)
-    for d in os.listdir(path)
-    if d.isdigit() and os.path.isdir(os.path.join(path, d, "state"))
+    int(d.name)
+    for d in p.iterdir()
+    if d.name.isdigit() and (d / "state").is_dir()
   )
+  path = os.fspath(p)
   if not steps:
     raise FileNotFoundError(
       f"{path} holds no tim_jax checkpoint (no <step>/state directory); "

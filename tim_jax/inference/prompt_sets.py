@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tim_jax.core import images
+from tim_jax.core import images, paths
 from tim_jax.core.errors import UserError
 from tim_jax.data import conditioning
 
@@ -52,11 +52,11 @@ def read(spec: str) -> tuple[str, list[dict]]:
     )
   items = []
   if layout == "geneval":
-    if not os.path.isfile(path):
+    if not paths.as_path(path).is_file():
       raise FileNotFoundError(
         f"GenEval metadata {path!r} does not exist (evaluation_metadata.jsonl)"
       )
-    with open(path, encoding="utf-8") as f:
+    with paths.as_path(path).open(encoding="utf-8") as f:
       for n, line in enumerate(l for l in f if l.strip()):
         try:
           meta = json.loads(line)
@@ -74,12 +74,13 @@ def read(spec: str) -> tuple[str, list[dict]]:
           )
         )
   else:
-    if not os.path.isdir(path):
+    if not paths.as_path(path).is_dir():
       raise FileNotFoundError(f"DPG-Bench prompts {path!r} is not a folder")
-    for f in sorted(os.listdir(path)):
-      if f.endswith(".txt"):
-        with open(os.path.join(path, f), encoding="utf-8") as fh:
-          items.append(dict(prompt=fh.read(), name=os.path.splitext(f)[0]))
+    for f in sorted(paths.as_path(path).iterdir(), key=lambda p: p.name):
+      if f.name.endswith(".txt"):
+        items.append(
+          dict(prompt=f.read_text(encoding="utf-8"), name=f.name[:-4])
+        )
   if not items:
     raise UserError(f"--prompt_set: no prompts in {path!r}")
   return layout, items
@@ -88,8 +89,8 @@ def read(spec: str) -> tuple[str, list[dict]]:
 def done(layout: str, out_dir: str, item: dict) -> bool:
   """Whether a prompt's images are already in ``out_dir``."""
   if layout == "geneval":
-    return os.path.exists(os.path.join(out_dir, item["name"], "grid.png"))
-  return os.path.exists(os.path.join(out_dir, item["name"] + ".png"))
+    return paths.as_path(paths.join(out_dir, item["name"], "grid.png")).exists()
+  return paths.as_path(paths.join(out_dir, item["name"] + ".png")).exists()
 
 
 def write(layout: str, out_dir: str, item: dict, pictures: np.ndarray) -> None:
@@ -98,15 +99,15 @@ def write(layout: str, out_dir: str, item: dict, pictures: np.ndarray) -> None:
   that marks the prompt done comes last."""
   two_by_two = images.grid(pictures, cols=2, gap=0)
   if layout == "dpg":
-    images.save_png(os.path.join(out_dir, item["name"] + ".png"), two_by_two)
+    images.save_png(paths.join(out_dir, item["name"] + ".png"), two_by_two)
     return
-  folder = os.path.join(out_dir, item["name"])
-  os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-  with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
-    json.dump(item["metadata"], f)
+  folder = paths.join(out_dir, item["name"])
+  paths.write_text(
+    paths.join(folder, "metadata.jsonl"), json.dumps(item["metadata"])
+  )
   for k, picture in enumerate(pictures):
-    images.save_png(os.path.join(folder, "samples", f"{k:05d}.png"), picture)
-  images.save_png(os.path.join(folder, "grid.png"), two_by_two)
+    images.save_png(paths.join(folder, "samples", f"{k:05d}.png"), picture)
+  images.save_png(paths.join(folder, "grid.png"), two_by_two)
 
 
 def run(
@@ -131,8 +132,9 @@ def run(
   if pipe.kind != "t2i":
     raise UserError("--prompt_set is for text-to-image models")
   layout, items = read(spec)
-  os.makedirs(out_dir, exist_ok=True)
-  if not os.access(out_dir, os.W_OK):
+  out_dir = paths.absolute(out_dir)  # A local folder or gs://...
+  paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+  if not paths.is_remote(out_dir) and not os.access(out_dir, os.W_OK):
     raise UserError(f"cannot write to --out={out_dir}")
   batches = [
     items[s : s + batch_size] for s in range(0, len(items), batch_size)

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from tim_jax.config import config_base
-from tim_jax.core import images, sharding, workdir_lock
+from tim_jax.core import images, paths, sharding, workdir_lock
 from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
 from tim_jax.training import evaluators
@@ -77,7 +77,7 @@ def write_sample_grids(
     title=f"step {step}, EMA weights{guidance}",
     min_side=s.min_side,
   )
-  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+  path = paths.join(workdir, "samples", f"step_{step:07d}.png")
   if jax.process_index() == 0:
     images.save_png(path, picture)
   writer.write_images(step, {"samples": picture[None]})
@@ -94,9 +94,8 @@ def compilation_cache_dir(
     return None
   if value:
     return value
-  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-    workdir, "compilation_cache"
-  )
+  env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  return env or os.fspath(paths.as_path(workdir) / "compilation_cache")
 
 
 def use_compilation_cache(directory: str | None) -> None:
@@ -157,9 +156,10 @@ def train_and_evaluate(
   Returns the final TrainState.
   """
   config_base.check(config)  # A knob out of range stops before any work.
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  workdir = paths.absolute(workdir)  # A local folder or gs://bucket/...
+  if paths.as_path(workdir).is_file():
     raise UserError(f"--workdir={workdir} is a file, not a directory")
-  os.makedirs(workdir, exist_ok=True)
+  paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
   use_compilation_cache(compilation_cache_dir(config, workdir))
   # One trainer per workdir: a second one stops here, naming the first.
   lock = workdir_lock.acquire(
@@ -188,10 +188,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
   # Before any work: an unwritable checkpoint folder would otherwise show
   # only at the first save.
-  checkpoint.check_writable(os.path.join(workdir, "checkpoints"))
+  checkpoint.check_writable(paths.join(workdir, "checkpoints"))
   config_dict = config_base.to_json(config)
   ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
+    paths.join(workdir, "checkpoints"),
     keep=config.keep_checkpoints,
     asynchronous=config.async_checkpoints,
   )

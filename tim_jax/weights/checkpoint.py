@@ -18,10 +18,13 @@ import logging
 import os
 import tempfile
 from typing import TYPE_CHECKING, Any
+import uuid
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from tim_jax.core import paths
 
 if TYPE_CHECKING:
   import grain
@@ -99,14 +102,21 @@ class CheckpointWriteError(RuntimeError):
 
 def check_writable(directory: str) -> None:
   """Raises CheckpointWriteError unless files can be created in
-  ``directory`` (made if missing). Orbax's asynchronous save reports such a
-  failure only inside its thread, where the next save then waits forever:
-  this check runs first."""
+  ``directory`` (made if missing; local or gs://). Orbax's asynchronous
+  save reports such a failure only inside its thread, where the next save
+  then waits forever: this check runs first."""
+  # A bucket's client raises its own errors besides OSError.
+  errors = Exception if paths.is_remote(directory) else OSError
   try:
+    if paths.is_remote(directory):
+      probe = paths.as_path(directory) / f".write_check-{uuid.uuid4().hex}"
+      probe.write_bytes(b"")
+      probe.unlink()
+      return
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_check"):
       pass
-  except OSError as e:
+  except errors as e:
     raise CheckpointWriteError(
       f"cannot write checkpoints to {directory}: {e}. Make it writable or "
       "choose another --workdir."
@@ -120,10 +130,20 @@ class CheckpointReadError(RuntimeError):
 def _free_name(path: str) -> str:
   """``path``, or ``path-2``, ``path-3``, ... : the first that is free."""
   candidate, k = path, 1
-  while os.path.exists(candidate):
+  while paths.as_path(candidate).exists():
     k += 1
     candidate = f"{path}-{k}"
   return candidate
+
+
+def _move(src: str, dst: str) -> None:
+  """Renames a folder; in a bucket (no folders to rename) copies it, then
+  deletes the original."""
+  if not paths.is_remote(src):
+    os.replace(src, dst)
+    return
+  paths.copytree(src, dst)
+  paths.as_path(src).rmtree()
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -137,7 +157,7 @@ class Checkpointer:
   def __init__(
     self, directory: str, *, keep: int = 3, asynchronous: bool = True
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # Local or gs://.
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous
     )
@@ -163,14 +183,15 @@ class Checkpointer:
             _first_line(e),
           )
       return None
-    path = os.path.join(self.directory, str(step), "config", "metadata")
-    if not os.path.exists(path):
+    path = paths.as_path(
+      paths.join(self.directory, str(step), "config", "metadata")
+    )
+    if not path.exists():
       restored = self.manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
       )
       return dict(restored["config"])
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
 
   def check_compatible(self, config_dict: dict) -> None:
     """Refuses (ValueError) to resume from a checkpoint of another
@@ -263,9 +284,9 @@ class Checkpointer:
         )
         continue
       for bad, why in failures:
-        aside = _free_name(os.path.join(self.directory, f"damaged-step-{bad}"))
+        aside = _free_name(paths.join(self.directory, f"damaged-step-{bad}"))
         if jax.process_index() == 0:  # One rename on shared storage.
-          os.replace(os.path.join(self.directory, str(bad)), aside)
+          _move(paths.join(self.directory, str(bad)), aside)
         logging.warning(
           "resuming from step %d instead of the damaged step %d (%s); "
           "the damaged step is kept at %s",
@@ -283,7 +304,7 @@ class Checkpointer:
       return step, state
     if failures:
       listed = "; ".join(
-        f"step {s} ({os.path.join(self.directory, str(s))}): {why}"
+        f"step {s} ({paths.join(self.directory, str(s))}): {why}"
         for s, why in failures
       )
       raise CheckpointReadError(

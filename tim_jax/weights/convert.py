@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tim_jax import models
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 from tim_jax.weights import torch_weights
 
@@ -245,7 +246,8 @@ def load_official(
 
 
 def save_official(model: nnx.Module, path: str) -> None:
-  """Writes the model as an official ``.safetensors`` state_dict."""
-  from safetensors.numpy import save_file
+  """Writes the model as an official ``.safetensors`` state_dict (local
+  or gs://)."""
+  from safetensors.numpy import save
 
-  save_file(to_official(model), path)
+  paths.write_bytes(path, save(to_official(model)))

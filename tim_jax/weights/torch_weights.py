@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tim_jax.core import paths
 from tim_jax.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -82,10 +83,10 @@ def read(
         "not installed: pip install torch (the CPU build is enough)"
         + (f". {missing_torch_hint}" if missing_torch_hint else "")
       ) from e
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     raise FileNotFoundError(f"no weight file at {path!r}")
   try:
-    return _read(path, suffix)
+    return _read(paths.local_copy(path), suffix)  # gs:// copied once.
   except Exception as e:  # pylint: disable=broad-except
     # safetensors, numpy and torch (whose unpickler raises anything from
     # IndexError to UnpicklingError) say what is wrong but not with which

@@ -213,11 +213,13 @@ def test_the_readme_commands_run(tmp_path, monkeypatch, capsys):
 
   readme = [c for c in _documented_commands() if c[0] == "README.md"]
   modules = [m for _, m, _ in readme]
-  # The rest sample the released models from the Hub (--model): they run
-  # against a loopback hub in tests/test_hub.py.
+  # The rest sample the released models from the Hub (--model; they run
+  # against a loopback hub in tests/test_hub.py) or work in a bucket (gs://;
+  # they run against a GCS emulator in tests/test_gcs.py).
   assert modules[:2] == ["tim_jax.main", "tim_jax.commands.sample"], modules
   assert all(
-    any(a.startswith("--model=") for a in args) for _, _, args in readme[2:]
+    any(a.startswith("--model=") or "gs://" in a for a in args)
+    for _, _, args in readme[2:]
   ), readme[2:]
   monkeypatch.chdir(ROOT)
   workdir = str(tmp_path / "t2i_tiny")

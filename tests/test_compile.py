@@ -284,7 +284,8 @@ def test_command_prints_and_writes_the_report(tmp_path, capsys):
   )
   printed = capsys.readouterr().out
   assert "train_step: lowered in" in printed
-  assert "fits" in printed and "MFU upper bound" in printed
+  assert "fits" in printed and "cost-model MFU estimate" in printed
+  assert "upper bound" not in printed
   import json
 
   with open(out) as f:
@@ -359,9 +360,7 @@ def test_extrapolated_roofline_matches_the_unrolled_depth(devices):
   c.model.scan_blocks = False
   c.lock()
   ext = compile_lib.extrapolated_roofline(c, devices)
-  real = compile_lib.compile_steps(
-    c, devices, sampler=False, model_floor=False
-  )["rows"][0]
+  real = compile_lib.compile_steps(c, devices, sampler=False)["rows"][0]
   assert ext["depth"] == 3
   assert ext["xla_flops_per_device"] == pytest.approx(
     real["xla_flops_per_device"], rel=0.03
@@ -373,4 +372,70 @@ def test_extrapolated_roofline_matches_the_unrolled_depth(devices):
   # The extrapolated HBM is the unrolled depth-3 program's, within 10 %.
   assert ext["hbm_bytes"] == pytest.approx(real["memory"]["total"], rel=0.1)
   assert ext["hbm_fits"]
-  assert 0 < ext["roofline_mfu_upper_bound"] <= 1.5
+  assert 0 < ext["cost_model_mfu_estimate"] <= 1.5
+
+
+def test_tpu_step_cost_stays_at_its_recorded_baseline(devices):
+  # A small bf16 TiM step's cost-model time and HBM on four v5e chips must
+  # stay within 3 % of the recorded figures: a change that slows the TPU
+  # step (as the CPU forms of LayerNorm and attention did on TPU: +14 %
+  # time here) fails here, not in the docs. Re-record after a deliberate change:
+  # PYTHONPATH=. python tests/tpu_cost_baseline.py
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import tpu_cost_baseline as guard  # pylint: disable=g-import-not-at-top
+
+  with open(guard.BASELINE, encoding="utf-8") as f:
+    want = json.load(f)
+  got = guard.measure(devices)
+  where = (
+    f"recorded {want['recorded']} with {want['versions']}, now "
+    f"{guard.versions()}; re-record: {want['command']}"
+  )
+  for key in ("roofline_seconds", "hbm_bytes"):
+    assert got[key] == pytest.approx(want[key], rel=0.03), (
+      f"{key}: {got[key]:.4g} against the baseline {want[key]:.4g} ({where})"
+    )
+
+
+class _Compiled:
+  """What ``_report`` reads of a compiled program, with a given HLO."""
+
+  def __init__(self, text):
+    self.text = text
+
+  def cost_analysis(self):
+    return {"optimal_seconds": 0.5, "flops": 1e12, "bytes accessed": 1e9}
+
+  def memory_analysis(self):
+    import types  # pylint: disable=g-import-not-at-top
+
+    return types.SimpleNamespace(
+      argument_size_in_bytes=1,
+      output_size_in_bytes=1,
+      temp_size_in_bytes=1,
+      alias_size_in_bytes=0,
+    )
+
+  def as_text(self):
+    return self.text
+
+
+def test_no_mfu_where_xla_counted_a_loop_body_once(devices):
+  # XLA's cost of a program with a loop (scanned blocks) covers one
+  # iteration: no MFU estimate then, and the time is never raised to the
+  # model FLOPs' compute bound (that printed a fake 100 %).
+  chip = compile_lib.chip_info(devices)
+  model_flops = 1e16  # Its compute bound is far above the 0.5 s.
+  plain, scanned = (
+    compile_lib._report("s", _Compiled(text), 0.0, 0.0, chip, model_flops)  # pylint: disable=protected-access
+    for text in ("%a = f32[2] add(%x, %y)", "%w = (s32[]) while(%t)")
+  )
+  assert plain["roofline_seconds"] == scanned["roofline_seconds"] == 0.5
+  assert plain["cost_model_mfu_estimate"] == pytest.approx(
+    model_flops / (0.5 * 4 * chip.peak_per_device)
+  )
+  assert "cost_model_mfu_estimate" not in scanned
+  assert scanned["while_loops"] == 1

@@ -178,30 +178,75 @@ def test_rope_rotation_is_interleaved_and_relative():
   assert logit(5, 0) != pytest.approx(logit(6, 0), rel=1e-3)
 
 
-def test_layernorm_written_derivative_equals_autodiff():
-  # The hand-written derivative of the standardisation must be the one
-  # autodiff takes through the plain formula, in both modes.
-  def plain(x, eps=1e-6):
-    mean = jnp.mean(x, -1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
-
+def test_layernorm_cpu_and_tpu_forms_agree_to_second_order():
+  # The CPU's written derivative and the TPU's traced formula are one map:
+  # equal values and derivatives in both modes and at second order.
+  written = lambda a: layers._standardize_written(a, 1e-6)  # pylint: disable=protected-access
+  traced = lambda a: layers._standardize_traced(a, 1e-6)  # pylint: disable=protected-access
   x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (5, 16))
   dx = jax.random.normal(jax.random.key(1), (5, 16))
   ct = jax.random.normal(jax.random.key(2), (5, 16))
-  mine = lambda a: layers.standardize(a, 1e-6)
-  np.testing.assert_allclose(mine(x), plain(x), atol=1e-6)
+  np.testing.assert_allclose(written(x), traced(x), atol=1e-6)
   np.testing.assert_allclose(
-    jax.jvp(mine, (x,), (dx,))[1], jax.jvp(plain, (x,), (dx,))[1], atol=1e-5
+    jax.jvp(written, (x,), (dx,))[1],
+    jax.jvp(traced, (x,), (dx,))[1],
+    atol=1e-5,
   )
   np.testing.assert_allclose(
-    jax.vjp(mine, x)[1](ct)[0], jax.vjp(plain, x)[1](ct)[0], atol=1e-5
+    jax.vjp(written, x)[1](ct)[0], jax.vjp(traced, x)[1](ct)[0], atol=1e-5
   )
   # Second order (a gradient of the forward-mode derivative) also agrees.
   second = lambda f: jax.grad(
     lambda a: jnp.sum(jax.jvp(f, (a,), (dx,))[1] * ct)
   )(x)
-  np.testing.assert_allclose(second(mine), second(plain), atol=1e-4)
+  np.testing.assert_allclose(second(written), second(traced), atol=1e-4)
+  # The layer picks its form when lowered: the written one for CPU.
+  text = str(jax.make_jaxpr(lambda a: layers.standardize(a, 1e-6))(x))
+  assert "platform_index" in text and "custom_jvp_call" in text
+  np.testing.assert_allclose(
+    jax.jit(jax.grad(lambda a: jnp.sum(layers.standardize(a, 1e-6) * ct)))(x),
+    jax.vjp(written, x)[1](ct)[0],
+    atol=1e-6,
+  )
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_cpu_and_tpu_forms_agree(masked):
+  # Scale on q (CPU) and scale on the logits (TPU): the same attention,
+  # values and gradients, in float32 and bfloat16.
+  keys = jax.random.split(jax.random.key(3), 4)
+  shape = (2, 3, 10, 8)
+  q, k, v = (jax.random.normal(key, shape) for key in keys[:3])
+  mask = jnp.arange(10)[None, :] < jnp.array([[4], [10]]) if masked else None
+  cpu = layers._attend_scaled_q  # pylint: disable=protected-access
+  tpu = layers._attend_scaled_logits  # pylint: disable=protected-access
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+    args = [a.astype(dtype) for a in (q, k, v)]
+    loss = lambda f, *a: jnp.sum(f(*a, mask).astype(jnp.float32) ** 2)
+    np.testing.assert_allclose(
+      np.asarray(cpu(*args, mask), np.float32),
+      np.asarray(tpu(*args, mask), np.float32),
+      atol=tol,
+      rtol=tol,
+    )
+    for g_cpu, g_tpu in zip(
+      jax.grad(lambda *a: loss(cpu, *a), argnums=(0, 1, 2))(*args),
+      jax.grad(lambda *a: loss(tpu, *a), argnums=(0, 1, 2))(*args),
+    ):
+      np.testing.assert_allclose(
+        np.asarray(g_cpu, np.float32),
+        np.asarray(g_tpu, np.float32),
+        atol=5 * tol,
+        rtol=5 * tol,
+      )
+  # The float32 forms agree with the reference formula.
+  want = jax.nn.dot_product_attention(
+    *(jnp.swapaxes(a, 1, 2) for a in (q, k, v)),
+    mask=None if mask is None else mask[:, None, None, :],
+  )
+  np.testing.assert_allclose(
+    cpu(q, k, v, mask), jnp.swapaxes(want, 1, 2), atol=1e-5
+  )
 
 
 @pytest.mark.parametrize(

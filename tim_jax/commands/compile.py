@@ -17,12 +17,14 @@ device:
   the program for want of HBM, the command stops with "DOES NOT FIT", the
   compiler's figures and the knobs that save memory, and a sweep goes on
   to the next mesh and ranks the refused one last, with its reason);
-* FLOPs: XLA's count beside ``tim_jax.models.flops``' model FLOPs, XLA's roofline
-  time (``optimal_seconds``; where XLA gives none, max(FLOPs / peak, bytes /
-  HBM bandwidth)), never below the model FLOPs' compute bound (XLA counts a
-  loop body once: scanned blocks, the sampler's loop), and the MFU that
-  time would give (an upper bound: real steps are slower than the
-  roofline);
+* FLOPs: XLA's count beside ``tim_jax.models.flops``' model FLOPs, the
+  roofline time of libtpu's cost model (``optimal_seconds``; where XLA gives
+  none, max(FLOPs / peak, bytes / HBM bandwidth)) and the cost-model MFU
+  estimate it implies (model FLOPs over that time at the chips' peak: an
+  estimate from a cost model, neither a measurement nor a bound). XLA's
+  cost analysis counts a loop body once (scanned blocks, the sampler's
+  loop, the microbatch loop), so for a program with a loop the time
+  undercounts and no MFU is given: use ``--extrapolate``;
 * collectives in the optimized HLO: count and bytes per kind (all-reduce,
   all-gather, reduce-scatter, all-to-all, collective-permute);
 * lowering and compile seconds on this host.
@@ -238,11 +240,11 @@ def _report(
   compile_s,
   chip: Chip,
   model_flops: float | None,
-  floor: bool = True,
 ) -> dict:
   cost = _cost(compiled)
   seconds = float(cost.get("optimal_seconds", -1.0))
   flops = float(cost.get("flops", float("nan")))
+  source = "xla"
   if not seconds > 0:
     # XLA gives no estimate for some programs (-1): the plain roofline of
     # its FLOP and byte counts instead.
@@ -250,15 +252,9 @@ def _report(
       flops / chip.peak_per_device,
       float(cost.get("bytes accessed", 0.0)) / chip.bandwidth_per_device,
     )
-  source = "xla"
-  if model_flops and floor:
-    # XLA's cost analysis counts a loop body once (scanned blocks, the
-    # sampler's step loop), so its roofline can undercut the model's own
-    # compute bound; never report faster than that bound.
-    bound = model_flops / (chip.devices * chip.peak_per_device)
-    if bound > seconds:
-      seconds, source = bound, "model_flops_compute_bound"
+    source = "flops_and_bytes"
   text = compiled.as_text()
+  loops = len(re.findall(r"\swhile\(", text))
   row = dict(
     name=name,
     lower_seconds=lower_s,
@@ -270,13 +266,19 @@ def _report(
     roofline_source=source,
     collectives=collectives(text),
     hlo_chars=len(text),
-    while_loops=len(re.findall(r"\swhile\(", text)),
+    while_loops=loops,
   )
-  if model_flops and seconds > 0:
-    row["roofline_mfu_upper_bound"] = model_flops / (
-      seconds * chip.devices * chip.peak_per_device
-    )
+  # XLA's cost analysis counts a loop body once (scanned blocks, the
+  # sampler's loop, collective-matmul loops): no MFU from an undercount.
+  if model_flops and seconds > 0 and not loops:
+    row["cost_model_mfu_estimate"] = mfu(model_flops, seconds, chip)
   return row
+
+
+def mfu(model_flops: float, seconds: float, chip: Chip) -> float:
+  """Model FLOPs over ``seconds`` at the devices' peak: with the cost
+  model's roofline time, the cost-model MFU estimate."""
+  return model_flops / (seconds * chip.devices * chip.peak_per_device)
 
 
 def _abstract(tree, shardings):
@@ -294,14 +296,12 @@ def compile_steps(
   batch: int | None = None,
   caption_len: int = 128,
   sampler: bool = True,
-  model_floor: bool = True,
   unroll_teacher: bool = False,
 ) -> dict:
   """Compiles the train step (and sampler steps) of ``config`` for
   ``devices``; returns the report (see the module docstring).
-  ``model_floor=False`` reports XLA's roofline as is, even below the model
-  FLOPs' compute bound; ``unroll_teacher`` loops over the REPA teacher's
-  blocks instead of scanning them, so that XLA counts all of them."""
+  ``unroll_teacher`` loops over the REPA teacher's blocks instead of
+  scanning them, so that XLA counts all of them."""
   from tim_jax import training  # pylint: disable=g-import-not-at-top
   from tim_jax.config import builders  # pylint: disable=g-import-not-at-top
   from tim_jax.core import sharding
@@ -389,7 +389,6 @@ def compile_steps(
       t2 - t1,
       chip,
       model_flops,
-      floor=model_floor,
     )
   )
   if sampler:
@@ -460,7 +459,8 @@ def extrapolated_roofline(
   model's own compile undercounts, and compiling the unrolled full depth
   takes minutes. Checked against an unrolled XL/2 compile (the benchmarks
   page). Returns flops (per device), roofline seconds, the model FLOPs and
-  the MFU upper bound at full depth, the per-device HBM the unrolled model
+  the cost-model MFU estimate at full depth (none where the small compiles
+  keep a loop, whose body XLA counts once), the per-device HBM the unrolled model
   would take (argument and temp bytes grown the same way: a guide for
   choosing meshes; the full compile is the measurement), and the two
   compiles' seconds. With ``microbatches`` = k the two compiles run one
@@ -493,7 +493,6 @@ def extrapolated_roofline(
       batch=rows,
       caption_len=caption_len,
       sampler=False,
-      model_floor=False,
       unroll_teacher=True,
     )["rows"][0]
     costs.append(row)
@@ -507,7 +506,8 @@ def extrapolated_roofline(
   model = grow(lambda r: r["model_flops"])
   seconds = grow(lambda r: r["roofline_seconds"])
   hbm = grow(lambda r: r["memory"]["total"], times=1)
-  return dict(
+  loops = max(r.get("while_loops", 0) for r in costs)
+  out = dict(
     depth=depth,
     microbatches=k,
     xla_flops_per_device=grow(lambda r: r["xla_flops_per_device"]),
@@ -515,12 +515,14 @@ def extrapolated_roofline(
     hbm_fits=bool(hbm <= chip.hbm_per_device),
     roofline_seconds=seconds,
     model_flops=model,
-    roofline_mfu_upper_bound=model
-    / (seconds * chip.devices * chip.peak_per_device),
     per_block_seconds=k
     * (costs[1]["roofline_seconds"] - costs[0]["roofline_seconds"]),
+    while_loops=loops,
     compile_seconds=sum(r["compile_seconds"] for r in costs),
   )
+  if not loops:
+    out["cost_model_mfu_estimate"] = mfu(model, seconds, chip)
+  return out
 
 
 def _abstract_cond(c, trainer, b, caption_len, mesh):
@@ -633,7 +635,8 @@ def sweep(
         hbm_gib=row["memory"]["total"] / GIB,
         roofline_seconds=row["roofline_seconds"],
         seconds_per_example=per_example,
-        mfu=row.get("roofline_mfu_upper_bound"),
+        mfu=row.get("cost_model_mfu_estimate"),
+        while_loops=row.get("while_loops", 0),
         compile_seconds=row["compile_seconds"],
       )
     )
@@ -661,8 +664,13 @@ def _sweep_line(r) -> str:
   return (
     head + f"{r['hbm_gib']:7.2f} GiB "
     f"{'fits' if r['fits'] else 'DOES NOT FIT':12s} roofline "
-    f"{r['roofline_seconds'] * 1e3:9.1f} ms  MFU<= "
-    f"{(r['mfu'] or 0):6.1%}  compile {r['compile_seconds']:.1f} s"
+    f"{r['roofline_seconds'] * 1e3:9.1f} ms  "
+    + (
+      f"cost-model MFU estimate {r['mfu']:6.1%}"
+      if r.get("mfu")
+      else "(XLA counted a loop body once: no MFU; use --extrapolate)"
+    )
+    + f"  compile {r['compile_seconds']:.1f} s"
     + (
       f"  (unrolled ~{r['hbm_unrolled_gib']:.1f} GiB)"
       if "hbm_unrolled_gib" in r
@@ -696,17 +704,21 @@ def print_report(rep: dict) -> None:
       if model
       else ""
     )
-    mfu = row.get("roofline_mfu_upper_bound")
+    estimate = row.get("cost_model_mfu_estimate")
     print(
       f"  roofline step {row['roofline_seconds'] * 1e3:.2f} ms"
       + (
-        " (the model FLOPs' compute bound: XLA counts a loop body once)"
+        " (max(FLOPs / peak, bytes / bandwidth): XLA gave no time)"
         if row["roofline_source"] != "xla"
-        else ""
+        else " (libtpu's cost model)"
       )
       + (
-        f", MFU upper bound {mfu:.1%} (the roofline is optimistic)"
-        if mfu
+        f", cost-model MFU estimate {estimate:.1%} (an estimate, not a bound)"
+        if estimate
+        else f": XLA counted the body of each of {row['while_loops']} "
+        "loops once, so the time undercounts and no MFU is given (for the "
+        "train step: --extrapolate)"
+        if row["while_loops"]
         else ""
       )
     )
@@ -782,8 +794,14 @@ def _main(f, args) -> None:
         f"unrolled depths 1 and 2{micro} "
         f"({ext['compile_seconds']:.0f} s): "
         f"roofline {ext['roofline_seconds'] * 1e3:.1f} ms "
-        f"({ext['per_block_seconds'] * 1e3:.2f} ms per block), MFU upper "
-        f"bound {ext['roofline_mfu_upper_bound']:.1%}; HBM unrolled "
+        f"({ext['per_block_seconds'] * 1e3:.2f} ms per block), "
+        + (
+          f"cost-model MFU estimate {ext['cost_model_mfu_estimate']:.1%}"
+          if "cost_model_mfu_estimate" in ext
+          else f"no MFU (the small compiles kept {ext['while_loops']} "
+          "loops, whose bodies XLA counts once)"
+        )
+        + "; HBM unrolled "
         f"about {ext['hbm_bytes'] / GIB:.1f} GiB per device ("
         + ("fits" if ext["hbm_fits"] else "DOES NOT FIT")
         + ")"

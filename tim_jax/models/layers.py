@@ -100,14 +100,26 @@ def _centred_and_scale(x, eps):
   return centred, jax.lax.rsqrt(var + eps)
 
 
+def _standardize_traced(x, eps):
+  """(x - mean) / sqrt(var + eps), differentiated by tracing the formula.
+
+  ``x - mean`` is written twice on purpose: autodiff then transposes the two
+  uses separately, which the TPU compiler fuses into fewer passes than the
+  shared difference (libtpu's cost model: 0.7 % of an XL block).
+  """
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def standardize(x, eps):
-  """(x - mean) / sqrt(var + eps) over the last axis."""
+def _standardize_written(x, eps):
+  """(x - mean) / sqrt(var + eps), with the derivative written out."""
   centred, inv = _centred_and_scale(x, eps)
   return centred * inv
 
 
-@standardize.defjvp
+@_standardize_written.defjvp
 def _standardize_jvp(eps, primals, tangents):
   # The derivative written out, dy = (dx - mean(dx) - y mean(dx y)) / s,
   # rather than traced through mean, square and rsqrt: the same map, but
@@ -120,6 +132,21 @@ def _standardize_jvp(eps, primals, tangents):
   s_dx = jnp.sum(dx, axis=-1, keepdims=True)
   s_dxy = jnp.sum(dx * y, axis=-1, keepdims=True)
   return y, dx * inv - (inv / x.shape[-1]) * (s_dx + y * s_dxy)
+
+
+def standardize(x: Array, eps: float) -> Array:
+  """(x - mean) / sqrt(var + eps) over the last axis.
+
+  The same values and derivative on every backend, in the form that backend
+  runs fastest: the written derivative makes the CPU train step faster but
+  costs the TPU step (libtpu's cost model: docs/results/tpu.md). The
+  choice is made when the program is lowered for its platform.
+  """
+  return jax.lax.platform_dependent(
+    x,
+    default=lambda a: _standardize_traced(a, eps),
+    cpu=lambda a: _standardize_written(a, eps),
+  )
 
 
 class LayerNorm(nnx.Module):
@@ -348,13 +375,37 @@ def attention(
       t(q), t(k), t(v), mask=mask, implementation=implementation
     )
     return t(out)
-  # The scale goes on q (T x hd values) rather than on the logits (T x S):
-  # fewer multiplies, and XLA:CPU then does not materialise a logits-sized
-  # array of the constant for its fused matmul (docs/results/benchmarks.md).
+  # The same values in the form each backend runs fastest (scale on q for
+  # XLA:CPU, on the logits for TPU: docs/results/tpu.md), chosen when the
+  # program is lowered for its platform.
+  return jax.lax.platform_dependent(
+    q, k, v, key_mask, default=_attend_scaled_logits, cpu=_attend_scaled_q
+  )
+
+
+def _attend_scaled_logits(q, k, v, key_mask):
+  """Softmax attention with the scale on the logits, which the TPU
+  compiler fuses into the matmul."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = (
+    jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    * scale
+  )
+  return _softmax_values(logits, v, key_mask)
+
+
+def _attend_scaled_q(q, k, v, key_mask):
+  """Softmax attention with the scale on q (T x hd values rather than T x
+  S): XLA:CPU then does not materialise a logits-sized array of the
+  constant for its fused matmul (docs/results/benchmarks.md)."""
   q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
   logits = jnp.einsum(
     "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
   )
+  return _softmax_values(logits, v, key_mask)
+
+
+def _softmax_values(logits, v, key_mask):
   if key_mask is not None:
     # A hidden key gets weight exactly 0 (exp(-inf)), so the result equals
     # attention over the visible keys alone.

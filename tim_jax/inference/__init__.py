@@ -23,7 +23,7 @@ from tim_jax.inference.pipeline import (
   resolve,
   saved_config,
 )
-from tim_jax.inference.presets import PRESETS, Preset
+from tim_jax.inference.presets import PRESETS, Preset, device_dtype
 from tim_jax.inference.presets import load as load_preset
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
   "Preset",
   "SamplerSettings",
   "config_from_checkpoint",
+  "device_dtype",
   "load",
   "load_preset",
   "resolve",

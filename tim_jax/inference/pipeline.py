@@ -136,6 +136,14 @@ def _single_device(abstract):
   )
 
 
+def read_config(spec: str) -> ml_collections.ConfigDict:
+  """A config file (``"configs/c2i.py:xl2_256"``) or an official training
+  YAML, read as ``load`` reads its ``config``."""
+  if official.is_official_yaml(spec):
+    return official.config_from_yaml(spec)
+  return config_base.load_file(spec)
+
+
 def load(
   checkpoint_path: str,
   config: ml_collections.ConfigDict | str | None = None,
@@ -158,11 +166,7 @@ def load(
   captions). Raises ValueError when the weights do not fit the config.
   """
   if isinstance(config, (str, os.PathLike)):
-    spec = os.fspath(config)
-    if official.is_official_yaml(spec):
-      config = official.config_from_yaml(spec)
-    else:
-      config = config_base.load_file(spec)
+    config = read_config(os.fspath(config))
   ref = resolve(checkpoint_path)
   if ref.format == "official" and weights != "ema":
     raise UserError(
@@ -254,7 +258,8 @@ class Pipeline:
 
   ``params`` may be None (the trainer passes its EMA per call).
   ``text_encoder`` stands in for ``config.text_encoder.path`` (models on
-  captions).
+  captions). ``describe_label(label) -> str``, when set, names the rows of
+  class-conditional samples (the presets: ImageNet class names).
   """
 
   def __init__(self, config, params: Any = None, *, text_encoder=None):
@@ -267,6 +272,7 @@ class Pipeline:
     self._samplers = {}
     self._samplers_lock = threading.Lock()
     self._autoencoder = None
+    self.describe_label: Callable[[int], str] | None = None
 
   @property
   def kind(self) -> str:
@@ -324,10 +330,12 @@ class Pipeline:
       )
       from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
 
-      return (
-        self.conditioner.from_labels(labels),
-        kinds.label_names(self.config, labels),
+      names = (
+        [self.describe_label(l) for l in labels]
+        if self.describe_label is not None
+        else kinds.label_names(self.config, labels)
       )
+      return self.conditioner.from_labels(labels), names
     if labels:
       raise UserError(
         "--labels is for class-conditional models; this is a "

@@ -549,28 +549,33 @@ def compile_sampling(
   width: int | None = None,
   batch: int = 1,
   cfg_scale: float | None = None,
-  caption_len: int = 128,
+  caption_len: int = 32,
   autoencoder_config: dict | None = None,
   text_encoder=None,
 ) -> dict:
   """Compiles what sampling with ``config`` runs, as
-  ``inference.Pipeline`` runs it, on one device (the first of ``devices``):
-  the caption encoder (Gemma-3 1B, for captions configs; ``batch`` prompts
-  of ``caption_len`` tokens), the sampler for ``num_steps`` steps (its
-  memory), one plain and one guided step (the time: XLA's cost analysis
-  counts the sampler's loop body once) and the autoencoder's decoder of
-  the diffusers ``config.json`` dict ``autoencoder_config`` (skipped when
-  None), for ``batch`` images of ``height`` x ``width`` pixels (default:
-  the config's sample size). Weights in the dtypes the config loads them.
-  ``text_encoder`` replaces the abstract Gemma-3 1B (a smaller
-  ``GemmaEncoder`` of shapes, for tests).
+  ``inference.Pipeline`` runs it, on one device (the first of
+  ``devices``), for ``batch`` images of ``height`` x ``width`` pixels
+  (default: the config's sample size): the caption encoder (Gemma-3 1B,
+  for captions configs: ``batch`` captions cut to ``caption_len``
+  tokens), the sampler for ``num_steps`` steps (its memory), one plain and
+  one guided step (the time: XLA's cost analysis counts the sampler's loop
+  body once) and the decoder of the autoencoder whose diffusers
+  ``config.json`` dict is ``autoencoder_config`` (left out when None), in
+  batches of ``autoencoder.batch_size`` as ``Pipeline.decode`` runs it.
+  Weights in the dtypes the config loads them. ``text_encoder`` replaces
+  the abstract Gemma-3 1B (a smaller ``GemmaEncoder`` of shapes, for
+  tests).
 
-  Returns the programs' reports (``rows``) and, per device: ``weights``
-  (bytes of each part), ``peak_bytes`` (every part's weights resident, as
-  in a notebook, plus the largest program's other bytes),
+  Returns the programs' reports (``rows``; a program the compiler refuses
+  for want of memory has ``refused``) and, per device: ``weights`` (bytes
+  of each part), ``peak_bytes`` (every part's weights resident, as in a
+  notebook, plus the largest program's temporaries, outputs and inputs),
   ``seconds_per_image`` (the cost model's time of encoding, every step and
   decoding, divided by ``batch``: an estimate, not a measurement) and the
   step plan (``guided_steps``, ``forwards``)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from tim_jax import autoencoders, inference  # pylint: disable=g-import-not-at-top
   from tim_jax.config import builders  # pylint: disable=g-import-not-at-top
   from tim_jax.method import sampling  # pylint: disable=g-import-not-at-top
@@ -592,7 +597,12 @@ def compile_sampling(
     )
   pipe = inference.Pipeline(c, text_encoder=text)
   mc = pipe.model_config
-  down = autoencoders.DOWNSAMPLE[c.autoencoder.name]
+  arch = None
+  if autoencoder_config is not None:
+    arch = autoencoders.architecture(autoencoder_config)
+  down = (
+    arch.downsample if arch else autoencoders.DOWNSAMPLE[c.autoencoder.name]
+  )
   side = int(c.sample.image_size) * down
   height, width = int(height or side), int(width or side)
   step = down * mc.patch_size
@@ -604,33 +614,37 @@ def compile_sampling(
   h, w = height // down, width // down
   rows, weights, others = [], {}, {}
 
-  def add(name, compiled, lower_s, compile_s, model_flops, weight_bytes):
-    rows.append(
-      _report(name, compiled, lower_s, compile_s, chip, model_flops, floor=True)
-    )
-    others[name] = rows[-1]["memory"]["total"] - weight_bytes
-    return rows[-1]
-
-  def build(name, fn, *args, model_flops=None, weight_bytes=0):
+  def build(name, fn, part, params, *inputs, model_flops=None):
+    """Compiles ``fn(params, *inputs)``; returns its row (None when the
+    compiler refuses it for want of memory)."""
     t0 = time.perf_counter()
-    lowered = fn.lower(*args)
+    lowered = fn.lower(params, *inputs)
     t1 = time.perf_counter()
-    compiled = _compile(lowered, name, chip)
+    try:
+      compiled = _compile(lowered, name, chip)
+    except DoesNotFit as e:
+      rows.append(dict(name=name, refused=str(e)))
+      return None
     t2 = time.perf_counter()
-    return add(name, compiled, t1 - t0, t2 - t1, model_flops, weight_bytes)
+    rows.append(_report(name, compiled, t1 - t0, t2 - t1, chip, model_flops))
+    m = rows[-1]["memory"]
+    # Beside the weights (jit drops the ones a program does not read, so
+    # its argument bytes may be fewer): temporaries, outputs, inputs.
+    others[name] = m["temp"] + m["output"] - m["alias"] + _nbytes(inputs)
+    weights.setdefault(part, _nbytes(params))
+    return rows[-1]
 
   seconds = 0.0
   if text is not None:
-    weights["text_encoder"] = _nbytes(text.params)
     row = build(
       "text_encoder",
       jax.jit(text.apply),
+      "text_encoder",
       on_device(text.params),
       put((batch, caption_len), jnp.int32),
       put((batch, caption_len), jnp.bool_),
-      weight_bytes=weights["text_encoder"],
     )
-    seconds += row["roofline_seconds"]
+    seconds += row["roofline_seconds"] if row else float("nan")
     cond = {
       "features": put((batch, caption_len, mc.cap_feat_dim), jnp.float32),
       "length": put((batch,), jnp.int32),
@@ -640,10 +654,13 @@ def compile_sampling(
   else:
     cond = put((batch, caption_len, mc.cap_feat_dim), jnp.float32)
   params = on_device(pipe.abstract_params)
-  weights["model"] = _nbytes(params)
-  noise = put((batch, h, w, mc.in_channels), jnp.float32)
-  key = put((), jax.random.key(0).dtype)
-  call = put((), jnp.int32)
+  inputs = (
+    put((batch, h, w, mc.in_channels), jnp.float32),  # noise
+    cond,
+    cond,  # the null conditioning
+    put((), jax.random.key(0).dtype),
+    put((), jnp.int32),  # the call id
+  )
   settings = pipe.settings(num_steps, cfg_scale)
   plan = sampling.step_schedule(
     pipe.transport,
@@ -657,46 +674,38 @@ def compile_sampling(
   build(
     f"sampler_{num_steps}_steps",
     pipe.compiled_sampler(settings),
+    "model",
     params,
-    noise,
-    cond,
-    cond,
-    key,
-    call,
-    weight_bytes=weights["model"],
+    *inputs,
   )
+  cap = caption_len if mc.kind == "t2i" else 0
   for name, count, cfg in (
     ("sampler_step", num_steps - guided, 1.0),
     ("sampler_step_cfg", guided, max(settings.cfg_scale, 2.0)),
   ):
     if not count:
       continue
-    one_step = pipe.settings(1, cfg, (0.0, 2.0) if cfg > 1 else None)
     row = build(
       name,
-      pipe.compiled_sampler(one_step),
+      pipe.compiled_sampler(
+        pipe.settings(1, cfg, (0.0, 2.0) if cfg > 1 else None)
+      ),
+      "model",
       params,
-      noise,
-      cond,
-      cond,
-      key,
-      call,
+      *inputs,
       model_flops=flops_lib.step_flops(
         mc,
         batch,
         h,
         w,
-        caption_len if mc.kind == "t2i" else 0,
+        cap,
         step="sample",
         num_steps=1,
         guided_steps=int(cfg > 1),
       ),
-      weight_bytes=weights["model"],
     )
-    seconds += count * row["roofline_seconds"]
+    seconds += count * row["roofline_seconds"] if row else float("nan")
   if autoencoder_config is not None:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
     module = nnx.eval_shape(
       lambda: autoencoders.build(
         autoencoder_config,
@@ -704,7 +713,6 @@ def compile_sampling(
         nnx.Rngs(0),
       )
     )
-    arch = autoencoders.architecture(autoencoder_config)
     ae = autoencoders.Autoencoder(
       c.autoencoder.name,
       module,
@@ -712,15 +720,19 @@ def compile_sampling(
       arch.downsample,
       arch.latent_channels,
     )
-    weights["autoencoder"] = _nbytes(ae._state)  # pylint: disable=protected-access
+    bs = max(1, min(int(c.autoencoder.batch_size), batch))
+    state = ae._state  # pylint: disable=protected-access
     row = build(
       "decoder",
       ae._decode,  # pylint: disable=protected-access
-      on_device(ae._state),  # pylint: disable=protected-access
-      put((batch, h, w, arch.latent_channels), jnp.float32),
-      weight_bytes=weights["autoencoder"],
+      "autoencoder",
+      on_device(state),
+      put((bs, h, w, arch.latent_channels), jnp.float32),
     )
-    seconds += row["roofline_seconds"]
+    calls = -(-batch // bs)
+    seconds += calls * row["roofline_seconds"] if row else float("nan")
+  refused = [r["name"] for r in rows if "refused" in r]
+  peak = sum(weights.values()) + max(others.values(), default=0)
   return dict(
     topology_kind=chip.kind,
     hbm_per_device=chip.hbm_per_device,
@@ -732,6 +744,7 @@ def compile_sampling(
     guided_steps=guided,
     forwards=num_steps + guided,
     caption_len=caption_len if text is not None else 0,
+    decoder_batch=bs if autoencoder_config is not None else 0,
     dtype=dict(
       model=c.model.dtype,
       text_encoder=c.text_encoder.dtype if text is not None else None,
@@ -740,7 +753,9 @@ def compile_sampling(
       else None,
     ),
     weights=weights,
-    peak_bytes=sum(weights.values()) + max(others.values()),
+    peak_bytes=peak,
+    fits=not refused and peak <= chip.hbm_per_device,
+    refused=refused,
     seconds_per_image=seconds / batch,
     rows=rows,
   )
@@ -945,16 +960,17 @@ def print_sampling_report(rep: dict) -> None:
   """The lines of a ``compile_sampling`` report."""
   print(
     f"sampling on one {rep['topology_kind']} device "
-    f"({rep['hbm_per_device'] / GIB:.1f} GiB), {rep['batch']} image(s) of "
+    f"({rep['hbm_per_device'] / GIB:.1f} GiB): {rep['batch']} image(s) of "
     f"{rep['height']}x{rep['width']} px, {rep['num_steps']} steps "
     f"({rep['guided_steps']} guided at cfg {rep['cfg_scale']:g}: "
     f"{rep['forwards']} forwards), dtypes {rep['dtype']}"
   )
   for row in rep["rows"]:
+    if "refused" in row:
+      print(f"  {row['name']:18s} {row['refused']}")
+      continue
     m = row["memory"]
-    loop = (
-      " (the loop body counted once: memory only)" if row["while_loops"] else ""
-    )
+    loop = " (loop body counted once)" if row["while_loops"] else ""
     print(
       f"  {row['name']:18s} HBM argument {m['argument'] / GIB:6.2f} GiB, "
       f"temp {m['temp'] / GIB:6.2f}, total {m['total'] / GIB:6.2f}; "
@@ -962,14 +978,14 @@ def print_sampling_report(rep: dict) -> None:
       f"compiled in {row['compile_seconds']:.0f} s"
     )
   parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in rep["weights"].items())
-  fits = rep["peak_bytes"] <= rep["hbm_per_device"]
   print(
-    f"weights (GiB): {parts}; peak with all of them resident "
-    f"{rep['peak_bytes'] / GIB:.2f} GiB of {rep['hbm_per_device'] / GIB:.1f}"
-    f": {'fits' if fits else 'DOES NOT FIT'}"
+    f"weights (GiB): {parts}; with all of them resident the peak is "
+    f"{rep['peak_bytes'] / GIB:.2f} GiB of "
+    f"{rep['hbm_per_device'] / GIB:.1f}: "
+    + ("fits" if rep["fits"] else "DOES NOT FIT")
   )
   print(
-    f"cost-model time per image (an estimate, not a measurement): "
+    "cost-model time per image (an estimate, not a measurement): "
     f"{rep['seconds_per_image'] * 1e3:.1f} ms"
   )
 

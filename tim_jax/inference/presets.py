@@ -27,6 +27,7 @@ from tim_jax.core.errors import UserError
 from tim_jax.inference import pipeline
 
 if TYPE_CHECKING:
+  import jax
   import ml_collections
 
 # configs/ beside the package, in a checkout that is not installed.
@@ -101,7 +102,7 @@ def get(name: str) -> Preset:
   return PRESETS[name]
 
 
-def device_dtype(device=None) -> str:
+def device_dtype(device: jax.Device | None = None) -> str:
   """The compute dtype for sampling on ``device`` (default: JAX's first):
   bfloat16, what the released models were trained in, where the device
   computes in it (TPUs; NVIDIA GPUs of compute capability 8.0 and later:

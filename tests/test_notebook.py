@@ -199,3 +199,16 @@ def test_a_tiny_run_at_1_4_16_steps_with_the_oracle(tiny_t2i_workdir, tmp_path):
     assert grid.size[0] == 260 + 2 * 260 + 4 and grid.size[1] > 2 * 260
     assert f"{steps:3d} steps: overall" in text  # The oracle's scores.
   assert f"row 0: {prompts[0]}" in text
+
+
+def test_large_pictures_decode_a_megapixel_at_a_time():
+  """One 1024x1024 image's float32 temporaries in the DC-AE decoder take
+  ~5 GiB: a 16 GiB chip decodes such images one at a time."""
+  config = inference.PRESETS["tim-t2i"].load_config()
+  assert config.autoencoder.batch_size == 16
+  assert inference.decode_batch(config, 8, 1024, 1024) == 1
+  assert inference.decode_batch(config, 8, 1024, 768) == 1
+  assert inference.decode_batch(config, 8, 512, 512) == 4
+  assert inference.decode_batch(config, 32, 256, 256) == 16  # The config's.
+  assert inference.decode_batch(config, 3, 256, 256) == 3
+  assert inference.decode_batch(config, 2, 2048, 2048) == 1

@@ -562,7 +562,7 @@ def compile_sampling(
   one guided step (the time: XLA's cost analysis counts the sampler's loop
   body once) and the decoder of the autoencoder whose diffusers
   ``config.json`` dict is ``autoencoder_config`` (left out when None), in
-  batches of ``autoencoder.batch_size`` as ``Pipeline.decode`` runs it.
+  batches of ``inference.decode_batch`` as ``Pipeline.decode`` runs it.
   Weights in the dtypes the config loads them. ``text_encoder`` replaces
   the abstract Gemma-3 1B (a smaller ``GemmaEncoder`` of shapes, for
   tests).
@@ -720,7 +720,7 @@ def compile_sampling(
       arch.downsample,
       arch.latent_channels,
     )
-    bs = max(1, min(int(c.autoencoder.batch_size), batch))
+    bs = inference.decode_batch(c, batch, height, width)
     state = ae._state  # pylint: disable=protected-access
     row = build(
       "decoder",

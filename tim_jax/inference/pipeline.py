@@ -136,6 +136,22 @@ def _single_device(abstract):
   )
 
 
+# Pixels per decoder call at most: one 1024x1024 image, whose float32
+# temporaries in the DC-AE decoder take ~5 GiB (compiled for one v5e chip,
+# docs/results/colab.md): a 16 GiB accelerator decodes such images singly.
+DECODE_PIXELS = 2**20
+
+
+def decode_batch(
+  config: ml_collections.ConfigDict, num: int, height: int, width: int
+) -> int:
+  """Images of ``height`` x ``width`` pixels per decoder call, for ``num``
+  of them: ``autoencoder.batch_size``, at most ``num`` and at most
+  ``DECODE_PIXELS`` pixels, at least one."""
+  most = max(1, DECODE_PIXELS // max(1, height * width))
+  return max(1, min(int(config.autoencoder.batch_size), num, most))
+
+
 def read_config(spec: str) -> ml_collections.ConfigDict:
   """A config file (``"configs/c2i.py:xl2_256"``) or an official training
   YAML, read as ``load`` reads its ``config``."""
@@ -700,14 +716,15 @@ class Pipeline:
   def decode(self, x: ArrayLike, check_finite: bool = True) -> np.ndarray:
     """Network space -> images in [-1, 1] (float32 numpy). Pixel-space
     models: the input. Latent models: the autoencoder's decoder, in batches
-    of ``autoencoder.batch_size`` (the last one padded). With
+    of ``decode_batch`` images (the last one padded). With
     ``check_finite``, non-finite pixels raise ``NonFiniteSamplesError``
     (a damaged decoder would otherwise write black pictures)."""
     if self.config.autoencoder.name == "identity":
       return np.asarray(x, np.float32)
     ae = self.autoencoder
     x = np.asarray(x, np.float32)
-    bs = max(1, min(int(self.config.autoencoder.batch_size), len(x)))
+    f = ae.downsample
+    bs = decode_batch(self.config, len(x), x.shape[1] * f, x.shape[2] * f)
     out = []
     for start in range(0, len(x), bs):
       chunk = x[start : start + bs]

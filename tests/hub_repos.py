@@ -128,6 +128,29 @@ def build(root):
 GATED = ("google/gemma-3-1b-it",)
 
 
+def environment(url, home, **extra):
+  """A client process's environment: the hub at ``url``, a fresh cache
+  under ``home``, no token (unless given in ``extra``), progress bars even
+  without a terminal, this checkout importable. huggingface_hub reads
+  these when it is imported, hence a new process (as a user's shell)."""
+  root = os.path.dirname(HERE)
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("HF_", "HUGGING_FACE_"))
+    and k != "TRANSFORMERS_OFFLINE"
+  }
+  env.update(
+    HF_ENDPOINT=url,
+    HF_HOME=str(home),
+    HF_HUB_DISABLE_TELEMETRY="1",
+    TQDM_POSITION="-1",  # huggingface_hub's switch: bars without a tty.
+    PYTHONPATH=root,
+  )
+  env.update(extra)
+  return env
+
+
 def make_hub(root):
   """A hub_server.Hub serving ``build(root)``; Gemma is gated (``TOKEN``
   has access)."""

@@ -439,3 +439,127 @@ def test_no_mfu_where_xla_counted_a_loop_body_once(devices):
   )
   assert "cost_model_mfu_estimate" not in scanned
   assert scanned["while_loops"] == 1
+
+
+def _small_gemma():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
+
+  two = dataclasses.replace(
+    gemma.ONE_B,
+    vocab_size=512,
+    hidden_size=16,  # The smoke T2I model's caption features.
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    head_dim=8,
+    query_pre_attn_scalar=8.0,
+    layer_types=("sliding_attention", "full_attention"),
+  )
+  return gemma.abstract_encoder(two, dtype=jnp.bfloat16, max_length=32)
+
+
+def test_sampling_compiles_for_one_v5e_chip():
+  """--sample: the notebook's programs for Colab's TPU (one v5e chip, a
+  slice smaller than a host), each with its memory; the time is one plain
+  and one guided step counted per step of the plan (the sampler's loop
+  counts once in XLA's cost), plus encoding and decoding."""
+  import autoencoder_utils as au
+
+  from tim_jax import inference
+
+  devices = compile_lib.topology_devices("v5e:1x1")
+  assert len(devices) == 1
+  assert compile_lib.chip_info(devices).hbm_per_device == 16 * GIB
+  config = config_base.load_file(
+    os.path.join(ROOT, "configs", "t2i.py") + ":xl,smoke"
+  )
+  rep = compile_lib.compile_sampling(
+    config,
+    devices,
+    num_steps=4,
+    height=64,
+    width=64,
+    batch=2,
+    caption_len=16,
+    # A small DC-AE (downsampling 8): 8x8 latents of 32 channels.
+    autoencoder_config=dict(au.DC_CONV, latent_channels=32),
+    text_encoder=_small_gemma(),
+  )
+  rows = {r["name"]: r for r in rep["rows"]}
+  assert list(rows) == [
+    "text_encoder",
+    "sampler_4_steps",
+    "sampler_step",
+    "sampler_step_cfg",
+    "decoder",
+  ]
+  # Guided where t lies strictly inside (0, 1) x T_max: not the first step.
+  assert rep["guided_steps"] == 3 and rep["forwards"] == 7
+  assert rows["sampler_4_steps"]["while_loops"] >= 1
+  assert rows["sampler_step"]["while_loops"] == 0
+  plain, cfg = rows["sampler_step"], rows["sampler_step_cfg"]
+  ratio = cfg["xla_flops_per_device"] / plain["xla_flops_per_device"]
+  assert 1.8 < ratio < 2.2  # Guidance doubles the batch.
+  want = (
+    rows["text_encoder"]["roofline_seconds"]
+    + plain["roofline_seconds"]
+    + 3 * cfg["roofline_seconds"]
+    + rows["decoder"]["roofline_seconds"]  # 2 images, one decoder call.
+  ) / 2
+  assert rep["seconds_per_image"] == pytest.approx(want)
+  # The weights as loaded: the model in float32 (bfloat16 compute), the
+  # caption encoder in bfloat16, the autoencoder in float32.
+  params = inference.Pipeline(
+    config, text_encoder=_small_gemma()
+  ).abstract_params
+  count = sum(a.size for a in jax.tree.leaves(params))
+  assert rep["weights"]["model"] == 4 * count
+  assert set(rep["weights"]) == {"text_encoder", "model", "autoencoder"}
+  assert rep["peak_bytes"] > sum(rep["weights"].values())
+  assert rep["fits"] and not rep["refused"]
+  for row in rows.values():
+    assert row["memory"]["argument"] <= max(rep["weights"].values()) + 2**20
+
+
+def test_sample_flag_writes_the_report(tmp_path, capsys):
+  import json  # pylint: disable=g-import-not-at-top
+
+  import autoencoder_utils as au
+
+  from tim_jax.commands import cli
+
+  ae = tmp_path / "kl"
+  ae.mkdir()  # A small KL autoencoder (downsampling 2): 16x16 latents.
+  (ae / "config.json").write_text(json.dumps(au.KL_SMALL))
+  out = tmp_path / "report.json"
+  args = [
+    "--config=" + os.path.join(ROOT, "configs", "c2i.py") + ":xl2_256,smoke",
+    "--topology=v5e:1x1",
+    "--sample",
+    "--sample_steps=1",
+    "--height=32",
+    "--width=32",
+    f"--autoencoder_config={ae}",
+  ]
+  assert cli.call(compile_lib, args + [f"--out={out}"]) == 0
+  printed = capsys.readouterr().out
+  assert "sampling on one TPU v5 lite device (16.0 GiB)" in printed
+  assert "cost-model time per image (an estimate, not a measurement)" in (
+    printed
+  )
+  rep = json.loads(out.read_text())
+  assert rep["topology"] == "v5e:1x1" and rep["height"] == 32
+  assert [r["name"] for r in rep["rows"]] == [
+    "sampler_1_steps",
+    "sampler_step",  # The one step (t = T_max) lies outside the interval.
+    "decoder",
+  ]
+  # Flags that belong to another mode: one line, exit status 2.
+  assert cli.call(compile_lib, args + ["--sweep"]) == 2
+  assert "--sample compiles sampling alone" in capsys.readouterr().err
+  assert cli.call(compile_lib, args[:2] + ["--height=32"]) == 2
+  assert "are for --sample" in capsys.readouterr().err

@@ -27,24 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # Seconds a child process may take (a preset end to end).
 
 
-def environment(url, home, **extra):
-  """The child's environment: the loopback hub, a fresh cache, no token
-  (unless given), progress bars even without a terminal."""
-  env = {
-    k: v
-    for k, v in os.environ.items()
-    if not k.startswith(("HF_", "HUGGING_FACE_"))
-    and k != "TRANSFORMERS_OFFLINE"
-  }
-  env.update(
-    HF_ENDPOINT=url,
-    HF_HOME=str(home),
-    HF_HUB_DISABLE_TELEMETRY="1",
-    TQDM_POSITION="-1",  # huggingface_hub's switch: bars without a tty.
-    PYTHONPATH=ROOT,
-  )
-  env.update(extra)
-  return env
+environment = hub_repos.environment
 
 
 def run(args, env, timeout=TIMEOUT):

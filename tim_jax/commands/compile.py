@@ -123,9 +123,20 @@ def topology_devices(name: str) -> list:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
   try:
-    return list(
-      topologies.get_topology_desc(platform="tpu", topology_name=name).devices
-    )
+    try:
+      desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # pylint: disable=broad-except
+      # A slice smaller than one host's default chips (a single v5e chip,
+      # Colab's TPU): the slice is the host.
+      if "chips_per_host_bounds" not in str(e):
+        raise
+      shape = [int(v) for v in name.partition(":")[2].split("x")]
+      desc = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=name,
+        chips_per_host_bounds=(shape + [1, 1])[:3],
+      )
+    return list(desc.devices)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(
       f"unknown TPU topology {name!r} ({str(e).splitlines()[0][:200]}); "
@@ -525,6 +536,233 @@ def extrapolated_roofline(
   return out
 
 
+def _nbytes(tree) -> int:
+  return int(
+    sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+  )
+
+
+def compile_sampling(
+  config,
+  devices,
+  *,
+  num_steps: int,
+  height: int | None = None,
+  width: int | None = None,
+  batch: int = 1,
+  cfg_scale: float | None = None,
+  caption_len: int = 32,
+  autoencoder_config: dict | None = None,
+  text_encoder=None,
+) -> dict:
+  """Compiles what sampling with ``config`` runs, as
+  ``inference.Pipeline`` runs it, on one device (the first of
+  ``devices``), for ``batch`` images of ``height`` x ``width`` pixels
+  (default: the config's sample size): the caption encoder (Gemma-3 1B,
+  for captions configs: ``batch`` captions cut to ``caption_len``
+  tokens), the sampler for ``num_steps`` steps (its memory), one plain and
+  one guided step (the time: XLA's cost analysis counts the sampler's loop
+  body once) and the decoder of the autoencoder whose diffusers
+  ``config.json`` dict is ``autoencoder_config`` (left out when None), in
+  batches of ``inference.decode_batch`` as ``Pipeline.decode`` runs it.
+  Weights in the dtypes the config loads them. ``text_encoder`` replaces
+  the abstract Gemma-3 1B (a smaller ``GemmaEncoder`` of shapes, for
+  tests).
+
+  Returns the programs' reports (``rows``; a program the compiler refuses
+  for want of memory has ``refused``) and, per device: ``weights`` (bytes
+  of each part), ``peak_bytes`` (every part's weights resident, as in a
+  notebook, plus the largest program's temporaries, outputs and inputs),
+  ``seconds_per_image`` (the cost model's time of encoding, every step and
+  decoding, divided by ``batch``: an estimate, not a measurement) and the
+  step plan (``guided_steps``, ``forwards``)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from tim_jax import autoencoders, inference  # pylint: disable=g-import-not-at-top
+  from tim_jax.config import builders  # pylint: disable=g-import-not-at-top
+  from tim_jax.method import sampling  # pylint: disable=g-import-not-at-top
+  from tim_jax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
+
+  device = devices[0]
+  chip = chip_info([device])
+  one = jax.sharding.SingleDeviceSharding(device)
+  put = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+  on_device = lambda tree: jax.tree.map(lambda a: put(a.shape, a.dtype), tree)
+  c = config
+  text = None
+  if c.data.name == "captions":
+    from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
+
+    text = text_encoder or gemma.abstract_encoder(
+      dtype=builders.DTYPES[c.text_encoder.dtype],
+      max_length=int(c.text_encoder.max_length),
+    )
+  pipe = inference.Pipeline(c, text_encoder=text)
+  mc = pipe.model_config
+  arch = None
+  if autoencoder_config is not None:
+    arch = autoencoders.architecture(autoencoder_config)
+  down = (
+    arch.downsample if arch else autoencoders.DOWNSAMPLE[c.autoencoder.name]
+  )
+  side = int(c.sample.image_size) * down
+  height, width = int(height or side), int(width or side)
+  step = down * mc.patch_size
+  if height % step or width % step:
+    raise UserError(
+      f"{height}x{width} pixels: height and width must be multiples of "
+      f"{step} (the autoencoder's {down} x the patch size {mc.patch_size})"
+    )
+  h, w = height // down, width // down
+  rows, weights, others = [], {}, {}
+
+  def build(name, fn, part, params, *inputs, model_flops=None):
+    """Compiles ``fn(params, *inputs)``; returns its row (None when the
+    compiler refuses it for want of memory)."""
+    t0 = time.perf_counter()
+    lowered = fn.lower(params, *inputs)
+    t1 = time.perf_counter()
+    try:
+      compiled = _compile(lowered, name, chip)
+    except DoesNotFit as e:
+      rows.append(dict(name=name, refused=str(e)))
+      return None
+    t2 = time.perf_counter()
+    rows.append(_report(name, compiled, t1 - t0, t2 - t1, chip, model_flops))
+    m = rows[-1]["memory"]
+    # Beside the weights (jit drops the ones a program does not read, so
+    # its argument bytes may be fewer): temporaries, outputs, inputs.
+    others[name] = m["temp"] + m["output"] - m["alias"] + _nbytes(inputs)
+    weights.setdefault(part, _nbytes(params))
+    return rows[-1]
+
+  seconds = 0.0
+  if text is not None:
+    row = build(
+      "text_encoder",
+      jax.jit(text.apply),
+      "text_encoder",
+      on_device(text.params),
+      put((batch, caption_len), jnp.int32),
+      put((batch, caption_len), jnp.bool_),
+    )
+    seconds += row["roofline_seconds"] if row else float("nan")
+    cond = {
+      "features": put((batch, caption_len, mc.cap_feat_dim), jnp.float32),
+      "length": put((batch,), jnp.int32),
+    }
+  elif mc.kind == "c2i":
+    cond = put((batch,), jnp.int32)
+  else:
+    cond = put((batch, caption_len, mc.cap_feat_dim), jnp.float32)
+  params = on_device(pipe.abstract_params)
+  inputs = (
+    put((batch, h, w, mc.in_channels), jnp.float32),  # noise
+    cond,
+    cond,  # the null conditioning
+    put((), jax.random.key(0).dtype),
+    put((), jnp.int32),  # the call id
+  )
+  settings = pipe.settings(num_steps, cfg_scale)
+  plan = sampling.step_schedule(
+    pipe.transport,
+    settings.num_steps,
+    settings.cfg_scale,
+    settings.guidance_interval,
+    settings.stochasticity,
+    settings.mode,
+  )
+  guided = int(plan["guided"].sum())
+  build(
+    f"sampler_{num_steps}_steps",
+    pipe.compiled_sampler(settings),
+    "model",
+    params,
+    *inputs,
+  )
+  cap = caption_len if mc.kind == "t2i" else 0
+  for name, count, cfg in (
+    ("sampler_step", num_steps - guided, 1.0),
+    ("sampler_step_cfg", guided, max(settings.cfg_scale, 2.0)),
+  ):
+    if not count:
+      continue
+    row = build(
+      name,
+      pipe.compiled_sampler(
+        pipe.settings(1, cfg, (0.0, 2.0) if cfg > 1 else None)
+      ),
+      "model",
+      params,
+      *inputs,
+      model_flops=flops_lib.step_flops(
+        mc,
+        batch,
+        h,
+        w,
+        cap,
+        step="sample",
+        num_steps=1,
+        guided_steps=int(cfg > 1),
+      ),
+    )
+    seconds += count * row["roofline_seconds"] if row else float("nan")
+  if autoencoder_config is not None:
+    module = nnx.eval_shape(
+      lambda: autoencoders.build(
+        autoencoder_config,
+        c.autoencoder.get("dtype", "float32"),
+        nnx.Rngs(0),
+      )
+    )
+    ae = autoencoders.Autoencoder(
+      c.autoencoder.name,
+      module,
+      arch.scaling_factor,
+      arch.downsample,
+      arch.latent_channels,
+    )
+    bs = inference.decode_batch(c, batch, height, width)
+    state = ae._state  # pylint: disable=protected-access
+    row = build(
+      "decoder",
+      ae._decode,  # pylint: disable=protected-access
+      "autoencoder",
+      on_device(state),
+      put((bs, h, w, arch.latent_channels), jnp.float32),
+    )
+    calls = -(-batch // bs)
+    seconds += calls * row["roofline_seconds"] if row else float("nan")
+  refused = [r["name"] for r in rows if "refused" in r]
+  peak = sum(weights.values()) + max(others.values(), default=0)
+  return dict(
+    topology_kind=chip.kind,
+    hbm_per_device=chip.hbm_per_device,
+    batch=batch,
+    height=height,
+    width=width,
+    num_steps=num_steps,
+    cfg_scale=settings.cfg_scale,
+    guided_steps=guided,
+    forwards=num_steps + guided,
+    caption_len=caption_len if text is not None else 0,
+    decoder_batch=bs if autoencoder_config is not None else 0,
+    dtype=dict(
+      model=c.model.dtype,
+      text_encoder=c.text_encoder.dtype if text is not None else None,
+      autoencoder=c.autoencoder.get("dtype", "float32")
+      if autoencoder_config is not None
+      else None,
+    ),
+    weights=weights,
+    peak_bytes=peak,
+    fits=not refused and peak <= chip.hbm_per_device,
+    refused=refused,
+    seconds_per_image=seconds / batch,
+    rows=rows,
+  )
+
+
 def _abstract_cond(c, trainer, b, caption_len, mesh):
   from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
 
@@ -730,6 +968,40 @@ def print_report(rep: dict) -> None:
     print("  collectives: " + (", ".join(parts) or "none"))
 
 
+def print_sampling_report(rep: dict) -> None:
+  """The lines of a ``compile_sampling`` report."""
+  print(
+    f"sampling on one {rep['topology_kind']} device "
+    f"({rep['hbm_per_device'] / GIB:.1f} GiB): {rep['batch']} image(s) of "
+    f"{rep['height']}x{rep['width']} px, {rep['num_steps']} steps "
+    f"({rep['guided_steps']} guided at cfg {rep['cfg_scale']:g}: "
+    f"{rep['forwards']} forwards), dtypes {rep['dtype']}"
+  )
+  for row in rep["rows"]:
+    if "refused" in row:
+      print(f"  {row['name']:18s} {row['refused']}")
+      continue
+    m = row["memory"]
+    loop = " (loop body counted once)" if row["while_loops"] else ""
+    print(
+      f"  {row['name']:18s} HBM argument {m['argument'] / GIB:6.2f} GiB, "
+      f"temp {m['temp'] / GIB:6.2f}, total {m['total'] / GIB:6.2f}; "
+      f"cost model {row['roofline_seconds'] * 1e3:9.2f} ms{loop}; "
+      f"compiled in {row['compile_seconds']:.0f} s"
+    )
+  parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in rep["weights"].items())
+  print(
+    f"weights (GiB): {parts}; with all of them resident the peak is "
+    f"{rep['peak_bytes'] / GIB:.2f} GiB of "
+    f"{rep['hbm_per_device'] / GIB:.1f}: "
+    + ("fits" if rep["fits"] else "DOES NOT FIT")
+  )
+  print(
+    "cost-model time per image (an estimate, not a measurement): "
+    f"{rep['seconds_per_image'] * 1e3:.1f} ms"
+  )
+
+
 def main(fv, args) -> None:
   """The command; the compiler's refusals and a missing libtpu are one line."""
   try:
@@ -746,11 +1018,46 @@ def _main(f, args) -> None:
       "--sweep_meshes and --sweep_batches choose what --sweep "
       "compiles; add --sweep (one mesh: --config.mesh.*)"
     )
+  if f.sample and (f.sweep or f.extrapolate):
+    raise UserError(
+      "--sample compiles sampling alone: drop --sweep/--extrapolate"
+    )
+  if not f.sample and (
+    f.sample_steps or f.height or f.width or f.autoencoder_config
+  ):
+    raise UserError(
+      "--sample_steps, --height, --width and --autoencoder_config are for "
+      "--sample"
+    )
+  autoencoder_config = None
+  if f.autoencoder_config:
+    from tim_jax.core import hub, timing  # pylint: disable=g-import-not-at-top
+
+    local = hub.resolve(f.autoencoder_config, allow_patterns=("config.json",))
+    try:
+      _, autoencoder_config = timing.read_config_json(local)
+    except (OSError, ValueError) as e:
+      raise UserError(
+        f"--autoencoder_config={f.autoencoder_config}: {e}"
+      ) from None
   devices = topology_devices(f.topology)
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
 
   config = config_base.flag_config(f)
-  if f.sweep:
+  if f.sample:
+    result = compile_sampling(
+      config,
+      devices,
+      num_steps=f.sample_steps or int(max(config.sample.nfe)),
+      height=f.height or None,
+      width=f.width or None,
+      batch=f.batch_size or 1,
+      caption_len=f.caption_len,
+      autoencoder_config=autoencoder_config,
+    )
+    result["topology"] = f.topology
+    print_sampling_report(result)
+  elif f.sweep:
     batches = [int(b) for b in f.sweep_batches] or [config.batch_size]
     ranked = sweep(
       config,
@@ -864,6 +1171,42 @@ def define_flags(fv) -> None:
     "blocks instead of scanning them, so that XLA's cost "
     "counts all of them (with model.scan_blocks=False: the "
     "whole step's roofline).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "sample",
+    False,
+    "Compile sampling instead, on one device, as the notebook runs it: "
+    "caption encoder, sampler, decoder (--batch_size: images per call, "
+    "default 1).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "sample_steps",
+    0,
+    "--sample: steps (0: the config's largest sample.nfe).",
+    lower_bound=0,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "height",
+    0,
+    "--sample: pixels (0: the config's).",
+    lower_bound=0,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "width",
+    0,
+    "--sample: pixels (0: the config's).",
+    lower_bound=0,
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "autoencoder_config",
+    "",
+    "--sample: the autoencoder's diffusers config.json, a folder holding "
+    "one or a hub id (hf://...); without it the decoder is left out.",
     flag_values=fv,
   )
   flags.DEFINE_string(

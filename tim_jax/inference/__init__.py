@@ -19,11 +19,12 @@ from tim_jax.inference.pipeline import (
   Pipeline,
   SamplerSettings,
   config_from_checkpoint,
+  decode_batch,
   load,
   resolve,
   saved_config,
 )
-from tim_jax.inference.presets import PRESETS, Preset
+from tim_jax.inference.presets import PRESETS, Preset, device_dtype
 from tim_jax.inference.presets import load as load_preset
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
   "Preset",
   "SamplerSettings",
   "config_from_checkpoint",
+  "decode_batch",
+  "device_dtype",
   "load",
   "load_preset",
   "resolve",

@@ -133,6 +133,30 @@ def _single_device(abstract):
   )
 
 
+# Pixels per decoder call at most: one 1024x1024 image, whose float32
+# temporaries in the DC-AE decoder take ~5 GiB (compiled for one v5e chip,
+# docs/results/colab.md): a 16 GiB accelerator decodes such images singly.
+DECODE_PIXELS = 2**20
+
+
+def decode_batch(
+  config: ml_collections.ConfigDict, num: int, height: int, width: int
+) -> int:
+  """Images of ``height`` x ``width`` pixels per decoder call, for ``num``
+  of them: ``autoencoder.batch_size``, at most ``num`` and at most
+  ``DECODE_PIXELS`` pixels, at least one."""
+  most = max(1, DECODE_PIXELS // max(1, height * width))
+  return max(1, min(int(config.autoencoder.batch_size), num, most))
+
+
+def read_config(spec: str) -> ml_collections.ConfigDict:
+  """A config file (``"configs/c2i.py:xl2_256"``) or an official training
+  YAML, read as ``load`` reads its ``config``."""
+  if official.is_official_yaml(spec):
+    return official.config_from_yaml(spec)
+  return config_base.load_file(spec)
+
+
 def load(
   checkpoint_path: str,
   config: ml_collections.ConfigDict | str | None = None,
@@ -155,11 +179,7 @@ def load(
   captions). Raises ValueError when the weights do not fit the config.
   """
   if isinstance(config, (str, os.PathLike)):
-    spec = os.fspath(config)
-    if official.is_official_yaml(spec):
-      config = official.config_from_yaml(spec)
-    else:
-      config = config_base.load_file(spec)
+    config = read_config(os.fspath(config))
   ref = resolve(checkpoint_path)
   if ref.format == "official" and weights != "ema":
     raise UserError(
@@ -251,7 +271,8 @@ class Pipeline:
 
   ``params`` may be None (the trainer passes its EMA per call).
   ``text_encoder`` stands in for ``config.text_encoder.path`` (models on
-  captions).
+  captions). ``describe_label(label) -> str``, when set, names the rows of
+  class-conditional samples (the presets: ImageNet class names).
   """
 
   def __init__(self, config, params: Any = None, *, text_encoder=None):
@@ -264,6 +285,7 @@ class Pipeline:
     self._samplers = {}
     self._samplers_lock = threading.Lock()
     self._autoencoder = None
+    self.describe_label: Callable[[int], str] | None = None
 
   @property
   def kind(self) -> str:
@@ -321,10 +343,12 @@ class Pipeline:
       )
       from tim_jax.data import kinds  # pylint: disable=g-import-not-at-top
 
-      return (
-        self.conditioner.from_labels(labels),
-        kinds.label_names(self.config, labels),
+      names = (
+        [self.describe_label(l) for l in labels]
+        if self.describe_label is not None
+        else kinds.label_names(self.config, labels)
       )
+      return self.conditioner.from_labels(labels), names
     if labels:
       raise UserError(
         "--labels is for class-conditional models; this is a "
@@ -689,14 +713,15 @@ class Pipeline:
   def decode(self, x: ArrayLike, check_finite: bool = True) -> np.ndarray:
     """Network space -> images in [-1, 1] (float32 numpy). Pixel-space
     models: the input. Latent models: the autoencoder's decoder, in batches
-    of ``autoencoder.batch_size`` (the last one padded). With
+    of ``decode_batch`` images (the last one padded). With
     ``check_finite``, non-finite pixels raise ``NonFiniteSamplesError``
     (a damaged decoder would otherwise write black pictures)."""
     if self.config.autoencoder.name == "identity":
       return np.asarray(x, np.float32)
     ae = self.autoencoder
     x = np.asarray(x, np.float32)
-    bs = max(1, min(int(self.config.autoencoder.batch_size), len(x)))
+    f = ae.downsample
+    bs = decode_batch(self.config, len(x), x.shape[1] * f, x.shape[2] * f)
     out = []
     for start in range(0, len(x), bs):
       chunk = x[start : start + bs]

@@ -11,7 +11,8 @@ hub ids of its autoencoder and text encoder; everything is fetched through
 ``tim_jax.core.hub`` (the Hugging Face cache; ``HF_HUB_OFFLINE=1`` works
 once it is there). Any part can be replaced: ``config=`` (e.g. the variant
 with ``,smoke`` for a test), ``checkpoint=``, ``autoencoder_path=``,
-``text_encoder_path=``.
+``text_encoder_path=``; ``dtype=`` sets the compute dtype of the model and
+the text encoder (``device_dtype()`` picks one for the accelerator).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tim_jax.core.errors import UserError
 from tim_jax.inference import pipeline
 
 if TYPE_CHECKING:
+  import jax
   import ml_collections
 
 # configs/ beside the package, in a checkout that is not installed.
@@ -100,6 +102,44 @@ def get(name: str) -> Preset:
   return PRESETS[name]
 
 
+def device_dtype(device: jax.Device | None = None) -> str:
+  """The compute dtype for sampling on ``device`` (default: JAX's first):
+  bfloat16, what the released models were trained in, where the device
+  computes in it (TPUs; NVIDIA GPUs of compute capability 8.0 and later:
+  A100, L4, H100); float32 elsewhere: a T4 or V100 has no bfloat16
+  arithmetic, float16's range (max 65504) overflows in Gemma-3
+  (huggingface/transformers#36822) and is untested for TiM, and a CPU only
+  emulates bfloat16."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  device = device or jax.devices()[0]
+  if device.platform == "tpu":
+    return "bfloat16"
+  if device.platform == "gpu":
+    capability = getattr(device, "compute_capability", None) or "0"
+    if float(capability) >= 8.0:
+      return "bfloat16"
+  return "float32"
+
+
+def with_dtype(
+  config: ml_collections.ConfigDict, dtype: str
+) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose model and text encoder compute in
+  ``dtype`` (the autoencoder keeps its own: the official code decodes in
+  float32)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from tim_jax.config import builders  # pylint: disable=g-import-not-at-top
+
+  if dtype not in builders.DTYPES:
+    raise UserError(f"dtype {dtype!r} is not one of {sorted(builders.DTYPES)}")
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.dtype = dtype
+  c.text_encoder.dtype = dtype
+  return config_base.lock(c)
+
+
 def load(
   name: str,
   *,
@@ -107,8 +147,11 @@ def load(
   checkpoint: str | None = None,
   autoencoder_path: str | None = None,
   text_encoder_path: str | None = None,
+  dtype: str | None = None,
 ) -> pipeline.Pipeline:
-  """A pipeline of the preset ``name``, each part replaceable.
+  """A pipeline of the preset ``name``, each part replaceable; ``dtype``
+  (e.g. ``device_dtype()``) replaces the config's compute dtype of the
+  model and text encoder.
 
   The text encoder, autoencoder and weights are fetched first, in that
   order (smallest and gated first), so a missing token or file stops the
@@ -118,15 +161,26 @@ def load(
   from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
 
   p = get(name)
+  if config is None:
+    config = p.load_config()
+  if dtype is not None:
+    if isinstance(config, (str, os.PathLike)):
+      config = pipeline.read_config(os.fspath(config))
+    config = with_dtype(config, dtype)
   text_encoder = text_encoder_path or p.text_encoder or None
   if text_encoder:
     text_encoder = hub.resolve(text_encoder, allow_patterns=gemma.HUB_FILES)
   autoencoder = hub.resolve(
     autoencoder_path or p.autoencoder, allow_patterns=autoencoders.HUB_FILES
   )
-  return pipeline.load(
+  pipe = pipeline.load(
     hub.resolve(checkpoint or p.checkpoint),
-    config if config is not None else p.load_config(),
+    config,
     autoencoder,
     text_encoder,
   )
+  if pipe.kind == "c2i":  # The released C2I models draw ImageNet classes.
+    from tim_jax.data import imagenet_classes  # pylint: disable=g-import-not-at-top
+
+    pipe.describe_label = imagenet_classes.describe
+  return pipe

@@ -217,6 +217,7 @@ def add_roofline(rows: list[dict], chip, extra_train_flops: float) -> None:
     )
     row["roofline_seconds"] = seconds
     row["roofline_source"] = "tim_jax_flops"
+    row["xla_flops_per_device"] = None  # No cost analysis on XLA:GPU.
     row["roofline_mfu_upper_bound"] = row["model_flops"] / (
       seconds * chip.devices * chip.peak_per_device
     )
@@ -247,7 +248,8 @@ def print_report(rep: dict) -> None:
       f"  roofline from tim_jax's FLOP count (not a measurement): "
       f"{row['roofline_seconds'] * 1e3:.2f} ms, {r['bound']}-bound "
       f"(compute {r['compute'] * 1e3:.2f} ms for "
-      f"{r['executed_flops']:.3e} FLOPs, HBM {r['hbm'] * 1e3:.2f} ms, "
+      f"{r['executed_flops']:.3e} FLOPs at the bf16 peak, HBM "
+      f"{r['hbm'] * 1e3:.2f} ms, "
       f"NVLink {r['nvlink'] * 1e3:.2f} ms); model FLOPs "
       f"{row['model_flops']:.3e}, MFU at most "
       f"{row['roofline_mfu_upper_bound']:.1%}"

@@ -103,6 +103,9 @@ setuptools.setup(
   package_data={
     "tim_jax": ["py.typed"],
     "tim_jax.shapes": ["oracle.safetensors"],
+    # XLA's target configs of the GPU cards tim_jax.commands.compile
+    # compiles for (copied from openxla/xla; see each file's head).
+    "tim_jax.commands": ["gpu_targets/*.txtpb"],
   },
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS_REQUIRE,

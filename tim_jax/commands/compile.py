@@ -44,6 +44,10 @@ fsdp x tensor).
 ``--unroll_teacher`` loops the REPA teacher's blocks (the trainer scans
 them), so that with ``model.scan_blocks=False`` XLA's cost covers the whole
 step.
+
+``--topology=h100x8`` (or ``h200x8``, ``a100x8``) compiles for a node of
+eight NVIDIA cards with XLA:GPU instead (``tim_jax.commands.gpu_compile``:
+memory per card, a roofline from tim_jax's FLOP count).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax.commands import cli
+from tim_jax.commands import cli, gpu_compile
 from tim_jax.core.errors import UserError
 
 GIB = 2**30
@@ -113,8 +117,10 @@ class NoCompiler(RuntimeError):
 
 
 def topology_devices(name: str) -> list:
-  """The devices of TPU topology ``name`` (e.g. ``v5p:4x4x2``), on any
-  host."""
+  """The devices of TPU topology ``name`` (e.g. ``v5p:4x4x2``), or of a GPU
+  node (``h100x8``: ``gpu_compile``), on any host."""
+  if gpu_compile.is_gpu_topology(name):
+    return gpu_compile.topology_devices(name)
   if importlib.util.find_spec("libtpu") is None:
     raise NoCompiler(
       "libtpu is not installed, so the TPU compiler is not available: pip "
@@ -141,7 +147,7 @@ def topology_devices(name: str) -> list:
     raise UserError(
       f"unknown TPU topology {name!r} ({str(e).splitlines()[0][:200]}); "
       "use GENERATION:SHAPE, e.g. v4:2x2x4, v5e:8x8, v5p:4x4x2, "
-      "v6e:4x8"
+      "v6e:4x8, or a GPU node: " + ", ".join(gpu_compile.TOPOLOGIES)
     ) from None
 
 
@@ -161,7 +167,9 @@ def chip_info(devices) -> Chip:
   per_chip = len(devices) // max(chips, 1)
   from tim_jax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
-  hbm, bandwidth = CHIPS.get(kind, (float("nan"),) * 2)
+  hbm, bandwidth = (
+    CHIPS.get(kind) or gpu_compile.card_memory(kind) or (float("nan"),) * 2
+  )
   peak = flops_lib.peak_flops(devices[0]) or float("nan")
   return Chip(
     kind,
@@ -279,6 +287,8 @@ def _report(
     hlo_chars=len(text),
     while_loops=loops,
   )
+  if gpu_compile.is_gpu_kind(chip.kind):
+    row["link_bytes"] = gpu_compile.link_bytes(text, chip.devices)
   # XLA's cost analysis counts a loop body once (scanned blocks, the
   # sampler's loop, collective-matmul loops): no MFU from an undercount.
   if model_flops and seconds > 0 and not loops:
@@ -448,6 +458,11 @@ def compile_steps(
           flops,
         )
       )
+  if gpu_compile.is_gpu_kind(chip.kind):
+    # XLA:GPU has no cost analysis: the roofline from tim_jax's FLOPs.
+    gpu_compile.add_roofline(
+      rows, chip, gpu_compile.extra_train_flops(mc, b, size, cap, text)
+    )
   return dict(
     topology_kind=chip.kind,
     devices=chip.devices,
@@ -1040,6 +1055,11 @@ def _main(f, args) -> None:
       raise UserError(
         f"--autoencoder_config={f.autoencoder_config}: {e}"
       ) from None
+  if f.extrapolate and gpu_compile.is_gpu_topology(f.topology):
+    raise UserError(
+      "--extrapolate is for TPU topologies: on a GPU node the roofline "
+      "comes from tim_jax's FLOP count, which counts every block"
+    )
   devices = topology_devices(f.topology)
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
 
@@ -1082,9 +1102,13 @@ def _main(f, args) -> None:
       batch=f.batch_size,
       caption_len=f.caption_len,
       unroll_teacher=f.unroll_teacher,
+      sampler=f.sampler,
     )
     result["topology"] = f.topology
-    print_report(result)
+    if gpu_compile.is_gpu_topology(f.topology):
+      gpu_compile.print_report(result)
+    else:
+      print_report(result)
     if f.extrapolate:
       ext = extrapolated_roofline(
         config, devices, batch=f.batch_size, caption_len=f.caption_len
@@ -1126,7 +1150,10 @@ def define_flags(fv) -> None:
 
   cli.define_config(fv, "Config file (+ ':variant').")
   flags.DEFINE_string(
-    "topology", None, "TPU topology, e.g. v5p:4x4x2.", flag_values=fv
+    "topology",
+    None,
+    "TPU topology, e.g. v5p:4x4x2, or a GPU node: h100x8, h200x8, a100x8.",
+    flag_values=fv,
   )
   flags.DEFINE_integer(
     "batch_size",
@@ -1208,6 +1235,9 @@ def define_flags(fv) -> None:
     "--sample: the autoencoder's diffusers config.json, a folder holding "
     "one or a hub id (hf://...); without it the decoder is left out.",
     flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "sampler", True, "Also compile the sampler steps.", flag_values=fv
   )
   flags.DEFINE_string(
     "out", "", "Also write the report as JSON.", flag_values=fv

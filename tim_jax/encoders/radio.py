@@ -46,6 +46,7 @@ import numpy as np
 from tim_jax.core import hub, paths
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
+from tim_jax.models import layers
 from tim_jax.weights import torch_weights
 
 if TYPE_CHECKING:
@@ -152,10 +153,15 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     qkv = batch_rows(self.qkv(x)).reshape(b, n, 3, self.heads, d // self.heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Heads-major (b, heads, n, head_dim), as the TiM blocks: with the
+    # (b, n, heads, head_dim) layout of jax.nn.dot_product_attention,
+    # XLA:GPU laid the attention out with n minor and its Triton GEMM could
+    # not tile the projection's rows when n is not a multiple of 16 (256
+    # patches + 8 skip tokens: "Couldn't find output tile sizes", sm_90).
+    q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jnp.swapaxes(layers.attention(q, k, v), 1, 2)
     return self.proj(batch_rows(out.reshape(b, n, d)))
 
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax.core import hub, paths
+from tim_jax.core import hub, numerics, paths
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 from tim_jax.weights import torch_weights
@@ -155,7 +155,7 @@ class Attention(nnx.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = numerics.dot_product_attention(q, k, v)
     return self.proj(batch_rows(out.reshape(b, n, d)))
 
 

@@ -51,6 +51,9 @@ def dot_product_attention(
     )
   if scale is None:
     scale = query.shape[-1] ** -0.5
+  # Grouped keys and values (fewer heads than the query), as the library.
+  groups = query.shape[-2] // key.shape[-2]
+  key, value = (jnp.repeat(a, groups, axis=-2) for a in (key, value))
   logits = jnp.einsum("btnh,bsnh->bnts", query, key) * scale
   if mask is not None:
     # The library's fill for hidden keys (not -inf: a row with every key

@@ -1,4 +1,6 @@
-"""Prints the relative error of every golden output, in float64 and float32.
+"""Prints the relative error of every golden output: in float32, in
+float64, and in float64 with the official time features swapped in
+(``float64*``; see golden_utils.OfficialTimeFeatures).
 
 python tests/golden_report.py
 """
@@ -10,13 +12,21 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from golden_utils import CASES, Golden, nchw, rel_err  # noqa: E402
+from golden_utils import (  # noqa: E402
+  CASES,
+  GOLDEN,
+  Golden,
+  OfficialTimeFeatures,
+  nchw,
+  rel_err,
+)
 
 from tim_jax.method import sampling, transition  # noqa: E402
+from tim_jax.models import layers  # noqa: E402
 
 
 def errors(name, precision):
-  g = Golden(name, np.float64 if precision == "float64" else np.float32)
+  g = Golden(name, np.float32 if precision == "float32" else np.float64)
   a = g.arrays
   out = {}
   fwd, proj = g.model(
@@ -66,15 +76,29 @@ def errors(name, precision):
   out["smp_traj (worst state)"] = max(
     rel_err(nchw(traj[i]), a["smp_traj"][i]) for i in range(traj.shape[0])
   )
+  if precision != "float32":
+    # The official states before its sampler rounds them to float32.
+    with np.load(os.path.join(GOLDEN, name, "float64.npz")) as z:
+      states = z["smp_traj"]
+    out["smp_traj float64 (worst)"] = max(
+      rel_err(nchw(traj[i]), states[i]) for i in range(traj.shape[0])
+    )
   return out
 
 
 def main():
-  for precision in ("float64", "float32"):
-    with jax.enable_x64(precision == "float64"):
+  features = layers.TimestepEmbedder.features
+  for precision in ("float64", "float64*", "float32"):
+    with jax.enable_x64(precision != "float32"):
       for name in CASES:
-        for key, value in errors(name, precision).items():
-          print(f"{precision:8s} {name:9s} {key:26s} {value:.2e}")
+        if precision == "float64*":
+          official = staticmethod(OfficialTimeFeatures(name))
+          layers.TimestepEmbedder.features = official
+        try:
+          for key, value in errors(name, precision).items():
+            print(f"{precision:8s} {name:9s} {key:26s} {value:.2e}")
+        finally:
+          layers.TimestepEmbedder.features = features
 
 
 if __name__ == "__main__":

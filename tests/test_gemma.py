@@ -5,6 +5,7 @@ the zero-attention rule of FlashAttention-2 (emulated on the reference side
 with a custom attention function). The real 1B config builds with the
 checkpoint's names, shapes and count."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -34,24 +35,28 @@ def small(tmp_path_factory):
   return d, gemma_utils.write(d)
 
 
-def reference(model, ids, mask):
-  """last_hidden_state with pad query rows' attention output zeroed."""
+def reference(model, ids, mask, sdpa=False):
+  """last_hidden_state with pad query rows' attention output zeroed;
+  eager attention, or PyTorch's SDPA (``sdpa``)."""
   from transformers import AttentionInterface
+  from transformers.integrations.sdpa_attention import sdpa_attention_forward
   from transformers.masking_utils import AttentionMaskInterface, eager_mask
   from transformers.models.gemma3 import modeling_gemma3
 
-  rows = torch.from_numpy(mask).float()
+  rows = torch.from_numpy(mask).to(next(model.parameters()).dtype)
+  attention = (
+    sdpa_attention_forward if sdpa else modeling_gemma3.eager_attention_forward
+  )
 
   def zero_pad(module, query, key, value, attention_mask, **kw):
-    out, weights = modeling_gemma3.eager_attention_forward(
-      module, query, key, value, attention_mask, **kw
-    )
+    out, weights = attention(module, query, key, value, attention_mask, **kw)
     return out * rows[:, :, None, None], weights
 
-  AttentionInterface.register("zero_pad_rows", zero_pad)
+  name = "zero_pad_rows_sdpa" if sdpa else "zero_pad_rows"
+  AttentionInterface.register(name, zero_pad)
   # The same (additive) masks as eager attention.
-  AttentionMaskInterface.register("zero_pad_rows", eager_mask)
-  model.config._attn_implementation = "zero_pad_rows"  # pylint: disable=protected-access
+  AttentionMaskInterface.register(name, eager_mask)
+  model.config._attn_implementation = name  # pylint: disable=protected-access
   with torch.no_grad():
     out = model.model(
       input_ids=torch.from_numpy(ids).long(),
@@ -83,6 +88,30 @@ def test_features_match_transformers(small):
   cut, lengths = enc.encode(prompts)
   assert cut.shape == (4, int(lengths.max()), SMALL["hidden_size"])
   np.testing.assert_allclose(np.asarray(cut), got[:, : int(lengths.max())])
+
+
+def test_features_match_transformers_in_float64(small):
+  """In float64 against transformers' float64 model with PyTorch's SDPA,
+  whose softmax is float64 (its eager attention takes the softmax in
+  float32 even there). transformers forms the RMSNorms and the RoPE tables
+  in float32 even in float64, and so does tim_jax; their float32 roundings
+  (reduction order, XLA's float32 pow, cos and sin vs PyTorch's) leave
+  3.0e-7 (measured with the RMSNorms in float64 on both sides: 4.2e-8;
+  with RoPE's cos and sin too: 4.1e-9, its float32 frequencies). Before
+  the attention took its softmax in float64 here: 3.3e-7."""
+  d, model = small
+  with jax.enable_x64(True):
+    enc = gemma.load(d, max_length=MAX_LEN, dtype=jax.numpy.float64)
+    prompts = SENTENCES[:4]
+    ids, mask = enc.tokenize(prompts)
+    want = reference(copy.deepcopy(model).double(), ids, mask, sdpa=True)
+    got, _ = enc.encode_padded(prompts)
+    assert got.dtype == np.float64
+    got = np.asarray(got)
+  real = mask.astype(bool)
+  scale = np.abs(want).max()
+  assert np.abs(got[real] - want[real]).max() / scale < 1e-6
+  assert np.abs(got[~real] - want[~real]).max() / scale < 1e-6
 
 
 def test_truncation_to_max_length(small):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tim_jax import models
+from tim_jax.core import numerics
 from tim_jax.models import architectures, layers
 
 TINY = dict(
@@ -337,6 +338,47 @@ def test_library_attention_path_matches_the_einsum_path():
     np.asarray(ref(x, t, r, y)),
     rtol=1e-4,
     atol=1e-5,
+  )
+
+
+def _numpy_attention(q, k, v, mask, scale):
+  """Softmax attention in numpy float64, (B, T, N, H); k, v grouped."""
+  g = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+  logits = np.where(mask, logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bnts,bsnh->btnh", w / w.sum(-1, keepdims=True), v)
+
+
+def test_float64_attention_computes_in_float64():
+  """jax.nn.dot_product_attention takes its softmax in float32 even for
+  float64 inputs; numerics.dot_product_attention (grouped keys and a mask
+  here) and the backbone's attention do not."""
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((2, 5, 4, 8)) * 3
+  k, v = rng.standard_normal((2, 2, 7, 2, 8)) * 3
+  mask = rng.random((2, 1, 5, 7)) < 0.7
+  mask[..., 0] = True
+  want = _numpy_attention(q, k, v, mask, 0.3)
+  rel = lambda a: np.abs(np.asarray(a) - want).max() / np.abs(want).max()
+  with jax.enable_x64(True):
+    got = numerics.dot_product_attention(q, k, v, mask=mask, scale=0.3)
+    assert got.dtype == jnp.float64 and rel(got) < 1e-14
+    library = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.3)
+    assert rel(library) > 1e-9  # float32 rounding: what this avoids.
+    # The backbone's own attention, (B, heads, T, hd), default scale.
+    t = lambda a: np.swapaxes(a, 1, 2)
+    k4, v4 = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)
+    want = _numpy_attention(q, k4, v4, np.ones_like(mask), 8**-0.5)
+    for impl in (None, "xla"):
+      got = t(layers.attention(t(q), t(k4), t(v4), impl))
+      assert rel(got) < 1e-14, impl
+  # Narrower dtypes go to the library unchanged.
+  q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+  np.testing.assert_array_equal(
+    numerics.dot_product_attention(q32, k32, v32, mask=mask),
+    jax.nn.dot_product_attention(q32, k32, v32, mask=mask),
   )
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tim_jax.autoencoders import layers as L
+from tim_jax.core import numerics
 from tim_jax.core.errors import UserError
 
 GN_EPS = 1e-6  # diffusers' resnet_eps for these blocks.
@@ -116,9 +117,11 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, ch = x.shape
     t = self.group_norm(x).reshape(b, h * w, 1, ch)
-    # One head; jax.nn.dot_product_attention's softmax runs in float32 or
-    # wider, as diffusers' upcast_softmax does.
-    out = jax.nn.dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))
+    # One head; the softmax runs in float32 or wider, as diffusers'
+    # upcast_softmax does (float64 in a float64 run, as diffusers' SDPA).
+    out = numerics.dot_product_attention(
+      self.to_q(t), self.to_k(t), self.to_v(t)
+    )
     return x + self.to_out[0](out.reshape(b, h, w, ch))
 
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax.core import hub, paths
+from tim_jax.core import hub, numerics, paths
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs
 from tim_jax.weights import torch_weights
@@ -181,7 +181,7 @@ class Attention(nnx.Module):
     if self.local:
       mask = mask & (i[:, None] - i[None, :] < c.sliding_window)
     mask = mask[None, None] & valid[:, None, None, :]  # pad keys hidden
-    out = jax.nn.dot_product_attention(
+    out = numerics.dot_product_attention(
       q, k, v, mask=mask, scale=c.query_pre_attn_scalar**-0.5
     )
     # FlashAttention-2's unpadding: pad query rows get a zero output.

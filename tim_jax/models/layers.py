@@ -366,12 +366,12 @@ def attention(
   the heads-major layout: on CPU this runs the backward pass of the q/k
   LayerNorm + attention about twice as fast as the (B, T, heads, hd) layout
   the library function takes, and accelerators compile it to the same
-  kernels. Logits and softmax are float32.
+  kernels. Logits and softmax are float32 (float64 in a float64 run).
   """
   if implementation is not None:
     t = lambda a: jnp.swapaxes(a, 1, 2)
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = jax.nn.dot_product_attention(
+    out = numerics.dot_product_attention(
       t(q), t(k), t(v), mask=mask, implementation=implementation
     )
     return t(out)
@@ -400,7 +400,7 @@ def _attend_scaled_q(q, k, v, key_mask):
   constant for its fused matmul (docs/results/benchmarks.md)."""
   q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
   logits = jnp.einsum(
-    "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
+    "bhqd,bhkd->bhqk", q, k, preferred_element_type=numerics.wide(q.dtype)
   )
   return _softmax_values(logits, v, key_mask)
 

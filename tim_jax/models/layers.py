@@ -388,7 +388,9 @@ def _attend_scaled_logits(q, k, v, key_mask):
   compiler fuses into the matmul."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   logits = (
-    jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    jnp.einsum(
+      "bhqd,bhkd->bhqk", q, k, preferred_element_type=numerics.wide(q.dtype)
+    )
     * scale
   )
   return _softmax_values(logits, v, key_mask)

@@ -95,7 +95,8 @@ def compilation_cache_dir(
   if value:
     return value
   env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-  return env or os.fspath(paths.as_path(workdir) / "compilation_cache")
+  # Joined as text: a gs:// workdir stays a URL.
+  return env or f"{os.fspath(workdir).rstrip('/')}/compilation_cache"
 
 
 def use_compilation_cache(directory: str | None) -> None:

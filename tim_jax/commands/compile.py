@@ -544,6 +544,9 @@ def extrapolated_roofline(
     per_block_seconds=k
     * (costs[1]["roofline_seconds"] - costs[0]["roofline_seconds"]),
     while_loops=loops,
+    # "xla" (libtpu's optimal_seconds) or "flops_and_bytes" (XLA gave
+    # none) for depths 1 and 2: figures from different sources differ.
+    roofline_sources=[r.get("roofline_source", "xla") for r in costs],
     compile_seconds=sum(r["compile_seconds"] for r in costs),
   )
   if not loops:

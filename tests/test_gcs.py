@@ -175,7 +175,11 @@ def test_bucket_end_to_end(bucket, tmp_path):
   assert holder and holder["pid"] == proc.pid
   assert workdir_lock.is_stale(lock, holder)
 
-  resumed = training.train_and_evaluate(config, run)
+  # The resumed run also traces a step: into the bucket.
+  traced = config.copy_and_resolve_references()
+  traced.unlock()
+  traced.profile.first_step, traced.profile.num_steps = 4, 1
+  resumed = training.train_and_evaluate(traced, run)
   assert int(resumed.step) == 6
   leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves((s.params, s.ema))]
   for a, b in zip(leaves(straight), leaves(resumed)):
@@ -184,6 +188,8 @@ def test_bucket_end_to_end(bucket, tmp_path):
   assert not paths.as_path(lock).exists()  # Released at the end.
   assert any(f.startswith("events.out.tfevents") for f in written)  # TF.
   assert "samples/step_0000006.png" in written
+  trace = [f for f in written if f.startswith("plugins/profile/")]
+  assert any(f.endswith(".xplane.pb") for f in trace), written
   assert {"checkpoints/6/commit_success.txt"} <= set(written)
 
   # sample and generate from the bucket's run into the bucket.

@@ -21,7 +21,7 @@ CPU, with the same weights (tim_jax's init converted to the official names):
   step);
 * ``sample_nfe1``, ``sample_nfe8``: the sampler without guidance.
 
-Each row is the median of ``--repeats`` runs after two warm-up runs;
+Each row is the median of ``--repeats`` runs after a warm-up run;
 tim_jax's are compiled first. Both use every core (``torch.set_num_threads``
 = the CPU count; XLA's CPU thread pool). Outputs are compared as a check that
 both compute the same function (forward: relative L2 error).
@@ -30,7 +30,6 @@ both compute the same function (forward: relative L2 error).
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -40,17 +39,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def median_seconds(fn, repeats):
-  fn()
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def tim_jax_config(batch):
@@ -78,6 +66,7 @@ def main():
 
   from tim_jax import training  # pylint: disable=import-outside-toplevel
   from tim_jax.core import sharding  # pylint: disable=import-outside-toplevel
+  from tim_jax.core.timing import median_seconds  # pylint: disable=import-outside-toplevel
   from tim_jax.data import kinds  # pylint: disable=import-outside-toplevel
   from tim_jax.weights import convert  # pylint: disable=import-outside-toplevel
 
@@ -114,11 +103,9 @@ def main():
 
   # --- the official side ---------------------------------------------------
   sys.path.insert(0, HERE)
-  sys.path.insert(0, os.path.abspath(a.official))
   import make_radio_golden  # pylint: disable=import-outside-toplevel
 
-  make_radio_golden._stub_modules()  # pylint: disable=protected-access
-  sys.modules["flash_attn"].flash_attn_func = None
+  make_radio_golden.use_official(a.official)
   # pylint: disable=import-outside-toplevel
   from tim.models.c2i.tim_model import TiM
   from tim.schedulers import transports

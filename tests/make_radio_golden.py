@@ -75,6 +75,15 @@ CASES = {
 EMBED, DEPTH, HEADS, CPE_MAX = 64, 2, 2, 512
 
 
+def use_official(path):
+  """Makes the official checkout at ``path`` importable here: the CUDA-only
+  and missing modules stubbed (``flash_attn``'s functions, which the CPU
+  paths never call, and ``torchvision`` when absent)."""
+  _stub_modules()
+  sys.modules["flash_attn"].flash_attn_func = None
+  sys.path.insert(0, os.path.abspath(path))
+
+
 def _stub_modules():
   fa = types.ModuleType("flash_attn")
   fa.flash_attn_varlen_func = None

@@ -61,13 +61,9 @@ def main():
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
   sys.path.insert(0, HERE)
-  sys.path.insert(0, args.official)
   import make_radio_golden  # pylint: disable=import-outside-toplevel
 
-  make_radio_golden._stub_modules()  # pylint: disable=protected-access
-  # The backbone imports flash_attn's function (its sampler path does not
-  # call it).
-  sys.modules["flash_attn"].flash_attn_func = None
+  make_radio_golden.use_official(args.official)
   import safetensors.torch  # pylint: disable=import-outside-toplevel
   from tim.models.c2i import tim_model  # pylint: disable=import-outside-toplevel
   from tim.schedulers import transition, transports  # pylint: disable=import-outside-toplevel

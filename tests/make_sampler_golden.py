@@ -20,9 +20,8 @@ Writes ``tests/data/golden/c2i_tiny/euler_stochastic.npz``.
 import argparse
 import json
 import os
-import sys
 
-from make_radio_golden import _stub_modules
+from make_radio_golden import use_official
 import numpy as np
 
 FOLDER = os.path.join(
@@ -44,9 +43,7 @@ def main():
     "--official", required=True, help="a checkout of github.com/WZDTHU/TiM"
   )
   a = p.parse_args()
-  _stub_modules()
-  sys.modules["flash_attn"].flash_attn_func = None
-  sys.path.insert(0, os.path.abspath(a.official))
+  use_official(a.official)
   # pylint: disable=import-outside-toplevel
   import safetensors.torch
   from tim.models.c2i.tim_model import TiM

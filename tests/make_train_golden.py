@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-from make_radio_golden import _stub_modules
+from make_radio_golden import use_official
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,9 +107,7 @@ def main():
   )
   a = p.parse_args()
   weights, meta, arrays = tim_jax_side()
-  _stub_modules()
-  sys.modules["flash_attn"].flash_attn_func = None
-  sys.path.insert(0, os.path.abspath(a.official))
+  use_official(a.official)
   # pylint: disable=import-outside-toplevel
   import safetensors.numpy
   from tim.models.c2i.tim_model import TiM

@@ -783,6 +783,7 @@ def _main(f, args) -> None:
       batch=f.batch_size,
       caption_len=f.caption_len,
       unroll_teacher=f.unroll_teacher,
+      sampler=f.sampler,
     )
     result["topology"] = f.topology
     if gpu_compile.is_gpu_topology(f.topology):
@@ -873,6 +874,9 @@ def define_flags(fv) -> None:
     "counts all of them (with model.scan_blocks=False: the "
     "whole step's roofline).",
     flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "sampler", True, "Also compile the sampler steps.", flag_values=fv
   )
   flags.DEFINE_string(
     "out", "", "Also write the report as JSON.", flag_values=fv

@@ -196,7 +196,8 @@ def add_roofline(rows: list[dict], chip, extra_train_flops: float) -> None:
   (arguments read, outputs written, temporaries written and read, once
   each) and NVLink (``link_bytes``)
   time, assuming they overlap perfectly; ``gpu_roofline`` the three
-  parts."""
+  parts. The HLO's collectives inside a loop (scanned blocks) count once:
+  compile unrolled blocks for the NVLink part."""
   card = next(c for c in CARDS.values() if c.kind == chip.kind)
   for row in rows:
     executed = row["model_flops"] + (
@@ -259,4 +260,12 @@ def print_report(rep: dict) -> None:
       for k, v in row["collectives"].items()
       if v["count"]
     ]
-    print("  collectives: " + (", ".join(parts) or "none"))
+    print(
+      "  collectives: "
+      + (", ".join(parts) or "none")
+      + (
+        " (those inside loops, e.g. scanned blocks, counted once)"
+        if row["while_loops"]
+        else ""
+      )
+    )

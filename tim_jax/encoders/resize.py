@@ -71,16 +71,26 @@ def _apply(x, mh: np.ndarray, mw: np.ndarray, precision):
   """x (..., H, W, C) -> (..., H', W', C). An axis whose matrix is the
   identity (same size in and out) is left alone: the trainers resize the
   REPA teacher's input to the size it often already has, and an identity
-  matmul at full precision still costs compile time and HBM traffic."""
-  if not _is_identity(mh):
+  matmul at full precision still costs compile time and HBM traffic.
+
+  Each product puts its new axis last, the channels ahead of the image
+  axes: in the NHWC form ("oh,...hwc->...owc") XLA:GPU's Triton GEMM could
+  not tile the transposed image with its 3 channels innermost ("Couldn't
+  find output tile sizes", sm_90, the T2I teacher's 1024 px input)."""
+  same_h, same_w = _is_identity(mh), _is_identity(mw)
+  if same_h and same_w:
+    return x
+  if same_h:
+    x = jnp.einsum("...hwc->...cwh", x)
+  else:
     x = jnp.einsum(
-      "oh,...hwc->...owc", jnp.asarray(mh, x.dtype), x, precision=precision
+      "...hwc,oh->...cwo", x, jnp.asarray(mh, x.dtype), precision=precision
     )
-  if not _is_identity(mw):
-    x = jnp.einsum(
-      "pw,...owc->...opc", jnp.asarray(mw, x.dtype), x, precision=precision
-    )
-  return x
+  if same_w:
+    return jnp.einsum("...cwo->...owc", x)
+  return jnp.einsum(
+    "...cwo,pw->...opc", x, jnp.asarray(mw, x.dtype), precision=precision
+  )
 
 
 def _is_identity(m: np.ndarray) -> bool:

@@ -191,3 +191,41 @@ def test_gpu_mistakes_are_one_line(capsys, monkeypatch):
   assert cli.call(compile_lib, [config, "--topology=h200x8"]) == 2
   err = capsys.readouterr().err
   assert "CUDA plugin is not installed" in err and "--no-deps" in err
+
+
+def test_the_caption_encoders_flops_match_xla():
+  # XLA:CPU's count of a two-layer Gemma-3 (the 1B model's widths, one
+  # sliding layer): the matmuls gemma_flops counts, within the elementwise
+  # share.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from tim_jax.encoders import gemma  # pylint: disable=g-import-not-at-top
+
+  two = dataclasses.replace(
+    gemma.ONE_B,
+    num_hidden_layers=2,
+    layer_types=("sliding_attention", "full_attention"),
+    sliding_window=8,
+  )
+  model = nnx.eval_shape(
+    lambda: gemma.Gemma3TextModel(
+      two, dtype=jnp.float32, param_dtype=jnp.float32
+    )
+  )
+  graph, params = nnx.split(model)
+  ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+  valid = jax.ShapeDtypeStruct((2, 16), jnp.bool_)
+  cost = (
+    jax.jit(lambda p, i, v: nnx.merge(graph, p)(i, v))
+    .lower(params, ids, valid)
+    .compile()
+    .cost_analysis()
+  )
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  ours = gpu_compile.gemma_flops(two, rows=2, tokens=16)
+  assert 1.0 <= cost["flops"] / ours < 1.05

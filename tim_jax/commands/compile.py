@@ -451,7 +451,7 @@ def compile_steps(
   if gpu_compile.is_gpu_kind(chip.kind):
     # XLA:GPU has no cost analysis: the roofline from tim_jax's FLOPs.
     gpu_compile.add_roofline(
-      rows, chip, gpu_compile.remat_flops(mc, b, size, cap)
+      rows, chip, gpu_compile.extra_train_flops(mc, b, size, cap, text)
     )
   return dict(
     topology_kind=chip.kind,

@@ -176,17 +176,41 @@ def link_bytes(hlo_text: str, devices: int) -> float:
   return total
 
 
-def remat_flops(mc, batch: int, size: int, caption_len: int) -> float:
-  """FLOPs that ``remat=full`` adds to a train step: the gradient pass's
-  forward once more (``dots_saveable`` keeps the matmuls' outputs, so it
-  recomputes none of them)."""
+def extra_train_flops(
+  mc, batch: int, size: int, caption_len: int, text=None
+) -> float:
+  """FLOPs a train step executes beyond its model FLOPs: the gradient
+  pass's forward once more under ``remat=full`` (``dots_saveable`` keeps
+  the matmuls' outputs, so it recomputes none of them), and the caption
+  encoder ``text`` (a ``GemmaEncoder``, or None) run in the step on
+  ``caption_len`` tokens per row (an input to the model, not its FLOPs)."""
   from tim_jax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
 
-  if mc.remat_policy != "full":
-    return 0.0
-  return flops_lib.forward_flops(
-    mc, batch, size, size, caption_len, projection=True
-  )["total"]
+  out = 0.0
+  if mc.remat_policy == "full":
+    out += flops_lib.forward_flops(
+      mc, batch, size, size, caption_len, projection=True
+    )["total"]
+  if text is not None:
+    out += gemma_flops(text.config, batch, caption_len)
+  return out
+
+
+def gemma_flops(c, rows: int, tokens: int) -> float:
+  """Matmul FLOPs of a Gemma-3 text model's forward (``c``: its
+  ``GemmaConfig``) over ``rows`` captions of ``tokens`` tokens: q, k, v and
+  output projections, QK^T and AV over every key (``tim_jax.encoders.
+  gemma`` masks the causal and sliding-window ones after computing them),
+  the gated MLP; the embedding is a lookup."""
+  n, d = rows * tokens, c.hidden_size
+  q = c.num_attention_heads * c.head_dim
+  kv = c.num_key_value_heads * c.head_dim
+  layer = (
+    2.0 * n * d * (2 * q + 2 * kv)  # q, o; k, v
+    + 2 * 2.0 * n * tokens * q  # QK^T and AV
+    + 3 * 2.0 * n * d * c.intermediate_size  # gate, up, down
+  )
+  return len(c.layer_types) * layer
 
 
 def add_roofline(rows: list[dict], chip, extra_train_flops: float) -> None:

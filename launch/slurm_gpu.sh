@@ -16,12 +16,12 @@
 # Mesh and remat per card, from compiles for 8-card nodes
 # (docs/results/benchmarks.md): FSDP over the 8 cards of a node, data
 # across nodes: --config.mesh.fsdp=8 --config.mesh.data=-1, and
-#   XL/2-256 and XL/1-512, 64 rows a card (H100 80 GB, H200 141 GB):
-#     --config.model.remat=none (35 GiB a card); A100 80 GB the same;
+#   XL/2-256 and XL/1-512, 64 rows a card (H100, H200, A100 80 GB):
+#     --config.model.remat=none (35-36 GiB a card);
 #   T2I-XL, 64 rows a card: the config's remat=full (27 GiB a card);
 #     dots_saveable does not fit even an H200;
-#   T2I-XL, 256 rows a card (the paper's 2048 on one node): H200 with
-#     remat=full; H100 and A100 add --config.microbatches=2.
+#   T2I-XL, 256 rows a card (the paper's 2048 on one node): remat=full,
+#     on H200 as is (89 GiB), on H100 with --config.microbatches=2 (52).
 # JAX's allocator takes 90 % of each card (JAX's default: 75 %).
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive

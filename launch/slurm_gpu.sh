@@ -12,11 +12,22 @@
 # This checkout, WORKDIR and the data must be on storage every node sees.
 # Each node installs the checkout with the GPU extra (pip, once per node),
 # then every node starts the same trainer command.
+#
+# Mesh and remat per card, from compiles for 8-card nodes
+# (docs/results/benchmarks.md): FSDP over the 8 cards of a node, data
+# across nodes: --config.mesh.fsdp=8 --config.mesh.data=-1, and
+#   XL/2-256 and XL/1-512, 64 rows a card (H100, H200, A100 80 GB):
+#     --config.model.remat=none (35-36 GiB a card);
+#   T2I-XL, 64 rows a card: the config's remat=full (27 GiB a card);
+#     dots_saveable does not fit even an H200;
+#   T2I-XL, 256 rows a card (the paper's 2048 on one node): remat=full,
+#     on H200 as is (89 GiB), on H100 with --config.microbatches=2 (52).
+# JAX's allocator takes 90 % of each card (JAX's default: 75 %).
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,15p' "$0"; exit 2
+  sed -n '2,25p' "$0"; exit 2
 fi
 config=$1 workdir=$2; shift 2
 case "$workdir" in
@@ -27,6 +38,7 @@ esac
 here=$(cd "$(dirname "$0")/.." && pwd)
 nodes=${SLURM_JOB_NUM_NODES:?run this inside a SLURM allocation (sbatch or salloc)}
 python=${TIM_JAX_PYTHON:-python3}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 srun --nodes="$nodes" --ntasks-per-node=1 bash -c \
   "cd '$here' && $python -m pip install -q -e '.[gpu]'"
 srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \

@@ -114,6 +114,41 @@ def test_the_paper_step_with_its_teacher_compiles_for_h100(plugin, tmp_path):
   assert r["nvlink"] > 0
 
 
+@pytest.mark.gpu_compile
+@pytest.mark.multiprocess
+def test_the_t2i_teachers_resize_compiles_for_h100(plugin):
+  # The REPA teacher's bicubic resize of 1024 px images (T2I-XL): in the
+  # NHWC product form XLA:GPU refused it for sm_90 ("Couldn't find output
+  # tile sizes", f32[24576,512] for these 8 images).
+  code = """
+import jax, jax.numpy as jnp
+from jax.sharding import SingleDeviceSharding
+from tim_jax.commands import gpu_compile
+from tim_jax.encoders import resize
+card = gpu_compile.topology_devices("h100x8")[0]
+x = jax.ShapeDtypeStruct(
+  (8, 1024, 1024, 3), jnp.float32, sharding=SingleDeviceSharding(card)
+)
+jax.jit(lambda x: resize.bicubic(x, (512, 512))).lower(x).compile()
+print("compiled")
+"""
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(p for p in (plugin, ROOT) if p),
+    JAX_PLATFORMS="cpu",
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == ["compiled"]
+
+
 def test_cards_are_read_from_their_target_configs():
   h100 = gpu_compile.card_memory("NVIDIA H100 80GB HBM3")
   h200 = gpu_compile.card_memory("NVIDIA H200 141GB HBM3e")

@@ -85,6 +85,9 @@ def test_the_wheel_carries_configs_weights_and_types(installed):
   assert (package / "configs" / "t2i.py").is_file()
   assert (package / "shapes" / "oracle.safetensors").is_file()
   assert (package / "py.typed").is_file()
+  # The GPU cards' target configs (tim_jax.commands.compile --topology=h100x8).
+  for card in ("h100_sxm", "h200", "a100_sxm_80"):
+    assert (package / "commands" / "gpu_targets" / f"{card}.txtpb").is_file()
 
 
 def test_documented_configs_load_from_any_folder(installed, tmp_path):

@@ -21,8 +21,7 @@ def layer_kwargs(
   """Keyword arguments of an encoder's ``nnx.Linear`` layers (its weights
   are loaded afterwards, so the rngs only shape the initialisation).
   ``precision`` applies to float32 (and wider) compute only: a 16-bit
-  matmul has nothing to keep, and XLA:GPU's Triton GEMMs refuse bf16 dots
-  at precision HIGHEST."""
+  matmul has nothing to keep."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 

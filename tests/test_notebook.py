@@ -102,6 +102,8 @@ def test_device_dtype_follows_the_accelerator():
   assert inference.device_dtype(device("gpu", "8.9")) == "bfloat16"  # L4
   assert inference.device_dtype(device("gpu", "7.5")) == "float32"  # T4
   assert inference.device_dtype(device("gpu", "7.0")) == "float32"  # V100
+  assert inference.device_dtype(device("gpu", "10.0")) == "bfloat16"
+  assert inference.device_dtype(device("gpu", "gfx90a")) == "float32"
   assert inference.device_dtype(device("cpu")) == "float32"
 
 

@@ -48,6 +48,15 @@ step.
 ``--topology=h100x8`` (or ``h200x8``, ``a100x8``) compiles for a node of
 eight NVIDIA cards with XLA:GPU instead (``tim_jax.commands.gpu_compile``:
 memory per card, a roofline from tim_jax's FLOP count).
+
+``--sample`` compiles sampling instead, on one device, as the notebook runs
+it (``compile_sampling``): the caption encoder, the sampler and the
+decoder (``--autoencoder_config``), their HBM with every part's weights
+resident, and the cost model's time per image::
+
+    python -m tim_jax.commands.compile --config=configs/t2i.py:xl \\
+        --topology=v5e:1x1 --sample --sample_steps=8 --height=1024 \\
+        --width=1024 --autoencoder_config=hf://mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers
 """
 
 from __future__ import annotations

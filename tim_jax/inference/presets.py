@@ -116,8 +116,9 @@ def device_dtype(device: jax.Device | None = None) -> str:
   if device.platform == "tpu":
     return "bfloat16"
   if device.platform == "gpu":
-    capability = getattr(device, "compute_capability", None) or "0"
-    if float(capability) >= 8.0:
+    capability = str(getattr(device, "compute_capability", None) or "0")
+    major = capability.split(".")[0]
+    if major.isdigit() and int(major) >= 8:  # NVIDIA Ampere and later.
       return "bfloat16"
   return "float32"
 

@@ -34,8 +34,8 @@ for _flag in _FAST_COMPILE:
       os.environ.get("XLA_FLAGS", "") + " " + _flag
     ).strip()
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -60,3 +60,9 @@ def tiny_t2i_workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tiny_t2i_run"))
   training.train_and_evaluate(train_utils.tiny_t2i(), path)
   return path
+
+
+def pytest_collection_modifyitems(items):
+  """Slow tests first: under -n, a long test started last would leave the
+  other workers idle at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

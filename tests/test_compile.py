@@ -64,6 +64,7 @@ def test_topology_and_chip(devices):
   assert chip.hbm_per_device == 16 * 2**30
 
 
+@pytest.mark.xdist_group("compile_reports")  # One fixture for both.
 def test_collectives_follow_the_mesh(reports):
   data = reports["data"]["rows"][0]["collectives"]
   fsdp = reports["fsdp"]["rows"][0]["collectives"]
@@ -76,6 +77,7 @@ def test_collectives_follow_the_mesh(reports):
   assert fsdp["all-gather"]["count"] + fsdp["reduce-scatter"]["count"] > 0
 
 
+@pytest.mark.xdist_group("compile_reports")  # One fixture for both.
 def test_memory_report_follows_the_mesh(reports):
   data, fsdp = (reports[k]["rows"][0] for k in ("data", "fsdp"))
   for row in (data, fsdp):

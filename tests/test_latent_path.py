@@ -79,95 +79,96 @@ def prepared_kl_dataset(tmp_path, per_class):
   return data_dir, ae_dir
 
 
-def test_images_to_fid_for_both_autoencoders(tmp_path, capsys):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_images_to_fid_for_each_autoencoder(case, tmp_path, capsys):
   folder = au.write_image_folder(
     tmp_path / "images", min_side=130, max_side=180
   )
   weights = au.random_inception_weights(tmp_path / "inception.safetensors")
-  for case, (variant, name, ae_cfg, size) in CASES.items():
-    ae_dir = tmp_path / f"{case}_ae"
-    au.write(ae_cfg, ae_dir)
-    data_dir = str(tmp_path / f"{case}_latents")
-    assert (
-      cli.call(
-        prepare_command,
-        [
-          f"--images={folder}",
-          f"--autoencoder={name}",
-          f"--autoencoder_path={ae_dir}",
-          f"--resolution={size}",
-          f"--data_dir={data_dir}",
-          "--shard_size=10",
-          "--batch_size=8",
-        ],
-      )
-      == 0
+  variant, name, ae_cfg, size = CASES[case]
+  ae_dir = tmp_path / f"{case}_ae"
+  au.write(ae_cfg, ae_dir)
+  data_dir = str(tmp_path / f"{case}_latents")
+  assert (
+    cli.call(
+      prepare_command,
+      [
+        f"--images={folder}",
+        f"--autoencoder={name}",
+        f"--autoencoder_path={ae_dir}",
+        f"--resolution={size}",
+        f"--data_dir={data_dir}",
+        "--shard_size=10",
+        "--batch_size=8",
+      ],
     )
-    source = latents.LatentSource(data_dir, with_images=True)
-    assert len(source) == 24 and source.has_flips
-    ex = source[0]
-    assert ex["label"] == 0
-    assert ex["pixels"].shape == (size, size, 3)
-    assert ex["pixels"].dtype == np.uint8
+    == 0
+  )
+  source = latents.LatentSource(data_dir, with_images=True)
+  assert len(source) == 24 and source.has_flips
+  ex = source[0]
+  assert ex["label"] == 0
+  assert ex["pixels"].shape == (size, size, 3)
+  assert ex["pixels"].dtype == np.uint8
 
-    config = smoke_config(variant, name, data_dir, str(ae_dir))
-    workdir = str(tmp_path / f"{case}_run")
-    state = training.train_and_evaluate(config, workdir)
-    assert int(state.step) == 3
-    grids = sorted(os.listdir(os.path.join(workdir, "samples")))
-    assert grids, "no decoded sample grid"
-    grid = np.asarray(Image.open(os.path.join(workdir, "samples", grids[0])))
-    assert grid.shape[0] > size and grid.std() > 0  # Decoded pixels.
+  config = smoke_config(variant, name, data_dir, str(ae_dir))
+  workdir = str(tmp_path / f"{case}_run")
+  state = training.train_and_evaluate(config, workdir)
+  assert int(state.step) == 3
+  grids = sorted(os.listdir(os.path.join(workdir, "samples")))
+  assert grids, "no decoded sample grid"
+  grid = np.asarray(Image.open(os.path.join(workdir, "samples", grids[0])))
+  assert grid.shape[0] > size and grid.std() > 0  # Decoded pixels.
 
-    pipe = inference.load(workdir)
-    out = str(tmp_path / f"{case}_samples.npz")
-    assert (
-      generate.generate(
-        pipe, num=64, out=out, num_steps=1, batch_size=32, progress=False
-      )
-      == out
+  pipe = inference.load(workdir)
+  out = str(tmp_path / f"{case}_samples.npz")
+  assert (
+    generate.generate(
+      pipe, num=64, out=out, num_steps=1, batch_size=32, progress=False
     )
-    with np.load(out) as z:
-      images, labels = z["arr_0"], z["arr_1"]
-    assert images.shape == (64, size, size, 3) and images.dtype == np.uint8
-    assert labels.min() >= 0 and labels.max() < 1000
-    np.testing.assert_array_equal(
-      labels, generate.labels_for(0, np.arange(64), 1000)
-    )
+    == out
+  )
+  with np.load(out) as z:
+    images, labels = z["arr_0"], z["arr_1"]
+  assert images.shape == (64, size, size, 3) and images.dtype == np.uint8
+  assert labels.min() >= 0 and labels.max() < 1000
+  np.testing.assert_array_equal(
+    labels, generate.labels_for(0, np.arange(64), 1000)
+  )
 
-    ref = str(tmp_path / f"{case}_ref.npz")
-    assert (
-      cli.call(
-        fid_command,
-        [
-          "stats",
-          f"--images={folder}",
-          f"--resolution={size}",
-          f"--inception_weights={weights}",
-          f"--out={ref}",
-          "--batch_size=32",
-        ],
-      )
-      == 0
+  ref = str(tmp_path / f"{case}_ref.npz")
+  assert (
+    cli.call(
+      fid_command,
+      [
+        "stats",
+        f"--images={folder}",
+        f"--resolution={size}",
+        f"--inception_weights={weights}",
+        f"--out={ref}",
+        "--batch_size=32",
+      ],
     )
-    capsys.readouterr()
-    assert (
-      cli.call(
-        fid_command,
-        [
-          "score",
-          f"--samples={out}",
-          f"--reference={ref}",
-          f"--inception_weights={weights}",
-          "--batch_size=32",
-        ],
-      )
-      == 0
+    == 0
+  )
+  capsys.readouterr()
+  assert (
+    cli.call(
+      fid_command,
+      [
+        "score",
+        f"--samples={out}",
+        f"--reference={ref}",
+        f"--inception_weights={weights}",
+        "--batch_size=32",
+      ],
     )
-    printed = capsys.readouterr().out
-    value = float(printed.split("FID ")[1].split()[0])
-    score = float(printed.split("IS ")[1].split()[0])
-    assert np.isfinite(value) and value > 0 and score >= 1.0
+    == 0
+  )
+  printed = capsys.readouterr().out
+  value = float(printed.split("FID ")[1].split()[0])
+  score = float(printed.split("IS ")[1].split()[0])
+  assert np.isfinite(value) and value > 0 and score >= 1.0
 
 
 def test_generation_resumes_from_its_parts(tmp_path):

@@ -10,7 +10,11 @@ import pytest
 
 from tim_jax.core import sharding
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.multiprocess,
+  pytest.mark.xdist_group("sharding_report"),  # One subprocess for all.
+]
 
 HERE = os.path.dirname(__file__)
 

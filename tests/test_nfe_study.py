@@ -132,3 +132,70 @@ def test_study_refuses_models_of_other_data(tmp_path, monkeypatch, capsys):
   assert asked == ["ema", "params"]
   assert cli.call(command, ["--run=x=y", "--num_steps=0,2"]) == 2
   assert "--num_steps" in capsys.readouterr().err
+
+
+def test_sampler_flags_reach_the_sampler(tiny_t2i_workdir, tmp_path):
+  """--stochasticity and --nolast_step_noise change the samples: at 3 Euler
+  steps the middle step is stochastic, and so is the last one unless
+  --nolast_step_noise, so the three settings give three different strips."""
+  from tim_jax.commands import cli
+  from tim_jax.commands import nfe_study as command
+
+  def strip(name, *extra):
+    out = tmp_path / name
+    argv = [
+      f"--run=tiny={tiny_t2i_workdir}",
+      "--num_steps=3",
+      "--num_images=4",
+      "--num_reference=20",
+      "--batch_size=4",
+      "--mode=diffusion",
+      f"--out={out}",
+      *extra,
+    ]
+    assert cli.call(command, argv) == 0
+    return np.asarray(Image.open(out / "samples_tiny.png"))
+
+  plain = strip("plain")
+  noisy = strip("noisy", "--stochasticity=0.5")
+  quiet_end = strip("quiet_end", "--stochasticity=0.5", "--nolast_step_noise")
+  assert not np.array_equal(quiet_end, plain)  # The middle step's noise.
+  assert not np.array_equal(quiet_end, noisy)  # The last step's noise.
+  # The same noise for the steps both variants share: the same seed again
+  # gives the same strip.
+  assert np.array_equal(
+    strip("quiet_end_again", "--stochasticity=0.5", "--nolast_step_noise"),
+    quiet_end,
+  )
+
+
+def test_sampler_flags_are_checked(tiny_t2i_workdir, tmp_path, capsys):
+  from tim_jax import inference
+  from tim_jax.commands import cli
+  from tim_jax.commands import nfe_study as command
+
+  # Refused in one line before any model is read: a flag that would do
+  # nothing, or a negative ratio.
+  for bad in (
+    ["--nolast_step_noise"],
+    ["--nolast_step_noise", "--stochasticity=0.2", "--mode=transition"],
+    ["--stochasticity=-1"],
+  ):
+    assert cli.call(command, ["--run=x=nowhere", *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "--stochasticity" in err or "--nolast_step_noise" in err
+  # Without --mode the run's own mode decides (the tiny run's is
+  # transition, whose last step is never stochastic): refused before any
+  # scoring.
+  assert inference.load(tiny_t2i_workdir).config.sample.mode == "transition"
+  with pytest.raises(ValueError, match="needs mode diffusion"):
+    nfe_study.run_study(
+      {"tiny": tiny_t2i_workdir},
+      [1],
+      num=2,
+      progress=False,
+      stochasticity=0.2,
+      last_step_noise=False,
+      load=inference.load,
+    )

@@ -86,6 +86,21 @@ def define_flags(fv: flags.FlagValues) -> None:
     "diffusion = Euler steps of the model's flow (r = t).",
     flag_values=fv,
   )
+  flags.DEFINE_float(
+    "stochasticity",
+    0.0,
+    "OT-FM stochastic ratio of the sampler for every run (0: deterministic).",
+    lower_bound=0.0,
+    flag_values=fv,
+  )
+  flags.DEFINE_boolean(
+    "last_step_noise",
+    True,
+    "With --mode=diffusion and --stochasticity > 0: whether the last Euler "
+    "step (to T_min) adds noise too, as the official sampler's does; "
+    "--nolast_step_noise keeps it deterministic.",
+    flag_values=fv,
+  )
   flags.DEFINE_enum(
     "weights",
     "ema",
@@ -103,6 +118,17 @@ def define_flags(fv: flags.FlagValues) -> None:
 
   flags.register_validator(
     "num_steps", step_counts, "must be integers >= 1", flag_values=fv
+  )
+  # A flag that would change nothing is refused rather than ignored.
+  flags.register_multi_flags_validator(
+    ["last_step_noise", "stochasticity", "mode"],
+    lambda v: (
+      v["last_step_noise"]
+      or (v["stochasticity"] > 0 and v["mode"] != "transition")
+    ),
+    "--nolast_step_noise needs --stochasticity > 0 and the diffusion mode "
+    "(--mode=diffusion)",
+    flag_values=fv,
   )
 
 
@@ -126,6 +152,8 @@ def main(fv: flags.FlagValues, args) -> None:
     cfg_scale=fv.cfg_scale,
     reference_num=fv.num_reference,
     mode=fv.mode,
+    stochasticity=fv.stochasticity,
+    last_step_noise=fv.last_step_noise,
     load=functools.partial(inference.load, weights=fv.weights),
     on_row=lambda rows: nfe_study.write_csv(rows, partial),
   )

@@ -264,6 +264,8 @@ class SamplerSettings:
   with_progress: bool = False
   T_max: float | None = None  # None: the transport's.
   T_min: float | None = None
+  # False: the diffusion mode's last step (to T_min) is deterministic.
+  last_step_noise: bool = True
 
 
 class Pipeline:
@@ -371,9 +373,11 @@ class Pipeline:
     with_progress: bool = False,
     T_max: float | None = None,
     T_min: float | None = None,
+    last_step_noise: bool = True,
   ) -> SamplerSettings:
     """Validated settings; None means the config's ``sample.*`` value
-    (``T_max``/``T_min``: the transport's)."""
+    (``T_max``/``T_min``: the transport's; ``last_step_noise``: see
+    ``sampling.sample``)."""
     s = self.config.sample
     mode = mode or s.mode
     interval = (
@@ -400,6 +404,7 @@ class Pipeline:
       with_progress=with_progress,
       T_max=T_max,
       T_min=T_min,
+      last_step_noise=bool(last_step_noise),
     )
 
   def compiled_sampler(self, settings: SamplerSettings) -> Callable:
@@ -428,6 +433,7 @@ class Pipeline:
             T_max=settings.T_max,
             T_min=settings.T_min,
             step_noise=step_noise,
+            last_step_noise=settings.last_step_noise,
           )
 
         self._samplers[settings] = jax.jit(run)
@@ -450,6 +456,7 @@ class Pipeline:
     T_max: float | None = None,
     T_min: float | None = None,
     step_noise: ArrayLike | None = None,
+    last_step_noise: bool = True,
   ) -> jax.Array:
     """One sampler call on a batch of noise (a jax.Array, network space).
 
@@ -458,6 +465,8 @@ class Pipeline:
     ``T_max``/``T_min`` bound the time grid (default: the transport's).
     ``step_noise`` (``(num_steps,) + noise.shape``) gives the stochastic
     steps' standard-normal draws instead of drawing them from ``rng``.
+    ``last_step_noise=False`` keeps the diffusion mode's last step
+    deterministic (``sampling.sample``).
     """
     settings = self.settings(
       num_steps,
@@ -468,6 +477,7 @@ class Pipeline:
       progress is not None,
       T_max,
       T_min,
+      last_step_noise,
     )
     fn = self.compiled_sampler(settings)
     null = self.null_like(cond) if null is None else null
@@ -518,6 +528,7 @@ class Pipeline:
     T_min: float | None = None,
     noise: ArrayLike | None = None,
     step_noise: ArrayLike | None = None,
+    last_step_noise: bool = True,
   ) -> np.ndarray:
     """``num`` samples per row of ``cond`` (row-major: all of row 0 first),
     in network space (pixels in [-1, 1] for pixel models), as numpy.
@@ -533,6 +544,8 @@ class Pipeline:
     network space (it fixes the size), ``step_noise`` the stochastic steps'
     standard-normal draws, (num_steps, rows * num, H, W, C), and
     ``T_max``/``T_min`` the time grid's bounds (default: the transport's).
+    ``last_step_noise=False`` keeps the diffusion mode's last step
+    deterministic (``sampling.sample``).
     """
     settings = self.settings(
       num_steps,
@@ -542,6 +555,7 @@ class Pipeline:
       mode,
       T_max=T_max,
       T_min=T_min,
+      last_step_noise=last_step_noise,
     )
     if num < 1:
       raise UserError(f"num must be >= 1, got {num}")
@@ -620,6 +634,7 @@ class Pipeline:
           T_max=settings.T_max,
           T_min=settings.T_min,
           step_noise=None if step_noise is None else step_noise[:, take],
+          last_step_noise=settings.last_step_noise,
         )
         out.append(np.asarray(jax.device_get(images))[: bs - pad])
         if check_finite and not np.isfinite(out[-1]).all():

@@ -44,6 +44,8 @@ def run_study(
   cfg_scale: float | None = None,
   reference_num: int = 5000,
   mode: str | None = None,
+  stochasticity: float = 0.0,
+  last_step_noise: bool = True,
   judge: oracle.Oracle | None = None,
   progress: bool = True,
   on_row: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -56,7 +58,10 @@ def run_study(
 
   ``cfg_scale`` and ``mode`` (``transition`` or ``diffusion``: plain Euler
   steps of the model's flow, r = t) replace every run's saved sampler
-  setting when given. ``load(path)`` reads a run into a sampling pipeline
+  setting when given. ``stochasticity`` (OT-FM only) and
+  ``last_step_noise`` (False: the diffusion mode's last step stays
+  deterministic) go to the sampler for every run (``sampling.sample``).
+  ``load(path)`` reads a run into a sampling pipeline
   (``tim_jax.inference.load``, with the weight set the caller chose).
   ``on_row(rows)`` is called after every new row (the command writes the
   partial CSV there, so an interrupted study keeps what it measured).
@@ -71,6 +76,20 @@ def run_study(
         f"run {name} ({path}) was trained on "
         f"{config.data.name!r}; the oracle reads only the "
         "built-in shapes world"
+      )
+    # Refused before any sampling: these settings would fail or do nothing.
+    if stochasticity > 0 and not pipe.transport.supports_stochastic:
+      raise UserError(
+        f"run {name} ({path}) uses the {pipe.transport.name} transport; "
+        "stochasticity > 0 is defined only for OT-FM"
+      )
+    run_mode = mode or config.sample.mode
+    if not last_step_noise and (stochasticity <= 0 or run_mode != "diffusion"):
+      raise UserError(
+        f"run {name} ({path}): last_step_noise=False changes only the "
+        "diffusion mode's stochastic sampling; it needs mode diffusion and "
+        f"stochasticity > 0 (got mode {run_mode}, stochasticity "
+        f"{stochasticity})"
       )
     if scorer is None:
       scorer = scoring.ShapesScorer(
@@ -94,6 +113,8 @@ def run_study(
         cfg_scale=cfg_scale,
         seed=seed,
         mode=mode,
+        stochasticity=stochasticity,
+        last_step_noise=last_step_noise,
         batch_size=batch_size,
         progress=progress,
         desc=f"{name} NFE {nfe}",

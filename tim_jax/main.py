@@ -10,7 +10,7 @@ import sys
 from absl import flags, logging
 
 from tim_jax.commands import cli
-from tim_jax.core import paths
+from tim_jax.core import host_memory, paths
 from tim_jax.core.errors import UserError
 
 
@@ -63,6 +63,9 @@ def main(fv: flags.FlagValues, args) -> None:
 
 def entry() -> None:
   """The console script ``tim-train``."""
+  # XLA:CPU's per-step buffers on huge pages (a third of the CPU loop's
+  # time went to page faults): tim_jax.core.host_memory.
+  host_memory.exec_with_huge_pages()
   cli.run(sys.modules[__name__])
 
 

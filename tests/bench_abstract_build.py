@@ -34,6 +34,14 @@ CASES = {
   "Gemma-3 1B": (
     "from tim_jax.encoders import gemma\ngo = gemma.abstract_encoder"
   ),
+  **{
+    f"autoencoder {name}": (
+      "import json\nfrom tim_jax import autoencoders\n"
+      f"cfg = json.load(open('tests/data/autoencoders/{name}/config.json'))\n"
+      "go = lambda: nnx.eval_shape(lambda: autoencoders.build(cfg))"
+    )
+    for name in ("sd_vae_ft_ema", "dc_ae_f32c32_sana_1.1")
+  },
   # compile_steps up to lowering (tim_jax.commands.compile): the abstract
   # REPA teacher and trainer state.
   "compile setup xl2_256 v5p:2x2x4": """

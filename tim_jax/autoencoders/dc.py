@@ -239,8 +239,10 @@ def _block(
   kind: str, ch: int, c: DCConfig, norm: str, act: str, scales, o: L.Options
 ):
   if kind == "ResBlock":
-    return ResBlock(ch, norm, act, o)
-  return EfficientViTBlock(ch, c.attention_head_dim, scales, norm, o)
+    return L.apart(lambda p: ResBlock(ch, norm, act, p), o)
+  return L.apart(
+    lambda p: EfficientViTBlock(ch, c.attention_head_dim, scales, norm, p), o
+  )
 
 
 class DownBlock(nnx.Module):
@@ -382,8 +384,8 @@ class AutoencoderDC(nnx.Module):
   ``decode(z)`` -> images. Latents here are unscaled."""
 
   def __init__(self, c: DCConfig, o: L.Options):
-    self.encoder = Encoder(c, o)
-    self.decoder = Decoder(c, o)
+    self.encoder = L.apart(lambda p: Encoder(c, p), o)
+    self.decoder = L.apart(lambda p: Decoder(c, p), o)
 
   def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The encoder's output and a zero std (DC-AE is deterministic), unscaled."""

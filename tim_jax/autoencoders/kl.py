@@ -206,19 +206,22 @@ class Encoder(nnx.Module):
     self.conv_in = L.conv(c.in_channels, chs[0], 3, o)
     self.down_blocks = nnx.List(
       [
-        Stage(
-          chs[max(i - 1, 0)],
-          chs[i],
-          c.layers_per_block,
-          False,
-          i == len(chs) - 1,
-          c,
+        L.apart(
+          lambda p, i=i: Stage(
+            chs[max(i - 1, 0)],
+            chs[i],
+            c.layers_per_block,
+            False,
+            i == len(chs) - 1,
+            c,
+            p,
+          ),
           o,
         )
         for i in range(len(chs))
       ]
     )
-    self.mid_block = MidBlock(chs[-1], c, o)
+    self.mid_block = L.apart(lambda p: MidBlock(chs[-1], c, p), o)
     self.conv_norm_out = L.group_norm(chs[-1], c.norm_num_groups, GN_EPS, o)
     self.conv_out = L.conv(chs[-1], 2 * c.latent_channels, 3, o)
 
@@ -235,16 +238,19 @@ class Decoder(nnx.Module):
     chs = tuple(reversed(c.block_out_channels))
     self.act = L.activation(c.act_fn)
     self.conv_in = L.conv(c.latent_channels, chs[0], 3, o)
-    self.mid_block = MidBlock(chs[0], c, o)
+    self.mid_block = L.apart(lambda p: MidBlock(chs[0], c, p), o)
     self.up_blocks = nnx.List(
       [
-        Stage(
-          chs[max(i - 1, 0)],
-          chs[i],
-          c.layers_per_block + 1,
-          True,
-          i == len(chs) - 1,
-          c,
+        L.apart(
+          lambda p, i=i: Stage(
+            chs[max(i - 1, 0)],
+            chs[i],
+            c.layers_per_block + 1,
+            True,
+            i == len(chs) - 1,
+            c,
+            p,
+          ),
           o,
         )
         for i in range(len(chs))
@@ -266,8 +272,8 @@ class AutoencoderKL(nnx.Module):
   applies the scaling factor)."""
 
   def __init__(self, c: KLConfig, o: L.Options):
-    self.encoder = Encoder(c, o)
-    self.decoder = Decoder(c, o)
+    self.encoder = L.apart(lambda p: Encoder(c, p), o)
+    self.decoder = L.apart(lambda p: Decoder(c, p), o)
     n = 2 * c.latent_channels
     self.quant_conv = L.conv(n, n, 1, o) if c.use_quant_conv else None
     self.post_quant_conv = (

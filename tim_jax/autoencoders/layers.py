@@ -9,12 +9,16 @@ The channel orderings of ``pixel_shuffle``/``pixel_unshuffle`` and
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from tim_jax.core import tracing
 from tim_jax.core.errors import UserError
+
+M = TypeVar("M")
 
 # diffusers' get_activation names (diffusers/models/activations.py).
 ACTIVATIONS = {
@@ -50,6 +54,14 @@ class Options:
   ):
     self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
     self.rngs = rngs if rngs is not None else nnx.Rngs(0)
+
+
+def apart(make: Callable[[Options], M], o: Options) -> M:
+  """``make(o)``; under a trace (``nnx.eval_shape``), in a trace of its own
+  (``tim_jax.core.tracing``): an abstract build linear in the blocks."""
+  return tracing.apart(
+    lambda r: make(Options(o.dtype, o.param_dtype, o.precision, r))
+  )(o.rngs)
 
 
 def conv(

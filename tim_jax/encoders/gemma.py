@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax.core import hub, numerics, paths
+from tim_jax.core import hub, numerics, paths, tracing
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs
 from tim_jax.weights import torch_weights
@@ -249,8 +249,16 @@ class Gemma3TextModel(nnx.Module):
     kw = layer_kwargs(dtype, param_dtype, precision, rngs)
     self.c, self.dtype = c, dtype
     self.embed_tokens = Embedding(c, param_dtype)
+    # Layers built apart under a trace (tim_jax.core.tracing), one builder
+    # (one trace) per kind of layer.
+    build = {
+      local: tracing.apart(
+        lambda r, local=local: DecoderLayer(c, local, dict(kw, rngs=r))
+      )
+      for local in (False, True)
+    }
     self.layers = nnx.List(
-      [DecoderLayer(c, t == "sliding_attention", kw) for t in c.layer_types]
+      [build[t == "sliding_attention"](kw["rngs"]) for t in c.layer_types]
     )
     self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype)
 

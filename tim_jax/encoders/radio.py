@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tim_jax.core import hub, paths
+from tim_jax.core import hub, paths, tracing
 from tim_jax.core.errors import UserError
 from tim_jax.encoders import batch_rows, layer_kwargs, resize
 from tim_jax.models import layers
@@ -267,17 +267,29 @@ class VisionTransformer(nnx.Module):
     rngs=None,
   ):
     kw = layer_kwargs(dtype, param_dtype, precision, rngs)
-    ln = functools.partial(
-      nnx.LayerNorm,
-      epsilon=LN_EPS,
-      use_fast_variance=False,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rngs=kw["rngs"],
+    rngs = kw["rngs"]
+
+    def part(make):
+      # Built apart under a trace (tim_jax.core.tracing): linear in depth.
+      def with_rngs(r):
+        ln = functools.partial(
+          nnx.LayerNorm,
+          epsilon=LN_EPS,
+          use_fast_variance=False,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          rngs=r,
+        )
+        return make(dict(kw, rngs=r), ln)
+
+      return tracing.apart(with_rngs)
+
+    self.patch_generator = part(lambda k, ln: PatchGenerator(c, k, ln))(rngs)
+    block = part(lambda k, ln: Block(c, k, ln))  # One trace for all blocks.
+    self.blocks = nnx.List([block(rngs) for _ in range(c.depth)])
+    self.norm = (
+      part(lambda _, ln: ln(c.embed_dim))(rngs) if c.final_norm else None
     )
-    self.patch_generator = PatchGenerator(c, kw, ln)
-    self.blocks = nnx.List([Block(c, kw, ln) for _ in range(c.depth)])
-    self.norm = ln(c.embed_dim) if c.final_norm else None
     self.num_skip = c.num_skip
 
   def __call__(self, x: jax.Array, scan: bool = True) -> jax.Array:

@@ -39,7 +39,7 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 from tqdm.auto import tqdm
 
-from tim_jax.core import paths
+from tim_jax.core import paths, tracing
 from tim_jax.core.errors import UserError
 from tim_jax.eval import fid
 from tim_jax.weights import torch_weights
@@ -450,17 +450,22 @@ class InceptionV3(nnx.Module):
     self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1, **kw)
     self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1, **kw)
     self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3, **kw)
-    self.Mixed_5b = InceptionA(192, 32, **kw)
-    self.Mixed_5c = InceptionA(256, 64, **kw)
-    self.Mixed_5d = InceptionA(288, 64, **kw)
-    self.Mixed_6a = InceptionB(288, **kw)
-    self.Mixed_6b = InceptionC(768, 128, **kw)
-    self.Mixed_6c = InceptionC(768, 160, **kw)
-    self.Mixed_6d = InceptionC(768, 160, **kw)
-    self.Mixed_6e = InceptionC(768, 192, **kw)
-    self.Mixed_7a = InceptionD(768, **kw)
-    self.Mixed_7b = InceptionE(1280, pool="avg", **kw)
-    self.Mixed_7c = InceptionE(2048, pool="max", **kw)
+    # Each mixed block built apart under a trace (nnx.eval_shape):
+    # linear, not quadratic, in the blocks (tim_jax.core.tracing).
+    mixed = lambda block, *args, **opts: tracing.apart(
+      lambda r: block(*args, precision=precision, rngs=r, **opts)
+    )(rngs)
+    self.Mixed_5b = mixed(InceptionA, 192, 32)
+    self.Mixed_5c = mixed(InceptionA, 256, 64)
+    self.Mixed_5d = mixed(InceptionA, 288, 64)
+    self.Mixed_6a = mixed(InceptionB, 288)
+    self.Mixed_6b = mixed(InceptionC, 768, 128)
+    self.Mixed_6c = mixed(InceptionC, 768, 160)
+    self.Mixed_6d = mixed(InceptionC, 768, 160)
+    self.Mixed_6e = mixed(InceptionC, 768, 192)
+    self.Mixed_7a = mixed(InceptionD, 768)
+    self.Mixed_7b = mixed(InceptionE, 1280, pool="avg")
+    self.Mixed_7c = mixed(InceptionE, 2048, pool="max")
     self.fc = nnx.Linear(FEATURE_DIM, NUM_CLASSES, **kw)
 
   @classmethod

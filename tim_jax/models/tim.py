@@ -23,6 +23,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from tim_jax.core import tracing
 from tim_jax.core.errors import UserError
 from tim_jax.core.sharding import constrain
 from tim_jax.models import layers
@@ -169,18 +170,34 @@ class TiM(nnx.Module):
     self.dtype = dtype
     c = config
     d = c.hidden_size
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.x_embedder = layers.PatchEmbed(c.patch_size, c.in_channels, d, **kw)
-    self.t_embedder = layers.TimestepEmbedder(d, init=layers.normal(0.02), **kw)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    # Each part is built by tracing.apart: under nnx.eval_shape or jax.jit,
+    # in a trace of its own (linear, not quadratic, in the depth), drawing
+    # the same keys in the same order.
+    part = lambda make: tracing.apart(make)(rngs)
+    self.x_embedder = part(
+      lambda r: layers.PatchEmbed(c.patch_size, c.in_channels, d, rngs=r, **kw)
+    )
+    self.t_embedder = part(
+      lambda r: layers.TimestepEmbedder(
+        d, init=layers.normal(0.02), rngs=r, **kw
+      )
+    )
     # The official init (``TiM.initialize_weights``) leaves the delta embedder
     # at Xavier.
     self.delta_embedder = (
-      layers.TimestepEmbedder(d, **kw) if c.use_new_embed else None
+      part(lambda r: layers.TimestepEmbedder(d, rngs=r, **kw))
+      if c.use_new_embed
+      else None
     )
     if c.kind == "c2i":
-      self.y_embedder = layers.LabelEmbedder(c.num_label_rows, d, **kw)
+      self.y_embedder = part(
+        lambda r: layers.LabelEmbedder(c.num_label_rows, d, rngs=r, **kw)
+      )
     else:
-      self.y_embedder = layers.CaptionEmbedder(c.cap_feat_dim, d, **kw)
+      self.y_embedder = part(
+        lambda r: layers.CaptionEmbedder(c.cap_feat_dim, d, rngs=r, **kw)
+      )
     block = lambda r: layers.TiMBlock(
       d,
       c.num_heads,
@@ -190,9 +207,8 @@ class TiM(nnx.Module):
       qk_norm=c.qk_norm,
       distance_aware=c.distance_aware,
       attention_impl=c.attention_impl,
-      dtype=dtype,
-      param_dtype=param_dtype,
       rngs=r,
+      **kw,
     )
     if c.scan_blocks:
       # One block's parameters stacked `depth` times on a leading axis
@@ -204,15 +220,21 @@ class TiM(nnx.Module):
       def stacked(r):
         return block(r)
 
-      self.blocks = stacked(rngs)
+      self.blocks = part(stacked)
     else:
-      self.blocks = nnx.List([block(rngs) for _ in range(c.depth)])
+      # One builder for all blocks: JAX traces it once.
+      build_block = tracing.apart(block)
+      self.blocks = nnx.List([build_block(rngs) for _ in range(c.depth)])
     self.projector = (
-      layers.Projector(d, c.projector_dim, c.z_dim, **kw)
+      part(
+        lambda r: layers.Projector(d, c.projector_dim, c.z_dim, rngs=r, **kw)
+      )
       if c.use_projector
       else None
     )
-    self.final_layer = layers.FinalLayer(d, c.patch_size, c.in_channels, **kw)
+    self.final_layer = part(
+      lambda r: layers.FinalLayer(d, c.patch_size, c.in_channels, rngs=r, **kw)
+    )
 
   def _delta_embed(self, t, r):
     c = self.config.new_condition

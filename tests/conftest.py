@@ -62,6 +62,19 @@ def tiny_t2i_workdir(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="module")
+def model_hub(tmp_path_factory):
+  """A loopback Hub serving the released repositories' layout (small
+  weights), as tests/hub_repos.py makes them."""
+  import hub_repos
+  import hub_server
+
+  h = hub_repos.make_hub(str(tmp_path_factory.mktemp("hub_repos")))
+  with hub_server.serve(h) as url:
+    h.url = url
+    yield h
+
+
 def pytest_collection_modifyitems(items):
   """Slow tests first: under -n, a long test started last would leave the
   other workers idle at the end."""

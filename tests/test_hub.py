@@ -210,14 +210,6 @@ def test_an_unreachable_hub_is_one_line(tmp_path):
 # --- the presets and the loaders, with the released repositories' layout ------
 
 
-@pytest.fixture(scope="module")
-def model_hub(tmp_path_factory):
-  h = hub_repos.make_hub(str(tmp_path_factory.mktemp("hub_repos")))
-  with hub_server.serve(h) as url:
-    h.url = url
-    yield h
-
-
 def sample(model, out, env, *args):
   return run(
     [

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import state_utils
 
 from tim_jax import models
 from tim_jax.core import numerics, tracing
@@ -105,38 +106,13 @@ def test_every_parameter_has_logical_axes():
       assert len(set(dims)) == len(dims), (path, names)
 
 
-def _described(model):
-  """Path -> (variable type, shape, dtype, metadata) of every variable."""
-  return {
-    path: (
-      type(v),
-      tuple(v.get_value().shape),
-      v.get_value().dtype,
-      v.get_metadata(),
-    )
-    for path, v in nnx.to_flat_state(nnx.state(model))
-  }
-
-
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("kind,net", [("c2i", TINY), ("t2i", TINY_T2I)])
 def test_abstract_build_describes_the_concrete_one(kind, net, scan):
   build = lambda: models.build(kind, net, scan_blocks=scan)
-  abstract = _described(nnx.eval_shape(build))
-  assert abstract == _described(build())
+  abstract = state_utils.described(nnx.eval_shape(build))
+  assert abstract == state_utils.described(build())
   assert any(m.get("out_sharding") for *_, m in abstract.values())
-
-
-def _host(tree):
-  """numpy arrays of a state's leaves (keys as their raw data)."""
-  return jax.tree.map(
-    lambda a: np.asarray(
-      jax.random.key_data(a)
-      if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-      else a
-    ),
-    tree,
-  )
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -151,13 +127,13 @@ def test_traced_init_equals_the_init_in_one_trace(kind, net, scan, monkeypatch):
     model = models.TiM(config, rngs=rngs)
     return nnx.state(model, nnx.Param), nnx.state(rngs)
 
-  apart = _host(jax.jit(init)())
+  apart = state_utils.host(jax.jit(init)())
   monkeypatch.setattr(tracing, "apart", lambda make: make)
-  whole = _host(jax.jit(init)())
+  whole = state_utils.host(jax.jit(init)())
   assert jax.tree.structure(apart) == jax.tree.structure(whole)
   jax.tree.map(np.testing.assert_array_equal, apart, whole)
   # And no trace (eager): the same keys, each parameter drawn as before.
-  eager = _host(init())
+  eager = state_utils.host(init())
   jax.tree.map(np.testing.assert_array_equal, apart[1], eager[1])
 
 

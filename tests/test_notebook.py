@@ -10,7 +10,6 @@ import re
 import types
 
 import hub_repos
-import hub_server
 import nbclient
 import nbformat
 from PIL import Image
@@ -105,14 +104,6 @@ def test_device_dtype_follows_the_accelerator():
   assert inference.device_dtype(device("gpu", "10.0")) == "bfloat16"
   assert inference.device_dtype(device("gpu", "gfx90a")) == "float32"
   assert inference.device_dtype(device("cpu")) == "float32"
-
-
-@pytest.fixture(scope="module")
-def model_hub(tmp_path_factory):
-  h = hub_repos.make_hub(str(tmp_path_factory.mktemp("hub_repos")))
-  with hub_server.serve(h) as url:
-    h.url = url
-    yield h
 
 
 @pytest.mark.slow

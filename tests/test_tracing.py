@@ -6,9 +6,9 @@ import dataclasses
 from autoencoder_utils import CONFIGS
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import state_utils
 
 from tim_jax import autoencoders
 from tim_jax.core import tracing
@@ -44,41 +44,18 @@ BUILDERS = {
 }
 
 
-def _described(model):
-  return {
-    path: (
-      type(v),
-      tuple(v.get_value().shape),
-      v.get_value().dtype,
-      v.get_metadata(),
-    )
-    for path, v in nnx.to_flat_state(nnx.state(model))
-  }
-
-
-def _host(tree):
-  return jax.tree.map(
-    lambda a: np.asarray(
-      jax.random.key_data(a)
-      if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-      else a
-    ),
-    tree,
-  )
-
-
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_built_apart_equals_built_in_one_trace(name, monkeypatch):
   make = BUILDERS[name]
-  abstract = _described(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
-  assert abstract == _described(make(nnx.Rngs(0)))
+  abstract = state_utils.described(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+  assert abstract == state_utils.described(make(nnx.Rngs(0)))
 
   def init():
     rngs = nnx.Rngs(3)
     return nnx.state(make(rngs)), nnx.state(rngs)
 
-  apart = _host(jax.jit(init)())
+  apart = state_utils.host(jax.jit(init)())
   monkeypatch.setattr(tracing, "apart", lambda make: make)  # One trace.
-  whole = _host(jax.jit(init)())
+  whole = state_utils.host(jax.jit(init)())
   assert jax.tree.structure(apart) == jax.tree.structure(whole)
   jax.tree.map(np.testing.assert_array_equal, apart, whole)

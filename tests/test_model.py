@@ -243,6 +243,36 @@ def test_layernorm_cpu_and_tpu_forms_agree_to_second_order():
   )
 
 
+def test_forms_for_a_platform_trace_that_form_only():
+  # Under forms_for the layers trace one form, the one lowering would pick
+  # for that platform: no platform switch left in the program.
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (5, 16))
+  q = jax.random.normal(jax.random.key(1), (1, 2, 4, 8))
+  # A new function each time: jit's trace cache keys on the function, not
+  # on the context (hence the context is entered inside jitted functions).
+  text = lambda f, *a: str(jax.make_jaxpr(lambda *b: f(*b))(*a))
+  norm = lambda a: layers.standardize(a, 1e-6)
+  att = lambda a: layers.attention(a, a, a)
+  with layers.forms_for("cpu"):
+    cpu_norm, cpu_att = text(norm, x), text(att, q)
+  with layers.forms_for("tpu"):
+    tpu_norm, tpu_att = text(norm, x), text(att, q)
+  assert "platform_index" not in cpu_norm + cpu_att + tpu_norm + tpu_att
+  assert cpu_norm == text(lambda a: layers._standardize_written(a, 1e-6), x)  # pylint: disable=protected-access
+  assert tpu_norm == text(lambda a: layers._standardize_traced(a, 1e-6), x)  # pylint: disable=protected-access
+  assert cpu_att == text(lambda a: layers._attend_scaled_q(a, a, a, None), q)  # pylint: disable=protected-access
+  assert tpu_att == text(
+    lambda a: layers._attend_scaled_logits(a, a, a, None),  # pylint: disable=protected-access
+    q,
+  )
+  # The context ends with its block, and nests.
+  assert "platform_index" in text(norm, x)
+  with layers.forms_for("tpu"):
+    with layers.forms_for("cpu"):
+      assert text(norm, x) == cpu_norm
+    assert text(norm, x) == tpu_norm
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_cpu_and_tpu_forms_agree(masked):
   # Scale on q (CPU) and scale on the logits (TPU): the same attention,

@@ -283,7 +283,8 @@ def test_progress_hooks_of_concurrent_callers_stay_apart(loaded):
   seen = {"a": [], "b": []}
   loaded.sample(noise, cond, num_steps=5, progress=lambda i: None)  # Compile.
   settings = loaded.settings(5, with_progress=True)
-  compiled = loaded.compiled_sampler(settings)
+  platform = jax.devices()[0].platform  # Where sample's calls run.
+  compiled = loaded.compiled_sampler(settings, platform)
 
   def call(name):
     for _ in range(3):
@@ -299,7 +300,7 @@ def test_progress_hooks_of_concurrent_callers_stay_apart(loaded):
   # Each caller saw exactly its own three runs of five steps.
   assert sorted(seen["a"]) == sorted(seen["b"]) == sorted(list(range(5)) * 3)
   # One compiled sampler served every hook: no recompilation per call.
-  assert loaded.compiled_sampler(settings) is compiled
+  assert loaded.compiled_sampler(settings, platform) is compiled
   # jax keeps no public compile count; the count is what is under test.
   assert compiled._cache_size() == 1  # pylint: disable=protected-access
 

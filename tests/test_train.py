@@ -626,3 +626,30 @@ def test_the_final_step_is_always_saved(tmp_path):
   ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert list(ck.manager.all_steps()) == [3]
   ck.close()
+
+
+def test_step_and_sampler_trace_the_layers_for_their_platform():
+  # The trainer traces its step, and the pipeline its sampler, with the
+  # layers in the form of their devices' platform only (layers.forms_for):
+  # no platform switch is traced, differentiated and lowered twice.
+  import train_utils  # pylint: disable=g-import-not-at-top
+
+  trainer = training.Trainer(train_utils.tiny_t2i())
+  host = kinds.synthetic_batch(trainer.config, 4, caption_len=8)
+  batch = sharding.global_batch(host, trainer.mesh)
+  step = trainer.jitted_step(batch).trace(
+    trainer.abstract_with_shardings(), batch, trainer.frozen
+  )
+  text = str(step.jaxpr)
+  assert "platform_index" not in text
+  assert "_standardize_written" in text  # The CPU form.
+  pipe = trainer.pipeline
+  settings = pipe.settings(2)
+  params = trainer.init_state().ema
+  noise = jnp.zeros((1, 32, 32, 3))
+  cond = jax.tree.map(lambda a: a[:1], pipe.conditions()[0])
+  null = pipe.null_like(cond)
+  for platform, switch in (("cpu", False), (None, True)):
+    sampler = pipe.compiled_sampler(settings, platform)
+    traced = sampler.trace(params, noise, cond, null, jax.random.key(0), 0)
+    assert ("platform_index" in str(traced.jaxpr)) == switch

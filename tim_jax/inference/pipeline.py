@@ -21,7 +21,9 @@ compile once and use the same code as the sampling command.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import threading
@@ -39,6 +41,7 @@ from tim_jax.core import hub, images, paths
 from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
 from tim_jax.method import sampling
+from tim_jax.models import layers
 from tim_jax.weights import checkpoint, convert
 
 if TYPE_CHECKING:
@@ -268,6 +271,18 @@ class SamplerSettings:
   last_step_noise: bool = True
 
 
+def _platform(params) -> str:
+  """The platform a jitted call on ``params`` runs on: that of a committed
+  array's devices, else the default device's (where jit puts the rest)."""
+  for leaf in jax.tree.leaves(params):
+    if isinstance(leaf, jax.Array) and leaf.committed:
+      return next(iter(leaf.sharding.device_set)).platform
+  default = jax.config.jax_default_device
+  if isinstance(default, str):
+    return default
+  return (default or jax.devices()[0]).platform
+
+
 class Pipeline:
   """A TiM model ready to sample: graph, weights, conditioning, decoder.
 
@@ -407,15 +422,30 @@ class Pipeline:
       last_step_noise=bool(last_step_noise),
     )
 
-  def compiled_sampler(self, settings: SamplerSettings) -> Callable:
+  def compiled_sampler(
+    self, settings: SamplerSettings, platform: str | None = None
+  ) -> Callable:
     """``fn(params, noise, cond, null, rng, call_id, step_noise=None) ->
-    samples``, jitted once per settings (thread-safe cache)."""
+    samples``, jitted once per settings and platform (thread-safe cache).
+    ``platform`` (that of the devices it will run on) traces the layers in
+    that platform's form only (``layers.forms_for``); None traces them for
+    any platform."""
+    key = (settings, platform)
     with self._samplers_lock:
-      if settings not in self._samplers:
+      if key not in self._samplers:
         graphdef, transport = self.graphdef, self.transport
+        forms = (
+          contextlib.nullcontext
+          if platform is None
+          else functools.partial(layers.forms_for, platform)
+        )
 
         def run(params, noise, cond, null, rng, call_id, step_noise=None):
           model = nnx.merge(graphdef, params)
+          with forms():
+            return _sample(model, noise, cond, null, rng, call_id, step_noise)
+
+        def _sample(model, noise, cond, null, rng, call_id, step_noise):
           return sampling.sample(
             lambda x, t, r, y: model(x, t, r, y),
             noise,
@@ -436,8 +466,8 @@ class Pipeline:
             last_step_noise=settings.last_step_noise,
           )
 
-        self._samplers[settings] = jax.jit(run)
-      return self._samplers[settings]
+        self._samplers[key] = jax.jit(run)
+      return self._samplers[key]
 
   def sample(
     self,
@@ -479,7 +509,8 @@ class Pipeline:
       T_min,
       last_step_noise,
     )
-    fn = self.compiled_sampler(settings)
+    params = self._params(params)
+    fn = self.compiled_sampler(settings, _platform(params))
     null = self.null_like(cond) if null is None else null
     rng = jax.random.key(0) if rng is None else rng
     call_id = next(_CALL_IDS)
@@ -488,7 +519,7 @@ class Pipeline:
         _HOOKS[call_id] = progress
     try:
       out = fn(
-        self._params(params),
+        params,
         noise,
         cond,
         null,

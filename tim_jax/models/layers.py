@@ -15,8 +15,10 @@ autocast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from typing import TYPE_CHECKING
 
 from flax import nnx
@@ -36,6 +38,37 @@ Array = jax.Array
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
+
+
+_PLATFORM = threading.local()
+
+
+@contextlib.contextmanager
+def forms_for(platform: str):
+  """Layers traced inside this context take the form that ``platform``
+  (``"cpu"``, ``"tpu"``, ``"gpu"``: the platform of the devices the program
+  is lowered for) runs fastest. Outside it they trace every form and the
+  choice is made at lowering (``jax.lax.platform_dependent``): right for any
+  platform, but each LayerNorm and attention is then traced and
+  differentiated twice (the default T2I train step: trace and lower 5 s
+  instead of 2). ``jax.jit`` caches a trace by function, not by this
+  context: enter it inside the jitted function, as the trainer and the
+  pipeline do."""
+  previous = getattr(_PLATFORM, "value", None)
+  _PLATFORM.value = platform
+  try:
+    yield
+  finally:
+    _PLATFORM.value = previous
+
+
+def _per_platform(*args, default, cpu):
+  """``cpu(*args)`` on CPU, ``default(*args)`` elsewhere: chosen now under
+  ``forms_for``, else when the program is lowered."""
+  platform = getattr(_PLATFORM, "value", None)
+  if platform is None:
+    return jax.lax.platform_dependent(*args, default=default, cpu=cpu)
+  return (cpu if platform == "cpu" else default)(*args)
 
 
 def normal(std: float) -> Initializer:
@@ -140,9 +173,10 @@ def standardize(x: Array, eps: float) -> Array:
   The same values and derivative on every backend, in the form that backend
   runs fastest: the written derivative makes the CPU train step faster but
   costs the TPU step (libtpu's cost model: docs/results/tpu.md). The
-  choice is made when the program is lowered for its platform.
+  choice is made when the program is lowered for its platform, or under
+  ``forms_for``.
   """
-  return jax.lax.platform_dependent(
+  return _per_platform(
     x,
     default=lambda a: _standardize_traced(a, eps),
     cpu=lambda a: _standardize_written(a, eps),
@@ -377,8 +411,8 @@ def attention(
     return t(out)
   # The same values in the form each backend runs fastest (scale on q for
   # XLA:CPU, on the logits for TPU: docs/results/tpu.md), chosen when the
-  # program is lowered for its platform.
-  return jax.lax.platform_dependent(
+  # program is lowered for its platform, or under ``forms_for``.
+  return _per_platform(
     q, k, v, key_mask, default=_attend_scaled_logits, cpu=_attend_scaled_q
   )
 

@@ -47,9 +47,10 @@ class HoldoutLoss:
     def holdout(ema, batch, frozen):
       # The training loss with the EMA as model and (for model guidance)
       # teacher, no condition dropout, a fixed key.
-      loss, metrics = trainer.loss(
-        ema, ema, batch, jax.random.key(0), frozen, drop=False
-      )
+      with trainer.layer_forms():
+        loss, metrics = trainer.loss(
+          ema, ema, batch, jax.random.key(0), frozen, drop=False
+        )
       return {"holdout/loss": loss, "holdout/mse_loss": metrics["mse_loss"]}
 
     self._fn = jax.jit(holdout)

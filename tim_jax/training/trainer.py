@@ -27,6 +27,7 @@ from tim_jax.core import sharding
 from tim_jax.core.errors import UserError
 from tim_jax.data import conditioning
 from tim_jax.method import transition
+from tim_jax.models import layers
 from tim_jax.training import optim
 from tim_jax.weights import convert
 
@@ -375,6 +376,11 @@ class Trainer:
       lambda a: sharding.batch_sharding(self.mesh, a.ndim), batch
     )
 
+  def layer_forms(self):
+    """A context in which the model's layers trace only the form for the
+    platform of this trainer's mesh (``layers.forms_for``)."""
+    return layers.forms_for(self.mesh.devices.flat[0].platform)
+
   def jit_step(
     self,
     batch: Mapping[str, jax.Array | jax.ShapeDtypeStruct],
@@ -403,9 +409,11 @@ class Trainer:
 
     def step(state, batch, frozen):
       # Traced with the activations pinned to the mesh (batch rows over the
-      # data axes, heads and MLP units over `tensor`).
+      # data axes, heads and MLP units over `tensor`), and the layers in
+      # the form for the mesh's platform.
       with sharding.activation_sharding(self.mesh, self.rules):
-        return self.step(state, batch, frozen)
+        with self.layer_forms():
+          return self.step(state, batch, frozen)
 
     return jax.jit(
       step,

@@ -60,7 +60,18 @@ def main():
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default="")
+  p.add_argument(
+    "--huge_pages",
+    type=int,
+    default=1,
+    help="1: run with glibc's huge-page tunable, as the training command "
+    "does (both sides share the process); 0: 4 KiB pages",
+  )
   a = p.parse_args()
+  from tim_jax.core import host_memory  # pylint: disable=import-outside-toplevel
+
+  if a.huge_pages:
+    host_memory.exec_with_huge_pages()
 
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -242,6 +253,7 @@ def main():
           forward_agreement=agreement,
           torch=torch.__version__,
           jax=jax.__version__,
+          glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
           rows=table,
         ),
         f,

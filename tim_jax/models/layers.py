@@ -31,6 +31,8 @@ from tim_jax.core.errors import UserError
 from tim_jax.core.sharding import constrain
 
 if TYPE_CHECKING:
+  from collections.abc import Iterator
+
   from jax.nn.initializers import Initializer
 
 Array = jax.Array
@@ -44,7 +46,7 @@ _PLATFORM = threading.local()
 
 
 @contextlib.contextmanager
-def forms_for(platform: str):
+def forms_for(platform: str) -> Iterator[None]:
   """Layers traced inside this context take the form that ``platform``
   (``"cpu"``, ``"tpu"``, ``"gpu"``: the platform of the devices the program
   is lowered for) runs fastest. Outside it they trace every form and the

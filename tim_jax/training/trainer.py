@@ -11,6 +11,7 @@ a non-finite or diverging update and counts it. The loop that drives it is
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import contextlib
 import logging
 from typing import Any
 
@@ -376,7 +377,7 @@ class Trainer:
       lambda a: sharding.batch_sharding(self.mesh, a.ndim), batch
     )
 
-  def layer_forms(self):
+  def layer_forms(self) -> contextlib.AbstractContextManager[None]:
     """A context in which the model's layers trace only the form for the
     platform of this trainer's mesh (``layers.forms_for``)."""
     return layers.forms_for(self.mesh.devices.flat[0].platform)

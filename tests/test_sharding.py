@@ -193,3 +193,18 @@ def test_frozen_weights_split_their_largest_divisible_axis_over_fsdp():
   assert all(
     s.spec == P() for s in sharding.frozen_shardings(tree, flat).values()
   )
+
+
+def test_platform_of_concrete_and_traced_arrays():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  device = jax.devices()[0]
+  assert sharding.platform_of({"a": jnp.ones(2)}) == device.platform
+  assert sharding.platform_of(np.ones(2)) == device.platform  # Default.
+  placed = jax.device_put(jnp.ones(2), device)
+  assert placed.committed and sharding.platform_of([placed]) == "cpu"
+  seen = []
+  jax.jit(lambda x: seen.append(sharding.platform_of(x)) or x)(jnp.ones(2))
+  assert seen == [None]  # Under a trace: the lowering's, unknown.

@@ -244,6 +244,23 @@ def frozen_shardings(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(one, tree)
 
 
+def platform_of(tree: Any) -> str | None:
+  """The platform that untraced work on ``tree``'s arrays runs on: that of a
+  committed array's devices, else the default device's (where JAX puts
+  uncommitted arrays); None when ``tree`` holds a tracer (under a trace the
+  platform is the lowering's, unknown here)."""
+  leaves = jax.tree.leaves(tree)
+  if any(isinstance(a, jax.core.Tracer) for a in leaves):
+    return None
+  for a in leaves:
+    if isinstance(a, jax.Array) and a.committed:
+      return next(iter(a.sharding.device_set)).platform
+  default = jax.config.jax_default_device
+  if isinstance(default, str):
+    return default
+  return (default or jax.devices()[0]).platform
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Rows over (data, fsdp); other axes replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -37,7 +37,7 @@ import numpy as np
 
 from tim_jax import autoencoders
 from tim_jax.config import builders, config_base, official
-from tim_jax.core import hub, images, paths
+from tim_jax.core import hub, images, paths, sharding
 from tim_jax.core.errors import UserError
 from tim_jax.data import kinds
 from tim_jax.method import sampling
@@ -271,18 +271,6 @@ class SamplerSettings:
   last_step_noise: bool = True
 
 
-def _platform(params) -> str:
-  """The platform a jitted call on ``params`` runs on: that of a committed
-  array's devices, else the default device's (where jit puts the rest)."""
-  for leaf in jax.tree.leaves(params):
-    if isinstance(leaf, jax.Array) and leaf.committed:
-      return next(iter(leaf.sharding.device_set)).platform
-  default = jax.config.jax_default_device
-  if isinstance(default, str):
-    return default
-  return (default or jax.devices()[0]).platform
-
-
 class Pipeline:
   """A TiM model ready to sample: graph, weights, conditioning, decoder.
 
@@ -510,7 +498,7 @@ class Pipeline:
       last_step_noise,
     )
     params = self._params(params)
-    fn = self.compiled_sampler(settings, _platform(params))
+    fn = self.compiled_sampler(settings, sharding.platform_of(params))
     null = self.null_like(cond) if null is None else null
     rng = jax.random.key(0) if rng is None else rng
     call_id = next(_CALL_IDS)

@@ -30,10 +30,20 @@ def _params(state):
   ]
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-  straight = training.train_and_evaluate(
-    tiny_c2i(num_steps=6, every=3), str(tmp_path / "a")
-  )
+def test_resume_equals_uninterrupted(tmp_path, caplog):
+  with caplog.at_level("INFO"):
+    straight = training.train_and_evaluate(
+      tiny_c2i(num_steps=6, every=3), str(tmp_path / "a")
+    )
+  # The progress lines say where the loop's time went, part by part.
+  notes = [
+    r.getMessage()
+    for r in caplog.records
+    if "work unit notes" in r.getMessage()
+  ]
+  assert notes and "(6/6)" in notes[-1], notes
+  for part in ("data", "dispatch", "step", "checkpoint"):
+    assert re.search(rf"\d+\.\d% {part}\b", notes[-1]), (part, notes[-1])
   first = training.train_and_evaluate(
     tiny_c2i(num_steps=3, every=3), str(tmp_path / "b")
   )

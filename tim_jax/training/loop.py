@@ -254,11 +254,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       }
     )
   total = config.num_steps
-  hooks = [
-    periodic_actions.ReportProgress(
-      num_train_steps=total, writer=writer, every_steps=config.log_every
-    )
-  ]
+  # Progress (steps/s, ETA) and where the loop's time went: the share of
+  # each timed part below, cumulative, in every progress line of the log.
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=total, writer=writer, every_steps=config.log_every
+  )
+  hooks = [progress]
+  # Python's wall time in each part (no extra device syncs): with async
+  # dispatch the device's step shows in "step" (waiting on the previous
+  # step's metrics) and "dispatch" (when the queue is full).
+  timed = lambda name: progress.timed(name, wait_jax_async_dispatch=False)
   evals = evaluators.build(config, trainer)
   tracer = StepTracer(
     workdir, int(config.profile.first_step), int(config.profile.num_steps)
@@ -270,16 +275,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   t0 = time.time()
   try:
     while step < total:
-      batch = sharding.global_batch(
-        kinds.host_batch(config, trainer.conditioner, next(data_iter)),
-        trainer.mesh,
-      )
+      with timed("data"):
+        batch = sharding.global_batch(
+          kinds.host_batch(config, trainer.conditioner, next(data_iter)),
+          trainer.mesh,
+        )
       tracer.before(step + 1)
-      state, metrics = trainer.train_step(state, batch)
+      with timed("dispatch"):
+        state, metrics = trainer.train_step(state, batch)
       step += 1
       tracer.after(step, state)
       if pending is not None:
-        streak = int(pending["nonfinite_streak"])
+        with timed("step"):
+          streak = int(pending["nonfinite_streak"])
         if streak >= config.max_nonfinite_steps:
           raise NonFiniteError(
             _guard_stop_message(
@@ -291,17 +299,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       for hook in hooks:
         hook(step)
       if is_due(step, config.log_every, total):
-        summary = jax.device_get(accumulated)
-        accumulated = []
-        means = {k: float(np.mean([m[k] for m in summary])) for k in summary[0]}
-        means["nonfinite_total"] = float(summary[-1]["nonfinite_total"])
-        writer.write_scalars(step, means)
+        with timed("metrics"):
+          summary = jax.device_get(accumulated)
+          accumulated = []
+          means = {
+            k: float(np.mean([m[k] for m in summary])) for k in summary[0]
+          }
+          means["nonfinite_total"] = float(summary[-1]["nonfinite_total"])
+          writer.write_scalars(step, means)
       if is_due(step, config.sample.every, total):
-        write_sample_grids(trainer, state, step, workdir, writer)
+        with timed("grids"):
+          write_sample_grids(trainer, state, step, workdir, writer)
       for name, evaluator in evals.items():
         if is_due(step, evaluator.every, total):
           t_eval = time.time()
-          writer.write_scalars(step, evaluator(trainer, state))
+          with timed(name):
+            writer.write_scalars(step, evaluator(trainer, state))
           logging.info("evaluator %s took %.1f s", name, time.time() - t_eval)
       # The final step is always saved (checkpoint_every=0: only it).
       if step == total or is_due(step, config.checkpoint_every, total):
@@ -318,7 +331,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             streak_now,
           )
         else:
-          ckpt.save(step, state, data_iter, config_dict, force=True)
+          with timed("checkpoint"):
+            ckpt.save(step, state, data_iter, config_dict, force=True)
     streak = int(jax.device_get(state.nonfinite_streak))
     if streak >= config.max_nonfinite_steps:
       raise NonFiniteError(

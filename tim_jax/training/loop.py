@@ -296,8 +296,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           )
       pending = metrics
       accumulated.append(metrics)
-      for hook in hooks:
-        hook(step)
       if is_due(step, config.log_every, total):
         with timed("metrics"):
           summary = jax.device_get(accumulated)
@@ -333,6 +331,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         else:
           with timed("checkpoint"):
             ckpt.save(step, state, data_iter, config_dict, force=True)
+      # Last, so that a progress line counts this step's grids, evaluators
+      # and checkpoint.
+      for hook in hooks:
+        hook(step)
     streak = int(jax.device_get(state.nonfinite_streak))
     if streak >= config.max_nonfinite_steps:
       raise NonFiniteError(

@@ -687,8 +687,41 @@ def optimizer_roofline(config, devices) -> dict:
   )
 
 
-def roofline_breakdown(
+def _unrolled_roofline(
   config, devices, *, batch: int | None = None, caption_len: int = 128
+) -> dict:
+  """``extrapolated_roofline``'s figures from one compile of the whole
+  depth with every loop unrolled (exact, and minutes for deep models)."""
+  c = _variant(config, **{"model.scan_blocks": False})
+  row = compile_steps(
+    c,
+    devices,
+    batch=batch,
+    caption_len=caption_len,
+    sampler=False,
+    unroll_teacher=True,
+  )["rows"][0]
+  out = dict(
+    depth=int(config.model.network.depth),
+    roofline_seconds=row["roofline_seconds"],
+    model_flops=row["model_flops"],
+    while_loops=row["while_loops"],
+    compile_seconds=row["compile_seconds"],
+    collective_bytes={k: v["bytes"] for k, v in row["collectives"].items()},
+    copy_bytes=row["copies"]["bytes"],
+  )
+  if "cost_model_mfu_estimate" in row:
+    out["cost_model_mfu_estimate"] = row["cost_model_mfu_estimate"]
+  return out
+
+
+def roofline_breakdown(
+  config,
+  devices,
+  *,
+  batch: int | None = None,
+  caption_len: int = 128,
+  extrapolate: bool = True,
 ) -> dict:
   """Where the train step's roofline (cost-model estimate) goes, per part,
   from differences of extrapolated compiles (``extrapolated_roofline``:
@@ -717,6 +750,9 @@ def roofline_breakdown(
   inter-chip bandwidth; layout copies: bytes of ``copy``/``transpose``
   outside fusions, read and written, over HBM bandwidth; both are parts
   of the full step's time, not additional to it.
+
+  ``extrapolate=False`` compiles each variant once at its whole depth,
+  unrolled, instead (for small models: exact, no extrapolation).
 
   Every figure is libtpu's cost model, an estimate: neither a measured
   time nor a bound."""
@@ -768,7 +804,8 @@ def roofline_breakdown(
       if same:  # e.g. core is no_dde where there is no text or teacher.
         runs[name] = runs[same[0]]
         continue
-      runs[name] = extrapolated_roofline(
+      measure = extrapolated_roofline if extrapolate else _unrolled_roofline
+      runs[name] = measure(
         _variant(config, **changes),
         devices,
         batch=batch,
@@ -797,6 +834,7 @@ def roofline_breakdown(
   return dict(
     topology_kind=chip.kind,
     devices=chip.devices,
+    extrapolated=extrapolate,
     mesh=dict(config.mesh),
     batch=int(batch or config.batch_size),
     depth=ext["depth"],
@@ -830,8 +868,13 @@ def print_breakdown(rep: dict) -> None:
     f"\nwhere the train step's time goes on {rep['devices']} x "
     f"{rep['topology_kind']}, mesh {rep['mesh']}, batch {rep['batch']}: "
     "libtpu's cost model (estimates, not measurements or bounds), each "
-    f"variant extrapolated to depth {rep['depth']} from unrolled depths 1 "
-    f"and 2 ({rep['compile_seconds']:.0f} s of compiles)"
+    + (
+      f"variant extrapolated to depth {rep['depth']} from unrolled depths "
+      "1 and 2"
+      if rep["extrapolated"]
+      else f"variant compiled unrolled at depth {rep['depth']}"
+    )
+    + f" ({rep['compile_seconds']:.0f} s of compiles)"
   )
   print(f"  {'full step':34s} {full * 1e3:10.1f} ms  100.0 %{mfu_text}")
   how = dict(

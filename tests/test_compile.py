@@ -354,6 +354,10 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
           memory=dict(total=100 * d),
           xla_flops_per_device=5.0 * d,
           compile_seconds=1.0,
+          collectives={
+            k: dict(count=1, bytes=7 * d) for k in compile_lib.COLLECTIVES
+          },
+          copies=dict(count=1, bytes=3 * d),
         )
       ]
     }
@@ -371,6 +375,13 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
   assert ext["roofline_seconds"] == 10.0 and ext["model_flops"] == 100.0
   assert ext["xla_flops_per_device"] == 50.0 and ext["hbm_bytes"] == 500
   assert ext["per_block_seconds"] == 2.0 and ext["microbatches"] == 2
+  assert ext["collective_bytes"]["all-gather"] == 70 and ext["copy_bytes"] == 30
+  # Another step with the same blocks: depth 1 alone, their blocks reused.
+  seen.clear()
+  again = compile_lib.extrapolated_roofline(
+    c, devices, batch=64, blocks_from=ext
+  )
+  assert seen == [(1, 1, 32)] and again["roofline_seconds"] == 10.0
   with pytest.raises(ValueError, match="divide the batch"):
     compile_lib.extrapolated_roofline(c, devices, batch=63)
 

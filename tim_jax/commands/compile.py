@@ -538,8 +538,25 @@ def compile_steps(
   )
 
 
+def _figures(row: dict) -> dict:
+  """The figures of a compile that ``extrapolated_roofline`` grows."""
+  return dict(
+    model_flops=row["model_flops"],
+    roofline_seconds=row["roofline_seconds"],
+    xla_flops_per_device=row["xla_flops_per_device"],
+    hbm_bytes=row["memory"]["total"],
+    copy_bytes=row["copies"]["bytes"],
+    **{kind: row["collectives"][kind]["bytes"] for kind in COLLECTIVES},
+  )
+
+
 def extrapolated_roofline(
-  config, devices, *, batch: int | None = None, caption_len: int = 128
+  config,
+  devices,
+  *,
+  batch: int | None = None,
+  caption_len: int = 128,
+  blocks_from: dict | None = None,
 ) -> dict:
   """The train step's XLA cost at the config's depth, from two small
   unrolled compiles (depth 1 and 2: the per-block cost is their
@@ -552,7 +569,11 @@ def extrapolated_roofline(
   would take (argument and temp bytes grown the same way: a guide for
   choosing meshes; the full compile is the measurement), and the two
   compiles' seconds. With ``microbatches`` = k the two compiles run one
-  microbatch's rows in one pass and the time and FLOPs count k of them."""
+  microbatch's rows in one pass and the time and FLOPs count k of them.
+
+  ``blocks_from`` (another result of this function, for a step whose
+  blocks are the same, e.g. with a frozen encoder more or less) takes the
+  per-block figures from there and compiles depth 1 alone."""
   depth = int(config.model.network.depth)
   # XLA counts the microbatch loop's body once too: compile one
   # microbatch's rows in one pass (about the microbatched step's memory,
@@ -567,7 +588,7 @@ def extrapolated_roofline(
     )
   rows = total // k
   costs = []
-  for d in (1, 2):
+  for d in (1,) if blocks_from else (1, 2):
     c = config.copy_and_resolve_references()
     c.unlock()
     c.model.network.depth = d
@@ -585,26 +606,32 @@ def extrapolated_roofline(
     )["rows"][0]
     costs.append(row)
 
-  def grow(get, times=k):
-    return times * (
-      get(costs[0]) + (depth - 1) * (get(costs[1]) - get(costs[0]))
-    )
+  first = _figures(costs[0])
+  block = (
+    blocks_from["per_block"]
+    if blocks_from
+    else {n: v - first[n] for n, v in _figures(costs[1]).items()}
+  )
+  grown = {
+    n: (1 if n == "hbm_bytes" else k) * (v + (depth - 1) * block[n])
+    for n, v in first.items()
+  }
 
   chip = chip_info(devices)
-  model = grow(lambda r: r["model_flops"])
-  seconds = grow(lambda r: r["roofline_seconds"])
-  hbm = grow(lambda r: r["memory"]["total"], times=1)
+  model = grown["model_flops"]
+  seconds = grown["roofline_seconds"]
+  hbm = grown["hbm_bytes"]
   loops = max(r.get("while_loops", 0) for r in costs)
   out = dict(
     depth=depth,
     microbatches=k,
-    xla_flops_per_device=grow(lambda r: r["xla_flops_per_device"]),
+    xla_flops_per_device=grown["xla_flops_per_device"],
     hbm_bytes=hbm,
     hbm_fits=bool(hbm <= chip.hbm_per_device),
     roofline_seconds=seconds,
     model_flops=model,
-    per_block_seconds=k
-    * (costs[1]["roofline_seconds"] - costs[0]["roofline_seconds"]),
+    per_block_seconds=k * block["roofline_seconds"],
+    per_block=block,
     while_loops=loops,
     # "xla" (libtpu's optimal_seconds) or "flops_and_bytes" (XLA gave
     # none) for depths 1 and 2: figures from different sources differ.
@@ -612,11 +639,8 @@ def extrapolated_roofline(
     compile_seconds=sum(r["compile_seconds"] for r in costs),
     # Bytes per device of each collective kind and of the layout copies
     # outside fusions, grown to full depth the same way.
-    collective_bytes={
-      kind: grow(lambda r, kind=kind: r["collectives"][kind]["bytes"])
-      for kind in COLLECTIVES
-    },
-    copy_bytes=grow(lambda r: r["copies"]["bytes"]),
+    collective_bytes={kind: grown[kind] for kind in COLLECTIVES},
+    copy_bytes=grown["copy_bytes"],
   )
   if not loops:
     out["cost_model_mfu_estimate"] = mfu(model, seconds, chip)
@@ -751,6 +775,8 @@ def roofline_breakdown(
   outside fusions, read and written, over HBM bandwidth; both are parts
   of the full step's time, not additional to it.
 
+  ``no_text`` and ``no_teacher`` compile depth 1 alone and take the full
+  step's per-block figures (the encoders run outside TiM's blocks).
   ``extrapolate=False`` compiles each variant once at its whole depth,
   unrolled, instead (for small models: exact, no extrapolation).
 
@@ -804,13 +830,13 @@ def roofline_breakdown(
       if same:  # e.g. core is no_dde where there is no text or teacher.
         runs[name] = runs[same[0]]
         continue
+      kw = dict(batch=batch, caption_len=caption_len)
+      if extrapolate and name in ("no_text", "no_teacher"):
+        # A frozen encoder runs outside TiM's blocks: their per-block cost
+        # is the full step's, and depth 1 alone gives the difference.
+        kw["blocks_from"] = runs["full"]
       measure = extrapolated_roofline if extrapolate else _unrolled_roofline
-      runs[name] = measure(
-        _variant(config, **changes),
-        devices,
-        batch=batch,
-        caption_len=caption_len,
-      )
+      runs[name] = measure(_variant(config, **changes), devices, **kw)
       print(
         f"  variant {name}: {runs[name]['roofline_seconds'] * 1e3:.1f} ms "
         f"(compiled in {runs[name]['compile_seconds']:.0f} s)",
@@ -1570,7 +1596,7 @@ def define_flags(fv) -> None:
     "Instead: where the train step's roofline (cost-model estimate) goes, "
     "per part (TiM, DDE target, text encoder, REPA teacher, optimizer + "
     "EMA, collectives, layout copies), from differences of extrapolated "
-    "compiles of variants of the step (minutes: about ten compiles).",
+    "compiles of variants of the step (minutes: up to nine compiles).",
     flag_values=fv,
   )
   flags.DEFINE_bool(

@@ -354,6 +354,10 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
           memory=dict(total=100 * d),
           xla_flops_per_device=5.0 * d,
           compile_seconds=1.0,
+          collectives={
+            k: dict(count=1, bytes=7 * d) for k in compile_lib.COLLECTIVES
+          },
+          copies=dict(count=1, bytes=3 * d),
         )
       ]
     }
@@ -371,6 +375,13 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
   assert ext["roofline_seconds"] == 10.0 and ext["model_flops"] == 100.0
   assert ext["xla_flops_per_device"] == 50.0 and ext["hbm_bytes"] == 500
   assert ext["per_block_seconds"] == 2.0 and ext["microbatches"] == 2
+  assert ext["collective_bytes"]["all-gather"] == 70 and ext["copy_bytes"] == 30
+  # Another step with the same blocks: depth 1 alone, their blocks reused.
+  seen.clear()
+  again = compile_lib.extrapolated_roofline(
+    c, devices, batch=64, blocks_from=ext
+  )
+  assert seen == [(1, 1, 32)] and again["roofline_seconds"] == 10.0
   with pytest.raises(ValueError, match="divide the batch"):
     compile_lib.extrapolated_roofline(c, devices, batch=63)
 
@@ -587,3 +598,76 @@ def test_sample_flag_writes_the_report(tmp_path, capsys):
   assert "--sample compiles sampling alone" in capsys.readouterr().err
   assert cli.call(compile_lib, args[:2] + ["--height=32"]) == 2
   assert "are for --sample" in capsys.readouterr().err
+
+
+def test_layout_copy_parsing():
+  hlo = "\n".join(
+    [
+      "%fused_computation.1 (param_0: f32[8,4]) -> f32[4,8] {",
+      "  %param_0 = f32[8,4]{1,0} parameter(0)",
+      "  ROOT %t = f32[4,8]{1,0} transpose(%param_0), dimensions={1,0}",
+      "}",
+      "",
+      "ENTRY %main.1_spmd (p: f32[8,4]) -> f32[4,8] {",
+      "  %a = f32[8,4]{0,1} copy(%p)",
+      "  %b = bf16[4,8]{1,0} transpose(%a), dimensions={1,0}",
+      "  %c = f32[64]{0:T(128)S(1)} copy(%q)",  # A prefetch on chip.
+      "  %d = f32[16]{0} fusion(%p), kind=kLoop, calls=%fused_computation.1",
+      "  %copy_bitcast_fusion.2 = f32[2,2]{1,0} fusion(%p), kind=kLoop",
+      "  ROOT %e = f32[4,8]{1,0} add(%b, %b)",
+      "}",
+    ]
+  )
+  # The fused transpose, the prefetch and the arithmetic fusion do not
+  # count; a fusion of a copy does.
+  assert compile_lib.layout_copies(hlo) == dict(
+    count=3, bytes=8 * 4 * 4 + 4 * 8 * 2 + 2 * 2 * 4
+  )
+  chip = compile_lib.chip_info(compile_lib.topology_devices(TOPOLOGY))
+  assert chip.ici_per_device == 400e9  # v5e: 400 GB/s per chip.
+
+
+def test_breakdown_of_a_small_step(devices, capsys):
+  # Unrolled depth 1 (no extrapolation: exact and three compiles); the
+  # shapes t2i model has neither a text encoder nor a REPA teacher.
+  c = tiny(depth=1, data=4)
+  rep = compile_lib.roofline_breakdown(c, devices, extrapolate=False)
+  parts = rep["parts"]
+  assert parts["text_encoder"] is None and parts["repa_teacher"] is None
+  assert parts["dde_target_forwards"] > 0  # Two more forwards of some rows.
+  assert parts["tim_forward_backward"] > parts["dde_target_forwards"]
+  assert parts["optimizer_and_ema"] > 0
+  # Without encoders the core step is the flow-matching one, so the parts
+  # add up to the full step (the cost model's interactions live in the
+  # differences of larger configs).
+  assert rep["sum_of_parts"] == pytest.approx(rep["full_seconds"], rel=1e-6)
+  # The update reads params, the gradient, AdamW's two moments and the EMA
+  # and writes four of them, all float32: at least that much HBM traffic.
+  params = float32_parameter_bytes(c)
+  chip = compile_lib.chip_info(devices)
+  floor = 9 * params / chip.devices / chip.bandwidth_per_device
+  assert parts["optimizer_and_ema"] >= 0.5 * floor
+  # Data parallel: the gradients are all-reduced (some of them fused into
+  # narrower or shared buffers: at least half their float32 bytes).
+  assert rep["collective_bytes"]["all-reduce"] >= 0.5 * params
+  assert rep["collective_seconds"]["all-reduce"] > 0
+  assert rep["copy_bytes"] >= 0
+  compile_lib.print_breakdown(rep)
+  out = capsys.readouterr().out
+  assert "libtpu's cost model (estimates, not measurements or bounds)" in out
+  assert "absent" in out and "(difference)" in out
+  assert "upper bound" not in out
+
+
+def test_breakdown_flag_errors_are_one_line(capsys):
+  from tim_jax.commands import cli
+
+  base = [f"--config={ROOT}/configs/c2i.py", "--breakdown"]
+  for extra, says in (
+    (["--topology=v5e:2x2", "--sweep"], "--breakdown compiles its own"),
+    (["--topology=h100x8"], "--breakdown is for TPU topologies"),
+  ):
+    assert cli.call(compile_lib, base + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err
+    assert len(err.strip().splitlines()) == 1

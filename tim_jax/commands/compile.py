@@ -91,6 +91,14 @@ CHIPS = {
   "TPU v5": (95 * GIB, 2.765e12),  # v5p
   "TPU v6 lite": (32 * GIB, 1.64e12),
 }
+# Per chip, bidirectional inter-chip interconnect bytes/s, from Cloud TPU's
+# system architecture pages (docs.cloud.google.com/tpu/docs/v5e, v5p, v6e);
+# v4's page gives no figure in bytes/s, so none here.
+ICI = {
+  "TPU v5 lite": 400e9,
+  "TPU v5": 1200e9,
+  "TPU v6 lite": 800e9,
+}
 COLLECTIVES = (
   "all-reduce",
   "all-gather",
@@ -168,6 +176,7 @@ class Chip:
   hbm_per_device: float
   peak_per_device: float
   bandwidth_per_device: float
+  ici_per_device: float = float("nan")
 
 
 def chip_info(devices) -> Chip:
@@ -187,6 +196,7 @@ def chip_info(devices) -> Chip:
     hbm / per_chip,
     peak / per_chip,
     bandwidth / per_chip,
+    ICI.get(kind, float("nan")) / per_chip,
   )
 
 
@@ -211,6 +221,40 @@ def collectives(hlo_text: str) -> dict[str, dict]:
         max(sizes) if m.group("start") else sum(sizes)
       )
   return out
+
+
+_COPY = re.compile(r"\s(?P<op>copy|transpose|copy-start|fusion)\(")
+# A fusion that only moves data (its name starts with what it fuses).
+_COPY_FUSION = re.compile(r"%(copy|transpose)[\w\-]*fusion")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+
+
+def layout_copies(hlo_text: str) -> dict:
+  """Count and result bytes of the ``copy`` and ``transpose`` instructions
+  of optimized HLO outside fusions (a fused transpose does not pass through
+  HBM on its own), leaving out copies into another memory space (``S(n)``
+  in the result's layout: the compiler's prefetches into on-chip memory):
+  the layout changes the step pays in HBM traffic."""
+  count, nbytes, fused = 0, 0, False
+  for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and not line.startswith(" "):
+      fused = "fused" in head.group("name") or "fusion" in head.group("name")
+      continue
+    head, eq, rest = line.partition(" = ")
+    m = _COPY.search(rest) if eq and not fused else None
+    if m is None or "S(" in rest[: m.start()]:
+      continue
+    if m.group("op") == "fusion" and not _COPY_FUSION.search(head):
+      continue
+    sizes = [
+      _DTYPE_BYTES.get(t, 4)
+      * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+      for t, dims in _SHAPE.findall(rest[: m.start()])
+    ]
+    count += 1
+    nbytes += max(sizes, default=0)
+  return dict(count=count, bytes=nbytes)
 
 
 class DoesNotFit(RuntimeError):
@@ -293,6 +337,7 @@ def _report(
     roofline_seconds=seconds,
     roofline_source=source,
     collectives=collectives(text),
+    copies=layout_copies(text),
     hlo_chars=len(text),
     while_loops=loops,
   )
@@ -367,6 +412,14 @@ def compile_steps(
   mc = trainer.model_config
   b = c.batch_size
   host = kinds.synthetic_batch(c, 1, caption_len=caption_len)
+  key = c.loss_extras.repa_feature_key
+  if key and key not in host:
+    # Precomputed REPA targets (roofline_breakdown: the step without its
+    # teacher), one per token of the model's patch grid.
+    side = c.data.image_size // mc.patch_size
+    host[key] = np.zeros(
+      (1, side * side, int(c.model.network.z_dim)), np.float32
+    )
   batch_sds = {
     k: jax.ShapeDtypeStruct(
       (b,) + v.shape[1:],
@@ -485,8 +538,25 @@ def compile_steps(
   )
 
 
+def _figures(row: dict) -> dict:
+  """The figures of a compile that ``extrapolated_roofline`` grows."""
+  return dict(
+    model_flops=row["model_flops"],
+    roofline_seconds=row["roofline_seconds"],
+    xla_flops_per_device=row["xla_flops_per_device"],
+    hbm_bytes=row["memory"]["total"],
+    copy_bytes=row["copies"]["bytes"],
+    **{kind: row["collectives"][kind]["bytes"] for kind in COLLECTIVES},
+  )
+
+
 def extrapolated_roofline(
-  config, devices, *, batch: int | None = None, caption_len: int = 128
+  config,
+  devices,
+  *,
+  batch: int | None = None,
+  caption_len: int = 128,
+  blocks_from: dict | None = None,
 ) -> dict:
   """The train step's XLA cost at the config's depth, from two small
   unrolled compiles (depth 1 and 2: the per-block cost is their
@@ -499,7 +569,11 @@ def extrapolated_roofline(
   would take (argument and temp bytes grown the same way: a guide for
   choosing meshes; the full compile is the measurement), and the two
   compiles' seconds. With ``microbatches`` = k the two compiles run one
-  microbatch's rows in one pass and the time and FLOPs count k of them."""
+  microbatch's rows in one pass and the time and FLOPs count k of them.
+
+  ``blocks_from`` (another result of this function, for a step whose
+  blocks are the same, e.g. with a frozen encoder more or less) takes the
+  per-block figures from there and compiles depth 1 alone."""
   depth = int(config.model.network.depth)
   # XLA counts the microbatch loop's body once too: compile one
   # microbatch's rows in one pass (about the microbatched step's memory,
@@ -514,7 +588,7 @@ def extrapolated_roofline(
     )
   rows = total // k
   costs = []
-  for d in (1, 2):
+  for d in (1,) if blocks_from else (1, 2):
     c = config.copy_and_resolve_references()
     c.unlock()
     c.model.network.depth = d
@@ -532,35 +606,333 @@ def extrapolated_roofline(
     )["rows"][0]
     costs.append(row)
 
-  def grow(get, times=k):
-    return times * (
-      get(costs[0]) + (depth - 1) * (get(costs[1]) - get(costs[0]))
-    )
+  first = _figures(costs[0])
+  block = (
+    blocks_from["per_block"]
+    if blocks_from
+    else {n: v - first[n] for n, v in _figures(costs[1]).items()}
+  )
+  grown = {
+    n: (1 if n == "hbm_bytes" else k) * (v + (depth - 1) * block[n])
+    for n, v in first.items()
+  }
 
   chip = chip_info(devices)
-  model = grow(lambda r: r["model_flops"])
-  seconds = grow(lambda r: r["roofline_seconds"])
-  hbm = grow(lambda r: r["memory"]["total"], times=1)
+  model = grown["model_flops"]
+  seconds = grown["roofline_seconds"]
+  hbm = grown["hbm_bytes"]
   loops = max(r.get("while_loops", 0) for r in costs)
   out = dict(
     depth=depth,
     microbatches=k,
-    xla_flops_per_device=grow(lambda r: r["xla_flops_per_device"]),
+    xla_flops_per_device=grown["xla_flops_per_device"],
     hbm_bytes=hbm,
     hbm_fits=bool(hbm <= chip.hbm_per_device),
     roofline_seconds=seconds,
     model_flops=model,
-    per_block_seconds=k
-    * (costs[1]["roofline_seconds"] - costs[0]["roofline_seconds"]),
+    per_block_seconds=k * block["roofline_seconds"],
+    per_block=block,
     while_loops=loops,
     # "xla" (libtpu's optimal_seconds) or "flops_and_bytes" (XLA gave
     # none) for depths 1 and 2: figures from different sources differ.
     roofline_sources=[r.get("roofline_source", "xla") for r in costs],
     compile_seconds=sum(r["compile_seconds"] for r in costs),
+    # Bytes per device of each collective kind and of the layout copies
+    # outside fusions, grown to full depth the same way.
+    collective_bytes={kind: grown[kind] for kind in COLLECTIVES},
+    copy_bytes=grown["copy_bytes"],
   )
   if not loops:
     out["cost_model_mfu_estimate"] = mfu(model, seconds, chip)
   return out
+
+
+BREAKDOWN_PARTS = (
+  "tim_forward_backward",
+  "dde_target_forwards",
+  "text_encoder",
+  "repa_teacher",
+  "optimizer_and_ema",
+)
+
+
+def _variant(config, **changes):
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  for key, value in changes.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+def optimizer_roofline(config, devices) -> dict:
+  """The roofline (cost-model estimate) of the step's update alone:
+  AdamW, the EMA and the non-finite guard (``Trainer.apply_gradients``)
+  on parameter-shaped, parameter-sharded gradients, at the config's full
+  depth (no loop: the update is elementwise over every parameter)."""
+  from tim_jax import training  # pylint: disable=g-import-not-at-top
+  from tim_jax.core import sharding  # pylint: disable=g-import-not-at-top
+
+  # Frozen encoders do not enter the update: leave them out of the build.
+  c = _variant(config, **{"loss_extras.repa_encoder": "none"})
+  c.unlock()
+  if c.data.name == "captions":
+    c.data.name = "shapes"
+  c.lock()
+  chip = chip_info(devices)
+  mesh = sharding.make_mesh(dict(c.mesh), devices=devices)
+  trainer = training.Trainer(c, mesh, abstract=True)
+  state = trainer.abstract_with_shardings()
+  scalar = jax.ShapeDtypeStruct(
+    (), jnp.float32, sharding=sharding.replicated(mesh)
+  )
+  fn = jax.jit(
+    lambda state, grads, loss, mse: trainer.apply_gradients(
+      state, loss, dict(mse_loss=mse), grads
+    ),
+    donate_argnums=0,
+    out_shardings=(trainer.state_shardings, sharding.replicated(mesh)),
+  )
+  t0 = time.perf_counter()
+  lowered = fn.lower(state, state.params, scalar, scalar)
+  t1 = time.perf_counter()
+  compiled = _compile(lowered, "optimizer update", chip)
+  return _report(
+    "optimizer_and_ema",
+    compiled,
+    t1 - t0,
+    time.perf_counter() - t1,
+    chip,
+    None,
+  )
+
+
+def _unrolled_roofline(
+  config, devices, *, batch: int | None = None, caption_len: int = 128
+) -> dict:
+  """``extrapolated_roofline``'s figures from one compile of the whole
+  depth with every loop unrolled (exact, and minutes for deep models)."""
+  c = _variant(config, **{"model.scan_blocks": False})
+  row = compile_steps(
+    c,
+    devices,
+    batch=batch,
+    caption_len=caption_len,
+    sampler=False,
+    unroll_teacher=True,
+  )["rows"][0]
+  out = dict(
+    depth=int(config.model.network.depth),
+    roofline_seconds=row["roofline_seconds"],
+    model_flops=row["model_flops"],
+    while_loops=row["while_loops"],
+    compile_seconds=row["compile_seconds"],
+    collective_bytes={k: v["bytes"] for k, v in row["collectives"].items()},
+    copy_bytes=row["copies"]["bytes"],
+  )
+  if "cost_model_mfu_estimate" in row:
+    out["cost_model_mfu_estimate"] = row["cost_model_mfu_estimate"]
+  return out
+
+
+def roofline_breakdown(
+  config,
+  devices,
+  *,
+  batch: int | None = None,
+  caption_len: int = 128,
+  extrapolate: bool = True,
+) -> dict:
+  """Where the train step's roofline (cost-model estimate) goes, per part,
+  from differences of extrapolated compiles (``extrapolated_roofline``:
+  unrolled depths 1 and 2, so that no loop hides blocks) of variants of
+  the same step:
+
+  * ``full``: the config's step;
+  * ``no_dde``: flow matching only (``loss.diffusion_ratio=1``,
+    ``consistency_ratio=0``: no derivative target, so none of its extra
+    forwards);
+  * ``no_text`` (captions configs): the caption features given in the
+    batch instead of Gemma-3 encoding them in the step;
+  * ``no_teacher`` (configs with REPA's teacher in the step): the REPA
+    targets given in the batch (``loss_extras.repa_feature_key``; the
+    projector and its loss stay);
+  * ``core``: all of those at once (TiM's forward and backward with flow
+    matching, and the update);
+
+  and the update alone (``optimizer_roofline``). The parts: DDE target's
+  forwards = full - no_dde, text encoder = full - no_text, REPA teacher =
+  full - no_teacher (differences), optimizer and EMA (its own compile),
+  TiM forward + backward = core - optimizer (a difference); a part the
+  config does not have is None. ``sum_of_parts`` beside ``full`` shows how
+  far the parts interact (the cost model is not additive). Collectives:
+  bytes per device of each kind in the full step's HLO over the chip's
+  inter-chip bandwidth; layout copies: bytes of ``copy``/``transpose``
+  outside fusions, read and written, over HBM bandwidth; both are parts
+  of the full step's time, not additional to it.
+
+  ``no_text`` and ``no_teacher`` compile depth 1 alone and take the full
+  step's per-block figures (the encoders run outside TiM's blocks).
+  ``extrapolate=False`` compiles each variant once at its whole depth,
+  unrolled, instead (for small models: exact, no extrapolation).
+
+  Every figure is libtpu's cost model, an estimate: neither a measured
+  time nor a bound."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  from tim_jax.encoders import radio  # pylint: disable=g-import-not-at-top
+
+  loss = config.loss
+  has_dde = not (loss.diffusion_ratio >= 1.0 and loss.consistency_ratio == 0)
+  if has_dde and loss.derivative != "dde":
+    raise UserError(
+      f"--breakdown: loss.derivative={loss.derivative!r}; the breakdown's "
+      "DDE row is for loss.derivative=dde"
+    )
+  has_text = config.data.name == "captions"
+  has_teacher = config.loss_extras.get("repa_encoder", "none") != "none"
+  fm = {"loss.diffusion_ratio": 1.0, "loss.consistency_ratio": 0.0}
+  teacher_off = {}
+  if has_teacher:
+    teacher_off = {
+      "loss_extras.repa_encoder": "none",
+      "loss_extras.repa_feature_key": "repa_features",
+      "model.network.z_dim": radio.random_encoder(abstract=True).dim,
+    }
+  chip = chip_info(devices)
+  with tempfile.TemporaryDirectory() as tmp:
+    text_off = {}
+    if has_text:
+      # A latent t2i dataset's null caption, as the data would give it.
+      null = os.path.join(tmp, "null_caption.npy")
+      np.save(
+        null,
+        np.zeros(
+          (caption_len, int(config.model.network.cap_feat_dim)), np.float32
+        ),
+      )
+      text_off = {"data.name": "latents", "data.null_caption_features": null}
+    variants = {"full": {}}
+    if has_dde:
+      variants["no_dde"] = fm
+    if has_text:
+      variants["no_text"] = text_off
+    if has_teacher:
+      variants["no_teacher"] = teacher_off
+    variants["core"] = {**fm, **text_off, **teacher_off}
+    runs = {}
+    for name, changes in variants.items():
+      same = [k for k, v in variants.items() if k in runs and v == changes]
+      if same:  # e.g. core is no_dde where there is no text or teacher.
+        runs[name] = runs[same[0]]
+        continue
+      kw = dict(batch=batch, caption_len=caption_len)
+      if extrapolate and name in ("no_text", "no_teacher"):
+        # A frozen encoder runs outside TiM's blocks: their per-block cost
+        # is the full step's, and depth 1 alone gives the difference.
+        kw["blocks_from"] = runs["full"]
+      measure = extrapolated_roofline if extrapolate else _unrolled_roofline
+      runs[name] = measure(_variant(config, **changes), devices, **kw)
+      print(
+        f"  variant {name}: {runs[name]['roofline_seconds'] * 1e3:.1f} ms "
+        f"(compiled in {runs[name]['compile_seconds']:.0f} s)",
+        flush=True,
+      )
+  opt = optimizer_roofline(config, devices)
+  seconds = {k: v["roofline_seconds"] for k, v in runs.items()}
+  full = seconds["full"]
+  parts = dict(
+    tim_forward_backward=seconds["core"] - opt["roofline_seconds"],
+    dde_target_forwards=full - seconds["no_dde"] if has_dde else None,
+    text_encoder=full - seconds["no_text"] if has_text else None,
+    repa_teacher=full - seconds["no_teacher"] if has_teacher else None,
+    optimizer_and_ema=opt["roofline_seconds"],
+  )
+  total = sum(v for v in parts.values() if v is not None)
+  ext = runs["full"]
+  collective_seconds = {
+    k: v / chip.ici_per_device for k, v in ext["collective_bytes"].items()
+  }
+  return dict(
+    topology_kind=chip.kind,
+    devices=chip.devices,
+    extrapolated=extrapolate,
+    mesh=dict(config.mesh),
+    batch=int(batch or config.batch_size),
+    depth=ext["depth"],
+    full_seconds=full,
+    sum_of_parts=total,
+    parts=parts,
+    variant_seconds=seconds,
+    model_flops=ext["model_flops"],
+    cost_model_mfu_estimate=ext.get("cost_model_mfu_estimate"),
+    collective_bytes=ext["collective_bytes"],
+    collective_seconds=collective_seconds,
+    copy_bytes=ext["copy_bytes"],
+    copy_seconds=2 * ext["copy_bytes"] / chip.bandwidth_per_device,
+    ici_bytes_per_second=chip.ici_per_device,
+    compile_seconds=sum(
+      r["compile_seconds"] for r in {id(r): r for r in runs.values()}.values()
+    )
+    + opt["compile_seconds"],
+  )
+
+
+def print_breakdown(rep: dict) -> None:
+  """The lines of a ``roofline_breakdown`` report."""
+  full = rep["full_seconds"]
+  mfu_text = (
+    f", cost-model MFU estimate {rep['cost_model_mfu_estimate']:.1%}"
+    if rep.get("cost_model_mfu_estimate")
+    else ""
+  )
+  print(
+    f"\nwhere the train step's time goes on {rep['devices']} x "
+    f"{rep['topology_kind']}, mesh {rep['mesh']}, batch {rep['batch']}: "
+    "libtpu's cost model (estimates, not measurements or bounds), each "
+    + (
+      f"variant extrapolated to depth {rep['depth']} from unrolled depths "
+      "1 and 2"
+      if rep["extrapolated"]
+      else f"variant compiled unrolled at depth {rep['depth']}"
+    )
+    + f" ({rep['compile_seconds']:.0f} s of compiles)"
+  )
+  print(f"  {'full step':34s} {full * 1e3:10.1f} ms  100.0 %{mfu_text}")
+  how = dict(
+    tim_forward_backward="core - optimizer (difference)",
+    dde_target_forwards="full - no_dde (difference)",
+    text_encoder="full - no_text (difference)",
+    repa_teacher="full - no_teacher (difference)",
+    optimizer_and_ema="its own compile",
+  )
+  for name in BREAKDOWN_PARTS:
+    v = rep["parts"][name]
+    if v is None:
+      print(f"  {name:34s} {'absent':>10s}")
+      continue
+    print(f"  {name:34s} {v * 1e3:10.1f} ms {v / full:6.1%}  ({how[name]})")
+  print(
+    f"  {'sum of the parts':34s} {rep['sum_of_parts'] * 1e3:10.1f} ms "
+    f"{rep['sum_of_parts'] / full:6.1%}  (the rest: the parts interact)"
+  )
+  print("  inside the full step (not additional to the rows above):")
+  for kind, b in rep["collective_bytes"].items():
+    if b:
+      print(
+        f"    {kind:32s} {b / 2**20:10.1f} MiB per device = "
+        f"{rep['collective_seconds'][kind] * 1e3:8.1f} ms at "
+        f"{rep['ici_bytes_per_second'] / 1e9:.0f} GB/s inter-chip"
+      )
+  print(
+    f"    {'layout copies (copy, transpose)':32s} "
+    f"{rep['copy_bytes'] / 2**20:10.1f} MiB per device = "
+    f"{rep['copy_seconds'] * 1e3:8.1f} ms read + written at HBM bandwidth"
+  )
 
 
 def _nbytes(tree) -> int:
@@ -1067,6 +1439,15 @@ def _main(f, args) -> None:
       raise UserError(
         f"--autoencoder_config={f.autoencoder_config}: {e}"
       ) from None
+  if f.breakdown and (f.sample or f.sweep or f.extrapolate):
+    raise UserError(
+      "--breakdown compiles its own variants of the train step: drop "
+      "--sample/--sweep/--extrapolate"
+    )
+  if f.breakdown and gpu_compile.is_gpu_topology(f.topology):
+    raise UserError(
+      "--breakdown is for TPU topologies (it reads libtpu's cost model)"
+    )
   if f.extrapolate and gpu_compile.is_gpu_topology(f.topology):
     raise UserError(
       "--extrapolate is for TPU topologies: on a GPU node the roofline "
@@ -1076,7 +1457,13 @@ def _main(f, args) -> None:
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
 
   config = config_base.flag_config(f)
-  if f.sample:
+  if f.breakdown:
+    result = roofline_breakdown(
+      config, devices, batch=f.batch_size, caption_len=f.caption_len
+    )
+    result["topology"] = f.topology
+    print_breakdown(result)
+  elif f.sample:
     result = compile_sampling(
       config,
       devices,
@@ -1201,6 +1588,15 @@ def define_flags(fv) -> None:
     "the train step's roofline at full depth from unrolled "
     "depth-1 and depth-2 compiles; trustworthy where XLA "
     "counts scanned blocks once.",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "breakdown",
+    False,
+    "Instead: where the train step's roofline (cost-model estimate) goes, "
+    "per part (TiM, DDE target, text encoder, REPA teacher, optimizer + "
+    "EMA, collectives, layout copies), from differences of extrapolated "
+    "compiles of variants of the step (minutes: up to nine compiles).",
     flag_values=fv,
   )
   flags.DEFINE_bool(

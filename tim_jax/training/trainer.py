@@ -269,11 +269,22 @@ class Trainer:
 
     Returns the new state and the step's metrics (device arrays).
     """
-    config = self.config
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     loss, metrics, grads = self.gradients(
       state.params, state.ema, batch, key, frozen
     )
+    return self.apply_gradients(state, loss, metrics, grads)
+
+  def apply_gradients(
+    self,
+    state: TrainState,
+    loss: jax.Array,
+    metrics: dict[str, jax.Array],
+    grads: nnx.State,
+  ) -> tuple[TrainState, dict]:
+    """The step after the gradients: AdamW, the EMA and the non-finite
+    guard (see ``step``); returns the new state and the metrics."""
+    config = self.config
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

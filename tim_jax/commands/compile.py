@@ -550,6 +550,19 @@ def _figures(row: dict) -> dict:
   )
 
 
+def _variant(config, **changes):
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  for key, value in changes.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
 def extrapolated_roofline(
   config,
   devices,
@@ -589,13 +602,15 @@ def extrapolated_roofline(
   rows = total // k
   costs = []
   for d in (1,) if blocks_from else (1, 2):
-    c = config.copy_and_resolve_references()
-    c.unlock()
-    c.model.network.depth = d
-    c.model.network.encoder_depth = 1
-    c.model.scan_blocks = False
-    c.microbatches = 1
-    c.lock()
+    c = _variant(
+      config,
+      **{
+        "model.network.depth": d,
+        "model.network.encoder_depth": 1,
+        "model.scan_blocks": False,
+        "microbatches": 1,
+      },
+    )
     row = compile_steps(
       c,
       devices,
@@ -654,19 +669,6 @@ BREAKDOWN_PARTS = (
   "repa_teacher",
   "optimizer_and_ema",
 )
-
-
-def _variant(config, **changes):
-  c = config.copy_and_resolve_references()
-  c.unlock()
-  for key, value in changes.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  c.lock()
-  return c
 
 
 def optimizer_roofline(config, devices) -> dict:

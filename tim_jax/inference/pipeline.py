@@ -21,9 +21,7 @@ compile once and use the same code as the sampling command.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-import contextlib
 import dataclasses
-import functools
 import itertools
 import os
 import threading
@@ -422,37 +420,29 @@ class Pipeline:
     with self._samplers_lock:
       if key not in self._samplers:
         graphdef, transport = self.graphdef, self.transport
-        forms = (
-          contextlib.nullcontext
-          if platform is None
-          else functools.partial(layers.forms_for, platform)
-        )
 
         def run(params, noise, cond, null, rng, call_id, step_noise=None):
           model = nnx.merge(graphdef, params)
-          with forms():
-            return _sample(model, noise, cond, null, rng, call_id, step_noise)
-
-        def _sample(model, noise, cond, null, rng, call_id, step_noise):
-          return sampling.sample(
-            lambda x, t, r, y: model(x, t, r, y),
-            noise,
-            cond,
-            null,
-            transport=transport,
-            num_steps=settings.num_steps,
-            cfg_scale=settings.cfg_scale,
-            guidance_interval=settings.guidance_interval,
-            stochasticity=settings.stochasticity,
-            rng=rng,
-            mode=settings.mode,
-            progress=_report if settings.with_progress else None,
-            progress_tag=call_id if settings.with_progress else None,
-            T_max=settings.T_max,
-            T_min=settings.T_min,
-            step_noise=step_noise,
-            last_step_noise=settings.last_step_noise,
-          )
+          with layers.forms_for(platform):
+            return sampling.sample(
+              lambda x, t, r, y: model(x, t, r, y),
+              noise,
+              cond,
+              null,
+              transport=transport,
+              num_steps=settings.num_steps,
+              cfg_scale=settings.cfg_scale,
+              guidance_interval=settings.guidance_interval,
+              stochasticity=settings.stochasticity,
+              rng=rng,
+              mode=settings.mode,
+              progress=_report if settings.with_progress else None,
+              progress_tag=call_id if settings.with_progress else None,
+              T_max=settings.T_max,
+              T_min=settings.T_min,
+              step_noise=step_noise,
+              last_step_noise=settings.last_step_noise,
+            )
 
         self._samplers[key] = jax.jit(run)
       return self._samplers[key]

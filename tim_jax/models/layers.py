@@ -46,10 +46,11 @@ _PLATFORM = threading.local()
 
 
 @contextlib.contextmanager
-def forms_for(platform: str) -> Iterator[None]:
+def forms_for(platform: str | None) -> Iterator[None]:
   """Layers traced inside this context take the form that ``platform``
   (``"cpu"``, ``"tpu"``, ``"gpu"``: the platform of the devices the program
-  is lowered for) runs fastest. Outside it they trace every form and the
+  is lowered for) runs fastest; ``None`` (platform unknown) and outside
+  any such context they trace every form and the
   choice is made at lowering (``jax.lax.platform_dependent``): right for any
   platform, but each LayerNorm and attention is then traced and
   differentiated twice (the default T2I train step: trace and lower 5 s

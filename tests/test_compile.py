@@ -2,6 +2,7 @@
 this CPU host (libtpu's compiler through jax.experimental.topologies); the
 memory report and the collectives follow from the mesh."""
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -13,7 +14,14 @@ import pytest
 from tim_jax.commands import compile as compile_lib
 from tim_jax.config import config_base
 
-pytestmark = [pytest.mark.tpu_compile, pytest.mark.slow]
+pytestmark = [
+  pytest.mark.tpu_compile,
+  pytest.mark.slow,
+  # One worker: tests that compile the same program share it
+  # (compile_lib keeps a process's compiled programs), the module's
+  # fixtures are built once.
+  pytest.mark.xdist_group("tpu_compile"),
+]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5e:2x2"  # Four v5e chips.
@@ -64,7 +72,6 @@ def test_topology_and_chip(devices):
   assert chip.hbm_per_device == 16 * 2**30
 
 
-@pytest.mark.xdist_group("compile_reports")  # One fixture for both.
 def test_collectives_follow_the_mesh(reports):
   data = reports["data"]["rows"][0]["collectives"]
   fsdp = reports["fsdp"]["rows"][0]["collectives"]
@@ -77,7 +84,6 @@ def test_collectives_follow_the_mesh(reports):
   assert fsdp["all-gather"]["count"] + fsdp["reduce-scatter"]["count"] > 0
 
 
-@pytest.mark.xdist_group("compile_reports")  # One fixture for both.
 def test_memory_report_follows_the_mesh(reports):
   data, fsdp = (reports[k]["rows"][0] for k in ("data", "fsdp"))
   for row in (data, fsdp):
@@ -228,8 +234,34 @@ class _Refused:
   def __init__(self, message):
     self.message = message
 
+  def as_text(self):
+    return f"module @refused_{hash(self.message)}"
+
   def compile(self):
     raise jax.errors.JaxRuntimeError(self.message)
+
+
+def test_a_program_compiles_once_per_process(devices):
+  # libtpu's compile-only executables do not come back from JAX's
+  # persistent cache; the command keeps its own, keyed by the program.
+  chip = compile_lib.chip_info(devices)
+  calls = []
+
+  class Counting:
+    def as_text(self):
+      return "module @memo_test { func.func public @main() { return } }"
+
+    def compile(self):
+      calls.append(1)
+      return "compiled"
+
+  first = compile_lib._compile(Counting(), "x", chip)  # pylint: disable=protected-access
+  again = compile_lib._compile(Counting(), "x", chip)  # pylint: disable=protected-access
+  assert calls == [1] and first == again and first[0] == "compiled"
+  # Another chip or another program compiles again.
+  other = dataclasses.replace(chip, kind="other")
+  compile_lib._compile(Counting(), "x", other)  # pylint: disable=protected-access
+  assert len(calls) == 2
 
 
 def test_a_step_too_big_for_the_chip_is_refused_plainly(

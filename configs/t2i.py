@@ -6,9 +6,10 @@ and minutes: docs/results/quality_frontier.md, docs/results/nfe_study.md):
   tiny (default)  a small pixel-space model on the built-in captioned-shapes
                   data (32x32 RGB, nothing downloaded).
       python -m tim_jax.main --config=configs/t2i.py --workdir=workdir/t2i_tiny
-      Runtime: about 13 minutes on a 2-core CPU. Expected at step 4000
-      (4 steps, 500 held-out captions): shape right on about 96 % of the
-      one-object captions, all correct on about 54 % of the two-object ones.
+      Runtime: 7-13 minutes on a 2-core CPU (quiet to busy host).
+      Expected at step 4000 (4 steps, 500 held-out captions): shape right
+      on about 96 % of the one-object captions, all correct on about 54 %
+      of the two-object ones.
   tiny_fm         its flow-matching baseline: the same network, data and
                   budget, every row a diffusion row, sampled with Euler
                   steps.

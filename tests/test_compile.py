@@ -385,6 +385,7 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
           roofline_seconds=1.0 * d,
           memory=dict(total=100 * d),
           xla_flops_per_device=5.0 * d,
+          xla_bytes_per_device=2.0 * d,
           compile_seconds=1.0,
           collectives={
             k: dict(count=1, bytes=7 * d) for k in compile_lib.COLLECTIVES
@@ -407,6 +408,10 @@ def test_extrapolation_counts_every_microbatch(devices, monkeypatch):
   assert ext["roofline_seconds"] == 10.0 and ext["model_flops"] == 100.0
   assert ext["xla_flops_per_device"] == 50.0 and ext["hbm_bytes"] == 500
   assert ext["per_block_seconds"] == 2.0 and ext["microbatches"] == 2
+  chip = compile_lib.chip_info(devices)
+  assert ext["xla_bytes_per_device"] == 20.0
+  assert ext["per_block_flops_seconds"] == 10.0 / chip.peak_per_device
+  assert ext["per_block_bytes_seconds"] == 4.0 / chip.bandwidth_per_device
   assert ext["collective_bytes"]["all-gather"] == 70 and ext["copy_bytes"] == 30
   # Another step with the same blocks: depth 1 alone, their blocks reused.
   seen.clear()
@@ -436,6 +441,14 @@ def test_extrapolated_roofline_matches_the_unrolled_depth(devices):
     real["roofline_seconds"], rel=0.1
   )
   assert ext["per_block_seconds"] > 0
+  assert ext["xla_bytes_per_device"] == pytest.approx(
+    real["xla_bytes_per_device"], rel=0.1
+  )
+  # The cost model's block time lies between its FLOPs at peak and the sum
+  # of those and its bytes at HBM bandwidth.
+  low = max(ext["per_block_flops_seconds"], ext["per_block_bytes_seconds"])
+  high = ext["per_block_flops_seconds"] + ext["per_block_bytes_seconds"]
+  assert 0.5 * low <= ext["per_block_seconds"] <= 1.5 * high
   # The extrapolated HBM is the unrolled depth-3 program's, within 10 %.
   assert ext["hbm_bytes"] == pytest.approx(real["memory"]["total"], rel=0.1)
   assert ext["hbm_fits"]

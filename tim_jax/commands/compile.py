@@ -358,6 +358,7 @@ def _report(
     compile_seconds=compile_s,
     memory=_memory(compiled, chip),
     xla_flops_per_device=flops,
+    xla_bytes_per_device=float(cost.get("bytes accessed", float("nan"))),
     model_flops=model_flops,
     roofline_seconds=seconds,
     roofline_source=source,
@@ -567,6 +568,7 @@ def _figures(row: dict) -> dict:
     model_flops=row["model_flops"],
     roofline_seconds=row["roofline_seconds"],
     xla_flops_per_device=row["xla_flops_per_device"],
+    xla_bytes_per_device=row.get("xla_bytes_per_device", float("nan")),
     hbm_bytes=row["memory"]["total"],
     copy_bytes=row["copies"]["bytes"],
     **{kind: row["collectives"][kind]["bytes"] for kind in COLLECTIVES},
@@ -664,11 +666,20 @@ def extrapolated_roofline(
     depth=depth,
     microbatches=k,
     xla_flops_per_device=grown["xla_flops_per_device"],
+    xla_bytes_per_device=grown["xla_bytes_per_device"],
     hbm_bytes=hbm,
     hbm_fits=bool(hbm <= chip.hbm_per_device),
     roofline_seconds=seconds,
     model_flops=model,
     per_block_seconds=k * block["roofline_seconds"],
+    # A block's XLA FLOPs at the chip's peak and its bytes accessed at HBM
+    # bandwidth: which of the two its cost-model time follows.
+    per_block_flops_seconds=k
+    * block["xla_flops_per_device"]
+    / chip.peak_per_device,
+    per_block_bytes_seconds=k
+    * block["xla_bytes_per_device"]
+    / chip.bandwidth_per_device,
     per_block=block,
     while_loops=loops,
     # "xla" (libtpu's optimal_seconds) or "flops_and_bytes" (XLA gave
@@ -1548,7 +1559,10 @@ def _main(f, args) -> None:
         f"unrolled depths 1 and 2{micro} "
         f"({ext['compile_seconds']:.0f} s): "
         f"roofline {ext['roofline_seconds'] * 1e3:.1f} ms "
-        f"({ext['per_block_seconds'] * 1e3:.2f} ms per block), "
+        f"({ext['per_block_seconds'] * 1e3:.2f} ms per block; its XLA "
+        f"FLOPs take {ext['per_block_flops_seconds'] * 1e3:.2f} ms at peak, "
+        f"its bytes {ext['per_block_bytes_seconds'] * 1e3:.2f} ms at HBM "
+        "bandwidth), "
         + (
           f"cost-model MFU estimate {ext['cost_model_mfu_estimate']:.1%}"
           if "cost_model_mfu_estimate" in ext

@@ -37,15 +37,7 @@ def config():
   from tim_jax.config import config_base  # pylint: disable=g-import-not-at-top
 
   c = config_base.load_file(os.path.join(ROOT, "configs", "c2i.py"))
-  c.unlock()
-  for dotted, value in OVERRIDES.items():
-    *path, last = dotted.split(".")
-    node = c
-    for key in path:
-      node = node[key]
-    node[last] = value
-  c.lock()
-  return c
+  return config_base.with_overrides(c, OVERRIDES)
 
 
 def measure(devices) -> dict:

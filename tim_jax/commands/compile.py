@@ -82,6 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tim_jax.commands import cli, gpu_compile
+from tim_jax.config import config_base
 from tim_jax.core.errors import UserError
 
 GIB = 2**30
@@ -576,16 +577,7 @@ def _figures(row: dict) -> dict:
 
 
 def _variant(config, **changes):
-  c = config.copy_and_resolve_references()
-  c.unlock()
-  for key, value in changes.items():
-    node = c
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  c.lock()
-  return c
+  return config_base.with_overrides(config, changes)
 
 
 def extrapolated_roofline(

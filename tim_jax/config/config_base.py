@@ -333,6 +333,23 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def with_overrides(
+  config: ml_collections.ConfigDict, changes: dict
+) -> ml_collections.ConfigDict:
+  """A locked copy of ``config`` with ``{"dotted.field": value}`` set, as
+  ``--config.dotted.field=value`` would set it."""
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  for dotted, value in changes.items():
+    *path, leaf = dotted.split(".")
+    node = c
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
 def packaged_configs() -> str | None:
   """The folder of the configs installed with the package
   (``tim_jax.configs``), or None in a checkout that is not installed."""
